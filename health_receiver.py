@@ -1272,6 +1272,10 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         self._send_json(code, {"ok": False, "error": text}, log_error=text)
 
     def _send_json(self, status, obj, headers=(), log_error=None):
+        # Logged first, so the line exists once the client has its answer.
+        if log_error is not None:
+            self.log_error("{} {} -> {} {}".format(
+                self.command or "-", (self.path or "-")[:200], int(status), log_error))
         body = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -1284,9 +1288,6 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        if log_error is not None:
-            self.log_error("{} {} {} -> {} {}".format(
-                self.command or "-", (self.path or "-")[:200], "", int(status), log_error).replace("  ", " "))
 
     def _fail(self, exc):
         """Answer a ClientError; close if the body was left unread."""
@@ -1353,9 +1354,9 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         peak = peak_rss_mb()
         if peak is not None:
             answer["peak_rss_mb"] = round(peak, 1)
-        self._send_json(HTTPStatus.OK, answer)
         self.server.log_request_line(self.address_string(), "{} {} -> 200".format(
             self.command, self.path.translate(_CONTROL_CHARS)[:200]))
+        self._send_json(HTTPStatus.OK, answer)
 
     def _receive(self):
         server = self.server
@@ -1395,8 +1396,8 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             self._body_read = True
             result = ingest_body(server.store, body, remote)
             del body
-        self._send_json(HTTPStatus.OK, result.response())
         server.log_request_line(None, describe_sync(result))
+        self._send_json(HTTPStatus.OK, result.response())
         server.after_sync()
 
     def _read_body(self, length, transfer, encoding):

@@ -1,0 +1,750 @@
+"""Tests for health_receiver.py: run with ``python3 -m unittest -v``.
+
+Every test talks to a real server on 127.0.0.1 (ephemeral port, in a
+thread) with http.client or a raw socket, and checks real SQLite files.
+"""
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import socket
+import sqlite3
+import tempfile
+import threading
+import time
+import unittest
+
+import health_receiver as hr
+
+TOKEN = "s3cret-Token-for-tests"
+
+
+def sample(uuid, start, value, unit="count/min", **extra):
+    element = {"startDate": start, "endDate": start, "value": value, "unit": unit, "sourceName": "Watch"}
+    if uuid is not None:
+        element["uuid"] = uuid
+    element.update(extra)
+    return element
+
+
+def make_payload(n=3, source="manual-upload", tag="A"):
+    """A payload touching every section, ``n`` samples per sample type."""
+    heart = [sample("{}-HR-{}".format(tag, i), "2026-02-24T0{}:00:00.000Z".format(i % 10), 60 + i)
+             for i in range(n)]
+    steps = [sample("{}-ST-{}".format(tag, i), "2026-02-24T1{}:00:00.000Z".format(i % 10), 100 * i, "count")
+             for i in range(n)]
+    steps.append(sample(None, "2026-02-25T00:00:00.000Z", 42, "count"))  # no uuid
+    return {
+        "exportDate": "2026-02-26T00:00:00.000Z",
+        "startDate": "2026-02-24T00:00:00.000Z",
+        "endDate": "2026-02-26T00:00:00.000Z",
+        "syncSource": source,
+        "characteristics": {"biologicalSex": "female", "bloodType": "A+"},
+        "data": {
+            "HKQuantityTypeIdentifierHeartRate": heart,
+            "HKQuantityTypeIdentifierStepCount": steps,
+            "workouts": [{"uuid": tag + "-W1", "workoutActivityType": "cycling",
+                          "startDate": "2026-02-24T23:34:50.000Z", "endDate": "2026-02-25T00:10:25.000Z",
+                          "durationSeconds": 2135.0}],
+            "medications": [{"conceptIdentifier": "rx-0", "displayText": "Aspirin"},
+                            {"conceptIdentifier": "rx-1", "displayText": "Lisinopril"}],
+            "medicationDoseEvents": [{"uuid": tag + "-D1", "medicationConceptIdentifier": "rx-0",
+                                      "startDate": "2026-02-24T08:00:00.000Z", "logStatus": "taken"}],
+        },
+        "workoutRoutes": {
+            tag + "-W1": [{"latitude": 47.69, "longitude": -122.27, "altitude": 29.2,
+                           "timestamp": "2026-02-24T23:34:5{}.000Z".format(i)} for i in range(4)],
+        },
+    }
+
+
+def encode(payload):
+    return json.dumps(payload).encode("utf-8")
+
+
+class ServerTestCase(unittest.TestCase):
+    """Starts a receiver on 127.0.0.1:0 in a thread for each test."""
+
+    token = None
+    auth_header = None
+    max_body = 1 * hr.MIB
+    timeout = 5.0
+    max_ingests = 2
+    slot_wait = 5.0
+    tls = False
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.db = os.path.join(self.tmp.name, "health.db")
+        self.log = io.StringIO()
+        self.config = hr.ReceiverConfig(
+            host="127.0.0.1", port=0, db=self.db, token=self.token, auth_header=self.auth_header,
+            max_body=self.max_body, timeout=self.timeout, max_ingests=self.max_ingests,
+            log_stream=self.log, slot_wait=self.slot_wait, **self.tls_options())
+        self.store = hr.Store(self.db, busy_timeout=0.5)
+        self.store.open()
+        self.server = hr.HealthReceiverServer(self.config, self.store)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self.thread.start()
+
+    def tls_options(self):
+        return {}
+
+    def tearDown(self):
+        self.server.shutdown()
+        self.thread.join()
+        self.server.server_close()
+        self.store.close()
+        self.tmp.cleanup()
+
+    # -- helpers -------------------------------------------------------------
+
+    def connection(self, timeout=10):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path=hr.DEFAULT_PATH, body=None, headers=None, conn=None):
+        """Return (status, headers, decoded JSON body or raw bytes)."""
+        headers = dict(headers or {})
+        if body is not None and not isinstance(body, (bytes, bytearray)):
+            body = encode(body)
+        if body is not None:
+            headers.setdefault("Content-Type", "application/json")
+        owned = conn is None
+        conn = conn or self.connection()
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            if owned:
+                conn.close()
+        try:
+            data = json.loads(data) if data else data
+        except ValueError:
+            pass
+        return response.status, response, data
+
+    def post(self, payload, headers=None, **kwargs):
+        return self.request("POST", body=payload, headers=headers, **kwargs)
+
+    def raw_exchange(self, data, read_timeout=5):
+        """Send raw bytes, return everything the server answers until close."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=read_timeout) as sock:
+            sock.sendall(data)
+            chunks = []
+            with contextlib.suppress(socket.timeout, ConnectionError):
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            return b"".join(chunks)
+
+    def query(self, sql, params=()):
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def count(self, table):
+        return self.query("SELECT count(*) FROM " + table)[0][0]
+
+    def counts(self):
+        return {table: self.count(table) for table in hr.TABLES}
+
+    def assert_nothing_stored(self):
+        for table in ("samples", "workouts", "workout_route_points", "medication_dose_events", "medications",
+                      "characteristics", "rejected"):
+            self.assertEqual(self.count(table), 0, table)
+
+    def assert_error(self, status, expected_status, data, fragment=None):
+        self.assertEqual(status, expected_status, data)
+        self.assertIsInstance(data, dict, data)
+        self.assertIs(data["ok"], False)
+        self.assertIsInstance(data["error"], str)
+        self.assertNotIn("Traceback", data["error"])
+        self.assertNotIn("\n", data["error"])
+        if fragment:
+            self.assertIn(fragment, data["error"])
+
+    def log_lines(self):
+        return self.log.getvalue().splitlines()
+
+
+# ---------------------------------------------------------------------------
+# Storing syncs
+# ---------------------------------------------------------------------------
+
+class IngestTests(ServerTestCase):
+
+    def test_every_table_gets_its_rows(self):
+        status, _, answer = self.post(make_payload(n=5))
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.count("samples"), 11)
+        self.assertEqual(self.count("workouts"), 1)
+        self.assertEqual(self.count("workout_route_points"), 4)
+        self.assertEqual(self.count("medications"), 2)
+        self.assertEqual(self.count("medication_dose_events"), 1)
+        self.assertEqual(self.count("characteristics"), 2)
+        self.assertEqual(self.count("rejected"), 0)
+        self.assertEqual(answer["count"], 15)
+        self.assertEqual(answer["inserted"], {"measurements": 11, "medications": 3, "workouts": 1,
+                                              "workoutRoutes": 4})
+        self.assertEqual(answer["duplicates"], 0)
+        self.assertEqual(answer["rejected"], 0)
+        self.assertEqual(self.query("SELECT type, start_date, value, unit, source_name FROM samples "
+                                    "WHERE uuid = 'A-HR-2'"),
+                         [("HKQuantityTypeIdentifierHeartRate", "2026-02-24T02:00:00.000Z", 62, "count/min",
+                           "Watch")])
+        self.assertEqual(self.query("SELECT duration_seconds, activity_type FROM workouts"), [(2135.0, "cycling")])
+        sync = self.query("SELECT id, sync_source, export_date, start_date, end_date, received, inserted, "
+                          "duplicates, rejected, status, error FROM syncs")
+        self.assertEqual(sync, [(answer["sync_id"], "manual-upload", "2026-02-26T00:00:00.000Z",
+                                 "2026-02-24T00:00:00.000Z", "2026-02-26T00:00:00.000Z", 15, 15, 0, 0, "ok",
+                                 None)])
+        self.assertEqual(self.query("SELECT DISTINCT sync_id FROM samples"), [(answer["sync_id"],)])
+
+    def test_repost_inserts_nothing_and_returns_same_count(self):
+        body = encode(make_payload(n=4))
+        _, _, first = self.post(body)
+        before = self.counts()
+        status, _, second = self.post(body)
+        self.assertEqual(status, 200)
+        self.assertEqual(second["count"], first["count"])
+        self.assertEqual(second["duplicates"], first["count"])
+        self.assertEqual(second["inserted"], {"measurements": 0, "medications": 0, "workouts": 0,
+                                              "workoutRoutes": 0})
+        after = self.counts()
+        self.assertEqual(after.pop("syncs"), before.pop("syncs") + 1)
+        self.assertEqual(after, before)
+
+    def test_uuidless_samples_deduplicate(self):
+        bare = sample(None, "2026-02-25T00:00:00.000Z", 7, "count")
+        payload = {"data": {"HKQuantityTypeIdentifierStepCount": [bare, dict(bare)]}}
+        _, _, answer = self.post(payload)
+        self.assertEqual((answer["inserted"]["measurements"], answer["duplicates"]), (1, 1))
+        # Same content with keys in another order: still the same sample.
+        reordered = {key: bare[key] for key in reversed(list(bare))}
+        _, _, answer = self.post({"data": {"HKQuantityTypeIdentifierStepCount": [reordered]}})
+        self.assertEqual((answer["inserted"]["measurements"], answer["duplicates"]), (0, 1))
+        # The same content in another type is another sample.
+        _, _, answer = self.post({"data": {"HKQuantityTypeIdentifierFlightsClimbed": [bare]}})
+        self.assertEqual(answer["inserted"]["measurements"], 1)
+        self.assertEqual(self.count("samples"), 2)
+
+    def test_resent_medication_replaces_stored_definition(self):
+        self.post({"data": {"medications": [{"conceptIdentifier": "rx-9", "displayText": "Old name"}]}})
+        _, _, answer = self.post({"data": {"medications": [{"conceptIdentifier": "rx-9", "displayText": "New",
+                                                            "form": "capsule"}]}})
+        self.assertEqual(answer["inserted"]["medications"], 0)
+        self.assertEqual(answer["duplicates"], 1)
+        rows = self.query("SELECT key, display_text, record, first_sync_id, last_sync_id FROM medications")
+        self.assertEqual(len(rows), 1)
+        key, name, record, first, last = rows[0]
+        self.assertEqual((key, name, json.loads(record)["form"]), ("rx-9", "New", "capsule"))
+        self.assertLess(first, last)
+
+    def test_characteristics_upsert(self):
+        self.post({"characteristics": {"bloodType": "A+", "biologicalSex": "female"}, "data": {}})
+        _, _, answer = self.post({"characteristics": {"bloodType": "0-"}, "data": {}})
+        self.assertEqual(answer["characteristics"], 1)
+        self.assertEqual(dict(self.query("SELECT name, value FROM characteristics")),
+                         {"bloodType": "0-", "biologicalSex": "female"})
+        syncs = self.query("SELECT sync_id FROM characteristics WHERE name = 'bloodType'")
+        self.assertEqual(syncs, [(answer["sync_id"],)])
+
+    def test_unknown_sections_and_fields_survive_verbatim(self):
+        element = ('{ "uuid" : "U-1", "startDate": "2026-02-24T00:00:00Z",\n  "futureField": {"a": [1, 2.50]},'
+                   ' "value": 1e2 }')
+        body = ('{"futureTopLevel": {"x": 1}, "data": {"HKQuantityTypeIdentifierNewThing": [' + element
+                + '], "moodEntries": [{"uuid": "M-1", "startDate": "2026-02-24", "mood": "\u263a"}]}}')
+        status, _, answer = self.post(body.encode("utf-8"))
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.query("SELECT record, type, value FROM samples WHERE uuid = 'U-1'"),
+                         [(element, "HKQuantityTypeIdentifierNewThing", 100.0)])
+        self.assertEqual(self.query("SELECT type, json_extract(record, '$.mood') FROM samples WHERE uuid = 'M-1'"),
+                         [("moodEntries", "\u263a")])
+        envelope = json.loads(self.query("SELECT envelope FROM syncs")[0][0])
+        self.assertEqual(envelope, {"futureTopLevel": {"x": 1}})
+
+    def test_pretty_printed_payload_and_bom(self):
+        body = b"\xef\xbb\xbf" + json.dumps(make_payload(n=2), indent=2).encode("utf-8")
+        status, _, answer = self.post(body)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["count"], 9)
+        record = self.query("SELECT record FROM samples WHERE uuid = 'A-HR-1'")[0][0]
+        self.assertIn('\n', record)
+        self.assertEqual(json.loads(record)["value"], 61)
+
+    def test_rejected_elements_are_kept_with_reason(self):
+        payload = {"data": {
+            "HKQuantityTypeIdentifierHeartRate": [sample("ok-1", "2026-02-24T00:00:00Z", 1), 42, "text", None,
+                                                  [1, 2], {"uuid": "no-date", "value": 3},
+                                                  {"uuid": 12, "startDate": "2026-02-24"}],
+            "HKQuantityTypeIdentifierStepCount": {"not": "an array"},
+            "workouts": [{"uuid": "W-no-date"}],
+        }, "workoutRoutes": {"W-x": [{"latitude": 1}], "W-y": "nope"}}
+        status, _, answer = self.post(payload)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["count"], 1)
+        self.assertEqual(answer["rejected"], 10)
+        rows = self.query("SELECT section, reason, record FROM rejected ORDER BY id")
+        self.assertEqual(len(rows), 10)
+        by_record = {record: (section, reason) for section, reason, record in rows}
+        self.assertEqual(by_record["42"], ("HKQuantityTypeIdentifierHeartRate", "element is a number, not an object"))
+        self.assertEqual(by_record["null"][1], "element is null, not an object")
+        self.assertEqual(by_record["[1, 2]"][1], "element is an array, not an object")
+        self.assertEqual(by_record['{"not": "an array"}'],
+                         ("HKQuantityTypeIdentifierStepCount", "section is an object, not an array"))
+        self.assertEqual(by_record['{"uuid": "no-date", "value": 3}'][1], "no startDate")
+        self.assertEqual(by_record['{"uuid": 12, "startDate": "2026-02-24"}'][1],
+                         "uuid is a number, not a non-empty string")
+        self.assertEqual(by_record['{"uuid": "W-no-date"}'], ("workouts", "no startDate"))
+        self.assertEqual(by_record['{"latitude": 1}'], ("W-x", "no timestamp"))
+        self.assertEqual(by_record['"nope"'], ("workoutRoutes/W-y", "route is a string, not an array"))
+        self.assertEqual(self.query("SELECT rejected FROM syncs"), [(10,)])
+
+    def test_empty_and_missing_data(self):
+        status, _, answer = self.post({"syncSource": "widget"})
+        self.assertEqual((status, answer["count"]), (200, 0))
+        status, _, answer = self.post({"data": {}})
+        self.assertEqual((status, answer["count"]), (200, 0))
+
+    def test_two_concurrent_posts_are_both_stored(self):
+        results = []
+
+        def send(tag):
+            results.append(self.post(make_payload(n=200, tag=tag))[0])
+
+        threads = [threading.Thread(target=send, args=(tag,)) for tag in ("A", "B")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(results, [200, 200])
+        # The uuid-less step sample is the same in both: stored once.
+        self.assertEqual(self.count("samples"), 801)
+        self.assertEqual(self.count("workouts"), 2)
+        self.assertEqual(self.query("SELECT count(*) FROM syncs WHERE status = 'ok'"), [(2,)])
+
+    def test_large_batch_crosses_batch_boundary(self):
+        n = hr.BATCH_ROWS + 17
+        payload = {"data": {"HKQuantityTypeIdentifierHeartRate": [
+            sample("B-{}".format(i), "2026-02-24T00:00:00Z", i) for i in range(n)]}}
+        _, _, answer = self.post(payload)
+        self.assertEqual(answer["inserted"]["measurements"], n)
+        self.assertEqual(self.count("samples"), n)
+
+    def test_values_sqlite_cannot_bind_are_rejected_not_fatal(self):
+        body = ('{"data": {"HKQuantityTypeIdentifierHeartRate": [{"uuid": "ok", "startDate": "2026"},'
+                '{"uuid": "bad", "startDate": "2026", "unit": "\\ud800"}]}}').encode()
+        status, _, answer = self.post(body)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual((answer["count"], answer["rejected"]), (1, 1))
+        self.assertEqual(self.query("SELECT uuid FROM samples"), [("ok",)])
+
+    def test_huge_integers_and_big_numbers(self):
+        body = (b'{"data": {"HKQuantityTypeIdentifierX": [{"uuid": "a", "startDate": "2026", '
+                b'"value": 123456789012345678901234567890}, {"uuid": "b", "startDate": "2026", "value": 1e400}]}}')
+        status, _, answer = self.post(body)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(dict(self.query("SELECT uuid, value FROM samples")),
+                         {"a": "123456789012345678901234567890", "b": float("inf")})
+
+
+class BrokenBodyTests(ServerTestCase):
+    """A body broken as a whole: 400, nothing stored, a syncs row kept."""
+
+    max_body = 8 * hr.MIB
+
+    def assert_rejected_whole(self, body, fragment=None):
+        status, _, answer = self.post(body)
+        self.assert_error(status, 400, answer, fragment)
+        self.assert_nothing_stored()
+        rows = self.query("SELECT status, error FROM syncs")
+        self.assertEqual(rows[-1], ("rejected", answer["error"]))
+        return answer
+
+    def test_truncated_json(self):
+        body = encode(make_payload(n=50))
+        for cut in (1, 10, len(body) // 3, len(body) // 2, len(body) - 1):
+            with self.subTest(cut=cut):
+                self.assert_rejected_whole(body[:cut], "Invalid JSON at byte")
+
+    def test_offset_is_reported(self):
+        body = b'{"data": {"X": [{"uuid": "a", "startDate": "b"}, {"uuid": }]}}'
+        answer = self.assert_rejected_whole(body)
+        self.assertIn("byte {}:".format(body.index(b": }") + 2), answer["error"])
+
+    def test_top_level_not_an_object(self):
+        for body, kind in ((b"[1, 2]", "an array"), (b"null", "null"), (b"12", "a number"), (b'"x"', "a string")):
+            with self.subTest(body=body):
+                self.assert_rejected_whole(body, "must be a JSON object, not {}".format(kind))
+
+    def test_data_of_the_wrong_type(self):
+        for data in ([1], "x", None, 5):
+            with self.subTest(data=data):
+                self.assert_rejected_whole({"data": data}, "'data' must be an object")
+
+    def test_error_after_rows_were_written_rolls_everything_back(self):
+        body = encode(make_payload(n=hr.BATCH_ROWS + 10))[:-2] + b"x}"
+        self.assert_rejected_whole(body, "Invalid JSON")
+
+    def test_empty_body(self):
+        self.assert_rejected_whole(b"", "empty")
+
+    def test_invalid_utf8(self):
+        self.assert_rejected_whole(b'{"data": {"X": [{"uuid": "\xff\xfe", "startDate": "x"}]}}', "not valid UTF-8")
+
+    def test_nan_is_not_json(self):
+        self.assert_rejected_whole(b'{"data": {"X": [{"uuid": "a", "startDate": "x", "value": NaN}]}}', "NaN")
+
+    def test_deep_nesting(self):
+        self.assert_rejected_whole(b'{"data": {"X": [' + b"[" * 100000 + b"]" * 100000 + b"]}}", "nesting")
+
+    def test_trailing_garbage(self):
+        self.assert_rejected_whole(b'{"data": {}} {"data": {}}', "unexpected data")
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+class HttpTests(ServerTestCase):
+
+    def test_status_get_and_head(self):
+        self.post(make_payload(n=2))
+        status, response, answer = self.request("GET")
+        self.assertEqual(status, 200)
+        self.assertEqual(answer["ok"], True)
+        self.assertEqual(answer["version"], hr.__version__)
+        self.assertEqual(answer["totals"]["samples"], 5)
+        self.assertEqual(answer["last_sync"]["status"], "ok")
+        length = int(response.getheader("Content-Length"))
+        status, response, body = self.request("HEAD")
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(response.getheader("Content-Length")), 0)
+        self.assertLess(abs(int(response.getheader("Content-Length")) - length), 5)
+
+    def test_query_string_and_trailing_slash_are_ignored(self):
+        status, _, answer = self.post(make_payload(), ) if False else self.request(
+            "POST", hr.DEFAULT_PATH + "/?source=app", body=make_payload())
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.request("GET", hr.DEFAULT_PATH + "?x=1")[0], 200)
+
+    def test_unknown_path_404(self):
+        status, _, answer = self.request("GET", "/nope")
+        self.assert_error(status, 404, answer, hr.DEFAULT_PATH)
+        status, _, answer = self.post(make_payload(), path="/api/other") if False else self.request(
+            "POST", "/api/other", body=make_payload())
+        self.assert_error(status, 404, answer)
+        self.assertEqual(self.count("samples"), 0)
+
+    def test_other_methods_405_with_allow(self):
+        for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+            with self.subTest(method=method):
+                status, response, answer = self.request(method, body=b"{}")
+                self.assert_error(status, 405, answer)
+                self.assertEqual(response.getheader("Allow"), "GET, HEAD, POST")
+
+    def test_unsupported_content_type_415(self):
+        status, _, answer = self.post(make_payload(), headers={"Content-Type": "text/plain"})
+        self.assert_error(status, 415, answer, "application/json")
+        self.assert_nothing_stored()
+
+    def test_content_type_parameters_and_absence_accepted(self):
+        status, _, _ = self.post(make_payload(), headers={"Content-Type": "application/json; charset=utf-8"})
+        self.assertEqual(status, 200)
+        conn = self.connection()
+        with contextlib.closing(conn):
+            conn.putrequest("POST", hr.DEFAULT_PATH)
+            body = encode(make_payload(tag="B"))
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            self.assertEqual(conn.getresponse().status, 200)
+
+    def test_missing_length_411(self):
+        answer = self.raw_exchange(b"POST /api/health-data HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Type: application/json\r\n\r\n{}")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 411 "), answer)
+        self.assertIn(b'"ok": false', answer)
+
+    def test_oversize_413_answered_before_the_body_is_sent(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall("POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         "Content-Length: {}\r\n\r\n".format(hr.DEFAULT_PATH, 50 * hr.MIB).encode())
+            answer = b""
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:  # the server closed the connection
+                        break
+                    answer += chunk
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+            self.assertIn(b"Connection: close", answer)
+            self.assertIn(b"limit of 1 MB", answer)
+            self.assertEqual(answer.count(b"HTTP/1.1"), 1)
+        self.assertEqual(self.query("SELECT status FROM syncs"), [("rejected",)])
+
+    def test_keep_alive_serves_several_requests_on_one_connection(self):
+        conn = self.connection()
+        with contextlib.closing(conn):
+            for tag in ("A", "B", "C"):
+                status, response, answer = self.request("POST", body=make_payload(tag=tag), conn=conn)
+                self.assertEqual(status, 200)
+                self.assertIsNotNone(response.getheader("Content-Length"))
+            self.assertEqual(self.request("GET", conn=conn)[0], 200)
+        self.assertEqual(self.count("workouts"), 3)
+
+    def test_unknown_method_gets_json_error(self):
+        answer = self.raw_exchange(b"BREW /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 501 "), answer)
+        self.assertIn(b'{"ok": false', answer)
+
+    def test_log_line_for_a_sync(self):
+        self.post(make_payload(n=3))
+        line = [l for l in self.log_lines() if "records" in l][-1]
+        self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 manual-upload 11 records "
+                               r"\(11 new, 0 dup, 0 rejected\) in 5 sections, 4 route points, "
+                               r"2026-02-24 -> 2026-02-26, 0\.0 MB in \d+\.\d\d s$")
+
+    def test_error_log_line_escapes_control_characters(self):
+        self.request("GET", "/x%0Ay\x1b[31m".replace("\x1b", "%1B"))
+        raw = self.raw_exchange(b"GET /evil\x1b[2J HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 404"))
+        errors = [l for l in self.log_lines() if " ERROR " in l]
+        self.assertTrue(any("\\x1b[2J" in l and "404" in l for l in errors), errors)
+        self.assertFalse(any("\x1b" in l for l in self.log_lines()))
+
+
+class QuietTests(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.config.quiet = True
+
+    def test_quiet_keeps_only_errors(self):
+        self.post(make_payload())
+        self.request("GET", "/missing")
+        lines = self.log_lines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("404", lines[0])
+
+
+class BearerAuthTests(ServerTestCase):
+    token = TOKEN
+
+    def test_right_key(self):
+        headers = {"Authorization": "Bearer " + TOKEN}
+        self.assertEqual(self.post(make_payload(), headers=headers)[0], 200)
+        self.assertEqual(self.request("GET", headers=headers)[0], 200)
+
+    def test_wrong_and_missing_key(self):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + TOKEN},
+                        {"Authorization": "Bearer " + TOKEN + "x"}, {"X-API-Key": TOKEN}):
+            for method in ("POST", "GET"):
+                with self.subTest(headers=headers, method=method):
+                    body = make_payload() if method == "POST" else None
+                    status, response, answer = self.request(method, body=body, headers=headers)
+                    self.assert_error(status, 401, answer)
+                    self.assertTrue(response.getheader("WWW-Authenticate").startswith("Bearer"))
+        self.assert_nothing_stored()
+
+    def test_wrong_key_is_refused_before_the_body_is_read(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall("POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n"
+                         "Content-Length: 10000000\r\n\r\n".format(hr.DEFAULT_PATH).encode())
+            self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 401 "))
+
+    def test_token_never_reaches_logs_or_tables(self):
+        self.post(make_payload(), headers={"Authorization": "Bearer " + TOKEN})
+        self.post(make_payload(), headers={"Authorization": "Bearer " + TOKEN[:-1]})
+        self.post(b"{broken", headers={"Authorization": "Bearer " + TOKEN})
+        self.request("GET", headers={"Authorization": "Bearer " + TOKEN})
+        self.assertNotIn(TOKEN[:-1], self.log.getvalue())
+        self.assertTrue(self.log.getvalue())
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                for row in conn.execute("SELECT * FROM " + table):
+                    self.assertNotIn(TOKEN[:-1], repr(row), table)
+        self.assertNotIn(TOKEN, repr(self.config))
+
+
+class CustomHeaderAuthTests(ServerTestCase):
+    token = TOKEN
+    auth_header = "X-API-Key"
+
+    def test_right_wrong_missing(self):
+        self.assertEqual(self.post(make_payload(), headers={"X-API-Key": TOKEN})[0], 200)
+        self.assertEqual(self.request("GET", headers={"x-api-key": TOKEN})[0], 200)
+        for headers in ({}, {"X-API-Key": "nope"}, {"Authorization": "Bearer " + TOKEN}):
+            for method in ("POST", "GET"):
+                with self.subTest(headers=headers, method=method):
+                    status, response, answer = self.request(
+                        method, body=make_payload(tag="Z") if method == "POST" else None, headers=headers)
+                    self.assert_error(status, 401, answer, "X-API-Key")
+        self.assertEqual(self.count("workouts"), 1)
+
+
+class NoAuthTests(ServerTestCase):
+
+    def test_anyone_may_post_and_get(self):
+        self.assertEqual(self.post(make_payload(), headers={"Authorization": "Bearer whatever"})[0], 200)
+        self.assertEqual(self.request("GET")[0], 200)
+
+
+# ---------------------------------------------------------------------------
+# Validators at their limits (no network)
+# ---------------------------------------------------------------------------
+
+class ValidatorTests(unittest.TestCase):
+
+    def test_content_length_limits(self):
+        self.assertEqual(hr.check_content_length(["100"], 100), 100)
+        self.assertEqual(hr.check_content_length(["0"], 100), 0)
+        self.assertEqual(hr.check_content_length(["7", "7"], 100), 7)
+        self.assertEqual(hr.check_content_length(["7, 7"], 100), 7)
+        cases = {(): 411, ("101",): 413, ("",): 400, ("-1",): 400, ("1e3",): 400, ("abc",): 400,
+                 ("5", "6"): 400, ("5, 6",): 400, ("\u0661",): 400}
+        for values, status in cases.items():
+            with self.subTest(values=values):
+                with self.assertRaises(hr.ClientError) as caught:
+                    hr.check_content_length(list(values), 100)
+                self.assertEqual(caught.exception.status, status)
+
+    def test_content_type(self):
+        for value in (None, "", "application/json", "Application/JSON; charset=utf-8", "application/vnd.x+json"):
+            hr.check_content_type(value)
+        for value in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            with self.assertRaises(hr.ClientError) as caught:
+                hr.check_content_type(value)
+            self.assertEqual(caught.exception.status, 415)
+
+    def test_check_auth(self):
+        config = hr.ReceiverConfig(token="k")
+        hr.check_auth(config, {"Authorization": "Bearer k"})
+        hr.check_auth(config, {"Authorization": "bearer  k "})
+        for headers in ({}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": "Bearer kk"}):
+            with self.assertRaises(hr.ClientError):
+                hr.check_auth(config, headers)
+        hr.check_auth(hr.ReceiverConfig(), {})
+
+    def test_payload_walk_needs_no_server(self):
+        text, start = hr.decode_body(bytearray(encode(make_payload(n=2))))
+        payload = hr.Payload(text, start)
+        kinds = {}
+        for kind, rows in payload.batches(tag=9):
+            kinds[kind] = kinds.get(kind, 0) + len(rows)
+            self.assertTrue(all(row[-1] == 9 for row in rows))
+        self.assertEqual(kinds, {"characteristic": 2, "sample": 5, "workout": 1, "medication": 2, "dose": 1,
+                                 "route_point": 4})
+        self.assertEqual(payload.envelope["syncSource"], "manual-upload")
+        self.assertNotIn("data", payload.envelope)
+
+    def test_content_key_is_order_independent(self):
+        self.assertEqual(hr.content_key("S", {"a": 1, "b": [2]}), hr.content_key("S", {"b": [2], "a": 1}))
+        self.assertNotEqual(hr.content_key("S", {"a": 1}), hr.content_key("T", {"a": 1}))
+
+
+# ---------------------------------------------------------------------------
+# Command line and lifecycle
+# ---------------------------------------------------------------------------
+
+class CommandLineTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def serve_in_thread(self, argv, environ=None):
+        """Run main()'s serve path in a thread; return (server, thread, out)."""
+        out = io.StringIO()
+        ready = threading.Event()
+        holder = {}
+
+        def run():
+            args = hr.serve_parser().parse_args(argv)
+            config = hr.config_from_args(args, environ or {})
+            config.log_stream = io.StringIO()
+
+            def on_ready(server):
+                holder["server"] = server
+                ready.set()
+
+            holder["code"] = hr.serve(config, out, ready=on_ready)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.assertTrue(ready.wait(10))
+        return holder, thread, out
+
+    def test_banner_and_clean_stop(self):
+        db = os.path.join(self.tmp.name, "h.db")
+        holder, thread, out = self.serve_in_thread(["--host", "127.0.0.1", "--port", "0", "--db", db],
+                                                   {hr.TOKEN_ENV: TOKEN})
+        server = holder["server"]
+        port = server.server_address[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with contextlib.closing(conn):
+            conn.request("POST", hr.DEFAULT_PATH, body=encode(make_payload()),
+                         headers={"Authorization": "Bearer " + TOKEN})
+            self.assertEqual(conn.getresponse().status, 200)
+        server.shutdown()
+        thread.join(10)
+        self.assertEqual(holder["code"], 0)
+        text = out.getvalue()
+        self.assertIn("Listening on http://127.0.0.1:{}".format(port), text)
+        self.assertIn("Server URL for Health Export Pro: http://127.0.0.1:{}".format(port), text)
+        self.assertIn("Endpoint Path: /api/health-data", text)
+        self.assertIn("Auth Type: Bearer", text)
+        self.assertIn("Database: " + db, text)
+        self.assertIn("Stopped", text)
+        self.assertNotIn(TOKEN, text)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM workouts").fetchone()[0], 1)
+            self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], hr.SCHEMA_VERSION)
+
+    def test_no_key_on_a_public_address_warns(self):
+        lines = hr.banner_lines(hr.ReceiverConfig(host="0.0.0.0"), 3000)
+        self.assertEqual(sum("WARNING" in line for line in lines), 1)
+        self.assertTrue(any(line.startswith("Server URL for Health Export Pro: http://") for line in lines))
+        lines = hr.banner_lines(hr.ReceiverConfig(host="127.0.0.1"), 3000)
+        self.assertFalse(any("WARNING" in line for line in lines))
+        lines = hr.banner_lines(hr.ReceiverConfig(host="0.0.0.0", token="k", auth_header="X-API-Key",
+                                                  token_source="file t"), 3000)
+        self.assertIn("Auth Type: Custom Header, header name X-API-Key (key from file t)", lines)
+        self.assertFalse(any("k" == part for line in lines for part in line.split()))
+
+    def test_token_file(self):
+        path = os.path.join(self.tmp.name, "token")
+        with open(path, "w") as handle:
+            handle.write(TOKEN + "\n")
+        self.assertEqual(hr.read_token(path, {hr.TOKEN_ENV: "other"}), (TOKEN, "file " + path))
+        self.assertEqual(hr.read_token(None, {hr.TOKEN_ENV: " env-key "})[0], "env-key")
+        self.assertEqual(hr.read_token(None, {}), (None, None))
+        with open(path, "w"):
+            pass
+        with self.assertRaises(ValueError):
+            hr.read_token(path, {})
+
+    def test_main_exit_codes(self):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            self.assertEqual(hr.main(["--help"]), 0)
+        for flag in ("--host", "--port", "--path", "--db", "--token-file", "--auth-header", "--max-body-mb",
+                     "--quiet", "--timeout", "--max-ingests", "--tls-cert", "--tls-key"):
+            self.assertIn(flag, out.getvalue())
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(hr.main(["--port", "x"]), 2)
+            self.assertEqual(hr.main(["--token-file", os.path.join(self.tmp.name, "missing")]), 2)
+            self.assertEqual(hr.main(["--max-body-mb", "0"]), 2)
+        self.assertIn("token file", err.getvalue())
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(hr.main(["--host", "127.0.0.1", "--port", "0", "--db",
+                                      os.path.join(self.tmp.name, "no", "such", "dir.db")]), 1)
+        self.assertIn("cannot be opened", err.getvalue())
+
+
+if __name__ == "__main__":
+    unittest.main()
