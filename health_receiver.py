@@ -103,6 +103,11 @@ SQLITE_INT_MAX = 2 ** 63 - 1
 # Errors
 # ---------------------------------------------------------------------------
 
+#: Escapes for control characters in client text that reaches the log.
+_CONTROL_CHARS = str.maketrans({c: r"\x{:02x}".format(c) for c in itertools.chain(range(0x20), range(0x7F, 0xA0))})
+_CONTROL_CHARS[ord("\\")] = r"\\"
+
+
 class ClientError(Exception):
     """A request the client got wrong: answered with ``status`` and ``message``."""
 
@@ -685,77 +690,74 @@ def _utc_now():
 
 
 def _envelope_text(fields):
-    return "{" + ",".join("{}:{}".format(json.dumps(k, ensure_ascii=False), v) for k, v in fields.items()) + "}"
+    return "{" + ",".join("{}:{}".format(json.dumps(k), v) for k, v in fields.items()) + "}"
 
 
 class Store:
     """The SQLite database: schema, one writer at a time, short readers.
 
-    A single writer connection is kept and guarded by a lock, so ingests run
-    one after another; reads use their own short-lived connections and are
-    never blocked by a running ingest (WAL).
+    Syncs are written one after another under a lock, each on a fresh
+    connection: it notices a database file that was replaced, made
+    read-only or repaired since the last sync, and hands its page cache's
+    memory back between syncs.  Reads use their own short-lived connections
+    and are never blocked by a running ingest (WAL).
     """
 
     def __init__(self, path, busy_timeout=BUSY_TIMEOUT_MS / 1000):
         self.path = path
         self.busy_timeout = busy_timeout
         self._write_lock = threading.Lock()
-        self._writer = None
         self._closed = False
 
     # -- connections -------------------------------------------------------
 
-    def _connect(self):
+    def open(self):
+        """Create or upgrade the schema; raise StorageUnavailable on failure."""
+        with self._writing():
+            pass
+
+    def _open_writer(self):
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         try:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA cache_size = -{:d}".format(CACHE_KIB))
-        except sqlite3.Error:
+            # Rows hold whole JSON records: bigger pages mean fewer page
+            # splits.  Only takes effect when the file is created.
+            conn.execute("PRAGMA page_size = {:d}".format(PAGE_SIZE))
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StorageUnavailable("The database was written by a newer version of this receiver.")
+            if version < SCHEMA_VERSION:
+                conn.executescript("BEGIN IMMEDIATE;{}PRAGMA user_version = {:d};COMMIT;".format(
+                    SCHEMA, SCHEMA_VERSION))
+            # Checkpoints run after the answer is sent (see checkpoint()), not
+            # inside the COMMIT the app is waiting for.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("PRAGMA journal_size_limit = {:d}".format(64 * MIB))
+        except BaseException:
             conn.close()
             raise
         return conn
 
-    def open(self):
-        """Create or upgrade the schema; raise StorageUnavailable on failure."""
+    @contextlib.contextmanager
+    def _writing(self):
+        """Hold the write lock and yield a fresh writer connection."""
         with self._write_lock:
-            self._writer_connection()
-
-    def _writer_connection(self):
-        if self._closed:
-            raise StorageUnavailable("The receiver is shutting down.")
-        if self._writer is None:
+            if self._closed:
+                raise StorageUnavailable("The receiver is shutting down.")
             try:
-                conn = self._connect()
-                try:
-                    # Rows hold whole JSON records: bigger pages mean fewer page
-                    # splits.  Only takes effect when the file is created.
-                    conn.execute("PRAGMA page_size = {:d}".format(PAGE_SIZE))
-                    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                        conn.execute("PRAGMA journal_mode = WAL")
-                    version = conn.execute("PRAGMA user_version").fetchone()[0]
-                    if version > SCHEMA_VERSION:
-                        raise StorageUnavailable("The database was written by a newer version of this receiver.")
-                    if version < SCHEMA_VERSION:
-                        conn.executescript("BEGIN IMMEDIATE;{}PRAGMA user_version = {:d};COMMIT;".format(
-                            SCHEMA, SCHEMA_VERSION))
-                    # Checkpoints run after the answer is sent (see checkpoint()),
-                    # not inside the COMMIT the app is waiting for.
-                    conn.execute("PRAGMA wal_autocheckpoint = 0")
-                    conn.execute("PRAGMA journal_size_limit = {:d}".format(64 * MIB))
-                except BaseException:
-                    conn.close()
-                    raise
+                conn = self._open_writer()
             except sqlite3.Error as exc:
                 raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
-            self._writer = conn
-        return self._writer
-
-    def _drop_writer(self):
-        if self._writer is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._writer.close()
-            self._writer = None
+            try:
+                yield conn
+            finally:
+                _rollback(conn)
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
 
     @contextlib.contextmanager
     def reader(self):
@@ -772,13 +774,16 @@ class Store:
         finally:
             conn.close()
 
+    def checkpoint(self, mode="PASSIVE"):
+        """Fold the write-ahead log into the database (after the answer)."""
+        with contextlib.suppress(StorageUnavailable, sqlite3.Error):
+            with self._writing() as conn:
+                conn.execute("PRAGMA wal_checkpoint({})".format(mode))
+
     def close(self):
-        """Wait for the ingest in progress, then close the database."""
+        """Wait for the ingest in progress, then refuse further writes."""
+        self.checkpoint("TRUNCATE")
         with self._write_lock:
-            if self._writer is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._drop_writer()
             self._closed = True
 
     # -- writing a sync ----------------------------------------------------
@@ -795,8 +800,7 @@ class Store:
         result = SyncResult()
         result.remote_addr = meta.get("remote_addr")
         result.body_bytes = meta.get("body_bytes") or 0
-        with self._write_lock:
-            conn = self._writer_connection()
+        with self._writing() as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 cur = conn.execute(
@@ -807,48 +811,39 @@ class Store:
                 result.sections = len(payload.sections)
                 result.envelope = payload.envelope
                 result.duration = time.monotonic() - started
-                self._finish_sync(conn, sync_id, result, payload.envelope_text, "ok", None)
+                self._finish_sync(conn, sync_id, result, payload.envelope_text)
                 conn.execute("COMMIT")
                 return result
             except ClientError as exc:
-                self._rollback(conn)
-                self._record_failure(meta, started, "rejected", exc.message, payload)
+                _rollback(conn)
+                self._record_failure(conn, meta, started, "rejected", exc.message, payload)
                 raise
             except sqlite3.Error as exc:
                 message = _describe_db_error(exc, self.path)
-                self._rollback(conn)
-                self._drop_writer()
-                self._record_failure(meta, started, "failed", message, payload)
+                _rollback(conn)
+                self._record_failure(conn, meta, started, "failed", message, payload)
                 raise StorageUnavailable(message) from exc
-            except BaseException:
-                self._rollback(conn)
-                self._drop_writer()
-                raise
 
     def record_failed_request(self, meta, status, message):
         """Keep a syncs row for a POST refused before its body was read."""
-        with self._write_lock:
-            with contextlib.suppress(StorageUnavailable):
-                self._record_failure(meta, time.monotonic(), status, message, None)
+        with contextlib.suppress(StorageUnavailable):
+            with self._writing() as conn:
+                self._record_failure(conn, meta, time.monotonic(), status, message, None)
 
-    def _rollback(self, conn):
+    def _record_failure(self, conn, meta, started, status, message, payload):
+        """Best effort: the caller reports the original error whatever happens here."""
+        envelope = source = None
+        if payload is not None:
+            envelope = _envelope_text(payload.envelope_text) if payload.envelope_text else None
+            source = payload.envelope.get("syncSource")
         with contextlib.suppress(sqlite3.Error):
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-
-    def _record_failure(self, meta, started, status, message, payload):
-        envelope = _envelope_text(payload.envelope_text) if payload is not None and payload.envelope_text else None
-        try:
-            conn = self._writer_connection()
             with _transaction(conn):
                 conn.execute(
                     "INSERT INTO syncs (received_at, remote_addr, body_bytes, duration_ms, status, error, envelope,"
                     " sync_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (_utc_now(), meta.get("remote_addr"), meta.get("body_bytes"),
-                     int((time.monotonic() - started) * 1000), status, message, envelope,
-                     _to_sql(payload.envelope.get("syncSource")) if payload is not None else None))
-        except (sqlite3.Error, StorageUnavailable):
-            self._drop_writer()  # the caller reports the original error; this row is best effort
+                     int((time.monotonic() - started) * 1000), status, _storable(message), _storable(envelope),
+                     _storable(source)))
 
     def _write_rows(self, conn, batches, sync_id, result):
         pending = {kind: [] for kind in INSERT_SQL}
@@ -890,24 +885,16 @@ class Store:
         result.received[kind] += len(batch)
         result.inserted[kind] += new if kind in UPSERT_KEY_SQL else changed
 
-    def _finish_sync(self, conn, sync_id, result, envelope_text, status, error):
+    def _finish_sync(self, conn, sync_id, result, envelope_text):
         env = result.envelope
         conn.execute(
             "UPDATE syncs SET sync_source = ?, export_date = ?, start_date = ?, end_date = ?, received = ?,"
             " inserted = ?, duplicates = ?, rejected = ?, route_points = ?, route_points_inserted = ?,"
-            " sections = ?, duration_ms = ?, status = ?, error = ?, envelope = ? WHERE id = ?",
-            (_to_sql(env.get("syncSource")), _to_sql(env.get("exportDate")), _to_sql(env.get("startDate")),
-             _to_sql(env.get("endDate")), result.records, result.new_records, result.duplicates,
+            " sections = ?, duration_ms = ?, status = 'ok', envelope = ? WHERE id = ?",
+            (_storable(env.get("syncSource")), _storable(env.get("exportDate")), _storable(env.get("startDate")),
+             _storable(env.get("endDate")), result.records, result.new_records, result.duplicates,
              result.rejected, result.received["route_point"], result.inserted["route_point"],
-             result.sections, int(result.duration * 1000), status, error, _envelope_text(envelope_text),
-             sync_id))
-
-    def checkpoint(self):
-        """Fold the write-ahead log into the database (after the answer)."""
-        with self._write_lock:
-            if self._writer is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+             result.sections, int(result.duration * 1000), _storable(_envelope_text(envelope_text)), sync_id))
 
     # -- reading -----------------------------------------------------------
 
@@ -924,6 +911,23 @@ class Store:
             return None
         keys = ("id", "received_at", "sync_source", "status", "received", "inserted", "error")
         return dict(zip(keys, row))
+
+
+def _storable(value):
+    """``value`` as sqlite3 can bind it, lone surrogates escaped."""
+    value = _to_sql(value)
+    if value.__class__ is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _rollback(conn):
+    with contextlib.suppress(sqlite3.Error):
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
 
 
 @contextlib.contextmanager
@@ -984,15 +988,18 @@ def ingest_body(store, body, remote_addr=None):
 def describe_sync(result):
     """The one log line of a stored sync."""
     env = result.envelope
-    source = env.get("syncSource") if isinstance(env.get("syncSource"), str) else "-"
+    source = env.get("syncSource")
+    source = source[:60] if isinstance(source, str) and source else "-"
     span = ""
     start, end = env.get("startDate"), env.get("endDate")
     if isinstance(start, str) and isinstance(end, str):
         span = ", {} -> {}".format(start[:10], end[:10])
+    # Client text: control characters escaped so it cannot forge log lines.
     return ("{} {} {} records ({} new, {} dup, {} rejected) in {} sections, {} route points{}, "
             "{:.1f} MB in {:.2f} s".format(
                 result.remote_addr, source, result.records, result.new_records, result.duplicates, result.rejected,
-                result.sections, result.received["route_point"], span, result.body_bytes / 1e6, result.duration))
+                result.sections, result.received["route_point"], span, result.body_bytes / 1e6,
+                result.duration)).translate(_CONTROL_CHARS)
 
 
 # ---------------------------------------------------------------------------
@@ -1219,8 +1226,6 @@ def decompress(chunks, encoding, limit):
     return body
 
 
-_CONTROL_CHARS = str.maketrans({c: r"\x{:02x}".format(c) for c in itertools.chain(range(0x20), range(0x7F, 0xA0))})
-_CONTROL_CHARS[ord("\\")] = r"\\"
 
 
 class HealthRequestHandler(BaseHTTPRequestHandler):
@@ -1505,9 +1510,11 @@ class HealthReceiverServer(ThreadingHTTPServer):
 
     def _write_log(self, line):
         stream = self.config.log_stream or sys.stderr
+        line = "{} {}\n".format(_utc_now(), line).encode("utf-8", "backslashreplace").decode("utf-8")
         with self._log_lock:
-            stream.write("{} {}\n".format(_utc_now(), line))
-            stream.flush()
+            with contextlib.suppress(OSError, ValueError):  # a closed or full log must not fail a sync
+                stream.write(line)
+                stream.flush()
 
     def log(self, line):
         if not self.config.quiet:
