@@ -5,16 +5,19 @@ thread) with http.client or a raw socket, and checks real SQLite files.
 """
 
 import contextlib
+import gzip
 import http.client
 import io
 import json
 import os
 import socket
 import sqlite3
+import ssl
 import tempfile
 import threading
 import time
 import unittest
+import zlib
 
 import health_receiver as hr
 
@@ -744,6 +747,319 @@ class CommandLineTests(unittest.TestCase):
             self.assertEqual(hr.main(["--host", "127.0.0.1", "--port", "0", "--db",
                                       os.path.join(self.tmp.name, "no", "such", "dir.db")]), 1)
         self.assertIn("cannot be opened", err.getvalue())
+
+
+# ---------------------------------------------------------------------------
+# Protocol hardening: HTTPS, chunked and compressed bodies, 100-continue,
+# headers, slow clients, ingest slots
+# ---------------------------------------------------------------------------
+
+#: Self-signed certificate for 127.0.0.1 and localhost (valid until 2126).
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIDJzCCAg+gAwIBAgIUD8iKCownXm075xRsIP4u22gS1S0wDQYJKoZIhvcNAQEL
+BQAwFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNTA5MjUxM1oYDzIxMjYx
+MTAxMDkyNTEzWjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQDUX07WHMymIvz0j+vMs/vPHx0tj8Zs2Y06hUs5C1UD
+GoP7m6VmKmPJiNBDiMt9Yc+6R2PBOCGr1119vMnKWsHy/yyvR2wEpjNcRbI737My
+X38z1rEVFWbmvu+oF/sEHP4QZSyQ86Hx3+09RI7fmi5FWrKLWCQSBrOFrzJ0CXta
+sXauhR/9ukHQxQIdV9qWNBB/8WKcz8nUtBV0QgTP033jtAkoMt4ZY8R2f9lK+Wy+
+MpwLJP22oxRk+vCKddHv8FQAKcWFdoR0ILI5fJnXNa85/gYs/lBpbSiHBl6MVFg1
+/nBvHR5aOx8eRHVr810udShOqc14Q6k5rG7ysjYhM4N3AgMBAAGjbzBtMB0GA1Ud
+DgQWBBRlxtiKiTDGgnbL8EBEjqpjDr4kUDAfBgNVHSMEGDAWgBRlxtiKiTDGgnbL
+8EBEjqpjDr4kUDAPBgNVHRMBAf8EBTADAQH/MBoGA1UdEQQTMBGCCWxvY2FsaG9z
+dIcEfwAAATANBgkqhkiG9w0BAQsFAAOCAQEAPzHC2w4NAq4cQ7oKjZ5dfyv/t2Gx
+rItYf1OfGYotrcJFyBNcGTBcBIyST1Hqj/3FjogEfA//VCT0/B0ZxIwctek6IsY2
++TP7XUJZt0lTOsmZXpBDA7OVYM55ubs2P6fCLpoo6uSVo2vooN2xbo83Tv6BZanp
+mLRVhtC1QnD1b0KWh5ePqVozLVUctQTf39Da8yy6xbs0EeBsxBRhDzUC0XPhJhur
+EdvFmfpoGF7cQeFWspkVEmFS2/5FZphsTx85SMPPkzdk3kdx2Tzl56YfpGGtzPut
+Yysf1WhZwx9t9LHxi+zLUMO8qogjhV9ruSDlzOeKMNuyPUSx227nT6qetA==
+-----END CERTIFICATE-----
+"""
+
+#: Its private key (test use only).
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIIEuwIBADANBgkqhkiG9w0BAQEFAASCBKUwggShAgEAAoIBAQDUX07WHMymIvz0
+j+vMs/vPHx0tj8Zs2Y06hUs5C1UDGoP7m6VmKmPJiNBDiMt9Yc+6R2PBOCGr1119
+vMnKWsHy/yyvR2wEpjNcRbI737MyX38z1rEVFWbmvu+oF/sEHP4QZSyQ86Hx3+09
+RI7fmi5FWrKLWCQSBrOFrzJ0CXtasXauhR/9ukHQxQIdV9qWNBB/8WKcz8nUtBV0
+QgTP033jtAkoMt4ZY8R2f9lK+Wy+MpwLJP22oxRk+vCKddHv8FQAKcWFdoR0ILI5
+fJnXNa85/gYs/lBpbSiHBl6MVFg1/nBvHR5aOx8eRHVr810udShOqc14Q6k5rG7y
+sjYhM4N3AgMBAAECgf8M27hqPlQluviV1iDww/T7FWcu2wWokYN7h5aGXalIBtL2
+6PWaufZQvXfenumzLbjmDmx7xmpDfUar1kJhfh1AGTMbabegkG+Lpqyj82dmJWIO
+QXF3VVRlpCneg5UvKpI3a+jG3flwK56xlvUPlMY4bMViqnOEo+M6tODZJbnSQ9At
+wwoH1t0aZWC7QJyeUDLGbhLPyMGCyHRnOwixa7QQT8e2SLjEqTYCpxA88gAdZsKk
+JRRQCy65EkFyHCFqRUm1qVL251Z99GeFs47e7KEVzqg0dGSY4SbbfLKaH2Jhtz9c
+jzSN7g46YOFMPWXBq+q1VLzfEi+FtKuQoe3tet0CgYEA7mgN+UFXZE3fQqgwYni2
+T8QPMfHyKof7xsH2lSIAe/8Zcypf+CtaUHqkKBWtIM0HU5kUvw0vpMJUniP/EBBn
+lOxWPDvG5mRkntulnEbnIA9DtqyFmq1g0CAatAe5x4Q+uoqXkPWu/Zs4xZ+zQOTI
+s2fDUu0h9nVF1mSRHgBN5zsCgYEA5AtrSzIBg5+j/2q+tA42dPOSHCkWUBqHU+DI
+WCpxnw2lbE9YHt91JtTSNySjMiyYsxjKia+tUnUqzf1UdyM7EfvjfvNYCyOtRUuT
+mUZGTPH4X9E1B3V72J5u4tonLYbOF7YpnAd5zFKWScpFJJsdNNJKdzNzVmMZGDaM
+ir9MKPUCgYEAqm6CxtTaZ99votRfupW3J3Dut/LR/2u1J1LUN6rWE867X+RENUKw
+zuXN4sYUPWW1PiMqfKYtkChIm8D5/37qvcDyqR7Gwz+z2wkE7KKXagjfjIDrBje6
+BS9eR6NaQXKd8XdQgRXR4oUL4eOYHuUvQWoFbYwOgoU1xt2gDIWFK68CgYBNjPCU
+5tGLAGwV/SgTNU4hoX9LolFbNlpVFPksumpfS5W46pauERHW/cLrS8NP2cioB0NB
+ZYPMqdm/qWnjBhEdgYqQ7pI/X4eaLCRqmHJp0lPDyfJ9sd9HAEH3VXbDTbeiaqll
+zUkHSgKf33B6DWH2R5lZRh7v/s1W5Z4PxRRSTQKBgH2oot4hi4GeCV5bh7dRjmHW
+Ci1kT2vhPXw+UokYh2qgeeoP01KnNTn60n87o1HVROgZY2CM3a6oyTAoh/uVjcdN
+T2x48PQGEcHwUKw1PlB+zfqSOm1P3ziRQQ+my+83ayPKCBT+ziAbLoZqoG9CeY/r
+MENFQiZHilCJ+B0ublyi
+-----END PRIVATE KEY-----
+"""
+
+
+class TlsTests(ServerTestCase):
+
+    def tls_options(self):
+        self.cert_file = os.path.join(self.tmp.name, "cert.pem")
+        self.key_file = os.path.join(self.tmp.name, "key.pem")
+        with open(self.cert_file, "w") as handle:
+            handle.write(TEST_CERT)
+        with open(self.key_file, "w") as handle:
+            handle.write(TEST_KEY)
+        return {"tls_cert": self.cert_file, "tls_key": self.key_file}
+
+    def connection(self, timeout=10):
+        context = ssl.create_default_context(cafile=self.cert_file)
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=context)
+
+    def test_https_post_and_get_with_verified_certificate(self):
+        status, _, answer = self.post(make_payload())
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.request("GET")[0], 200)
+        self.assertEqual(self.count("workouts"), 1)
+
+    def test_plain_http_on_the_tls_port_does_not_hurt_the_server(self):
+        self.raw_exchange(b"GET /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n", read_timeout=2)
+        self.assertEqual(self.request("GET")[0], 200)
+        self.assertIn("TLS handshake failed", self.log.getvalue())
+
+    def test_banner_says_https(self):
+        lines = hr.banner_lines(self.config, self.port)
+        self.assertIn("Listening on https://127.0.0.1:{}".format(self.port), lines)
+
+    def test_missing_or_bad_certificate_is_a_clear_startup_error(self):
+        for cert, key in ((os.path.join(self.tmp.name, "missing.pem"), self.key_file),
+                          (self.key_file, self.key_file), (self.cert_file, self.cert_file)):
+            with self.subTest(cert=cert, key=key):
+                with contextlib.redirect_stderr(io.StringIO()) as err:
+                    code = hr.main(["--host", "127.0.0.1", "--port", "0", "--db", self.db,
+                                    "--tls-cert", cert, "--tls-key", key])
+                self.assertEqual(code, 2)
+                self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
+                self.assertIn("TLS", err.getvalue())
+                self.assertNotIn("Traceback", err.getvalue())
+
+
+def chunked(body, size=1000):
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+def post_head(length=None, extra=""):
+    head = "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".format(hr.DEFAULT_PATH)
+    if length is not None:
+        head += "Content-Length: {}\r\n".format(length)
+    return (head + extra + "\r\n").encode()
+
+
+class BodyEncodingTests(ServerTestCase):
+
+    def test_chunked_body(self):
+        body = encode(make_payload(n=20))
+        answer = self.raw_exchange(post_head(extra="Transfer-Encoding: chunked\r\nConnection: close\r\n")
+                                   + chunked(body))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+        self.assertEqual(self.count("samples"), 41)
+
+    def test_chunked_body_with_http_client(self):
+        conn = self.connection()
+        with contextlib.closing(conn):
+            body = encode(make_payload(n=5))
+            conn.request("POST", hr.DEFAULT_PATH, body=iter([body[:100], body[100:]]),
+                         headers={"Content-Type": "application/json"}, encode_chunked=True)
+            self.assertEqual(conn.getresponse().status, 200)
+
+    def test_chunked_over_the_limit_413_without_reading_further(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(post_head(extra="Transfer-Encoding: chunked\r\n"))
+            sock.sendall(b"%x\r\n" % (self.max_body + 1))  # one chunk announcing more than the limit
+            answer = sock.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assert_nothing_stored()
+
+    def test_chunked_crossing_the_limit_in_many_chunks(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(post_head(extra="Transfer-Encoding: chunked\r\n"))
+            piece = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+            answer = b""
+            with contextlib.suppress(ConnectionError):
+                for _ in range(self.max_body // 65536 + 1):
+                    sock.sendall(piece)
+                answer = sock.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+
+    def test_malformed_chunk_framing_400(self):
+        for framing in (b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n", b"-2\r\n{}\r\n0\r\n\r\n",
+                        b"0x2\r\n{}\r\n0\r\n\r\n"):
+            with self.subTest(framing=framing):
+                answer = self.raw_exchange(post_head(extra="Transfer-Encoding: chunked\r\n") + framing)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+                self.assertIn(b"chunked", answer)
+
+    def test_gzip_and_deflate_bodies(self):
+        body = encode(make_payload(n=30))
+        for tag, encoding, data in (("G", "gzip", gzip.compress(encode(make_payload(n=30, tag="G")))),
+                                    ("Z", "deflate", zlib.compress(encode(make_payload(n=30, tag="Z")))),
+                                    ("R", "deflate", raw_deflate(encode(make_payload(n=30, tag="R"))))):
+            with self.subTest(encoding=encoding, tag=tag):
+                status, _, answer = self.post(data, headers={"Content-Encoding": encoding})
+                self.assertEqual(status, 200, answer)
+                self.assertEqual(answer["inserted"]["workouts"], 1)
+        self.assertLess(len(gzip.compress(body)), self.max_body)
+
+    def test_gzip_bomb_stops_at_the_limit(self):
+        bomb = gzip.compress(b" " * (64 * hr.MIB), 9)  # about 64 KB inflating to 64 MB
+        status, _, answer = self.post(bomb, headers={"Content-Encoding": "gzip"})
+        self.assert_error(status, 413, answer, "decompressed")
+        self.assert_nothing_stored()
+
+    def test_corrupt_and_truncated_gzip_400(self):
+        good = gzip.compress(encode(make_payload()))
+        corrupt = good[:20] + bytes(b ^ 0xFF for b in good[20:40]) + good[40:]
+        for data in (corrupt, good[:-12], b"not gzip at all"):
+            with self.subTest(size=len(data)):
+                status, _, answer = self.post(data, headers={"Content-Encoding": "gzip"})
+                self.assert_error(status, 400, answer, "gzip")
+        self.assert_nothing_stored()
+
+    def test_unknown_encoding_415(self):
+        status, _, answer = self.post(b"{}", headers={"Content-Encoding": "br"})
+        self.assert_error(status, 415, answer, "br")
+
+
+def raw_deflate(data):
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+class ExpectContinueTests(ServerTestCase):
+    token = TOKEN
+
+    def exchange_head(self, head):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(head)
+            return sock.recv(65536), sock
+
+    def test_bad_key_gets_401_without_continue(self):
+        answer, _ = self.exchange_head(post_head(100, "Expect: 100-continue\r\nAuthorization: Bearer no\r\n"))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer)
+        self.assertNotIn(b"100 Continue", answer)
+
+    def test_oversize_gets_413_without_continue(self):
+        answer, _ = self.exchange_head(post_head(
+            self.max_body + 1, "Expect: 100-continue\r\nAuthorization: Bearer {}\r\n".format(TOKEN)))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertNotIn(b"100 Continue", answer)
+
+    def test_good_request_gets_continue_then_200(self):
+        body = encode(make_payload())
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(post_head(len(body), "Expect: 100-continue\r\nAuthorization: Bearer {}\r\n".format(
+                TOKEN)))
+            interim = sock.recv(65536)
+            self.assertEqual(interim, b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            final = sock.recv(65536)
+        self.assertTrue(final.startswith(b"HTTP/1.1 200 "), final)
+        self.assertEqual(self.count("workouts"), 1)
+
+
+class HeaderLimitTests(ServerTestCase):
+
+    def test_oversized_header_line(self):
+        answer = self.raw_exchange(post_head(2, "X-Big: {}\r\n".format("a" * 70000)) + b"{}")
+        self.assertRegex(answer[:13], rb"HTTP/1.1 (431|400) ")
+        self.assertEqual(self.request("GET")[0], 200)
+
+    def test_too_many_headers(self):
+        extra = "".join("X-H{}: v\r\n".format(i) for i in range(150))
+        answer = self.raw_exchange(post_head(2, extra) + b"{}")
+        self.assertRegex(answer[:13], rb"HTTP/1.1 (431|400) ")
+
+    def test_invalid_content_length(self):
+        for value in ("-1", "abc", "1.5", "12, 13"):
+            with self.subTest(value=value):
+                answer = self.raw_exchange(post_head(value) + b"{}")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        answer = self.raw_exchange(post_head(2, "Content-Length: 3\r\n") + b"{} ")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assert_nothing_stored()
+
+
+class SlowClientTests(ServerTestCase):
+    timeout = 0.5
+    max_ingests = 1
+    slot_wait = 0.3
+
+    def test_idle_connection_is_closed(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            started = time.monotonic()
+            self.assertEqual(sock.recv(100), b"")
+            self.assertLess(time.monotonic() - started, 4)
+
+    def test_stalled_body_gets_408_and_others_are_served(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(post_head(1000) + b'{"data": {')
+            # Meanwhile another client is served.
+            self.assertEqual(self.request("GET")[0], 200)
+            answer = sock.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertIn(b"Connection: close", answer)
+        self.assert_nothing_stored()
+
+    def test_dripping_body_hits_the_total_deadline(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(post_head(200000))
+            answer = b""
+            deadline = time.monotonic() + 8
+            with contextlib.suppress(ConnectionError):
+                while time.monotonic() < deadline and not answer:
+                    sock.sendall(b" ")
+                    sock.settimeout(0.2)
+                    with contextlib.suppress(socket.timeout):
+                        answer = sock.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+
+    def test_ingest_slots_bound_bodies_in_memory(self):
+        body = encode(make_payload())
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as holder:
+            holder.sendall(post_head(len(body)) + body[:10])  # holds the only slot while its body trickles
+            time.sleep(0.05)
+            status, response, answer = self.post(make_payload(tag="B"))
+            self.assert_error(status, 503, answer, "busy")
+            self.assertEqual(response.getheader("Retry-After"), str(hr.RETRY_AFTER))
+            holder.sendall(body[10:])
+            self.assertTrue(holder.recv(65536).startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.post(make_payload(tag="C"))[0], 200)
+        self.assertEqual(self.query("SELECT status FROM syncs ORDER BY id"), [("failed",), ("ok",), ("ok",)])
+
+
+class LongIngestTests(ServerTestCase):
+
+    def test_status_is_never_blocked_behind_an_ingest(self):
+        results = []
+        self.store._write_lock.acquire()  # an ingest in progress, as far as the others can tell
+        try:
+            poster = threading.Thread(target=lambda: results.append(self.post(make_payload())[0]))
+            poster.start()
+            status, _, answer = self.request("GET")
+            self.assertEqual(status, 200)
+            self.assertEqual(results, [])
+        finally:
+            self.store._write_lock.release()
+        poster.join()
+        self.assertEqual(results, [200])
 
 
 if __name__ == "__main__":
