@@ -1470,6 +1470,12 @@ class HealthReceiverServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), HealthRequestHandler, bind_and_activate)
 
+    def server_bind(self):
+        # HTTPServer.server_bind would look the address up in DNS (getfqdn):
+        # slow or hanging on a machine without a resolver, and never needed.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
     def get_request(self):
         sock, addr = super().get_request()
         if self.ssl_context is not None:

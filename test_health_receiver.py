@@ -10,9 +10,12 @@ import http.client
 import io
 import json
 import os
+import signal
 import socket
 import sqlite3
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1060,6 +1063,369 @@ class LongIngestTests(ServerTestCase):
             self.store._write_lock.release()
         poster.join()
         self.assertEqual(results, [200])
+
+
+# ---------------------------------------------------------------------------
+# Storage faults and crashes
+# ---------------------------------------------------------------------------
+
+class LockedDatabaseTests(ServerTestCase):
+
+    def test_locked_database_503_then_recovers(self):
+        blocker = sqlite3.connect(self.db, isolation_level=None)
+        with contextlib.closing(blocker):
+            blocker.execute("BEGIN EXCLUSIVE")
+            status, response, answer = self.post(make_payload())
+            self.assert_error(status, 503, answer, "locked")
+            self.assertEqual(response.getheader("Retry-After"), str(hr.RETRY_AFTER))
+            blocker.execute("ROLLBACK")
+        self.assert_nothing_stored()
+        self.assertTrue(any("503" in line and "locked" in line for line in self.log_lines()))
+        status, _, answer = self.post(make_payload())
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.count("workouts"), 1)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+
+
+#: Runs the receiver in a child process, as an unprivileged user when the
+#: tests run as root (root ignores file permissions).
+CHILD_SERVER = """
+import encodings.idna, os, sys
+sys.path.insert(0, {folder!r})
+import health_receiver
+if os.name == "posix" and os.geteuid() == 0 and {drop!r}:
+    os.setgid(65534)
+    os.setuid(65534)
+sys.exit(health_receiver.main(sys.argv[1:]))
+"""
+
+
+class ChildServer:
+    """A receiver in its own process, for kill and permission tests."""
+
+    def __init__(self, folder, db, drop_root=False, extra=()):
+        self.stderr = open(os.path.join(folder, "stderr.log"), "ab")
+        code = CHILD_SERVER.format(folder=os.path.dirname(os.path.abspath(hr.__file__)), drop=drop_root)
+        env = {key: value for key, value in os.environ.items() if key != hr.TOKEN_ENV}
+        self.proc = subprocess.Popen([sys.executable, "-c", code, "--host", "127.0.0.1", "--port", "0", "--db", db,
+                                      "--quiet"] + list(extra), stdout=subprocess.PIPE, stderr=self.stderr,
+                                     env=env, cwd=folder)
+        line = self.proc.stdout.readline().decode()
+        if "Listening on" not in line:
+            self.stop()
+            raise AssertionError("the child server did not start: " + line)
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def post(self, body, timeout=30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        with contextlib.closing(conn):
+            conn.request("POST", hr.DEFAULT_PATH, body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.getheader("Retry-After"), json.loads(response.read())
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(60)
+        self.proc.stdout.close()
+        self.stderr.close()
+        return code
+
+
+@unittest.skipUnless(os.name == "posix", "needs POSIX permissions and signals")
+class ProcessTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        os.chmod(self.tmp.name, 0o777)
+        self.db = os.path.join(self.tmp.name, "health.db")
+        self.children = []
+
+    def tearDown(self):
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.stop(signal.SIGKILL)
+
+    def start(self, **kwargs):
+        child = ChildServer(self.tmp.name, self.db, **kwargs)
+        self.children.append(child)
+        return child
+
+    def query(self, sql):
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            return conn.execute(sql).fetchall()
+
+    def tagged(self, tag):
+        return (self.query("SELECT count(*) FROM samples WHERE uuid LIKE '{}-%'".format(tag))[0][0],
+                self.query("SELECT count(*) FROM workouts WHERE uuid LIKE '{}-%'".format(tag))[0][0],
+                self.query("SELECT count(*) FROM workout_route_points WHERE workout_uuid LIKE '{}-%'".format(
+                    tag))[0][0])
+
+    def test_read_only_database_503_then_recovers(self):
+        child = self.start(drop_root=True)
+        self.assertEqual(child.post(encode(make_payload(tag="A")))[0], 200)
+        files = [self.db + suffix for suffix in ("", "-wal", "-shm") if os.path.exists(self.db + suffix)]
+        modes = {name: os.stat(name).st_mode for name in files}
+        for name in files:
+            os.chmod(name, 0o444)
+        try:
+            status, retry_after, answer = child.post(encode(make_payload(tag="B")))
+            self.assertEqual(status, 503, answer)
+            self.assertEqual(retry_after, str(hr.RETRY_AFTER))
+            self.assertRegex(answer["error"], "read-only|cannot be opened")
+        finally:
+            for name, mode in modes.items():
+                os.chmod(name, mode)
+        self.assertEqual(self.tagged("B"), (0, 0, 0))
+        status, _, answer = child.post(encode(make_payload(tag="B")))
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(child.stop(), 0)
+        self.assertEqual(self.tagged("B"), (6, 1, 4))
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+
+    def test_sigkill_at_any_moment_leaves_a_consistent_database(self):
+        child = self.start()
+        self.assertEqual(child.post(encode(make_payload(n=100, tag="A")))[0], 200)
+        child.stop(signal.SIGKILL)
+        n = 12000
+        # Kill points: in the middle of the body, right after it, during the
+        # ingest (twice), and after the answer.
+        points = (("half-body", None), ("body", 0.0), ("ingest", 0.05), ("ingest", 0.15), ("answered", None))
+        for number, (point, delay) in enumerate(points):
+            tag = "K{}".format(number)
+            body = encode(make_payload(n=n, tag=tag))
+            child = self.start()
+            acknowledged = False
+            with socket.create_connection(("127.0.0.1", child.port), timeout=30) as sock:
+                head = post_head(len(body))
+                if point == "half-body":
+                    sock.sendall(head + body[:len(body) // 2])
+                    time.sleep(0.05)
+                else:
+                    sock.sendall(head + body)
+                    if point == "answered":
+                        acknowledged = sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+                        self.assertTrue(acknowledged)
+                    else:
+                        time.sleep(delay)
+                child.stop(signal.SIGKILL)
+            with self.subTest(point=point, delay=delay):
+                self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+                self.assertEqual(self.tagged("A"), (200, 1, 4))
+                stored = self.tagged(tag)
+                self.assertIn(stored, ((0, 0, 0), (2 * n, 1, 4)))
+                if acknowledged:
+                    self.assertEqual(stored, (2 * n, 1, 4))
+                self.assertEqual(self.query("SELECT count(*) FROM syncs WHERE status = 'pending'"), [(0,)])
+        # The receiver starts again on the same file and takes the next sync.
+        child = self.start()
+        self.assertEqual(child.post(encode(make_payload(tag="Z")))[0], 200)
+        self.assertEqual(child.stop(), 0)
+
+    def test_sigterm_during_an_ingest_finishes_or_rolls_back_cleanly(self):
+        child = self.start()
+        n = 12000
+        body = encode(make_payload(n=n, tag="T"))
+        with socket.create_connection(("127.0.0.1", child.port), timeout=30) as sock:
+            sock.sendall(post_head(len(body)) + body)
+            time.sleep(0.02)
+            child.proc.send_signal(signal.SIGTERM)
+            answer = sock.recv(65536)
+        self.assertEqual(child.stop(), 0)
+        self.assertRegex(answer[:13], rb"HTTP/1.1 (200|503) ")
+        stored = self.tagged("T")
+        if answer.startswith(b"HTTP/1.1 200 "):
+            self.assertEqual(stored, (2 * n, 1, 4))
+        else:
+            self.assertEqual(stored, (0, 0, 0))
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+
+
+# ---------------------------------------------------------------------------
+# Bad input battery
+# ---------------------------------------------------------------------------
+
+def element(uuid="E-1", **fields):
+    fields.setdefault("startDate", "2026-02-24T00:00:00Z")
+    return dict({"uuid": uuid}, **fields)
+
+
+class BadInputTests(ServerTestCase):
+    """Whatever the client sends: never a 5xx, the server keeps serving and
+    the database stays consistent."""
+
+    max_body = 64 * hr.MIB
+
+    def send(self, body, expected):
+        status, _, answer = self.post(body)
+        self.assertEqual(status, expected, answer)
+        self.assertLess(status, 500)
+        self.assertEqual(self.request("GET")[0], 200)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        return answer
+
+    def broken(self, body, fragment):
+        """Broken as a whole: 400 with a clear message, nothing stored."""
+        answer = self.send(body, 400)
+        self.assertIn(fragment, answer["error"])
+        self.assert_nothing_stored()
+        self.assertEqual(self.query("SELECT status FROM syncs ORDER BY id DESC LIMIT 1"), [("rejected",)])
+
+    def partly_bad(self, data, stored, rejected, **top):
+        """Valid but with bad parts: 200, good rows stored, bad ones kept."""
+        before = self.count("rejected")
+        answer = self.send(dict(top, data=data), 200)
+        self.assertEqual((answer["count"], answer["rejected"]), (stored, rejected))
+        self.assertEqual(self.count("rejected") - before, rejected)
+        return answer
+
+    def test_truncated_at_several_points(self):
+        body = encode(make_payload(n=20))
+        for cut in range(1, len(body), len(body) // 9):
+            with self.subTest(cut=cut):
+                self.broken(body[:cut], "Invalid JSON")
+
+    def test_invalid_utf8(self):
+        self.broken(b'{"data": {"X": [{"uuid": "a\xc3\x28", "startDate": "2026"}]}}', "UTF-8")
+        self.broken(b'{"syncSource": "\xed\xa0\x80"}', "UTF-8")  # an encoded surrogate
+        self.broken(b'{"data": {"X\xff": []}}', "UTF-8")
+
+    def test_bom_is_accepted(self):
+        answer = self.send(b"\xef\xbb\xbf" + encode({"data": {"X": [element()]}}), 200)
+        self.assertEqual(answer["count"], 1)
+
+    def test_empty_body(self):
+        self.broken(b"", "empty")
+        self.broken(b"  \r\n ", "empty")
+
+    def test_top_level_scalars_and_arrays(self):
+        for body in (b"null", b"1", b"-2.5", b'"text"', b"[]", b'[{"data": {}}]', b"true"):
+            with self.subTest(body=body):
+                self.broken(body, "must be a JSON object")
+
+    def test_data_of_the_wrong_type(self):
+        for data in ([], "text", None, 3, True):
+            with self.subTest(data=data):
+                self.broken(encode({"data": data}), "'data' must be an object")
+
+    def test_sections_that_are_not_arrays(self):
+        self.partly_bad({"HKQuantityTypeIdentifierHeartRate": {"uuid": "x"}, "B": 12, "C": None,
+                         "D": [element("D-1")]}, stored=1, rejected=3)
+        self.assertEqual(self.query("SELECT section, reason FROM rejected ORDER BY id"),
+                         [("HKQuantityTypeIdentifierHeartRate", "section is an object, not an array"),
+                          ("B", "section is a number, not an array"), ("C", "section is null, not an array")])
+
+    def test_elements_that_are_not_objects(self):
+        self.partly_bad({"X": [1, "s", None, [1, [2, [3]]], True, element("X-1")]}, stored=1, rejected=5)
+
+    def test_elements_missing_dates(self):
+        self.partly_bad({"X": [{"uuid": "a"}, {"uuid": "b", "startDate": None}, {"uuid": "c", "startDate": 5},
+                               {"uuid": "d", "startDate": ""}, element("e")],
+                         "workouts": [{"uuid": "w"}], "medicationDoseEvents": [{"uuid": "m"}]},
+                        stored=1, rejected=6)
+
+    def test_uuid_of_the_wrong_type(self):
+        self.partly_bad({"X": [element(5), element({"a": 1}), element(""), element(True), element(["u"]),
+                               element("ok")]}, stored=1, rejected=5)
+
+    def test_deep_nesting_is_a_400_not_a_crash(self):
+        deep = b"[" * 100000 + b"]" * 100000
+        self.broken(b'{"data": {"X": [' + deep + b"]}}", "nesting")
+        self.broken(b'{"data": {"X": [{"uuid": "a", "startDate": "b", "m": ' + deep + b"}]}}", "nesting")
+        self.broken(b'{"meta": ' + b'{"a":' * 100000 + b"1" + b"}" * 100000 + b"}", "nesting")
+        self.broken(deep, "nesting")
+
+    def test_nan_infinity_and_huge_numbers(self):
+        for constant in (b"NaN", b"Infinity", b"-Infinity"):
+            with self.subTest(constant=constant):
+                self.broken(b'{"data": {"X": [{"uuid": "a", "startDate": "b", "value": ' + constant + b"}]}}",
+                            "not valid JSON")
+        answer = self.send(b'{"data": {"X": [{"uuid": "a", "startDate": "b", "value": 1e400}]}}', 200)
+        self.assertEqual(answer["count"], 1)
+        self.assertEqual(self.query("SELECT record FROM samples"), [('{"uuid": "a", "startDate": "b", "value": 1e400}',)])
+
+    def test_twenty_megabyte_string_value(self):
+        big = "x" * (20 * hr.MIB)
+        answer = self.send(encode({"data": {"X": [element("big", note=big)]}, "blob": big}), 200)
+        self.assertEqual(answer["count"], 1)
+        self.assertEqual(self.query("SELECT length(record) > 20000000 FROM samples"), [(1,)])
+
+    def test_duplicate_keys(self):
+        body = b'{"syncSource": "a", "syncSource": "b", "data": {"X": [{"uuid": "k", "uuid": "k2", "startDate": "s"}]}}'
+        answer = self.send(body, 200)
+        self.assertEqual(answer["count"], 1)
+        self.assertEqual(self.query("SELECT uuid, record FROM samples"),
+                         [("k2", '{"uuid": "k", "uuid": "k2", "startDate": "s"}')])
+
+    def test_non_ascii_and_emoji_keys_and_values(self):
+        payload = {"syncSource": "\u00e9t\u00e9 \U0001F3C3", "data": {
+            "HKQuantityTypeIdentifierHeartRate": [element("\u00fc-1", sourceName="Jane\u2019s Watch \u231a",
+                                                          **{"cl\u00e9": "\u6f22\u5b57", "\U0001F600": 1})],
+            "Typ\u00e9\U0001F4A9": [element("emoji-1")]}}
+        for ensure_ascii in (True, False):
+            with self.subTest(ensure_ascii=ensure_ascii):
+                body = json.dumps(payload, ensure_ascii=ensure_ascii).encode("utf-8")
+                self.send(body, 200)
+        rows = dict(self.query("SELECT uuid, source_name FROM samples"))
+        self.assertEqual(rows["\u00fc-1"], "Jane\u2019s Watch \u231a")
+        record = json.loads(self.query("SELECT record FROM samples WHERE uuid = '\u00fc-1'")[0][0])
+        self.assertEqual(record["cl\u00e9"], "\u6f22\u5b57")
+        self.assertEqual(self.query("SELECT type FROM samples WHERE uuid = 'emoji-1'"), [("Typ\u00e9\U0001F4A9",)])
+        self.assertEqual(self.query("SELECT DISTINCT sync_source FROM syncs"), [("\u00e9t\u00e9 \U0001F3C3",)])
+
+    def test_section_names_that_look_like_sql_or_paths(self):
+        names = ["x'); DROP TABLE samples; --", "../../etc/passwd", "/tmp/x", "samples", "data", "", " ",
+                 "C:\\Windows", "%s %d {}", "\u0000"]
+        data = {name: [element("S-{}".format(i))] for i, name in enumerate(names)}
+        answer = self.partly_bad(data, stored=len(names), rejected=0)
+        self.assertEqual(answer["inserted"]["measurements"], len(names))
+        self.assertEqual(sorted(t for (t,) in self.query("SELECT type FROM samples")), sorted(names))
+
+    def test_workout_routes_with_odd_keys_and_values(self):
+        routes = {"not-a-uuid": [{"timestamp": "t1", "latitude": 1}], "": [{"timestamp": "t1"}],
+                  "\U0001F6B4": [{"timestamp": "t2"}], "W-obj": {"timestamp": "t"}, "W-num": 3, "W-null": None,
+                  "W-mixed": [5, {"timestamp": "t3"}, {"latitude": 2}]}
+        answer = self.send(encode({"data": {}, "workoutRoutes": routes}), 200)
+        self.assertEqual(answer["inserted"]["workoutRoutes"], 4)
+        self.assertEqual(answer["rejected"], 5)
+        self.assertEqual(self.count("workout_route_points"), 4)
+        self.assertEqual(self.send(encode({"workoutRoutes": [1, 2]}), 200)["rejected"], 1)
+        self.assertEqual(self.send(encode({"workoutRoutes": "x"}), 200)["rejected"], 1)
+
+    def test_ten_thousand_tiny_sections(self):
+        data = {"T{}".format(i): [element("T-{}".format(i))] for i in range(10000)}
+        answer = self.partly_bad(data, stored=10000, rejected=0)
+        self.assertEqual(self.count("samples"), 10000)
+        self.assertEqual(self.query("SELECT sections FROM syncs WHERE id = ?", (answer["sync_id"],)), [(10000,)])
+
+    def test_random_mutations_never_get_a_5xx(self):
+        import random
+        rng = random.Random(20261125)
+        base = encode(make_payload(n=4))
+        started = time.monotonic()
+        statuses = {}
+        for _ in range(300):
+            if time.monotonic() - started > 20:
+                break
+            body = bytearray(base)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(len(body))
+                operation = rng.choice(("flip", "delete", "duplicate"))
+                if operation == "flip":
+                    body[at] = rng.randrange(256)
+                elif operation == "delete":
+                    del body[at:at + rng.randint(1, 40)]
+                else:
+                    body[at:at] = body[at:at + rng.randint(1, 40)]
+            status, _, answer = self.post(bytes(body))
+            statuses[status] = statuses.get(status, 0) + 1
+            self.assertIn(status, (200, 400), (bytes(body), answer))
+        self.assertGreater(sum(statuses.values()), 50)
+        self.assertGreater(statuses.get(400, 0), 0)
+        self.assertEqual(self.request("GET")[0], 200)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        self.assertEqual(self.query("SELECT count(*) FROM syncs WHERE status NOT IN ('ok', 'rejected')"), [(0,)])
 
 
 if __name__ == "__main__":
