@@ -84,6 +84,8 @@ MIN_UPLOAD_RATE = 64 * 1024
 BUSY_TIMEOUT_MS = 10000
 #: Seconds a POST waits for a free ingest slot before it gets 503.
 INGEST_SLOT_WAIT = 20.0
+#: Seconds a stop waits for the syncs in flight to be stored and answered.
+SHUTDOWN_WAIT = 60
 #: Seconds the app is told to wait before retrying after a 503.
 RETRY_AFTER = 30
 #: SQLite page size for new databases (bench: 16 KiB inserts ~20% faster than 4 KiB).
@@ -1665,9 +1667,9 @@ def serve(config, out=None, ready=None):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        server.server_close()
-        store.close()  # waits for an ingest in progress to commit
-        server.wait_idle(30)
+        server.server_close()  # no new connections
+        server.wait_idle(SHUTDOWN_WAIT)  # the POST in flight is stored and answered
+        store.close()  # and anything still running after that waits for its commit
     if not config.quiet:
         print("Stopped; database closed.", file=out)
     return 0
