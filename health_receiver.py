@@ -23,9 +23,13 @@ __version__ = "1.0.0"
 import argparse
 import contextlib
 import datetime
+import base64
+import csv
 import errno
+import gzip
 import hashlib
 import hmac
+import html
 import http.client
 import io
 import ipaddress
@@ -70,6 +74,8 @@ DEFAULT_MAX_BODY_MB = 100
 DEFAULT_TIMEOUT = 30.0
 #: Default number of request bodies held in memory at once.
 DEFAULT_MAX_INGESTS = 2
+#: Path of the JSON summary the status page shows.
+SUMMARY_PATH = "/api/summary"
 #: Environment variable holding the key the app sends.
 TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
 #: Bytes in one MiB: limits are in MiB, as the app's "50 MB" is.
@@ -601,6 +607,12 @@ CREATE TABLE IF NOT EXISTS rejected (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rejected_sync ON rejected (sync_id);
+CREATE TABLE IF NOT EXISTS sample_types (
+    type TEXT PRIMARY KEY,
+    rows INTEGER NOT NULL,
+    first_date TEXT,
+    last_date TEXT
+);
 """
 
 #: Insert statement per row kind; the sync id is the last parameter.
@@ -621,6 +633,14 @@ INSERT_SQL = {
                       " ON CONFLICT (name) DO UPDATE SET value = excluded.value, sync_id = excluded.sync_id",
     "rejected": "INSERT INTO rejected (section, reason, record, sync_id) VALUES (?, ?, ?, ?)",
 }
+
+#: Keeps sample_types (rows, first and last date per type) current as rows
+#: arrive: counting 5 million samples per type would take a second per page.
+SAMPLE_TYPES_SQL = (
+    "INSERT INTO sample_types (type, rows, first_date, last_date) VALUES (?1, ?2, ?3, ?4)"
+    " ON CONFLICT (type) DO UPDATE SET rows = rows + excluded.rows,"
+    " first_date = min(coalesce(first_date, excluded.first_date), excluded.first_date),"
+    " last_date = max(coalesce(last_date, excluded.last_date), excluded.last_date)")
 
 #: Kinds whose rows replace a stored row with the same key (latest wins).
 UPSERT_KEY_SQL = {
@@ -764,11 +784,7 @@ class Store:
     @contextlib.contextmanager
     def reader(self):
         """A read-only connection for one short query."""
-        try:
-            conn = sqlite3.connect("file:{}?mode=ro".format(_uri_path(self.path)), uri=True,
-                                   timeout=self.busy_timeout, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
+        conn = self._open_reader()
         try:
             yield conn
         except sqlite3.Error as exc:
@@ -860,15 +876,32 @@ class Store:
                 self._insert(conn, kind, waiting, sync_id, result)
 
     def _insert(self, conn, kind, batch, sync_id, result):
-        """Insert one batch, counting received and new rows in ``result``.
+        """Insert one batch, counting received and new rows in ``result``."""
+        if kind == "sample":
+            # One executemany per type, so that sample_types learns each
+            # type's new rows.  Rows of a type arrive together.
+            for type_name, rows in itertools.groupby(batch, key=_row_type):
+                rows = list(rows)
+                new = self._execute_batch(conn, kind, rows, sync_id, result)
+                if new:  # otherwise every date is stored already
+                    starts = [row[2] for row in rows]
+                    conn.execute(SAMPLE_TYPES_SQL, (type_name, new, min(starts), max(starts)))
+            return
+        if kind in UPSERT_KEY_SQL:
+            exists = UPSERT_KEY_SQL[kind]
+            new = len({row[0] for row in batch if conn.execute(exists, (row[0],)).fetchone() is None})
+            self._execute_batch(conn, kind, batch, sync_id, result)
+            result.inserted[kind] += new
+            return
+        self._execute_batch(conn, kind, batch, sync_id, result)
+
+    def _execute_batch(self, conn, kind, batch, sync_id, result):
+        """executemany one batch; count it in ``result``; return new rows.
 
         A row sqlite3 cannot bind (a lone surrogate from a JSON escape, say)
         would fail the whole executemany: the batch is then redone row by
         row inside a savepoint and the unbindable rows go to ``rejected``.
         """
-        if kind in UPSERT_KEY_SQL:
-            exists = UPSERT_KEY_SQL[kind]
-            new = len({row[0] for row in batch if conn.execute(exists, (row[0],)).fetchone() is None})
         conn.execute("SAVEPOINT batch")
         try:
             changed = conn.executemany(INSERT_SQL[kind], batch).rowcount
@@ -885,7 +918,9 @@ class Store:
                     result.received[kind] -= 1
         conn.execute("RELEASE batch")
         result.received[kind] += len(batch)
-        result.inserted[kind] += new if kind in UPSERT_KEY_SQL else changed
+        if kind not in UPSERT_KEY_SQL:
+            result.inserted[kind] += changed
+        return changed
 
     def _finish_sync(self, conn, sync_id, result, envelope_text):
         env = result.envelope
@@ -905,6 +940,101 @@ class Store:
         with self.reader() as conn:
             return {table: conn.execute("SELECT count(*) FROM " + table).fetchone()[0] for table in TABLES}
 
+    def sample_types(self, conn):
+        """[(type, rows, first_date, last_date)] from the kept totals."""
+        return conn.execute("SELECT type, rows, first_date, last_date FROM sample_types ORDER BY type").fetchall()
+
+    def recount_types(self):
+        """Rebuild sample_types from the samples (after editing rows by hand)."""
+        with self._writing() as conn:
+            with _transaction(conn):
+                conn.execute("DELETE FROM sample_types")
+                conn.execute("INSERT INTO sample_types SELECT type, count(*), min(start_date), max(start_date)"
+                             " FROM samples GROUP BY type")
+
+    def summary(self, days=90, utc=False, now=None, sync_count=20, charts=True):
+        """The facts the status page, /api/summary and ``stats`` show."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        bounds = day_bounds(days, utc, now)
+        since = bounds[0][1]
+        with self.reader() as conn:
+            facts = {
+                "ok": True,
+                "version": __version__,
+                "generated_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "database": {"path": os.path.abspath(self.path), "size_bytes": database_size(self.path)},
+                "totals": {table: conn.execute("SELECT count(*) FROM " + table).fetchone()[0] for table in TABLES},
+                "types": [{"type": t, "name": short_type_name(t), "rows": rows, "first": first, "last": last,
+                           "chart": chart_kind(t)} for t, rows, first, last in self.sample_types(conn)],
+                "syncs": [dict(zip(SYNC_FIELDS, row)) for row in conn.execute(
+                    "SELECT " + ", ".join(SYNC_FIELDS) + " FROM syncs ORDER BY id DESC LIMIT ?", (sync_count,))],
+            }
+            if not charts:
+                return facts
+            facts["days"] = {"count": days, "first": bounds[0][0], "last": bounds[-1][0],
+                             "timezone": "UTC" if utc else local_zone_name(now)}
+            facts["charts"] = [chart for chart in (self._chart(conn, t, bounds) for t in facts["types"]
+                                                   if (t["last"] or "") >= since) if chart]
+            facts["workouts"] = [dict(zip(("uuid", "activity_type", "start_date", "duration_seconds",
+                                           "route_points"), row)) for row in conn.execute(
+                "SELECT uuid, activity_type, start_date, duration_seconds, (SELECT count(*) FROM"
+                " workout_route_points WHERE workout_uuid = workouts.uuid) FROM workouts"
+                " WHERE start_date >= ? ORDER BY start_date DESC", (since,))]
+        return facts
+
+    def _chart(self, conn, type_info, bounds):
+        """Daily points of one type over ``bounds``: one indexed range per day."""
+        name, kind = type_info["type"], type_info["chart"]
+        points = []
+        for day, low, high in bounds:
+            count, numbers, total, smallest, largest = conn.execute(
+                "SELECT count(*), count(CASE WHEN typeof(value) IN ('integer', 'real') THEN 1 END),"
+                " total(CASE WHEN typeof(value) IN ('integer', 'real') THEN value END),"
+                " min(CASE WHEN typeof(value) IN ('integer', 'real') THEN value END),"
+                " max(CASE WHEN typeof(value) IN ('integer', 'real') THEN value END)"
+                " FROM samples WHERE type = ? AND start_date >= ? AND start_date < ?", (name, low, high)).fetchone()
+            if kind == "count":
+                points.append([day, count] if count else [day, None])
+            elif not numbers:
+                points.append([day, None] if kind == "mean" else [day, None])
+            elif kind == "sum":
+                points.append([day, total])
+            else:
+                points.append([day, total / numbers, smallest, largest])
+        if not any(point[1] is not None for point in points):
+            return None
+        unit = conn.execute("SELECT unit FROM samples WHERE type = ? ORDER BY start_date DESC LIMIT 1",
+                            (name,)).fetchone()
+        return {"type": name, "name": type_info["name"], "kind": kind, "unit": unit[0] if unit else None,
+                "points": points}
+
+    def export_rows(self, section, type_name=None, since=None, until=None):
+        """(columns, cursor) of one section's rows, streamed in key order."""
+        table, date_column = EXPORT_SECTIONS[section]
+        columns = EXPORT_COLUMNS[table]
+        where, params = [], []
+        if type_name is not None:
+            where.append("type = ?")
+            params.append(type_name)
+        if date_column and since:
+            where.append("{} >= ?".format(date_column))
+            params.append(since)
+        if date_column and until:
+            where.append("{} < ?".format(date_column))
+            params.append(_day_after(until))
+        sql = "SELECT {} FROM {}{} ORDER BY {}".format(
+            ", ".join(columns), table, " WHERE " + " AND ".join(where) if where else "",
+            "type, start_date" if table == "samples" else (date_column or "rowid"))
+        conn = self._open_reader()
+        return columns, _closing_rows(conn, conn.execute(sql, params))
+
+    def _open_reader(self):
+        try:
+            return sqlite3.connect("file:{}?mode=ro".format(_uri_path(self.path)), uri=True,
+                                   timeout=self.busy_timeout)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
+
     def last_sync(self):
         with self.reader() as conn:
             row = conn.execute("SELECT id, received_at, sync_source, status, received, inserted, error"
@@ -913,6 +1043,111 @@ class Store:
             return None
         keys = ("id", "received_at", "sync_source", "status", "received", "inserted", "error")
         return dict(zip(keys, row))
+
+
+def _closing_rows(conn, cursor):
+    """Yield the cursor's rows, then close its connection."""
+    try:
+        for row in cursor:
+            yield row
+    finally:
+        conn.close()
+
+
+def _day_after(until):
+    """The exclusive upper bound for --until: a bare date includes its day."""
+    if len(until) == 10:
+        try:
+            day = datetime.date.fromisoformat(until) + datetime.timedelta(days=1)
+            return day.isoformat()
+        except ValueError:
+            pass
+    return until + "\uffff"
+
+
+def database_size(path):
+    """Bytes of the database file and its write-ahead log."""
+    return sum(os.path.getsize(path + suffix) for suffix in ("", "-wal") if os.path.exists(path + suffix))
+
+
+#: Export sections: (table, column the date filters apply to).
+EXPORT_SECTIONS = {
+    "samples": ("samples", "start_date"),
+    "workouts": ("workouts", "start_date"),
+    "routes": ("workout_route_points", "timestamp"),
+    "medications": ("medications", None),
+    "doses": ("medication_dose_events", "start_date"),
+    "characteristics": ("characteristics", None),
+    "syncs": ("syncs", "received_at"),
+}
+
+#: Columns of each exported table, in CSV order.
+EXPORT_COLUMNS = {
+    "samples": ("uuid", "type", "start_date", "end_date", "value", "unit", "source_name", "record", "sync_id"),
+    "workouts": ("uuid", "activity_type", "start_date", "end_date", "duration_seconds", "record", "sync_id"),
+    "workout_route_points": ("workout_uuid", "timestamp", "latitude", "longitude", "altitude", "record",
+                             "sync_id"),
+    "medications": ("key", "display_text", "record", "first_sync_id", "last_sync_id"),
+    "medication_dose_events": ("uuid", "medication", "start_date", "log_status", "record", "sync_id"),
+    "characteristics": ("name", "value", "sync_id"),
+    "syncs": ("id", "received_at", "remote_addr", "sync_source", "export_date", "start_date", "end_date",
+              "body_bytes", "received", "inserted", "duplicates", "rejected", "route_points",
+              "route_points_inserted", "sections", "duration_ms", "status", "error", "envelope"),
+}
+
+#: Columns of the syncs shown by the status page, /api/summary and stats.
+SYNC_FIELDS = ("id", "received_at", "remote_addr", "sync_source", "received", "inserted", "duplicates",
+               "rejected", "route_points", "body_bytes", "duration_ms", "status", "error")
+
+#: Quantity types whose daily value is a total (the others are averaged).
+CUMULATIVE_TYPES = frozenset((
+    "StepCount", "DistanceWalkingRunning", "DistanceCycling", "DistanceSwimming", "DistanceWheelchair",
+    "DistanceDownhillSnowSports", "DistanceCrossCountrySkiing", "DistancePaddleSports", "DistanceRowing",
+    "DistanceSkatingSports", "ActiveEnergyBurned", "BasalEnergyBurned", "FlightsClimbed", "AppleExerciseTime",
+    "AppleStandTime", "AppleMoveTime", "NikeFuel", "PushCount", "SwimmingStrokeCount", "NumberOfTimesFallen",
+    "InhalerUsage", "InsulinDelivery", "NumberOfAlcoholicBeverages", "TimeInDaylight", "UVExposure"))
+
+#: Prefixes HealthKit puts before a type's short name.
+TYPE_PREFIXES = ("HKQuantityTypeIdentifier", "HKCategoryTypeIdentifier", "HKCorrelationTypeIdentifier",
+                 "HKDataTypeIdentifier", "HKWorkoutTypeIdentifier")
+
+
+def short_type_name(type_name):
+    """HKQuantityTypeIdentifierHeartRate -> HeartRate."""
+    for prefix in TYPE_PREFIXES:
+        if type_name.startswith(prefix) and len(type_name) > len(prefix):
+            return type_name[len(prefix):]
+    return type_name
+
+
+def chart_kind(type_name):
+    """'sum' (daily total), 'mean' (daily mean, min-max band) or 'count'."""
+    if not type_name.startswith("HKQuantityTypeIdentifier"):
+        return "count"
+    short = short_type_name(type_name)
+    return "sum" if short in CUMULATIVE_TYPES or short.startswith("Dietary") else "mean"
+
+
+def day_bounds(days, utc, now):
+    """[(day, start, end)] of the last ``days`` days (today included) as
+    stored timestamps: local days unless ``utc``, daylight saving included."""
+    today = now.astimezone(datetime.timezone.utc if utc else None).date()
+    bounds = []
+    for back in range(days - 1, -2, -1):
+        day = today - datetime.timedelta(days=back)
+        midnight = datetime.datetime(day.year, day.month, day.day)
+        midnight = midnight.replace(tzinfo=datetime.timezone.utc) if utc else midnight.astimezone()
+        bounds.append((day.isoformat(), midnight.astimezone(datetime.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S.000Z")))
+    return [(day, start, end) for (day, start), (_next, end) in zip(bounds, bounds[1:])]
+
+
+def local_zone_name(now):
+    return now.astimezone().tzname() or "local"
+
+
+def _row_type(row):
+    return row[1]
 
 
 def _storable(value):
@@ -965,15 +1200,260 @@ def _describe_db_error(exc, path):
 
 
 # ---------------------------------------------------------------------------
+# Presentation: the status page (HTML with inline SVG charts)
+# ---------------------------------------------------------------------------
+
+#: What a chart's daily value is, in words.
+CHART_LABELS = {"sum": "daily total", "mean": "daily mean, band from min to max", "count": "samples per day"}
+
+PAGE_CSS = """
+body{font:14px/1.4 -apple-system,system-ui,sans-serif;margin:0 auto;max-width:760px;padding:12px;color:#222}
+h1{font-size:20px;margin:4px 0}h2{font-size:16px;margin:22px 0 6px;border-bottom:1px solid #ddd}
+.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{padding:3px 6px;text-align:right;white-space:nowrap;border-bottom:1px solid #eee}
+th:first-child,td:first-child{text-align:left}tr.fail td{background:#fdecea;color:#8a1c12}
+td.err{white-space:normal;text-align:left}.muted{color:#777}.chart{margin:10px 0 18px}
+.chart h3{font-size:14px;margin:0}.chart p{margin:0;color:#777;font-size:12px}
+svg{width:100%;height:auto;display:block}svg text{font:10px sans-serif;fill:#555}
+"""
+
+
+def _esc(value):
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _number(value, digits=0):
+    if value is None:
+        return ""
+    if isinstance(value, float) and digits:
+        return "{:,.{}f}".format(value, digits)
+    return "{:,.0f}".format(value) if isinstance(value, (int, float)) else _esc(value)
+
+
+def _parse_stamp(text):
+    """A stored timestamp as an aware datetime, or None."""
+    if not isinstance(text, str) or len(text) < 19:
+        return None
+    try:
+        stamp = datetime.datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=datetime.timezone.utc)
+
+
+def format_local(text, utc, with_time=True):
+    stamp = _parse_stamp(text)
+    if stamp is None:
+        return _esc(text)
+    stamp = stamp if utc else stamp.astimezone()
+    return stamp.strftime("%Y-%m-%d %H:%M" if with_time else "%Y-%m-%d")
+
+
+def format_ago(text, now):
+    stamp = _parse_stamp(text)
+    if stamp is None:
+        return ""
+    seconds = max(0, (now - stamp).total_seconds())
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return "{:.0f} min ago".format(seconds // 60)
+    if seconds < 48 * 3600:
+        return "{:.0f} h ago".format(seconds // 3600)
+    return "{:.0f} days ago".format(seconds // 86400)
+
+
+def _tick(value):
+    magnitude = abs(value)
+    if magnitude >= 10000:
+        return "{:.0f}k".format(value / 1000)
+    if magnitude >= 100 or value == int(value):
+        return "{:.0f}".format(value)
+    return "{:.2g}".format(value) if magnitude < 1 else "{:.1f}".format(value)
+
+
+def svg_chart(chart):
+    """One type's last days as an inline SVG sized for a phone."""
+    width, height, left, right, top, bottom = 360, 140, 38, 6, 8, 20
+    points = chart["points"]
+    values = [p[1] for p in points if p[1] is not None]
+    if chart["kind"] == "mean":
+        values += [p[2] for p in points if p[1] is not None] + [p[3] for p in points if p[1] is not None]
+        low, high = min(values), max(values)
+        pad = (high - low) * 0.1 or abs(high) * 0.1 or 1
+        low, high = low - pad, high + pad
+    else:
+        low, high = 0, max(values) or 1
+    span_x = (width - left - right) / max(len(points) - 1, 1)
+
+    def x(i):
+        return left + i * span_x
+
+    def y(v):
+        return top + (height - top - bottom) * (1 - (v - low) / (high - low))
+
+    parts = ['<svg viewBox="0 0 {} {}" role="img" aria-label="{}">'.format(width, height, _esc(chart["name"]))]
+    for fraction in (0, 0.5, 1):
+        value = low + (high - low) * fraction
+        parts.append('<line x1="{0}" x2="{1}" y1="{2:.1f}" y2="{2:.1f}" stroke="#e4e4e4"/>'
+                     '<text x="{3}" y="{4:.1f}" text-anchor="end">{5}</text>'.format(
+                         left, width - right, y(value), left - 3, y(value) + 3, _esc(_tick(value))))
+    for i in range(0, len(points), max(1, len(points) // 4)):
+        label = datetime.date.fromisoformat(points[i][0]).strftime("%b %d")
+        parts.append('<text x="{:.1f}" y="{}" text-anchor="middle">{}</text>'.format(x(i), height - 5, label))
+    if chart["kind"] == "mean":
+        for run in _runs(points):
+            band = ["{:.1f},{:.1f}".format(x(i), y(points[i][3])) for i in run]
+            band += ["{:.1f},{:.1f}".format(x(i), y(points[i][2])) for i in reversed(run)]
+            parts.append('<polygon points="{}" fill="#9ecae1" fill-opacity="0.5"/>'.format(" ".join(band)))
+            line = " ".join("{:.1f},{:.1f}".format(x(i), y(points[i][1])) for i in run)
+            parts.append('<polyline points="{}" fill="none" stroke="#08519c" stroke-width="1.5"/>'.format(line))
+            if len(run) == 1:
+                parts.append('<circle cx="{:.1f}" cy="{:.1f}" r="2" fill="#08519c"/>'.format(
+                    x(run[0]), y(points[run[0]][1])))
+    else:
+        bar = max(span_x * 0.8, 1)
+        for i, point in enumerate(points):
+            if point[1]:
+                parts.append('<rect x="{:.1f}" y="{:.1f}" width="{:.1f}" height="{:.1f}" fill="#3182bd"/>'.format(
+                    x(i) - bar / 2, y(point[1]), bar, y(0) - y(point[1])))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _runs(points):
+    """Index runs of consecutive days that have a value."""
+    run = []
+    for i, point in enumerate(points):
+        if point[1] is None:
+            if run:
+                yield run
+            run = []
+        else:
+            run.append(i)
+    if run:
+        yield run
+
+
+def _duration(seconds):
+    if not isinstance(seconds, (int, float)):
+        return ""
+    minutes = int(round(seconds / 60))
+    return "{}:{:02d}".format(minutes // 60, minutes % 60)
+
+
+def render_status_page(facts, utc, now=None):
+    """The whole status page as one self-contained HTML document."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           "<title>Health receiver</title><style>{}</style></head><body>".format(PAGE_CSS),
+           "<h1>Health receiver</h1>",
+           '<p class="muted">{} &middot; {} &middot; days are {} days &middot; version {}</p>'.format(
+               _esc(facts["database"]["path"]), _esc(_size(facts["database"]["size_bytes"])),
+               "UTC" if utc else "local ({})".format(_esc(facts["days"]["timezone"])), _esc(facts["version"]))]
+    out.append("<h2>Last syncs</h2>")
+    if not facts["syncs"]:
+        out.append('<p class="muted">No sync has arrived yet.</p>')
+    else:
+        out.append('<div class="scroll"><table><tr><th>When</th><th>Source</th><th>Records</th><th>New</th>'
+                   "<th>Dup</th><th>Rejected</th><th>Size</th><th>Time</th><th>Status</th></tr>")
+        for sync in facts["syncs"]:
+            failed = sync["status"] != "ok"
+            out.append('<tr{}><td>{}<br><span class="muted">{}</span></td><td>{}</td><td>{}</td><td>{}</td>'
+                       "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+                           ' class="fail"' if failed else "", format_local(sync["received_at"], utc),
+                           format_ago(sync["received_at"], now), _esc(sync["sync_source"] or "-"),
+                           _number(sync["received"]), _number(sync["inserted"]), _number(sync["duplicates"]),
+                           _number(sync["rejected"]), _esc(_size(sync["body_bytes"])),
+                           "{:.2f} s".format(sync["duration_ms"] / 1000) if sync["duration_ms"] is not None else "",
+                           _esc(sync["status"])))
+            if failed and sync["error"]:
+                out.append('<tr class="fail"><td class="err" colspan="9">{}</td></tr>'.format(_esc(sync["error"])))
+        out.append("</table></div>")
+    out.append('<h2>Totals</h2><div class="scroll"><table><tr><th>Table</th><th>Rows</th></tr>')
+    for table, rows in facts["totals"].items():
+        out.append("<tr><td>{}</td><td>{}</td></tr>".format(_esc(table), _number(rows)))
+    out.append("</table></div>")
+    out.append('<h2>Types</h2><div class="scroll"><table><tr><th>Type</th><th>Rows</th><th>First</th>'
+               "<th>Last</th></tr>")
+    for info in facts["types"]:
+        out.append('<tr><td title="{}">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>'.format(
+            _esc(info["type"]), _esc(info["name"]), _number(info["rows"]), format_local(info["first"], utc),
+            format_local(info["last"], utc)))
+    out.append("</table></div>")
+    out.append("<h2>Last {} days</h2>".format(facts["days"]["count"]))
+    if not facts["charts"]:
+        out.append('<p class="muted">No samples in these days.</p>')
+    for chart in facts["charts"]:
+        unit = " ({})".format(_esc(chart["unit"])) if chart["unit"] and chart["kind"] != "count" else ""
+        out.append('<div class="chart"><h3 title="{}">{}{}</h3><p>{}</p>{}</div>'.format(
+            _esc(chart["type"]), _esc(chart["name"]), unit, CHART_LABELS[chart["kind"]], svg_chart(chart)))
+    out.append("<h2>Workouts, last {} days</h2>".format(facts["days"]["count"]))
+    if not facts["workouts"]:
+        out.append('<p class="muted">No workouts in these days.</p>')
+    else:
+        out.append('<div class="scroll"><table><tr><th>Type</th><th>Date</th><th>Duration</th>'
+                   "<th>Route points</th></tr>")
+        for workout in facts["workouts"]:
+            out.append("<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+                _esc(workout["activity_type"] or "-"), format_local(workout["start_date"], utc),
+                _duration(workout["duration_seconds"]), _number(workout["route_points"])))
+        out.append("</table></div>")
+    out.append('<p class="muted">Generated {}. The same facts as JSON: <a href="/api/summary">/api/summary</a>.'
+               "</p></body></html>".format(format_local(facts["generated_at"], utc)))
+    return "".join(out)
+
+
+def _size(size):
+    if not isinstance(size, (int, float)):
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return "{:.0f} {}".format(size, unit) if unit == "B" else "{:.1f} {}".format(size, unit)
+        size /= 1000.0
+    return ""
+
+
+# ---------------------------------------------------------------------------
+# Archive of accepted bodies
+# ---------------------------------------------------------------------------
+
+def write_archive(directory, text, sync_id, now=None):
+    """Save an accepted body as DIR/<UTC time>-<sync id>.json.gz; return its path.
+
+    Written to a temporary name and renamed, so a file with the final name
+    is always complete.  ``text`` is the latin-1 view of the body, so
+    encoding it back gives the original bytes.
+    """
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    name = "{}-{}.json.gz".format(now.strftime("%Y%m%dT%H%M%SZ"), sync_id)
+    final = os.path.join(directory, name)
+    temporary = os.path.join(directory, ".{}.tmp".format(name))
+    try:
+        with gzip.open(temporary, "wb", compresslevel=1) as handle:
+            for offset in range(0, len(text), MIB):
+                handle.write(text[offset:offset + MIB].encode("latin-1"))
+        os.replace(temporary, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return final
+
+
+# ---------------------------------------------------------------------------
 # Receiving: the bridge between HTTP and storage
 # ---------------------------------------------------------------------------
 
 def ingest_body(store, body, remote_addr=None):
-    """Decode ``body`` (a bytearray), store it, return a SyncResult.
+    """Decode ``body`` (a bytearray), store it; return (SyncResult, text).
 
     The bytearray is emptied once decoded, so that its memory is returned
-    before the database work starts.  Raises PayloadError (nothing stored, a
-    failed sync recorded) or StorageUnavailable.
+    before the database work starts; ``text`` is the body's latin-1 view
+    (``text.encode("latin-1")`` gives the bytes back, for the archive).
+    Raises PayloadError (nothing stored, a failed sync recorded) or
+    StorageUnavailable.
     """
     meta = {"remote_addr": remote_addr, "body_bytes": len(body)}
     try:
@@ -984,7 +1464,7 @@ def ingest_body(store, body, remote_addr=None):
     finally:
         if isinstance(body, bytearray):
             body.clear()
-    return store.store_sync(Payload(text, start), meta)
+    return store.store_sync(Payload(text, start), meta), text
 
 
 def describe_sync(result):
@@ -1014,7 +1494,7 @@ class ReceiverConfig:
     def __init__(self, host="0.0.0.0", port=DEFAULT_PORT, path=DEFAULT_PATH, db=DEFAULT_DB, token=None,
                  auth_header=None, max_body=DEFAULT_MAX_BODY_MB * MIB, quiet=False, timeout=DEFAULT_TIMEOUT,
                  max_ingests=DEFAULT_MAX_INGESTS, tls_cert=None, tls_key=None, log_stream=None,
-                 slot_wait=INGEST_SLOT_WAIT, token_source=None):
+                 slot_wait=INGEST_SLOT_WAIT, token_source=None, archive=None, utc=False):
         self.host = host
         self.port = port
         self.path = "/" + path.strip("/") if path.strip("/") else "/"
@@ -1030,6 +1510,8 @@ class ReceiverConfig:
         self.log_stream = log_stream
         self.slot_wait = slot_wait
         self.token_source = token_source or ("configuration" if token else None)
+        self.archive = archive
+        self.utc = utc
 
     def __repr__(self):  # never shows the token
         return "ReceiverConfig(host={!r}, port={!r}, path={!r}, db={!r}, auth={!r})".format(
@@ -1094,6 +1576,27 @@ def check_auth(config, headers):
         raise ClientError(HTTPStatus.UNAUTHORIZED, "Missing {} header with the key.".format(name), challenge)
     if not hmac.compare_digest(sent.strip().encode("utf-8", "surrogateescape"), expected):
         raise ClientError(HTTPStatus.UNAUTHORIZED, "The key in the {} header is wrong.".format(name), challenge)
+
+
+def check_page_auth(config, headers):
+    """The status page and /api/summary: the app's header, or HTTP Basic
+    with the key as password (any user name), so a browser can log in."""
+    if not config.token:
+        return
+    with contextlib.suppress(ClientError):
+        check_auth(config, headers)
+        return
+    scheme, _, credentials = (headers.get("Authorization") or "").strip().partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            _user, _, password = base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            password = ""
+        if hmac.compare_digest(password.encode("utf-8", "surrogateescape"), config.token.encode("utf-8")):
+            return
+    raise ClientError(HTTPStatus.UNAUTHORIZED, "This page needs the receiver's key: log in with any user name "
+                      "and the key as password.", (("WWW-Authenticate", 'Basic realm="health_receiver", '
+                                                                         'charset="UTF-8"'),))
 
 
 def check_content_type(value):
@@ -1335,10 +1838,44 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     # -- methods -------------------------------------------------------------
 
     def do_GET(self):
-        self._guarded(self._status)
+        self._guarded(self._get)
 
     def do_HEAD(self):
-        self._guarded(self._status)
+        self._guarded(self._get)
+
+    def _get(self):
+        path = urlsplit(self.path).path
+        if path == "/" and self.server.config.path != "/":
+            self._page()
+        elif path == SUMMARY_PATH:
+            self._summary()
+        else:
+            self._status()
+
+    def _page(self):
+        config = self.server.config
+        check_page_auth(config, self.headers)
+        facts = self.server.store.summary(utc=config.utc)
+        body = render_status_page(facts, config.utc).encode("utf-8")
+        self._log_get()
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _summary(self):
+        config = self.server.config
+        check_page_auth(config, self.headers)
+        facts = self.server.store.summary(utc=config.utc)
+        self._log_get()
+        self._send_json(HTTPStatus.OK, facts)
+
+    def _log_get(self):
+        self.server.log_request_line(self.address_string(), "{} {} -> 200".format(
+            self.command, self.path.translate(_CONTROL_CHARS)[:200]))
 
     def do_POST(self):
         with self.server.in_flight():
@@ -1364,8 +1901,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         peak = peak_rss_mb()
         if peak is not None:
             answer["peak_rss_mb"] = round(peak, 1)
-        self.server.log_request_line(self.address_string(), "{} {} -> 200".format(
-            self.command, self.path.translate(_CONTROL_CHARS)[:200]))
+        self._log_get()
         self._send_json(HTTPStatus.OK, answer)
 
     def _receive(self):
@@ -1384,7 +1920,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                     self.wfile.flush()
                 body = self._read_body(length, transfer, encoding)
                 self._body_read = True
-                result = ingest_body(server.store, body, remote)  # records its own failures
+                result, text = ingest_body(server.store, body, remote)  # records its own failures
         except ClientError as exc:
             if not self._body_read:
                 status = "failed" if exc.status >= 500 else "rejected"
@@ -1393,7 +1929,8 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             raise
         server.log_request_line(None, describe_sync(result))
         self._send_json(HTTPStatus.OK, result.response())
-        server.after_sync()
+        self.wfile.flush()
+        server.after_sync(text, result)
 
     def _check_post_headers(self):
         """Decide auth, type, encodings and size from the headers alone."""
@@ -1521,7 +2058,14 @@ class HealthReceiverServer(ThreadingHTTPServer):
             if got:
                 self._slots.release()
 
-    def after_sync(self):
+    def after_sync(self, text, result):
+        """Work that the app need not wait for: archive, checkpoint."""
+        if self.config.archive:
+            try:
+                write_archive(self.config.archive, text, result.sync_id)
+            except OSError as exc:
+                self.log_error_line(result.remote_addr, "sync {} is stored but could not be archived in {}: "
+                                    "{}".format(result.sync_id, self.config.archive, exc))
         self.store.checkpoint()
 
     def _write_log(self, line):
@@ -1624,7 +2168,11 @@ def banner_lines(config, port):
         if not _is_loopback(host):
             lines.append("WARNING: no key is set, so anyone who can reach this port can post data; "
                          "set {} to require one.".format(TOKEN_ENV))
+    if config.path != "/":
+        lines.append("Status page: {}/ (in a browser)".format(urls[0]))
     lines.append("Database: {}".format(os.path.abspath(config.db)))
+    if config.archive:
+        lines.append("Archive: {}".format(os.path.abspath(config.archive)))
     return lines
 
 
@@ -1710,7 +2258,7 @@ def serve_parser():
     parser = argparse.ArgumentParser(
         prog="health_receiver.py",
         description="Receive Health Export Pro syncs into a SQLite database.",
-        epilog="Other commands: 'bench' (can this machine keep up?). "
+        epilog="Other commands (each with --help): stats, export, import, bench. "
                "The key comes from ${} or --token-file; without one, no auth.".format(TOKEN_ENV))
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s; 0 picks one)")
@@ -1727,6 +2275,8 @@ def serve_parser():
                         help="request bodies held in memory at once; others wait (default %(default)s)")
     parser.add_argument("--tls-cert", metavar="PATH", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", metavar="PATH", help="private key for --tls-cert (PEM)")
+    parser.add_argument("--archive", metavar="DIR", help="also save every accepted body as DIR/<time>-<sync id>.json.gz")
+    parser.add_argument("--utc", action="store_true", help="status page days are UTC days, not this machine's")
     parser.add_argument("--quiet", action="store_true", help="log only errors")
     return parser
 
@@ -1740,9 +2290,325 @@ def config_from_args(args, environ):
     config = ReceiverConfig(host=args.host, port=args.port, path=args.path, db=args.db, token=token,
                             auth_header=args.auth_header, max_body=int(args.max_body_mb * MIB),
                             quiet=args.quiet, timeout=args.timeout, max_ingests=args.max_ingests,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key)
-    config.token_source = source
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, token_source=source,
+                            archive=args.archive, utc=args.utc)
+    if config.archive:
+        try:
+            os.makedirs(config.archive, exist_ok=True)
+        except OSError as exc:
+            raise ValueError("cannot create the archive folder {}: {}".format(config.archive, exc.strerror))
+        if not os.access(config.archive, os.W_OK):
+            raise ValueError("the archive folder {} is not writable".format(config.archive))
     return config
+
+
+# ---------------------------------------------------------------------------
+# Command line: stats, export, import
+# ---------------------------------------------------------------------------
+
+#: Lines of an NDJSON export ingested as one sync by ``import``.
+IMPORT_CHUNK_LINES = 100000
+#: File names ``import`` picks up when given a folder.
+IMPORT_SUFFIXES = (".json", ".json.gz", ".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
+#: NDJSON ``section`` of each exported table, and back.
+NDJSON_SECTIONS = {"samples": "samples", "workouts": "workouts", "workout_route_points": "routes",
+                   "medications": "medications", "medication_dose_events": "doses",
+                   "characteristics": "characteristics", "syncs": "syncs"}
+
+
+def _open_existing_store(path):
+    if not os.path.exists(path):
+        raise ValueError("no database at {}".format(path))
+    return Store(path)
+
+
+def run_stats(args, out):
+    store = _open_existing_store(args.db)
+    facts = store.summary(sync_count=10, charts=False)
+    if args.json:
+        json.dump(facts, out, indent=2, ensure_ascii=False)
+        out.write("\n")
+        return 0
+    print("Database: {} ({})".format(facts["database"]["path"], _size(facts["database"]["size_bytes"])), file=out)
+    print("\n{:<26}{:>12}".format("Table", "Rows"), file=out)
+    for table, rows in facts["totals"].items():
+        print("{:<26}{:>12,}".format(table, rows), file=out)
+    if facts["types"]:
+        print("\n{:<36}{:>12}  {:<17} {:<17}".format("Type", "Rows", "First", "Last"), file=out)
+        for info in facts["types"]:
+            print("{:<36}{:>12,}  {:<17} {:<17}".format(info["name"][:36], info["rows"],
+                                                        format_local(info["first"], False),
+                                                        format_local(info["last"], False)), file=out)
+    print("\nLast {} syncs".format(len(facts["syncs"])), file=out)
+    print("{:<17} {:<20}{:>10}{:>10}{:>10}{:>9}  {}".format("When", "Source", "Records", "New", "Dup",
+                                                            "Rejected", "Status"), file=out)
+    for sync in facts["syncs"]:
+        status = sync["status"] if sync["status"] == "ok" else "{}: {}".format(sync["status"], sync["error"])
+        print("{:<17} {:<20}{:>10,}{:>10,}{:>10,}{:>9,}  {}".format(
+            format_local(sync["received_at"], False), str(sync["sync_source"] or "-")[:20], sync["received"],
+            sync["inserted"], sync["duplicates"], sync["rejected"], status), file=out)
+    return 0
+
+
+def resolve_type(store, name):
+    """Full identifier for --type: as given, or by short name in any case."""
+    with store.reader() as conn:
+        known = [row[0] for row in store.sample_types(conn)]
+    for candidate in known:
+        if candidate == name:
+            return candidate
+    wanted = name.lower()
+    for candidate in known:
+        if candidate.lower() == wanted or short_type_name(candidate).lower() == wanted:
+            return candidate
+    raise ValueError("no samples of type {}; stored types: {}".format(
+        name, ", ".join(short_type_name(t) for t in known) or "none"))
+
+
+def _compact(record):
+    """A record on one line (pretty-printed ones hold newlines)."""
+    if "\n" in record or "\r" in record:
+        return json.dumps(json.loads(record), ensure_ascii=False, separators=(",", ":"))
+    return record
+
+
+def ndjson_line(table, columns, row):
+    """One exported row; records stay as stored so ``import`` reproduces them."""
+    fields = dict(zip(columns, row))
+    section = NDJSON_SECTIONS[table]
+    if table == "characteristics":
+        return json.dumps({"section": section, "name": fields["name"], "value": fields["value"]},
+                          ensure_ascii=False)
+    if table == "syncs":
+        return json.dumps({"section": section, "row": fields}, ensure_ascii=False)
+    head = '{"section":' + json.dumps(section)
+    if table == "samples":
+        head += ',"type":' + json.dumps(fields["type"], ensure_ascii=False)
+    elif table == "workout_route_points":
+        head += ',"workout":' + json.dumps(fields["workout_uuid"], ensure_ascii=False)
+    return head + ',"record":' + _compact(fields["record"]) + "}"
+
+
+def run_export(args, out):
+    store = _open_existing_store(args.db)
+    type_name = None
+    if args.type:
+        if args.section != "samples":
+            raise ValueError("--type applies to --section samples")
+        type_name = resolve_type(store, args.type)
+    columns, rows = store.export_rows(args.section, type_name, args.since, args.until)
+    table = EXPORT_SECTIONS[args.section][0]
+    target = open(args.output, "w", encoding="utf-8", newline="") if args.output else out
+    count = 0
+    try:
+        if args.format == "csv":
+            writer = csv.writer(target)
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow(row)
+                count += 1
+        else:
+            for row in rows:
+                target.write(ndjson_line(table, columns, row))
+                target.write("\n")
+                count += 1
+    finally:
+        rows.close()
+        if args.output:
+            target.close()
+    if args.output:
+        print("{} rows of {} written to {}".format(count, args.section, args.output), file=sys.stderr)
+    return 0
+
+
+def json_members(text):
+    """{key: original JSON text of its value} for the object in ``text``."""
+    members = {}
+    pos = _skip_ws(text, 0).end()
+    if text[pos:pos + 1] != "{":
+        raise ValueError("not a JSON object")
+    pos = _skip_ws(text, pos + 1).end()
+    if text[pos:pos + 1] == "}":
+        return members
+    while True:
+        if text[pos:pos + 1] != '"':
+            raise ValueError("expected a key at {}".format(pos))
+        key, pos = _scan_string(text, pos + 1, True)
+        pos = _skip_ws(text, pos).end()
+        if text[pos:pos + 1] != ":":
+            raise ValueError("expected ':' at {}".format(pos))
+        pos = _skip_ws(text, pos + 1).end()
+        try:
+            _value, end = _scan_value(text, pos)
+        except StopIteration:
+            raise ValueError("expected a value at {}".format(pos)) from None
+        members[key] = text[pos:end]
+        pos = _skip_ws(text, end).end()
+        char = text[pos:pos + 1]
+        if char == "}":
+            return members
+        if char != ",":
+            raise ValueError("expected ',' or '}}' at {}".format(pos))
+        pos = _skip_ws(text, pos + 1).end()
+
+
+def ndjson_payloads(lines):
+    """Turn NDJSON export lines into payload bodies of IMPORT_CHUNK_LINES each."""
+    data, routes, characteristics, count = {}, {}, [], 0
+
+    def payload():
+        parts = ['"data":{' + ",".join('{}:[{}]'.format(json.dumps(k), ",".join(v)) for k, v in data.items()) + "}"]
+        if routes:
+            parts.append('"workoutRoutes":{' + ",".join('{}:[{}]'.format(json.dumps(k), ",".join(v))
+                                                        for k, v in routes.items()) + "}")
+        if characteristics:
+            parts.append('"characteristics":{' + ",".join(characteristics) + "}")
+        return bytearray(('{"syncSource":"import",' + ",".join(parts) + "}").encode("utf-8", "surrogatepass"))
+
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            members = json_members(line)
+            section = json.loads(members["section"])
+            if section == "samples":
+                data.setdefault(json.loads(members["type"]), []).append(members["record"])
+            elif section in ("workouts", "medications"):
+                data.setdefault(section, []).append(members["record"])
+            elif section == "doses":
+                data.setdefault("medicationDoseEvents", []).append(members["record"])
+            elif section == "routes":
+                routes.setdefault(json.loads(members["workout"]), []).append(members["record"])
+            elif section == "characteristics":
+                characteristics.append("{}:{}".format(members["name"], members["value"]))
+            elif section != "syncs":
+                raise ValueError("unknown section {!r}".format(section))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError("line {}: not an export line ({})".format(number, exc)) from None
+        count += 1
+        if count >= IMPORT_CHUNK_LINES:
+            yield payload()
+            data, routes, characteristics, count = {}, {}, [], 0
+    if count:
+        yield payload()
+
+
+def import_files(paths):
+    """The files named, folders expanded to their payload files, sorted."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                if name.endswith(IMPORT_SUFFIXES) and not name.startswith(".") and os.path.isfile(full):
+                    found.append(full)
+        else:
+            found.append(path)
+    return found
+
+
+def _read_file(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        return bytearray(handle.read())
+
+
+def _is_ndjson(path, body):
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith((".ndjson", ".jsonl")):
+        return True
+    first = bytes(body[:body.find(b"\n")] if b"\n" in body[:65536] else b"")
+    return first.lstrip().startswith(b'{"section":')
+
+
+class ImportProgress:
+    """Files done/total, MB, records, rate, ETA: in place on a terminal."""
+
+    def __init__(self, files, total_bytes, stream):
+        self.files, self.total_bytes, self.stream = files, total_bytes, stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.done = self.bytes = self.records = self.failed = 0
+        self.started = time.monotonic()
+
+    def file_done(self, path, size, message, failed=False):
+        self.done += 1
+        self.bytes += size
+        self.failed += failed
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.bytes / 1e6 / elapsed
+        left = (self.total_bytes - self.bytes) / 1e6 / rate if rate else 0
+        status = "files {}/{}, {:.1f} MB, {:,} records, {:.1f} MB/s, ETA {:.0f} s".format(
+            self.done, self.files, self.bytes / 1e6, self.records, rate, left)
+        if self.tty:
+            if failed:
+                self.stream.write("\r\x1b[K{}: {}\n".format(path, message))
+            self.stream.write("\r\x1b[K" + status)
+            if self.done == self.files:
+                self.stream.write("\n")
+        else:
+            self.stream.write("{}: {} ({})\n".format(path, message, status))
+        self.stream.flush()
+
+
+def run_import(args, out):
+    store = Store(args.db)
+    store.open()
+    paths = import_files(args.paths)
+    sizes = {path: os.path.getsize(path) if os.path.isfile(path) else 0 for path in paths}
+    progress = ImportProgress(len(paths), sum(sizes.values()), sys.stderr)
+    for path in paths:
+        try:
+            body = _read_file(path)
+            bodies = ndjson_payloads(body.decode("utf-8").splitlines()) if _is_ndjson(path, body) else [body]
+            records = new = dup = rejected = 0
+            for payload_body in bodies:
+                result, _text = ingest_body(store, payload_body, "import " + os.path.basename(path))
+                records += result.records + result.received["route_point"]
+                new += result.new_records + result.inserted["route_point"]
+                dup += result.duplicates + result.received["route_point"] - result.inserted["route_point"]
+                rejected += result.rejected
+            progress.records += records
+            progress.file_done(path, sizes[path], "{:,} records ({:,} new, {:,} dup, {:,} rejected)".format(
+                records, new, dup, rejected))
+        except (OSError, EOFError, ValueError, zlib.error, ClientError) as exc:
+            reason = exc.message if isinstance(exc, ClientError) else str(exc)
+            progress.file_done(path, sizes[path], "skipped: " + reason, failed=True)
+        except StorageUnavailable as exc:
+            progress.file_done(path, sizes[path], "not imported: {}".format(exc), failed=True)
+    store.close()
+    print("{} of {} files imported{}.".format(progress.done - progress.failed, progress.done,
+                                              ", {} failed".format(progress.failed) if progress.failed else ""),
+          file=out)
+    return 1 if progress.failed else 0
+
+
+def command_parser(name):
+    """Parsers of the stats, export and import commands."""
+    parser = argparse.ArgumentParser(prog="health_receiver.py " + name)
+    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite database file (default %(default)s)")
+    if name == "stats":
+        parser.description = "Totals per table and per type, the last 10 syncs, the database size."
+        parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    elif name == "export":
+        parser.description = "Stream stored rows as CSV or NDJSON (NDJSON can be imported again)."
+        parser.add_argument("--section", choices=sorted(EXPORT_SECTIONS), default="samples",
+                            help="what to export (default samples)")
+        parser.add_argument("--type", help="samples of this type only: HKQuantityTypeIdentifierHeartRate, "
+                                           "HeartRate or heartrate")
+        parser.add_argument("--since", metavar="DATE", help="rows from this UTC date or time on (2026-01-31)")
+        parser.add_argument("--until", metavar="DATE", help="rows up to this UTC date (included) or time")
+        parser.add_argument("--format", choices=("csv", "ndjson"), default="csv", help="default csv")
+        parser.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    else:
+        parser.description = ("Ingest saved payloads (export-*.json, archive .json.gz, NDJSON exports) "
+                              "through the same path as a sync; folders are searched for such files.")
+        parser.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+    return parser
+
+
+#: The commands main() knows besides serving.
+COMMANDS = {"stats": run_stats, "export": run_export, "import": run_import}
 
 
 # ---------------------------------------------------------------------------
@@ -2033,6 +2899,14 @@ def main(argv=None, environ=None, out=None):
         if argv[:1] == ["bench"]:
             args = bench_parser().parse_args(argv[1:])
             return run_bench(args.mb, max(1, args.runs), out, args.concurrent)
+        if argv[:1] and argv[0] in COMMANDS:
+            command = argv[0]
+            args = command_parser(command).parse_args(argv[1:])
+            try:
+                return COMMANDS[command](args, out)
+            except (ValueError, StorageUnavailable) as exc:
+                print("error: {}".format(exc), file=sys.stderr)
+                return 1
         if argv[:1] == ["serve"]:
             argv = argv[1:]
         args = serve_parser().parse_args(argv)
