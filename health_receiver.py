@@ -1281,7 +1281,8 @@ def svg_chart(chart):
         values += [p[2] for p in points if p[1] is not None] + [p[3] for p in points if p[1] is not None]
         low, high = min(values), max(values)
         pad = (high - low) * 0.1 or abs(high) * 0.1 or 1
-        low, high = low - pad, high + pad
+        # Never below zero for values that are never negative.
+        low, high = (max(low - pad, 0) if low >= 0 else low - pad), high + pad
     else:
         low, high = 0, max(values) or 1
     span_x = (width - left - right) / max(len(points) - 1, 1)
@@ -1300,7 +1301,8 @@ def svg_chart(chart):
                          left, width - right, y(value), left - 3, y(value) + 3, _esc(_tick(value))))
     for i in range(0, len(points), max(1, len(points) // 4)):
         label = datetime.date.fromisoformat(points[i][0]).strftime("%b %d")
-        parts.append('<text x="{:.1f}" y="{}" text-anchor="middle">{}</text>'.format(x(i), height - 5, label))
+        anchor = "end" if x(i) > width - right - 20 else "start" if x(i) < left + 20 else "middle"
+        parts.append('<text x="{:.1f}" y="{}" text-anchor="{}">{}</text>'.format(x(i), height - 5, anchor, label))
     if chart["kind"] == "mean":
         for run in _runs(points):
             band = ["{:.1f},{:.1f}".format(x(i), y(points[i][3])) for i in run]
@@ -1349,9 +1351,10 @@ def render_status_page(facts, utc, now=None):
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            "<title>Health receiver</title><style>{}</style></head><body>".format(PAGE_CSS),
            "<h1>Health receiver</h1>",
-           '<p class="muted">{} &middot; {} &middot; days are {} days &middot; version {}</p>'.format(
+           '<p class="muted">{} &middot; {} &middot; days in {} &middot; version {}</p>'.format(
                _esc(facts["database"]["path"]), _esc(_size(facts["database"]["size_bytes"])),
-               "UTC" if utc else "local ({})".format(_esc(facts["days"]["timezone"])), _esc(facts["version"]))]
+               "UTC" if utc else "local time ({})".format(_esc(facts["days"]["timezone"])),
+               _esc(facts["version"]))]
     out.append("<h2>Last syncs</h2>")
     if not facts["syncs"]:
         out.append('<p class="muted">No sync has arrived yet.</p>')

@@ -4,7 +4,10 @@ Every test talks to a real server on 127.0.0.1 (ephemeral port, in a
 thread) with http.client or a raw socket, and checks real SQLite files.
 """
 
+import base64
 import contextlib
+import csv
+import datetime
 import gzip
 import http.client
 import io
@@ -88,7 +91,7 @@ class ServerTestCase(unittest.TestCase):
         self.config = hr.ReceiverConfig(
             host="127.0.0.1", port=0, db=self.db, token=self.token, auth_header=self.auth_header,
             max_body=self.max_body, timeout=self.timeout, max_ingests=self.max_ingests,
-            log_stream=self.log, slot_wait=self.slot_wait, **self.tls_options())
+            log_stream=self.log, slot_wait=self.slot_wait, **self.server_options())
         self.store = hr.Store(self.db, busy_timeout=0.5)
         self.store.open()
         self.server = hr.HealthReceiverServer(self.config, self.store)
@@ -96,7 +99,7 @@ class ServerTestCase(unittest.TestCase):
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
         self.thread.start()
 
-    def tls_options(self):
+    def server_options(self):
         return {}
 
     def tearDown(self):
@@ -434,16 +437,14 @@ class HttpTests(ServerTestCase):
         self.assertLess(abs(int(response.getheader("Content-Length")) - length), 5)
 
     def test_query_string_and_trailing_slash_are_ignored(self):
-        status, _, answer = self.post(make_payload(), ) if False else self.request(
-            "POST", hr.DEFAULT_PATH + "/?source=app", body=make_payload())
+        status, _, answer = self.request("POST", hr.DEFAULT_PATH + "/?source=app", body=make_payload())
         self.assertEqual(status, 200, answer)
         self.assertEqual(self.request("GET", hr.DEFAULT_PATH + "?x=1")[0], 200)
 
     def test_unknown_path_404(self):
         status, _, answer = self.request("GET", "/nope")
         self.assert_error(status, 404, answer, hr.DEFAULT_PATH)
-        status, _, answer = self.post(make_payload(), path="/api/other") if False else self.request(
-            "POST", "/api/other", body=make_payload())
+        status, _, answer = self.request("POST", "/api/other", body=make_payload())
         self.assert_error(status, 404, answer)
         self.assertEqual(self.count("samples"), 0)
 
@@ -813,7 +814,7 @@ MENFQiZHilCJ+B0ublyi
 
 class TlsTests(ServerTestCase):
 
-    def tls_options(self):
+    def server_options(self):
         self.cert_file = os.path.join(self.tmp.name, "cert.pem")
         self.key_file = os.path.join(self.tmp.name, "key.pem")
         with open(self.cert_file, "w") as handle:
@@ -1424,6 +1425,279 @@ class BadInputTests(ServerTestCase):
         self.assertEqual(self.request("GET")[0], 200)
         self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
         self.assertEqual(self.query("SELECT count(*) FROM syncs WHERE status NOT IN ('ok', 'rejected')"), [(0,)])
+
+
+# ---------------------------------------------------------------------------
+# Living with the data: status page, summary, stats, export, import, archive
+# ---------------------------------------------------------------------------
+
+def recent_payload(tag="R", days=5):
+    """Samples of three kinds of chart in the last few days, two workouts."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+
+    def stamp(back_days, hour):
+        moment = now - datetime.timedelta(days=back_days)
+        return moment.replace(hour=hour, minute=0, second=0).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+    data = {
+        "HKQuantityTypeIdentifierStepCount": [sample("{}-S{}-{}".format(tag, d, h), stamp(d, h), 100 * h, "count")
+                                              for d in range(days) for h in (9, 12)],
+        "HKQuantityTypeIdentifierHeartRate": [sample("{}-H{}-{}".format(tag, d, h), stamp(d, h), 60 + h)
+                                              for d in range(days) for h in (9, 12)],
+        "HKCategoryTypeIdentifierSleepAnalysis": [sample("{}-C{}".format(tag, d), stamp(d, 10), "asleepCore", None)
+                                                  for d in range(days)],
+        "workouts": [{"uuid": "{}-W{}".format(tag, d), "workoutActivityType": "running", "startDate": stamp(d, 8),
+                      "durationSeconds": 1800.0} for d in range(2)],
+    }
+    return {"syncSource": "background-delivery", "data": data,
+            "workoutRoutes": {tag + "-W0": [{"timestamp": stamp(0, 8).replace("00:00.000", "00:0{}.000".format(i)),
+                                             "latitude": 1.0, "longitude": 2.0} for i in range(3)]}}
+
+
+class StatusPageTests(ServerTestCase):
+
+    def test_page_shows_syncs_totals_and_a_chart_per_type(self):
+        self.post(recent_payload())
+        self.post(b"{broken")
+        status, response, page = self.request("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertTrue(response.getheader("Content-Type").startswith("text/html"))
+        page = page.decode("utf-8")
+        self.assertIn("background-delivery", page)
+        self.assertIn('class="fail"', page)
+        self.assertIn("Invalid JSON", page)
+        self.assertRegex(page, "just now|1 min ago")
+        self.assertIn("<td>samples</td><td>25</td>", page)
+        self.assertEqual(page.count("<svg"), 3)
+        for name in ("StepCount", "HeartRate", "SleepAnalysis"):
+            self.assertIn(">{}".format(name), page)
+        self.assertIn("daily total", page)
+        self.assertIn("daily mean, band from min to max", page)
+        self.assertIn("samples per day", page)
+        self.assertIn("<td>running</td>", page)
+        self.assertNotRegex(page, r"<(script|link)\b|https?://(?!www\.w3)")
+
+    def test_summary_json_holds_the_same_facts(self):
+        self.post(recent_payload())
+        status, _, facts = self.request("GET", hr.SUMMARY_PATH)
+        self.assertEqual(status, 200)
+        self.assertEqual(facts["totals"]["samples"], 25)
+        types = {t["name"]: t for t in facts["types"]}
+        self.assertEqual(types["StepCount"]["rows"], 10)
+        self.assertEqual(types["StepCount"]["chart"], "sum")
+        self.assertEqual(types["HeartRate"]["chart"], "mean")
+        self.assertEqual(types["SleepAnalysis"]["chart"], "count")
+        charts = {c["name"]: c for c in facts["charts"]}
+        self.assertEqual(len(charts["StepCount"]["points"]), 90)
+        self.assertEqual(sum(p[1] or 0 for p in charts["StepCount"]["points"]), 5 * (900 + 1200))
+        self.assertEqual(sum(p[1] or 0 for p in charts["SleepAnalysis"]["points"]), 5)
+        heart_days = [p for p in charts["HeartRate"]["points"] if p[1] is not None]
+        self.assertTrue(all(p[2] <= p[1] <= p[3] for p in heart_days))
+        self.assertEqual(len(facts["workouts"]), 2)
+        self.assertEqual(sorted(w["route_points"] for w in facts["workouts"]), [0, 3])
+        self.assertEqual(facts["syncs"][0]["inserted"], 27)
+
+    def test_repeated_sync_keeps_type_totals_exact(self):
+        self.post(recent_payload())
+        self.post(recent_payload())
+        self.post(recent_payload(tag="Q", days=2))
+        facts = self.request("GET", hr.SUMMARY_PATH)[2]
+        rows = {t["name"]: t["rows"] for t in facts["types"]}
+        self.assertEqual(rows, {"StepCount": 14, "HeartRate": 14, "SleepAnalysis": 7})
+        self.assertEqual(rows, dict((hr.short_type_name(t), n) for t, n in self.query(
+            "SELECT type, count(*) FROM samples GROUP BY type")))
+
+
+class StatusPageAuthTests(ServerTestCase):
+    token = TOKEN
+
+    def test_page_requires_the_key_basic_or_header(self):
+        for path in ("/", hr.SUMMARY_PATH):
+            with self.subTest(path=path):
+                status, response, _ = self.request("GET", path)
+                self.assertEqual(status, 401)
+                self.assertTrue(response.getheader("WWW-Authenticate").startswith("Basic"))
+                wrong = base64.b64encode(b"me:wrong").decode()
+                self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic " + wrong})[0], 401)
+                good = base64.b64encode("anyone:{}".format(TOKEN).encode()).decode()
+                self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic " + good})[0], 200)
+                self.assertEqual(self.request("GET", path, headers={"Authorization": "Bearer " + TOKEN})[0], 200)
+                self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic !!"})[0], 401)
+
+    def test_basic_is_not_accepted_for_posting(self):
+        good = base64.b64encode("anyone:{}".format(TOKEN).encode()).decode()
+        self.assertEqual(self.post(make_payload(), headers={"Authorization": "Basic " + good})[0], 401)
+
+
+class DayBoundsTests(unittest.TestCase):
+
+    def test_utc_days(self):
+        now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
+        bounds = hr.day_bounds(90, True, now)
+        self.assertEqual(len(bounds), 90)
+        self.assertEqual(bounds[-1], ("2026-03-10", "2026-03-10T00:00:00.000Z", "2026-03-11T00:00:00.000Z"))
+        self.assertEqual(bounds[0][0], "2025-12-11")
+        self.assertTrue(all(a[2] == b[1] for a, b in zip(bounds, bounds[1:])))
+
+    def test_local_days_are_contiguous(self):
+        bounds = hr.day_bounds(90, False, datetime.datetime.now(datetime.timezone.utc))
+        self.assertEqual(len(bounds), 90)
+        self.assertTrue(all(a[2] == b[1] for a, b in zip(bounds, bounds[1:])))
+
+    def test_chart_kinds_and_short_names(self):
+        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierStepCount"), "sum")
+        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierDietaryWater"), "sum")
+        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierRestingHeartRate"), "mean")
+        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierMindfulSession"), "count")
+        self.assertEqual(hr.chart_kind("moodEntries"), "count")
+        self.assertEqual(hr.short_type_name("HKQuantityTypeIdentifierHeartRate"), "HeartRate")
+
+
+class CommandTests(ServerTestCase):
+    """stats, export and import against a database filled by real posts."""
+
+    def run_main(self, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = hr.main(list(argv), out=out)
+        return code, out.getvalue(), err.getvalue()
+
+    def fill(self):
+        for body in (make_payload(n=3), recent_payload(), {"data": {"X": [42]}}):
+            self.assertEqual(self.post(body)[0], 200)
+        self.post(b"[]")
+
+    def table_rows(self, db, sql):
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return sorted(conn.execute(sql).fetchall(), key=repr)
+
+    def test_stats(self):
+        self.fill()
+        code, out, _ = self.run_main("stats", "--db", self.db)
+        self.assertEqual(code, 0)
+        self.assertIn("Database: " + os.path.abspath(self.db), out)
+        self.assertRegex(out, r"samples\s+32\n")
+        self.assertRegex(out, r"HeartRate\s+13\s+2026-02-24")
+        self.assertIn("rejected: The body must be a JSON object", out)
+        code, out, _ = self.run_main("stats", "--db", self.db, "--json")
+        facts = json.loads(out)
+        self.assertEqual(facts["totals"]["samples"], 32)
+        self.assertEqual(len(facts["syncs"]), 4)
+        self.assertGreater(facts["database"]["size_bytes"], 0)
+        self.assertEqual(self.run_main("stats", "--db", os.path.join(self.tmp.name, "none.db"))[0], 1)
+
+    def test_export_csv_with_type_and_dates(self):
+        self.fill()
+        out_file = os.path.join(self.tmp.name, "hr.csv")
+        code, _, err = self.run_main("export", "--db", self.db, "--type", "heartrate", "--since", "2026-02-24",
+                                     "--until", "2026-02-24", "--output", out_file)
+        self.assertEqual(code, 0, err)
+        with open(out_file, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        self.assertEqual(rows[0], list(hr.EXPORT_COLUMNS["samples"]))
+        self.assertEqual(len(rows) - 1, 3)
+        self.assertTrue(all(row[1] == "HKQuantityTypeIdentifierHeartRate" for row in rows[1:]))
+        code, out, _ = self.run_main("export", "--db", self.db, "--type", "HKQuantityTypeIdentifierHeartRate")
+        self.assertEqual(len(out.strip().splitlines()), 14)
+        code, _, err = self.run_main("export", "--db", self.db, "--type", "NoSuchType")
+        self.assertEqual(code, 1)
+        self.assertIn("HeartRate", err)
+
+    def test_export_then_import_reproduces_the_rows(self):
+        self.fill()
+        self.post({"characteristics": {"bloodType": "A+", "odd": {"x": [1]}, "n": 5}, "data": {}})
+        folder = os.path.join(self.tmp.name, "export")
+        os.mkdir(folder)
+        for section in ("samples", "workouts", "routes", "medications", "doses", "characteristics"):
+            code, _, err = self.run_main("export", "--db", self.db, "--section", section, "--format", "ndjson",
+                                         "--output", os.path.join(folder, section + ".ndjson"))
+            self.assertEqual(code, 0, err)
+        fresh = os.path.join(self.tmp.name, "fresh.db")
+        code, out, err = self.run_main("import", "--db", fresh, folder)
+        self.assertEqual(code, 0, err)
+        self.assertIn("6 of 6 files imported", out)
+        for sql in ("SELECT uuid, type, start_date, end_date, value, unit, source_name, record FROM samples",
+                    "SELECT uuid, activity_type, start_date, end_date, duration_seconds, record FROM workouts",
+                    "SELECT workout_uuid, timestamp, latitude, longitude, altitude, record FROM workout_route_points",
+                    "SELECT key, display_text, record FROM medications",
+                    "SELECT uuid, medication, start_date, log_status, record FROM medication_dose_events",
+                    "SELECT name, value FROM characteristics",
+                    "SELECT type, rows, first_date, last_date FROM sample_types"):
+            with self.subTest(sql=sql):
+                self.assertEqual(self.table_rows(fresh, sql), self.table_rows(self.db, sql))
+        # Importing again changes nothing.
+        code, out, _ = self.run_main("import", "--db", fresh, folder)
+        self.assertEqual(self.table_rows(fresh, "SELECT count(*) FROM samples"), [(32,)])
+
+    def test_import_guide_style_files_and_a_bad_one(self):
+        folder = os.path.join(self.tmp.name, "exports")
+        os.mkdir(folder)
+        with open(os.path.join(folder, "export-1771000000000.json"), "w", encoding="utf-8") as handle:
+            json.dump(make_payload(n=2, tag="P"), handle, indent=2)
+        with open(os.path.join(folder, "export-1771000000001.json"), "w", encoding="utf-8") as handle:
+            handle.write('{"data": {"X": [')
+        with gzip.open(os.path.join(folder, "export-1771000000002.json.gz"), "wt", encoding="utf-8") as handle:
+            json.dump(make_payload(n=2, tag="G"), handle)
+        with open(os.path.join(folder, "notes.txt"), "w") as handle:
+            handle.write("ignored")
+        fresh = os.path.join(self.tmp.name, "fresh.db")
+        code, out, err = self.run_main("import", "--db", fresh, folder)
+        self.assertEqual(code, 1)
+        self.assertIn("2 of 3 files imported, 1 failed", out)
+        self.assertRegex(err, r"export-1771000000001\.json: skipped: Invalid JSON at byte \d+")
+        self.assertIn("files 3/3", err)
+        self.assertEqual(self.table_rows(fresh, "SELECT count(*) FROM workouts"), [(2,)])
+        self.assertEqual(self.table_rows(fresh, "SELECT DISTINCT remote_addr FROM syncs WHERE status = 'ok'"),
+                         [("import export-1771000000000.json",), ("import export-1771000000002.json.gz",)])
+        code, _, err = self.run_main("import", "--db", fresh, os.path.join(folder, "missing.json"))
+        self.assertEqual(code, 1)
+        self.assertIn("missing.json: skipped", err)
+
+
+class ArchiveTests(ServerTestCase):
+
+    def server_options(self):
+        self.archive = os.path.join(self.tmp.name, "archive")
+        os.mkdir(self.archive)
+        return {"archive": self.archive}
+
+    def archived(self):
+        return sorted(name for name in os.listdir(self.archive))
+
+    def test_archive_only_for_committed_syncs_and_reimport(self):
+        body = b"\xef\xbb\xbf" + json.dumps(make_payload(n=4), indent=1).encode()
+        _, _, answer = self.post(body)
+        self.post(b'{"data": []}')
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            conn.execute("BEGIN EXCLUSIVE")
+            self.assertEqual(self.post(make_payload(tag="L"))[0], 503)
+            conn.execute("ROLLBACK")
+        deadline = time.monotonic() + 5
+        while not self.archived() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        names = self.archived()
+        self.assertEqual(len(names), 1, names)
+        self.assertRegex(names[0], r"^\d{8}T\d{6}Z-%d\.json\.gz$" % answer["sync_id"])
+        with gzip.open(os.path.join(self.archive, names[0])) as handle:
+            self.assertEqual(handle.read(), body)
+        fresh = os.path.join(self.tmp.name, "fresh.db")
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(hr.main(["import", "--db", fresh, self.archive], out=io.StringIO()), 0)
+        sql = "SELECT uuid, type, record FROM samples ORDER BY uuid"
+        with contextlib.closing(sqlite3.connect(fresh)) as conn:
+            self.assertEqual(conn.execute(sql).fetchall(), self.query(sql))
+
+    def test_archive_failure_never_fails_a_stored_sync(self):
+        os.rmdir(self.archive)
+        with open(self.archive, "w"):
+            pass  # a file where the folder should be
+        status, _, answer = self.post(make_payload())
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.count("workouts"), 1)
+        deadline = time.monotonic() + 5
+        while "could not be archived" not in self.log.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertIn("could not be archived", self.log.getvalue())
 
 
 if __name__ == "__main__":
