@@ -2327,6 +2327,8 @@ def _open_existing_store(path):
 
 def run_stats(args, out):
     store = _open_existing_store(args.db)
+    if args.recount:
+        store.recount_types()
     facts = store.summary(sync_count=10, charts=False)
     if args.json:
         json.dump(facts, out, indent=2, ensure_ascii=False)
@@ -2337,11 +2339,11 @@ def run_stats(args, out):
     for table, rows in facts["totals"].items():
         print("{:<26}{:>12,}".format(table, rows), file=out)
     if facts["types"]:
-        print("\n{:<36}{:>12}  {:<17} {:<17}".format("Type", "Rows", "First", "Last"), file=out)
+        print("\n{:<36}{:>12}  {:<17} {}".format("Type", "Rows", "First", "Last"), file=out)
         for info in facts["types"]:
-            print("{:<36}{:>12,}  {:<17} {:<17}".format(info["name"][:36], info["rows"],
-                                                        format_local(info["first"], False),
-                                                        format_local(info["last"], False)), file=out)
+            print("{:<36}{:>12,}  {:<17} {}".format(info["name"][:36], info["rows"],
+                                                    format_local(info["first"], False),
+                                                    format_local(info["last"], False)), file=out)
     print("\nLast {} syncs".format(len(facts["syncs"])), file=out)
     print("{:<17} {:<20}{:>10}{:>10}{:>10}{:>9}  {}".format("When", "Source", "Records", "New", "Dup",
                                                             "Rejected", "Status"), file=out)
@@ -2593,6 +2595,8 @@ def command_parser(name):
     if name == "stats":
         parser.description = "Totals per table and per type, the last 10 syncs, the database size."
         parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        parser.add_argument("--recount", action="store_true",
+                            help="first rebuild the per-type totals (after deleting samples by hand)")
     elif name == "export":
         parser.description = "Stream stored rows as CSV or NDJSON (NDJSON can be imported again)."
         parser.add_argument("--section", choices=sorted(EXPORT_SECTIONS), default="samples",
@@ -2910,6 +2914,10 @@ def main(argv=None, environ=None, out=None):
             except (ValueError, StorageUnavailable) as exc:
                 print("error: {}".format(exc), file=sys.stderr)
                 return 1
+            except BrokenPipeError:  # export | head: the reader has all it wants
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
         if argv[:1] == ["serve"]:
             argv = argv[1:]
         args = serve_parser().parse_args(argv)

@@ -1585,6 +1585,13 @@ class CommandTests(ServerTestCase):
         self.assertEqual(len(facts["syncs"]), 4)
         self.assertGreater(facts["database"]["size_bytes"], 0)
         self.assertEqual(self.run_main("stats", "--db", os.path.join(self.tmp.name, "none.db"))[0], 1)
+        # Rows deleted by hand: --recount brings the per-type totals back in line.
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            conn.execute("DELETE FROM samples WHERE type = 'HKQuantityTypeIdentifierHeartRate'")
+            conn.commit()
+        code, out, _ = self.run_main("stats", "--db", self.db, "--recount")
+        self.assertEqual(code, 0)
+        self.assertNotIn("HeartRate", out)
 
     def test_export_csv_with_type_and_dates(self):
         self.fill()
