@@ -9,7 +9,12 @@ Usage::
 
     python3 health_receiver.py                 # serve on port 3000 into ./health.db
     python3 health_receiver.py --help          # every flag
+    python3 health_receiver.py stats           # what is stored
+    python3 health_receiver.py export --type HeartRate --format csv
+    python3 health_receiver.py import export-*.json
     python3 health_receiver.py bench --mb 50   # can this machine keep up?
+
+Open http://<this machine>:3000/ in a browser for the status page.
 
 Set the key the app sends in the environment variable HEALTH_RECEIVER_TOKEN
 (or put it in a file named by --token-file); without one, anyone who can
@@ -21,17 +26,15 @@ Licensed under the MIT licence; see the LICENSE file.
 __version__ = "1.0.0"
 
 import argparse
-import contextlib
-import datetime
 import base64
+import contextlib
 import csv
-import errno
+import datetime
 import gzip
 import hashlib
 import hmac
 import html
 import http.client
-import io
 import ipaddress
 import itertools
 import json
@@ -86,8 +89,8 @@ BATCH_ROWS = 5000
 READ_CHUNK = 256 * 1024
 #: Slowest body upload accepted, in bytes per second, for the body deadline.
 MIN_UPLOAD_RATE = 64 * 1024
-#: SQLite busy timeout in milliseconds: other programs may hold short locks.
-BUSY_TIMEOUT_MS = 10000
+#: Seconds SQLite waits for another program's lock before giving up (503).
+BUSY_TIMEOUT = 10.0
 #: Seconds a POST waits for a free ingest slot before it gets 503.
 INGEST_SLOT_WAIT = 20.0
 #: Seconds a stop waits for the syncs in flight to be stored and answered.
@@ -101,8 +104,6 @@ PAGE_SIZE = 16384
 CACHE_KIB = 2000
 #: Schema version stored in PRAGMA user_version.
 SCHEMA_VERSION = 1
-#: Sections of ``data`` that are not HealthKit sample types.
-SPECIAL_SECTIONS = ("workouts", "medicationDoseEvents", "medications", "workoutRoutes", "characteristics")
 #: Largest integer SQLite stores as INTEGER.
 SQLITE_INT_MAX = 2 ** 63 - 1
 
@@ -276,13 +277,15 @@ class Payload:
             else:
                 self._fail("expected ',' or '}' after an object member", pos)
 
-    def _array(self, pos, section, kind, make_row):
+    def _array(self, pos, section, kind, make_row, where=None):
         """Yield batches of rows from the array at ``pos``; return its end.
 
         ``make_row(obj, raw, section)`` returns a row tuple, or a string
-        saying why the element cannot be one (it then goes to ``rejected``).
-        This is the hot loop: most of a large sync's elements pass here.
+        saying why the element cannot be one (it then goes to ``rejected``
+        under ``where``, by default the section's name).  This is the hot
+        loop: most of a large sync's elements pass here.
         """
+        where = where or section
         text = self.text
         tag = self._tag
         scan = _scan_value
@@ -304,7 +307,7 @@ class Payload:
             else:
                 row = "element is {}, not an object".format(_json_kind(obj))
             if row.__class__ is str:
-                yield "rejected", [(section, row, raw, tag)]
+                yield "rejected", [(where, row, raw, tag)]
             else:
                 batch.append(row + (tag,))
                 if len(batch) >= BATCH_ROWS:
@@ -387,12 +390,12 @@ class Payload:
         return (yield from self._walk_object(pos, self._route))
 
     def _route(self, workout, pos):
-        where = "workoutRoutes/" + workout
+        where = "workoutRoutes/" + workout  # rejected rows name the route they came from
         if self.text[pos:pos + 1] != "[":
             value, raw, end = self._element(pos)
             yield "rejected", [(where, "route is {}, not an array".format(_json_kind(value)), raw, self._tag)]
             return end
-        return (yield from self._array(pos, workout, "route_point", _route_point_row))
+        return (yield from self._array(pos, workout, "route_point", _route_point_row, where))
 
     def _characteristics(self, value, raw, section):
         if value.__class__ is not dict:
@@ -402,6 +405,10 @@ class Payload:
         rows = [(name, _to_sql(item), self._tag) for name, item in value.items()]
         if rows:
             yield "characteristic", rows
+
+
+#: Why an element without a usable start date is kept aside.
+NO_START = "startDate missing or not a string"
 
 
 def _identity(section, obj):
@@ -419,16 +426,14 @@ def _bad_uuid(obj):
 
 
 def _sample_row(obj, raw, section):
-    uuid = obj.get("uuid")
+    uuid = _identity(section, obj)
     if uuid is None:
-        uuid = content_key(section, obj)
-    elif uuid.__class__ is not str or not uuid:
         return _bad_uuid(obj)
     start = obj.get("startDate")
     if start is None:
         start = obj.get("date")
     if start.__class__ is not str or not start:
-        return "no startDate"
+        return NO_START
     value = obj.get("value")
     if value.__class__ is not float and value.__class__ is not str:
         value = _to_sql(value)
@@ -450,7 +455,7 @@ def _workout_row(obj, raw, section):
         return _bad_uuid(obj)
     start = _first(obj, ("startDate", "date"))
     if start.__class__ is not str or not start:
-        return "no startDate"
+        return NO_START
     return (uuid, _to_sql(_first(obj, ("workoutActivityType", "activityType", "type"))), start,
             _to_sql(obj.get("endDate")), _to_sql(_first(obj, ("durationSeconds", "duration"))), raw)
 
@@ -461,7 +466,7 @@ def _dose_row(obj, raw, section):
         return _bad_uuid(obj)
     start = _first(obj, ("startDate", "date", "scheduledDate"))
     if start.__class__ is not str or not start:
-        return "no startDate"
+        return NO_START
     medication = _first(obj, ("medicationConceptIdentifier", "conceptIdentifier", "medication"))
     return (uuid, _to_sql(medication), start, _to_sql(obj.get("logStatus")), raw)
 
@@ -480,7 +485,7 @@ def _medication_row(obj, raw, section):
 def _route_point_row(obj, raw, workout):
     stamp = _first(obj, ("timestamp", "date", "startDate"))
     if stamp.__class__ is not str or not stamp:
-        return "no timestamp"
+        return "timestamp missing or not a string"
     return (workout, stamp, _to_sql(obj.get("latitude")), _to_sql(obj.get("longitude")),
             _to_sql(obj.get("altitude")), raw)
 
@@ -657,6 +662,10 @@ TABLES = ("samples", "workouts", "workout_route_points", "medication_dose_events
 _UNBINDABLE = (ValueError, OverflowError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
 
 
+#: Row kinds from the ``data`` sections: the elements the app counts.
+RECORD_KINDS = ("sample", "workout", "dose", "medication")
+
+
 class SyncResult:
     """What one stored sync held; the HTTP layer turns it into the answer."""
 
@@ -673,11 +682,11 @@ class SyncResult:
     @property
     def records(self):
         """Elements of the ``data`` sections (what the app counts)."""
-        return sum(self.received[k] for k in ("sample", "workout", "dose", "medication"))
+        return sum(self.received[k] for k in RECORD_KINDS)
 
     @property
     def new_records(self):
-        return sum(self.inserted[k] for k in ("sample", "workout", "dose", "medication"))
+        return sum(self.inserted[k] for k in RECORD_KINDS)
 
     @property
     def rejected(self):
@@ -725,7 +734,7 @@ class Store:
     and are never blocked by a running ingest (WAL).
     """
 
-    def __init__(self, path, busy_timeout=BUSY_TIMEOUT_MS / 1000):
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
         self.path = path
         self.busy_timeout = busy_timeout
         self._write_lock = threading.Lock()
@@ -1612,6 +1621,9 @@ def check_content_type(value):
                           "Content-Type must be application/json, not {}.".format(media[:60]))
 
 
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+
+
 class BodyReader:
     """Reads a request body from a socket file within a size limit and deadline."""
 
@@ -1644,14 +1656,14 @@ class BodyReader:
             view.release()
         return body
 
-    def chunks_fixed(self, length):
-        """Yield a body of known length in pieces (for compressed bodies)."""
+    def pieces(self, length, short_message):
+        """Yield the next ``length`` bytes in pieces, as they arrive."""
         left = length
         while left:
             self._check_deadline()
             piece = self.rfile.read1(min(READ_CHUNK, left))
             if not piece:
-                raise ClientError(HTTPStatus.BAD_REQUEST, "The body ended before Content-Length bytes arrived.")
+                raise ClientError(HTTPStatus.BAD_REQUEST, short_message)
             left -= len(piece)
             yield piece
 
@@ -1664,25 +1676,15 @@ class BodyReader:
             if not line.endswith(b"\n"):
                 raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: bad chunk size line.")
             size_text = line.split(b";", 1)[0].strip()
-            try:
-                if not size_text or size_text.startswith((b"-", b"+", b"0x")):
-                    raise ValueError
-                size = int(size_text, 16)
-            except ValueError:
-                raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: bad chunk size.") from None
+            if not _CHUNK_SIZE.match(size_text):
+                raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: bad chunk size.")
+            size = int(size_text, 16)
             if size == 0:
                 break
             total += size
             if total > self.limit:
                 raise ClientError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large_message(self.limit))
-            left = size
-            while left:
-                self._check_deadline()
-                piece = self.rfile.read1(min(READ_CHUNK, left))
-                if not piece:
-                    raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: a chunk ended early.")
-                left -= len(piece)
-                yield piece
+            yield from self.pieces(size, "Malformed chunked body: a chunk ended early.")
             if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: missing CRLF after a chunk.")
         for _ in range(100):  # trailer fields, ignored
@@ -1965,7 +1967,8 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 if length is not None:
                     return reader.read_exact(length)
                 return collect(reader.chunks_chunked(), config.max_body)
-            chunks = reader.chunks_fixed(length) if length is not None else reader.chunks_chunked()
+            chunks = (reader.pieces(length, "The body ended before Content-Length bytes arrived.")
+                      if length is not None else reader.chunks_chunked())
             return decompress(chunks, encoding, config.max_body)
         except ClientError:
             self.close_connection = True

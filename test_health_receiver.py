@@ -306,11 +306,11 @@ class IngestTests(ServerTestCase):
         self.assertEqual(by_record["[1, 2]"][1], "element is an array, not an object")
         self.assertEqual(by_record['{"not": "an array"}'],
                          ("HKQuantityTypeIdentifierStepCount", "section is an object, not an array"))
-        self.assertEqual(by_record['{"uuid": "no-date", "value": 3}'][1], "no startDate")
+        self.assertEqual(by_record['{"uuid": "no-date", "value": 3}'][1], "startDate missing or not a string")
         self.assertEqual(by_record['{"uuid": 12, "startDate": "2026-02-24"}'][1],
                          "uuid is a number, not a non-empty string")
-        self.assertEqual(by_record['{"uuid": "W-no-date"}'], ("workouts", "no startDate"))
-        self.assertEqual(by_record['{"latitude": 1}'], ("W-x", "no timestamp"))
+        self.assertEqual(by_record['{"uuid": "W-no-date"}'], ("workouts", "startDate missing or not a string"))
+        self.assertEqual(by_record['{"latitude": 1}'], ("workoutRoutes/W-x", "timestamp missing or not a string"))
         self.assertEqual(by_record['"nope"'], ("workoutRoutes/W-y", "route is a string, not an array"))
         self.assertEqual(self.query("SELECT rejected FROM syncs"), [(10,)])
 
@@ -905,7 +905,7 @@ class BodyEncodingTests(ServerTestCase):
 
     def test_malformed_chunk_framing_400(self):
         for framing in (b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n", b"-2\r\n{}\r\n0\r\n\r\n",
-                        b"0x2\r\n{}\r\n0\r\n\r\n"):
+                        b"0x2\r\n{}\r\n0\r\n\r\n", b"0_2\r\n{}\r\n0\r\n\r\n"):
             with self.subTest(framing=framing):
                 answer = self.raw_exchange(post_head(extra="Transfer-Encoding: chunked\r\n") + framing)
                 self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
