@@ -101,7 +101,7 @@ RETRY_AFTER = 30
 PAGE_SIZE = 16384
 #: SQLite page cache of the writer in KiB: big enough to spare most index
 #: page rewrites, small enough that a sync's peak memory is the body's.
-CACHE_KIB = 2000
+CACHE_KIB = 8000
 #: Schema version stored in PRAGMA user_version.
 SCHEMA_VERSION = 1
 #: Largest integer SQLite stores as INTEGER.
@@ -289,6 +289,7 @@ class Payload:
         text = self.text
         tag = self._tag
         scan = _scan_value
+        latin_row = _sample_row_latin if make_row is _sample_row else None
         batch = []
         pos = _skip_ws(text, pos + 1).end()
         if text[pos:pos + 1] == "]":
@@ -299,12 +300,21 @@ class Payload:
             except (StopIteration, ValueError, RecursionError) as exc:
                 self._scan_error(exc, pos)
             raw = text[pos:end]
-            if not raw.isascii():
-                raw = self._utf8(raw, pos)
-                obj = scan(raw, 0)[0]
-            if obj.__class__ is dict:
-                row = make_row(obj, raw, section)
+            if raw.isascii():
+                row = make_row(obj, raw, section) if obj.__class__ is dict else None
             else:
+                raw = self._utf8(raw, pos)
+                # Scanning the real text again costs as much as the first
+                # scan; a sample's own strings can instead be re-decoded one
+                # by one, unless \u escapes (or a content key) need the real
+                # value.
+                if (latin_row is not None and obj.__class__ is dict and "\\u" not in raw
+                        and obj.get("uuid").__class__ is str):
+                    row = latin_row(obj, raw, section)
+                else:
+                    obj = scan(raw, 0)[0]
+                    row = make_row(obj, raw, section) if obj.__class__ is dict else None
+            if row is None:
                 row = "element is {}, not an object".format(_json_kind(obj))
             if row.__class__ is str:
                 yield "rejected", [(where, row, raw, tag)]
@@ -446,6 +456,29 @@ def _sample_row(obj, raw, section):
     source = obj.get("sourceName")
     if source.__class__ is not str:
         source = _to_sql(source)
+    return (uuid, section, start, end, value, unit, source, raw)
+
+
+def _sample_row_latin(obj, raw, section):
+    """_sample_row for an element read from the latin-1 view (see Payload)."""
+    row = _sample_row(obj, raw, section)
+    if row.__class__ is str:
+        return row
+    uuid, section, start, end, value, unit, source, raw = row
+    # Checked inline (no call per field): this runs for most samples of a
+    # sync whose device name has a curly apostrophe.
+    if not uuid.isascii():
+        uuid = uuid.encode("latin-1").decode("utf-8")
+    if not start.isascii():
+        start = start.encode("latin-1").decode("utf-8")
+    if end.__class__ is str and not end.isascii():
+        end = end.encode("latin-1").decode("utf-8")
+    if value.__class__ is str and not value.isascii():
+        value = value.encode("latin-1").decode("utf-8")
+    if unit.__class__ is str and not unit.isascii():
+        unit = unit.encode("latin-1").decode("utf-8")
+    if source.__class__ is str and not source.isascii():
+        source = source.encode("latin-1").decode("utf-8")
     return (uuid, section, start, end, value, unit, source, raw)
 
 
@@ -739,6 +772,7 @@ class Store:
         self.busy_timeout = busy_timeout
         self._write_lock = threading.Lock()
         self._closed = False
+        self._kept = None
 
     # -- connections -------------------------------------------------------
 
@@ -774,9 +808,15 @@ class Store:
         return conn
 
     @contextlib.contextmanager
-    def _writing(self):
-        """Hold the write lock and yield a fresh writer connection."""
+    def _writing(self, keep=False):
+        """Hold the write lock and yield a fresh writer connection.
+
+        With ``keep``, the connection stays open until checkpoint() (or the
+        next write): closing the last connection makes SQLite fold the
+        write-ahead log into the database, which belongs after the answer.
+        """
         with self._write_lock:
+            self._close_kept()
             if self._closed:
                 raise StorageUnavailable("The receiver is shutting down.")
             try:
@@ -785,10 +825,22 @@ class Store:
                 raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
             try:
                 yield conn
+            except BaseException:
+                keep = False
+                raise
             finally:
                 _rollback(conn)
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
+                if keep:
+                    self._kept = conn
+                else:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+
+    def _close_kept(self):
+        if self._kept is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._kept.close()
+            self._kept = None
 
     @contextlib.contextmanager
     def reader(self):
@@ -812,6 +864,7 @@ class Store:
         self.checkpoint("TRUNCATE")
         with self._write_lock:
             self._closed = True
+            self._close_kept()
 
     # -- writing a sync ----------------------------------------------------
 
@@ -827,7 +880,7 @@ class Store:
         result = SyncResult()
         result.remote_addr = meta.get("remote_addr")
         result.body_bytes = meta.get("body_bytes") or 0
-        with self._writing() as conn:
+        with self._writing(keep=True) as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 cur = conn.execute(
@@ -1935,7 +1988,11 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         server.log_request_line(None, describe_sync(result))
         self._send_json(HTTPStatus.OK, result.response())
         self.wfile.flush()
-        server.after_sync(text, result)
+        # What the app need not wait for.  The body's memory goes back before
+        # the checkpoint, which a next sync may be waiting on.
+        server.archive(text, result)
+        del text
+        server.store.checkpoint()
 
     def _check_post_headers(self):
         """Decide auth, type, encodings and size from the headers alone."""
@@ -2064,15 +2121,14 @@ class HealthReceiverServer(ThreadingHTTPServer):
             if got:
                 self._slots.release()
 
-    def after_sync(self, text, result):
-        """Work that the app need not wait for: archive, checkpoint."""
+    def archive(self, text, result):
+        """Save an answered sync's body with --archive; failures only logged."""
         if self.config.archive:
             try:
                 write_archive(self.config.archive, text, result.sync_id)
             except OSError as exc:
                 self.log_error_line(result.remote_addr, "sync {} is stored but could not be archived in {}: "
                                     "{}".format(result.sync_id, self.config.archive, exc))
-        self.store.checkpoint()
 
     def _write_log(self, line):
         stream = self.config.log_stream or sys.stderr
