@@ -831,6 +831,8 @@ class Store:
             finally:
                 _rollback(conn)
                 if keep:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("PRAGMA shrink_memory")  # its page cache is not needed any more
                     self._kept = conn
                 else:
                     with contextlib.suppress(sqlite3.Error):
@@ -1985,13 +1987,15 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 server.store.record_failed_request({"remote_addr": remote, "body_bytes": None}, status,
                                                    exc.message)
             raise
+        if not server.config.archive:
+            text = None  # its memory goes back before the app can send the next sync
         server.log_request_line(None, describe_sync(result))
         self._send_json(HTTPStatus.OK, result.response())
         self.wfile.flush()
-        # What the app need not wait for.  The body's memory goes back before
-        # the checkpoint, which a next sync may be waiting on.
-        server.archive(text, result)
-        del text
+        # What the app need not wait for.
+        if text is not None:
+            server.archive(text, result)
+            text = None
         server.store.checkpoint()
 
     def _check_post_headers(self):
