@@ -85,8 +85,8 @@ TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
 MIB = 1024 * 1024
 #: Rows collected before one executemany; bounds memory, keeps SQLite busy.
 BATCH_ROWS = 5000
-#: Bytes read from the socket at a time for chunked and compressed bodies.
-READ_CHUNK = 256 * 1024
+#: Bytes read from the socket at a time.
+READ_CHUNK = 1024 * 1024
 #: Slowest body upload accepted, in bytes per second, for the body deadline.
 MIN_UPLOAD_RATE = 64 * 1024
 #: Seconds SQLite waits for another program's lock before giving up (503).
@@ -303,7 +303,10 @@ class Payload:
             if raw.isascii():
                 row = make_row(obj, raw, section) if obj.__class__ is dict else None
             else:
-                raw = self._utf8(raw, pos)
+                try:
+                    raw = raw.encode("latin-1").decode("utf-8")
+                except UnicodeDecodeError:
+                    raw = self._utf8(raw, pos)  # raises with the offset
                 # Scanning the real text again costs as much as the first
                 # scan; a sample's own strings can instead be re-decoded one
                 # by one, unless \u escapes (or a content key) need the real
