@@ -1281,7 +1281,7 @@ th,td{padding:3px 6px;text-align:right;white-space:nowrap;border-bottom:1px soli
 th:first-child,td:first-child{text-align:left}tr.fail td{background:#fdecea;color:#8a1c12}
 td.err{white-space:normal;text-align:left}.muted{color:#777}.chart{margin:10px 0 18px}
 .chart h3{font-size:14px;margin:0}.chart p{margin:0;color:#777;font-size:12px}
-svg{width:100%;height:auto;display:block}svg text{font:10px sans-serif;fill:#555}
+svg{width:100%;max-width:560px;height:auto;display:block}svg text{font:10px sans-serif;fill:#555}
 """
 
 
@@ -1308,12 +1308,12 @@ def _parse_stamp(text):
     return stamp.replace(tzinfo=datetime.timezone.utc)
 
 
-def format_local(text, utc, with_time=True):
+def format_local(text, utc):
     stamp = _parse_stamp(text)
     if stamp is None:
         return _esc(text)
     stamp = stamp if utc else stamp.astimezone()
-    return stamp.strftime("%Y-%m-%d %H:%M" if with_time else "%Y-%m-%d")
+    return stamp.strftime("%Y-%m-%d %H:%M")
 
 
 def format_ago(text, now):
@@ -1426,32 +1426,26 @@ def render_status_page(facts, utc, now=None):
     if not facts["syncs"]:
         out.append('<p class="muted">No sync has arrived yet.</p>')
     else:
-        out.append('<div class="scroll"><table><tr><th>When</th><th>Source</th><th>Records</th><th>New</th>'
-                   "<th>Dup</th><th>Rejected</th><th>Size</th><th>Time</th><th>Status</th></tr>")
+        rows = []
         for sync in facts["syncs"]:
             failed = sync["status"] != "ok"
-            out.append('<tr{}><td>{}<br><span class="muted">{}</span></td><td>{}</td><td>{}</td><td>{}</td>'
-                       "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
-                           ' class="fail"' if failed else "", format_local(sync["received_at"], utc),
-                           format_ago(sync["received_at"], now), _esc(sync["sync_source"] or "-"),
-                           _number(sync["received"]), _number(sync["inserted"]), _number(sync["duplicates"]),
-                           _number(sync["rejected"]), _esc(_size(sync["body_bytes"])),
-                           "{:.2f} s".format(sync["duration_ms"] / 1000) if sync["duration_ms"] is not None else "",
-                           _esc(sync["status"])))
+            duration = sync["duration_ms"]
+            rows.append((' class="fail"' if failed else "", _cells(
+                '{}<br><span class="muted">{}</span>'.format(format_local(sync["received_at"], utc),
+                                                             format_ago(sync["received_at"], now)),
+                _esc(sync["sync_source"] or "-"), _number(sync["received"]), _number(sync["inserted"]),
+                _number(sync["duplicates"]), _number(sync["rejected"]), _esc(_size(sync["body_bytes"])),
+                "{:.2f} s".format(duration / 1000) if duration is not None else "", _esc(sync["status"]))))
             if failed and sync["error"]:
-                out.append('<tr class="fail"><td class="err" colspan="9">{}</td></tr>'.format(_esc(sync["error"])))
-        out.append("</table></div>")
-    out.append('<h2>Totals</h2><div class="scroll"><table><tr><th>Table</th><th>Rows</th></tr>')
-    for table, rows in facts["totals"].items():
-        out.append("<tr><td>{}</td><td>{}</td></tr>".format(_esc(table), _number(rows)))
-    out.append("</table></div>")
-    out.append('<h2>Types</h2><div class="scroll"><table><tr><th>Type</th><th>Rows</th><th>First</th>'
-               "<th>Last</th></tr>")
-    for info in facts["types"]:
-        out.append('<tr><td title="{}">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>'.format(
-            _esc(info["type"]), _esc(info["name"]), _number(info["rows"]), format_local(info["first"], utc),
-            format_local(info["last"], utc)))
-    out.append("</table></div>")
+                rows.append((' class="fail"', '<td class="err" colspan="9">{}</td>'.format(_esc(sync["error"]))))
+        out.append(_table(("When", "Source", "Records", "New", "Dup", "Rejected", "Size", "Time", "Status"), rows))
+    out.append("<h2>Totals</h2>")
+    out.append(_table(("Table", "Rows"), [("", _cells(_esc(table), _number(rows)))
+                                           for table, rows in facts["totals"].items()]))
+    out.append("<h2>Types</h2>")
+    out.append(_table(("Type", "Rows", "First", "Last"), [("", _cells(
+        '<span title="{}">{}</span>'.format(_esc(info["type"]), _esc(info["name"])), _number(info["rows"]),
+        format_local(info["first"], utc), format_local(info["last"], utc))) for info in facts["types"]]))
     out.append("<h2>Last {} days</h2>".format(facts["days"]["count"]))
     if not facts["charts"]:
         out.append('<p class="muted">No samples in these days.</p>')
@@ -1463,16 +1457,26 @@ def render_status_page(facts, utc, now=None):
     if not facts["workouts"]:
         out.append('<p class="muted">No workouts in these days.</p>')
     else:
-        out.append('<div class="scroll"><table><tr><th>Type</th><th>Date</th><th>Duration</th>'
-                   "<th>Route points</th></tr>")
-        for workout in facts["workouts"]:
-            out.append("<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
-                _esc(workout["activity_type"] or "-"), format_local(workout["start_date"], utc),
-                _duration(workout["duration_seconds"]), _number(workout["route_points"])))
-        out.append("</table></div>")
+        out.append(_table(("Type", "Date", "Duration", "Route points"), [("", _cells(
+            _esc(workout["activity_type"] or "-"), format_local(workout["start_date"], utc),
+            _duration(workout["duration_seconds"]), _number(workout["route_points"])))
+            for workout in facts["workouts"]]))
     out.append('<p class="muted">Generated {}. The same facts as JSON: <a href="/api/summary">/api/summary</a>.'
                "</p></body></html>".format(format_local(facts["generated_at"], utc)))
     return "".join(out)
+
+
+def _cells(*cells):
+    """Table cells from HTML that is already escaped."""
+    return "".join("<td>{}</td>".format(cell) for cell in cells)
+
+
+def _table(headers, rows):
+    """A table in a box that scrolls sideways on a phone; rows are
+    (attributes of the tr, cells HTML)."""
+    return '<div class="scroll"><table><tr>{}</tr>{}</table></div>'.format(
+        "".join("<th>{}</th>".format(header) for header in headers),
+        "".join("<tr{}>{}</tr>".format(attributes, cells) for attributes, cells in rows))
 
 
 def _size(size):
