@@ -1824,7 +1824,6 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self._expects_continue = False
         self._body_read = False
-        self._logged = False
         try:
             super().handle_one_request()
         except (ConnectionError, ssl.SSLError) as exc:
@@ -1834,7 +1833,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def log_request(self, code="-", size="-"):
-        pass  # every request gets one line from _log_result instead
+        pass  # each request logs its own line, with what it did
 
     def log_message(self, format, *args):
         message = (format % args) if args else format
@@ -1875,13 +1874,12 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         self._send_json(exc.status, {"ok": False, "error": exc.message}, exc.headers, log_error=exc.message)
 
-    def _route(self):
-        """Return 'endpoint' or raise 404."""
+    def _require_endpoint(self):
+        """Raise 404 unless the path (query ignored) is the endpoint."""
         path = urlsplit(self.path).path
         config = self.server.config
-        if path == config.path or path.rstrip("/") == config.path.rstrip("/"):
-            return "endpoint"
-        raise ClientError(HTTPStatus.NOT_FOUND, "Nothing here; the endpoint is {}.".format(config.path))
+        if path.rstrip("/") != config.path.rstrip("/"):
+            raise ClientError(HTTPStatus.NOT_FOUND, "Nothing here; the endpoint is {}.".format(config.path))
 
     def _guarded(self, action):
         try:
@@ -1949,7 +1947,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             self._guarded(self._receive)
 
     def _not_allowed(self):
-        self._route()
+        self._require_endpoint()
         raise ClientError(HTTPStatus.METHOD_NOT_ALLOWED, "{} is not supported here; use POST to send data or "
                           "GET to check the connection.".format(self.command),
                           (("Allow", "GET, HEAD, POST"),))
@@ -1960,7 +1958,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_PUT
 
     def _status(self):
-        self._route()
+        self._require_endpoint()
         check_auth(self.server.config, self.headers)
         store = self.server.store
         answer = {"ok": True, "service": "health_receiver", "version": __version__,
@@ -1973,7 +1971,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
 
     def _receive(self):
         server = self.server
-        self._route()
+        self._require_endpoint()
         remote = self.address_string()
         try:
             length, transfer, encoding = self._check_post_headers()
