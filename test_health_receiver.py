@@ -1037,7 +1037,11 @@ class SlowClientTests(ServerTestCase):
         body = encode(make_payload())
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as holder:
             holder.sendall(post_head(len(body)) + body[:10])  # holds the only slot while its body trickles
-            time.sleep(0.05)
+            deadline = time.monotonic() + 5
+            while self.server._slots.acquire(blocking=False):  # wait until that request has the slot
+                self.server._slots.release()
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.01)
             status, response, answer = self.post(make_payload(tag="B"))
             self.assert_error(status, 503, answer, "busy")
             self.assertEqual(response.getheader("Retry-After"), str(hr.RETRY_AFTER))
