@@ -1837,7 +1837,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         message = (format % args) if args else format
-        self.server.log("{} {}".format(self.address_string(), message.translate(_CONTROL_CHARS)))
+        self.server.log_request_line(self.address_string(), message.translate(_CONTROL_CHARS))
 
     def log_error(self, format, *args):
         self.server.log_error_line(self.address_string(), ((format % args) if args else format).translate(
@@ -2147,11 +2147,8 @@ class HealthReceiverServer(ThreadingHTTPServer):
                 stream.write(line)
                 stream.flush()
 
-    def log(self, line):
-        if not self.config.quiet:
-            self._write_log(line)
-
     def log_request_line(self, remote, line):
+        """A line about a request that went well; --quiet drops it."""
         if not self.config.quiet:
             self._write_log(line if remote is None else "{} {}".format(remote, line))
 
