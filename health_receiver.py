@@ -2815,7 +2815,7 @@ def make_bench_payload(target_mb, seed=7):
     return body, elements
 
 
-def _start_child_server(db, out_dir):
+def _start_child_server(db):
     """Start a receiver in a child process; return (process, port)."""
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--host", "127.0.0.1", "--port", "0",
@@ -2849,7 +2849,7 @@ def _get_status(port):
 def bench_once(body, work_dir):
     """One round: the receiver (two posts) and the baseline, each fresh."""
     db = os.path.join(work_dir, "bench.db")
-    proc, port = _start_child_server(db, work_dir)
+    proc, port = _start_child_server(db)
     try:
         first = _post(port, body)
         second = _post(port, body)
@@ -2878,7 +2878,7 @@ def bench_once(body, work_dir):
 def bench_concurrent(body, posts, work_dir):
     """Post ``posts`` copies of ``body`` at once to a fresh receiver (default
     --max-ingests); return (seconds until all answered, statuses, peak MB)."""
-    proc, port = _start_child_server(os.path.join(work_dir, "concurrent.db"), work_dir)
+    proc, port = _start_child_server(os.path.join(work_dir, "concurrent.db"))
     statuses = []
     try:
         started = time.perf_counter()
