@@ -1,7 +1,9 @@
 """Tests for health_receiver.py: run with ``python3 -m unittest -v``.
 
-Every test talks to a real server on 127.0.0.1 (ephemeral port, in a
-thread) with http.client or a raw socket, and checks real SQLite files.
+Grouped in the module's layer order: ingest (fed text, no socket), storage,
+reporting, presentation, the sync workflow, HTTP, the command line.  Tests
+above HTTP talk to a real server on 127.0.0.1 (ephemeral port, in a thread)
+with http.client or a raw socket, and check real SQLite files.
 """
 
 import base64
@@ -40,9 +42,9 @@ def sample(uuid, start, value, unit="count/min", **extra):
 
 def make_payload(n=3, source="manual-upload", tag="A"):
     """A payload touching every section, ``n`` samples per sample type."""
-    heart = [sample("{}-HR-{}".format(tag, i), "2026-02-24T0{}:00:00.000Z".format(i % 10), 60 + i)
+    heart = [sample(f"{tag}-HR-{i}", f"2026-02-24T0{i % 10}:00:00.000Z", 60 + i)
              for i in range(n)]
-    steps = [sample("{}-ST-{}".format(tag, i), "2026-02-24T1{}:00:00.000Z".format(i % 10), 100 * i, "count")
+    steps = [sample(f"{tag}-ST-{i}", f"2026-02-24T1{i % 10}:00:00.000Z", 100 * i, "count")
              for i in range(n)]
     steps.append(sample(None, "2026-02-25T00:00:00.000Z", 42, "count"))  # no uuid
     return {
@@ -64,13 +66,30 @@ def make_payload(n=3, source="manual-upload", tag="A"):
         },
         "workoutRoutes": {
             tag + "-W1": [{"latitude": 47.69, "longitude": -122.27, "altitude": 29.2,
-                           "timestamp": "2026-02-24T23:34:5{}.000Z".format(i)} for i in range(4)],
+                           "timestamp": f"2026-02-24T23:34:5{i}.000Z"} for i in range(4)],
         },
     }
 
 
 def encode(payload):
     return json.dumps(payload).encode("utf-8")
+
+
+def run_main(*argv):
+    """main() in-process: (exit status, standard output, standard error)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = hr.main(list(argv), out=out)
+    return code, out.getvalue(), err.getvalue()
+
+
+def wait_until(predicate, timeout=10, interval=0.01):
+    """Poll ``predicate`` until it is true; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout} s: {predicate}")
+        time.sleep(interval)
 
 
 class ServerTestCase(unittest.TestCase):
@@ -145,10 +164,7 @@ class ServerTestCase(unittest.TestCase):
             sock.sendall(data)
             chunks = []
             with contextlib.suppress(socket.timeout, ConnectionError):
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
+                for chunk in iter(lambda: sock.recv(65536), b""):
                     chunks.append(chunk)
             return b"".join(chunks)
 
@@ -163,9 +179,21 @@ class ServerTestCase(unittest.TestCase):
         return {table: self.count(table) for table in hr.TABLES}
 
     def assert_nothing_stored(self):
-        for table in ("samples", "workouts", "workout_route_points", "medication_dose_events", "medications",
-                      "characteristics", "rejected"):
-            self.assertEqual(self.count(table), 0, table)
+        for section in hr.SECTIONS:
+            self.assertEqual(self.count(section.table), 0, section.table)
+        self.assertEqual(self.count("rejected"), 0)
+
+    def assert_rejected_whole(self, body, fragment=None):
+        """A body broken as a whole: 400 with a clear message, nothing
+        stored, a syncs row kept with the error, the server unharmed."""
+        status, _, answer = self.post(body)
+        self.assert_error(status, 400, answer, fragment)
+        self.assert_nothing_stored()
+        self.assertEqual(self.query("SELECT status, error FROM syncs ORDER BY id DESC LIMIT 1"),
+                         [("rejected", answer["error"])])
+        self.assertEqual(self.request("GET")[0], 200)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        return answer
 
     def assert_error(self, status, expected_status, data, fragment=None):
         self.assertEqual(status, expected_status, data)
@@ -182,7 +210,783 @@ class ServerTestCase(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# Storing syncs
+# Ingest, without a socket: dates, the sections registry, the JSON walker
+# ---------------------------------------------------------------------------
+
+def walk(body, tag=9):
+    """Feed ``body`` (bytes or a payload) straight to the walker: return
+    ({section name or "rejected": rows}, the payload)."""
+    payload = hr.Payload.from_bytes(body if isinstance(body, bytes) else encode(body))
+    rows = {}
+    for section, batch in payload.batches(tag=tag):
+        rows.setdefault(section.name if section else "rejected", []).extend(batch)
+    return rows, payload
+
+
+class DateTests(unittest.TestCase):
+
+    def test_every_accepted_form_becomes_canonical_utc(self):
+        cases = {
+            "2026-02-24T08:00:00.000Z": "2026-02-24T08:00:00.000Z",
+            "2026-02-24T08:00:00Z": "2026-02-24T08:00:00.000Z",
+            "2026-02-24T08:00:00.123456Z": "2026-02-24T08:00:00.123Z",
+            "2026-02-24T08:00:00.5Z": "2026-02-24T08:00:00.500Z",
+            "2026-02-24T09:00:00+01:00": "2026-02-24T08:00:00.000Z",
+            "2026-02-24T09:00:00+0100": "2026-02-24T08:00:00.000Z",
+            "2026-02-24T09:00:00.250+01:00": "2026-02-24T08:00:00.250Z",
+            "2026-02-24 09:00:00 +0100": "2026-02-24T08:00:00.000Z",
+            "2026-02-24T00:30:00-05:00": "2026-02-24T05:30:00.000Z",
+            "2026-02-24T00:30:00+05:30": "2026-02-23T19:00:00.000Z",
+            "2026-02-24T08:00:00": "2026-02-24T08:00:00.000Z",  # no offset: taken as UTC
+            "2026-02-24T08:00": "2026-02-24T08:00:00.000Z",
+            "2026-02-24": "2026-02-24T00:00:00.000Z",
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(hr.utc_date(text), expected)
+
+    def test_what_is_not_a_date(self):
+        for value in ("yesterday", "", " ", "0000-01-01", "1899-12-31T23:59:59Z", "2026-13-01", "2026-02-30",
+                      "2026-02-24T25:00:00Z", "2026", "24/02/2026", "2026-02-24T08:00:00+25:00", None, 12, 1.5,
+                      ["2026-02-24"], "2026-02-24T08:00:00.000Zjunk"):
+            with self.subTest(value=value):
+                self.assertIsNone(hr.utc_date(value))
+
+    def test_years_at_the_limits(self):
+        first, last = hr.DATE_YEARS
+        self.assertEqual(hr.utc_date(f"{first}-01-01"), f"{first}-01-01T00:00:00.000Z")
+        self.assertEqual(hr.utc_date(f"{last}-12-31"), f"{last}-12-31T00:00:00.000Z")
+        self.assertIsNone(hr.utc_date(f"{first - 1}-12-31"))
+        self.assertIsNone(hr.utc_date(f"{last + 1}-01-01"))
+
+
+class SectionRegistryTests(unittest.TestCase):
+
+    def test_every_section_has_one_name_and_its_sql_runs(self):
+        self.assertEqual(len(hr.SECTIONS_BY_NAME), len(hr.SECTIONS))
+        self.assertEqual(len({section.table for section in hr.SECTIONS}), len(hr.SECTIONS))
+        with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+            for section in hr.SECTIONS:
+                with self.subTest(section=section.name):
+                    for statement in section.create_sql:
+                        conn.execute(statement)
+                    row = tuple(f"v{i}" for i in range(len(section.columns))) + (7,)
+                    self.assertEqual(conn.execute(section.insert_sql, row).rowcount, 1)
+                    stored = conn.execute(f"SELECT {', '.join(section.column_names)} FROM {section.table}").fetchall()
+                    self.assertEqual(stored, [row[:-1] + (7,) * len(section.sync_columns)])
+                    self.assertEqual(conn.execute(section.exists_sql, (lambda k: k if isinstance(k, tuple) else (k,))(
+                        section.row_key(row))).fetchall(), [(1,)])
+
+    def test_derived_lists_follow_the_registry(self):
+        self.assertEqual(hr.TABLES[:len(hr.SECTIONS)], tuple(section.table for section in hr.SECTIONS))
+        self.assertTrue(set(hr.EXPORTS) >= set(hr.SECTIONS_BY_NAME))
+        for section in hr.SECTIONS:
+            self.assertEqual(hr.EXPORTS[section.name].columns, section.column_names)
+        answer = hr.SyncResult().response()
+        self.assertEqual(set(answer["inserted"]), {s.bucket for s in hr.SECTIONS if s.bucket})
+        self.assertIs(hr.DEFAULT_SECTION, hr.SECTIONS_BY_NAME["samples"])
+
+
+class WalkerTests(unittest.TestCase):
+    """The JSON walker fed text directly, the way the handler feeds it."""
+
+    def test_every_section_yields_its_rows(self):
+        rows, payload = walk(make_payload(n=2))
+        self.assertEqual({name: len(batch) for name, batch in rows.items()},
+                         {"characteristics": 2, "samples": 5, "workouts": 1, "medications": 2, "doses": 1,
+                          "routes": 4})
+        self.assertTrue(all(row[-1] == 9 for batch in rows.values() for row in batch))
+        self.assertEqual(payload.envelope["syncSource"], "manual-upload")
+        self.assertNotIn("data", payload.envelope)
+        self.assertEqual(payload.sections, list(make_payload()["data"]))
+
+    def test_sample_row_columns(self):
+        rows, _ = walk({"data": {"HKQuantityTypeIdentifierHeartRate": [
+            sample("U-1", "2026-02-24T09:00:00+01:00", 61.5, endDate="2026-02-24T09:01:00+01:00")]}})
+        (uuid, type_name, start, end, value, unit, source, record, tag), = rows["samples"]
+        self.assertEqual((uuid, type_name, start, end, value, unit, source, tag),
+                         ("U-1", "HKQuantityTypeIdentifierHeartRate", "2026-02-24T08:00:00.000Z",
+                          "2026-02-24T08:01:00.000Z", 61.5, "count/min", "Watch", 9))
+        self.assertIn('"2026-02-24T09:00:00+01:00"', record)
+
+    def test_elements_that_cannot_be_rows_are_set_aside(self):
+        rows, _ = walk({"data": {"X": [1, {"uuid": "a"}, {"uuid": "b", "startDate": "yesterday"},
+                                       {"uuid": "c", "startDate": "2026-02-24T00:00:00Z"}]}})
+        self.assertEqual([row[0] for row in rows["samples"]], ["c"])
+        self.assertEqual([(where, reason) for where, reason, _record, _tag in rows["rejected"]],
+                         [("X", "element is a number, not an object"), ("X", "startDate missing or not a string"),
+                          ("X", "startDate is not a date")])
+
+    def test_whole_body_errors_name_the_byte(self):
+        body = b'{"data": {"X": [{"uuid": "a"}, {"uuid": }]}}'
+        with self.assertRaises(hr.PayloadError) as caught:
+            walk(body)
+        self.assertIn(f"byte {body.index(b': }') + 2}:", str(caught.exception))
+        for body, fragment in ((b"", "empty"), (b"[]", "not an array"), (b'{"data": 5}', "'data' must be"),
+                               (b'{"a": 1} x', "unexpected data"), (b'{"a": "\xff"}', "not valid UTF-8")):
+            with self.subTest(body=body):
+                with self.assertRaisesRegex(hr.PayloadError, fragment):
+                    walk(body)
+
+    def test_non_ascii_is_read_from_the_real_text(self):
+        payload = {"data": {"HKQuantityTypeIdentifierHeartRate": [
+            sample("\u00fc-1", "2026-02-24T00:00:00Z", 1, sourceName="Jane\u2019s Watch"),
+            sample("e-2", "2026-02-24T00:00:01Z", 2, sourceName="\\u00e9", note="\u6f22")]}}
+        for ensure_ascii in (True, False):
+            with self.subTest(ensure_ascii=ensure_ascii):
+                rows, _ = walk(json.dumps(payload, ensure_ascii=ensure_ascii).encode("utf-8"))
+                self.assertEqual([(row[0], row[6]) for row in rows["samples"]],
+                                 [("\u00fc-1", "Jane\u2019s Watch"), ("e-2", "\\u00e9")])
+                self.assertEqual(json.loads(rows["samples"][1][7])["note"], "\u6f22")
+
+    def test_content_key_is_order_independent(self):
+        self.assertEqual(hr.content_key("S", {"a": 1, "b": [2]}), hr.content_key("S", {"b": [2], "a": 1}))
+        self.assertNotEqual(hr.content_key("S", {"a": 1}), hr.content_key("T", {"a": 1}))
+
+
+# ---------------------------------------------------------------------------
+# Storage: layout, identity, migrations
+# ---------------------------------------------------------------------------
+
+#: Schema version 1 as receivers up to 1.0 created it (written out here, not
+#: taken from the module: the test must hold whatever the module becomes).
+SCHEMA_V1_FOR_TESTS = """
+CREATE TABLE syncs (id INTEGER PRIMARY KEY, received_at TEXT NOT NULL, remote_addr TEXT, sync_source TEXT,
+    export_date TEXT, start_date TEXT, end_date TEXT, body_bytes INTEGER, received INTEGER NOT NULL DEFAULT 0,
+    inserted INTEGER NOT NULL DEFAULT 0, duplicates INTEGER NOT NULL DEFAULT 0, rejected INTEGER NOT NULL DEFAULT 0,
+    route_points INTEGER NOT NULL DEFAULT 0, route_points_inserted INTEGER NOT NULL DEFAULT 0,
+    sections INTEGER NOT NULL DEFAULT 0, duration_ms INTEGER, status TEXT NOT NULL, error TEXT, envelope TEXT);
+CREATE TABLE samples (uuid TEXT PRIMARY KEY, type TEXT NOT NULL, start_date TEXT NOT NULL, end_date TEXT, value,
+    unit TEXT, source_name TEXT, record TEXT NOT NULL, sync_id INTEGER NOT NULL);
+CREATE INDEX samples_type_start ON samples (type, start_date);
+CREATE TABLE workouts (uuid TEXT PRIMARY KEY, activity_type TEXT, start_date TEXT NOT NULL, end_date TEXT,
+    duration_seconds REAL, record TEXT NOT NULL, sync_id INTEGER NOT NULL);
+CREATE INDEX workouts_start ON workouts (start_date);
+CREATE TABLE workout_route_points (workout_uuid TEXT NOT NULL, timestamp TEXT NOT NULL, latitude REAL,
+    longitude REAL, altitude REAL, record TEXT NOT NULL, sync_id INTEGER NOT NULL, UNIQUE (workout_uuid, timestamp));
+CREATE TABLE medication_dose_events (uuid TEXT PRIMARY KEY, medication TEXT, start_date TEXT NOT NULL,
+    log_status TEXT, record TEXT NOT NULL, sync_id INTEGER NOT NULL);
+CREATE TABLE medications (key TEXT PRIMARY KEY, display_text TEXT, record TEXT NOT NULL,
+    first_sync_id INTEGER NOT NULL, last_sync_id INTEGER NOT NULL);
+CREATE TABLE characteristics (name TEXT PRIMARY KEY, value, sync_id INTEGER NOT NULL);
+CREATE TABLE rejected (id INTEGER PRIMARY KEY, sync_id INTEGER NOT NULL, section TEXT, reason TEXT NOT NULL,
+    record TEXT NOT NULL);
+CREATE INDEX rejected_sync ON rejected (sync_id);
+CREATE TABLE sample_types (type TEXT PRIMARY KEY, rows INTEGER NOT NULL, first_date TEXT, last_date TEXT);
+PRAGMA user_version = 1;
+"""
+
+
+def make_v1_database(path, payload, extra_samples=0):
+    """A version-1 database holding ``payload`` as a 1.0 receiver stored it
+    (dates as sent), plus ``extra_samples`` heart-rate samples."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_V1_FOR_TESTS)
+        conn.execute("PRAGMA journal_mode = WAL")
+        with conn:
+            conn.execute("INSERT INTO syncs (id, received_at, status, received) VALUES (1, '2026-02-26T00:00:00Z',"
+                         " 'ok', 1)")
+            for type_name, elements in payload["data"].items():
+                for obj in elements:
+                    raw = json.dumps(obj)
+                    if type_name == "workouts":
+                        conn.execute("INSERT INTO workouts VALUES (?, ?, ?, ?, ?, ?, 1)", (
+                            obj["uuid"], obj["workoutActivityType"], obj["startDate"], obj["endDate"],
+                            obj["durationSeconds"], raw))
+                    elif type_name == "medicationDoseEvents":
+                        conn.execute("INSERT INTO medication_dose_events VALUES (?, ?, ?, ?, ?, 1)", (
+                            obj["uuid"], obj["medicationConceptIdentifier"], obj["startDate"], obj["logStatus"], raw))
+                    elif type_name == "medications":
+                        conn.execute("INSERT INTO medications VALUES (?, ?, ?, 1, 1)",
+                                     (obj["conceptIdentifier"], obj["displayText"], raw))
+                    else:
+                        uuid = obj.get("uuid") or hr.content_key(type_name, obj)
+                        conn.execute("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)", (
+                            uuid, type_name, obj["startDate"], obj.get("endDate"), obj["value"], obj["unit"],
+                            obj["sourceName"], raw))
+            for workout, points in payload.get("workoutRoutes", {}).items():
+                for point in points:
+                    conn.execute("INSERT INTO workout_route_points VALUES (?, ?, ?, ?, ?, ?, 1)", (
+                        workout, point["timestamp"], point["latitude"], point["longitude"], point["altitude"],
+                        json.dumps(point)))
+            for name, value in payload.get("characteristics", {}).items():
+                conn.execute("INSERT INTO characteristics VALUES (?, ?, 1)", (name, value))
+            conn.executemany("INSERT INTO samples VALUES (?, 'HKQuantityTypeIdentifierHeartRate', ?, NULL, 60,"
+                             " 'count/min', 'Watch', '{}', 1)",
+                             ((f"X-{i}", f"2025-01-01T00:00:{i % 60:02d}.{i % 1000:03d}Z") for i in range(extra_samples)))
+            conn.execute("INSERT INTO sample_types SELECT type, count(*), min(start_date), max(start_date)"
+                         " FROM samples GROUP BY type")
+
+
+def v1_payload():
+    """A payload with dates in other forms, as a 1.0 receiver kept them."""
+    payload = make_payload(n=3, tag="V")
+    heart = payload["data"]["HKQuantityTypeIdentifierHeartRate"]
+    heart[0]["startDate"] = "2026-02-24T01:00:00+01:00"  # 00:00 UTC
+    heart[1]["startDate"] = "2026-02-24 02:00:00 +0100"  # 01:00 UTC
+    heart.append(sample("V-HR-bad", "yesterday", 70))
+    return payload
+
+
+class StorageLayoutTests(ServerTestCase):
+
+    def test_same_uuid_in_two_types_is_two_rows(self):
+        payload = {"data": {"HKQuantityTypeIdentifierHeartRate": [sample("same", "2026-02-24T00:00:00Z", 60)],
+                            "HKQuantityTypeIdentifierStepCount": [sample("same", "2026-02-24T00:00:00Z", 9)]}}
+        _, _, answer = self.post(payload)
+        self.assertEqual((answer["inserted"]["measurements"], answer["duplicates"]), (2, 0))
+        self.assertEqual(self.query("SELECT type, value FROM samples ORDER BY type"),
+                         [("HKQuantityTypeIdentifierHeartRate", 60), ("HKQuantityTypeIdentifierStepCount", 9)])
+
+    def test_same_uuid_twice_in_one_type_is_one_row_and_a_duplicate(self):
+        twice = [sample("same", "2026-02-24T00:00:00Z", 60), sample("same", "2026-02-24T00:00:00Z", 60)]
+        _, _, answer = self.post({"data": {"HKQuantityTypeIdentifierHeartRate": twice}})
+        self.assertEqual((answer["count"], answer["inserted"]["measurements"], answer["duplicates"]), (2, 1, 1))
+        self.assertEqual(self.count("samples"), 1)
+
+    def test_samples_are_stored_in_time_order_without_a_uuid_index(self):
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            indexes = [row[1] for row in conn.execute("PRAGMA index_list(samples)")]
+            key = [row[2] for row in conn.execute("PRAGMA index_info(sqlite_autoindex_samples_1)")]
+            plain = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'samples'").fetchone()[0]
+        self.assertEqual(indexes, ["sqlite_autoindex_samples_1"])
+        self.assertEqual(key, ["type", "start_date", "uuid"])
+        self.assertIn("WITHOUT ROWID", plain)
+
+    def test_dates_are_canonical_utc_and_records_verbatim(self):
+        forms = ["2026-02-24T09:00:00+01:00", "2026-02-24T08:00:01Z", "2026-02-24 09:00:02 +0100",
+                 "2026-02-24T08:00:03.123456Z", "2026-02-24T03:00:04-0500"]
+        payload = {"data": {"HKQuantityTypeIdentifierHeartRate": [
+            sample(f"F-{i}", text, i, endDate=text) for i, text in enumerate(forms)]},
+            "workoutRoutes": {"W": [{"timestamp": "2026-02-24T09:00:00+01:00", "latitude": 1}]}}
+        self.assertEqual(self.post(payload)[0], 200)
+        rows = self.query("SELECT start_date, end_date, record FROM samples ORDER BY start_date")
+        self.assertEqual([row[0] for row in rows], ["2026-02-24T08:00:00.000Z", "2026-02-24T08:00:01.000Z",
+                                                    "2026-02-24T08:00:02.000Z", "2026-02-24T08:00:03.123Z",
+                                                    "2026-02-24T08:00:04.000Z"])
+        self.assertEqual([row[1] for row in rows], [row[0] for row in rows])
+        self.assertEqual([json.loads(row[2])["startDate"] for row in rows], forms)
+        self.assertEqual(self.query("SELECT timestamp FROM workout_route_points"), [("2026-02-24T08:00:00.000Z",)])
+
+    def test_a_start_date_that_is_not_a_date_is_rejected_with_the_reason(self):
+        bad = ["yesterday", "0000-01-01", 20260224, "", "25/02/2026"]
+        payload = {"data": {"HKQuantityTypeIdentifierHeartRate": [sample(f"B-{i}", value, 1)
+                                                                  for i, value in enumerate(bad)]}}
+        _, _, answer = self.post(payload)
+        self.assertEqual((answer["inserted"]["measurements"], answer["rejected"]), (0, 5))
+        reasons = sorted(reason for (reason,) in self.query("SELECT reason FROM rejected"))
+        self.assertEqual(reasons, ["startDate is not a date"] * 3 + ["startDate missing or not a string"] * 2)
+        self.assertEqual(self.query("SELECT count(*) FROM sample_types"), [(0,)])
+
+
+class MigrationTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.db = os.path.join(self.tmp.name, "health.db")
+
+    def query(self, sql, params=()):
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def open_store(self):
+        lines = []
+        store = hr.Store(self.db)
+        store.open(report=lines.append)
+        self.addCleanup(store.close)
+        return store, lines
+
+    def test_version_1_database_keeps_every_row_and_a_repost_inserts_nothing(self):
+        payload = v1_payload()
+        make_v1_database(self.db, payload, extra_samples=500)
+        before = {table: self.query(f"SELECT count(*) FROM {table}")[0][0] for table in hr.TABLES}
+        store, lines = self.open_store()
+        self.assertTrue(any("schema version 2" in line for line in lines), lines)
+        after = {table: self.query(f"SELECT count(*) FROM {table}")[0][0] for table in hr.TABLES}
+        self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
+        self.assertEqual(after["samples"], before["samples"] - 1)  # "yesterday" is not a date
+        self.assertEqual(after["rejected"], before["rejected"] + 1)
+        for table in hr.TABLES:
+            if table not in ("samples", "rejected"):
+                self.assertEqual(after[table], before[table], table)
+        self.assertEqual(self.query("SELECT section, reason, json_extract(record, '$.uuid') FROM rejected"),
+                         [("HKQuantityTypeIdentifierHeartRate", "startDate is not a date (migration to version 2)",
+                           "V-HR-bad")])
+        self.assertEqual(self.query("SELECT start_date FROM samples WHERE uuid IN ('V-HR-0', 'V-HR-1') ORDER BY 1"),
+                         [("2026-02-24T00:00:00.000Z",), ("2026-02-24T01:00:00.000Z",)])
+        self.assertEqual(self.query("SELECT received_at FROM syncs"), [("2026-02-26T00:00:00.000Z",)])
+        self.assertEqual(self.query("SELECT rows FROM sample_types WHERE type = 'HKQuantityTypeIdentifierHeartRate'"),
+                         [(503,)])
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        self.assertEqual(self.query("PRAGMA journal_mode"), [("wal",)])
+        # The same payload again: nothing new.
+        accepted = hr.SyncIntake(store).ingest(encode(payload), "test")
+        self.assertEqual(accepted.result.new_records, 0)
+        self.assertEqual(accepted.result.inserted["routes"], 0)
+        self.assertEqual(accepted.result.rejected, 1)
+
+    def test_migrated_schema_is_the_registry_schema(self):
+        make_v1_database(self.db, make_payload())
+        self.open_store()
+        fresh = os.path.join(self.tmp.name, "fresh.db")
+        fresh_store = hr.Store(fresh)
+        fresh_store.open()
+        fresh_store.close()
+
+        def shape(path):
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                tables = [name for (name,) in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+                return {table: (conn.execute(f"PRAGMA table_info({table})").fetchall(),
+                                sorted(row[1:4] for row in conn.execute(f"PRAGMA index_list({table})")),
+                                "WITHOUT ROWID" in conn.execute("SELECT sql FROM sqlite_master WHERE name = ?",
+                                                                (table,)).fetchone()[0])
+                        for table in tables}
+
+        self.assertEqual(shape(self.db), shape(fresh))
+        for section in hr.SECTIONS:
+            info = shape(fresh)[section.table][0]
+            self.assertEqual(tuple(row[1] for row in info), section.column_names)
+            self.assertEqual(tuple(row[1] for row in sorted(info, key=lambda r: r[5]) if row[5]), section.key)
+
+    def test_a_newer_database_is_refused_with_a_clear_message(self):
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            conn.execute(f"PRAGMA user_version = {hr.SCHEMA_VERSION + 1}")
+        with self.assertRaisesRegex(hr.StorageUnavailable, "newer version of this receiver"):
+            hr.Store(self.db).open()
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(hr.main(["--host", "127.0.0.1", "--port", "0", "--db", self.db]), 1)
+        self.assertIn("upgrade health_receiver.py", err.getvalue())
+
+    def test_each_step_is_its_own_transaction(self):
+        make_v1_database(self.db, make_payload())
+        failing = hr.Migration("a step that fails", lambda conn, report: conn.execute("SELECT * FROM nowhere"))
+        original = hr.MIGRATIONS
+        hr.MIGRATIONS = original + (failing,)
+        hr.SCHEMA_VERSION = len(hr.MIGRATIONS)
+        try:
+            with self.assertRaises(hr.StorageUnavailable):
+                hr.Store(self.db).open()
+        finally:
+            hr.MIGRATIONS = original
+            hr.SCHEMA_VERSION = len(original)
+        # Step 2 was committed; the failed step 3 left nothing behind.
+        self.assertEqual(self.query("PRAGMA user_version"), [(2,)])
+        self.open_store()
+        self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
+
+    def test_not_enough_free_disk_space_is_refused_before_starting(self):
+        make_v1_database(self.db, make_payload())
+        store = hr.Store(self.db)
+        store.free_space = lambda: 0  # a full disk, as the check sees it
+        with self.assertRaisesRegex(hr.StorageUnavailable, "free disk space"):
+            store.open()
+        self.assertEqual(self.query("PRAGMA user_version"), [(1,)])
+
+
+class LockedDatabaseTests(ServerTestCase):
+
+    def test_locked_database_503_then_recovers(self):
+        blocker = sqlite3.connect(self.db, isolation_level=None)
+        with contextlib.closing(blocker):
+            blocker.execute("BEGIN EXCLUSIVE")
+            status, response, answer = self.post(make_payload())
+            self.assert_error(status, 503, answer, "locked")
+            self.assertEqual(response.getheader("Retry-After"), str(hr.RETRY_AFTER))
+            blocker.execute("ROLLBACK")
+        self.assert_nothing_stored()
+        self.assertTrue(any("503" in line and "locked" in line for line in self.log_lines()))
+        status, _, answer = self.post(make_payload())
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.count("workouts"), 1)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+
+
+CHILD_SERVER = """
+import encodings.idna, os, sys
+sys.path.insert(0, {folder!r})
+import health_receiver
+if os.name == "posix" and os.geteuid() == 0 and {drop!r}:
+    os.setgid(65534)
+    os.setuid(65534)
+sys.exit(health_receiver.main(sys.argv[1:]))
+"""
+
+
+class ChildServer:
+    """A receiver in its own process, for kill and permission tests."""
+
+    def __init__(self, folder, db, drop_root=False, extra=(), wait=True):
+        self.stderr = open(os.path.join(folder, "stderr.log"), "ab")
+        code = CHILD_SERVER.format(folder=os.path.dirname(os.path.abspath(hr.__file__)), drop=drop_root)
+        env = {key: value for key, value in os.environ.items() if key != hr.TOKEN_ENV}
+        self.proc = subprocess.Popen([sys.executable, "-c", code, "--host", "127.0.0.1", "--port", "0", "--db", db,
+                                      "--quiet"] + list(extra), stdout=subprocess.PIPE, stderr=self.stderr,
+                                     env=env, cwd=folder)
+        self.output = []
+        while wait:
+            line = self.proc.stdout.readline().decode()
+            self.output.append(line)
+            if line.startswith("Listening on"):
+                self.port = int(line.rsplit(":", 1)[1])
+                break
+            if not line:
+                self.stop()
+                raise AssertionError("the child server did not start: " + "".join(self.output))
+
+    def post(self, body, timeout=30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        with contextlib.closing(conn):
+            conn.request("POST", hr.DEFAULT_PATH, body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.getheader("Retry-After"), json.loads(response.read())
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(60)
+        self.proc.stdout.close()
+        self.stderr.close()
+        return code
+
+
+@unittest.skipUnless(os.name == "posix", "needs POSIX permissions and signals")
+class ProcessTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        os.chmod(self.tmp.name, 0o777)
+        self.db = os.path.join(self.tmp.name, "health.db")
+        self.children = []
+
+    def tearDown(self):
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.stop(signal.SIGKILL)
+
+    def start(self, **kwargs):
+        child = ChildServer(self.tmp.name, self.db, **kwargs)
+        self.children.append(child)
+        return child
+
+    def query(self, sql):
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            return conn.execute(sql).fetchall()
+
+    def tagged(self, tag):
+        return (self.query(f"SELECT count(*) FROM samples WHERE uuid LIKE '{tag}-%'")[0][0],
+                self.query(f"SELECT count(*) FROM workouts WHERE uuid LIKE '{tag}-%'")[0][0],
+                self.query(f"SELECT count(*) FROM workout_route_points WHERE workout_uuid LIKE '{tag}-%'")[0][0])
+
+    def test_read_only_database_503_then_recovers(self):
+        child = self.start(drop_root=True)
+        self.assertEqual(child.post(encode(make_payload(tag="A")))[0], 200)
+        mode = os.stat(self.db).st_mode
+        os.chmod(self.db, 0o444)
+        try:
+            status, retry_after, answer = child.post(encode(make_payload(tag="B")))
+            self.assertEqual(status, 503, answer)
+            self.assertEqual(retry_after, str(hr.RETRY_AFTER))
+            self.assertRegex(answer["error"], "read-only|cannot be opened")
+        finally:
+            os.chmod(self.db, mode)
+        self.assertEqual(self.tagged("B"), (0, 0, 0))
+        status, _, answer = child.post(encode(make_payload(tag="B")))
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(child.stop(), 0)
+        self.assertEqual(self.tagged("B"), (6, 1, 4))
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+
+    def test_sigkill_at_any_moment_leaves_a_consistent_database(self):
+        child = self.start()
+        self.assertEqual(child.post(encode(make_payload(n=100, tag="A")))[0], 200)
+        child.stop(signal.SIGKILL)
+        n = 12000
+        # Kill points: in the middle of the body, right after it, during the
+        # ingest (twice), and after the answer.
+        points = (("half-body", None), ("body", 0.0), ("ingest", 0.05), ("ingest", 0.15), ("answered", None))
+        for number, (point, delay) in enumerate(points):
+            tag = f"K{number}"
+            body = encode(make_payload(n=n, tag=tag))
+            child = self.start()
+            acknowledged = False
+            with socket.create_connection(("127.0.0.1", child.port), timeout=30) as sock:
+                head = post_head(len(body))
+                if point == "half-body":
+                    sock.sendall(head + body[:len(body) // 2])
+                    time.sleep(0.05)
+                else:
+                    sock.sendall(head + body)
+                    if point == "answered":
+                        acknowledged = sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+                        self.assertTrue(acknowledged)
+                    else:
+                        time.sleep(delay)
+                child.stop(signal.SIGKILL)
+            with self.subTest(point=point, delay=delay):
+                self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+                self.assertEqual(self.tagged("A"), (200, 1, 4))
+                stored = self.tagged(tag)
+                self.assertIn(stored, ((0, 0, 0), (2 * n, 1, 4)))
+                if acknowledged:
+                    self.assertEqual(stored, (2 * n, 1, 4))
+                self.assertEqual(self.query("SELECT count(*) FROM syncs WHERE status = 'pending'"), [(0,)])
+        # The receiver starts again on the same file and takes the next sync.
+        child = self.start()
+        self.assertEqual(child.post(encode(make_payload(tag="Z")))[0], 200)
+        self.assertEqual(child.stop(), 0)
+
+    def test_sigterm_during_an_ingest_finishes_or_rolls_back_cleanly(self):
+        child = self.start()
+        n = 12000
+        body = encode(make_payload(n=n, tag="T"))
+        with socket.create_connection(("127.0.0.1", child.port), timeout=30) as sock:
+            sock.sendall(post_head(len(body)) + body)
+            time.sleep(0.02)
+            child.proc.send_signal(signal.SIGTERM)
+            answer = sock.recv(65536)
+        self.assertEqual(child.stop(), 0)
+        # 503 only if the signal won the race against the request's start.
+        self.assertRegex(answer[:13], rb"HTTP/1.1 (200|503) ")
+        stored = self.tagged("T")
+        if answer.startswith(b"HTTP/1.1 200 "):
+            self.assertEqual(stored, (2 * n, 1, 4))
+        else:
+            self.assertEqual(stored, (0, 0, 0))
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+
+    def test_sigkill_during_a_migration_leaves_version_1_and_the_next_start_completes_it(self):
+        make_v1_database(self.db, make_payload(tag="A"), extra_samples=200000)
+        before = self.query("SELECT count(*) FROM samples")
+        child = self.start(wait=False)
+        # The rollback journal exists only inside the migration's transaction.
+        wait_until(lambda: os.path.exists(self.db + "-journal") or child.proc.poll() is not None, timeout=60)
+        child.stop(signal.SIGKILL)
+        self.assertEqual(self.query("PRAGMA user_version"), [(1,)])
+        self.assertEqual(self.query("SELECT count(*) FROM samples"), before)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        child = self.start()
+        self.assertTrue(any("Upgrading" in line for line in child.output), child.output)
+        self.assertEqual(child.post(encode(make_payload(tag="A")))[2]["inserted"]["measurements"], 0)
+        self.assertEqual(child.stop(), 0)
+        self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
+        self.assertEqual(self.query("SELECT count(*) FROM samples"), before)
+
+
+# ---------------------------------------------------------------------------
+# Reporting: summary, chart kinds, export
+# ---------------------------------------------------------------------------
+
+class ReportingTests(unittest.TestCase):
+
+    def test_utc_days(self):
+        now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
+        bounds = hr.day_bounds(90, True, now)
+        self.assertEqual(len(bounds), 90)
+        self.assertEqual(bounds[-1], ("2026-03-10", "2026-03-10T00:00:00.000Z", "2026-03-11T00:00:00.000Z"))
+        self.assertEqual(bounds[0][0], "2025-12-11")
+        self.assertTrue(all(a[2] == b[1] for a, b in zip(bounds, bounds[1:])))
+
+    def test_local_days_are_contiguous(self):
+        bounds = hr.day_bounds(90, False, datetime.datetime.now(datetime.timezone.utc))
+        self.assertEqual(len(bounds), 90)
+        self.assertTrue(all(a[2] == b[1] for a, b in zip(bounds, bounds[1:])))
+
+    def test_chart_kinds_and_short_names(self):
+        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierStepCount"), "sum")
+        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierDietaryWater"), "sum")
+        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierRestingHeartRate"), "mean")
+        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierMindfulSession"), "count")
+        self.assertEqual(hr.chart_kind("moodEntries"), "count")
+        self.assertEqual(hr.short_type_name("HKQuantityTypeIdentifierHeartRate"), "HeartRate")
+
+    def test_every_type_gets_a_registered_chart_kind(self):
+        for name in ("", "x", "HKQuantityTypeIdentifier", "HKQuantityTypeIdentifierNewThing", "\u0000", "moodEntries"):
+            self.assertIn(hr.chart_kind(name), hr.CHART_KINDS_BY_NAME)
+        for kind in hr.CHART_KINDS:
+            self.assertIn(kind.draw, hr.DRAWINGS)
+        self.assertTrue(hr.CHART_KINDS[-1].applies("anything", "anything"))
+
+    def test_export_date_bounds(self):
+        self.assertEqual(hr.date_bound("2026-02-24"), ("2026-02-24T00:00:00.000Z", False))
+        self.assertEqual(hr.date_bound("2026-02-24", end=True), ("2026-02-25T00:00:00.000Z", False))
+        self.assertEqual(hr.date_bound("2026-02-24T09:00:00+01:00", end=True), ("2026-02-24T08:00:00.000Z", True))
+        for text in ("yesterday", "25/02/2026", "", "2026-02-30"):
+            with self.subTest(text=text):
+                with self.assertRaises(hr.UsageError):
+                    hr.date_bound(text)
+
+
+class ExportDateTests(ServerTestCase):
+
+    def test_since_and_until_compare_utc_instants(self):
+        payload = {"data": {"HKQuantityTypeIdentifierHeartRate": [
+            sample("D-1", "2026-11-25T00:30:00+01:00", 1),  # 2026-11-24 in UTC
+            sample("D-2", "2026-11-25T08:00:00+01:00", 2),
+            sample("D-3", "2026-11-25T23:30:00-01:00", 3)]}}  # 2026-11-26 in UTC
+        self.assertEqual(self.post(payload)[0], 200)
+        code, out, _ = run_main("export", "--db", self.db, "--since", "2026-11-25", "--until", "2026-11-25")
+        self.assertEqual(code, 0)
+        self.assertEqual([row[0] for row in list(csv.reader(io.StringIO(out)))[1:]], ["D-2"])
+        code, out, _ = run_main("export", "--db", self.db, "--until", "2026-11-25T07:00:00Z")
+        self.assertEqual([row[0] for row in list(csv.reader(io.StringIO(out)))[1:]], ["D-1", "D-2"])
+
+    def test_a_date_that_cannot_be_read_is_a_usage_error(self):
+        for value in ("yesterday", "25/02/2026"):
+            with self.subTest(value=value):
+                code, out, err = run_main("export", "--db", self.db, "--since", value)
+                self.assertEqual((code, out), (2, ""))
+                self.assertIn("not a date", err)
+                self.assertEqual(run_main("export", "--db", self.db, "--until", value)[0], 2)
+
+    def test_stats_shows_the_schema_version(self):
+        code, out, _ = run_main("stats", "--db", self.db)
+        self.assertIn(f"schema version {hr.SCHEMA_VERSION}", out)
+
+
+# ---------------------------------------------------------------------------
+# Presentation: the status page
+# ---------------------------------------------------------------------------
+
+def recent_payload(tag="R", days=5):
+    """Samples of three kinds of chart in the last few days, two workouts."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+
+    def stamp(back_days, hour):
+        moment = now - datetime.timedelta(days=back_days)
+        return moment.replace(hour=hour, minute=0, second=0).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+    data = {
+        "HKQuantityTypeIdentifierStepCount": [sample(f"{tag}-S{d}-{h}", stamp(d, h), 100 * h, "count")
+                                              for d in range(days) for h in (9, 12)],
+        "HKQuantityTypeIdentifierHeartRate": [sample(f"{tag}-H{d}-{h}", stamp(d, h), 60 + h)
+                                              for d in range(days) for h in (9, 12)],
+        "HKCategoryTypeIdentifierSleepAnalysis": [sample(f"{tag}-C{d}", stamp(d, 10), "asleepCore", None)
+                                                  for d in range(days)],
+        "workouts": [{"uuid": f"{tag}-W{d}", "workoutActivityType": "running", "startDate": stamp(d, 8),
+                      "durationSeconds": 1800.0} for d in range(2)],
+    }
+    return {"syncSource": "background-delivery", "data": data,
+            "workoutRoutes": {tag + "-W0": [{"timestamp": stamp(0, 8).replace("00:00.000", f"00:0{i}.000"),
+                                             "latitude": 1.0, "longitude": 2.0} for i in range(3)]}}
+
+
+class StatusPageTests(ServerTestCase):
+
+    def test_page_shows_syncs_totals_and_a_chart_per_type(self):
+        self.post(recent_payload())
+        self.post(b"{broken")
+        status, response, page = self.request("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertTrue(response.getheader("Content-Type").startswith("text/html"))
+        page = page.decode("utf-8")
+        self.assertIn("background-delivery", page)
+        self.assertIn('class="fail"', page)
+        self.assertIn("Invalid JSON", page)
+        self.assertRegex(page, "just now|1 min ago")
+        self.assertIn("<td>samples</td><td>25</td>", page)
+        self.assertEqual(page.count("<svg"), 3)
+        for name in ("StepCount", "HeartRate", "SleepAnalysis"):
+            self.assertIn(f">{name}", page)
+        self.assertIn("daily total", page)
+        self.assertIn("daily mean, band from min to max", page)
+        self.assertIn("samples per day", page)
+        self.assertIn("<td>running</td>", page)
+        self.assertNotRegex(page, r"<(script|link)\b|https?://(?!www\.w3)")
+
+    def test_summary_json_holds_the_same_facts(self):
+        self.post(recent_payload())
+        status, _, facts = self.request("GET", hr.SUMMARY_PATH)
+        self.assertEqual(status, 200)
+        self.assertEqual(facts["totals"]["samples"], 25)
+        types = {t["name"]: t for t in facts["types"]}
+        self.assertEqual(types["StepCount"]["rows"], 10)
+        self.assertEqual(types["StepCount"]["chart"], "sum")
+        self.assertEqual(types["HeartRate"]["chart"], "mean")
+        self.assertEqual(types["SleepAnalysis"]["chart"], "count")
+        charts = {c["name"]: c for c in facts["charts"]}
+        self.assertEqual(len(charts["StepCount"]["points"]), 90)
+        self.assertEqual(sum(p[1] or 0 for p in charts["StepCount"]["points"]), 5 * (900 + 1200))
+        self.assertEqual(sum(p[1] or 0 for p in charts["SleepAnalysis"]["points"]), 5)
+        heart_days = [p for p in charts["HeartRate"]["points"] if p[1] is not None]
+        self.assertTrue(all(p[2] <= p[1] <= p[3] for p in heart_days))
+        self.assertEqual(len(facts["workouts"]), 2)
+        self.assertEqual(sorted(w["route_points"] for w in facts["workouts"]), [0, 3])
+        self.assertEqual(facts["syncs"][0]["inserted"], 27)
+
+    def test_repeated_sync_keeps_type_totals_exact(self):
+        self.post(recent_payload())
+        self.post(recent_payload())
+        self.post(recent_payload(tag="Q", days=2))
+        facts = self.request("GET", hr.SUMMARY_PATH)[2]
+        rows = {t["name"]: t["rows"] for t in facts["types"]}
+        self.assertEqual(rows, {"StepCount": 14, "HeartRate": 14, "SleepAnalysis": 7})
+        self.assertEqual(rows, {hr.short_type_name(t): n for t, n in self.query(
+            "SELECT type, count(*) FROM samples GROUP BY type")})
+
+
+class StatusPageAuthTests(ServerTestCase):
+    token = TOKEN
+
+    def test_page_requires_the_key_basic_or_header(self):
+        for path in ("/", hr.SUMMARY_PATH):
+            with self.subTest(path=path):
+                status, response, _ = self.request("GET", path)
+                self.assertEqual(status, 401)
+                self.assertTrue(response.getheader("WWW-Authenticate").startswith("Basic"))
+                wrong = base64.b64encode(b"me:wrong").decode()
+                self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic " + wrong})[0], 401)
+                good = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+                self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic " + good})[0], 200)
+                self.assertEqual(self.request("GET", path, headers={"Authorization": "Bearer " + TOKEN})[0], 200)
+                self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic !!"})[0], 401)
+
+    def test_basic_is_not_accepted_for_posting(self):
+        good = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+        self.assertEqual(self.post(make_payload(), headers={"Authorization": "Basic " + good})[0], 401)
+
+
+class LocalDayTests(ServerTestCase):
+    """Days on the status page are the machine's local days."""
+
+    def setUp(self):
+        if not hasattr(time, "tzset"):
+            self.skipTest("needs time.tzset")
+        previous = os.environ.get("TZ")
+        os.environ["TZ"] = "Europe/Berlin"
+        time.tzset()
+
+        def restore():
+            if previous is None:
+                os.environ.pop("TZ", None)
+            else:
+                os.environ["TZ"] = previous
+            time.tzset()
+
+        self.addCleanup(restore)
+        super().setUp()
+
+    def test_offsets_land_on_the_right_local_day(self):
+        today = datetime.datetime.now().astimezone()
+        # 00:30 Berlin time today, sent with its offset: yesterday in UTC.
+        early = today.replace(hour=0, minute=30, second=0, microsecond=0)
+        yesterday = early - datetime.timedelta(days=1)
+        payload = {"data": {"HKQuantityTypeIdentifierStepCount": [
+            sample("T-1", early.isoformat(), 100, "count"),
+            sample("T-2", yesterday.replace(hour=12).isoformat(), 5, "count")]}}
+        self.assertEqual(self.post(payload)[0], 200)
+        stored = self.query("SELECT start_date FROM samples WHERE uuid = 'T-1'")[0][0]
+        self.assertEqual(stored, early.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z"))
+        facts = self.request("GET", hr.SUMMARY_PATH)[2]
+        points = {point[0]: point[1] for point in facts["charts"][0]["points"]}
+        self.assertEqual(points[early.date().isoformat()], 100)
+        self.assertEqual(points[yesterday.date().isoformat()], 5)
+
+
+# ---------------------------------------------------------------------------
+# The sync workflow: storing syncs, whole-body rejections, bad input, archive
 # ---------------------------------------------------------------------------
 
 class IngestTests(ServerTestCase):
@@ -340,59 +1144,54 @@ class IngestTests(ServerTestCase):
     def test_large_batch_crosses_batch_boundary(self):
         n = hr.BATCH_ROWS + 17
         payload = {"data": {"HKQuantityTypeIdentifierHeartRate": [
-            sample("B-{}".format(i), "2026-02-24T00:00:00Z", i) for i in range(n)]}}
+            sample(f"B-{i}", "2026-02-24T00:00:00Z", i) for i in range(n)]}}
         _, _, answer = self.post(payload)
         self.assertEqual(answer["inserted"]["measurements"], n)
         self.assertEqual(self.count("samples"), n)
 
     def test_values_sqlite_cannot_bind_are_rejected_not_fatal(self):
-        body = ('{"data": {"HKQuantityTypeIdentifierHeartRate": [{"uuid": "ok", "startDate": "2026"},'
-                '{"uuid": "bad", "startDate": "2026", "unit": "\\ud800"}]}}').encode()
+        body = (b'{"data": {"HKQuantityTypeIdentifierHeartRate": [{"uuid": "ok", "startDate": "2026-02-24"},'
+                b'{"uuid": "bad", "startDate": "2026-02-24", "unit": "\\ud800"}]}}')
         status, _, answer = self.post(body)
         self.assertEqual(status, 200, answer)
         self.assertEqual((answer["count"], answer["rejected"]), (1, 1))
         self.assertEqual(self.query("SELECT uuid FROM samples"), [("ok",)])
 
     def test_huge_integers_and_big_numbers(self):
-        body = (b'{"data": {"HKQuantityTypeIdentifierX": [{"uuid": "a", "startDate": "2026", '
-                b'"value": 123456789012345678901234567890}, {"uuid": "b", "startDate": "2026", "value": 1e400}]}}')
+        body = (b'{"data": {"HKQuantityTypeIdentifierX": [{"uuid": "a", "startDate": "2026-02-24", '
+                b'"value": 123456789012345678901234567890}, {"uuid": "b", "startDate": "2026-02-24", '
+                b'"value": 1e400}]}}')
         status, _, answer = self.post(body)
         self.assertEqual(status, 200, answer)
         self.assertEqual(dict(self.query("SELECT uuid, value FROM samples")),
                          {"a": "123456789012345678901234567890", "b": float("inf")})
 
 
-class BrokenBodyTests(ServerTestCase):
+class WholeBodyRejectionTests(ServerTestCase):
     """A body broken as a whole: 400, nothing stored, a syncs row kept."""
 
     max_body = 8 * hr.MIB
 
-    def assert_rejected_whole(self, body, fragment=None):
-        status, _, answer = self.post(body)
-        self.assert_error(status, 400, answer, fragment)
-        self.assert_nothing_stored()
-        rows = self.query("SELECT status, error FROM syncs")
-        self.assertEqual(rows[-1], ("rejected", answer["error"]))
-        return answer
-
     def test_truncated_json(self):
-        body = encode(make_payload(n=50))
-        for cut in (1, 10, len(body) // 3, len(body) // 2, len(body) - 1):
+        body = encode(make_payload(n=20))
+        for cut in sorted({1, 10, len(body) // 3, len(body) // 2, len(body) - 1, *range(1, len(body), len(body) // 9)}):
             with self.subTest(cut=cut):
                 self.assert_rejected_whole(body[:cut], "Invalid JSON at byte")
 
     def test_offset_is_reported(self):
-        body = b'{"data": {"X": [{"uuid": "a", "startDate": "b"}, {"uuid": }]}}'
+        body = b'{"data": {"X": [{"uuid": "a", "startDate": "2026-02-24"}, {"uuid": }]}}'
         answer = self.assert_rejected_whole(body)
-        self.assertIn("byte {}:".format(body.index(b": }") + 2), answer["error"])
+        self.assertIn(f"byte {body.index(b': }') + 2}:", answer["error"])
 
     def test_top_level_not_an_object(self):
-        for body, kind in ((b"[1, 2]", "an array"), (b"null", "null"), (b"12", "a number"), (b'"x"', "a string")):
+        for body, kind in ((b"[1, 2]", "an array"), (b"null", "null"), (b"12", "a number"), (b'"x"', "a string"),
+                           (b"-2.5", "a number"), (b"[]", "an array"), (b'[{"data": {}}]', "an array"),
+                           (b"true", "a boolean")):
             with self.subTest(body=body):
-                self.assert_rejected_whole(body, "must be a JSON object, not {}".format(kind))
+                self.assert_rejected_whole(body, f"must be a JSON object, not {kind}")
 
     def test_data_of_the_wrong_type(self):
-        for data in ([1], "x", None, 5):
+        for data in ([1], [], "x", None, 5, True):
             with self.subTest(data=data):
                 self.assert_rejected_whole({"data": data}, "'data' must be an object")
 
@@ -402,22 +1201,221 @@ class BrokenBodyTests(ServerTestCase):
 
     def test_empty_body(self):
         self.assert_rejected_whole(b"", "empty")
+        self.assert_rejected_whole(b"  \r\n ", "empty")
 
     def test_invalid_utf8(self):
         self.assert_rejected_whole(b'{"data": {"X": [{"uuid": "\xff\xfe", "startDate": "x"}]}}', "not valid UTF-8")
+        self.assert_rejected_whole(b'{"data": {"X": [{"uuid": "a\xc3\x28", "startDate": "2026"}]}}', "UTF-8")
+        self.assert_rejected_whole(b'{"syncSource": "\xed\xa0\x80"}', "UTF-8")  # an encoded surrogate
+        self.assert_rejected_whole(b'{"data": {"X\xff": []}}', "UTF-8")
 
-    def test_nan_is_not_json(self):
-        self.assert_rejected_whole(b'{"data": {"X": [{"uuid": "a", "startDate": "x", "value": NaN}]}}', "NaN")
+    def test_nan_and_infinity_are_not_json(self):
+        for constant in (b"NaN", b"Infinity", b"-Infinity"):
+            with self.subTest(constant=constant):
+                self.assert_rejected_whole(b'{"data": {"X": [{"uuid": "a", "startDate": "2026-02-24", "value": '
+                                           + constant + b"}]}}", "not valid JSON")
 
     def test_deep_nesting(self):
-        self.assert_rejected_whole(b'{"data": {"X": [' + b"[" * 100000 + b"]" * 100000 + b"]}}", "nesting")
+        deep = b"[" * 100000 + b"]" * 100000
+        self.assert_rejected_whole(b'{"data": {"X": [' + deep + b"]}}", "nesting")
+        self.assert_rejected_whole(b'{"data": {"X": [{"uuid": "a", "startDate": "b", "m": ' + deep + b"}]}}",
+                                   "nesting")
+        self.assert_rejected_whole(b'{"meta": ' + b'{"a":' * 100000 + b"1" + b"}" * 100000 + b"}", "nesting")
+        self.assert_rejected_whole(deep, "nesting")
 
     def test_trailing_garbage(self):
         self.assert_rejected_whole(b'{"data": {}} {"data": {}}', "unexpected data")
 
 
+def element(uuid="E-1", **fields):
+    fields.setdefault("startDate", "2026-02-24T00:00:00Z")
+    return dict({"uuid": uuid}, **fields)
+
+
+class BadInputTests(ServerTestCase):
+    """Whatever the client sends: never a 5xx, the server keeps serving and
+    the database stays consistent."""
+
+    max_body = 64 * hr.MIB
+
+    def send(self, body, expected):
+        status, _, answer = self.post(body)
+        self.assertEqual(status, expected, answer)
+        self.assertLess(status, 500)
+        self.assertEqual(self.request("GET")[0], 200)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        return answer
+
+    def partly_bad(self, data, stored, rejected, **top):
+        """Valid but with bad parts: 200, good rows stored, bad ones kept."""
+        before = self.count("rejected")
+        answer = self.send(dict(top, data=data), 200)
+        self.assertEqual((answer["count"], answer["rejected"]), (stored, rejected))
+        self.assertEqual(self.count("rejected") - before, rejected)
+        return answer
+
+    def test_bom_is_accepted(self):
+        answer = self.send(b"\xef\xbb\xbf" + encode({"data": {"X": [element()]}}), 200)
+        self.assertEqual(answer["count"], 1)
+
+    def test_sections_that_are_not_arrays(self):
+        self.partly_bad({"HKQuantityTypeIdentifierHeartRate": {"uuid": "x"}, "B": 12, "C": None,
+                         "D": [element("D-1")]}, stored=1, rejected=3)
+        self.assertEqual(self.query("SELECT section, reason FROM rejected ORDER BY id"),
+                         [("HKQuantityTypeIdentifierHeartRate", "section is an object, not an array"),
+                          ("B", "section is a number, not an array"), ("C", "section is null, not an array")])
+
+    def test_elements_that_are_not_objects(self):
+        self.partly_bad({"X": [1, "s", None, [1, [2, [3]]], True, element("X-1")]}, stored=1, rejected=5)
+
+    def test_elements_missing_dates(self):
+        self.partly_bad({"X": [{"uuid": "a"}, {"uuid": "b", "startDate": None}, {"uuid": "c", "startDate": 5},
+                               {"uuid": "d", "startDate": ""}, {"uuid": "f", "startDate": "soon"}, element("e")],
+                         "workouts": [{"uuid": "w"}, {"uuid": "w2", "startDate": "later"}],
+                         "medicationDoseEvents": [{"uuid": "m"}, {"uuid": "m2", "scheduledDate": "never"}]},
+                        stored=1, rejected=9)
+
+    def test_uuid_of_the_wrong_type(self):
+        self.partly_bad({"X": [element(5), element({"a": 1}), element(""), element(True), element(["u"]),
+                               element("ok")]}, stored=1, rejected=5)
+
+    def test_huge_numbers(self):
+        record = '{"uuid": "a", "startDate": "2026-02-24", "value": 1e400}'
+        answer = self.send(b'{"data": {"X": [' + record.encode() + b"]}}", 200)
+        self.assertEqual(answer["count"], 1)
+        self.assertEqual(self.query("SELECT record, value FROM samples"), [(record, float("inf"))])
+
+    def test_twenty_megabyte_string_value(self):
+        big = "x" * (20 * hr.MIB)
+        answer = self.send(encode({"data": {"X": [element("big", note=big)]}, "blob": big}), 200)
+        self.assertEqual(answer["count"], 1)
+        self.assertEqual(self.query("SELECT length(record) > 20000000 FROM samples"), [(1,)])
+
+    def test_duplicate_keys(self):
+        record = '{"uuid": "k", "uuid": "k2", "startDate": "2026-02-24"}'
+        body = b'{"syncSource": "a", "syncSource": "b", "data": {"X": [' + record.encode() + b"]}}"
+        answer = self.send(body, 200)
+        self.assertEqual(answer["count"], 1)
+        self.assertEqual(self.query("SELECT uuid, record FROM samples"), [("k2", record)])
+
+    def test_non_ascii_and_emoji_keys_and_values(self):
+        payload = {"syncSource": "\u00e9t\u00e9 \U0001F3C3", "data": {
+            "HKQuantityTypeIdentifierHeartRate": [element("\u00fc-1", sourceName="Jane\u2019s Watch \u231a",
+                                                          **{"cl\u00e9": "\u6f22\u5b57", "\U0001F600": 1})],
+            "Typ\u00e9\U0001F4A9": [element("emoji-1")]}}
+        for ensure_ascii in (True, False):
+            with self.subTest(ensure_ascii=ensure_ascii):
+                body = json.dumps(payload, ensure_ascii=ensure_ascii).encode("utf-8")
+                self.send(body, 200)
+        rows = dict(self.query("SELECT uuid, source_name FROM samples"))
+        self.assertEqual(rows["\u00fc-1"], "Jane\u2019s Watch \u231a")
+        record = json.loads(self.query("SELECT record FROM samples WHERE uuid = '\u00fc-1'")[0][0])
+        self.assertEqual(record["cl\u00e9"], "\u6f22\u5b57")
+        self.assertEqual(self.query("SELECT type FROM samples WHERE uuid = 'emoji-1'"), [("Typ\u00e9\U0001F4A9",)])
+        self.assertEqual(self.query("SELECT DISTINCT sync_source FROM syncs"), [("\u00e9t\u00e9 \U0001F3C3",)])
+
+    def test_section_names_that_look_like_sql_or_paths(self):
+        names = ["x'); DROP TABLE samples; --", "../../etc/passwd", "/tmp/x", "samples", "data", "", " ",
+                 "C:\\Windows", "%s %d {}", "\u0000"]
+        data = {name: [element(f"S-{i}")] for i, name in enumerate(names)}
+        answer = self.partly_bad(data, stored=len(names), rejected=0)
+        self.assertEqual(answer["inserted"]["measurements"], len(names))
+        self.assertEqual(sorted(t for (t,) in self.query("SELECT type FROM samples")), sorted(names))
+
+    def test_workout_routes_with_odd_keys_and_values(self):
+        t1, t2, t3 = "2026-02-24T00:00:01Z", "2026-02-24T00:00:02Z", "2026-02-24T00:00:03Z"
+        routes = {"not-a-uuid": [{"timestamp": t1, "latitude": 1}], "": [{"timestamp": t1}],
+                  "\U0001F6B4": [{"timestamp": t2}], "W-obj": {"timestamp": t1}, "W-num": 3, "W-null": None,
+                  "W-mixed": [5, {"timestamp": t3}, {"latitude": 2}], "W-bad-date": [{"timestamp": "noon"}]}
+        answer = self.send(encode({"data": {}, "workoutRoutes": routes}), 200)
+        self.assertEqual(answer["inserted"]["workoutRoutes"], 4)
+        self.assertEqual(answer["rejected"], 6)
+        self.assertEqual(self.count("workout_route_points"), 4)
+        self.assertEqual(self.send(encode({"workoutRoutes": [1, 2]}), 200)["rejected"], 1)
+        self.assertEqual(self.send(encode({"workoutRoutes": "x"}), 200)["rejected"], 1)
+        self.assertEqual(self.send(encode({"data": {"workoutRoutes": "x"}}), 200)["rejected"], 1)
+        self.assertEqual(self.query("SELECT section, reason FROM rejected ORDER BY id DESC LIMIT 1"),
+                         [("data.workoutRoutes", "workoutRoutes is a string, not an object")])
+
+    def test_ten_thousand_tiny_sections(self):
+        data = {f"T{i}": [element(f"T-{i}")] for i in range(10000)}
+        answer = self.partly_bad(data, stored=10000, rejected=0)
+        self.assertEqual(self.count("samples"), 10000)
+        self.assertEqual(self.query("SELECT sections FROM syncs WHERE id = ?", (answer["sync_id"],)), [(10000,)])
+
+    def test_random_mutations_never_get_a_5xx(self):
+        import random
+        rng = random.Random(20261125)
+        base = encode(make_payload(n=4))
+        started = time.monotonic()
+        statuses = {}
+        for _ in range(300):
+            if time.monotonic() - started > 20:
+                break
+            body = bytearray(base)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(len(body))
+                operation = rng.choice(("flip", "delete", "duplicate"))
+                if operation == "flip":
+                    body[at] = rng.randrange(256)
+                elif operation == "delete":
+                    del body[at:at + rng.randint(1, 40)]
+                else:
+                    body[at:at] = body[at:at + rng.randint(1, 40)]
+            status, _, answer = self.post(bytes(body))
+            statuses[status] = statuses.get(status, 0) + 1
+            self.assertIn(status, (200, 400), (bytes(body), answer))
+        self.assertGreater(sum(statuses.values()), 50)
+        self.assertGreater(statuses.get(400, 0), 0)
+        self.assertEqual(self.request("GET")[0], 200)
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        self.assertEqual(self.query("SELECT count(*) FROM syncs WHERE status NOT IN ('ok', 'rejected')"), [(0,)])
+
+
+class ArchiveTests(ServerTestCase):
+
+    def server_options(self):
+        self.archive = os.path.join(self.tmp.name, "archive")
+        os.mkdir(self.archive)
+        return {"archive": self.archive}
+
+    def archived(self):
+        return sorted(name for name in os.listdir(self.archive))
+
+    def test_archive_only_for_committed_syncs_and_reimport(self):
+        body = b"\xef\xbb\xbf" + json.dumps(make_payload(n=4), indent=1).encode()
+        _, _, answer = self.post(body)
+        self.post(b'{"data": []}')
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            conn.execute("BEGIN EXCLUSIVE")
+            self.assertEqual(self.post(make_payload(tag="L"))[0], 503)
+            conn.execute("ROLLBACK")
+        wait_until(self.archived)
+        names = self.archived()
+        self.assertEqual(len(names), 1, names)
+        self.assertRegex(names[0], r"^\d{8}T\d{6}Z-%d\.json\.gz$" % answer["sync_id"])
+        with gzip.open(os.path.join(self.archive, names[0])) as handle:
+            self.assertEqual(handle.read(), body)
+        fresh = os.path.join(self.tmp.name, "fresh.db")
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(hr.main(["import", "--db", fresh, self.archive], out=io.StringIO()), 0)
+        sql = "SELECT uuid, type, record FROM samples ORDER BY uuid"
+        with contextlib.closing(sqlite3.connect(fresh)) as conn:
+            self.assertEqual(conn.execute(sql).fetchall(), self.query(sql))
+
+    def test_archive_failure_never_fails_a_stored_sync(self):
+        os.rmdir(self.archive)
+        with open(self.archive, "w"):
+            pass  # a file where the folder should be
+        status, _, answer = self.post(make_payload())
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.count("workouts"), 1)
+        wait_until(lambda: "could not be archived" in self.log.getvalue())
+        self.assertIn("could not be archived", self.log.getvalue())
+
+
 # ---------------------------------------------------------------------------
-# HTTP
+# HTTP: routing, auth, limits, encodings, slow clients, TLS
 # ---------------------------------------------------------------------------
 
 class HttpTests(ServerTestCase):
@@ -483,10 +1481,7 @@ class HttpTests(ServerTestCase):
                          "Content-Length: {}\r\n\r\n".format(hr.DEFAULT_PATH, 50 * hr.MIB).encode())
             answer = b""
             with contextlib.suppress(ConnectionError):
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:  # the server closed the connection
-                        break
+                for chunk in iter(lambda: sock.recv(65536), b""):  # until the server closes
                     answer += chunk
             self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
             self.assertIn(b"Connection: close", answer)
@@ -512,7 +1507,7 @@ class HttpTests(ServerTestCase):
     def test_log_line_for_a_sync(self):
         self.post(make_payload(n=3))
         line = [l for l in self.log_lines() if "records" in l][-1]
-        self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 manual-upload 11 records "
+        self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z 127\.0\.0\.1 manual-upload 11 records "
                                r"\(11 new, 0 dup, 0 rejected\) in 5 sections, 4 route points, "
                                r"2026-02-24 -> 2026-02-26, 0\.0 MB in \d+\.\d\d s$")
 
@@ -601,11 +1596,7 @@ class NoAuthTests(ServerTestCase):
         self.assertEqual(self.request("GET")[0], 200)
 
 
-# ---------------------------------------------------------------------------
-# Validators at their limits (no network)
-# ---------------------------------------------------------------------------
-
-class ValidatorTests(unittest.TestCase):
+class HttpValidatorTests(unittest.TestCase):
 
     def test_content_length_limits(self):
         self.assertEqual(hr.check_content_length(["100"], 100), 100)
@@ -637,128 +1628,7 @@ class ValidatorTests(unittest.TestCase):
                 hr.check_auth(config, headers)
         hr.check_auth(hr.ReceiverConfig(), {})
 
-    def test_payload_walk_needs_no_server(self):
-        text, start = hr.decode_body(bytearray(encode(make_payload(n=2))))
-        payload = hr.Payload(text, start)
-        kinds = {}
-        for kind, rows in payload.batches(tag=9):
-            kinds[kind] = kinds.get(kind, 0) + len(rows)
-            self.assertTrue(all(row[-1] == 9 for row in rows))
-        self.assertEqual(kinds, {"characteristic": 2, "sample": 5, "workout": 1, "medication": 2, "dose": 1,
-                                 "route_point": 4})
-        self.assertEqual(payload.envelope["syncSource"], "manual-upload")
-        self.assertNotIn("data", payload.envelope)
 
-    def test_content_key_is_order_independent(self):
-        self.assertEqual(hr.content_key("S", {"a": 1, "b": [2]}), hr.content_key("S", {"b": [2], "a": 1}))
-        self.assertNotEqual(hr.content_key("S", {"a": 1}), hr.content_key("T", {"a": 1}))
-
-
-# ---------------------------------------------------------------------------
-# Command line and lifecycle
-# ---------------------------------------------------------------------------
-
-class CommandLineTests(unittest.TestCase):
-
-    def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(self.tmp.cleanup)
-
-    def serve_in_thread(self, argv, environ=None):
-        """Run main()'s serve path in a thread; return (server, thread, out)."""
-        out = io.StringIO()
-        ready = threading.Event()
-        holder = {}
-
-        def run():
-            args = hr.serve_parser().parse_args(argv)
-            config = hr.config_from_args(args, environ or {})
-            config.log_stream = io.StringIO()
-
-            def on_ready(server):
-                holder["server"] = server
-                ready.set()
-
-            holder["code"] = hr.serve(config, out, ready=on_ready)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        self.assertTrue(ready.wait(10))
-        return holder, thread, out
-
-    def test_banner_and_clean_stop(self):
-        db = os.path.join(self.tmp.name, "h.db")
-        holder, thread, out = self.serve_in_thread(["--host", "127.0.0.1", "--port", "0", "--db", db],
-                                                   {hr.TOKEN_ENV: TOKEN})
-        server = holder["server"]
-        port = server.server_address[1]
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        with contextlib.closing(conn):
-            conn.request("POST", hr.DEFAULT_PATH, body=encode(make_payload()),
-                         headers={"Authorization": "Bearer " + TOKEN})
-            self.assertEqual(conn.getresponse().status, 200)
-        server.shutdown()
-        thread.join(10)
-        self.assertEqual(holder["code"], 0)
-        text = out.getvalue()
-        self.assertIn("Listening on http://127.0.0.1:{}".format(port), text)
-        self.assertIn("Server URL for Health Export Pro: http://127.0.0.1:{}".format(port), text)
-        self.assertIn("Endpoint Path: /api/health-data", text)
-        self.assertIn("Auth Type: Bearer", text)
-        self.assertIn("Database: " + db, text)
-        self.assertIn("Stopped", text)
-        self.assertNotIn(TOKEN, text)
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            self.assertEqual(conn.execute("SELECT count(*) FROM workouts").fetchone()[0], 1)
-            self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], hr.SCHEMA_VERSION)
-
-    def test_no_key_on_a_public_address_warns(self):
-        lines = hr.banner_lines(hr.ReceiverConfig(host="0.0.0.0"), 3000)
-        self.assertEqual(sum("WARNING" in line for line in lines), 1)
-        self.assertTrue(any(line.startswith("Server URL for Health Export Pro: http://") for line in lines))
-        lines = hr.banner_lines(hr.ReceiverConfig(host="127.0.0.1"), 3000)
-        self.assertFalse(any("WARNING" in line for line in lines))
-        lines = hr.banner_lines(hr.ReceiverConfig(host="0.0.0.0", token="k", auth_header="X-API-Key",
-                                                  token_source="file t"), 3000)
-        self.assertIn("Auth Type: Custom Header, header name X-API-Key (key from file t)", lines)
-        self.assertFalse(any("k" == part for line in lines for part in line.split()))
-
-    def test_token_file(self):
-        path = os.path.join(self.tmp.name, "token")
-        with open(path, "w") as handle:
-            handle.write(TOKEN + "\n")
-        self.assertEqual(hr.read_token(path, {hr.TOKEN_ENV: "other"}), (TOKEN, "file " + path))
-        self.assertEqual(hr.read_token(None, {hr.TOKEN_ENV: " env-key "})[0], "env-key")
-        self.assertEqual(hr.read_token(None, {}), (None, None))
-        with open(path, "w"):
-            pass
-        with self.assertRaises(ValueError):
-            hr.read_token(path, {})
-
-    def test_main_exit_codes(self):
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            self.assertEqual(hr.main(["--help"]), 0)
-        for flag in ("--host", "--port", "--path", "--db", "--token-file", "--auth-header", "--max-body-mb",
-                     "--quiet", "--timeout", "--max-ingests", "--tls-cert", "--tls-key"):
-            self.assertIn(flag, out.getvalue())
-        with contextlib.redirect_stderr(io.StringIO()) as err:
-            self.assertEqual(hr.main(["--port", "x"]), 2)
-            self.assertEqual(hr.main(["--token-file", os.path.join(self.tmp.name, "missing")]), 2)
-            self.assertEqual(hr.main(["--max-body-mb", "0"]), 2)
-        self.assertIn("token file", err.getvalue())
-        with contextlib.redirect_stderr(io.StringIO()) as err:
-            self.assertEqual(hr.main(["--host", "127.0.0.1", "--port", "0", "--db",
-                                      os.path.join(self.tmp.name, "no", "such", "dir.db")]), 1)
-        self.assertIn("cannot be opened", err.getvalue())
-
-
-# ---------------------------------------------------------------------------
-# Protocol hardening: HTTPS, chunked and compressed bodies, 100-continue,
-# headers, slow clients, ingest slots
-# ---------------------------------------------------------------------------
-
-#: Self-signed certificate for 127.0.0.1 and localhost (valid until 2126).
 TEST_CERT = """-----BEGIN CERTIFICATE-----
 MIIDJzCCAg+gAwIBAgIUD8iKCownXm075xRsIP4u22gS1S0wDQYJKoZIhvcNAQEL
 BQAwFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNTA5MjUxM1oYDzIxMjYx
@@ -780,7 +1650,7 @@ Yysf1WhZwx9t9LHxi+zLUMO8qogjhV9ruSDlzOeKMNuyPUSx227nT6qetA==
 -----END CERTIFICATE-----
 """
 
-#: Its private key (test use only).
+
 TEST_KEY = """-----BEGIN PRIVATE KEY-----
 MIIEuwIBADANBgkqhkiG9w0BAQEFAASCBKUwggShAgEAAoIBAQDUX07WHMymIvz0
 j+vMs/vPHx0tj8Zs2Y06hUs5C1UDGoP7m6VmKmPJiNBDiMt9Yc+6R2PBOCGr1119
@@ -840,7 +1710,7 @@ class TlsTests(ServerTestCase):
 
     def test_banner_says_https(self):
         lines = hr.banner_lines(self.config, self.port)
-        self.assertIn("Listening on https://127.0.0.1:{}".format(self.port), lines)
+        self.assertIn(f"Listening on https://127.0.0.1:{self.port}", lines)
 
     def test_missing_or_bad_certificate_is_a_clear_startup_error(self):
         for cert, key in ((os.path.join(self.tmp.name, "missing.pem"), self.key_file),
@@ -861,9 +1731,9 @@ def chunked(body, size=1000):
 
 
 def post_head(length=None, extra=""):
-    head = "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".format(hr.DEFAULT_PATH)
+    head = f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     if length is not None:
-        head += "Content-Length: {}\r\n".format(length)
+        head += f"Content-Length: {length}\r\n"
     return (head + extra + "\r\n").encode()
 
 
@@ -962,15 +1832,14 @@ class ExpectContinueTests(ServerTestCase):
 
     def test_oversize_gets_413_without_continue(self):
         answer, _ = self.exchange_head(post_head(
-            self.max_body + 1, "Expect: 100-continue\r\nAuthorization: Bearer {}\r\n".format(TOKEN)))
+            self.max_body + 1, f"Expect: 100-continue\r\nAuthorization: Bearer {TOKEN}\r\n"))
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
         self.assertNotIn(b"100 Continue", answer)
 
     def test_good_request_gets_continue_then_200(self):
         body = encode(make_payload())
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(post_head(len(body), "Expect: 100-continue\r\nAuthorization: Bearer {}\r\n".format(
-                TOKEN)))
+            sock.sendall(post_head(len(body), f"Expect: 100-continue\r\nAuthorization: Bearer {TOKEN}\r\n"))
             interim = sock.recv(65536)
             self.assertEqual(interim, b"HTTP/1.1 100 Continue\r\n\r\n")
             sock.sendall(body)
@@ -982,12 +1851,12 @@ class ExpectContinueTests(ServerTestCase):
 class HeaderLimitTests(ServerTestCase):
 
     def test_oversized_header_line(self):
-        answer = self.raw_exchange(post_head(2, "X-Big: {}\r\n".format("a" * 70000)) + b"{}")
+        answer = self.raw_exchange(post_head(2, f"X-Big: {'a' * 70000}\r\n") + b"{}")
         self.assertRegex(answer[:13], rb"HTTP/1.1 (431|400) ")
         self.assertEqual(self.request("GET")[0], 200)
 
     def test_too_many_headers(self):
-        extra = "".join("X-H{}: v\r\n".format(i) for i in range(150))
+        extra = "".join(f"X-H{i}: v\r\n" for i in range(150))
         answer = self.raw_exchange(post_head(2, extra) + b"{}")
         self.assertRegex(answer[:13], rb"HTTP/1.1 (431|400) ")
 
@@ -1037,11 +1906,8 @@ class SlowClientTests(ServerTestCase):
         body = encode(make_payload())
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as holder:
             holder.sendall(post_head(len(body)) + body[:10])  # holds the only slot while its body trickles
-            deadline = time.monotonic() + 5
-            while self.server._slots.acquire(blocking=False):  # wait until that request has the slot
-                self.server._slots.release()
-                self.assertLess(time.monotonic(), deadline)
-                time.sleep(0.01)
+            # Wait until that request has the slot, as the status answer tells.
+            wait_until(lambda: self.request("GET")[2]["ingests_in_progress"] == 1)
             status, response, answer = self.post(make_payload(tag="B"))
             self.assert_error(status, 503, answer, "busy")
             self.assertEqual(response.getheader("Retry-After"), str(hr.RETRY_AFTER))
@@ -1055,514 +1921,117 @@ class LongIngestTests(ServerTestCase):
 
     def test_status_is_never_blocked_behind_an_ingest(self):
         results = []
-        self.store._write_lock.acquire()  # an ingest in progress, as far as the others can tell
-        try:
+        with self.store.writer():  # an ingest in progress, as far as the others can tell
             poster = threading.Thread(target=lambda: results.append(self.post(make_payload())[0]))
             poster.start()
             status, _, answer = self.request("GET")
             self.assertEqual(status, 200)
             self.assertEqual(results, [])
-        finally:
-            self.store._write_lock.release()
         poster.join()
         self.assertEqual(results, [200])
 
 
 # ---------------------------------------------------------------------------
-# Storage faults and crashes
+# Command line: serve, stats, export, import
 # ---------------------------------------------------------------------------
 
-class LockedDatabaseTests(ServerTestCase):
-
-    def test_locked_database_503_then_recovers(self):
-        blocker = sqlite3.connect(self.db, isolation_level=None)
-        with contextlib.closing(blocker):
-            blocker.execute("BEGIN EXCLUSIVE")
-            status, response, answer = self.post(make_payload())
-            self.assert_error(status, 503, answer, "locked")
-            self.assertEqual(response.getheader("Retry-After"), str(hr.RETRY_AFTER))
-            blocker.execute("ROLLBACK")
-        self.assert_nothing_stored()
-        self.assertTrue(any("503" in line and "locked" in line for line in self.log_lines()))
-        status, _, answer = self.post(make_payload())
-        self.assertEqual(status, 200, answer)
-        self.assertEqual(self.count("workouts"), 1)
-        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
-
-
-#: Runs the receiver in a child process, as an unprivileged user when the
-#: tests run as root (root ignores file permissions).
-CHILD_SERVER = """
-import encodings.idna, os, sys
-sys.path.insert(0, {folder!r})
-import health_receiver
-if os.name == "posix" and os.geteuid() == 0 and {drop!r}:
-    os.setgid(65534)
-    os.setuid(65534)
-sys.exit(health_receiver.main(sys.argv[1:]))
-"""
-
-
-class ChildServer:
-    """A receiver in its own process, for kill and permission tests."""
-
-    def __init__(self, folder, db, drop_root=False, extra=()):
-        self.stderr = open(os.path.join(folder, "stderr.log"), "ab")
-        code = CHILD_SERVER.format(folder=os.path.dirname(os.path.abspath(hr.__file__)), drop=drop_root)
-        env = {key: value for key, value in os.environ.items() if key != hr.TOKEN_ENV}
-        self.proc = subprocess.Popen([sys.executable, "-c", code, "--host", "127.0.0.1", "--port", "0", "--db", db,
-                                      "--quiet"] + list(extra), stdout=subprocess.PIPE, stderr=self.stderr,
-                                     env=env, cwd=folder)
-        line = self.proc.stdout.readline().decode()
-        if "Listening on" not in line:
-            self.stop()
-            raise AssertionError("the child server did not start: " + line)
-        self.port = int(line.rsplit(":", 1)[1])
-
-    def post(self, body, timeout=30):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        with contextlib.closing(conn):
-            conn.request("POST", hr.DEFAULT_PATH, body=body, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, response.getheader("Retry-After"), json.loads(response.read())
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(60)
-        self.proc.stdout.close()
-        self.stderr.close()
-        return code
-
-
-@unittest.skipUnless(os.name == "posix", "needs POSIX permissions and signals")
-class ProcessTests(unittest.TestCase):
+class CommandLineTests(unittest.TestCase):
 
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.addCleanup(self.tmp.cleanup)
-        os.chmod(self.tmp.name, 0o777)
-        self.db = os.path.join(self.tmp.name, "health.db")
-        self.children = []
 
-    def tearDown(self):
-        for child in self.children:
-            if child.proc.poll() is None:
-                child.stop(signal.SIGKILL)
+    def serve_in_thread(self, argv, environ=None):
+        """Run main()'s serve path in a thread; return (server, thread, out)."""
+        out = io.StringIO()
+        ready = threading.Event()
+        holder = {}
 
-    def start(self, **kwargs):
-        child = ChildServer(self.tmp.name, self.db, **kwargs)
-        self.children.append(child)
-        return child
+        def run():
+            args = hr.serve_parser().parse_args(argv)
+            config = hr.config_from_args(args, environ or {})
+            config.log_stream = io.StringIO()
 
-    def query(self, sql):
-        with contextlib.closing(sqlite3.connect(self.db)) as conn:
-            return conn.execute(sql).fetchall()
+            def on_ready(server):
+                holder["server"] = server
+                ready.set()
 
-    def tagged(self, tag):
-        return (self.query("SELECT count(*) FROM samples WHERE uuid LIKE '{}-%'".format(tag))[0][0],
-                self.query("SELECT count(*) FROM workouts WHERE uuid LIKE '{}-%'".format(tag))[0][0],
-                self.query("SELECT count(*) FROM workout_route_points WHERE workout_uuid LIKE '{}-%'".format(
-                    tag))[0][0])
+            holder["code"] = hr.serve(config, out, ready=on_ready)
 
-    def test_read_only_database_503_then_recovers(self):
-        child = self.start(drop_root=True)
-        self.assertEqual(child.post(encode(make_payload(tag="A")))[0], 200)
-        mode = os.stat(self.db).st_mode
-        os.chmod(self.db, 0o444)
-        try:
-            status, retry_after, answer = child.post(encode(make_payload(tag="B")))
-            self.assertEqual(status, 503, answer)
-            self.assertEqual(retry_after, str(hr.RETRY_AFTER))
-            self.assertRegex(answer["error"], "read-only|cannot be opened")
-        finally:
-            os.chmod(self.db, mode)
-        self.assertEqual(self.tagged("B"), (0, 0, 0))
-        status, _, answer = child.post(encode(make_payload(tag="B")))
-        self.assertEqual(status, 200, answer)
-        self.assertEqual(child.stop(), 0)
-        self.assertEqual(self.tagged("B"), (6, 1, 4))
-        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.assertTrue(ready.wait(10))
+        return holder, thread, out
 
-    def test_sigkill_at_any_moment_leaves_a_consistent_database(self):
-        child = self.start()
-        self.assertEqual(child.post(encode(make_payload(n=100, tag="A")))[0], 200)
-        child.stop(signal.SIGKILL)
-        n = 12000
-        # Kill points: in the middle of the body, right after it, during the
-        # ingest (twice), and after the answer.
-        points = (("half-body", None), ("body", 0.0), ("ingest", 0.05), ("ingest", 0.15), ("answered", None))
-        for number, (point, delay) in enumerate(points):
-            tag = "K{}".format(number)
-            body = encode(make_payload(n=n, tag=tag))
-            child = self.start()
-            acknowledged = False
-            with socket.create_connection(("127.0.0.1", child.port), timeout=30) as sock:
-                head = post_head(len(body))
-                if point == "half-body":
-                    sock.sendall(head + body[:len(body) // 2])
-                    time.sleep(0.05)
-                else:
-                    sock.sendall(head + body)
-                    if point == "answered":
-                        acknowledged = sock.recv(65536).startswith(b"HTTP/1.1 200 ")
-                        self.assertTrue(acknowledged)
-                    else:
-                        time.sleep(delay)
-                child.stop(signal.SIGKILL)
-            with self.subTest(point=point, delay=delay):
-                self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
-                self.assertEqual(self.tagged("A"), (200, 1, 4))
-                stored = self.tagged(tag)
-                self.assertIn(stored, ((0, 0, 0), (2 * n, 1, 4)))
-                if acknowledged:
-                    self.assertEqual(stored, (2 * n, 1, 4))
-                self.assertEqual(self.query("SELECT count(*) FROM syncs WHERE status = 'pending'"), [(0,)])
-        # The receiver starts again on the same file and takes the next sync.
-        child = self.start()
-        self.assertEqual(child.post(encode(make_payload(tag="Z")))[0], 200)
-        self.assertEqual(child.stop(), 0)
+    def test_banner_and_clean_stop(self):
+        db = os.path.join(self.tmp.name, "h.db")
+        holder, thread, out = self.serve_in_thread(["--host", "127.0.0.1", "--port", "0", "--db", db],
+                                                   {hr.TOKEN_ENV: TOKEN})
+        server = holder["server"]
+        port = server.server_address[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with contextlib.closing(conn):
+            conn.request("POST", hr.DEFAULT_PATH, body=encode(make_payload()),
+                         headers={"Authorization": "Bearer " + TOKEN})
+            self.assertEqual(conn.getresponse().status, 200)
+        server.shutdown()
+        thread.join(10)
+        self.assertEqual(holder["code"], 0)
+        text = out.getvalue()
+        self.assertIn(f"Listening on http://127.0.0.1:{port}", text)
+        self.assertIn(f"Server URL for Health Export Pro: http://127.0.0.1:{port}", text)
+        self.assertIn("Endpoint Path: /api/health-data", text)
+        self.assertIn("Auth Type: Bearer", text)
+        self.assertIn("Database: " + db, text)
+        self.assertIn("Stopped", text)
+        self.assertNotIn(TOKEN, text)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM workouts").fetchone()[0], 1)
+            self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], hr.SCHEMA_VERSION)
 
-    def test_sigterm_during_an_ingest_finishes_or_rolls_back_cleanly(self):
-        child = self.start()
-        n = 12000
-        body = encode(make_payload(n=n, tag="T"))
-        with socket.create_connection(("127.0.0.1", child.port), timeout=30) as sock:
-            sock.sendall(post_head(len(body)) + body)
-            time.sleep(0.02)
-            child.proc.send_signal(signal.SIGTERM)
-            answer = sock.recv(65536)
-        self.assertEqual(child.stop(), 0)
-        # 503 only if the signal won the race against the request's start.
-        self.assertRegex(answer[:13], rb"HTTP/1.1 (200|503) ")
-        stored = self.tagged("T")
-        if answer.startswith(b"HTTP/1.1 200 "):
-            self.assertEqual(stored, (2 * n, 1, 4))
-        else:
-            self.assertEqual(stored, (0, 0, 0))
-        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+    def test_no_key_on_a_public_address_warns(self):
+        lines = hr.banner_lines(hr.ReceiverConfig(host="0.0.0.0"), 3000)
+        self.assertEqual(sum("WARNING" in line for line in lines), 1)
+        self.assertTrue(any(line.startswith("Server URL for Health Export Pro: http://") for line in lines))
+        lines = hr.banner_lines(hr.ReceiverConfig(host="127.0.0.1"), 3000)
+        self.assertFalse(any("WARNING" in line for line in lines))
+        lines = hr.banner_lines(hr.ReceiverConfig(host="0.0.0.0", token="k", auth_header="X-API-Key",
+                                                  token_source="file t"), 3000)
+        self.assertIn("Auth Type: Custom Header, header name X-API-Key (key from file t)", lines)
+        self.assertFalse(any("k" == part for line in lines for part in line.split()))
 
+    def test_token_file(self):
+        path = os.path.join(self.tmp.name, "token")
+        with open(path, "w") as handle:
+            handle.write(TOKEN + "\n")
+        self.assertEqual(hr.read_token(path, {hr.TOKEN_ENV: "other"}), (TOKEN, "file " + path))
+        self.assertEqual(hr.read_token(None, {hr.TOKEN_ENV: " env-key "})[0], "env-key")
+        self.assertEqual(hr.read_token(None, {}), (None, None))
+        with open(path, "w"):
+            pass
+        with self.assertRaises(hr.UsageError):
+            hr.read_token(path, {})
 
-# ---------------------------------------------------------------------------
-# Bad input battery
-# ---------------------------------------------------------------------------
-
-def element(uuid="E-1", **fields):
-    fields.setdefault("startDate", "2026-02-24T00:00:00Z")
-    return dict({"uuid": uuid}, **fields)
-
-
-class BadInputTests(ServerTestCase):
-    """Whatever the client sends: never a 5xx, the server keeps serving and
-    the database stays consistent."""
-
-    max_body = 64 * hr.MIB
-
-    def send(self, body, expected):
-        status, _, answer = self.post(body)
-        self.assertEqual(status, expected, answer)
-        self.assertLess(status, 500)
-        self.assertEqual(self.request("GET")[0], 200)
-        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
-        return answer
-
-    def broken(self, body, fragment):
-        """Broken as a whole: 400 with a clear message, nothing stored."""
-        answer = self.send(body, 400)
-        self.assertIn(fragment, answer["error"])
-        self.assert_nothing_stored()
-        self.assertEqual(self.query("SELECT status FROM syncs ORDER BY id DESC LIMIT 1"), [("rejected",)])
-
-    def partly_bad(self, data, stored, rejected, **top):
-        """Valid but with bad parts: 200, good rows stored, bad ones kept."""
-        before = self.count("rejected")
-        answer = self.send(dict(top, data=data), 200)
-        self.assertEqual((answer["count"], answer["rejected"]), (stored, rejected))
-        self.assertEqual(self.count("rejected") - before, rejected)
-        return answer
-
-    def test_truncated_at_several_points(self):
-        body = encode(make_payload(n=20))
-        for cut in range(1, len(body), len(body) // 9):
-            with self.subTest(cut=cut):
-                self.broken(body[:cut], "Invalid JSON")
-
-    def test_invalid_utf8(self):
-        self.broken(b'{"data": {"X": [{"uuid": "a\xc3\x28", "startDate": "2026"}]}}', "UTF-8")
-        self.broken(b'{"syncSource": "\xed\xa0\x80"}', "UTF-8")  # an encoded surrogate
-        self.broken(b'{"data": {"X\xff": []}}', "UTF-8")
-
-    def test_bom_is_accepted(self):
-        answer = self.send(b"\xef\xbb\xbf" + encode({"data": {"X": [element()]}}), 200)
-        self.assertEqual(answer["count"], 1)
-
-    def test_empty_body(self):
-        self.broken(b"", "empty")
-        self.broken(b"  \r\n ", "empty")
-
-    def test_top_level_scalars_and_arrays(self):
-        for body in (b"null", b"1", b"-2.5", b'"text"', b"[]", b'[{"data": {}}]', b"true"):
-            with self.subTest(body=body):
-                self.broken(body, "must be a JSON object")
-
-    def test_data_of_the_wrong_type(self):
-        for data in ([], "text", None, 3, True):
-            with self.subTest(data=data):
-                self.broken(encode({"data": data}), "'data' must be an object")
-
-    def test_sections_that_are_not_arrays(self):
-        self.partly_bad({"HKQuantityTypeIdentifierHeartRate": {"uuid": "x"}, "B": 12, "C": None,
-                         "D": [element("D-1")]}, stored=1, rejected=3)
-        self.assertEqual(self.query("SELECT section, reason FROM rejected ORDER BY id"),
-                         [("HKQuantityTypeIdentifierHeartRate", "section is an object, not an array"),
-                          ("B", "section is a number, not an array"), ("C", "section is null, not an array")])
-
-    def test_elements_that_are_not_objects(self):
-        self.partly_bad({"X": [1, "s", None, [1, [2, [3]]], True, element("X-1")]}, stored=1, rejected=5)
-
-    def test_elements_missing_dates(self):
-        self.partly_bad({"X": [{"uuid": "a"}, {"uuid": "b", "startDate": None}, {"uuid": "c", "startDate": 5},
-                               {"uuid": "d", "startDate": ""}, element("e")],
-                         "workouts": [{"uuid": "w"}], "medicationDoseEvents": [{"uuid": "m"}]},
-                        stored=1, rejected=6)
-
-    def test_uuid_of_the_wrong_type(self):
-        self.partly_bad({"X": [element(5), element({"a": 1}), element(""), element(True), element(["u"]),
-                               element("ok")]}, stored=1, rejected=5)
-
-    def test_deep_nesting_is_a_400_not_a_crash(self):
-        deep = b"[" * 100000 + b"]" * 100000
-        self.broken(b'{"data": {"X": [' + deep + b"]}}", "nesting")
-        self.broken(b'{"data": {"X": [{"uuid": "a", "startDate": "b", "m": ' + deep + b"}]}}", "nesting")
-        self.broken(b'{"meta": ' + b'{"a":' * 100000 + b"1" + b"}" * 100000 + b"}", "nesting")
-        self.broken(deep, "nesting")
-
-    def test_nan_infinity_and_huge_numbers(self):
-        for constant in (b"NaN", b"Infinity", b"-Infinity"):
-            with self.subTest(constant=constant):
-                self.broken(b'{"data": {"X": [{"uuid": "a", "startDate": "b", "value": ' + constant + b"}]}}",
-                            "not valid JSON")
-        answer = self.send(b'{"data": {"X": [{"uuid": "a", "startDate": "b", "value": 1e400}]}}', 200)
-        self.assertEqual(answer["count"], 1)
-        self.assertEqual(self.query("SELECT record FROM samples"), [('{"uuid": "a", "startDate": "b", "value": 1e400}',)])
-
-    def test_twenty_megabyte_string_value(self):
-        big = "x" * (20 * hr.MIB)
-        answer = self.send(encode({"data": {"X": [element("big", note=big)]}, "blob": big}), 200)
-        self.assertEqual(answer["count"], 1)
-        self.assertEqual(self.query("SELECT length(record) > 20000000 FROM samples"), [(1,)])
-
-    def test_duplicate_keys(self):
-        body = b'{"syncSource": "a", "syncSource": "b", "data": {"X": [{"uuid": "k", "uuid": "k2", "startDate": "s"}]}}'
-        answer = self.send(body, 200)
-        self.assertEqual(answer["count"], 1)
-        self.assertEqual(self.query("SELECT uuid, record FROM samples"),
-                         [("k2", '{"uuid": "k", "uuid": "k2", "startDate": "s"}')])
-
-    def test_non_ascii_and_emoji_keys_and_values(self):
-        payload = {"syncSource": "\u00e9t\u00e9 \U0001F3C3", "data": {
-            "HKQuantityTypeIdentifierHeartRate": [element("\u00fc-1", sourceName="Jane\u2019s Watch \u231a",
-                                                          **{"cl\u00e9": "\u6f22\u5b57", "\U0001F600": 1})],
-            "Typ\u00e9\U0001F4A9": [element("emoji-1")]}}
-        for ensure_ascii in (True, False):
-            with self.subTest(ensure_ascii=ensure_ascii):
-                body = json.dumps(payload, ensure_ascii=ensure_ascii).encode("utf-8")
-                self.send(body, 200)
-        rows = dict(self.query("SELECT uuid, source_name FROM samples"))
-        self.assertEqual(rows["\u00fc-1"], "Jane\u2019s Watch \u231a")
-        record = json.loads(self.query("SELECT record FROM samples WHERE uuid = '\u00fc-1'")[0][0])
-        self.assertEqual(record["cl\u00e9"], "\u6f22\u5b57")
-        self.assertEqual(self.query("SELECT type FROM samples WHERE uuid = 'emoji-1'"), [("Typ\u00e9\U0001F4A9",)])
-        self.assertEqual(self.query("SELECT DISTINCT sync_source FROM syncs"), [("\u00e9t\u00e9 \U0001F3C3",)])
-
-    def test_section_names_that_look_like_sql_or_paths(self):
-        names = ["x'); DROP TABLE samples; --", "../../etc/passwd", "/tmp/x", "samples", "data", "", " ",
-                 "C:\\Windows", "%s %d {}", "\u0000"]
-        data = {name: [element("S-{}".format(i))] for i, name in enumerate(names)}
-        answer = self.partly_bad(data, stored=len(names), rejected=0)
-        self.assertEqual(answer["inserted"]["measurements"], len(names))
-        self.assertEqual(sorted(t for (t,) in self.query("SELECT type FROM samples")), sorted(names))
-
-    def test_workout_routes_with_odd_keys_and_values(self):
-        routes = {"not-a-uuid": [{"timestamp": "t1", "latitude": 1}], "": [{"timestamp": "t1"}],
-                  "\U0001F6B4": [{"timestamp": "t2"}], "W-obj": {"timestamp": "t"}, "W-num": 3, "W-null": None,
-                  "W-mixed": [5, {"timestamp": "t3"}, {"latitude": 2}]}
-        answer = self.send(encode({"data": {}, "workoutRoutes": routes}), 200)
-        self.assertEqual(answer["inserted"]["workoutRoutes"], 4)
-        self.assertEqual(answer["rejected"], 5)
-        self.assertEqual(self.count("workout_route_points"), 4)
-        self.assertEqual(self.send(encode({"workoutRoutes": [1, 2]}), 200)["rejected"], 1)
-        self.assertEqual(self.send(encode({"workoutRoutes": "x"}), 200)["rejected"], 1)
-
-    def test_ten_thousand_tiny_sections(self):
-        data = {"T{}".format(i): [element("T-{}".format(i))] for i in range(10000)}
-        answer = self.partly_bad(data, stored=10000, rejected=0)
-        self.assertEqual(self.count("samples"), 10000)
-        self.assertEqual(self.query("SELECT sections FROM syncs WHERE id = ?", (answer["sync_id"],)), [(10000,)])
-
-    def test_random_mutations_never_get_a_5xx(self):
-        import random
-        rng = random.Random(20261125)
-        base = encode(make_payload(n=4))
-        started = time.monotonic()
-        statuses = {}
-        for _ in range(300):
-            if time.monotonic() - started > 20:
-                break
-            body = bytearray(base)
-            for _ in range(rng.randint(1, 4)):
-                at = rng.randrange(len(body))
-                operation = rng.choice(("flip", "delete", "duplicate"))
-                if operation == "flip":
-                    body[at] = rng.randrange(256)
-                elif operation == "delete":
-                    del body[at:at + rng.randint(1, 40)]
-                else:
-                    body[at:at] = body[at:at + rng.randint(1, 40)]
-            status, _, answer = self.post(bytes(body))
-            statuses[status] = statuses.get(status, 0) + 1
-            self.assertIn(status, (200, 400), (bytes(body), answer))
-        self.assertGreater(sum(statuses.values()), 50)
-        self.assertGreater(statuses.get(400, 0), 0)
-        self.assertEqual(self.request("GET")[0], 200)
-        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
-        self.assertEqual(self.query("SELECT count(*) FROM syncs WHERE status NOT IN ('ok', 'rejected')"), [(0,)])
-
-
-# ---------------------------------------------------------------------------
-# Living with the data: status page, summary, stats, export, import, archive
-# ---------------------------------------------------------------------------
-
-def recent_payload(tag="R", days=5):
-    """Samples of three kinds of chart in the last few days, two workouts."""
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-
-    def stamp(back_days, hour):
-        moment = now - datetime.timedelta(days=back_days)
-        return moment.replace(hour=hour, minute=0, second=0).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-
-    data = {
-        "HKQuantityTypeIdentifierStepCount": [sample("{}-S{}-{}".format(tag, d, h), stamp(d, h), 100 * h, "count")
-                                              for d in range(days) for h in (9, 12)],
-        "HKQuantityTypeIdentifierHeartRate": [sample("{}-H{}-{}".format(tag, d, h), stamp(d, h), 60 + h)
-                                              for d in range(days) for h in (9, 12)],
-        "HKCategoryTypeIdentifierSleepAnalysis": [sample("{}-C{}".format(tag, d), stamp(d, 10), "asleepCore", None)
-                                                  for d in range(days)],
-        "workouts": [{"uuid": "{}-W{}".format(tag, d), "workoutActivityType": "running", "startDate": stamp(d, 8),
-                      "durationSeconds": 1800.0} for d in range(2)],
-    }
-    return {"syncSource": "background-delivery", "data": data,
-            "workoutRoutes": {tag + "-W0": [{"timestamp": stamp(0, 8).replace("00:00.000", "00:0{}.000".format(i)),
-                                             "latitude": 1.0, "longitude": 2.0} for i in range(3)]}}
-
-
-class StatusPageTests(ServerTestCase):
-
-    def test_page_shows_syncs_totals_and_a_chart_per_type(self):
-        self.post(recent_payload())
-        self.post(b"{broken")
-        status, response, page = self.request("GET", "/")
-        self.assertEqual(status, 200)
-        self.assertTrue(response.getheader("Content-Type").startswith("text/html"))
-        page = page.decode("utf-8")
-        self.assertIn("background-delivery", page)
-        self.assertIn('class="fail"', page)
-        self.assertIn("Invalid JSON", page)
-        self.assertRegex(page, "just now|1 min ago")
-        self.assertIn("<td>samples</td><td>25</td>", page)
-        self.assertEqual(page.count("<svg"), 3)
-        for name in ("StepCount", "HeartRate", "SleepAnalysis"):
-            self.assertIn(">{}".format(name), page)
-        self.assertIn("daily total", page)
-        self.assertIn("daily mean, band from min to max", page)
-        self.assertIn("samples per day", page)
-        self.assertIn("<td>running</td>", page)
-        self.assertNotRegex(page, r"<(script|link)\b|https?://(?!www\.w3)")
-
-    def test_summary_json_holds_the_same_facts(self):
-        self.post(recent_payload())
-        status, _, facts = self.request("GET", hr.SUMMARY_PATH)
-        self.assertEqual(status, 200)
-        self.assertEqual(facts["totals"]["samples"], 25)
-        types = {t["name"]: t for t in facts["types"]}
-        self.assertEqual(types["StepCount"]["rows"], 10)
-        self.assertEqual(types["StepCount"]["chart"], "sum")
-        self.assertEqual(types["HeartRate"]["chart"], "mean")
-        self.assertEqual(types["SleepAnalysis"]["chart"], "count")
-        charts = {c["name"]: c for c in facts["charts"]}
-        self.assertEqual(len(charts["StepCount"]["points"]), 90)
-        self.assertEqual(sum(p[1] or 0 for p in charts["StepCount"]["points"]), 5 * (900 + 1200))
-        self.assertEqual(sum(p[1] or 0 for p in charts["SleepAnalysis"]["points"]), 5)
-        heart_days = [p for p in charts["HeartRate"]["points"] if p[1] is not None]
-        self.assertTrue(all(p[2] <= p[1] <= p[3] for p in heart_days))
-        self.assertEqual(len(facts["workouts"]), 2)
-        self.assertEqual(sorted(w["route_points"] for w in facts["workouts"]), [0, 3])
-        self.assertEqual(facts["syncs"][0]["inserted"], 27)
-
-    def test_repeated_sync_keeps_type_totals_exact(self):
-        self.post(recent_payload())
-        self.post(recent_payload())
-        self.post(recent_payload(tag="Q", days=2))
-        facts = self.request("GET", hr.SUMMARY_PATH)[2]
-        rows = {t["name"]: t["rows"] for t in facts["types"]}
-        self.assertEqual(rows, {"StepCount": 14, "HeartRate": 14, "SleepAnalysis": 7})
-        self.assertEqual(rows, dict((hr.short_type_name(t), n) for t, n in self.query(
-            "SELECT type, count(*) FROM samples GROUP BY type")))
-
-
-class StatusPageAuthTests(ServerTestCase):
-    token = TOKEN
-
-    def test_page_requires_the_key_basic_or_header(self):
-        for path in ("/", hr.SUMMARY_PATH):
-            with self.subTest(path=path):
-                status, response, _ = self.request("GET", path)
-                self.assertEqual(status, 401)
-                self.assertTrue(response.getheader("WWW-Authenticate").startswith("Basic"))
-                wrong = base64.b64encode(b"me:wrong").decode()
-                self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic " + wrong})[0], 401)
-                good = base64.b64encode("anyone:{}".format(TOKEN).encode()).decode()
-                self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic " + good})[0], 200)
-                self.assertEqual(self.request("GET", path, headers={"Authorization": "Bearer " + TOKEN})[0], 200)
-                self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic !!"})[0], 401)
-
-    def test_basic_is_not_accepted_for_posting(self):
-        good = base64.b64encode("anyone:{}".format(TOKEN).encode()).decode()
-        self.assertEqual(self.post(make_payload(), headers={"Authorization": "Basic " + good})[0], 401)
-
-
-class DayBoundsTests(unittest.TestCase):
-
-    def test_utc_days(self):
-        now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
-        bounds = hr.day_bounds(90, True, now)
-        self.assertEqual(len(bounds), 90)
-        self.assertEqual(bounds[-1], ("2026-03-10", "2026-03-10T00:00:00.000Z", "2026-03-11T00:00:00.000Z"))
-        self.assertEqual(bounds[0][0], "2025-12-11")
-        self.assertTrue(all(a[2] == b[1] for a, b in zip(bounds, bounds[1:])))
-
-    def test_local_days_are_contiguous(self):
-        bounds = hr.day_bounds(90, False, datetime.datetime.now(datetime.timezone.utc))
-        self.assertEqual(len(bounds), 90)
-        self.assertTrue(all(a[2] == b[1] for a, b in zip(bounds, bounds[1:])))
-
-    def test_chart_kinds_and_short_names(self):
-        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierStepCount"), "sum")
-        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierDietaryWater"), "sum")
-        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierRestingHeartRate"), "mean")
-        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierMindfulSession"), "count")
-        self.assertEqual(hr.chart_kind("moodEntries"), "count")
-        self.assertEqual(hr.short_type_name("HKQuantityTypeIdentifierHeartRate"), "HeartRate")
+    def test_main_exit_codes(self):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            self.assertEqual(hr.main(["--help"]), 0)
+        for flag in ("--host", "--port", "--path", "--db", "--token-file", "--auth-header", "--max-body-mb",
+                     "--quiet", "--timeout", "--max-ingests", "--tls-cert", "--tls-key"):
+            self.assertIn(flag, out.getvalue())
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(hr.main(["--port", "x"]), 2)
+            self.assertEqual(hr.main(["--token-file", os.path.join(self.tmp.name, "missing")]), 2)
+            self.assertEqual(hr.main(["--max-body-mb", "0"]), 2)
+        self.assertIn("token file", err.getvalue())
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(hr.main(["--host", "127.0.0.1", "--port", "0", "--db",
+                                      os.path.join(self.tmp.name, "no", "such", "dir.db")]), 1)
+        self.assertIn("cannot be opened", err.getvalue())
 
 
 class CommandTests(ServerTestCase):
     """stats, export and import against a database filled by real posts."""
-
-    def run_main(self, *argv):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stderr(err):
-            code = hr.main(list(argv), out=out)
-        return code, out.getvalue(), err.getvalue()
 
     def fill(self):
         for body in (make_payload(n=3), recent_payload(), {"data": {"X": [42]}}):
@@ -1575,41 +2044,41 @@ class CommandTests(ServerTestCase):
 
     def test_stats(self):
         self.fill()
-        code, out, _ = self.run_main("stats", "--db", self.db)
+        code, out, _ = run_main("stats", "--db", self.db)
         self.assertEqual(code, 0)
         self.assertIn("Database: " + os.path.abspath(self.db), out)
         self.assertRegex(out, r"samples\s+32\n")
         self.assertRegex(out, r"HeartRate\s+13\s+2026-02-24")
         self.assertIn("rejected: The body must be a JSON object", out)
-        code, out, _ = self.run_main("stats", "--db", self.db, "--json")
+        code, out, _ = run_main("stats", "--db", self.db, "--json")
         facts = json.loads(out)
         self.assertEqual(facts["totals"]["samples"], 32)
         self.assertEqual(len(facts["syncs"]), 4)
         self.assertGreater(facts["database"]["size_bytes"], 0)
-        self.assertEqual(self.run_main("stats", "--db", os.path.join(self.tmp.name, "none.db"))[0], 1)
+        self.assertEqual(run_main("stats", "--db", os.path.join(self.tmp.name, "none.db"))[0], 1)
         # Rows deleted by hand: --recount brings the per-type totals back in line.
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
             conn.execute("DELETE FROM samples WHERE type = 'HKQuantityTypeIdentifierHeartRate'")
             conn.commit()
-        code, out, _ = self.run_main("stats", "--db", self.db, "--recount")
+        code, out, _ = run_main("stats", "--db", self.db, "--recount")
         self.assertEqual(code, 0)
         self.assertNotIn("HeartRate", out)
 
     def test_export_csv_with_type_and_dates(self):
         self.fill()
         out_file = os.path.join(self.tmp.name, "hr.csv")
-        code, _, err = self.run_main("export", "--db", self.db, "--type", "heartrate", "--since", "2026-02-24",
+        code, _, err = run_main("export", "--db", self.db, "--type", "heartrate", "--since", "2026-02-24",
                                      "--until", "2026-02-24", "--output", out_file)
         self.assertEqual(code, 0, err)
         with open(out_file, newline="", encoding="utf-8") as handle:
             rows = list(csv.reader(handle))
-        self.assertEqual(rows[0], list(hr.EXPORT_COLUMNS["samples"]))
+        self.assertEqual(rows[0], list(hr.SECTIONS_BY_NAME["samples"].column_names))
         self.assertEqual(len(rows) - 1, 3)
         self.assertTrue(all(row[1] == "HKQuantityTypeIdentifierHeartRate" for row in rows[1:]))
-        code, out, _ = self.run_main("export", "--db", self.db, "--type", "HKQuantityTypeIdentifierHeartRate")
+        code, out, _ = run_main("export", "--db", self.db, "--type", "HKQuantityTypeIdentifierHeartRate")
         self.assertEqual(len(out.strip().splitlines()), 14)
-        code, _, err = self.run_main("export", "--db", self.db, "--type", "NoSuchType")
-        self.assertEqual(code, 1)
+        code, _, err = run_main("export", "--db", self.db, "--type", "NoSuchType")
+        self.assertEqual(code, 2)
         self.assertIn("HeartRate", err)
 
     def test_export_then_import_reproduces_the_rows(self):
@@ -1618,11 +2087,11 @@ class CommandTests(ServerTestCase):
         folder = os.path.join(self.tmp.name, "export")
         os.mkdir(folder)
         for section in ("samples", "workouts", "routes", "medications", "doses", "characteristics"):
-            code, _, err = self.run_main("export", "--db", self.db, "--section", section, "--format", "ndjson",
+            code, _, err = run_main("export", "--db", self.db, "--section", section, "--format", "ndjson",
                                          "--output", os.path.join(folder, section + ".ndjson"))
             self.assertEqual(code, 0, err)
         fresh = os.path.join(self.tmp.name, "fresh.db")
-        code, out, err = self.run_main("import", "--db", fresh, folder)
+        code, out, err = run_main("import", "--db", fresh, folder)
         self.assertEqual(code, 0, err)
         self.assertIn("6 of 6 files imported", out)
         for sql in ("SELECT uuid, type, start_date, end_date, value, unit, source_name, record FROM samples",
@@ -1635,7 +2104,7 @@ class CommandTests(ServerTestCase):
             with self.subTest(sql=sql):
                 self.assertEqual(self.table_rows(fresh, sql), self.table_rows(self.db, sql))
         # Importing again changes nothing.
-        code, out, _ = self.run_main("import", "--db", fresh, folder)
+        code, out, _ = run_main("import", "--db", fresh, folder)
         self.assertEqual(self.table_rows(fresh, "SELECT count(*) FROM samples"), [(32,)])
 
     def test_import_guide_style_files_and_a_bad_one(self):
@@ -1650,7 +2119,7 @@ class CommandTests(ServerTestCase):
         with open(os.path.join(folder, "notes.txt"), "w") as handle:
             handle.write("ignored")
         fresh = os.path.join(self.tmp.name, "fresh.db")
-        code, out, err = self.run_main("import", "--db", fresh, folder)
+        code, out, err = run_main("import", "--db", fresh, folder)
         self.assertEqual(code, 1)
         self.assertIn("2 of 3 files imported, 1 failed", out)
         self.assertRegex(err, r"export-1771000000001\.json: skipped: Invalid JSON at byte \d+")
@@ -1658,55 +2127,30 @@ class CommandTests(ServerTestCase):
         self.assertEqual(self.table_rows(fresh, "SELECT count(*) FROM workouts"), [(2,)])
         self.assertEqual(self.table_rows(fresh, "SELECT DISTINCT remote_addr FROM syncs WHERE status = 'ok'"),
                          [("import export-1771000000000.json",), ("import export-1771000000002.json.gz",)])
-        code, _, err = self.run_main("import", "--db", fresh, os.path.join(folder, "missing.json"))
+        code, _, err = run_main("import", "--db", fresh, os.path.join(folder, "missing.json"))
         self.assertEqual(code, 1)
         self.assertIn("missing.json: skipped", err)
 
 
-class ArchiveTests(ServerTestCase):
+class CommandShapeTests(unittest.TestCase):
+    """Every command: 0 done, 1 failed, 2 usage."""
 
-    def server_options(self):
-        self.archive = os.path.join(self.tmp.name, "archive")
-        os.mkdir(self.archive)
-        return {"archive": self.archive}
-
-    def archived(self):
-        return sorted(name for name in os.listdir(self.archive))
-
-    def test_archive_only_for_committed_syncs_and_reimport(self):
-        body = b"\xef\xbb\xbf" + json.dumps(make_payload(n=4), indent=1).encode()
-        _, _, answer = self.post(body)
-        self.post(b'{"data": []}')
-        with contextlib.closing(sqlite3.connect(self.db)) as conn:
-            conn.execute("BEGIN EXCLUSIVE")
-            self.assertEqual(self.post(make_payload(tag="L"))[0], 503)
-            conn.execute("ROLLBACK")
-        deadline = time.monotonic() + 5
-        while not self.archived() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        names = self.archived()
-        self.assertEqual(len(names), 1, names)
-        self.assertRegex(names[0], r"^\d{8}T\d{6}Z-%d\.json\.gz$" % answer["sync_id"])
-        with gzip.open(os.path.join(self.archive, names[0])) as handle:
-            self.assertEqual(handle.read(), body)
-        fresh = os.path.join(self.tmp.name, "fresh.db")
-        with contextlib.redirect_stderr(io.StringIO()):
-            self.assertEqual(hr.main(["import", "--db", fresh, self.archive], out=io.StringIO()), 0)
-        sql = "SELECT uuid, type, record FROM samples ORDER BY uuid"
-        with contextlib.closing(sqlite3.connect(fresh)) as conn:
-            self.assertEqual(conn.execute(sql).fetchall(), self.query(sql))
-
-    def test_archive_failure_never_fails_a_stored_sync(self):
-        os.rmdir(self.archive)
-        with open(self.archive, "w"):
-            pass  # a file where the folder should be
-        status, _, answer = self.post(make_payload())
-        self.assertEqual(status, 200, answer)
-        self.assertEqual(self.count("workouts"), 1)
-        deadline = time.monotonic() + 5
-        while "could not be archived" not in self.log.getvalue() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self.assertIn("could not be archived", self.log.getvalue())
+    def test_exit_statuses_are_the_same_for_every_command(self):
+        with tempfile.TemporaryDirectory() as folder:
+            missing = os.path.join(folder, "none.db")
+            cases = [(["stats", "--bogus"], 2), (["export", "--bogus"], 2), (["import"], 2), (["bench", "--runs", "x"], 2),
+                     (["--port", "x"], 2), (["serve", "--max-ingests", "0"], 2), (["stats", "--db", missing], 1),
+                     (["export", "--db", missing], 1), (["import", "--db", missing, os.path.join(folder, "x.json")], 1),
+                     (["export", "--db", missing, "--since", "soon"], 2)]
+            for argv, expected in cases:
+                with self.subTest(argv=argv):
+                    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                        self.assertEqual(hr.main(argv, out=io.StringIO()), expected)
+            for name in hr.COMMANDS:
+                with self.subTest(command=name):
+                    with contextlib.redirect_stdout(io.StringIO()) as out:
+                        self.assertEqual(hr.main([name, "--help"]), 0)
+                    self.assertIn("usage:", out.getvalue())
 
 
 if __name__ == "__main__":
