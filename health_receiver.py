@@ -24,12 +24,15 @@ Map of this file, each section depending only on those above it:
 
     Errors        exceptions, and escaping client text for the log
     Ingest        dates, row functions, the SECTIONS registry, the JSON walker
+                  that reads a body as it arrives
     Storage       SQLite connections, schema derived from SECTIONS,
-                  MIGRATIONS, writing one sync in one transaction
+                  MIGRATIONS, a sync's rows staged in a temporary file and
+                  merged in one transaction
     Reporting     summary, CHART_KINDS and their daily data, export rows,
                   NDJSON export lines and their import (read-only)
     Presentation  the status page: HTML with inline SVG charts
-    Sync workflow one sync from bytes to stored rows, shared by HTTP and import
+    Sync workflow one sync from arriving bytes to stored rows, shared by HTTP
+                  and import; the archive
     HTTP          configuration, request checks, body reading, handler, server
     Command line  serve, stats, export, import: COMMANDS
     Bench         `bench`: the receiver against a baseline, at any database size
@@ -95,39 +98,49 @@ DEFAULT_DB = "health.db"
 DEFAULT_MAX_BODY_MB = 100
 #: Default idle timeout of a connection, in seconds.
 DEFAULT_TIMEOUT = 30.0
-#: Default number of request bodies held in memory at once.
-DEFAULT_MAX_INGESTS = 2
+#: Default bound of the temporary disk that syncs being received take, in MiB.
+DEFAULT_MAX_TMP_MB = 1024
 #: Path of the JSON summary the status page shows.
 SUMMARY_PATH = "/api/summary"
 #: Environment variable holding the key the app sends.
 TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
 #: Bytes in one MiB: limits are in MiB, as the app's "50 MB" is.
 MIB = 1024 * 1024
-#: Rows collected before one executemany; bounds memory, keeps SQLite busy.
-BATCH_ROWS = 5000
-#: Bytes read from the socket at a time.
-READ_CHUNK = 1024 * 1024
+#: Rows collected before one executemany: bounds memory (bench: 1,000 rows
+#: cost 1 MB where 5,000 cost 4 MB, at the same speed).
+BATCH_ROWS = 1000
+#: Bytes read from the socket (or a file) at a time.
+READ_CHUNK = 256 * 1024
+#: Bytes the walker reads ahead at least when its window runs out.
+WINDOW_MIN = 64 * 1024
+#: Longest chunk-size line of a chunked body (a 16-digit size, extensions, CRLF).
+CHUNK_LINE_MAX = 1026
+#: Longest trailer line of a chunked body, and how many are read.
+TRAILER_LINE_MAX = 8192
+TRAILER_FIELDS_MAX = 100
 #: Slowest body upload accepted, in bytes per second, for the body deadline.
 MIN_UPLOAD_RATE = 64 * 1024
 #: Seconds SQLite waits for another program's lock before giving up (503).
 BUSY_TIMEOUT = 10.0
-#: Seconds a POST waits for a free ingest slot before it gets 503.
-INGEST_SLOT_WAIT = 20.0
 #: Seconds a stop waits for the syncs in flight to be stored and answered.
 SHUTDOWN_WAIT = 60
 #: Seconds the app is told to wait before retrying after a 503.
 RETRY_AFTER = 30
 #: SQLite page size for new databases (bench: 16 KiB inserts ~20% faster than 4 KiB).
 PAGE_SIZE = 16384
-#: SQLite page cache of the writer in KiB: big enough to spare most index
-#: page rewrites, small enough that a sync's peak memory is the body's.
-CACHE_KIB = 8000
+#: SQLite page cache of the writer in KiB.  Rows go in in key order, so few
+#: pages are hot at a time (bench: 2 MB merges as fast as 8 MB).
+CACHE_KIB = 2000
+#: SQLite page cache of a sync's temporary file in KiB: its rows arrive in
+#: key order, so few pages are hot at a time.
+STAGE_CACHE_KIB = 2000
 #: SQLite page cache of a migration in KiB: it rewrites whole tables.
 MIGRATION_CACHE_KIB = 64000
 #: Rows a migration copies between two progress lines.
 MIGRATION_PROGRESS_ROWS = 1000000
 #: Largest integer SQLite stores as INTEGER.
 SQLITE_INT_MAX = 2 ** 63 - 1
+_SQLITE_INT_MIN = -SQLITE_INT_MAX - 1
 #: Envelope fields longer than this (in bytes of JSON) are kept as text only.
 ENVELOPE_VALUE_MAX = 4096
 #: Client text quoted in a log line is cut to this many characters.
@@ -267,6 +280,8 @@ def _json_kind(value):
         return "a string"
     if isinstance(value, list):
         return "an array"
+    if value is TOO_DEEP:
+        return "nested too deeply to be read"
     return "an object"
 
 
@@ -310,24 +325,30 @@ def _text_or_none(value):
 # canonical UTC (or rejects the row) a whole batch at a time.
 
 def _sample_row(obj, raw, section):
-    uuid = _identity(section, obj)
-    if uuid is None:
-        return _bad_uuid(obj)
-    start = obj.get("startDate")
+    # The hot path of a sync: one call per sample, so nothing is called that
+    # the common element (uuid, ASCII dates, a number) does not need.
+    get = obj.get
+    uuid = get("uuid")
+    if uuid.__class__ is not str or not uuid:
+        if uuid is not None:
+            return _bad_uuid(obj)
+        uuid = content_key(section, obj)
+    start = get("startDate")
     if start is None:
-        start = obj.get("date")
+        start = get("date")
     if start.__class__ is not str or not start:
         return "startDate missing or not a string"
-    end = obj.get("endDate")
+    end = get("endDate")
     if end.__class__ is not str or not end:
         end = None  # the record keeps whatever was sent
-    value = obj.get("value")
-    if value.__class__ is not float and value.__class__ is not str:
+    value = get("value")
+    kind = value.__class__
+    if kind is not float and kind is not str and (kind is not int or not _SQLITE_INT_MIN <= value <= SQLITE_INT_MAX):
         value = _to_sql(value)
-    unit = obj.get("unit")
+    unit = get("unit")
     if unit.__class__ is not str:
         unit = _to_sql(unit)
-    source = obj.get("sourceName")
+    source = get("sourceName")
     if source.__class__ is not str:
         source = _to_sql(source)
     return (uuid, section, start, end, value, unit, source, raw)
@@ -478,27 +499,38 @@ class Section:
         return statements
 
     @property
-    def insert_sql(self):
-        """The row's values, then the sync id as the last parameter."""
-        values = ", ".join(["?"] * len(self.columns) + [f"?{len(self.columns) + 1}"] * len(self.sync_columns))
-        names = ", ".join(self.column_names)
+    def stage_create_sql(self):
+        """The table a sync's rows wait in (see Stage): the section's columns
+        and key, clustered, so the merge reads them in key order."""
+        columns = ", ".join(f"{name} {kind}".rstrip() for name, kind in self.columns)
+        return f"CREATE TABLE {self.table} ({columns}, PRIMARY KEY ({', '.join(self.key)})) WITHOUT ROWID"
+
+    @property
+    def stage_insert_sql(self):
+        """Within one sync the first element of a key is kept, or the last
+        one when the latest wins, as the merge into the database does."""
+        verb = "INSERT OR REPLACE" if self.latest_wins else "INSERT OR IGNORE"
+        return f"{verb} INTO {self.table} VALUES ({', '.join('?' * len(self.columns))})"
+
+    def merge_sql(self, where=""):
+        """Copy the staged rows (``where`` chooses some) into the database,
+        in key order; parameter :sync_id fills the sync columns."""
+        names = [name for name, _type in self.columns]
+        source = (f"SELECT {', '.join(names + [':sync_id'] * len(self.sync_columns))} FROM stage.{self.table}"
+                  f"{where}")
+        target = f"main.{self.table} ({', '.join(self.column_names)})"
         if not self.latest_wins:
-            return f"INSERT OR IGNORE INTO {self.table} ({names}) VALUES ({values})"
+            return f"INSERT OR IGNORE INTO {target} {source} ORDER BY {', '.join(self.key)}"
         updated = [name for name in self.column_names if name not in self.key and name not in self.kept_on_update]
-        return (f"INSERT INTO {self.table} ({names}) VALUES ({values}) ON CONFLICT ({', '.join(self.key)}) "
+        return (f"INSERT INTO {target} {source} WHERE true ON CONFLICT ({', '.join(self.key)}) "
                 f"DO UPDATE SET {', '.join(f'{name} = excluded.{name}' for name in updated)}")
 
     @property
-    def exists_sql(self):
-        """Whether a row with the key of a row tuple is stored already."""
-        return f"SELECT 1 FROM {self.table} WHERE {' AND '.join(f'{name} = ?' for name in self.key)}"
-
-    @property
-    def row_key(self):
-        """A row tuple's key (a value, or a tuple for a key of several
-        columns): batches are sorted by it, so rows go in in key order."""
-        names = [name for name, _type in self.columns]
-        return operator.itemgetter(*(names.index(name) for name in self.key))
+    def count_new_sql(self):
+        """Staged rows whose key the database does not hold yet."""
+        match = " AND ".join(f"stored.{name} = staged.{name}" for name in self.key)
+        return (f"SELECT count(*) FROM stage.{self.table} AS staged WHERE NOT EXISTS "
+                f"(SELECT 1 FROM main.{self.table} AS stored WHERE {match})")
 
 
 #: Every section, in the order the answer, totals and export list them.
@@ -546,43 +578,108 @@ DEFAULT_SECTION = next(section for section in SECTIONS if not section.app_keys)
 _SECTIONS_BY_APP_KEY = {key: section for section in SECTIONS for key in section.app_keys}
 
 
+class _TooDeep:
+    """The value of an element nested too deeply for the json module."""
+
+    def __repr__(self):
+        return "TOO_DEEP"
+
+
+#: Stands for a value too deeply nested to be read (its text is kept).
+TOO_DEEP = _TooDeep()
+#: Characters that open, close or quote in JSON, to skip a nested value.
+_STRUCTURE = re.compile(r'["\[\]{}]')
+#: The rest of a string after its opening quote.
+_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
 class Payload:
-    """Walks one sync's JSON text and yields ``(section, rows)`` batches.
+    """Walks one sync's JSON as it arrives and yields ``(section, rows)``.
 
-    ``section`` is a Section, or None for rows of the ``rejected`` table
-    ``(where, reason, text)``.  Every row ends with the sync id (``tag``).
+    ``section`` is a Section and ``rows`` tuples in its column order, or
+    ``section`` is None and ``rows`` are ``(where, reason, text)`` for the
+    ``rejected`` table.
 
-    The text is the body decoded as latin-1: every byte is one character, so
-    offsets are byte offsets and memory is one byte per byte whatever the
-    content.  UTF-8 never uses bytes below 0x80 inside a multi-byte
+    ``pieces`` is any iterable of bytes (socket reads, decompressed data, a
+    file): the walker holds a window of the body, the text from the element
+    it is reading to the end of the last piece, and reads the next piece
+    when an element, key or gap runs past the window.  The window grows only
+    as large as the largest element (and the last piece); the whole body is
+    never in memory.  Positions are offsets in the whole body, so an error
+    names the byte wherever it is.
+
+    The window is the body decoded as latin-1: every byte is one character,
+    so positions are byte offsets and memory is one byte per byte whatever
+    the content.  UTF-8 never uses bytes below 0x80 inside a multi-byte
     character, so JSON structure reads the same; an element holding
-    non-ASCII bytes is re-read from its real text before use.
+    non-ASCII bytes is re-read from its real text, which also checks that
+    it is UTF-8 (JSON outside strings is ASCII).
 
     Only one array element exists as Python objects at a time: the top-level
     object, ``data`` and ``workoutRoutes`` are walked by hand, each element is
     read with the json module's scanner.  After iteration, ``envelope`` holds
     the other top-level fields (small ones decoded, all as original JSON text
-    in ``envelope_text``) and ``sections`` the names of the ``data`` sections.
+    in ``envelope_text``), ``sections`` the names of the ``data`` sections and
+    ``size`` the body's length.
     """
 
-    def __init__(self, text, start=0):
-        self.text = text
-        self.start = start
+    def __init__(self, pieces, read_ahead=WINDOW_MIN):
+        self._pieces = iter(pieces)
+        self._read_ahead = read_ahead
+        #: The window: the latin-1 view of body[base:base + len(text)].
+        self.text = ""
+        self.base = 0
+        self.eof = False
+        self.size = 0
         self.envelope = {}
         self.envelope_text = {}
         self.sections = []
-        self._tag = None
 
     @classmethod
     def from_bytes(cls, body):
-        """A payload over the latin-1 view of ``body`` (see the class).
+        """A payload over a body that is already in memory."""
+        return cls((body,))
 
-        UTF-8 is checked where it matters, as each string-holding element or
-        key is re-decoded: JSON outside strings is ASCII, so nothing escapes
-        that check.  A UTF-8 byte order mark is skipped.
-        """
-        text = body.decode("latin-1")
-        return cls(text, 3 if text.startswith("\xef\xbb\xbf") else 0)
+    # -- the window ----------------------------------------------------------
+
+    def _extend(self, keep):
+        """Read the next piece into the window, dropping the text before
+        ``keep``; False at the end of the body."""
+        if self.eof:
+            return False
+        # Pieces are gathered until they at least double what is kept, so
+        # that an element arriving in tiny pieces is not copied once per piece.
+        keep = min(keep, self.base + len(self.text))
+        kept = len(self.text) - (keep - self.base)
+        gathered, size = [], 0
+        for piece in self._pieces:
+            gathered.append(piece)
+            size += len(piece)
+            if size >= max(kept, self._read_ahead):
+                break
+        else:
+            self.eof = True
+        if not size:
+            return False
+        self.size += size
+        self.text = self.text[keep - self.base:] + b"".join(gathered).decode("latin-1")
+        self.base = keep
+        return True
+
+    def _char(self, pos):
+        """The character at ``pos``, or "" at the end of the body."""
+        while pos - self.base >= len(self.text):
+            if not self._extend(pos):
+                return ""
+        return self.text[pos - self.base]
+
+    def _skip(self, pos):
+        """The first position at or after ``pos`` that is not white space."""
+        while True:
+            end = _skip_ws(self.text, pos - self.base).end() + self.base
+            if end - self.base < len(self.text) or not self._extend(end):
+                return end
+            pos = end
 
     # -- reading JSON --------------------------------------------------------
 
@@ -590,25 +687,78 @@ class Payload:
         raise PayloadError(f"Invalid JSON at byte {pos}: {message}.")
 
     def _scan_error(self, exc, pos):
-        """Turn an exception of the scanner at ``pos`` into a PayloadError."""
+        """Turn an exception of the scanner at ``pos`` into a PayloadError
+        (the scanner's own positions are in the window)."""
         if isinstance(exc, StopIteration):
-            self._fail("expected a value", exc.value)
+            self._fail("expected a value", exc.value + self.base)
         if isinstance(exc, json.JSONDecodeError):
-            self._fail(exc.msg[0].lower() + exc.msg[1:], exc.pos)
-        if isinstance(exc, RecursionError):
-            self._fail("nesting is too deep", pos)
+            self._fail(exc.msg[0].lower() + exc.msg[1:], exc.pos + self.base)
         self._fail(str(exc).rstrip("."), pos)  # NaN/Infinity, oversized integers
+
+    def _may_continue(self, exc):
+        """Whether a scanner error may only mean that the window ended."""
+        if isinstance(exc, StopIteration):
+            at = exc.value
+        elif isinstance(exc, json.JSONDecodeError):
+            if exc.msg.startswith("Unterminated string"):
+                return True
+            at = exc.pos
+        else:
+            return False
+        return at >= len(self.text) - 8  # "false" cut short is 8 characters from the end at most
+
+    def _scan_latin(self, pos):
+        """(value, end) of the value at ``pos`` read from the window, more
+        of the body read as needed.  The value is TOO_DEEP when it is nested
+        too deeply for the scanner; ``end`` is then found by brackets."""
+        while True:
+            text, base = self.text, self.base
+            try:
+                value, end = _scan_value(text, pos - base)
+            except RecursionError:
+                return TOO_DEEP, self._skip_nested(pos)
+            except (StopIteration, ValueError) as exc:
+                if self._may_continue(exc) and self._extend(pos):
+                    continue
+                self._scan_error(exc, pos)
+            # A value that reaches the window's end may go on (a number).
+            if end < len(text) or not self._extend(pos):
+                return value, end + base
+
+    def _skip_nested(self, pos):
+        """The end of the array or object at ``pos``, found by counting
+        brackets outside strings (for values too deep for the scanner)."""
+        depth, at = 0, pos
+        while True:
+            match = _STRUCTURE.search(self.text, at - self.base)
+            if match is None:
+                at = self.base + len(self.text)
+                if not self._extend(pos):
+                    self._fail("unexpected end of the body", at)
+                continue
+            char, at = match.group(), match.start() + self.base
+            if char == '"':
+                rest = _STRING_REST.match(self.text, at - self.base + 1)
+                if rest is None:
+                    if not self._extend(pos):
+                        self._fail("unterminated string", at)
+                    continue
+                at = rest.end() + self.base
+            elif char in "[{":
+                depth, at = depth + 1, at + 1
+            else:
+                depth, at = depth - 1, at + 1
+                if depth == 0:
+                    return at
 
     def _element(self, pos):
         """Scan the value at ``pos``; return (value, its real JSON text, end)."""
-        try:
-            value, end = _scan_value(self.text, pos)
-        except (StopIteration, ValueError, RecursionError) as exc:
-            self._scan_error(exc, pos)
-        raw = self.text[pos:end]
+        value, end = self._scan_latin(pos)
+        raw = self.text[pos - self.base:end - self.base]
         if not raw.isascii():
             raw = self._utf8(raw, pos)
-            value = _scan_value(raw, 0)[0]
+            if value is not TOO_DEEP:
+                value = _scan_value(raw, 0)[0]
         return value, raw, end
 
     def _utf8(self, raw, pos):
@@ -620,42 +770,42 @@ class Payload:
 
     def _key(self, pos):
         """Read the key at ``pos``; return (key, position of its value)."""
-        text = self.text
-        if text[pos:pos + 1] != '"':
+        if self._char(pos) != '"':
             self._fail("expected a quoted key", pos)
-        try:
-            key, end = _scan_string(text, pos + 1, True)
-        except json.JSONDecodeError as exc:
-            self._scan_error(exc, pos)
+        while True:
+            text, base = self.text, self.base
+            try:
+                key, end = _scan_string(text, pos - base + 1, True)
+                break
+            except json.JSONDecodeError as exc:
+                if self._may_continue(exc) and self._extend(pos):
+                    continue
+                self._scan_error(exc, pos)
         if not key.isascii():
-            key = _scan_string(self._utf8(text[pos:end], pos), 1, True)[0]
-        end = _skip_ws(text, end).end()
-        if text[end:end + 1] != ":":
+            key = _scan_string(self._utf8(text[pos - base:end], pos), 1, True)[0]
+        end = self._skip(end + base)
+        if self._char(end) != ":":
             self._fail("expected ':' after a key", end)
-        return key, _skip_ws(text, end + 1).end()
+        return key, self._skip(end + 1)
 
     def _walk_object(self, pos, on_member):
         """For each member of the object at ``pos``, delegate to the generator
         ``on_member(key, value_pos)``, which returns the value's end.  Return
         the end of the object."""
-        text = self.text
-        pos = _skip_ws(text, pos + 1).end()
-        if text[pos:pos + 1] == "}":
+        pos = self._skip(pos + 1)
+        if self._char(pos) == "}":
             return pos + 1
         while True:
             key, pos = self._key(pos)
             pos = yield from on_member(key, pos)
-            pos = _skip_ws(text, pos).end()
-            char = text[pos:pos + 1]
+            pos = self._skip(pos)
+            char = self._char(pos)
             if char == ",":
-                pos = _skip_ws(text, pos + 1).end()
+                pos = self._skip(pos + 1)
             elif char == "}":
                 return pos + 1
             else:
                 self._fail("expected ',' or '}' after an object member", pos)
-
-    def _rejected(self, where, reason, raw):
-        return None, [(where, reason, raw, self._tag)]
 
     def _settled(self, section, batch, where):
         """Yield the batch with its dates in canonical UTC.
@@ -682,7 +832,7 @@ class Payload:
                     continue
                 value = utc_date(value)
                 if value is None and number == 0:
-                    rejected.append((where, f"{field} is not a date", row[record], self._tag))
+                    rejected.append((where, f"{field} is not a date", row[record]))
                     break
                 row = row[:position] + (value,) + row[position + 1:]
             else:
@@ -700,25 +850,34 @@ class Payload:
         workout of a route); elements that cannot be rows go to ``rejected``
         under ``where`` (by default ``label``).  This is the hot loop: most
         of a large sync's elements pass here, so the section is looked up
-        once per array, never per element.
+        once per array, never per element, and the window is only touched
+        when an element runs past it.
         """
         where = where or label
-        text = self.text
-        tag = self._tag
         scan = _scan_value
         make_row = section.make_row
         latin_row = _sample_row_latin if make_row is _sample_row else None
         batch = []
-        pos = _skip_ws(text, pos + 1).end()
-        if text[pos:pos + 1] == "]":
+        pos = self._skip(pos + 1)
+        if self._char(pos) == "]":
             return pos + 1
+        text, base = self.text, self.base
         while True:
+            start = pos - base
             try:
-                obj, end = scan(text, pos)
-            except (StopIteration, ValueError, RecursionError) as exc:
-                self._scan_error(exc, pos)
-            raw = text[pos:end]
-            if raw.isascii():
+                obj, end = scan(text, start)
+                edge = end >= len(text) and not self.eof
+            except (StopIteration, ValueError, RecursionError):
+                edge = True
+            if edge:  # past the window, an error, or too deep: the careful way
+                obj, end = self._scan_latin(pos)
+                text, base = self.text, self.base
+                start, end = pos - base, end - base
+            raw = text[start:end]
+            if obj is TOO_DEEP:
+                row = "element is nested too deeply to be read"
+                raw = raw if raw.isascii() else self._utf8(raw, pos)
+            elif raw.isascii():
                 row = make_row(obj, raw, label) if obj.__class__ is dict else None
             else:
                 try:
@@ -738,51 +897,56 @@ class Payload:
             if row is None:
                 row = f"element is {_json_kind(obj)}, not an object"
             if row.__class__ is str:
-                yield None, [(where, row, raw, tag)]
+                yield None, [(where, row, raw)]
             else:
-                batch.append(row + (tag,))
+                batch.append(row)
                 if len(batch) >= BATCH_ROWS:
                     yield from self._settled(section, batch, where)
                     batch = []
             char = text[end:end + 1]
-            if char not in ",]":
-                end = _skip_ws(text, end).end()
+            if char != "," and char != "]":
+                end = self._skip(base + end)
+                text, base = self.text, self.base
+                end -= base
                 char = text[end:end + 1]
             if char == ",":
-                pos = end + 1
-                if text[pos:pos + 1] not in '{["':
-                    pos = _skip_ws(text, pos).end()
+                pos = base + end + 1
+                if text[end + 1:end + 2] not in '{["' or end + 2 > len(text):
+                    pos = self._skip(pos)
+                    text, base = self.text, self.base
             elif char == "]":
                 if batch:
                     yield from self._settled(section, batch, where)
-                return end + 1
+                return base + end + 1
             else:
-                self._fail("expected ',' or ']' in an array", end)
+                self._fail("expected ',' or ']' in an array", base + end)
 
     # -- the payload ---------------------------------------------------------
 
-    def batches(self, tag=None):
-        """Yield ``(section, rows)``; every row ends with ``tag`` (the sync id).
+    def batches(self):
+        """Yield ``(section, rows)`` as the body arrives.
 
         Raises PayloadError, possibly after some batches were yielded: the
-        caller must then discard them (storage rolls back).
+        caller must then discard them (storage never merges them).
         """
-        self._tag = tag
-        text = self.text
-        pos = _skip_ws(text, self.start).end()
-        if pos >= len(text):
+        while len(self.text) < 3 and self._extend(0):
+            pass
+        pos = self._skip(3 if self.text.startswith("\xef\xbb\xbf") else 0)  # a UTF-8 byte order mark
+        char = self._char(pos)
+        if not char:
             raise PayloadError("The body is empty; expected a JSON object.")
-        if text[pos] != "{":
+        if char != "{":
             value = self._element(pos)[0]
-            raise PayloadError(f"The body must be a JSON object, not {_json_kind(value)}.")
+            kind = "an array" if value is TOO_DEEP else _json_kind(value)
+            raise PayloadError(f"The body must be a JSON object, not {kind}.")
         end = yield from self._walk_object(pos, self._top_member)
-        end = _skip_ws(text, end).end()
-        if end != len(text):
+        end = self._skip(end)
+        if self._char(end):
             self._fail("unexpected data after the top-level object", end)
 
     def _top_member(self, key, pos):
         if key == "data":
-            if self.text[pos:pos + 1] != "{":
+            if self._char(pos) != "{":
                 value = self._element(pos)[0]
                 raise PayloadError(f"'data' must be an object of sections, not {_json_kind(value)}.")
             return (yield from self._walk_object(pos, self._data_member))
@@ -790,7 +954,8 @@ class Payload:
         if section is not None and section.shape == "routes":
             return (yield from self._section(section, key, pos))
         value, raw, end = self._element(pos)
-        self.envelope[key] = value if len(raw) <= ENVELOPE_VALUE_MAX else None
+        small = len(raw) <= ENVELOPE_VALUE_MAX and value is not TOO_DEEP
+        self.envelope[key] = value if small else None
         self.envelope_text[key] = raw
         if section is not None and section.shape == "object":
             yield from self._object_section(section, value, raw, key)
@@ -805,14 +970,14 @@ class Payload:
         """Rows of one section's value at ``pos``, of whatever shape."""
         where = where or key
         if section.shape == "array":
-            if self.text[pos:pos + 1] == "[":
+            if self._char(pos) == "[":
                 return (yield from self._array(pos, section, key))
             value, raw, end = self._element(pos)
-            yield self._rejected(where, f"section is {_json_kind(value)}, not an array", raw)
+            yield None, [(where, f"section is {_json_kind(value)}, not an array", raw)]
             return end
-        if self.text[pos:pos + 1] != "{":
+        if self._char(pos) != "{":
             value, raw, end = self._element(pos)
-            yield self._rejected(where, f"{key} is {_json_kind(value)}, not an object", raw)
+            yield None, [(where, f"{key} is {_json_kind(value)}, not an object", raw)]
             return end
         if section.shape == "object":
             value, raw, end = self._element(pos)
@@ -822,17 +987,17 @@ class Payload:
 
     def _route(self, section, workout, pos):
         where = "workoutRoutes/" + workout  # rejected rows name the route they came from
-        if self.text[pos:pos + 1] != "[":
+        if self._char(pos) != "[":
             value, raw, end = self._element(pos)
-            yield self._rejected(where, f"route is {_json_kind(value)}, not an array", raw)
+            yield None, [(where, f"route is {_json_kind(value)}, not an array", raw)]
             return end
         return (yield from self._array(pos, section, workout, where))
 
     def _object_section(self, section, value, raw, where):
         if value.__class__ is not dict:
-            yield self._rejected(where, f"{section.app_keys[0]} is {_json_kind(value)}, not an object", raw)
+            yield None, [(where, f"{section.app_keys[0]} is {_json_kind(value)}, not an object", raw)]
             return
-        rows = [section.make_row(name, item) + (self._tag,) for name, item in value.items()]
+        rows = [section.make_row(name, item) for name, item in value.items()]
         if rows:
             yield section, rows
 
@@ -934,6 +1099,10 @@ CREATE TABLE IF NOT EXISTS sample_types (
 """
 
 _REJECTED_SQL = "INSERT INTO rejected (section, reason, record, sync_id) VALUES (?, ?, ?, ?)"
+_STAGE_REJECTED_SQL = "INSERT INTO rejected (section, reason, record) VALUES (?, ?, ?)"
+#: Names of the temporary files of syncs: prefix, database name, pid, number, suffix.
+_STAGE_PREFIX = "."
+_STAGE_SUFFIX = ".stage"
 #: Tables kept by the receiver itself, besides the sections' tables.
 BOOKKEEPING_TABLES = ("rejected", "syncs")
 
@@ -1221,12 +1390,16 @@ class Store:
     and are never blocked by a running ingest (WAL).
     """
 
-    def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT, tmp_dir=None):
         self.path = path
         self.busy_timeout = busy_timeout
+        #: Where syncs wait while their body arrives (see Stage).
+        self.tmp_dir = tmp_dir or os.path.dirname(os.path.abspath(path))
         self._write_lock = threading.Lock()
         self._closed = False
         self._kept = None
+        self._stage_lock = threading.Lock()
+        self._stages = 0
 
     # -- connections and schema ---------------------------------------------
 
@@ -1239,6 +1412,7 @@ class Store:
                 self._migrate(conn, report or (lambda text: None))
             except sqlite3.Error as exc:
                 raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
+        self.remove_stale_stages()
 
     def _migrate(self, conn, report):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -1383,36 +1557,58 @@ class Store:
 
     # -- writing a sync ----------------------------------------------------
 
-    def store_sync(self, payload, remote_addr=None, body_bytes=0):
-        """Store every row of ``payload`` in one transaction; return the
-        SyncResult once committed.
+    def stage(self):
+        """A new Stage for one sync's rows, in ``tmp_dir``; the caller
+        closes it (which removes its file)."""
+        folder = self.tmp_dir
+        with self._stage_lock:
+            self._stages += 1
+            name = f"{_STAGE_PREFIX}{os.path.basename(self.path)}.{os.getpid()}.{self._stages}{_STAGE_SUFFIX}"
+        try:
+            return Stage(os.path.join(folder, name))
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"Cannot create a temporary file in {folder}: {exc}.") from exc
 
-        A PayloadError rolls everything back and is raised again; a database
-        error does the same as StorageUnavailable.  Neither is recorded here
-        (see record_failure).
-        """
-        started = time.monotonic()
-        result = SyncResult(remote_addr=remote_addr, body_bytes=body_bytes or 0)
+    def remove_stale_stages(self):
+        """Remove the temporary files of syncs that a stopped process left
+        (a crash, a power cut); those of running processes stay."""
+        folder = self.tmp_dir
+        prefix = f"{_STAGE_PREFIX}{os.path.basename(self.path)}."
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if name.startswith(prefix) and name.endswith(_STAGE_SUFFIX):
+                    pid = name[len(prefix):].split(".")[0]
+                    if not pid.isdigit() or not _process_alive(int(pid)):
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(folder, name))
+
+    def merge(self, stage, payload, remote_addr=None, started=None):
+        """Move a complete sync's staged rows into the database in one
+        transaction, holding the write lock only for that; return the
+        SyncResult once committed.  A database error rolls back and raises
+        StorageUnavailable."""
+        started = time.monotonic() if started is None else started
+        result = SyncResult(remote_addr=remote_addr, body_bytes=payload.size, received=dict(stage.received),
+                            rejected=stage.rejected, sections=len(payload.sections), envelope=payload.envelope)
+        stage.finish()
         with self.writer(keep=True) as conn:
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                cur = conn.execute(
-                    "INSERT INTO syncs (received_at, remote_addr, body_bytes, status) VALUES (?, ?, ?, 'pending')",
-                    (utc_now(), remote_addr, body_bytes))
-                sync_id = result.sync_id = cur.lastrowid
-                self._write_rows(conn, payload.batches(sync_id), sync_id, result)
-                result.sections = len(payload.sections)
-                result.envelope = payload.envelope
-                result.duration = time.monotonic() - started
-                self._finish_sync(conn, sync_id, result, payload.envelope_text)
-                conn.execute("COMMIT")
-                return result
-            except PayloadError:
-                _rollback(conn)
-                raise
+                conn.execute("ATTACH DATABASE ? AS stage", (stage.path,))
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    sync_id = result.sync_id = conn.execute(
+                        "INSERT INTO syncs (received_at, remote_addr, body_bytes, status) VALUES (?, ?, ?, 'pending')",
+                        (utc_now(), remote_addr, payload.size)).lastrowid
+                    self._merge_rows(conn, stage, sync_id, result)
+                    result.duration = time.monotonic() - started
+                    self._finish_sync(conn, sync_id, result, payload.envelope_text)
+                    conn.execute("COMMIT")
+                finally:
+                    _rollback(conn)
+                    conn.execute("DETACH DATABASE stage")
             except sqlite3.Error as exc:
-                _rollback(conn)
                 raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
+        return result
 
     def record_failure(self, failure):
         """Keep a ``syncs`` row for a sync that stored nothing (best effort:
@@ -1427,72 +1623,29 @@ class Store:
                      failure.status, _storable(failure.error), _storable(envelope),
                      _storable(failure.sync_source)))
 
-    def _write_rows(self, conn, batches, sync_id, result):
-        pending = {}
-        for section, rows in batches:
-            if section is None:
-                self._insert_rejected(conn, rows, result)
+    def _merge_rows(self, conn, stage, sync_id, result):
+        params = {"sync_id": sync_id}
+        for section in SECTIONS:
+            if not stage.received[section.name]:
                 continue
-            waiting = pending.setdefault(section, [])
-            waiting += rows
-            if len(waiting) >= BATCH_ROWS:
-                self._insert(conn, section, waiting, sync_id, result)
-                waiting.clear()
-        for section, waiting in pending.items():
-            if waiting:
-                self._insert(conn, section, waiting, sync_id, result)
-
-    def _insert_rejected(self, conn, rows, result):
-        conn.executemany(_REJECTED_SQL, rows)
-        result.rejected += len(rows)
-
-    def _insert(self, conn, section, batch, sync_id, result):
-        """Insert one batch in key order, counting received and new rows."""
-        key = section.row_key
-        batch.sort(key=key)
-        if section is SAMPLES:
-            # One executemany per type, so that sample_types learns each
-            # type's new rows, first and last date (the batch is sorted).
-            for type_name, rows in itertools.groupby(batch, key=_row_type):
-                rows = list(rows)
-                new = self._execute_batch(conn, section, rows, sync_id, result)
-                result.inserted[section.name] += new
-                if new:  # otherwise every date is stored already
-                    conn.execute(_SAMPLE_TYPES_SQL, (type_name, new, rows[0][2], rows[-1][2]))
-            return
-        if section.latest_wins:
-            exists = section.exists_sql
-            keys = {key(row) for row in batch}
-            new = sum(conn.execute(exists, k if isinstance(k, tuple) else (k,)).fetchone() is None for k in keys)
-            self._execute_batch(conn, section, batch, sync_id, result)
-            result.inserted[section.name] += new
-            return
-        result.inserted[section.name] += self._execute_batch(conn, section, batch, sync_id, result)
-
-    def _execute_batch(self, conn, section, batch, sync_id, result):
-        """executemany one batch; count it as received; return new rows.
-
-        A row sqlite3 cannot bind (a lone surrogate from a JSON escape, say)
-        would fail the whole executemany: the batch is then redone row by
-        row inside a savepoint and the unbindable rows go to ``rejected``.
-        """
-        sql = section.insert_sql
-        conn.execute("SAVEPOINT batch")
-        try:
-            changed = conn.executemany(sql, batch).rowcount
-        except _UNBINDABLE:
-            conn.execute("ROLLBACK TO batch")
-            changed = 0
-            for row in batch:
-                try:
-                    changed += conn.execute(sql, row).rowcount
-                except _UNBINDABLE as exc:
-                    record = json.dumps(row[:-1], ensure_ascii=True, default=str)
-                    self._insert_rejected(conn, [(section.name, f"cannot be stored: {exc}", record, sync_id)], result)
-                    result.received[section.name] -= 1
-        conn.execute("RELEASE batch")
-        result.received[section.name] += len(batch)
-        return changed
+            if section is SAMPLES:
+                # One statement per type, so that sample_types learns each
+                # type's new rows, first and last date.
+                sql = section.merge_sql(" WHERE type = :type")
+                for type_name, first, last in conn.execute(
+                        "SELECT type, min(start_date), max(start_date) FROM stage.samples GROUP BY type").fetchall():
+                    new = conn.execute(sql, dict(params, type=type_name)).rowcount
+                    result.inserted[section.name] += new
+                    if new:
+                        conn.execute(_SAMPLE_TYPES_SQL, (type_name, new, first, last))
+            elif section.latest_wins:
+                result.inserted[section.name] += conn.execute(section.count_new_sql).fetchone()[0]
+                conn.execute(section.merge_sql(), params)
+            else:
+                result.inserted[section.name] += conn.execute(section.merge_sql(), params).rowcount
+        if stage.rejected:
+            conn.execute("INSERT INTO main.rejected (sync_id, section, reason, record) SELECT :sync_id, section,"
+                         " reason, record FROM stage.rejected ORDER BY rowid", params)
 
     def _finish_sync(self, conn, sync_id, result, envelope_text):
         env = result.envelope
@@ -1513,8 +1666,87 @@ class Store:
             _recount_sample_types(conn)
 
 
-def _row_type(row):
-    return row[1]
+class Stage:
+    """One sync's rows, kept in a private SQLite file while its body
+    arrives, so that the database's write lock is taken only once the body
+    is complete and valid (Store.merge), and memory does not grow with the
+    body.  The file is scratch: no journal, no syncs to disk; a crash leaves
+    it to Store.remove_stale_stages."""
+
+    def __init__(self, path):
+        self.path = path
+        self.received = dict.fromkeys(SECTIONS_BY_NAME, 0)
+        self.rejected = 0
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            for pragma in ("journal_mode = OFF", "synchronous = OFF", f"page_size = {PAGE_SIZE:d}",
+                           f"cache_size = -{STAGE_CACHE_KIB:d}", "locking_mode = EXCLUSIVE"):
+                self._conn.execute(f"PRAGMA {pragma}")
+            self._conn.execute("BEGIN")
+            for section in SECTIONS:
+                self._conn.execute(section.stage_create_sql)
+            self._conn.execute("CREATE TABLE rejected (section TEXT, reason TEXT NOT NULL, record TEXT NOT NULL)")
+        except BaseException:
+            self.close()
+            raise
+
+    def add(self, section, rows):
+        """Stage one batch of the walker: rows of ``section``, or rejected
+        rows when ``section`` is None."""
+        if section is None:
+            self._conn.executemany(_STAGE_REJECTED_SQL, rows)
+            self.rejected += len(rows)
+            return
+        sql = section.stage_insert_sql
+        self._conn.execute("SAVEPOINT batch")
+        try:
+            self._conn.executemany(sql, rows)
+        except _UNBINDABLE:
+            # A value sqlite3 cannot bind (a lone surrogate from a JSON
+            # escape, say) would fail the whole batch: redo it row by row
+            # and keep such rows aside.
+            self._conn.execute("ROLLBACK TO batch")
+            for row in rows:
+                try:
+                    self._conn.execute(sql, row)
+                except _UNBINDABLE as exc:
+                    record = json.dumps(row, ensure_ascii=True, default=str)
+                    self.add(None, [(section.name, f"cannot be stored: {exc}", record)])
+                    self.received[section.name] -= 1
+        self._conn.execute("RELEASE batch")
+        self.received[section.name] += len(rows)
+
+    def size(self):
+        """Bytes the file holds, pages still in SQLite's cache included."""
+        return self._conn.execute("PRAGMA page_count").fetchone()[0] * PAGE_SIZE
+
+    def finish(self):
+        """Commit the staged rows, so that another connection can read them."""
+        if self._conn.in_transaction:
+            self._conn.execute("COMMIT")
+        self._conn.execute("PRAGMA locking_mode = NORMAL")
+        self._conn.execute("SELECT 1 FROM rejected LIMIT 1")  # releases the exclusive lock
+
+    def close(self):
+        """Close and remove the file."""
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path + suffix)
+
+
+def _process_alive(pid):
+    """Whether a process of that id runs (POSIX); elsewhere assume it does."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1650,8 +1882,12 @@ def sample_types(conn):
 
 
 def table_totals(conn):
-    """Row counts per table."""
-    return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES}
+    """Row counts per table.  Samples are counted from the kept per-type
+    totals: counting the clustered table reads all of it."""
+    totals = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES
+              if table != SAMPLES.table}
+    totals[SAMPLES.table] = conn.execute("SELECT coalesce(sum(rows), 0) FROM sample_types").fetchone()[0]
+    return {table: totals[table] for table in TABLES}
 
 
 def connection_facts(store):
@@ -1798,10 +2034,10 @@ def ndjson_line(name, columns, row):
     return head + ',"record":' + _compact(fields["record"]) + "}"
 
 
-def object_members(text):
-    """{key: original JSON text of its value} for the object that is the
-    latin-1 view ``text`` (one NDJSON line); raises PayloadError."""
-    payload = Payload(text)
+def object_members(line):
+    """{key: original JSON text of its value} for the object that is
+    ``line`` (bytes: one NDJSON line); raises PayloadError."""
+    payload = Payload.from_bytes(line)
     members = {}
 
     def member(key, pos):
@@ -1810,34 +2046,22 @@ def object_members(text):
         return end
         yield  # a generator, as _walk_object delegates to it
 
-    pos = _skip_ws(text, 0).end()
-    if text[pos:pos + 1] != "{":
+    pos = payload._skip(0)
+    if payload._char(pos) != "{":
         raise PayloadError("not a JSON object")
     for _batch in payload._walk_object(pos, member):
         pass
     return members
 
 
-def ndjson_payloads(lines, per_payload):
-    """Turn NDJSON export lines (bytes) into payload bodies of at most
-    ``per_payload`` lines each: the same shape the app sends."""
-    data, routes, characteristics, count = {}, {}, [], 0
-
-    def payload():
-        parts = ['"data":{' + ",".join(f'{json.dumps(k)}:[{",".join(v)}]' for k, v in data.items()) + "}"]
-        if routes:
-            parts.append('"workoutRoutes":{' + ",".join(f'{json.dumps(k)}:[{",".join(v)}]'
-                                                        for k, v in routes.items()) + "}")
-        if characteristics:
-            parts.append('"characteristics":{' + ",".join(characteristics) + "}")
-        return ('{"syncSource":"import",' + ",".join(parts) + "}").encode("utf-8", "surrogatepass")
-
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line:
+def _ndjson_entries(lines):
+    """(line number, container, key, JSON text) of each NDJSON export line:
+    where the line's record goes in a payload the app would send."""
+    for number, line in lines:
+        if not line.strip():
             continue
         try:
-            members = object_members(line.decode("latin-1"))
+            members = object_members(line)
             name = json.loads(members["section"])
             section = SECTIONS_BY_NAME.get(name)
             if section is None:
@@ -1845,20 +2069,57 @@ def ndjson_payloads(lines, per_payload):
                     raise ValueError(f"unknown section {name!r}")
                 continue
             if section.shape == "object":
-                characteristics.append(f"{members['name']}:{members['value']}")
-            elif section.shape == "routes":
-                routes.setdefault(json.loads(members[NDJSON_LABELS[name][0]]), []).append(members["record"])
-            else:
-                label = json.loads(members[NDJSON_LABELS[name][0]]) if name in NDJSON_LABELS else None
-                data.setdefault(label or section.app_keys[0], []).append(members["record"])
+                yield number, section.app_keys[0], json.loads(members["name"]), members["value"]
+                continue
+            label = json.loads(members[NDJSON_LABELS[name][0]]) if name in NDJSON_LABELS else None
+            container = section.app_keys[0] if section.shape == "routes" else "data"
+            yield number, container, label or section.app_keys[0], members["record"]
         except (ValueError, KeyError, TypeError, PayloadError) as exc:
             raise ValueError(f"line {number}: not an export line ({exc})") from None
-        count += 1
+
+
+def ndjson_payloads(lines, per_payload):
+    """Turn NDJSON export lines (bytes) into payloads of at most
+    ``per_payload`` lines each, the same shape the app sends.  Each payload
+    is a generator of pieces, made as it is read: consume one before asking
+    for the next.  Lines of one section and label in a row share an array;
+    a section met again later opens another member of the same name, which
+    the walker reads like the first."""
+    entries = _ndjson_entries(enumerate(lines, 1))
+    while True:
+        first = next(entries, None)
+        if first is None:
+            return
+        yield _ndjson_payload(itertools.chain([first], entries), per_payload)
+
+
+def _ndjson_payload(entries, per_payload):
+    out, size = ['{"syncSource":"import"'], 0
+    container = key = None
+    for count, (_number, where, name, text) in enumerate(entries, 1):
+        if where != container:
+            out.append("]}" if key is not None and container != "characteristics" else "}" if container else "")
+            out.append(f",{json.dumps(where)}:{{")
+            container, key = where, None
+        if container == "characteristics":
+            out.append(f"{',' if key is not None else ''}{json.dumps(name)}:{text}")
+            key = name
+        elif name != key:
+            out.append(f"{']' if key is not None else ''}{',' if key is not None else ''}{json.dumps(name)}:[{text}")
+            key = name
+        else:
+            out.append("," + text)
+        size += len(text)
+        if size >= READ_CHUNK:
+            yield "".join(out).encode("utf-8", "surrogatepass")
+            out, size = [], 0
         if count >= per_payload:
-            yield payload()
-            data, routes, characteristics, count = {}, {}, [], 0
-    if count:
-        yield payload()
+            break
+    if container is not None:
+        out.append("}" if container == "characteristics" or key is None else "]}")
+    out.append("}")
+    yield "".join(out).encode("utf-8", "surrogatepass")
+
 
 # ---------------------------------------------------------------------------
 # Presentation: the status page (HTML with inline SVG charts)
@@ -2096,27 +2357,61 @@ def _size(size):
 # Sync workflow: one sync from bytes to stored rows (HTTP and import)
 # ---------------------------------------------------------------------------
 
-def write_archive(directory, text, sync_id, now=None):
-    """Save an accepted body as DIR/<UTC time>-<sync id>.json.gz; return its path.
-
-    Written to a temporary name and renamed, so a file with the final name
-    is always complete.  ``text`` is the latin-1 view of the body, so
-    encoding it back gives the original bytes.
-    """
+def _archive_names(directory, sync_id, now=None):
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    name = f"{now:%Y%m%dT%H%M%SZ}-{sync_id}.json.gz"
-    final = os.path.join(directory, name)
-    temporary = os.path.join(directory, f".{name}.tmp")
-    try:
-        with gzip.open(temporary, "wb", compresslevel=1) as handle:
-            for offset in range(0, len(text), MIB):
-                handle.write(text[offset:offset + MIB].encode("latin-1"))
-        os.replace(temporary, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return final
+    return os.path.join(directory, f"{now:%Y%m%dT%H%M%SZ}-{sync_id}.json.gz")
+
+
+class ArchiveWriter:
+    """Writes a body to ``--archive`` as it streams past, to a temporary
+    name; ``keep(sync_id)`` renames it once the sync is committed, so a file
+    with a final name is always a complete, stored sync.  A failure to
+    archive never fails the sync: the first error is kept in ``error``,
+    writing stops, and ``keep`` raises it."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.error = None
+        self.path = None
+        try:
+            self._handle = tempfile.NamedTemporaryFile(prefix=".", suffix=".json.gz.tmp", dir=directory,
+                                                       delete=False)
+            self.path = self._handle.name
+            self._gzip = gzip.GzipFile(fileobj=self._handle, mode="wb", compresslevel=1)
+        except OSError as exc:
+            self.error = exc
+
+    def pieces(self, pieces):
+        """Pass ``pieces`` on, writing each to the archive."""
+        for piece in pieces:
+            if self.error is None:
+                try:
+                    self._gzip.write(piece)
+                except OSError as exc:
+                    self.error = exc
+            yield piece
+
+    def keep(self, sync_id):
+        """Complete the file and give it its final name; return that."""
+        if self.error is None:
+            try:
+                self._gzip.close()
+                self._handle.close()
+                final = _archive_names(self.directory, sync_id)
+                os.replace(self.path, final)
+                return final
+            except OSError as exc:
+                self.error = exc
+        self.discard()
+        raise self.error
+
+    def discard(self):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self._gzip.close()
+            self._handle.close()
+        if self.path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
 def describe_sync(result):
@@ -2134,55 +2429,80 @@ def describe_sync(result):
         f"points{span}, {result.body_bytes / 1e6:.1f} MB in {result.duration:.2f} s")
 
 
-class Accepted(typing.NamedTuple):
-    """A committed sync, and what remains to do once it is answered."""
-
-    result: SyncResult
-    #: The body's latin-1 view, kept only for the archive.
-    text: typing.Optional[str]
-
-
 class SyncIntake:
     """The one way a sync is stored, for the HTTP handler and ``import``:
-    decode, ingest in one transaction, record a failure once, and after the
-    answer archive and checkpoint."""
+    walk the body as it arrives into a Stage, merge it into the database in
+    one transaction, record a failure once, and after the answer checkpoint.
 
-    def __init__(self, store, archive=None, log_error=None):
+    ``max_tmp`` bounds the temporary disk that the syncs being received
+    take together; past it a sync fails with StorageUnavailable (503 and
+    Retry-After: the app retries).
+    """
+
+    def __init__(self, store, archive=None, log_error=None, max_tmp=None):
         self.store = store
         self.archive = archive
         self.log_error = log_error or (lambda remote, line: None)
+        self.max_tmp = max_tmp
+        self._tmp_lock = threading.Lock()
+        self._tmp_in_use = {}
 
     def refuse(self, remote_addr, status, message):
         """Record a request refused before its body was ingested."""
         self.store.record_failure(FailedSync(remote_addr, status, message))
 
-    def ingest(self, body, remote_addr):
-        """Store ``body`` (bytes; a bytearray is emptied once decoded, so its
-        memory is returned before the database work).  Returns Accepted;
-        raises PayloadError or StorageUnavailable with nothing stored and
-        the failure recorded."""
-        size = len(body)
-        payload = Payload.from_bytes(body)
-        if isinstance(body, bytearray):
-            body.clear()
+    def ingest(self, pieces, remote_addr):
+        """Store the body arriving as ``pieces`` (bytes); return the
+        SyncResult once committed.  Raises PayloadError or StorageUnavailable
+        with nothing stored and the failure recorded; an exception of
+        ``pieces`` itself (the HTTP layer's ClientError) passes through,
+        nothing stored, for the caller to record."""
         started = time.monotonic()
+        archive = ArchiveWriter(self.archive) if self.archive else None
+        payload = Payload(archive.pieces(pieces) if archive else pieces)
+        stage = None
         try:
-            result = self.store.store_sync(payload, remote_addr, size)
+            stage = self.store.stage()
+            for section, rows in payload.batches():
+                stage.add(section, rows)
+                self._account(stage)
+            result = self.store.merge(stage, payload, remote_addr, started)
         except (PayloadError, StorageUnavailable) as exc:
             self.store.record_failure(FailedSync(
-                remote_addr, "rejected" if isinstance(exc, PayloadError) else "failed", str(exc), size,
+                remote_addr, "rejected" if isinstance(exc, PayloadError) else "failed", str(exc), payload.size,
                 time.monotonic() - started, payload.envelope_text, payload.envelope.get("syncSource")))
+            if archive:
+                archive.discard()
             raise
-        return Accepted(result, payload.text if self.archive else None)
-
-    def after_answer(self, accepted):
-        """What the app need not wait for: the archive, then a checkpoint."""
-        if accepted.text is not None:
+        except BaseException:
+            if archive:
+                archive.discard()
+            raise
+        finally:
+            if stage is not None:
+                with self._tmp_lock:
+                    self._tmp_in_use.pop(stage, None)
+                stage.close()
+        if archive:
             try:
-                write_archive(self.archive, accepted.text, accepted.result.sync_id)
+                archive.keep(result.sync_id)
             except OSError as exc:
-                self.log_error(accepted.result.remote_addr, f"sync {accepted.result.sync_id} is stored but could "
-                                                            f"not be archived in {self.archive}: {exc}")
+                self.log_error(remote_addr, f"sync {result.sync_id} is stored but could not be archived in "
+                                            f"{self.archive}: {exc}")
+        return result
+
+    def _account(self, stage):
+        """Check the temporary disk in use against ``max_tmp``."""
+        if self.max_tmp is None:
+            return
+        with self._tmp_lock:
+            self._tmp_in_use[stage] = stage.size()
+            if sum(self._tmp_in_use.values()) > self.max_tmp:
+                raise StorageUnavailable(f"The receiver's temporary space ({self.max_tmp // MIB} MB, "
+                                         "--max-tmp-mb) is in use by other syncs; try again shortly.")
+
+    def after_answer(self, result):
+        """What the app need not wait for: folding the log into the database."""
         self.store.checkpoint()
 
 
@@ -2203,11 +2523,11 @@ class ReceiverConfig:
     max_body: int = DEFAULT_MAX_BODY_MB * MIB
     quiet: bool = False
     timeout: float = DEFAULT_TIMEOUT
-    max_ingests: int = DEFAULT_MAX_INGESTS
     tls_cert: typing.Optional[str] = None
     tls_key: typing.Optional[str] = None
     log_stream: typing.Any = dataclasses.field(default=None, repr=False)
-    slot_wait: float = INGEST_SLOT_WAIT
+    tmp_dir: typing.Optional[str] = None
+    max_tmp: int = DEFAULT_MAX_TMP_MB * MIB
     token_source: typing.Optional[str] = None
     archive: typing.Optional[str] = None
     utc: bool = False
@@ -2327,23 +2647,6 @@ class BodyReader:
         if time.monotonic() > self.deadline:
             raise ClientError(HTTPStatus.REQUEST_TIMEOUT, "The body did not arrive in time.")
 
-    def read_exact(self, length):
-        """Read exactly ``length`` bytes into one bytearray."""
-        body = bytearray(length)
-        view = memoryview(body)
-        got = 0
-        try:
-            while got < length:
-                self._check_deadline()
-                n = self.rfile.readinto1(view[got:got + READ_CHUNK])
-                if not n:
-                    raise ClientError(HTTPStatus.BAD_REQUEST,
-                                      f"The body ended after {got} of {length} bytes.")
-                got += n
-        finally:
-            view.release()
-        return body
-
     def pieces(self, length, short_message):
         """Yield the next ``length`` bytes in pieces, as they arrive."""
         left = length
@@ -2360,7 +2663,7 @@ class BodyReader:
         total = 0
         while True:
             self._check_deadline()
-            line = self.rfile.readline(1026)
+            line = self.rfile.readline(CHUNK_LINE_MAX)
             if not line.endswith(b"\n"):
                 raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: bad chunk size line.")
             size_text = line.split(b";", 1)[0].strip()
@@ -2375,8 +2678,8 @@ class BodyReader:
             yield from self.pieces(size, "Malformed chunked body: a chunk ended early.")
             if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: missing CRLF after a chunk.")
-        for _ in range(100):  # trailer fields, ignored
-            line = self.rfile.readline(8192)
+        for _ in range(TRAILER_FIELDS_MAX):  # trailer fields, ignored
+            line = self.rfile.readline(TRAILER_LINE_MAX)
             if line in (b"\r\n", b"\n"):
                 return
             if not line:
@@ -2384,24 +2687,14 @@ class BodyReader:
         raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: too many trailer fields.")
 
 
-def collect(chunks, limit):
-    """Join body pieces into one bytearray, raising 413 past ``limit``."""
-    body = bytearray()
-    for piece in chunks:
-        body += piece
-        if len(body) > limit:
-            raise ClientError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large_message(limit))
-    return body
-
-
 def decompress(chunks, encoding, limit):
-    """Inflate gzip/deflate pieces into one bytearray of at most ``limit``.
+    """Inflate gzip/deflate pieces as they arrive, at most ``limit`` bytes.
 
     Stops at limit + 1 decoded bytes, so a small bomb costs little.
     """
     wbits = 16 + zlib.MAX_WBITS if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
     inflater = zlib.decompressobj(wbits)
-    body = bytearray()
+    total = 0
     first = True
     try:
         for piece in chunks:
@@ -2410,23 +2703,24 @@ def decompress(chunks, encoding, limit):
             first = False
             data = piece
             while data:
-                out = inflater.decompress(data, limit + 1 - len(body))
-                body += out
-                if len(body) > limit:
+                out = inflater.decompress(data, min(READ_CHUNK, limit + 1 - total))
+                total += len(out)
+                if total > limit:
                     raise ClientError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                       f"The decompressed body is larger than this receiver's limit of "
                                       f"{_mib(limit)} MB (--max-body-mb).")
+                if out:
+                    yield out
                 data = inflater.unconsumed_tail
-        body += inflater.flush()
+        out = inflater.flush()
     except zlib.error:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"The {encoding} body is corrupt.") from None
     if not inflater.eof:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"The {encoding} body is truncated.")
-    if len(body) > limit:
+    if total + len(out) > limit:
         raise ClientError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large_message(limit))
-    return body
-
-
+    if out:
+        yield out
 
 
 class HealthRequestHandler(BaseHTTPRequestHandler):
@@ -2573,25 +2867,22 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         intake = server.intake
         remote = self.address_string()
         try:
-            length, transfer, encoding = self._check_post_headers()
-            with server.ingest_slot() as got_slot:
-                if not got_slot:
-                    raise ClientError(HTTPStatus.SERVICE_UNAVAILABLE, "The receiver is busy with other syncs; "
-                                      "try again shortly.", (("Retry-After", str(RETRY_AFTER)),))
-                if self._expects_continue:
-                    self.send_response_only(HTTPStatus.CONTINUE)
-                    self.end_headers()
-                    self.wfile.flush()
-                body = self._read_body(length, transfer, encoding)
-                self._body_read = True
-                accepted = intake.ingest(body, remote)  # records its own failures
+            pieces = self._body_pieces(*self._check_post_headers())
+            try:
+                result = intake.ingest(pieces, remote)  # records its own failures
+            except (PayloadError, StorageUnavailable):
+                # Read what the client still sends (within the body's limit
+                # and deadline), so that it reads the answer, not a reset.
+                for _piece in pieces:
+                    pass
+                raise
         except ClientError as exc:
             intake.refuse(remote, "failed" if exc.status >= 500 else "rejected", exc.message)
             raise
-        server.log_request_line(None, describe_sync(accepted.result))
-        self._send_json(HTTPStatus.OK, accepted.result.response())
+        server.log_request_line(None, describe_sync(result))
+        self._send_json(HTTPStatus.OK, result.response())
         self.wfile.flush()
-        intake.after_answer(accepted)
+        intake.after_answer(result)
 
     # -- reading a POST ------------------------------------------------------
 
@@ -2614,21 +2905,28 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                               "Transfer-Encoding.")
         return None, transfer, encoding
 
-    def _read_body(self, length, transfer, encoding):
+    def _body_pieces(self, length, transfer, encoding):
+        """The body as it arrives: pieces of bytes, chunked and gzip or
+        deflate decoded, within the size limit and the body's deadline."""
         config = self.server.config
+        if self._expects_continue:
+            self.send_response_only(HTTPStatus.CONTINUE)
+            self.end_headers()
+            self.wfile.flush()
         expected = length if length is not None else config.max_body
         deadline = time.monotonic() + config.timeout + expected / MIN_UPLOAD_RATE
         reader = BodyReader(self.rfile, config.max_body, deadline)
+        if length is not None:
+            pieces = reader.pieces(length, f"The body ended before its {length} bytes (Content-Length) arrived.")
+        else:
+            pieces = reader.chunks_chunked()
+        if encoding != "identity":
+            pieces = decompress(pieces, encoding, config.max_body)
         try:
-            if encoding == "identity":
-                if length is not None:
-                    return reader.read_exact(length)
-                return collect(reader.chunks_chunked(), config.max_body)
-            chunks = (reader.pieces(length, "The body ended before Content-Length bytes arrived.")
-                      if length is not None else reader.chunks_chunked())
-            return decompress(chunks, encoding, config.max_body)
+            yield from pieces
         except socket.timeout:
             raise ClientError(HTTPStatus.REQUEST_TIMEOUT, "The body stopped arriving; connection closed.") from None
+        self._body_read = True  # all of it: the connection can take the next request
 
 
 def peak_rss_mb():
@@ -2649,22 +2947,25 @@ def peak_rss_mb():
 
 
 class HealthReceiverServer(ThreadingHTTPServer):
-    """The HTTP server: owns the config, the store and the ingest slots."""
+    """The HTTP server: owns the config, the store, the sync workflow and
+    the routes."""
 
     daemon_threads = True
     allow_reuse_address = True
+    #: Connections the kernel queues before they are accepted (the standard
+    #: library's 5 resets clients in a burst); the kernel caps it at its own
+    #: maximum (net.core.somaxconn on Linux).
+    request_queue_size = 1024
 
     def __init__(self, config, store=None, bind_and_activate=True):
         self.config = config
-        self.store = store or Store(config.db)
-        self.intake = SyncIntake(self.store, config.archive, self.log_error_line)
+        self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
+        self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
         #: {path: {method: handler function}}; the endpoint wins over "/".
         self.routes = {"/": {"GET": HealthRequestHandler.status_page},
                        SUMMARY_PATH: {"GET": HealthRequestHandler.summary_json},
                        config.path.rstrip("/") or "/": {"GET": HealthRequestHandler.connection_check,
                                                         "POST": HealthRequestHandler.receive_sync}}
-        self._slots = threading.BoundedSemaphore(config.max_ingests)
-        self._slots_taken = 0
         self._log_lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -2715,25 +3016,10 @@ class HealthReceiverServer(ThreadingHTTPServer):
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
-    @contextlib.contextmanager
-    def ingest_slot(self):
-        """Yield whether a slot for a body was had within --slot-wait."""
-        got = self._slots.acquire(timeout=self.config.slot_wait)
-        if got:
-            with self._idle:
-                self._slots_taken += 1
-        try:
-            yield got
-        finally:
-            if got:
-                with self._idle:
-                    self._slots_taken -= 1
-                self._slots.release()
-
     @property
     def ingests_in_progress(self):
-        """Bodies being read or stored now."""
-        return self._slots_taken
+        """Syncs being received or stored now."""
+        return self._in_flight
 
     def _write_log(self, line):
         stream = self.config.log_stream or sys.stderr
@@ -2846,7 +3132,7 @@ def serve(config, out=None, ready=None):
     the exit code.
     """
     out = out or sys.stdout
-    store = Store(config.db)
+    store = Store(config.db, tmp_dir=config.tmp_dir)
     try:
         store.open(report=lambda line: print(line, file=out, flush=True))
         server = HealthReceiverServer(config, store)
@@ -2934,8 +3220,14 @@ def serve_parser():
                         help="largest accepted body in MiB, after decompression (default %(default)s)")
     parser.add_argument("--timeout", type=_positive_mb, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="close connections idle this long (default %(default)s)")
-    parser.add_argument("--max-ingests", type=int, default=DEFAULT_MAX_INGESTS, metavar="N",
-                        help="request bodies held in memory at once; others wait (default %(default)s)")
+    parser.add_argument("--tmp-dir", metavar="DIR", help="where syncs wait while their body arrives (default: "
+                                                         "the database's folder)")
+    parser.add_argument("--max-tmp-mb", type=_positive_mb, default=DEFAULT_MAX_TMP_MB, metavar="MB",
+                        help="temporary disk that syncs being received may take together; past it, 503 "
+                             "(default %(default)s)")
+    # Version 1.0 held bodies in memory and limited how many; the flag is
+    # still accepted so that existing service files keep working.
+    parser.add_argument("--max-ingests", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tls-cert", metavar="PATH", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", metavar="PATH", help="private key for --tls-cert (PEM)")
     parser.add_argument("--archive", metavar="DIR", help="also save every accepted body as DIR/<time>-<sync id>.json.gz")
@@ -2949,11 +3241,12 @@ def config_from_args(args, environ):
     token, source = read_token(args.token_file, environ)
     if args.tls_key and not args.tls_cert:
         raise UsageError("--tls-key needs --tls-cert")
-    if args.max_ingests < 1:
-        raise UsageError("--max-ingests must be at least 1")
+    if args.tmp_dir and not os.path.isdir(args.tmp_dir):
+        raise UsageError(f"--tmp-dir {args.tmp_dir} is not a folder")
     config = ReceiverConfig(host=args.host, port=args.port, path=args.path, db=args.db, token=token,
                             auth_header=args.auth_header, max_body=int(args.max_body_mb * MIB),
-                            quiet=args.quiet, timeout=args.timeout, max_ingests=args.max_ingests,
+                            quiet=args.quiet, timeout=args.timeout, tmp_dir=args.tmp_dir,
+                            max_tmp=int(args.max_tmp_mb * MIB),
                             tls_cert=args.tls_cert, tls_key=args.tls_key, token_source=source,
                             archive=args.archive, utc=args.utc)
     if config.archive:
@@ -3086,38 +3379,75 @@ def import_files(paths):
     return found
 
 
-def _read_file(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        return bytearray(handle.read())
+def file_pieces(path, progress=None):
+    """The content of a payload file (gunzipped when it ends in .gz) in
+    pieces; ``progress(bytes of the file read)`` follows along."""
+    with open(path, "rb") as raw:
+        handle = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+        while True:
+            piece = handle.read(READ_CHUNK)
+            if not piece:
+                return
+            if progress is not None:
+                progress(raw.tell())
+            yield piece
 
 
-def _is_ndjson(path, body):
+def _lines(pieces):
+    """Lines (bytes, without their end) of a stream of pieces."""
+    rest = b""
+    for piece in pieces:
+        lines = (rest + piece).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _is_ndjson(path, first_piece):
     name = path[:-3] if path.endswith(".gz") else path
     if name.endswith((".ndjson", ".jsonl")):
         return True
-    first = bytes(body[:body.find(b"\n")] if b"\n" in body[:65536] else b"")
-    return first.lstrip().startswith(b'{"section":')
+    return first_piece.lstrip().startswith(b'{"section":')
 
 
 class ImportProgress:
-    """Files done/total, MB, records, rate, ETA: in place on a terminal."""
+    """Bytes read of the total, records, rate and ETA, also inside a file:
+    updated in place on a terminal, a line per file otherwise."""
+
+    #: Seconds between two updates of the line on a terminal.
+    interval = 0.5
 
     def __init__(self, files, total_bytes, stream):
         self.files, self.total_bytes, self.stream = files, total_bytes, stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.done = self.bytes = self.records = self.failed = 0
+        self.file_bytes = 0
         self.started = time.monotonic()
+        self._shown = 0.0
+
+    def status(self):
+        read = self.bytes + self.file_bytes
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = read / 1e6 / elapsed
+        left = (self.total_bytes - read) / 1e6 / rate if rate else 0
+        return (f"files {self.done}/{self.files}, {read / 1e6:,.1f} of {self.total_bytes / 1e6:,.1f} MB, "
+                f"{self.records:,} records, {rate:.1f} MB/s, ETA {left:.0f} s")
+
+    def advance(self, file_bytes):
+        """Bytes of the current file read so far."""
+        self.file_bytes = file_bytes
+        if self.tty and time.monotonic() - self._shown >= self.interval:
+            self._shown = time.monotonic()
+            self.stream.write("\r\x1b[K" + self.status())
+            self.stream.flush()
 
     def file_done(self, path, size, message, failed=False):
         self.done += 1
         self.bytes += size
+        self.file_bytes = 0
         self.failed += failed
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        rate = self.bytes / 1e6 / elapsed
-        left = (self.total_bytes - self.bytes) / 1e6 / rate if rate else 0
-        status = (f"files {self.done}/{self.files}, {self.bytes / 1e6:.1f} MB, {self.records:,} records, "
-                  f"{rate:.1f} MB/s, ETA {left:.0f} s")
+        status = self.status()
         if self.tty:
             if failed:
                 self.stream.write(f"\r\x1b[K{path}: {message}\n")
@@ -3147,25 +3477,26 @@ def run_import(args, out):
     sizes = {path: os.path.getsize(path) if os.path.isfile(path) else 0 for path in paths}
     progress = ImportProgress(len(paths), sum(sizes.values()), sys.stderr)
     for path in paths:
+        counts = dict.fromkeys(("records", "new", "dup", "rejected"), 0)
         try:
-            body = _read_file(path)
-            if _is_ndjson(path, body):
-                bodies = ndjson_payloads(bytes(body).splitlines(), IMPORT_CHUNK_LINES)
+            pieces = file_pieces(path, progress.advance)
+            first = next(pieces, b"")
+            pieces = itertools.chain([first], pieces)
+            if _is_ndjson(path, first):
+                payloads = ndjson_payloads(_lines(pieces), IMPORT_CHUNK_LINES)
             else:
-                bodies = [body]
-            records = new = dup = rejected = 0
-            for payload_body in bodies:
-                accepted = intake.ingest(payload_body, "import " + os.path.basename(path))
-                intake.after_answer(accepted)
-                result = accepted.result
+                payloads = [pieces]
+            for payload in payloads:
+                result = intake.ingest(payload, "import " + os.path.basename(path))
+                intake.after_answer(result)
                 points, new_points = result.received[ROUTES.name], result.inserted[ROUTES.name]
-                records += result.records + points
-                new += result.new_records + new_points
-                dup += result.duplicates + points - new_points
-                rejected += result.rejected
-            progress.records += records
-            progress.file_done(path, sizes[path], f"{records:,} records ({new:,} new, {dup:,} dup, "
-                                                  f"{rejected:,} rejected)")
+                counts["records"] += result.records + points
+                counts["new"] += result.new_records + new_points
+                counts["dup"] += result.duplicates + points - new_points
+                counts["rejected"] += result.rejected
+                progress.records += result.records + points
+            progress.file_done(path, sizes[path], f"{counts['records']:,} records ({counts['new']:,} new, "
+                                                  f"{counts['dup']:,} dup, {counts['rejected']:,} rejected)")
         except (OSError, EOFError, ValueError, zlib.error, PayloadError) as exc:
             progress.file_done(path, sizes[path], f"skipped: {exc}", failed=True)
         except StorageUnavailable as exc:
@@ -3188,6 +3519,8 @@ BENCH_TYPES = (
     ("HKQuantityTypeIdentifierOxygenSaturation", "%", "Jane\u2019s Apple Watch", (0.9, 1.0)),
     ("HKCategoryTypeIdentifierSleepAnalysis", None, "Jane\u2019s Apple Watch", None),
 )
+#: Upload speed of bench's slow client, in bytes per second (a phone on Wi-Fi).
+BENCH_SLOW_RATE = 10e6
 #: First instant of generated payloads.
 BENCH_START = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
 #: Days one generated sync covers when filling a database (a history of
@@ -3346,6 +3679,30 @@ def _post(port, body, path=DEFAULT_PATH):
     return seconds, response.status, answer
 
 
+def _post_throttled(port, body, rate):
+    """POST ``body`` at ``rate`` bytes per second, as a phone on a slow
+    network would; return the seconds from the last byte sent to the answer."""
+    head = (f"POST {DEFAULT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    piece = 64 * 1024
+    with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
+        sock.sendall(head)
+        started = time.perf_counter()
+        for offset in range(0, len(body), piece):
+            sock.sendall(body[offset:offset + piece])
+            ahead = started + (offset + piece) / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+        last_byte = time.perf_counter()
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        response.read()
+        answered = time.perf_counter()
+    if response.status != 200:
+        raise RuntimeError(f"the receiver answered {response.status}")
+    return answered - last_byte
+
+
 def _get_status(port):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     with contextlib.closing(conn):
@@ -3353,14 +3710,16 @@ def _get_status(port):
         return json.loads(conn.getresponse().read())
 
 
-def bench_once(body, work_dir):
-    """One round: the receiver (two posts) and the baseline, each fresh."""
+def bench_once(body, slow_body, work_dir):
+    """One round: the receiver (a post, its repeat, then new data sent at
+    BENCH_SLOW_RATE) and the baseline, each fresh."""
     db = os.path.join(work_dir, "bench.db")
     proc, port = _start_child_server(db)
     try:
         first = _post(port, body)
         second = _post(port, body)
         peak = _get_status(port).get("peak_rss_mb")
+        last_byte = _post_throttled(port, slow_body, BENCH_SLOW_RATE)
     finally:
         _stop_child_server(proc)
     body_file = os.path.join(work_dir, "body.json")
@@ -3373,7 +3732,7 @@ def bench_once(body, work_dir):
     for name in os.listdir(work_dir):
         os.unlink(os.path.join(work_dir, name))
     return {"first": first[0], "second": second[0], "peak": peak, "answer": first[2], "repeat": second[2],
-            "baseline": baseline["seconds"], "baseline_peak": baseline["peak_rss_mb"]}
+            "baseline": baseline["seconds"], "baseline_peak": baseline["peak_rss_mb"], "last_byte": last_byte}
 
 
 def bench_concurrent(body, posts, work_dir):
@@ -3398,19 +3757,20 @@ def bench_concurrent(body, posts, work_dir):
 def bench_against_baseline(mb, runs, out, concurrent=1):
     print(f"Generating a {mb:g} MB sync...", file=out)
     body, elements = make_bench_payload(mb)
+    slow_body = make_bench_payload(mb, seed=8, start=BENCH_START + datetime.timedelta(days=30))[0]
     size_mb = len(body) / 1e6
-    print(f"{size_mb:.1f} MB, {elements} records + route points; {runs} run(s), each: receiver (new, then "
-          f"repeat) and baseline.", file=out)
+    print(f"{size_mb:.1f} MB, {elements} records + route points; {runs} run(s), each: receiver (new, repeat, "
+          f"then new data sent at {BENCH_SLOW_RATE / 1e6:g} MB/s) and baseline.", file=out)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="health-bench-") as work_dir:
         for n in range(runs):
-            result = bench_once(body, work_dir)
+            result = bench_once(body, slow_body, work_dir)
             rounds.append(result)
             print(f"  run {n + 1}: first {result['first']:.2f} s, repeat {result['second']:.2f} s, peak RSS "
-                  f"{result['peak']:.0f} MB | baseline {result['baseline']:.2f} s, {result['baseline_peak']:.0f} MB",
-                  file=out, flush=True)
+                  f"{result['peak']:.0f} MB, last byte to answer {result['last_byte']:.2f} s | baseline "
+                  f"{result['baseline']:.2f} s, {result['baseline_peak']:.0f} MB", file=out, flush=True)
     med = {key: statistics.median(r[key] for r in rounds)
-           for key in ("first", "second", "peak", "baseline", "baseline_peak")}
+           for key in ("first", "second", "peak", "baseline", "baseline_peak", "last_byte")}
     answer = rounds[0]["answer"]
     records = answer["count"] + answer["routePoints"]
     repeat = rounds[0]["repeat"]
@@ -3422,6 +3782,8 @@ def bench_against_baseline(mb, runs, out, concurrent=1):
           f"{repeat['duplicates']} duplicates, nothing inserted: {sum(repeat['inserted'].values()) == 0})",
           file=out)
     print(f"  peak RSS    {med['peak']:6.0f} MB", file=out)
+    print(f"  new data sent at {BENCH_SLOW_RATE / 1e6:g} MB/s: answered {med['last_byte']:.2f} s after its last "
+          f"byte (the rows are stored as they arrive)", file=out)
     print("Baseline (json.loads + one executemany of the same sample rows into schema version 1's table; "
           "samples only):", file=out)
     print(f"  time        {med['baseline']:6.2f} s\n  peak RSS    {med['baseline_peak']:6.0f} MB", file=out)
@@ -3430,7 +3792,7 @@ def bench_against_baseline(mb, runs, out, concurrent=1):
     if concurrent > 1:
         with tempfile.TemporaryDirectory(prefix="health-bench-") as work_dir:
             elapsed, statuses, peak = bench_concurrent(body, concurrent, work_dir)
-        print(f"{concurrent} concurrent posts of the same {size_mb:.0f} MB (--max-ingests {DEFAULT_MAX_INGESTS}): "
+        print(f"{concurrent} concurrent posts of the same {size_mb:.0f} MB: "
               f"all answered in {elapsed:.2f} s, statuses {statuses}, peak RSS {peak:.0f} MB "
               f"({peak / med['peak']:.1f}x one post's).", file=out)
     per_50 = med["first"] * 50 / size_mb
@@ -3474,9 +3836,9 @@ def fill_database(db, millions, mb, out):
     started = time.monotonic()
     try:
         while samples < target:
-            accepted = intake.ingest(_window_payload(mb, index), "bench fill")
-            intake.after_answer(accepted)
-            samples += accepted.result.inserted[SAMPLES.name]
+            result = intake.ingest((_window_payload(mb, index),), "bench fill")
+            intake.after_answer(result)
+            samples += result.inserted[SAMPLES.name]
             index += 1
             print(f"\r  fill: {samples:,} samples in {index} syncs, {time.monotonic() - started:.0f} s",
                   end="", file=out, flush=True)
