@@ -45,6 +45,7 @@ __version__ = "1.1.0"
 
 import argparse
 import base64
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -62,6 +63,7 @@ import json.scanner
 import operator
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -126,6 +128,29 @@ BUSY_TIMEOUT = 10.0
 SHUTDOWN_WAIT = 60
 #: Seconds the app is told to wait before retrying after a 503.
 RETRY_AFTER = 30
+#: Failed key checks from one address within GUESS_WINDOW seconds before
+#: that address gets 429 for GUESS_BLOCK seconds.
+GUESS_LIMIT = 10
+GUESS_WINDOW = 60.0
+GUESS_BLOCK = 60
+#: Addresses whose failed key checks are remembered (the oldest are forgotten).
+GUESS_ADDRESSES_MAX = 4096
+#: After an early answer to a POST (401, 413, ...), how long and how much of
+#: the body still arriving is read and dropped, so that the client reads the
+#: answer instead of a reset (what nginx calls a lingering close).
+LINGER_SECONDS = 10.0
+LINGER_IDLE = 2.0
+#: Sample types listed and charted on the status page and /api/summary (the
+#: largest first); ``stats --json`` lists all.
+PAGE_TYPES_MAX = 40
+#: Content-Security-Policy of the pages: nothing from elsewhere, no scripts,
+#: inline styles only, never in a frame.
+PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+               "form-action 'self'; frame-ancestors 'none'")
+#: Suffix of the key file created beside a new database.
+KEY_FILE_SUFFIX = ".key"
+#: Bits of a generated key.
+KEY_BITS = 192
 #: SQLite page size for new databases (bench: 16 KiB inserts ~20% faster than 4 KiB).
 PAGE_SIZE = 16384
 #: SQLite page cache of the writer in KiB.  Rows go in in key order, so few
@@ -1876,9 +1901,11 @@ def local_zone_name(now):
     return now.astimezone().tzname() or "local"
 
 
-def sample_types(conn):
-    """[(type, rows, first_date, last_date)] from the kept totals."""
-    return conn.execute("SELECT type, rows, first_date, last_date FROM sample_types ORDER BY type").fetchall()
+def sample_types(conn, limit=None):
+    """[(type, rows, first_date, last_date)] from the kept totals, the
+    largest first (at most ``limit``)."""
+    return conn.execute("SELECT type, rows, first_date, last_date FROM sample_types ORDER BY rows DESC, type"
+                        " LIMIT ?", (-1 if limit is None else limit,)).fetchall()
 
 
 def table_totals(conn):
@@ -1899,8 +1926,10 @@ def connection_facts(store):
         return {"totals": table_totals(conn), "last_sync": None if row is None else dict(zip(keys, row))}
 
 
-def summary(store, days=90, utc=False, now=None, sync_count=20, charts=True):
-    """The facts the status page, /api/summary and ``stats`` show."""
+def summary(store, days=90, utc=False, now=None, sync_count=20, charts=True, type_limit=PAGE_TYPES_MAX):
+    """The facts the status page, /api/summary and ``stats`` show: at most
+    ``type_limit`` types (the largest), so that a page stays small whatever
+    was stored; ``more_types`` counts the others."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
     bounds = day_bounds(days, utc, now)
     since = bounds[0][1]
@@ -1913,10 +1942,13 @@ def summary(store, days=90, utc=False, now=None, sync_count=20, charts=True):
             "database": {"path": os.path.abspath(store.path), "size_bytes": database_size(store.path)},
             "totals": table_totals(conn),
             "types": [{"type": t, "name": short_type_name(t), "rows": rows, "first": first, "last": last,
-                       "chart": chart_kind(t)} for t, rows, first, last in sample_types(conn)],
+                       "chart": chart_kind(t)} for t, rows, first, last in sample_types(conn, type_limit)],
+            "more_types": 0,
             "syncs": [dict(zip(SYNC_FIELDS, row)) for row in conn.execute(
                 f"SELECT {', '.join(SYNC_FIELDS)} FROM syncs ORDER BY id DESC LIMIT ?", (sync_count,))],
         }
+        if type_limit is not None and len(facts["types"]) == type_limit:
+            facts["more_types"] = conn.execute("SELECT count(*) FROM sample_types").fetchone()[0] - type_limit
         if not charts:
             return facts
         facts["days"] = {"count": days, "first": bounds[0][0], "last": bounds[-1][0],
@@ -2307,6 +2339,9 @@ def render_status_page(facts, utc, now=None):
     out.append(_table(("Type", "Rows", "First", "Last"), [("", _cells(
         f"<span title=\"{_esc(info['type'])}\">{_esc(info['name'])}</span>", _number(info["rows"]),
         format_local(info["first"], utc), format_local(info["last"], utc))) for info in facts["types"]]))
+    if facts["more_types"]:
+        out.append(f'<p class="muted">and {facts["more_types"]:,} more types with fewer samples '
+                   f'(<code>health_receiver.py stats</code> lists them all).</p>')
     out.append(f"<h2>Last {facts['days']['count']} days</h2>")
     if not facts["charts"]:
         out.append('<p class="muted">No samples in these days.</p>')
@@ -2529,6 +2564,12 @@ class ReceiverConfig:
     tmp_dir: typing.Optional[str] = None
     max_tmp: int = DEFAULT_MAX_TMP_MB * MIB
     token_source: typing.Optional[str] = None
+    #: The key was made at this start (the banner shows it this once).
+    token_generated: bool = False
+    #: Running without a key was asked for (--no-auth).
+    no_auth: bool = False
+    #: Warnings for the banner, decided with the configuration.
+    warnings: typing.Tuple[str, ...] = ()
     archive: typing.Optional[str] = None
     utc: bool = False
 
@@ -2577,31 +2618,41 @@ def _mib(size):
 
 
 def check_auth(config, headers):
-    """Raise ClientError 401 unless the request carries the configured key."""
+    """Raise ClientError 401 unless the request carries the configured key;
+    the message says what is wrong and what is expected."""
     if not config.token:
         return
-    expected = config.token.encode("utf-8")
     if config.auth_header:
-        sent = headers.get(config.auth_header)
-        name = config.auth_header
-        challenge = ()
+        name, expected_form, challenge = config.auth_header, f"'{config.auth_header}: <key>'", ()
+        sent = headers.get(name)
+        if sent is None:
+            raise ClientError(HTTPStatus.UNAUTHORIZED, f"Missing {name} header; this receiver expects "
+                              f"{expected_form}.", challenge)
     else:
-        sent = headers.get("Authorization")
-        name = "Authorization"
+        name, expected_form = "Authorization", "'Authorization: Bearer <key>'"
         challenge = (("WWW-Authenticate", 'Bearer realm="health_receiver"'),)
-        if sent is not None:
-            scheme, _, credentials = sent.strip().partition(" ")
-            sent = credentials.strip() if scheme.lower() == "bearer" else None
-    if sent is None:
-        raise ClientError(HTTPStatus.UNAUTHORIZED, f"Missing {name} header with the key.", challenge)
-    if not hmac.compare_digest(sent.strip().encode("utf-8", "surrogateescape"), expected):
+        value = headers.get(name)
+        if value is None:
+            raise ClientError(HTTPStatus.UNAUTHORIZED, f"Missing Authorization header; this receiver expects "
+                              f"{expected_form}.", challenge)
+        scheme, _, sent = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not sent.strip():
+            shown = "holds no scheme" if not sent.strip() else f"uses the scheme '{log_safe(scheme, 20)}'"
+            raise ClientError(HTTPStatus.UNAUTHORIZED, f"The Authorization header {shown}; this receiver "
+                              f"expects {expected_form}.", challenge)
+    if not hmac.compare_digest(sent.strip().encode("utf-8", "surrogateescape"), config.token.encode("utf-8")):
         raise ClientError(HTTPStatus.UNAUTHORIZED, f"The key in the {name} header is wrong.", challenge)
 
 
-def check_page_auth(config, headers):
-    """The status page and /api/summary: the app's header, or HTTP Basic
-    with the key as password (any user name), so a browser can log in."""
+def check_page_auth(config, headers, client):
+    """The status page and /api/summary show health data: with a key, the
+    app's header or HTTP Basic with the key as password (any user name, so
+    a browser can log in); without one, only this machine may read them."""
     if not config.token:
+        if not is_loopback(client):
+            raise ClientError(HTTPStatus.FORBIDDEN, "This receiver runs without a key (--no-auth), so its pages "
+                              "answer only this machine; start it with a key (the default) to read them from "
+                              "elsewhere.")
         return
     with contextlib.suppress(ClientError):
         check_auth(config, headers)
@@ -2619,6 +2670,71 @@ def check_page_auth(config, headers):
                                                                          'charset="UTF-8"'),))
 
 
+def is_loopback(host):
+    """Whether an address (or "localhost") is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # a dual-stack socket's IPv4 client
+    return (mapped or address).is_loopback
+
+
+class GuessThrottle:
+    """Counts failed key checks per address: after GUESS_LIMIT within
+    GUESS_WINDOW seconds, the address is refused for GUESS_BLOCK seconds.
+    Remembers at most GUESS_ADDRESSES_MAX addresses."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = collections.OrderedDict()  # address -> failure times
+        self._blocked = {}  # address -> unblocked at
+
+    def retry_after(self, address):
+        """Seconds this address must wait, or 0."""
+        with self._lock:
+            until = self._blocked.get(address)
+            if until is None:
+                return 0
+            left = until - self._clock()
+            if left <= 0:
+                del self._blocked[address]
+                return 0
+            return max(1, int(left + 0.999))
+
+    @property
+    def remembered(self):
+        """Addresses whose failures are remembered now."""
+        with self._lock:
+            return len(self._failures) + len(self._blocked)
+
+    def failed(self, address):
+        """Count a failed key check; True when it blocks the address."""
+        now = self._clock()
+        with self._lock:
+            times = self._failures.pop(address, [])
+            times = [t for t in times if now - t < GUESS_WINDOW] + [now]
+            if len(times) >= GUESS_LIMIT:
+                self._blocked[address] = now + GUESS_BLOCK
+                return True
+            self._failures[address] = times
+            while len(self._failures) > GUESS_ADDRESSES_MAX:
+                self._failures.popitem(last=False)
+            if len(self._blocked) > GUESS_ADDRESSES_MAX:
+                self._blocked = {a: u for a, u in self._blocked.items() if u > now}
+            return False
+
+
+def check_framing(headers):
+    """Raise ClientError 400 for header lines a proxy could read otherwise
+    than this receiver: a line without a colon, a folded (continued) line."""
+    if headers.defects or any("\n" in value or "\r" in value for value in headers.values()):
+        raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed header: a line without a colon, or a folded line.")
+
+
 def check_content_type(value):
     """Accept application/json with any parameters, or no type at all."""
     if value is None or not value.strip():
@@ -2629,7 +2745,9 @@ def check_content_type(value):
                           f"Content-Type must be application/json, not {media[:60]}.")
 
 
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+#: A chunk-size line (RFC 9112): hex digits, optional extensions, CRLF;
+#: no white space before the size, no bare LF.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\r\n\Z")
 
 
 class BodyReader:
@@ -2664,11 +2782,10 @@ class BodyReader:
         while True:
             self._check_deadline()
             line = self.rfile.readline(CHUNK_LINE_MAX)
-            if not line.endswith(b"\n"):
+            match = _CHUNK_LINE.match(line)
+            if not match:
                 raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: bad chunk size line.")
-            size_text = line.split(b";", 1)[0].strip()
-            if not _CHUNK_SIZE.match(size_text):
-                raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: bad chunk size.")
+            size_text = match.group(1)
             size = int(size_text, 16)
             if size == 0:
                 break
@@ -2676,13 +2793,13 @@ class BodyReader:
             if total > self.limit:
                 raise ClientError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large_message(self.limit))
             yield from self.pieces(size, "Malformed chunked body: a chunk ended early.")
-            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+            if self.rfile.readline(3) != b"\r\n":
                 raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: missing CRLF after a chunk.")
         for _ in range(TRAILER_FIELDS_MAX):  # trailer fields, ignored
             line = self.rfile.readline(TRAILER_LINE_MAX)
-            if line in (b"\r\n", b"\n"):
+            if line == b"\r\n":
                 return
-            if not line:
+            if not line.endswith(b"\r\n"):
                 raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: no final CRLF.")
         raise ClientError(HTTPStatus.BAD_REQUEST, "Malformed chunked body: too many trailer fields.")
 
@@ -2729,6 +2846,9 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "health_receiver/" + __version__
     error_content_type = "application/json"
+    #: Answers go out at once: Nagle's algorithm with delayed ACKs made each
+    #: request on a kept-alive connection wait about 40 ms.
+    disable_nagle_algorithm = True
     #: Until the request line is parsed (send_error may come first).
     path = None
 
@@ -2746,13 +2866,34 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self._expects_continue = False
         self._body_read = False
+        self._linger = 0
         try:
             super().handle_one_request()
+            if self._linger:
+                self._lingering_close(self._linger)
         except (ConnectionError, ssl.SSLError) as exc:
             self.close_connection = True
             self.log_error(f"connection lost: {exc}")
         except socket.timeout:
             self.close_connection = True
+
+    def _lingering_close(self, most):
+        """After an early answer to a POST, stop sending and read (and
+        drop) what the client still sends, at most ``most`` bytes within
+        LINGER_SECONDS, so that it reads the answer rather than a reset."""
+        self.close_connection = True
+        with contextlib.suppress(OSError, ValueError):
+            self.wfile.flush()
+            sock = self.connection
+            if not isinstance(sock, ssl.SSLSocket):  # shutting down TLS would drop its state
+                sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(LINGER_IDLE)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while most > 0 and time.monotonic() < deadline:
+                data = self.rfile.read1(min(READ_CHUNK, most))
+                if not data:
+                    break
+                most -= len(data)
 
     def log_request(self, code="-", size="-"):
         pass  # each request logs its own line, with what it did
@@ -2767,17 +2908,29 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         """The standard library's errors (bad request line, 431, ...) as JSON."""
         code = HTTPStatus(code)
         self.close_connection = True
+        # The request line may not have said which version: answer in 1.1,
+        # which every client reads (0.9 would mean no status line at all).
+        self.request_version = self.protocol_version
         self._send_json(code, {"ok": False, "error": message or code.phrase}, log_error=message or code.phrase)
 
     def _respond(self, status, body, content_type, headers=()):
         """The one response writer.  A POST whose body was not read closes
-        the connection: what the client still sends is not a request."""
+        the connection (what the client still sends is not a request), after
+        reading and dropping that body for a while unless the client waits
+        for 100 Continue (see _lingering_close)."""
         if self.command == "POST" and not self._body_read:
             self.close_connection = True
+            if not self._expects_continue:
+                self._linger = self.server.config.max_body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        # Every answer may carry health data: never cached, never sniffed.
         self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        if content_type.startswith("text/html"):
+            self.send_header("Content-Security-Policy", PAGE_POLICY)
         for name, value in headers:
             self.send_header(name, value)
         if self.close_connection:
@@ -2802,7 +2955,13 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self):
         """Every method: find the route, answer errors as JSON."""
         route = self.server.routes.get(urlsplit(self.path).path.rstrip("/") or "/")
+        client = self.client_address[0]
         try:
+            wait = self.server.guesses.retry_after(client)
+            if wait:
+                raise ClientError(HTTPStatus.TOO_MANY_REQUESTS, "Too many wrong keys from this address; try again "
+                                  "in a minute.", (("Retry-After", str(wait)),))
+            check_framing(self.headers)
             if route is None:
                 raise ClientError(HTTPStatus.NOT_FOUND, f"Nothing here; the endpoint is {self.server.config.path}.")
             action = route.get("GET" if self.command == "HEAD" else self.command)
@@ -2817,6 +2976,9 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             else:
                 action(self)
         except ClientError as exc:
+            if exc.status == HTTPStatus.UNAUTHORIZED and self.server.guesses.failed(client):
+                self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for "
+                               f"{GUESS_BLOCK} s")
             self._send_json(exc.status, {"ok": False, "error": exc.message}, exc.headers, log_error=exc.message)
         except PayloadError as exc:
             self._send_json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": exc.message}, log_error=exc.message)
@@ -2839,14 +3001,14 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
 
     def status_page(self):
         config = self.server.config
-        check_page_auth(config, self.headers)
+        check_page_auth(config, self.headers, self.client_address[0])
         body = render_status_page(summary(self.server.store, utc=config.utc), config.utc).encode("utf-8")
         self._log_answered()
         self._respond(HTTPStatus.OK, body, "text/html; charset=utf-8")
 
     def summary_json(self):
         config = self.server.config
-        check_page_auth(config, self.headers)
+        check_page_auth(config, self.headers, self.client_address[0])
         facts = summary(self.server.store, utc=config.utc)
         self._log_answered()
         self._send_json(HTTPStatus.OK, facts)
@@ -2895,9 +3057,14 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             raise ClientError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                               f"Content-Encoding {encoding[:40]} is not supported; use gzip or deflate.")
-        transfer = (self.headers.get("Transfer-Encoding") or "").strip().lower()
-        if transfer and transfer != "chunked":
-            raise ClientError(HTTPStatus.NOT_IMPLEMENTED, f"Transfer-Encoding {transfer[:40]} is not supported.")
+        transfers = self.headers.get_all("Transfer-Encoding") or []
+        codings = [coding.strip().lower() for value in transfers for coding in value.split(",")]
+        transfer = "chunked" if codings else None
+        if codings and codings != ["chunked"]:
+            if "chunked" in codings or len(transfers) > 1:
+                raise ClientError(HTTPStatus.BAD_REQUEST, "Transfer-Encoding must be chunked alone, in one header.")
+            raise ClientError(HTTPStatus.NOT_IMPLEMENTED,
+                              f"Transfer-Encoding {log_safe(codings[0], 40)} is not supported.")
         if not transfer:
             return check_content_length(self.headers.get_all("Content-Length"), config.max_body), None, encoding
         if self.headers.get("Content-Length") is not None:
@@ -2961,6 +3128,7 @@ class HealthReceiverServer(ThreadingHTTPServer):
         self.config = config
         self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
+        self.guesses = GuessThrottle()
         #: {path: {method: handler function}}; the endpoint wins over "/".
         self.routes = {"/": {"GET": HealthRequestHandler.status_page},
                        SUMMARY_PATH: {"GET": HealthRequestHandler.summary_json},
@@ -3085,15 +3253,6 @@ def local_addresses():
     return sorted(usable, key=ipaddress.ip_address)
 
 
-def _is_loopback(host):
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def banner_lines(config, port):
     """What startup prints: where to listen, what to type into the app."""
     scheme = "https" if config.tls_cert else "http"
@@ -3112,11 +3271,17 @@ def banner_lines(config, port):
             lines.append(f"Auth Type: Custom Header, header name {config.auth_header} (key from {config.token_source})")
         else:
             lines.append(f"Auth Type: Bearer (key from {config.token_source})")
+        if config.token_generated:
+            lines.append(f"Key: {config.token}")
+            lines.append(f"  A new key, shown this once: in the app choose Auth Type Bearer and enter it. It is "
+                         f"saved in {config.token_source[len('file '):]} (readable only by you); later starts "
+                         f"read it from there. A browser asks for it on the status page (any user name).")
     else:
-        lines.append("Auth Type: None")
-        if not _is_loopback(host):
-            lines.append("WARNING: no key is set, so anyone who can reach this port can post data; "
-                         f"set {TOKEN_ENV} to require one.")
+        lines.append("Auth Type: None" + (" (--no-auth)" if config.no_auth else ""))
+        if not is_loopback(host):
+            lines.append("WARNING: no key is set, so anyone who can reach this port can post data (the status "
+                         "page answers only this machine).")
+    lines.extend(config.warnings)
     if config.path != "/":
         lines.append(f"Status page: {urls[0]}/ (in a browser)")
     lines.append(f"Database: {os.path.abspath(config.db)}")
@@ -3175,16 +3340,69 @@ def serve(config, out=None, ready=None):
 def read_token(token_file, environ):
     """The key from --token-file or the environment, and where it came from."""
     if token_file:
-        try:
-            with open(token_file, encoding="utf-8") as handle:
-                token = handle.read().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read the token file {token_file}: {exc.strerror}") from None
-        if not token:
-            raise UsageError(f"the token file {token_file} is empty")
-        return token, f"file {token_file}"
+        return _read_key_file(token_file), f"file {token_file}"
     token = (environ.get(TOKEN_ENV) or "").strip()
     return (token, "environment variable " + TOKEN_ENV) if token else (None, None)
+
+
+def _read_key_file(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise UsageError(f"the token file {path} is empty")
+    return token
+
+
+def check_key(token):
+    """Refuse a key some clients cannot send: it must be printable ASCII."""
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        raise UsageError("the key must be printable ASCII without spaces (some HTTP clients cannot send "
+                         "other characters in a header)")
+
+
+def key_file_warning(path):
+    """A warning when users other than the owner can read a key file."""
+    with contextlib.suppress(OSError):
+        if os.name == "posix" and os.stat(path).st_mode & 0o077:
+            return f"WARNING: {path} can be read by other users of this machine; run: chmod 600 {path}"
+    return None
+
+
+def resolve_key(args, environ):
+    """(key, where it came from, whether it was made now, warnings).
+
+    The key comes from --token-file, then $HEALTH_RECEIVER_TOKEN, then
+    <db>.key.  A new database gets a random key, saved there (mode 0600).
+    A database used before without a key keeps working without one, with a
+    warning; --no-auth runs without a key on purpose.
+    """
+    if args.no_auth:
+        return None, None, False, ()
+    token, source = read_token(args.token_file, environ)
+    key_path = args.db + KEY_FILE_SUFFIX
+    generated = False
+    if token is None and os.path.exists(key_path):
+        token, source = _read_key_file(key_path), f"file {key_path}"
+    elif token is None and not os.path.exists(args.db) and os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
+        token = secrets.token_urlsafe(KEY_BITS // 8)
+        try:
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(token + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot save a new key in {key_path}: {exc.strerror}") from None
+        source, generated = f"file {key_path}", True
+    if token is None:
+        return None, None, False, (
+            f"WARNING: this database has been used without a key, so it still takes syncs without one. To "
+            f"require a key: put one in {key_path} (chmod 600) or in ${TOKEN_ENV}, then set Auth Type Bearer "
+            f"in the app.",)
+    check_key(token)
+    warning = key_file_warning(args.token_file or key_path) if source.startswith("file") else None
+    return token, source, generated, (warning,) if warning else ()
 
 
 def _positive_mb(text):
@@ -3213,7 +3431,10 @@ def serve_parser():
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s; 0 picks one)")
     parser.add_argument("--path", default=DEFAULT_PATH, help="endpoint path, as set in the app (default %(default)s)")
     parser.add_argument("--db", default=DEFAULT_DB, help="SQLite database file (default %(default)s)")
-    parser.add_argument("--token-file", metavar="PATH", help="read the key from this file instead of $" + TOKEN_ENV)
+    parser.add_argument("--token-file", metavar="PATH", help="read the key from this file instead of $" + TOKEN_ENV
+                        + " or <db>.key")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="run without a key (by default a new database gets one, in <db>.key)")
     parser.add_argument("--auth-header", metavar="NAME", type=_header_name,
                         help="take the key from this header (e.g. X-API-Key) instead of 'Authorization: Bearer'")
     parser.add_argument("--max-body-mb", type=_positive_mb, default=DEFAULT_MAX_BODY_MB, metavar="MB",
@@ -3238,7 +3459,9 @@ def serve_parser():
 
 def config_from_args(args, environ):
     """A ReceiverConfig from serve's arguments; raises UsageError."""
-    token, source = read_token(args.token_file, environ)
+    if args.no_auth and args.token_file:
+        raise UsageError("--no-auth and --token-file contradict each other")
+    token, source, generated, warnings = resolve_key(args, environ)
     if args.tls_key and not args.tls_cert:
         raise UsageError("--tls-key needs --tls-cert")
     if args.tmp_dir and not os.path.isdir(args.tmp_dir):
@@ -3248,6 +3471,7 @@ def config_from_args(args, environ):
                             quiet=args.quiet, timeout=args.timeout, tmp_dir=args.tmp_dir,
                             max_tmp=int(args.max_tmp_mb * MIB),
                             tls_cert=args.tls_cert, tls_key=args.tls_key, token_source=source,
+                            token_generated=generated, no_auth=args.no_auth, warnings=warnings,
                             archive=args.archive, utc=args.utc)
     if config.archive:
         try:
@@ -3290,7 +3514,7 @@ def run_stats(args, out):
     store = _existing_store(args.db)
     if args.recount:
         store.recount_types()
-    facts = summary(store, sync_count=10, charts=False)
+    facts = summary(store, sync_count=10, charts=False, type_limit=None)
     if args.json:
         json.dump(facts, out, indent=2, ensure_ascii=False)
         out.write("\n")
@@ -3647,7 +3871,7 @@ def _start_child_server(db):
     """Start a receiver in a child process; return (process, port)."""
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--host", "127.0.0.1", "--port", "0",
-                             "--db", db, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--db", db, "--quiet", "--no-auth"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, universal_newlines=True)
     lines = []
     for line in proc.stdout:

@@ -25,6 +25,8 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.error
+import urllib.request
 import zlib
 
 import health_receiver as hr
@@ -670,7 +672,7 @@ class ChildServer:
         code = CHILD_SERVER.format(folder=os.path.dirname(os.path.abspath(hr.__file__)), drop=drop_root)
         env = {key: value for key, value in os.environ.items() if key != hr.TOKEN_ENV}
         self.proc = subprocess.Popen([sys.executable, "-c", code, "--host", "127.0.0.1", "--port", "0", "--db", db,
-                                      "--quiet"] + list(extra), stdout=subprocess.PIPE, stderr=self.stderr,
+                                      "--quiet", "--no-auth"] + list(extra), stdout=subprocess.PIPE, stderr=self.stderr,
                                      env=env, cwd=folder)
         self.output = []
         while wait:
@@ -1633,6 +1635,204 @@ class QuietTests(ServerTestCase):
         self.assertIn("404", lines[0])
 
 
+class MalformedRequestTests(ServerTestCase):
+    """What the standard library refuses before routing still gets one line
+    of JSON, Connection: close, and one log line without a traceback."""
+
+    def test_malformed_request_lines(self):
+        cases = [(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505), (b"GARBAGE\r\n\r\n", 400),
+                 (b"GET / HTTP/2.0\r\n\r\n", 505), (b"GET / HTTP/1.x\r\n\r\n", 400),
+                 (b"GET / HTTP/1.1 extra\r\n\r\n", 400), (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414)]
+        for request, status in cases:
+            with self.subTest(request=request[:30]):
+                before = len(self.log_lines())
+                answer = self.raw_exchange(request)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), answer[:200])
+                self.assertIn(b"Connection: close", head)
+                self.assertIs(json.loads(body)["ok"], False)
+                wait_until(lambda: len(self.log_lines()) == before + 1)
+                self.assertNotIn("Traceback", self.log.getvalue())
+
+    def test_framing_that_proxies_may_read_otherwise_is_refused(self):
+        body = encode(make_payload(n=1))
+        chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        cases = {
+            "two Transfer-Encoding headers": post_head(extra="Transfer-Encoding: chunked\r\n"
+                                                             "Transfer-Encoding: identity\r\n") + chunk,
+            "chunked then identity": post_head(extra="Transfer-Encoding: chunked, identity\r\n") + chunk,
+            "bare LF in a chunk line": post_head(extra="Transfer-Encoding: chunked\r\n")
+            + b"%x\n%s\r\n0\r\n\r\n" % (len(body), body),
+            "space before a chunk size": post_head(extra="Transfer-Encoding: chunked\r\n")
+            + b" %x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+            "a header line without a colon": post_head(len(body), extra="NoColonHere\r\n") + body,
+            "a folded header": post_head(len(body), extra="X-Note: a\r\n folded\r\n") + body,
+            "Content-Length and Transfer-Encoding": post_head(len(body), extra="Transfer-Encoding: chunked\r\n")
+            + chunk,
+            "conflicting lengths": post_head(len(body), extra=f"Content-Length: {len(body) + 1}\r\n") + body,
+        }
+        for name, request in cases.items():
+            with self.subTest(name):
+                answer = self.raw_exchange(request)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:300])
+        self.assert_nothing_stored()
+        answer = self.raw_exchange(post_head(extra="Transfer-Encoding: gzip\r\n") + chunk)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 501 "), answer[:300])
+
+    def test_a_hundred_requests_on_one_connection(self):
+        conn = self.connection()
+        with contextlib.closing(conn):
+            for _ in range(100):
+                self.assertEqual(self.request("GET", conn=conn)[0], 200)
+
+    def test_fifty_concurrent_posts_are_all_answered(self):
+        barrier = threading.Barrier(50)
+        results = []
+
+        def post(number):
+            barrier.wait(10)
+            try:
+                results.append(self.post(make_payload(n=2, tag=f"C{number}"))[0])
+            except OSError as exc:  # a reset would land here
+                results.append(repr(exc))
+
+        threads = [threading.Thread(target=post, args=(number,)) for number in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(results, [200] * 50)
+        self.assertEqual(self.query("SELECT count(*) FROM syncs WHERE status = 'ok'"), [(50,)])
+
+    def test_pages_and_answers_carry_protective_headers(self):
+        for path in ("/", hr.SUMMARY_PATH, hr.DEFAULT_PATH):
+            with self.subTest(path=path):
+                status, response, _ = self.request("GET", path)
+                self.assertEqual(status, 200)
+                self.assertEqual(response.getheader("Cache-Control"), "no-store")
+                self.assertEqual(response.getheader("X-Content-Type-Options"), "nosniff")
+                self.assertEqual(response.getheader("Referrer-Policy"), "no-referrer")
+        policy = self.request("GET", "/")[1].getheader("Content-Security-Policy")
+        self.assertIn("default-src 'none'", policy)
+        self.assertIn("frame-ancestors 'none'", policy)
+        self.assertNotIn("script-src", policy)
+
+
+class EarlyAnswerTests(ServerTestCase):
+    token = TOKEN
+    max_body = 16 * hr.MIB
+
+    def test_a_big_body_with_a_wrong_key_reads_401_not_a_reset(self):
+        body = b" " * (5 * hr.MIB)
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{hr.DEFAULT_PATH}", data=body,
+                                         headers={"Authorization": "Bearer wrong",
+                                                  "Content-Type": "application/json"})
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        self.assertEqual(caught.exception.code, 401)
+        self.assertIn("wrong", json.loads(caught.exception.read())["error"])
+        caught.exception.close()
+
+    def test_the_401_says_what_is_wrong_and_what_is_expected(self):
+        cases = {None: "Missing Authorization header; this receiver expects 'Authorization: Bearer <key>'.",
+                 "Token " + TOKEN: "The Authorization header uses the scheme 'Token'; this receiver expects "
+                                   "'Authorization: Bearer <key>'.",
+                 TOKEN: "The Authorization header holds no scheme; this receiver expects "
+                        "'Authorization: Bearer <key>'.",
+                 "Basic " + TOKEN: "The Authorization header uses the scheme 'Basic'; this receiver expects "
+                                   "'Authorization: Bearer <key>'.",
+                 "Bearer nope": "The key in the Authorization header is wrong."}
+        for value, message in cases.items():
+            with self.subTest(value=value):
+                headers = {} if value is None else {"Authorization": value}
+                status, _, answer = self.post(make_payload(), headers=headers)
+                self.assertEqual((status, answer["error"]), (401, message))
+
+    def test_ten_wrong_keys_from_one_address_get_429_for_a_minute(self):
+        for _ in range(hr.GUESS_LIMIT):
+            self.assertEqual(self.request("GET", headers={"Authorization": "Bearer nope"})[0], 401)
+        status, response, answer = self.request("GET", headers={"Authorization": "Bearer " + TOKEN})
+        self.assert_error(status, 429, answer, "Too many wrong keys")
+        self.assertLessEqual(int(response.getheader("Retry-After")), hr.GUESS_BLOCK)
+        self.assertEqual(sum("wrong keys within" in line for line in self.log_lines()), 1)
+        # Another address is not affected.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10, source_address=("127.0.0.2", 0))
+        with contextlib.closing(conn):
+            self.assertEqual(self.request("GET", headers={"Authorization": "Bearer " + TOKEN}, conn=conn)[0], 200)
+
+    def test_the_throttle_forgets_and_stays_bounded(self):
+        now = [1000.0]
+        throttle = hr.GuessThrottle(clock=lambda: now[0])
+        for _ in range(hr.GUESS_LIMIT - 1):
+            self.assertFalse(throttle.failed("a"))
+        now[0] += hr.GUESS_WINDOW  # the old failures fall out of the window
+        self.assertFalse(throttle.failed("a"))
+        self.assertEqual(throttle.retry_after("a"), 0)
+        for _ in range(hr.GUESS_LIMIT - 1):
+            throttle.failed("b")
+        self.assertTrue(throttle.failed("b"))
+        self.assertEqual(throttle.retry_after("b"), hr.GUESS_BLOCK)
+        now[0] += hr.GUESS_BLOCK
+        self.assertEqual(throttle.retry_after("b"), 0)
+        for number in range(hr.GUESS_ADDRESSES_MAX + 100):
+            throttle.failed(f"10.0.{number // 256}.{number % 256}")
+        self.assertLessEqual(throttle.remembered, hr.GUESS_ADDRESSES_MAX)
+
+
+class ReadsWithoutAKeyTests(ServerTestCase):
+    """Without a key, health data is shown to this machine only."""
+
+    def exchange_from(self, address, request):
+        """Drive the real handler on a loopback connection, told that
+        ``address`` connected (no packet leaves the machine)."""
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            ours = socket.create_connection(listener.getsockname()[:2], timeout=10)
+            theirs, _ = listener.accept()
+        with ours, theirs:
+            handler = threading.Thread(target=hr.HealthRequestHandler, args=(theirs, (address, 50000), self.server))
+            handler.start()
+            ours.sendall(request)
+            ours.shutdown(socket.SHUT_WR)
+            handler.join(10)  # the handler ends at the end of the request; the server would close the socket
+            theirs.close()
+            return b"".join(iter(lambda: ours.recv(65536), b""))
+
+    def test_pages_answer_loopback_only(self):
+        for path in ("/", hr.SUMMARY_PATH):
+            with self.subTest(path=path):
+                self.assertEqual(self.request("GET", path)[0], 200)
+                answer = self.exchange_from("192.0.2.10", f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer[:100])
+                self.assertIn(b"without a key", answer)
+        answer = self.exchange_from("192.0.2.10", f"GET {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])  # the app's Test Connection
+
+    def test_loopback_addresses(self):
+        for address in ("127.0.0.1", "127.8.9.10", "::1", "localhost", "::ffff:127.0.0.1"):
+            self.assertTrue(hr.is_loopback(address), address)
+        for address in ("192.0.2.10", "10.0.0.1", "::", "0.0.0.0", "", "example.org"):
+            self.assertFalse(hr.is_loopback(address), address)
+
+
+class BoundedPageTests(ServerTestCase):
+    max_body = 64 * hr.MIB
+
+    def test_fifty_thousand_types_keep_the_page_small(self):
+        data = {f"T{i:05d}": [element(f"S-{i}")] for i in range(50000)}
+        data["T00001"].append(element("S-extra"))
+        status, _, answer = self.post({"data": data})
+        self.assertEqual(status, 200, answer)
+        status, _, page = self.request("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertLess(len(page), 200000)
+        self.assertIn(f"and {50000 - hr.PAGE_TYPES_MAX:,} more types", page.decode())
+        self.assertIn(">T00001<", page.decode())  # the largest type is listed
+        status, _, facts = self.request("GET", hr.SUMMARY_PATH)
+        self.assertEqual((len(facts["types"]), facts["more_types"]), (hr.PAGE_TYPES_MAX, 50000 - hr.PAGE_TYPES_MAX))
+        code, out, _ = run_main("stats", "--db", self.db, "--json")
+        self.assertEqual(len(json.loads(out)["types"]), 50000)
+
+
 class BearerAuthTests(ServerTestCase):
     token = TOKEN
 
@@ -2034,7 +2234,8 @@ class StalledClientTests(ServerTestCase):
             status, _, answer = self.post(make_payload(n=200))
             self.assertEqual(status, 200, answer)
             self.assertEqual(self.count("samples"), 401)
-            self.assertEqual(self.request("GET")[2]["ingests_in_progress"], 100)  # still stalled
+            # The real sync is finished; the stalled ones are still there.
+            wait_until(lambda: self.request("GET")[2]["ingests_in_progress"] == 100)
         finally:
             for sock in stalled:
                 sock.close()
@@ -2281,6 +2482,106 @@ class CommandTests(ServerTestCase):
         code, _, err = run_main("import", "--db", fresh, os.path.join(folder, "missing.json"))
         self.assertEqual(code, 1)
         self.assertIn("missing.json: skipped", err)
+
+
+class KeyTests(unittest.TestCase):
+    """A key from the first start; the old way keeps working."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.db = os.path.join(self.tmp.name, "health.db")
+
+    def start(self, *flags, environ=None):
+        """serve() in a thread as main() runs it; return (server, banner)."""
+        out = io.StringIO()
+        ready = threading.Event()
+        holder = {}
+        args = hr.serve_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--db", self.db, *flags])
+        config = hr.config_from_args(args, environ or {})
+        config.log_stream = io.StringIO()
+
+        def on_ready(server):
+            holder["server"] = server
+            ready.set()
+
+        thread = threading.Thread(target=lambda: holder.setdefault("code", hr.serve(config, out, ready=on_ready)))
+        thread.start()
+        self.assertTrue(ready.wait(10))
+
+        def stop():
+            holder["server"].shutdown()
+            thread.join(10)
+
+        self.addCleanup(stop)
+        return holder["server"], out.getvalue()
+
+    def post(self, server, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        with contextlib.closing(conn):
+            conn.request("POST", hr.DEFAULT_PATH, body=encode(make_payload()), headers=headers or {})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+
+    def test_a_new_database_gets_a_key_shown_once_then_read_from_its_file(self):
+        server, banner = self.start()
+        key_file = self.db + ".key"
+        with open(key_file, encoding="utf-8") as handle:
+            key = handle.read().strip()
+        self.assertGreaterEqual(len(base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))) * 8, 128)
+        self.assertRegex(key, r"^[A-Za-z0-9_-]+$")
+        self.assertEqual(os.stat(key_file).st_mode & 0o777, 0o600)
+        self.assertIn(f"Key: {key}", banner)
+        self.assertIn("Auth Type: Bearer (key from file " + key_file, banner)
+        self.assertEqual(self.post(server), 401)
+        self.assertEqual(self.post(server, {"Authorization": "Bearer " + key}), 200)
+        self.assertNotIn(key, server.config.log_stream.getvalue())
+        server.shutdown()
+        server, banner = self.start()  # the next start reads it, and does not print it
+        self.assertNotIn(key, banner)
+        self.assertIn("key from file " + key_file, banner)
+        self.assertEqual(self.post(server, {"Authorization": "Bearer " + key}), 200)
+
+    def test_a_database_used_without_a_key_keeps_working_without_one(self):
+        store = hr.Store(self.db)
+        store.open()
+        store.close()
+        server, banner = self.start()
+        self.assertFalse(os.path.exists(self.db + ".key"))
+        self.assertIn("Auth Type: None", banner)
+        self.assertIn("used without a key", banner)
+        self.assertEqual(self.post(server), 200)
+
+    def test_no_auth_on_purpose(self):
+        server, banner = self.start("--no-auth")
+        self.assertFalse(os.path.exists(self.db + ".key"))
+        self.assertIn("Auth Type: None (--no-auth)", banner)
+        self.assertEqual(self.post(server), 200)
+        lines = hr.banner_lines(hr.ReceiverConfig(host="0.0.0.0", no_auth=True), 3000)
+        self.assertEqual(sum("WARNING" in line for line in lines), 1)
+
+    def test_the_environment_wins_and_a_key_must_be_ascii(self):
+        server, banner = self.start(environ={hr.TOKEN_ENV: TOKEN})
+        self.assertIn("key from environment variable", banner)
+        self.assertFalse(os.path.exists(self.db + ".key"))
+        for key in ("cl\u00e9", "with space", "tab\tkey"):
+            with self.subTest(key=key):
+                with contextlib.redirect_stderr(io.StringIO()) as err:
+                    code = hr.main(["--port", "0", "--db", self.db], environ={hr.TOKEN_ENV: key})
+                self.assertEqual(code, 2)
+                self.assertIn("printable ASCII", err.getvalue())
+                self.assertNotIn(key, err.getvalue())
+
+    @unittest.skipUnless(os.name == "posix", "needs POSIX permissions")
+    def test_a_key_file_others_can_read_is_warned_about(self):
+        key_file = self.db + ".key"
+        with open(key_file, "w") as handle:
+            handle.write(TOKEN)
+        os.chmod(key_file, 0o644)
+        _server, banner = self.start()
+        self.assertIn(f"WARNING: {key_file} can be read by other users", banner)
+        self.assertNotIn(TOKEN, banner)
 
 
 class CommandShapeTests(unittest.TestCase):
