@@ -1394,6 +1394,9 @@ def database_size(path):
 _UNBINDABLE = (ValueError, OverflowError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
 #: The section whose per-type totals sample_types keeps.
 SAMPLES = SECTIONS_BY_NAME["samples"]
+#: A sample row's type, and where it holds its start date.
+_SAMPLE_TYPE = operator.itemgetter(SAMPLES.column_names.index("type"))
+_SAMPLE_START = SAMPLES.date_positions[0][0]
 #: The section whose counts the ``syncs`` table keeps apart (route_points).
 ROUTES = SECTIONS_BY_NAME["routes"]
 #: Keeps sample_types (rows, first and last date per type) current as rows
@@ -1657,8 +1660,7 @@ class Store:
                 # One statement per type, so that sample_types learns each
                 # type's new rows, first and last date.
                 sql = section.merge_sql(" WHERE type = :type")
-                for type_name, first, last in conn.execute(
-                        "SELECT type, min(start_date), max(start_date) FROM stage.samples GROUP BY type").fetchall():
+                for type_name, (first, last) in sorted(stage.sample_dates.items()):
                     new = conn.execute(sql, dict(params, type=type_name)).rowcount
                     result.inserted[section.name] += new
                     if new:
@@ -1702,6 +1704,8 @@ class Stage:
         self.path = path
         self.received = dict.fromkeys(SECTIONS_BY_NAME, 0)
         self.rejected = 0
+        #: {sample type: [first start date, last start date]} of the staged samples.
+        self.sample_dates = {}
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             for pragma in ("journal_mode = OFF", "synchronous = OFF", f"page_size = {PAGE_SIZE:d}",
@@ -1726,6 +1730,8 @@ class Stage:
         self._conn.execute("SAVEPOINT batch")
         try:
             self._conn.executemany(sql, rows)
+            if section is SAMPLES:
+                self._note_dates(rows)
         except _UNBINDABLE:
             # A value sqlite3 cannot bind (a lone surrogate from a JSON
             # escape, say) would fail the whole batch: redo it row by row
@@ -1734,12 +1740,23 @@ class Stage:
             for row in rows:
                 try:
                     self._conn.execute(sql, row)
+                    if section is SAMPLES:
+                        self._note_dates([row])
                 except _UNBINDABLE as exc:
                     record = json.dumps(row, ensure_ascii=True, default=str)
                     self.add(None, [(section.name, f"cannot be stored: {exc}", record)])
                     self.received[section.name] -= 1
         self._conn.execute("RELEASE batch")
         self.received[section.name] += len(rows)
+
+    def _note_dates(self, rows):
+        """Keep each type's first and last start date (a batch of the walker
+        holds one array, so mostly one type), so that the merge need not
+        read the staged samples twice."""
+        for type_name, group in itertools.groupby(rows, key=_SAMPLE_TYPE):
+            starts = [row[_SAMPLE_START] for row in group]
+            dates = self.sample_dates.setdefault(type_name, [starts[0], starts[0]])
+            dates[0], dates[1] = min(dates[0], *starts), max(dates[1], *starts)
 
     def size(self):
         """Bytes the file holds, pages still in SQLite's cache included."""
