@@ -4143,10 +4143,10 @@ def bench_at_size(millions, mb, runs, out):
             empty = statistics.median(p[1] for p in pairs)
             print(f"  {'cold' if cold else 'warm'} {label + ' sync':<12} {at_size:6.2f} s against {empty:6.2f} s: "
                   f"{at_size / empty:.2f}x", file=out)
-        print(f"\nWhat this means for a Raspberry Pi: 'cold' is a database larger than the machine's memory, "
-              f"where every page a sync touches is read from the SD card. A ratio near 1x means a sync costs the "
-              f"same after years of data as on the first day; multiply the times by the Pi's slowness (3-5x for a "
-              f"Pi 4, about 10x for a Pi Zero 2) and compare with the app's 30 s.", file=out)
+        print("\nWhat this means for a Raspberry Pi: 'cold' is a database larger than the machine's memory, "
+              "where every page a sync touches is read from the SD card. A ratio near 1x means a sync costs the "
+              "same after years of data as on the first day; multiply the times by the Pi's slowness (3-5x for a "
+              "Pi 4, about 10x for a Pi Zero 2) and compare with the app's 30 s.", file=out)
     return 0
 
 
