@@ -3468,7 +3468,8 @@ def serve_parser():
     parser.add_argument("--max-ingests", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tls-cert", metavar="PATH", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", metavar="PATH", help="private key for --tls-cert (PEM)")
-    parser.add_argument("--archive", metavar="DIR", help="also save every accepted body as DIR/<time>-<sync id>.json.gz")
+    parser.add_argument("--archive", metavar="DIR",
+                        help="also save every accepted body as DIR/<time>-<sync id>.json.gz")
     parser.add_argument("--utc", action="store_true", help="status page days are UTC days, not this machine's")
     parser.add_argument("--quiet", action="store_true", help="log only errors")
     return parser
@@ -3478,11 +3479,11 @@ def config_from_args(args, environ):
     """A ReceiverConfig from serve's arguments; raises UsageError."""
     if args.no_auth and args.token_file:
         raise UsageError("--no-auth and --token-file contradict each other")
-    token, source, generated, warnings = resolve_key(args, environ)
     if args.tls_key and not args.tls_cert:
         raise UsageError("--tls-key needs --tls-cert")
     if args.tmp_dir and not os.path.isdir(args.tmp_dir):
         raise UsageError(f"--tmp-dir {args.tmp_dir} is not a folder")
+    token, source, generated, warnings = resolve_key(args, environ)  # last: it may create the key file
     config = ReceiverConfig(host=args.host, port=args.port, path=args.path, db=args.db, token=token,
                             auth_header=args.auth_header, max_body=int(args.max_body_mb * MIB),
                             quiet=args.quiet, timeout=args.timeout, tmp_dir=args.tmp_dir,

@@ -463,7 +463,8 @@ def make_v1_database(path, payload, extra_samples=0):
                 conn.execute("INSERT INTO characteristics VALUES (?, ?, 1)", (name, value))
             conn.executemany("INSERT INTO samples VALUES (?, 'HKQuantityTypeIdentifierHeartRate', ?, NULL, 60,"
                              " 'count/min', 'Watch', '{}', 1)",
-                             ((f"X-{i}", f"2025-01-01T00:00:{i % 60:02d}.{i % 1000:03d}Z") for i in range(extra_samples)))
+                             ((f"X-{i}", f"2025-01-01T00:00:{i % 60:02d}.{i % 1000:03d}Z")
+                              for i in range(extra_samples)))
             conn.execute("INSERT INTO sample_types SELECT type, count(*), min(start_date), max(start_date)"
                          " FROM samples GROUP BY type")
 
@@ -2222,6 +2223,7 @@ class StalledClientTests(ServerTestCase):
     """A slow client costs a thread and its own temporary file, nothing more."""
 
     max_tmp = 512 * 1024
+    timeout = 30.0  # the stalled bodies must outlive the test, however busy the machine
 
     def test_a_hundred_stalled_bodies_do_not_hold_up_a_real_sync(self):
         stalled = []
@@ -2590,9 +2592,11 @@ class CommandShapeTests(unittest.TestCase):
     def test_exit_statuses_are_the_same_for_every_command(self):
         with tempfile.TemporaryDirectory() as folder:
             missing = os.path.join(folder, "none.db")
-            cases = [(["stats", "--bogus"], 2), (["export", "--bogus"], 2), (["import"], 2), (["bench", "--runs", "x"], 2),
-                     (["--port", "x"], 2), (["serve", "--tmp-dir", os.path.join(folder, "none")], 2), (["stats", "--db", missing], 1),
-                     (["export", "--db", missing], 1), (["import", "--db", missing, os.path.join(folder, "x.json")], 1),
+            cases = [(["stats", "--bogus"], 2), (["export", "--bogus"], 2), (["import"], 2),
+                     (["bench", "--runs", "x"], 2), (["--port", "x"], 2),
+                     (["serve", "--db", missing, "--tmp-dir", os.path.join(folder, "none")], 2),
+                     (["stats", "--db", missing], 1), (["export", "--db", missing], 1),
+                     (["import", "--db", missing, os.path.join(folder, "x.json")], 1),
                      (["export", "--db", missing, "--since", "soon"], 2)]
             for argv, expected in cases:
                 with self.subTest(argv=argv):
