@@ -1486,10 +1486,6 @@ class Store:
                 f"Upgrading {self.path} ({migration.title}) needs {needed / 1e6:,.0f} MB of free disk space beside "
                 f"it, and {free / 1e6:,.0f} MB are free; free some space, then start again.")
 
-    def schema_version(self):
-        with self.reader() as conn:
-            return conn.execute("PRAGMA user_version").fetchone()[0]
-
     def _open_writer(self):
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
