@@ -2405,7 +2405,7 @@ def _size(size):
 # Sync workflow: one sync from bytes to stored rows (HTTP and import)
 # ---------------------------------------------------------------------------
 
-def _archive_names(directory, sync_id, now=None):
+def _archive_path(directory, sync_id, now=None):
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return os.path.join(directory, f"{now:%Y%m%dT%H%M%SZ}-{sync_id}.json.gz")
 
@@ -2445,7 +2445,7 @@ class ArchiveWriter:
             try:
                 self._gzip.close()
                 self._handle.close()
-                final = _archive_names(self.directory, sync_id)
+                final = _archive_path(self.directory, sync_id)
                 os.replace(self.path, final)
                 return final
             except OSError as exc:
@@ -2515,14 +2515,11 @@ class SyncIntake:
                 stage.add(section, rows)
                 self._account(stage)
             result = self.store.merge(stage, payload, remote_addr, started)
-        except (PayloadError, StorageUnavailable) as exc:
-            self.store.record_failure(FailedSync(
-                remote_addr, "rejected" if isinstance(exc, PayloadError) else "failed", str(exc), payload.size,
-                time.monotonic() - started, payload.envelope_text, payload.envelope.get("syncSource")))
-            if archive:
-                archive.discard()
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, (PayloadError, StorageUnavailable)):
+                self.store.record_failure(FailedSync(
+                    remote_addr, "rejected" if isinstance(exc, PayloadError) else "failed", str(exc), payload.size,
+                    time.monotonic() - started, payload.envelope_text, payload.envelope.get("syncSource")))
             if archive:
                 archive.discard()
             raise
