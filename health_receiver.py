@@ -14,11 +14,13 @@ Usage::
     python3 health_receiver.py import export-*.json
     python3 health_receiver.py bench --mb 50   # can this machine keep up?
 
-Open http://<this machine>:3000/ in a browser for the status page.
+Open http://<this machine>:3000/ in a browser for the status page: today's
+summary, charts over 7 days to all of it, a page per type and per workout.
 
-Set the key the app sends in the environment variable HEALTH_RECEIVER_TOKEN
-(or put it in a file named by --token-file); without one, anyone who can
-reach the port may post.
+The key the app sends comes from the environment variable
+HEALTH_RECEIVER_TOKEN (or a file named by --token-file); without one, a new
+database gets a random key, saved beside it in <database>.key and printed
+once at start.
 
 Map of this file, each section depending only on those above it:
 
@@ -27,10 +29,13 @@ Map of this file, each section depending only on those above it:
                   that reads a body as it arrives
     Storage       SQLite connections, schema derived from SECTIONS,
                   MIGRATIONS, a sync's rows staged in a temporary file and
-                  merged in one transaction
-    Reporting     summary, CHART_KINDS and their daily data, export rows,
-                  NDJSON export lines and their import (read-only)
-    Presentation  the status page: HTML with inline SVG charts
+                  merged in one transaction, hourly totals kept for charts
+    Reporting     RANGES and their periods, CHART_KINDS over the hourly
+                  totals, today, sleep, workouts and routes, medications,
+                  export rows, NDJSON export lines and their import
+                  (read-only)
+    Presentation  the pages: status page, a page per type and per workout;
+                  HTML with inline SVG charts
     Sync workflow one sync from arriving bytes to stored rows, shared by HTTP
                   and import; the archive
     HTTP          configuration, request checks, body reading, handler, server
@@ -41,10 +46,11 @@ Map of this file, each section depending only on those above it:
 Licensed under the MIT licence; see the LICENSE file.
 """
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import csv
@@ -55,11 +61,13 @@ import hashlib
 import hmac
 import html
 import http.client
+import io
 import ipaddress
 import itertools
 import json
 import json.decoder
 import json.scanner
+import math
 import operator
 import os
 import re
@@ -82,7 +90,9 @@ import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
+from urllib.parse import parse_qs
 from urllib.parse import quote
+from urllib.parse import unquote
 from urllib.parse import urlsplit
 
 try:
@@ -104,6 +114,9 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_TMP_MB = 1024
 #: Path of the JSON summary the status page shows.
 SUMMARY_PATH = "/api/summary"
+#: Pages of one type (/type/HeartRate) and one workout (/workout/UUID).
+TYPE_PAGES = "/type/"
+WORKOUT_PAGES = "/workout/"
 #: Environment variable holding the key the app sends.
 TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
 #: Bytes in one MiB: limits are in MiB, as the app's "50 MB" is.
@@ -577,7 +590,7 @@ SECTIONS = (
              ("record", "TEXT NOT NULL")),
             key=("uuid",), make_row=_dose_row, app_keys=("medicationDoseEvents",),
             dates=(("start_date", "startDate"),),
-            bucket="medications"),
+            bucket="medications", indexes=(("doses_start", ("start_date",)),)),
     Section("medications", "medications",
             (("key", "TEXT"), ("display_text", "TEXT"), ("record", "TEXT NOT NULL")),
             key=("key",), make_row=_medication_row, app_keys=("medications",), latest_wins=True,
@@ -1263,14 +1276,69 @@ def _recount_sample_types(conn):
                  " FROM samples GROUP BY type")
 
 
+_NUMERIC = "typeof(value) IN ('integer', 'real')"
+#: Types whose samples' durations are what they measure (sleep, mindful
+#: minutes): HealthKit's category types.
+TIMED_TYPE_PREFIX = "HKCategoryTypeIdentifier"
+#: One hour's totals of a type, source and category, recomputed from the
+#: samples of the hours chosen by ``{touched}`` (a query of hours, parameter
+#: :type).  A sample counts in the hour it starts in.  When :timed (category
+#: types: sleep, mindful minutes) ``seconds`` adds durations and the value
+#: is the category (a sleep stage); working durations out for every
+#: quantity sample would cost a tenth of a second per sync.
+_SAMPLE_HOURS_SQL = (
+    "WITH touched(hour) AS ({touched}) "
+    "INSERT OR REPLACE INTO main.sample_hours (type, hour, source, category, samples, numbers, total, low, high,"
+    " seconds)"
+    " SELECT :type, touched.hour, coalesce(s.source_name, ''),"
+    " CASE WHEN :timed THEN coalesce(CAST(s.value AS TEXT), '') ELSE '' END, count(*),"
+    f" count(CASE WHEN {_NUMERIC} THEN 1 END), total(CASE WHEN {_NUMERIC} THEN value END),"
+    f" min(CASE WHEN {_NUMERIC} THEN value END), max(CASE WHEN {_NUMERIC} THEN value END),"
+    " total(CASE WHEN :timed THEN max(0, round((julianday(s.end_date) - julianday(s.start_date)) * 86400, 3)) END)"
+    " FROM touched JOIN main.samples AS s ON s.type = :type AND s.start_date >= touched.hour"
+    " AND s.start_date < touched.hour || ';' GROUP BY touched.hour, 3, 4")
+#: The hours of the samples a sync brought (they wait in its stage).
+_STAGED_HOURS = "SELECT DISTINCT substr(start_date, 1, 13) FROM stage.samples WHERE type = :type"
+#: The hours of a type between two instants (a batch of the walker).
+_HOURS_BETWEEN = ("SELECT DISTINCT substr(start_date, 1, 13) FROM main.samples WHERE type = :type"
+                  " AND start_date >= :first AND start_date <= :last")
+#: Every hour of a type.
+_ALL_HOURS = "SELECT DISTINCT substr(start_date, 1, 13) FROM main.samples WHERE type = :type"
+
+
+def hours_parameters(type_name):
+    """Parameters of _SAMPLE_HOURS_SQL for one type."""
+    return {"type": type_name, "timed": type_name.startswith(TIMED_TYPE_PREFIX)}
+
+
+def _recount_sample_hours(conn, report=None):
+    conn.execute("DELETE FROM sample_hours")
+    sql = _SAMPLE_HOURS_SQL.format(touched=_ALL_HOURS)
+    for (type_name,) in conn.execute("SELECT type FROM sample_types ORDER BY type").fetchall():
+        conn.execute(sql, hours_parameters(type_name))
+        if report:
+            report(f"  {short_type_name(type_name)}: hourly totals")
+
+
+def _migrate_v3(conn, report):
+    """Hourly totals per type and source: charts over years read these,
+    not millions of samples."""
+    conn.execute("CREATE TABLE sample_hours (type TEXT NOT NULL, hour TEXT NOT NULL, source TEXT NOT NULL,"
+                 " category TEXT NOT NULL, samples INTEGER NOT NULL, numbers INTEGER NOT NULL, total REAL NOT NULL,"
+                 " low REAL, high REAL, seconds REAL NOT NULL, PRIMARY KEY (type, hour, source, category))"
+                 " WITHOUT ROWID")
+    _recount_sample_hours(conn, report)
+
+
 #: Every schema change, in order: step N brings a database from version N
-#: to N + 1, and PRAGMA user_version counts the steps applied.  A new column,
-#: key or index is a new step at the end; a step once released is never
-#: edited.  (A new section's table needs no step: tables of SECTIONS that a
-#: database lacks are created at every start.)
+#: to N + 1, and PRAGMA user_version counts the steps applied.  A new column
+#: or key is a new step at the end; a step once released is never edited.
+#: (A new section's table, or a new index in SECTIONS, needs no step: what a
+#: database lacks of them is created at every start.)
 MIGRATIONS = (
     Migration("the first schema", _create_v1),
     Migration("samples and route points clustered by time, dates in UTC", _migrate_v2, rewrites=True),
+    Migration("hourly totals per type and source", _migrate_v3),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1408,6 +1476,27 @@ _SAMPLE_TYPES_SQL = (
     " last_date = max(coalesce(last_date, excluded.last_date), excluded.last_date)")
 
 
+#: Keeps sample_hours current when some of a type's staged samples were
+#: already stored: its hours recomputed from the database.
+_MERGE_HOURS_SQL = _SAMPLE_HOURS_SQL.format(touched=_STAGED_HOURS)
+#: When all of a type's staged samples were new (the usual sync), their
+#: hourly totals, worked out in the stage while the body arrived, are added.
+_ADD_HOURS_SQL = (
+    "INSERT INTO main.sample_hours SELECT * FROM stage.sample_hours WHERE type = :type AND true"
+    " ON CONFLICT (type, hour, source, category) DO UPDATE SET samples = samples + excluded.samples,"
+    " numbers = numbers + excluded.numbers, total = total + excluded.total, seconds = seconds + excluded.seconds,"
+    " low = CASE WHEN low IS NULL OR excluded.low < low THEN excluded.low ELSE low END,"
+    " high = CASE WHEN high IS NULL OR excluded.high > high THEN excluded.high ELSE high END")
+#: The current shape of sample_hours, for a stage (the database's comes
+#: from MIGRATIONS).
+_STAGE_HOURS_TABLE = (
+    "CREATE TABLE sample_hours (type TEXT NOT NULL, hour TEXT NOT NULL, source TEXT NOT NULL,"
+    " category TEXT NOT NULL, samples INTEGER NOT NULL, numbers INTEGER NOT NULL, total REAL NOT NULL,"
+    " low REAL, high REAL, seconds REAL NOT NULL, PRIMARY KEY (type, hour, source, category)) WITHOUT ROWID")
+#: In a stage: a batch's hours recomputed from the staged samples.
+_STAGE_HOURS_SQL = _SAMPLE_HOURS_SQL.format(touched=_HOURS_BETWEEN)
+
+
 class Store:
     """The SQLite database: schema, one writer at a time, short readers.
 
@@ -1453,6 +1542,7 @@ class Store:
             migration = MIGRATIONS[step]
             if migration.rewrites and not fresh:
                 self._check_free_space(migration)
+            if not fresh:
                 report(f"Upgrading {self.path} to schema version {step + 1}: {migration.title}...")
             started = time.monotonic()
             if migration.rewrites and not fresh:
@@ -1467,7 +1557,7 @@ class Store:
             finally:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute(f"PRAGMA cache_size = -{CACHE_KIB:d}")
-            if migration.rewrites and not fresh:
+            if not fresh:
                 report(f"Schema version {step + 1} in {time.monotonic() - started:.1f} s.")
         with _transaction(conn):
             for section in SECTIONS:
@@ -1661,6 +1751,9 @@ class Store:
                     result.inserted[section.name] += new
                     if new:
                         conn.execute(_SAMPLE_TYPES_SQL, (type_name, new, first, last))
+                        hours = hours_parameters(type_name)
+                        all_new = new == stage.staged_samples(type_name)
+                        conn.execute(_ADD_HOURS_SQL if all_new else _MERGE_HOURS_SQL, hours)
             elif section.latest_wins:
                 result.inserted[section.name] += conn.execute(section.count_new_sql).fetchone()[0]
                 conn.execute(section.merge_sql(), params)
@@ -1687,6 +1780,7 @@ class Store:
         """Rebuild sample_types from the samples (after editing rows by hand)."""
         with self.writer() as conn, _transaction(conn):
             _recount_sample_types(conn)
+            _recount_sample_hours(conn)
 
 
 class Stage:
@@ -1710,6 +1804,7 @@ class Stage:
             self._conn.execute("BEGIN")
             for section in SECTIONS:
                 self._conn.execute(section.stage_create_sql)
+            self._conn.execute(_STAGE_HOURS_TABLE)
             self._conn.execute("CREATE TABLE rejected (section TEXT, reason TEXT NOT NULL, record TEXT NOT NULL)")
         except BaseException:
             self.close()
@@ -1748,11 +1843,19 @@ class Stage:
     def _note_dates(self, rows):
         """Keep each type's first and last start date (a batch of the walker
         holds one array, so mostly one type), so that the merge need not
-        read the staged samples twice."""
+        read the staged samples twice; and the hourly totals of the batch's
+        hours, worked out now rather than under the database's lock."""
         for type_name, group in itertools.groupby(rows, key=_SAMPLE_TYPE):
             starts = [row[_SAMPLE_START] for row in group]
-            dates = self.sample_dates.setdefault(type_name, [starts[0], starts[0]])
-            dates[0], dates[1] = min(dates[0], *starts), max(dates[1], *starts)
+            first, last = min(starts), max(starts)
+            dates = self.sample_dates.setdefault(type_name, [first, last])
+            dates[0], dates[1] = min(dates[0], first), max(dates[1], last)
+            self._conn.execute(_STAGE_HOURS_SQL, dict(hours_parameters(type_name), first=first, last=last))
+
+    def staged_samples(self, type_name):
+        """How many samples of a type are staged."""
+        return self._conn.execute("SELECT coalesce(sum(samples), 0) FROM sample_hours WHERE type = ?",
+                                  (type_name,)).fetchone()[0]
 
     def size(self):
         """Bytes the file holds, pages still in SQLite's cache included."""
@@ -1800,8 +1903,6 @@ SYNC_COLUMNS = ("id", "received_at", "remote_addr", "sync_source", "export_date"
 #: Columns of the syncs shown by the status page, /api/summary and stats.
 SYNC_FIELDS = ("id", "received_at", "remote_addr", "sync_source", "received", "inserted", "duplicates",
                "rejected", "route_points", "body_bytes", "duration_ms", "status", "error")
-#: Columns of a workout on the status page.
-WORKOUT_FIELDS = ("uuid", "activity_type", "start_date", "duration_seconds", "route_points")
 
 
 class Export(typing.NamedTuple):
@@ -1837,6 +1938,29 @@ TYPE_PREFIXES = ("HKQuantityTypeIdentifier", "HKCategoryTypeIdentifier", "HKCorr
 _QUANTITY = TYPE_PREFIXES[0]
 
 
+#: What the pages call a type (short name -> title); other types are named
+#: by splitting their short name into words.
+TYPE_TITLES = {
+    "StepCount": "Steps", "SleepAnalysis": "Sleep", "HeartRateVariabilitySDNN": "Heart rate variability",
+    "DistanceWalkingRunning": "Walking + running distance", "AppleExerciseTime": "Exercise minutes",
+    "ActiveEnergyBurned": "Active energy", "BasalEnergyBurned": "Resting energy",
+    "MindfulSession": "Mindful minutes", "AppleStandTime": "Stand minutes", "AppleStandHour": "Stand hours",
+    "OxygenSaturation": "Blood oxygen", "FlightsClimbed": "Flights climbed"}
+#: Units as the pages show them (None: no unit).
+UNIT_TITLES = {"count": None, "count/min": "bpm"}
+_WORD_START = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def type_title(type_name):
+    """HKQuantityTypeIdentifierRestingHeartRate -> Resting heart rate."""
+    short = short_type_name(type_name)
+    if short in TYPE_TITLES:
+        return TYPE_TITLES[short]
+    words = _WORD_START.split(short)
+    words = [word if word.isupper() or i == 0 else word.lower() for i, word in enumerate(words)]
+    return " ".join(words)[:1].upper() + " ".join(words)[1:]
+
+
 def short_type_name(type_name):
     """HKQuantityTypeIdentifierHeartRate -> HeartRate."""
     for prefix in TYPE_PREFIXES:
@@ -1845,69 +1969,439 @@ def short_type_name(type_name):
     return type_name
 
 
-_NUMERIC = "typeof(value) IN ('integer', 'real')"
-_DAY_OF_TYPE = "FROM samples WHERE type = ? AND start_date >= ? AND start_date < ?"
+#: Quantity types stored as a fraction and shown as a percentage.
+RATIO_TYPES = frozenset((
+    "OxygenSaturation", "BodyFatPercentage", "WalkingAsymmetryPercentage", "WalkingDoubleSupportPercentage",
+    "AppleWalkingSteadiness", "BloodAlcoholContent", "PeripheralPerfusionIndex", "AtrialFibrillationBurden"))
+#: The sleep type (charted per night and stage, from its samples).
+SLEEP_TYPE = "HKCategoryTypeIdentifierSleepAnalysis"
+
+
+class Range(typing.NamedTuple):
+    """A choice of the pages' ``?range=``."""
+
+    name: str
+    label: str
+    #: Days up to today, or None for everything stored.
+    days: typing.Optional[int]
+
+
+#: The ranges the pages offer, in the order of their links.
+RANGES = (Range("7d", "7 days", 7), Range("30d", "30 days", 30), Range("90d", "90 days", 90),
+          Range("1y", "1 year", 365), Range("all", "All", None))
+RANGES_BY_NAME = {choice.name: choice for choice in RANGES}
+#: The range a page shows without ``?range=``.
+DEFAULT_RANGE = "30d"
+
+
+class Grain(typing.NamedTuple):
+    """How long one chart point is: a day, a week or a month."""
+
+    name: str
+    #: The longest window (days) charted at this grain.
+    most_days: typing.Optional[int]
+    #: strftime format of a point's label on an axis.
+    axis_format: str
+    #: strftime format of a period in a table.
+    table_format: str
+
+
+#: Grains from the finest; a window is charted at the first that holds it.
+GRAINS = (Grain("day", 92, "%b %d", "%a %Y-%m-%d"), Grain("week", 731, "%b %d", "week of %Y-%m-%d"),
+          Grain("month", None, "%b %Y", "%Y-%m"))
+
+
+def grain_for(days):
+    return next(grain for grain in GRAINS if grain.most_days is None or days <= grain.most_days)
+
+
+class Period(typing.NamedTuple):
+    """One chart point's span: its first local day, and its bounds as
+    stored timestamps (canonical UTC text, end excluded)."""
+
+    day: str
+    start: str
+    end: str
+
+
+class Window(typing.NamedTuple):
+    """The days a page shows and the periods it charts them in."""
+
+    range: Range
+    grain: Grain
+    first: datetime.date
+    last: datetime.date
+    periods: typing.Tuple[Period, ...]
+    #: Nothing fell in the chosen days: this is the last stretch with data.
+    shifted: bool = False
+    utc: bool = False
+
+    @property
+    def start(self):
+        return self.periods[0].start
+
+    @property
+    def end(self):
+        return self.periods[-1].end
+
+    @property
+    def days(self):
+        return (self.last - self.first).days + 1
+
+
+def midnight(day, utc):
+    """The stored timestamp of a day's first instant: local midnight
+    (daylight saving included) unless ``utc``."""
+    stamp = datetime.datetime(day.year, day.month, day.day)
+    stamp = stamp.replace(tzinfo=datetime.timezone.utc) if utc else stamp.astimezone()
+    return f"{stamp.astimezone(datetime.timezone.utc):%Y-%m-%dT%H:%M:%S}.000Z"
+
+
+def local_day(text, utc):
+    """The local (or UTC) date of a stored timestamp, or None."""
+    stamp = _parse_stamp(text)
+    if stamp is None:
+        return None
+    return (stamp if utc else stamp.astimezone()).date()
+
+
+def _period_starts(first, last, grain):
+    """First days of the periods that cover first..last, and the day after."""
+    if grain.name == "day":
+        start = first
+    elif grain.name == "week":
+        start = first - datetime.timedelta(days=first.weekday())
+    else:
+        start = first.replace(day=1)
+    starts = [start]
+    while starts[-1] <= last:
+        day = starts[-1]
+        if grain.name == "month":
+            starts.append((day.replace(day=28) + datetime.timedelta(days=4)).replace(day=1))
+        else:
+            starts.append(day + datetime.timedelta(days=1 if grain.name == "day" else 7))
+    return starts
+
+
+def make_window(range_name, utc, now, first_stamp=None, last_stamp=None):
+    """The window of a range, ending today; when the data (first_stamp to
+    last_stamp) ends before it, the same number of days up to the data's
+    last day instead, marked ``shifted``."""
+    choice = RANGES_BY_NAME.get(range_name) or RANGES_BY_NAME[DEFAULT_RANGE]
+    today = now.astimezone(datetime.timezone.utc if utc else None).date()
+    last, shifted = today, False
+    data_last = local_day(last_stamp, utc)
+    if choice.days is None:
+        first = min(local_day(first_stamp, utc) or today, today)
+    else:
+        first = today - datetime.timedelta(days=choice.days - 1)
+        if data_last is not None and data_last < first:
+            last, shifted = data_last, True
+            first = last - datetime.timedelta(days=choice.days - 1)
+    return days_window(choice, first, last, utc, shifted)
+
+
+def days_window(choice, first, last, utc, shifted=False):
+    """The Window of the days first..last, at the grain their number calls for."""
+    grain = grain_for((last - first).days + 1)
+    starts = _period_starts(first, last, grain)
+    stamps = [midnight(day, utc) for day in starts]
+    periods = tuple(Period(day.isoformat(), low, high) for day, low, high in zip(starts, stamps, stamps[1:]))
+    return Window(choice, grain, first, last, periods, shifted, utc)
+
+
+def _periods_cte(periods, hours):
+    """``periods(i, lo, hi)`` as a WITH clause and its parameters; with
+    ``hours`` the bounds are cut to the hour keys of sample_hours."""
+    cut = (lambda stamp: stamp[:13]) if hours else (lambda stamp: stamp)
+    values = ", ".join("(?, ?, ?)" for _period in periods)
+    params = [value for i, period in enumerate(periods) for value in (i, cut(period.start), cut(period.end))]
+    return f"WITH periods(i, lo, hi) AS (VALUES {values})", params
+
+
+class Aggregate(typing.NamedTuple):
+    """One period of one type, from its hourly totals."""
+
+    samples: int
+    numbers: int
+    #: Sum over the hours of the largest single-source total of each hour:
+    #: a walk that an iPhone and a Watch both counted counts once.
+    best: float
+    #: Sum over the hours of the longest single-source duration (seconds).
+    seconds: float
+    low: typing.Optional[float]
+    high: typing.Optional[float]
+    #: Mean of the hourly means: every hour counts once, however many
+    #: samples it holds (a workout records heart rate every few seconds).
+    mean: typing.Optional[float]
+    #: 10th and 90th percentile of the hourly means (nearest rank).
+    p10: typing.Optional[float]
+    p90: typing.Optional[float]
+
+
+#: A type's hours in a window, a row per hour and source, in key order
+#: (so grouped without sorting).
+_HOURS_OF_TYPE_SQL = (
+    "SELECT hour, sum(samples), sum(numbers), total(total), total(seconds), min(low), max(high) FROM sample_hours"
+    " WHERE type = ? AND hour >= ? AND hour < ? GROUP BY hour, source")
+
+
+def type_aggregates(conn, type_name, periods):
+    """[Aggregate or None] per period (None: no samples), from the hourly
+    totals: grouped here in one pass, which reads them in key order (SQL
+    grouping by period would sort every hour of the window)."""
+    starts = [period.start[:13] for period in periods]
+    sums = [None] * len(periods)
+    index = 0
+    current = None  # [hour, samples, numbers, total, best, seconds, low, high]
+
+    def close(hour_sums):
+        nonlocal index
+        hour = hour_sums[0]
+        while index + 1 < len(starts) and hour >= starts[index + 1]:
+            index += 1
+        found = sums[index]
+        if found is None:
+            found = sums[index] = [0, 0, 0.0, 0.0, None, None, []]
+        found[0] += hour_sums[1]
+        found[1] += hour_sums[2]
+        found[2] += hour_sums[4]
+        found[3] += hour_sums[5]
+        low, high = hour_sums[6], hour_sums[7]
+        if low is not None and (found[4] is None or low < found[4]):
+            found[4] = low
+        if high is not None and (found[5] is None or high > found[5]):
+            found[5] = high
+        if hour_sums[2]:
+            found[6].append(hour_sums[3] / hour_sums[2])
+
+    for hour, samples, numbers, total, seconds, low, high in conn.execute(
+            _HOURS_OF_TYPE_SQL, (type_name, starts[0], periods[-1].end[:13])):
+        if current is not None and current[0] == hour:
+            current[1] += samples
+            current[2] += numbers
+            current[3] += total
+            current[4] = max(current[4], total)
+            current[5] = max(current[5], seconds)
+            if low is not None and (current[6] is None or low < current[6]):
+                current[6] = low
+            if high is not None and (current[7] is None or high > current[7]):
+                current[7] = high
+            continue
+        if current is not None:
+            close(current)
+        current = [hour, samples, numbers, total, total, seconds, low, high]
+    if current is not None:
+        close(current)
+    return [None if found is None else _aggregate(found) for found in sums]
+
+
+def _aggregate(sums):
+    samples, numbers, best, seconds, low, high, means = sums
+    if not means:
+        return Aggregate(samples, numbers, best, seconds, low, high, None, None, None)
+    means.sort()
+    count = len(means)
+    # Nearest rank: the smallest value with at least p of the hours at or below it.
+    return Aggregate(samples, numbers, best, seconds, low, high, sum(means) / count,
+                     means[math.ceil(count * 0.1) - 1], means[math.ceil(count * 0.9) - 1])
+
+
+def _period_days(window, index):
+    """Days of a period that fall inside the window (a daily average's divisor)."""
+    periods = window.periods
+    first = max(datetime.date.fromisoformat(periods[index].day), window.first)
+    following = (datetime.date.fromisoformat(periods[index + 1].day) if index + 1 < len(periods)
+                 else window.last + datetime.timedelta(days=1))
+    return max((min(following, window.last + datetime.timedelta(days=1)) - first).days, 1)
+
+
+#: Sleep stages as stored (HKCategoryValueSleepAnalysis numbers and names)
+#: -> the stage shown.
+SLEEP_STAGE_VALUES = {
+    0: "in_bed", 1: "unspecified", 2: "awake", 3: "core", 4: "deep", 5: "rem",
+    "inbed": "in_bed", "asleep": "unspecified", "asleepunspecified": "unspecified", "awake": "awake",
+    "asleepcore": "core", "core": "core", "asleepdeep": "deep", "deep": "deep", "asleeprem": "rem", "rem": "rem"}
+#: Sleep stages in stacking order (bottom first), with their labels and colours.
+SLEEP_STAGES = (("deep", "Deep", "#1c3f94"), ("core", "Core", "#3a7bd5"), ("rem", "REM", "#7fb3f5"),
+                ("unspecified", "Asleep", "#6a8caf"), ("awake", "Awake", "#f2a65a"),
+                ("in_bed", "In bed", "#c9d6e3"))
+#: Stages that count as asleep.
+ASLEEP_STAGES = ("deep", "core", "rem", "unspecified")
+
+
+def sleep_stage(value):
+    """The stage of a sleep sample's value, or None."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for prefix in ("hkcategoryvaluesleepanalysis", "sleepanalysis"):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+        text = text.replace("_", "").replace(" ", "")
+        try:
+            number = float(text)
+        except ValueError:
+            return SLEEP_STAGE_VALUES.get(text)
+        return SLEEP_STAGE_VALUES.get(int(number)) if number.is_integer() else None
+    return SLEEP_STAGE_VALUES.get(value) if isinstance(value, int) else None
+
+
+#: Seconds per night, stage and source from the hourly totals; a night
+#: runs from noon the day before to noon of its day (local time), so it
+#: holds the evening, and a sample counts in the night it starts in.
+_SLEEP_SQL = """
+{periods}
+SELECT p.i, h.category, h.source, total(h.seconds)
+FROM periods AS p JOIN sample_hours AS h ON h.type = ? AND h.hour >= p.lo AND h.hour < p.hi
+GROUP BY p.i, h.category, h.source"""
+
+
+def _night_periods(window):
+    """Nights of a window's days: from noon the day before to noon."""
+    nights = []
+    for offset in range(window.days):
+        day = window.first + datetime.timedelta(days=offset)
+        nights.append(Period(day.isoformat(), _noon(day - datetime.timedelta(days=1), window.utc),
+                             _noon(day, window.utc)))
+    return nights
+
+
+def _noon(day, utc):
+    stamp = datetime.datetime(day.year, day.month, day.day, 12)
+    stamp = stamp.replace(tzinfo=datetime.timezone.utc) if utc else stamp.astimezone()
+    return f"{stamp.astimezone(datetime.timezone.utc):%Y-%m-%dT%H:%M:%S}.000Z"
+
+
+def sleep_nights(conn, window):
+    """{night's day: {stage: hours}}.  Each stage counts the source that
+    recorded the most of it that night (a phone and a watch both record);
+    "in_bed" is the time in bed not otherwise accounted for."""
+    nights = _night_periods(window)
+    per_source = {}
+    for i in range(0, len(nights), SQL_PERIODS_MAX):
+        chunk = nights[i:i + SQL_PERIODS_MAX]
+        cte, params = _periods_cte(chunk, hours=True)
+        for index, value, source, seconds in conn.execute(_SLEEP_SQL.format(periods=cte), params + [SLEEP_TYPE]):
+            stage = sleep_stage(value)
+            if stage is not None and seconds > 0:
+                stages = per_source.setdefault(chunk[index].day, {})
+                key = (stage, source)
+                stages[key] = stages.get(key, 0) + seconds
+    found = {}
+    for day, stages in per_source.items():
+        hours = {}
+        for (stage, _source), seconds in stages.items():
+            hours[stage] = max(hours.get(stage, 0), seconds / 3600)
+        in_bed = hours.pop("in_bed", 0)
+        accounted = sum(hours.values())
+        if in_bed > accounted:
+            hours["in_bed"] = in_bed - accounted
+        found[day] = hours
+    return found
+
+
+def asleep_hours(stages):
+    return sum(stages.get(stage, 0) for stage in ASLEEP_STAGES)
+
+
+def sleep_points(conn, window):
+    """Chart points of sleep: [period day, asleep hours, {stage: hours}],
+    the hours a night's average over the nights of the period with data."""
+    nights = sleep_nights(conn, window)
+    points = []
+    for index, period in enumerate(window.periods):
+        following = window.periods[index + 1].day if index + 1 < len(window.periods) else "9999"
+        inside = [stages for day, stages in nights.items() if period.day <= day < following]
+        if not inside:
+            points.append([period.day, None, {}])
+            continue
+        mean = {stage: sum(night.get(stage, 0) for night in inside) / len(inside) for stage, _l, _c in SLEEP_STAGES}
+        mean = {stage: hours for stage, hours in mean.items() if hours}
+        points.append([period.day, asleep_hours(mean), mean])
+    return points
 
 
 class ChartKind(typing.NamedTuple):
-    """How one kind of type is charted: a day's value and its drawing."""
+    """How one kind of type is charted: a period's value and its drawing."""
 
     name: str
-    #: What a day's value is, in words, under the chart's title.
+    #: What a point is, in words, under the chart's title; {per} is "day",
+    #: "week" or "month".
     label: str
-    #: One day's aggregate; parameters (type, first instant, end instant).
-    sql: str
-    #: The aggregate row -> the day's values (value first), or None.
+    #: ``point(aggregate, days)`` -> (value, band low, band high) or
+    #: (value,), or None; ``days`` is the period's number of days.
     point: typing.Callable
-    #: How it is drawn: a key of DRAWINGS ("bars" or "band").
+    #: How it is drawn: a key of DRAWINGS.
     draw: str
     #: ``applies(type identifier, short name)``: the first kind that
     #: applies to a type charts it.
     applies: typing.Callable
     #: The value axis starts at zero.
     from_zero: bool = True
-    #: The title shows the type's unit (a count has none).
-    shows_unit: bool = True
+    #: The unit shown, when not the samples' own (None: theirs; "": none).
+    unit: typing.Optional[str] = None
+    #: Values are multiplied by this for display (fractions as percent).
+    scale: float = 1.0
+    #: Column headings of the per-type page's period table, after "Period",
+    #: and ``cells(aggregate, days)`` -> their values.
+    columns: typing.Tuple[str, ...] = ("Samples",)
+    cells: typing.Callable = lambda agg, days: (agg.samples,)
+
+
+def _mean_point(agg, days):
+    return (agg.mean, agg.p10, agg.p90) if agg.numbers else None
+
+
+def _mean_cells(agg, days):
+    return (agg.samples, agg.low, agg.mean, agg.high) if agg.numbers else (agg.samples, None, None, None)
+
+
+_DAILY = "total per day; per hour, the source that counted most"
 
 
 #: Every chart kind, in the order they are tried on a type.
 CHART_KINDS = (
-    ChartKind("sum", "daily total",
-              f"SELECT count(CASE WHEN {_NUMERIC} THEN 1 END), total(CASE WHEN {_NUMERIC} THEN value END) "
-              + _DAY_OF_TYPE,
-              lambda row: (row[1],) if row[0] else None, "bars",
+    ChartKind("sleep", "hours asleep per night, by stage", None, "stack",
+              lambda type_name, short: type_name == SLEEP_TYPE, unit="h",
+              columns=("Asleep",) + tuple(label for _key, label, _colour in SLEEP_STAGES), cells=None),
+    ChartKind("sum", _DAILY, lambda agg, days: (agg.best / days,) if agg.numbers else None, "bars",
               lambda type_name, short: type_name.startswith(_QUANTITY) and (
-                  short in CUMULATIVE_TYPES or short.startswith("Dietary"))),
-    ChartKind("mean", "daily mean, band from min to max",
-              f"SELECT count(CASE WHEN {_NUMERIC} THEN 1 END), avg(CASE WHEN {_NUMERIC} THEN value END), "
-              f"min(CASE WHEN {_NUMERIC} THEN value END), max(CASE WHEN {_NUMERIC} THEN value END) " + _DAY_OF_TYPE,
-              lambda row: row[1:] if row[0] else None, "band",
-              lambda type_name, short: type_name.startswith(_QUANTITY), from_zero=False),
-    ChartKind("count", "samples per day", "SELECT count(*) " + _DAY_OF_TYPE,
-              lambda row: (row[0],) if row[0] else None, "bars", lambda type_name, short: True,
-              shows_unit=False),
+                  short in CUMULATIVE_TYPES or short.startswith("Dietary")),
+              columns=("Samples", "Total", "Per day"),
+              cells=lambda agg, days: (agg.samples, agg.best, agg.best / days)),
+    ChartKind("percent", "mean of the hours, band from the 10th to the 90th percentile", _mean_point, "line",
+              lambda type_name, short: type_name.startswith(_QUANTITY) and short in RATIO_TYPES,
+              from_zero=False, unit="%", scale=100.0, columns=("Samples", "Min", "Mean", "Max"), cells=_mean_cells),
+    ChartKind("mean", "mean of the hours, band from the 10th to the 90th percentile", _mean_point, "line",
+              lambda type_name, short: type_name.startswith(_QUANTITY), from_zero=False,
+              columns=("Samples", "Min", "Mean", "Max"), cells=_mean_cells),
+    ChartKind("minutes", "minutes per day; per hour, the source that recorded most",
+              lambda agg, days: (agg.seconds / 60 / days,) if agg.seconds else None, "bars",
+              lambda type_name, short: type_name.startswith(TIMED_TYPE_PREFIX) and short != "SleepAnalysis"
+              and short not in COUNTED_CATEGORIES, unit="min",
+              columns=("Samples", "Minutes", "Per day"),
+              cells=lambda agg, days: (agg.samples, agg.seconds / 60, agg.seconds / 60 / days)),
+    ChartKind("count", "samples per day", lambda agg, days: (agg.samples / days,) if agg.samples else None, "bars",
+              lambda type_name, short: True, unit="", columns=("Samples", "Per day"),
+              cells=lambda agg, days: (agg.samples, agg.samples / days)),
 )
 #: Chart kinds by name.
 CHART_KINDS_BY_NAME = {kind.name: kind for kind in CHART_KINDS}
+#: Category types that are events, not spans of time: counted.
+COUNTED_CATEGORIES = frozenset((
+    "AppleStandHour", "HighHeartRateEvent", "LowHeartRateEvent", "IrregularHeartRhythmEvent",
+    "LowCardioFitnessEvent", "ToothbrushingEvent", "HandwashingEvent", "SexualActivity", "MenstrualFlow",
+    "IntermenstrualBleeding", "Headache", "EnvironmentalAudioExposureEvent", "HeadphoneAudioExposureEvent"))
+#: The most periods one query binds (old SQLite allows 999 parameters).
+SQL_PERIODS_MAX = 300
 
 
 def chart_kind(type_name):
     """The name of the chart kind for a type: the first that applies."""
     short = short_type_name(type_name)
     return next(kind.name for kind in CHART_KINDS if kind.applies(type_name, short))
-
-
-def day_bounds(days, utc, now):
-    """[(day, start, end)] of the last ``days`` days (today included) as
-    stored timestamps: local days unless ``utc``, daylight saving included."""
-    today = now.astimezone(datetime.timezone.utc if utc else None).date()
-    bounds = []
-    for back in range(days - 1, -2, -1):
-        day = today - datetime.timedelta(days=back)
-        midnight = datetime.datetime(day.year, day.month, day.day)
-        midnight = midnight.replace(tzinfo=datetime.timezone.utc) if utc else midnight.astimezone()
-        bounds.append((day.isoformat(), f"{midnight.astimezone(datetime.timezone.utc):%Y-%m-%dT%H:%M:%S}.000Z"))
-    return [(day, start, end) for (day, start), (_next, end) in zip(bounds, bounds[1:])]
 
 
 def local_zone_name(now):
@@ -1939,13 +2433,89 @@ def connection_facts(store):
         return {"totals": table_totals(conn), "last_sync": None if row is None else dict(zip(keys, row))}
 
 
-def summary(store, days=90, utc=False, now=None, sync_count=20, charts=True, type_limit=PAGE_TYPES_MAX):
+def data_span(conn):
+    """(first, last) stored date of any sample, workout or dose."""
+    row = conn.execute(
+        "SELECT min(first), max(last) FROM (SELECT min(first_date) AS first, max(last_date) AS last FROM sample_types"
+        " UNION ALL SELECT min(start_date), max(start_date) FROM workouts"
+        " UNION ALL SELECT min(start_date), max(start_date) FROM medication_dose_events)").fetchone()
+    return row[0], row[1]
+
+
+def chart_data(conn, type_info, window):
+    """One type's chart over a window: a point per period."""
+    name, kind = type_info["type"], CHART_KINDS_BY_NAME[type_info["chart"]]
+    if kind.name == "sleep":
+        points = sleep_points(conn, window)
+    else:
+        points = []
+        aggregates = type_aggregates(conn, name, window.periods)
+        for index, (period, agg) in enumerate(zip(window.periods, aggregates)):
+            values = kind.point(agg, _period_days(window, index)) if agg else None
+            points.append([period.day, *(None if v is None else v * kind.scale for v in values)]
+                          if values else [period.day, None])
+    if not any(point[1] is not None for point in points):
+        return None
+    chart = {"type": name, "name": type_info["name"], "title": type_title(name), "kind": kind.name,
+             "unit": display_unit(conn, name, kind),
+             "grain": window.grain.name, "draw": kind.draw, "from_zero": kind.from_zero, "points": points}
+    if kind.draw == "stack":
+        chart["stages"] = SLEEP_STAGES
+    return chart
+
+
+def display_unit(conn, type_name, kind):
+    """The unit a type's values are shown in (None: none)."""
+    if kind.unit is not None:
+        return kind.unit or None
+    row = conn.execute("SELECT unit FROM samples WHERE type = ? ORDER BY start_date DESC LIMIT 1",
+                       (type_name,)).fetchone()
+    unit = row[0] if row else None
+    return UNIT_TITLES.get(unit, unit) if isinstance(unit, str) else None
+
+
+#: The tiles of "Today", like the Health app's summary: (type, title).
+TODAY_TYPES = (("HKQuantityTypeIdentifierStepCount", "Steps"),
+               ("HKQuantityTypeIdentifierActiveEnergyBurned", "Active energy"),
+               ("HKQuantityTypeIdentifierDistanceWalkingRunning", "Distance"),
+               ("HKQuantityTypeIdentifierAppleExerciseTime", "Exercise"),
+               ("HKQuantityTypeIdentifierRestingHeartRate", "Resting heart rate"),
+               ("HKQuantityTypeIdentifierHeartRateVariabilitySDNN", "Heart rate variability"),
+               (SLEEP_TYPE, "Sleep last night"))
+#: Days the tiles' averages cover (before today).
+TODAY_AVERAGE_DAYS = 30
+
+
+def today_tiles(conn, known, utc, now):
+    """[{type, title, value, average, unit}] for the TODAY_TYPES that were
+    recorded in the last TODAY_AVERAGE_DAYS days: today's value and the
+    average of the days before that have one."""
+    today = now.astimezone(datetime.timezone.utc if utc else None).date()
+    window = days_window(RANGES_BY_NAME["30d"], today - datetime.timedelta(days=TODAY_AVERAGE_DAYS), today, utc)
+    tiles = []
+    for type_name, title in TODAY_TYPES:
+        if type_name not in known:
+            continue
+        chart = chart_data(conn, {"type": type_name, "name": short_type_name(type_name),
+                                  "chart": chart_kind(type_name)}, window)
+        if chart is None:
+            continue
+        values = [point[1] for point in chart["points"]]
+        before = [value for value in values[:-1] if value is not None]
+        today_value = values[-1]
+        if today_value is None and CHART_KINDS_BY_NAME[chart["kind"]].draw == "bars":
+            today_value = 0  # nothing counted yet today
+        tiles.append({"type": type_name, "title": title, "value": today_value, "unit": chart["unit"],
+                      "average": sum(before) / len(before) if before else None})
+    return tiles
+
+
+def summary(store, range_name=DEFAULT_RANGE, utc=False, now=None, sync_count=20, charts=True,
+            type_limit=PAGE_TYPES_MAX):
     """The facts the status page, /api/summary and ``stats`` show: at most
     ``type_limit`` types (the largest), so that a page stays small whatever
     was stored; ``more_types`` counts the others."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    bounds = day_bounds(days, utc, now)
-    since = bounds[0][1]
     with store.reader() as conn:
         facts = {
             "ok": True,
@@ -1954,8 +2524,9 @@ def summary(store, days=90, utc=False, now=None, sync_count=20, charts=True, typ
             "generated_at": f"{now:%Y-%m-%dT%H:%M:%SZ}",
             "database": {"path": os.path.abspath(store.path), "size_bytes": database_size(store.path)},
             "totals": table_totals(conn),
-            "types": [{"type": t, "name": short_type_name(t), "rows": rows, "first": first, "last": last,
-                       "chart": chart_kind(t)} for t, rows, first, last in sample_types(conn, type_limit)],
+            "types": [{"type": t, "name": short_type_name(t), "title": type_title(t), "rows": rows,
+                       "first": first, "last": last, "chart": chart_kind(t)}
+                      for t, rows, first, last in sample_types(conn, type_limit)],
             "more_types": 0,
             "syncs": [dict(zip(SYNC_FIELDS, row)) for row in conn.execute(
                 f"SELECT {', '.join(SYNC_FIELDS)} FROM syncs ORDER BY id DESC LIMIT ?", (sync_count,))],
@@ -1964,30 +2535,223 @@ def summary(store, days=90, utc=False, now=None, sync_count=20, charts=True, typ
             facts["more_types"] = conn.execute("SELECT count(*) FROM sample_types").fetchone()[0] - type_limit
         if not charts:
             return facts
-        facts["days"] = {"count": days, "first": bounds[0][0], "last": bounds[-1][0],
-                         "timezone": "UTC" if utc else local_zone_name(now)}
-        facts["charts"] = [chart for chart in (chart_data(conn, t, bounds) for t in facts["types"]
-                                               if (t["last"] or "") >= since) if chart]
-        facts["workouts"] = [dict(zip(WORKOUT_FIELDS, row)) for row in conn.execute(
-            "SELECT uuid, activity_type, start_date, duration_seconds, (SELECT count(*) FROM"
-            " workout_route_points WHERE workout_uuid = workouts.uuid) FROM workouts"
-            " WHERE start_date >= ? ORDER BY start_date DESC", (since,))]
+        window = make_window(range_name, utc, now, *data_span(conn))
+        facts["window"] = window_facts(window, now)
+        facts["today"] = today_tiles(conn, {t["type"] for t in facts["types"]}, utc, now)
+        facts["charts"] = [chart for chart in (chart_data(conn, t, window) for t in facts["types"]
+                                               if (t["last"] or "") >= window.start
+                                               and (t["first"] or "") < window.end) if chart]
+        facts["workouts"], facts["more_workouts"] = workout_list(conn, window)
+        facts["medications"] = medication_days(conn, window)
     return facts
 
 
-def chart_data(conn, type_info, bounds):
-    """Daily points of one type over ``bounds``: one key range per day."""
-    name, kind = type_info["type"], CHART_KINDS_BY_NAME[type_info["chart"]]
-    points = []
-    for day, low, high in bounds:
-        values = kind.point(conn.execute(kind.sql, (name, low, high)).fetchone())
-        points.append([day, *values] if values else [day, None])
-    if not any(point[1] is not None for point in points):
+def window_facts(window, now):
+    return {"range": window.range.name, "first": window.first.isoformat(), "last": window.last.isoformat(),
+            "days": window.days, "grain": window.grain.name, "shifted": window.shifted,
+            "timezone": "UTC" if window.utc else local_zone_name(now)}
+
+
+#: Workouts a page lists (the latest of its window).
+WORKOUTS_LISTED = 50
+#: The heart-rate type averaged over a workout.
+HEART_RATE_TYPE = "HKQuantityTypeIdentifierHeartRate"
+#: Metres per unit of a workout's distance, by its unit.
+DISTANCE_UNITS = {"m": 1.0, "km": 1000.0, "mi": 1609.344, "yd": 0.9144, "ft": 0.3048}
+#: Kilocalories per unit of a workout's energy, by its unit.
+ENERGY_UNITS = {"kcal": 1.0, "cal": 1.0, "Cal": 1.0, "kJ": 1 / 4.184, "J": 1 / 4184.0}
+
+
+def _quantity(record, field, units, default_unit):
+    """A workout's total (a number, or {"quantity"|"value", "unit"}) in the
+    unit that ``units`` converts to, or None."""
+    value = record.get(field)
+    unit = record.get(field + "Unit", default_unit)
+    if isinstance(value, dict):
+        unit = value.get("unit", unit)
+        value = value.get("quantity", value.get("value"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
-    unit = conn.execute("SELECT unit FROM samples WHERE type = ? ORDER BY start_date DESC LIMIT 1",
-                        (name,)).fetchone()
-    return {"type": name, "name": type_info["name"], "kind": kind.name, "unit": unit[0] if unit else None,
-            "points": points}
+    factor = units.get(unit) if isinstance(unit, str) else None
+    return None if factor is None else value * factor
+
+
+def workout_facts(conn, row):
+    """A workout's row (uuid, activity, start, end, duration, record) as
+    shown: distance (m), energy (kcal), average heart rate, route points."""
+    uuid, activity, start, end, duration, record = row
+    try:
+        fields = json.loads(record)
+    except ValueError:
+        fields = {}
+    fields = fields if isinstance(fields, dict) else {}
+    if not isinstance(duration, (int, float)):
+        begin, finish = _parse_stamp(start), _parse_stamp(end)
+        duration = (finish - begin).total_seconds() if begin and finish else None
+    heart = None
+    if end:
+        heart = conn.execute(f"SELECT avg(value) FROM samples WHERE type = ? AND start_date >= ? AND start_date <= ?"
+                             f" AND {_NUMERIC}", (HEART_RATE_TYPE, start, end)).fetchone()[0]
+    points = conn.execute("SELECT count(*) FROM workout_route_points WHERE workout_uuid = ?", (uuid,)).fetchone()[0]
+    return {"uuid": uuid, "activity_type": activity, "start_date": start, "end_date": end,
+            "duration_seconds": duration, "distance_m": _quantity(fields, "totalDistance", DISTANCE_UNITS, "m"),
+            "energy_kcal": _quantity(fields, "totalEnergyBurned", ENERGY_UNITS, "kcal"),
+            "heart_rate": heart, "route_points": points, "source": fields.get("sourceName")}
+
+
+_WORKOUT_COLUMNS = "uuid, activity_type, start_date, end_date, duration_seconds, record"
+
+
+def workout_list(conn, window):
+    """([workout facts], how many more) of a window, the latest first."""
+    rows = conn.execute(f"SELECT {_WORKOUT_COLUMNS} FROM workouts WHERE start_date >= ? AND start_date < ?"
+                        " ORDER BY start_date DESC LIMIT ?", (window.start, window.end, WORKOUTS_LISTED)).fetchall()
+    more = 0
+    if len(rows) == WORKOUTS_LISTED:
+        more = conn.execute("SELECT count(*) FROM workouts WHERE start_date >= ? AND start_date < ?",
+                            (window.start, window.end)).fetchone()[0] - WORKOUTS_LISTED
+    return [workout_facts(conn, row) for row in rows], more
+
+
+def medication_days(conn, window):
+    """[{medication, name, taken, skipped, points}] of a window: doses per
+    period by status (points: [day, taken, skipped])."""
+    starts = [period.start for period in window.periods]
+    found = {}
+    for start, medication, status in conn.execute(
+            "SELECT start_date, medication, lower(coalesce(log_status, '')) FROM medication_dose_events"
+            " WHERE start_date >= ? AND start_date < ?", (window.start, window.end)):
+        counts = found.get(medication)
+        if counts is None:
+            counts = found[medication] = [[period.day, 0, 0] for period in window.periods]
+        counts[bisect.bisect_right(starts, start) - 1][1 if status == "taken" else 2] += 1
+    names = dict(conn.execute("SELECT key, display_text FROM medications"))
+    listed = []
+    for medication, points in sorted(found.items(), key=lambda item: str(names.get(item[0]) or item[0])):
+        listed.append({"medication": medication, "name": names.get(medication) or medication, "points": points,
+                       "taken": sum(point[1] for point in points), "skipped": sum(point[2] for point in points)})
+    return listed
+
+
+def type_page_facts(store, name, range_name=DEFAULT_RANGE, utc=False, now=None):
+    """Everything the page of one type shows; None for an unknown type."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    with store.reader() as conn:
+        info, window = _type_and_window(conn, name, range_name, utc, now)
+        if info is None:
+            return None
+        type_name, rows, first, last = info
+        kind = CHART_KINDS_BY_NAME[chart_kind(type_name)]
+        type_info = {"type": type_name, "name": short_type_name(type_name), "title": type_title(type_name),
+                     "rows": rows, "first": first, "last": last, "chart": kind.name}
+        chart = chart_data(conn, type_info, window)
+        periods = []
+        if kind.name == "sleep":
+            for point in reversed(chart["points"] if chart else []):
+                if point[1] is not None:
+                    periods.append({"day": point[0], "cells": [point[1]] + [
+                        point[2].get(key) for key, _label, _colour in SLEEP_STAGES]})
+        else:
+            for index, (period, agg) in reversed(list(enumerate(zip(window.periods, type_aggregates(
+                    conn, type_name, window.periods))))):
+                if agg is not None:
+                    cells = [v if v is None or heading == "Samples" else v * kind.scale
+                             for heading, v in zip(kind.columns, kind.cells(agg, _period_days(window, index)))]
+                    periods.append({"day": period.day, "cells": cells})
+        latest = [dict(zip(("start_date", "end_date", "value", "unit", "source_name"), row)) for row in conn.execute(
+            "SELECT start_date, end_date, value, unit, source_name FROM samples WHERE type = ?"
+            " ORDER BY start_date DESC LIMIT ?", (type_name, LATEST_SAMPLES))]
+        if kind.name == "sleep":
+            labels = {key: label for key, label, _colour in SLEEP_STAGES}
+            for sample in latest:
+                sample["value"] = labels.get(sleep_stage(sample["value"]), sample["value"])
+        unit = display_unit(conn, type_name, kind)
+    return {"ok": True, "type": type_info, "window": window_facts(window, now), "chart": chart,
+            "columns": kind.columns, "periods": periods, "latest": latest, "unit": unit}
+
+
+#: Samples listed on a type's page.
+LATEST_SAMPLES = 20
+
+
+def find_type(conn, name):
+    """(type, rows, first, last) of a type named in full or by its short
+    name in any case, or None."""
+    known = sample_types(conn)
+    wanted = name.lower()
+    for candidate in known:
+        if candidate[0] == name:
+            return candidate
+    for candidate in known:
+        if candidate[0].lower() == wanted or short_type_name(candidate[0]).lower() == wanted:
+            return candidate
+    return None
+
+
+def _type_and_window(conn, name, range_name, utc, now):
+    """((type, rows, first, last), window) of a type's page, or (None, None)."""
+    info = find_type(conn, name)
+    if info is None:
+        return None, None
+    return info, make_window(range_name, utc, now, info[2], info[3])
+
+
+def type_window(store, name, range_name=DEFAULT_RANGE, utc=False, now=None):
+    """(type, window) of a type's page, or None for an unknown type."""
+    with store.reader() as conn:
+        info, window = _type_and_window(conn, name, range_name, utc,
+                                        now or datetime.datetime.now(datetime.timezone.utc))
+    return None if info is None else (info[0], window)
+
+
+def workout_page_facts(store, uuid, utc=False):
+    """A workout and its route: points, projected path, elevation profile
+    and kilometre splits; None for an unknown workout."""
+    with store.reader() as conn:
+        row = conn.execute(f"SELECT {_WORKOUT_COLUMNS} FROM workouts WHERE uuid = ?", (uuid,)).fetchone()
+        if row is None:
+            return None
+        workout = workout_facts(conn, row)
+        points = conn.execute(
+            "SELECT timestamp, latitude, longitude, altitude FROM workout_route_points WHERE workout_uuid = ?"
+            " AND typeof(latitude) IN ('integer', 'real') AND typeof(longitude) IN ('integer', 'real')"
+            " ORDER BY timestamp", (uuid,)).fetchall()
+    return {"ok": True, "workout": workout, "route": route_facts(points)}
+
+
+#: Mean Earth radius in metres (distances between route points).
+EARTH_RADIUS = 6371008.8
+
+
+def route_facts(points):
+    """Distances, elevation and kilometre splits of route points
+    [(timestamp, latitude, longitude, altitude)] in time order."""
+    points = [p for p in points if -90 <= p[1] <= 90 and -180 <= p[2] <= 180]
+    distance, along, splits = 0.0, [], []
+    split_start = _parse_stamp(points[0][0]) if points else None
+    for index, (stamp, lat, lon, _alt) in enumerate(points):
+        if index:
+            _stamp, lat0, lon0, _alt0 = points[index - 1]
+            step = _haversine(lat0, lon0, lat, lon)
+            km_before = int(distance // 1000)
+            distance += step
+            if int(distance // 1000) > km_before and split_start is not None:
+                moment = _parse_stamp(stamp)
+                if moment is not None:
+                    splits.append({"km": int(distance // 1000), "seconds": (moment - split_start).total_seconds()})
+                    split_start = moment
+        along.append(distance)
+    return {"points": [[lat, lon] for _stamp, lat, lon, _alt in points], "distance_m": distance,
+            "elevation": [[d, alt] for d, (_s, _la, _lo, alt) in zip(along, points)
+                          if isinstance(alt, (int, float)) and math.isfinite(alt)],
+            "splits": splits}
+
+
+def _haversine(lat1, lon1, lat2, lon2):
+    phi1, phi2 = math.radians(lat1), math.radians(lat2)
+    a = (math.sin((phi2 - phi1) / 2) ** 2
+         + math.cos(phi1) * math.cos(phi2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2)
+    return 2 * EARTH_RADIUS * math.asin(min(1.0, math.sqrt(a)))
 
 
 def date_bound(text, end=False):
@@ -2003,14 +2767,19 @@ def date_bound(text, end=False):
     return stamp, end
 
 
-def export_rows(store, name, type_name=None, since=None, until=None):
+def export_rows(store, name, type_name=None, since=None, until=None, start=None, end=None):
     """(columns, rows) of one export section, streamed in key order; the
-    caller closes ``rows``."""
+    caller closes ``rows``.  ``since`` and ``until`` are as a person writes
+    them; ``start`` and ``end`` (excluded) are stored timestamps."""
     export = EXPORTS[name]
     where, params = [], []
     if type_name is not None:
         where.append("type = ?")
         params.append(type_name)
+    for bound, operation in ((start, ">="), (end, "<")):
+        if export.date_column and bound:
+            where.append(f"{export.date_column} {operation} ?")
+            params.append(bound)
     if export.date_column and since:
         where.append(f"{export.date_column} >= ?")
         params.append(date_bound(since)[0])
@@ -2028,6 +2797,24 @@ def export_rows(store, name, type_name=None, since=None, until=None):
         raise StorageUnavailable(_describe_db_error(exc, store.path)) from exc
 
 
+#: Rows of CSV per piece of a streamed download.
+CSV_ROWS_PER_PIECE = 2000
+
+
+def csv_pieces(columns, rows):
+    """CSV text in UTF-8 pieces: the header, then rows a few thousand at a time."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for count, row in enumerate(rows, 1):
+        writer.writerow(row)
+        if count % CSV_ROWS_PER_PIECE == 0:
+            yield buffer.getvalue().encode("utf-8")
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue().encode("utf-8")
+
+
 def _closing_rows(conn, cursor):
     """Yield the cursor's rows, then close its connection."""
     try:
@@ -2039,16 +2826,12 @@ def _closing_rows(conn, cursor):
 def resolve_type(store, name):
     """Full identifier for --type: as given, or by short name in any case."""
     with store.reader() as conn:
-        known = [row[0] for row in sample_types(conn)]
-    for candidate in known:
-        if candidate == name:
-            return candidate
-    wanted = name.lower()
-    for candidate in known:
-        if candidate.lower() == wanted or short_type_name(candidate).lower() == wanted:
-            return candidate
-    raise UsageError(f"no samples of type {name}; stored types: "
-                     f"{', '.join(short_type_name(t) for t in known) or 'none'}")
+        found = find_type(conn, name)
+        known = [row[0] for row in sample_types(conn)] if found is None else None
+    if found is None:
+        raise UsageError(f"no samples of type {name}; stored types: "
+                         f"{', '.join(short_type_name(t) for t in known) or 'none'}")
+    return found[0]
 
 
 #: NDJSON field that carries a section's label (the data key or the
@@ -2167,19 +2950,41 @@ def _ndjson_payload(entries, per_payload):
 
 
 # ---------------------------------------------------------------------------
-# Presentation: the status page (HTML with inline SVG charts)
+# Presentation: the pages (HTML with inline SVG charts, no script)
 # ---------------------------------------------------------------------------
 
 PAGE_CSS = """
-body{font:14px/1.4 -apple-system,system-ui,sans-serif;margin:0 auto;max-width:760px;padding:12px;color:#222}
-h1{font-size:20px;margin:4px 0}h2{font-size:16px;margin:22px 0 6px;border-bottom:1px solid #ddd}
+*{box-sizing:border-box}
+body{font:14px/1.4 -apple-system,system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:12px 16px;color:#222}
+a{color:#0b5cad;text-decoration:none}a:hover{text-decoration:underline}
+h1{font-size:20px;margin:4px 0}h2{font-size:16px;margin:24px 0 8px;border-bottom:1px solid #ddd}
+nav{margin:8px 0;display:flex;flex-wrap:wrap;gap:4px}
+nav a,nav b{padding:3px 10px;border:1px solid #ccd;border-radius:12px}
+nav b{background:#0b5cad;color:#fff;border-color:#0b5cad;font-weight:normal}
+.note{background:#fff6dd;border:1px solid #f0d48a;padding:6px 10px;border-radius:6px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:10px 22px}
+.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:8px}
+.tile{border:1px solid #e3e3e3;border-radius:8px;padding:8px 10px}.tile b{font-size:20px;display:block}
+.tile span{color:#666;font-size:12px}
 .scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{padding:3px 6px;text-align:right;white-space:nowrap;border-bottom:1px solid #eee}
-th:first-child,td:first-child{text-align:left}tr.fail td{background:#fdecea;color:#8a1c12}
-td.err{white-space:normal;text-align:left}.muted{color:#777}.chart{margin:10px 0 18px}
-.chart h3{font-size:14px;margin:0}.chart p{margin:0;color:#777;font-size:12px}
-svg{width:100%;max-width:560px;height:auto;display:block}svg text{font:10px sans-serif;fill:#555}
+th:first-child,td:first-child{text-align:left;position:sticky;left:0;background:#fff}
+tr.fail td{background:#fdecea;color:#8a1c12}td.err{white-space:normal;text-align:left}
+.muted{color:#777}.chart{min-width:0}.chart h3{font-size:14px;margin:0}.chart p{margin:0;color:#777;font-size:12px}
+.legend span{display:inline-block;margin-right:10px;font-size:12px}.legend i{display:inline-block;width:10px;
+height:10px;margin-right:3px;vertical-align:-1px}
+svg{width:100%;height:auto;display:block}svg text{font:10px sans-serif;fill:#555}
+.route svg{max-width:640px}.profile svg{max-width:900px}.narrow{max-width:480px}
+.on-phone{display:none}
+@media (max-width:600px){.opt,.on-desk{display:none}.on-phone{display:block}body{padding:8px}}
 """
+
+#: The largest magnitude a chart's axis reaches.
+CHART_VALUE_MAX = 1e307
+#: Chart size in SVG units (it scales with the page).
+CHART_WIDTH, CHART_HEIGHT = 360, 150
+#: Axis labels fit in this many characters at most (wider numbers go to k, M, B).
+CHART_FONT_WIDTH = 5.6
 
 
 def _esc(value):
@@ -2192,6 +2997,63 @@ def _number(value, digits=0):
     if isinstance(value, float) and digits:
         return f"{value:,.{digits}f}"
     return f"{value:,.0f}" if isinstance(value, (int, float)) else _esc(value)
+
+
+def format_value(value):
+    """A measured value for a person: 8,532 · 62.4 · 0.97 · 12.3M."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return _esc(value)
+    if not math.isfinite(value):
+        return str(value)
+    magnitude = abs(value)
+    if magnitude >= 1e7:
+        return _scaled(value)
+    if magnitude >= 100 or value == int(value):
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if magnitude >= 10 else f"{value:.2f}"
+
+
+def _scaled(value, step=None):
+    """A large value with k, M or B (scientific beyond), with the decimals
+    that ``step`` (a tick spacing) needs."""
+    magnitude = abs(value)
+    for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if magnitude >= divisor:
+            if magnitude >= 1e12:
+                return f"{value:.1e}"
+            return _decimals(value / divisor, None if step is None else step / divisor) + suffix
+    return _decimals(value, step)
+
+
+def _decimals(value, step):
+    """``value`` with as few decimals as ``step`` needs (at most three)."""
+    if step is None:
+        return f"{value:.3g}"
+    for digits in range(4):
+        if abs(round(step, digits) - step) < step * 1e-6:
+            return f"{value:,.{digits}f}"
+    return f"{value:,.3f}"
+
+
+def nice_ticks(low, high, count=4, whole=False):
+    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten, at
+    least 1 when ``whole``) that cover low..high."""
+    # Beyond 1e307 the arithmetic below would overflow: such values are
+    # drawn at the edge.
+    low, high = sorted(min(max(value, -CHART_VALUE_MAX), CHART_VALUE_MAX) for value in (low, high))
+    if high == low:
+        pad = abs(high) * 0.1 or 1.0
+        low, high = low - pad, high + pad
+    raw = (high - low) / count
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * 0.999)
+    if whole:
+        step = max(round(step), 1)
+    first = math.floor(low / step) * step
+    ticks = [first]
+    while ticks[-1] < high - step * 1e-9 and len(ticks) < 12:
+        ticks.append(first + len(ticks) * step)
+    return ticks, step
 
 
 def _parse_stamp(text):
@@ -2227,164 +3089,170 @@ def format_ago(text, now):
     return f"{seconds // 86400:.0f} days ago"
 
 
-def _tick(value):
-    magnitude = abs(value)
-    if magnitude >= 10000:
-        return f"{value / 1000:.0f}k"
-    if magnitude >= 100 or value == int(value):
-        return f"{value:.0f}"
-    return f"{value:.2g}" if magnitude < 1 else f"{value:.1f}"
-
-
 def _svg_bars(chart, x, y, span_x):
-    bar = max(span_x * 0.8, 1)
+    bar = max(span_x * 0.75, 1)
     return [f'<rect x="{x(i) - bar / 2:.1f}" y="{y(point[1]):.1f}" width="{bar:.1f}" '
-            f'height="{y(0) - y(point[1]):.1f}" fill="#3182bd"/>'
+            f'height="{max(y(0) - y(point[1]), 0):.1f}" fill="#3182bd"/>'
             for i, point in enumerate(chart["points"]) if point[1]]
 
 
-def _svg_band_line(chart, x, y, span_x):
-    points, parts = chart["points"], []
-    for run in _runs(points):
-        band = [f"{x(i):.1f},{y(points[i][3]):.1f}" for i in run]
-        band += [f"{x(i):.1f},{y(points[i][2]):.1f}" for i in reversed(run)]
-        parts.append(f'<polygon points="{" ".join(band)}" fill="#9ecae1" fill-opacity="0.5"/>')
-        line = " ".join(f"{x(i):.1f},{y(points[i][1]):.1f}" for i in run)
-        parts.append(f'<polyline points="{line}" fill="none" stroke="#08519c" stroke-width="1.5"/>')
-        if len(run) == 1:
-            parts.append(f'<circle cx="{x(run[0]):.1f}" cy="{y(points[run[0]][1]):.1f}" r="2" fill="#08519c"/>')
+def _svg_line(chart, x, y, span_x):
+    """The line goes on across periods without data; the band (points[2]
+    to points[3]) likewise; every period with data is marked."""
+    points = chart["points"]
+    marked = [i for i, point in enumerate(points) if point[1] is not None]
+    parts = []
+    banded = [i for i in marked if len(points[i]) > 3 and points[i][2] is not None and points[i][3] is not None]
+    if banded:
+        band = [f"{x(i):.1f},{y(points[i][3]):.1f}" for i in banded]
+        band += [f"{x(i):.1f},{y(points[i][2]):.1f}" for i in reversed(banded)]
+        parts.append(f'<polygon points="{" ".join(band)}" fill="#9ecae1" fill-opacity="0.45"/>')
+    line = " ".join(f"{x(i):.1f},{y(points[i][1]):.1f}" for i in marked)
+    parts.append(f'<polyline points="{line}" fill="none" stroke="#08519c" stroke-width="1.5"/>')
+    radius = 2 if len(points) <= 92 else 1.2
+    parts += [f'<circle cx="{x(i):.1f}" cy="{y(points[i][1]):.1f}" r="{radius}" fill="#08519c"/>' for i in marked]
     return parts
 
 
-def _runs(points):
-    """Index runs of consecutive days that have a value."""
-    run = []
-    for i, point in enumerate(points):
+def _svg_stack(chart, x, y, span_x):
+    """Bars stacked by stage: points[2] maps a stage to its value."""
+    bar = max(span_x * 0.75, 1)
+    parts = []
+    for i, point in enumerate(chart["points"]):
         if point[1] is None:
-            if run:
-                yield run
-            run = []
-        else:
-            run.append(i)
-    if run:
-        yield run
+            continue
+        base = 0.0
+        for key, label, colour in chart["stages"]:
+            value = point[2].get(key, 0)
+            if value > 0:
+                parts.append(f'<rect x="{x(i) - bar / 2:.1f}" y="{y(base + value):.1f}" width="{bar:.1f}" '
+                             f'height="{max(y(base) - y(base + value), 0):.1f}" fill="{colour}">'
+                             f'<title>{_esc(label)} {value:.2f}</title></rect>')
+                base += value
+    return parts
 
 
 #: How chart kinds are drawn: ``draw(chart, x, y, span_x)`` -> SVG elements.
-DRAWINGS = {"bars": _svg_bars, "band": _svg_band_line}
+DRAWINGS = {"bars": _svg_bars, "line": _svg_line, "stack": _svg_stack}
 
 
-def svg_chart(chart):
-    """One type's last days as an inline SVG sized for a phone."""
-    width, height, left, right, top, bottom = 360, 140, 38, 6, 8, 20
-    kind = CHART_KINDS_BY_NAME[chart["kind"]]
+def _chart_values(chart):
+    values = []
+    for point in chart["points"]:
+        if point[1] is None:
+            continue
+        if chart["draw"] == "stack":
+            values.append(sum(v for v in point[2].values() if v > 0))
+        else:
+            values += [v for v in point[1:4] if isinstance(v, (int, float))]
+    return [v for v in values if math.isfinite(v)] or [0.0]
+
+
+#: Margins of a chart's plot area (the left one fits the value labels).
+CHART_RIGHT, CHART_TOP, CHART_BOTTOM = 8, 8, 20
+
+
+def _value_axis(low, high, width, height, suffix="", count=4, whole=False):
+    """The value axis of a chart: (left margin, ``y(value)``, SVG of its
+    grid lines and labels).  The margin fits the longest label, so labels
+    never leave the drawing; values beyond the ticks are drawn at the edge."""
+    ticks, step = nice_ticks(low, high, count, whole)
+    labels = [_scaled(tick, step) + suffix for tick in ticks]
+    left = int(max(len(label) for label in labels) * CHART_FONT_WIDTH) + 8
+    low, high = ticks[0], ticks[-1]
+
+    def y(value):
+        value = min(max(value, low), high)
+        return CHART_TOP + (height - CHART_TOP - CHART_BOTTOM) * (1 - (value - low) / (high - low))
+
+    parts = [f'<line x1="{left}" x2="{width - CHART_RIGHT}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
+             f'stroke="#e4e4e4"/><text x="{left - 4}" y="{y(tick) + 3:.1f}" text-anchor="end">{_esc(label)}</text>'
+             for tick, label in zip(ticks, labels)]
+    return left, y, parts
+
+
+def svg_chart(chart, width=CHART_WIDTH, height=CHART_HEIGHT):
+    """A chart of points [period, value, ...] as inline SVG: round ticks,
+    labels inside the drawing, one date label under its own bar."""
     points = chart["points"]
-    values = [value for point in points if point[1] is not None for value in point[1:]]
-    if kind.from_zero:
-        low, high = 0, max(values) or 1
-    else:
-        low, high = min(values), max(values)
-        pad = (high - low) * 0.1 or abs(high) * 0.1 or 1
-        # Never below zero for values that are never negative.
-        low, high = (max(low - pad, 0) if low >= 0 else low - pad), high + pad
-    span_x = (width - left - right) / max(len(points) - 1, 1)
+    values = _chart_values(chart)
+    low, high = min(values), max(values)
+    if chart.get("from_zero", True):
+        low, high = min(low, 0.0), max(high, 0.0) or 1.0
+    elif low >= 0 and low - (high - low) * 0.1 < 0:
+        low = 0.0
+    left, y, parts = _value_axis(low, high, width, height, "%" if chart.get("unit") == "%" else "",
+                                 whole=chart.get("whole", False))
+    slot = (width - left - CHART_RIGHT) / max(len(points), 1)
 
     def x(i):
-        return left + i * span_x
+        return left + slot * (i + 0.5)
 
-    def y(v):
-        return top + (height - top - bottom) * (1 - (v - low) / (high - low))
-
-    parts = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(chart["name"])}">']
-    for fraction in (0, 0.5, 1):
-        value = low + (high - low) * fraction
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
-                     f'stroke="#e4e4e4"/><text x="{left - 3}" y="{y(value) + 3:.1f}" text-anchor="end">'
-                     f'{_esc(_tick(value))}</text>')
-    for i in range(0, len(points), max(1, len(points) // 4)):
-        label = datetime.date.fromisoformat(points[i][0]).strftime("%b %d")
-        anchor = "end" if x(i) > width - right - 20 else "start" if x(i) < left + 20 else "middle"
-        parts.append(f'<text x="{x(i):.1f}" y="{height - 5}" text-anchor="{anchor}">{label}</text>')
-    parts += DRAWINGS[kind.draw](chart, x, y, span_x)
+    parts.insert(0, f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(chart["name"])}">')
+    grain = next((g for g in GRAINS if g.name == chart.get("grain")), GRAINS[0])
+    every = max(1, math.ceil(len(points) / 6))
+    for i in range(len(points) - 1, -1, -every):
+        label = datetime.date.fromisoformat(points[i][0]).strftime(grain.axis_format)
+        half = len(label) * CHART_FONT_WIDTH / 2
+        anchor, at = "middle", x(i)
+        if at + half > width:
+            anchor, at = "end", width - 1
+        elif at - half < left:
+            anchor, at = "start", max(x(i) - slot / 2, left)
+        parts.append(f'<text x="{at:.1f}" y="{height - 5}" text-anchor="{anchor}">{_esc(label)}</text>')
+    parts += DRAWINGS[chart["draw"]](chart, x, y, slot)
     parts.append("</svg>")
     return "".join(parts)
 
 
+def _legend(stages):
+    return '<div class="legend">' + "".join(
+        f'<span><i style="background:{colour}"></i>{_esc(label)}</span>' for _key, label, colour in stages) + "</div>"
+
+
 def _duration(seconds):
+    """1:05 (hours and minutes)."""
     if not isinstance(seconds, (int, float)):
         return ""
     minutes = int(round(seconds / 60))
     return f"{minutes // 60}:{minutes % 60:02d}"
 
 
-def render_status_page(facts, utc, now=None):
-    """The whole status page as one self-contained HTML document."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    zone = "UTC" if utc else f"local time ({_esc(facts['days']['timezone'])})"
-    out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>Health receiver</title><style>{PAGE_CSS}</style></head><body>",
-           "<h1>Health receiver</h1>",
-           f'<p class="muted">{_esc(facts["database"]["path"])} &middot; '
-           f'{_esc(_size(facts["database"]["size_bytes"]))} &middot; days in '
-           f'{zone} &middot; version {_esc(facts["version"])}</p>']
-    out.append("<h2>Last syncs</h2>")
-    if not facts["syncs"]:
-        out.append('<p class="muted">No sync has arrived yet.</p>')
-    else:
-        rows = []
-        for sync in facts["syncs"]:
-            failed = sync["status"] != "ok"
-            duration = sync["duration_ms"]
-            rows.append((' class="fail"' if failed else "", _cells(
-                f'{format_local(sync["received_at"], utc)}<br>'
-                f'<span class="muted">{format_ago(sync["received_at"], now)}</span>',
-                _esc(sync["sync_source"] or "-"), _number(sync["received"]), _number(sync["inserted"]),
-                _number(sync["duplicates"]), _number(sync["rejected"]), _esc(_size(sync["body_bytes"])),
-                f"{duration / 1000:.2f} s" if duration is not None else "", _esc(sync["status"]))))
-            if failed and sync["error"]:
-                rows.append((' class="fail"', f"<td class=\"err\" colspan=\"9\">{_esc(sync['error'])}</td>"))
-        out.append(_table(("When", "Source", "Records", "New", "Dup", "Rejected", "Size", "Time", "Status"), rows))
-    out.append("<h2>Totals</h2>")
-    out.append(_table(("Table", "Rows"), [("", _cells(_esc(table), _number(rows)))
-                                           for table, rows in facts["totals"].items()]))
-    out.append("<h2>Types</h2>")
-    out.append(_table(("Type", "Rows", "First", "Last"), [("", _cells(
-        f"<span title=\"{_esc(info['type'])}\">{_esc(info['name'])}</span>", _number(info["rows"]),
-        format_local(info["first"], utc), format_local(info["last"], utc))) for info in facts["types"]]))
-    if facts["more_types"]:
-        out.append(f'<p class="muted">and {facts["more_types"]:,} more types with fewer samples '
-                   f'(<code>health_receiver.py stats</code> lists them all).</p>')
-    out.append(f"<h2>Last {facts['days']['count']} days</h2>")
-    if not facts["charts"]:
-        out.append('<p class="muted">No samples in these days.</p>')
-    for chart in facts["charts"]:
-        kind = CHART_KINDS_BY_NAME[chart["kind"]]
-        unit = f" ({_esc(chart['unit'])})" if chart["unit"] and kind.shows_unit else ""
-        out.append(f'<div class="chart"><h3 title="{_esc(chart["type"])}">{_esc(chart["name"])}{unit}</h3>'
-                   f'<p>{kind.label}</p>{svg_chart(chart)}</div>')
-    out.append(f"<h2>Workouts, last {facts['days']['count']} days</h2>")
-    if not facts["workouts"]:
-        out.append('<p class="muted">No workouts in these days.</p>')
-    else:
-        out.append(_table(("Type", "Date", "Duration", "Route points"), [("", _cells(
-            _esc(workout["activity_type"] or "-"), format_local(workout["start_date"], utc),
-            _duration(workout["duration_seconds"]), _number(workout["route_points"])))
-            for workout in facts["workouts"]]))
-    out.append(f'<p class="muted">Generated {format_local(facts["generated_at"], utc)}. The same facts as JSON: '
-               f'<a href="{SUMMARY_PATH}">{SUMMARY_PATH}</a>.</p></body></html>')
-    return "".join(out)
+def _long_duration(seconds):
+    """7 h 33 min, or 48 min."""
+    if not isinstance(seconds, (int, float)):
+        return ""
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def format_measure(value, unit):
+    """A tile's value with its unit: 8,532 steps · 7 h 33 min · 58 bpm."""
+    if value is None:
+        return "&ndash;"
+    if unit == "h":
+        return _long_duration(value * 3600)
+    if unit == "min":
+        return _long_duration(value * 60)
+    return format_value(value) + (f" {_esc(unit)}" if unit else "")
+
+
+def _pace(seconds):
+    return f"{int(seconds // 60)}:{int(round(seconds % 60)):02d} /km" if seconds else ""
 
 
 def _cells(*cells):
-    """Table cells from HTML that is already escaped."""
-    return "".join(f"<td>{cell}</td>" for cell in cells)
+    """Table cells from HTML that is already escaped; a cell given as
+    ("opt", html) is hidden on a phone."""
+    return "".join(f'<td class="opt">{cell[1]}</td>' if isinstance(cell, tuple) else f"<td>{cell}</td>"
+                   for cell in cells)
 
 
 def _table(headers, rows):
-    """A table in a box that scrolls sideways on a phone; rows are
-    (attributes of the tr, cells HTML)."""
-    head = "".join(f"<th>{header}</th>" for header in headers)
+    """A table in a box that scrolls sideways on a phone, its first column
+    fixed; rows are (attributes of the tr, cells HTML); a header given as
+    ("opt", text) is hidden on a phone, with its cells."""
+    head = "".join(f'<th class="opt">{h[1]}</th>' if isinstance(h, tuple) else f"<th>{h}</th>" for h in headers)
     body = "".join(f"<tr{attributes}>{cells}</tr>" for attributes, cells in rows)
     return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
@@ -2399,6 +3267,306 @@ def _size(size):
     return ""
 
 
+def _document(title, parts):
+    return "".join(['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+                    '<meta name="viewport" content="width=device-width, initial-scale=1">',
+                    f"<title>{_esc(title)}</title><style>{PAGE_CSS}</style></head><body>", *parts,
+                    "</body></html>"])
+
+
+def _range_nav(path, current):
+    links = []
+    for choice in RANGES:
+        if choice.name == current:
+            links.append(f"<b>{_esc(choice.label)}</b>")
+        else:
+            links.append(f'<a href="{_esc(path)}?range={choice.name}">{_esc(choice.label)}</a>')
+    return f'<nav aria-label="range">{"".join(links)}</nav>'
+
+
+def _window_note(window):
+    first = datetime.date.fromisoformat(window["first"])
+    last = datetime.date.fromisoformat(window["last"])
+    if window["shifted"]:
+        return (f'<p class="note">Nothing was recorded in the last {window["days"]} days. Shown instead: the '
+                f'{window["days"]} days up to {last:%b %d, %Y}, the last day with data.</p>')
+    return f'<p class="muted">{first:%b %d, %Y} to {last:%b %d, %Y}, by {window["grain"]}.</p>'
+
+
+def type_path(type_name):
+    return TYPE_PAGES + quote(short_type_name(type_name), safe="")
+
+
+def workout_path(uuid):
+    return WORKOUT_PAGES + quote(str(uuid), safe="")
+
+
+def _chart_card(chart, range_name, wide=False):
+    kind = CHART_KINDS_BY_NAME.get(chart["kind"])
+    unit = f" ({_esc(chart['unit'])})" if chart.get("unit") else ""
+    title = _esc(chart.get("title") or chart["name"]) + unit
+    if kind is not None:
+        title = f'<a href="{type_path(chart["type"])}?range={range_name}">{title}</a>'
+    label = chart.get("label") or kind.label
+    per = {"day": "day", "week": "day, averaged by week", "month": "day, averaged by month"}[chart["grain"]]
+    label = label.replace("per day", f"per {per}") if chart["grain"] != "day" else label
+    legend = _legend(chart["stages"]) if chart["draw"] == "stack" else ""
+    drawing = svg_chart(chart)
+    if wide:  # its own drawing per screen: an SVG scales its text with it
+        drawing = (f'<div class="on-phone">{drawing}</div>'
+                   f'<div class="on-desk">{svg_chart(chart, *WIDE_CHART_SIZE)}</div>')
+    return (f'<div class="chart"><h3 title="{_esc(chart["type"])}">{title}</h3>'
+            f'<p>{_esc(label)}</p>{drawing}{legend}</div>')
+
+
+#: Size of a type page's chart on a wider screen.
+WIDE_CHART_SIZE = (900, 240)
+
+
+def render_status_page(facts, utc, now=None):
+    """The status page as one self-contained HTML document."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    window = facts["window"]
+    zone = "UTC" if utc else f"local time ({_esc(window['timezone'])})"
+    range_name = window["range"]
+    out = ["<h1>Health receiver</h1>",
+           f'<p class="muted">{_esc(facts["database"]["path"])} &middot; '
+           f'{_esc(_size(facts["database"]["size_bytes"]))} &middot; days in '
+           f'{zone} &middot; version {_esc(facts["version"])}</p>', _range_nav("/", range_name)]
+    last_sync = facts["syncs"][0] if facts["syncs"] else None
+    if last_sync:
+        out.append(f'<p>Last sync {format_ago(last_sync["received_at"], now)}: '
+                   f'{_number(last_sync["received"])} records, {_esc(last_sync["status"])}.</p>')
+    if facts["today"]:
+        out.append("<h2>Today</h2><div class=\"tiles\">")
+        for tile in facts["today"]:
+            value = format_measure(tile["value"], tile["unit"])
+            average = ("" if tile["average"] is None else f"<span>{TODAY_AVERAGE_DAYS}-day average "
+                       f"{format_measure(tile['average'], tile['unit'])}</span>")
+            out.append(f'<div class="tile"><span>{_esc(tile["title"])}</span><b>{value}</b>{average}</div>')
+        out.append("</div>")
+    label = RANGES_BY_NAME[range_name].label
+    out.append(f"<h2>{_esc(label if range_name == 'all' else 'Last ' + label)}</h2>")
+    out.append(_window_note(window))
+    if facts["charts"]:
+        out.append('<div class="grid">' + "".join(_chart_card(chart, range_name) for chart in facts["charts"])
+                   + "</div>")
+    else:
+        out.append('<p class="muted">No samples yet.</p>')
+    out.append("<h2>Workouts</h2>")
+    out.append(_workout_table(facts["workouts"], utc) if facts["workouts"] else
+               '<p class="muted">No workouts in these days.</p>')
+    if facts["more_workouts"]:
+        out.append(f'<p class="muted">and {facts["more_workouts"]:,} earlier workouts in these days.</p>')
+    if facts["medications"]:
+        out.append('<h2>Medications</h2><div class="grid">')
+        for medication in facts["medications"]:
+            chart = {"type": medication["medication"], "name": medication["name"], "kind": "doses",
+                     "draw": "stack", "grain": window["grain"], "stages": DOSE_STAGES, "unit": None, "whole": True,
+                     "points": [[day, taken + skipped or None, {"taken": taken, "skipped": skipped}]
+                                for day, taken, skipped in medication["points"]]}
+            out.append(f'<div class="chart"><h3>{_esc(medication["name"])}</h3><p>doses per {window["grain"]}: '
+                       f'{medication["taken"]:,} taken, {medication["skipped"]:,} skipped</p>'
+                       f'{svg_chart(chart)}{_legend(DOSE_STAGES)}</div>')
+        out.append("</div>")
+    out.append("<h2>Last syncs</h2>")
+    out.append(_sync_table(facts["syncs"], utc, now) if facts["syncs"] else
+               '<p class="muted">No sync has arrived yet.</p>')
+    out.append("<h2>Types</h2>")
+    out.append(_table(("Type", "Last", "Rows", ("opt", "First")), [("", _cells(
+        f'<a href="{type_path(info["type"])}?range={range_name}" title="{_esc(info["type"])}">'
+        f'{_esc(info["title"])}</a>', format_local(info["last"], utc), _number(info["rows"]),
+        ("opt", format_local(info["first"], utc)))) for info in facts["types"]]))
+    if facts["more_types"]:
+        out.append(f'<p class="muted">and {facts["more_types"]:,} more types with fewer samples '
+                   f'(<code>health_receiver.py stats</code> lists them all).</p>')
+    out.append("<h2>Totals</h2>")
+    out.append(_table(("Table", "Rows"), [("", _cells(_esc(table), _number(rows)))
+                                           for table, rows in facts["totals"].items()]))
+    out.append(f'<p class="muted">Generated {format_local(facts["generated_at"], utc)}. The same facts as JSON: '
+               f'<a href="{SUMMARY_PATH}?range={range_name}">{SUMMARY_PATH}</a>.</p>')
+    return _document("Health receiver", out)
+
+
+#: How dose charts stack.
+DOSE_STAGES = (("taken", "Taken", "#2a9d8f"), ("skipped", "Skipped", "#c7c7c7"))
+
+
+def _sync_table(syncs, utc, now):
+    rows = []
+    for sync in syncs:
+        failed = sync["status"] != "ok"
+        duration = sync["duration_ms"]
+        rows.append((' class="fail"' if failed else "", _cells(
+            f'{format_local(sync["received_at"], utc)}<br>'
+            f'<span class="muted">{format_ago(sync["received_at"], now)}</span>',
+            _esc(sync["status"]), _number(sync["received"]), _number(sync["inserted"]),
+            ("opt", _number(sync["duplicates"])), ("opt", _number(sync["rejected"])),
+            ("opt", _esc(sync["sync_source"] or "-")), ("opt", _esc(_size(sync["body_bytes"]))),
+            ("opt", f"{duration / 1000:.2f} s" if duration is not None else ""))))
+        if failed and sync["error"]:
+            rows.append((' class="fail"', f"<td class=\"err\" colspan=\"9\">{_esc(sync['error'])}</td>"))
+    return _table(("When", "Status", "Records", "New", ("opt", "Dup"), ("opt", "Rejected"), ("opt", "Source"),
+                   ("opt", "Size"), ("opt", "Time")), rows)
+
+
+def activity_title(activity):
+    """HKWorkoutActivityTypeRunning or running -> Running."""
+    text = str(activity or "Workout")
+    text = text[len("HKWorkoutActivityType"):] if text.startswith("HKWorkoutActivityType") else text
+    return text[:1].upper() + text[1:]
+
+
+def _km(metres):
+    return "" if metres is None else f"{metres / 1000:.2f} km"
+
+
+def _workout_table(workouts, utc):
+    return _table(("Workout", "Date", "Duration", "Distance", ("opt", "Energy"), ("opt", "Avg heart rate"),
+                   ("opt", "Route points")), [("", _cells(
+                       f'<a href="{workout_path(w["uuid"])}">{_esc(activity_title(w["activity_type"]))}</a>',
+                       format_local(w["start_date"], utc), _long_duration(w["duration_seconds"]),
+                       _km(w["distance_m"]),
+                       ("opt", "" if w["energy_kcal"] is None else f"{w['energy_kcal']:,.0f} kcal"),
+                       ("opt", "" if w["heart_rate"] is None else f"{w['heart_rate']:.0f} bpm"),
+                       ("opt", _number(w["route_points"])))) for w in workouts])
+
+
+def render_type_page(facts, utc):
+    """The page of one type: its chart, its periods, its latest samples."""
+    info, window = facts["type"], facts["window"]
+    path = type_path(info["type"])
+    unit = f" ({_esc(facts['unit'])})" if facts["unit"] else ""
+    out = ['<p><a href="/">&larr; Health receiver</a></p>', f'<h1 title="{_esc(info["type"])}">'
+           f'{_esc(info["title"])}{unit}</h1>',
+           f'<p class="muted">{_number(info["rows"])} samples from {format_local(info["first"], utc)} to '
+           f'{format_local(info["last"], utc)}</p>', _range_nav(path, window["range"]), _window_note(window)]
+    if facts["chart"]:
+        out.append(_chart_card(facts["chart"], window["range"], wide=True))
+    else:
+        out.append('<p class="muted">No samples in these days.</p>')
+    out.append(f'<p><a href="{path}.csv?range={window["range"]}" download>Download these samples as CSV</a></p>')
+    out.append(f"<h2>By {window['grain']}</h2>")
+    if facts["periods"]:
+        grain = next(g for g in GRAINS if g.name == window["grain"])
+        heads = ["Period", *facts["columns"]]
+        rows = []
+        sleep = info["chart"] == "sleep"
+        if sleep:
+            heads = ["Night", *(f"{column} (h:mm)" for column in facts["columns"])]
+        for period in facts["periods"]:
+            label = datetime.date.fromisoformat(period["day"]).strftime(grain.table_format)
+            cells = [("" if v is None else _duration(v * 3600) if sleep else format_value(v)) for v in period["cells"]]
+            rows.append(("", _cells(_esc(label), *cells)))
+        out.append(_table(heads, rows))
+    else:
+        out.append('<p class="muted">No samples in these days.</p>')
+    out.append("<h2>Latest samples</h2>")
+    out.append(_table(("Start", "Value", "Unit", ("opt", "Source"), ("opt", "End")), [("", _cells(
+        format_local(s["start_date"], utc), format_value(s["value"]), _esc(s["unit"]), ("opt", _esc(s["source_name"])),
+        ("opt", format_local(s["end_date"], utc)))) for s in facts["latest"]]))
+    return _document(f"{info['title']} - Health receiver", out)
+
+
+#: Route and profile size in SVG units.
+ROUTE_SIZE, PROFILE_SIZE, PHONE_PROFILE_SIZE = 600, (600, 160), (360, 140)
+#: The most points a drawn route or profile keeps (longer ones are thinned).
+ROUTE_POINTS_DRAWN = 2000
+
+
+def _thin(points, most=ROUTE_POINTS_DRAWN):
+    if len(points) <= most:
+        return points
+    step = len(points) / (most - 1)
+    return [points[int(i * step)] for i in range(most - 1)] + [points[-1]]
+
+
+def svg_route(points, size=ROUTE_SIZE, margin=12):
+    """A route [[lat, lon]] as an SVG path: a local equirectangular
+    projection (longitude scaled by the cosine of the mean latitude), the
+    aspect kept, start (green) and end (red) marked."""
+    if len(points) < 2:
+        return ""
+    lats = [p[0] for p in points]
+    lons = [p[1] for p in points]
+    scale_x = math.cos(math.radians((min(lats) + max(lats)) / 2))
+    span_x = (max(lons) - min(lons)) * scale_x
+    span_y = max(lats) - min(lats)
+    span = max(span_x, span_y) or 1e-9
+    inner = size - 2 * margin
+    width = span_x / span * inner + 2 * margin
+    height = span_y / span * inner + 2 * margin
+
+    def project(lat, lon):
+        return (margin + (lon - min(lons)) * scale_x / span * inner,
+                margin + (max(lats) - lat) / span * inner)
+
+    drawn = [project(lat, lon) for lat, lon in _thin(points)]
+    path = "M" + " L".join(f"{px:.1f},{py:.1f}" for px, py in drawn)
+    (sx, sy), (ex, ey) = drawn[0], drawn[-1]
+    return (f'<svg viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="route">'
+            f'<path d="{path}" fill="none" stroke="#d7301f" stroke-width="2.5" stroke-linejoin="round"/>'
+            f'<circle cx="{sx:.1f}" cy="{sy:.1f}" r="5" fill="#1a9850"><title>start</title></circle>'
+            f'<circle cx="{ex:.1f}" cy="{ey:.1f}" r="5" fill="#222" stroke="#fff"><title>end</title></circle>'
+            f"</svg>")
+
+
+def render_workout_page(facts, utc):
+    """The page of one workout: its facts, route, elevation and splits."""
+    workout, route = facts["workout"], facts["route"]
+    name = activity_title(workout["activity_type"])
+    out = ['<p><a href="/">&larr; Health receiver</a></p>', f"<h1>{_esc(name)}</h1>",
+           f'<p class="muted">{format_local(workout["start_date"], utc)}'
+           f'{" &middot; " + _esc(workout["source"]) if workout["source"] else ""}</p>', '<div class="tiles">']
+    distance = workout["distance_m"] if workout["distance_m"] is not None else (route["distance_m"] or None)
+    for title, value in (("Duration", _long_duration(workout["duration_seconds"])), ("Distance", _km(distance)),
+                         ("Energy", "" if workout["energy_kcal"] is None else f"{workout['energy_kcal']:,.0f} kcal"),
+                         ("Average heart rate", "" if workout["heart_rate"] is None else
+                          f"{workout['heart_rate']:.0f} bpm"),
+                         ("Pace", _pace(workout["duration_seconds"] / distance * 1000)
+                          if distance and workout["duration_seconds"] else "")):
+        if value:
+            out.append(f'<div class="tile"><span>{title}</span><b>{value}</b></div>')
+    out.append("</div>")
+    if len(route["points"]) >= 2:
+        out.append(f'<h2>Route</h2><p class="muted">{len(route["points"]):,} points, '
+                   f'{_km(route["distance_m"])} along them</p><div class="route">{svg_route(route["points"])}</div>')
+    else:
+        out.append('<p class="muted">No route was recorded with this workout.</p>')
+    if len(route["elevation"]) >= 2:
+        out.append("<h2>Elevation</h2>")
+        profile = _thin(route["elevation"])
+        out.append(f'<div class="on-phone">{svg_profile(profile, route["distance_m"], PHONE_PROFILE_SIZE)}</div>'
+                   f'<div class="on-desk profile">{svg_profile(profile, route["distance_m"])}</div>')
+    if route["splits"]:
+        out.append("<h2>Pace per kilometre</h2>")
+        out.append('<div class="narrow">' + _table(("Km", "Pace"), [
+            ("", _cells(str(split["km"]), _pace(split["seconds"]))) for split in route["splits"]]) + "</div>")
+    return _document(f"{name} - Health receiver", out)
+
+
+def svg_profile(profile, distance, size=PROFILE_SIZE):
+    """Elevation [[metres along, altitude]] against distance."""
+    width, height = size
+    altitudes = [alt for _d, alt in profile]
+    left, y, parts = _value_axis(min(altitudes), max(altitudes), width, height, " m", count=3)
+
+    def x(metres):
+        return left + (width - left - CHART_RIGHT) * metres / (distance or 1)
+
+    parts.insert(0, f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="elevation">')
+    km_ticks, km_step = nice_ticks(0, distance / 1000, 4)
+    for km in km_ticks:
+        if km * 1000 <= distance:
+            anchor = "start" if km == 0 else "end" if x(km * 1000) > width - 30 else "middle"
+            parts.append(f'<text x="{x(km * 1000):.1f}" y="{height - 5}" text-anchor="{anchor}">'
+                         f'{_decimals(km, km_step)} km</text>')
+    area = [f"{x(d):.1f},{y(alt):.1f}" for d, alt in profile]
+    base = height - CHART_BOTTOM
+    area += [f"{x(profile[-1][0]):.1f},{base}", f"{x(profile[0][0]):.1f},{base}"]
+    parts.append(f'<polygon points="{" ".join(area)}" fill="#c7e9c0" stroke="#31a354" stroke-width="1"/>')
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------
@@ -2924,17 +4092,44 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         self._send_json(code, {"ok": False, "error": message or code.phrase}, log_error=message or code.phrase)
 
     def _respond(self, status, body, content_type, headers=()):
-        """The one response writer.  A POST whose body was not read closes
-        the connection (what the client still sends is not a request), after
-        reading and dropping that body for a while unless the client waits
-        for 100 Continue (see _lingering_close)."""
+        """The one response writer for a body in hand."""
+        self._send_head(status, content_type, headers, len(body))
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _respond_streamed(self, status, content_type, pieces, headers=()):
+        """A body of unknown length, sent as its pieces come (chunked; to an
+        HTTP/1.0 client, until the connection closes).  A failure half way
+        drops the connection without the last chunk, so the client sees an
+        incomplete answer, never a complete-looking one."""
+        chunked = self.request_version == "HTTP/1.1"
+        if not chunked:
+            self.close_connection = True
+        self._send_head(status, content_type, headers, None if chunked else -1)
+        if self.command == "HEAD":
+            return
+        for piece in pieces:
+            if piece:
+                self.wfile.write(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _send_head(self, status, content_type, headers, length):
+        """Status line and headers of every answer; ``length`` None means
+        chunked, -1 means until the connection closes.  A POST whose body
+        was not read closes the connection (what the client still sends is
+        not a request), after reading and dropping that body for a while
+        unless the client waits for 100 Continue (see _lingering_close)."""
         if self.command == "POST" and not self._body_read:
             self.close_connection = True
             if not self._expects_continue:
                 self._linger = self.server.config.max_body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if length is None:
+            self.send_header("Transfer-Encoding", "chunked")
+        elif length >= 0:
+            self.send_header("Content-Length", str(length))
         # Every answer may carry health data: never cached, never sniffed.
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
@@ -2946,8 +4141,6 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
     def _send_json(self, status, obj, headers=(), log_error=None):
         # Logged first, so the line exists once the client has its answer.
@@ -2964,7 +4157,14 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         """Every method: find the route, answer errors as JSON."""
-        route = self.server.routes.get(urlsplit(self.path).path.rstrip("/") or "/")
+        path = urlsplit(self.path).path
+        route = self.server.routes.get(path.rstrip("/") or "/")
+        #: What follows a route that names a thing (/type/HeartRate).
+        self.route_argument = None
+        if route is None:
+            head, slash, rest = path[1:].partition("/")
+            route = self.server.routes.get(f"/{head}/") if slash and rest else None
+            self.route_argument = unquote(rest)
         client = self.client_address[0]
         try:
             wait = self.server.guesses.retry_after(client)
@@ -3009,19 +4209,57 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
 
     # -- what the routes do --------------------------------------------------
 
-    def status_page(self):
-        config = self.server.config
-        check_page_auth(config, self.headers, self.client_address[0])
-        body = render_status_page(summary(self.server.store, utc=config.utc), config.utc).encode("utf-8")
+    def _page_range(self):
+        """Checks that may read the pages; returns the ``?range=`` asked for."""
+        check_page_auth(self.server.config, self.headers, self.client_address[0])
+        asked = parse_qs(urlsplit(self.path).query).get("range", [DEFAULT_RANGE])[-1]
+        if asked not in RANGES_BY_NAME:
+            raise ClientError(HTTPStatus.BAD_REQUEST, f"range must be one of {', '.join(RANGES_BY_NAME)}.")
+        return asked
+
+    def _send_page(self, document):
         self._log_answered()
-        self._respond(HTTPStatus.OK, body, "text/html; charset=utf-8")
+        self._respond(HTTPStatus.OK, document.encode("utf-8"), "text/html; charset=utf-8")
+
+    def status_page(self):
+        utc = self.server.config.utc
+        self._send_page(render_status_page(summary(self.server.store, self._page_range(), utc=utc), utc))
 
     def summary_json(self):
-        config = self.server.config
-        check_page_auth(config, self.headers, self.client_address[0])
-        facts = summary(self.server.store, utc=config.utc)
+        facts = summary(self.server.store, self._page_range(), utc=self.server.config.utc)
         self._log_answered()
         self._send_json(HTTPStatus.OK, facts)
+
+    def type_page(self):
+        range_name, utc = self._page_range(), self.server.config.utc
+        name = self.route_argument
+        if name.endswith(".csv"):
+            return self._type_csv(name[:-len(".csv")], range_name)
+        facts = type_page_facts(self.server.store, name, range_name, utc=utc)
+        if facts is None:
+            raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(name, 80)}.")
+        self._send_page(render_type_page(facts, utc))
+
+    def _type_csv(self, name, range_name):
+        found = type_window(self.server.store, name, range_name, utc=self.server.config.utc)
+        if found is None:
+            raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(name, 80)}.")
+        type_name, window = found
+        columns, rows = export_rows(self.server.store, SAMPLES.name, type_name, start=window.start, end=window.end)
+        filename = f"{short_type_name(type_name)}-{window.first}-{window.last}.csv"
+        self._log_answered()
+        try:
+            self._respond_streamed(HTTPStatus.OK, "text/csv; charset=utf-8", csv_pieces(columns, rows),
+                                   (("Content-Disposition", f'attachment; filename="{quote(filename)}"'),))
+        finally:
+            rows.close()
+
+    def workout_page(self):
+        self._page_range()
+        facts = workout_page_facts(self.server.store, self.route_argument, utc=self.server.config.utc)
+        if facts is None:
+            raise ClientError(HTTPStatus.NOT_FOUND, "No such workout.")
+        self._send_page(render_workout_page(facts, self.server.config.utc))
 
     def connection_check(self):
         """GET on the endpoint: the app's "Test Connection"."""
@@ -3142,6 +4380,8 @@ class HealthReceiverServer(ThreadingHTTPServer):
         #: {path: {method: handler function}}; the endpoint wins over "/".
         self.routes = {"/": {"GET": HealthRequestHandler.status_page},
                        SUMMARY_PATH: {"GET": HealthRequestHandler.summary_json},
+                       TYPE_PAGES: {"GET": HealthRequestHandler.type_page},
+                       WORKOUT_PAGES: {"GET": HealthRequestHandler.workout_page},
                        config.path.rstrip("/") or "/": {"GET": HealthRequestHandler.connection_check,
                                                         "POST": HealthRequestHandler.receive_sync}}
         self._log_lock = threading.Lock()
@@ -3337,11 +4577,15 @@ def serve(config, out=None, ready=None):
             ready(server)
         server.serve_forever(poll_interval=0.25)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        server.server_close()  # no new connections
-        server.wait_idle(SHUTDOWN_WAIT)  # the POST in flight is stored and answered
-        store.close()  # and anything still running after that waits for its commit
+        try:
+            server.server_close()  # no new connections
+            server.wait_idle(SHUTDOWN_WAIT)  # the POST in flight is stored and answered
+            store.close()  # and anything still running after that waits for its commit
+        finally:
+            # Only now: a second signal while closing (a service manager
+            # repeating itself) must not cut the closing short.
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     if not config.quiet:
         print("Stopped; database closed.", file=out)
     return 0
@@ -4137,11 +5381,33 @@ def bench_at_size(millions, mb, runs, out):
             empty = statistics.median(p[1] for p in pairs)
             print(f"  {'cold' if cold else 'warm'} {label + ' sync':<12} {at_size:6.2f} s against {empty:6.2f} s: "
                   f"{at_size / empty:.2f}x", file=out)
+        time_pages(db, runs, out)
         print("\nWhat this means for a Raspberry Pi: 'cold' is a database larger than the machine's memory, "
               "where every page a sync touches is read from the SD card. A ratio near 1x means a sync costs the "
               "same after years of data as on the first day; multiply the times by the Pi's slowness (3-5x for a "
               "Pi 4, about 10x for a Pi Zero 2) and compare with the app's 30 s.", file=out)
     return 0
+
+
+def time_pages(db, runs, out):
+    """Print how long the status page takes to build for each range, warm
+    (median of ``runs``) and with the database evicted from the cache."""
+    store = Store(db)
+    print("\nThe status page at this size, built in-process (warm: median of "
+          f"{runs}; cold: after evicting the database from the cache):", file=out)
+    for choice in RANGES:
+        times = []
+        for _run in range(runs):
+            started = time.monotonic()
+            render_status_page(summary(store, choice.name), False)
+            times.append(time.monotonic() - started)
+        cold = None
+        if evict_from_cache(db):
+            started = time.monotonic()
+            render_status_page(summary(store, choice.name), False)
+            cold = time.monotonic() - started
+        cold_text = "" if cold is None else f", {cold:.3f} s cold"
+        print(f"  ?range={choice.name:<4} {statistics.median(times):.3f} s warm{cold_text}", file=out, flush=True)
 
 
 def bench_parser():

@@ -14,7 +14,9 @@ import gzip
 import http.client
 import io
 import json
+import math
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -622,8 +624,8 @@ class MigrationTests(unittest.TestCase):
         finally:
             hr.MIGRATIONS = original
             hr.SCHEMA_VERSION = len(original)
-        # Step 2 was committed; the failed step 3 left nothing behind.
-        self.assertEqual(self.query("PRAGMA user_version"), [(2,)])
+        # The real steps were committed; the failed one left nothing behind.
+        self.assertEqual(self.query("PRAGMA user_version"), [(len(original),)])
         self.open_store()
         self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
 
@@ -694,7 +696,8 @@ class ChildServer:
             return response.status, response.getheader("Retry-After"), json.loads(response.read())
 
     def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
+        """Signal the child (unless ``sig`` is None) and return its exit code."""
+        if sig is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(60)
         self.proc.stdout.close()
@@ -816,7 +819,7 @@ class ProcessTests(unittest.TestCase):
             time.sleep(0.02)
             child.proc.send_signal(signal.SIGTERM)
             answer = sock.recv(65536)
-        self.assertEqual(child.stop(), 0)
+        self.assertEqual(child.stop(sig=None), 0)  # it stops by itself
         # 503 only if the signal won the race against the request's start.
         self.assertRegex(answer[:13], rb"HTTP/1.1 (200|503) ")
         stored = self.tagged("T")
@@ -850,26 +853,86 @@ class ProcessTests(unittest.TestCase):
 
 class ReportingTests(unittest.TestCase):
 
-    def test_utc_days(self):
+    def test_utc_day_windows(self):
         now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
-        bounds = hr.day_bounds(90, True, now)
-        self.assertEqual(len(bounds), 90)
-        self.assertEqual(bounds[-1], ("2026-03-10", "2026-03-10T00:00:00.000Z", "2026-03-11T00:00:00.000Z"))
-        self.assertEqual(bounds[0][0], "2025-12-11")
-        self.assertTrue(all(a[2] == b[1] for a, b in zip(bounds, bounds[1:])))
+        window = hr.make_window("90d", True, now)
+        self.assertEqual((len(window.periods), window.grain.name, window.shifted), (90, "day", False))
+        self.assertEqual(window.periods[-1], ("2026-03-10", "2026-03-10T00:00:00.000Z", "2026-03-11T00:00:00.000Z"))
+        self.assertEqual(window.periods[0].day, "2025-12-11")
+        self.assertTrue(all(a.end == b.start for a, b in zip(window.periods, window.periods[1:])))
 
-    def test_local_days_are_contiguous(self):
-        bounds = hr.day_bounds(90, False, datetime.datetime.now(datetime.timezone.utc))
-        self.assertEqual(len(bounds), 90)
-        self.assertTrue(all(a[2] == b[1] for a, b in zip(bounds, bounds[1:])))
+    def test_local_periods_are_contiguous(self):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for name in hr.RANGES_BY_NAME:
+            window = hr.make_window(name, False, now, "2019-01-01T00:00:00.000Z")
+            self.assertTrue(all(a.end == b.start for a, b in zip(window.periods, window.periods[1:])), name)
+
+    def test_each_range_has_its_grain(self):
+        now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
+        first = "2022-06-15T10:00:00.000Z"
+        grains = {name: hr.make_window(name, True, now, first).grain.name for name in hr.RANGES_BY_NAME}
+        self.assertEqual(grains, {"7d": "day", "30d": "day", "90d": "day", "1y": "week", "all": "month"})
+        weeks = hr.make_window("1y", True, now, first).periods
+        self.assertEqual(datetime.date.fromisoformat(weeks[0].day).weekday(), 0)  # Mondays
+        months = hr.make_window("all", True, now, first).periods
+        self.assertEqual((months[0].day, months[-1].day, months[-1].end), ("2022-06-01", "2026-03-01",
+                                                                          "2026-04-01T00:00:00.000Z"))
+        two_years = hr.make_window("all", True, now, "2024-03-11T00:00:00.000Z")
+        self.assertEqual(two_years.grain.name, "week")
+
+    def test_a_range_without_data_shows_the_last_stretch_with_data(self):
+        now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
+        window = hr.make_window("30d", True, now, "2025-01-01T00:00:00.000Z", "2025-06-20T08:00:00.000Z")
+        self.assertTrue(window.shifted)
+        self.assertEqual((window.first.isoformat(), window.last.isoformat()), ("2025-05-22", "2025-06-20"))
+        window = hr.make_window("30d", True, now, "2025-01-01T00:00:00.000Z", "2026-02-20T08:00:00.000Z")
+        self.assertFalse(window.shifted)
 
     def test_chart_kinds_and_short_names(self):
         self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierStepCount"), "sum")
         self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierDietaryWater"), "sum")
         self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierRestingHeartRate"), "mean")
-        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierMindfulSession"), "count")
+        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierOxygenSaturation"), "percent")
+        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierSleepAnalysis"), "sleep")
+        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierMindfulSession"), "minutes")
+        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierAppleStandHour"), "count")
         self.assertEqual(hr.chart_kind("moodEntries"), "count")
         self.assertEqual(hr.short_type_name("HKQuantityTypeIdentifierHeartRate"), "HeartRate")
+        self.assertEqual(hr.type_title("HKQuantityTypeIdentifierRestingHeartRate"), "Resting heart rate")
+        self.assertEqual(hr.type_title("HKQuantityTypeIdentifierVO2Max"), "VO2 max")
+        self.assertEqual(hr.type_title("HKCategoryTypeIdentifierSleepAnalysis"), "Sleep")
+
+    def test_sleep_stages_from_numbers_and_names(self):
+        cases = {0: "in_bed", 1: "unspecified", 2: "awake", 3: "core", 4: "deep", 5: "rem", 3.0: "core",
+                 "3": "core", "3.0": "core", "asleepCore": "core", "asleepDeep": "deep", "asleepREM": "rem",
+                 "HKCategoryValueSleepAnalysisAsleepREM": "rem", "inBed": "in_bed", "awake": "awake",
+                 "asleep": "unspecified", "asleepUnspecified": "unspecified", 6: None, "nap": None, None: None,
+                 2.5: None, "nan": None}
+        for value, stage in cases.items():
+            self.assertEqual(hr.sleep_stage(value), stage, value)
+
+    def test_ticks_are_round_and_cover_the_values(self):
+        for low, high, expected in ((0, 8535, [0, 2500, 5000, 7500, 10000]), (0.89, 1.0, None),
+                                    (48, 192, [0, 50, 100, 150, 200]), (-1e307, 1e307, None), (5, 5, None)):
+            ticks, step = hr.nice_ticks(low, high)
+            if expected:
+                self.assertEqual(ticks, expected)
+            self.assertLessEqual(ticks[0], low)
+            self.assertGreaterEqual(ticks[-1], high)
+            self.assertTrue(all(math.isclose(b - a, step) for a, b in zip(ticks, ticks[1:])))
+            mantissa = step / 10 ** math.floor(math.log10(step))
+            self.assertTrue(any(math.isclose(mantissa, m) for m in (1, 2, 2.5, 5)), step)
+        self.assertEqual(hr.nice_ticks(0, 1, whole=True)[0], [0, 1])
+        top = hr.nice_ticks(1e308, 1e308)[0][-1]
+        self.assertTrue(math.isfinite(top) and top >= hr.CHART_VALUE_MAX, top)
+
+    def test_large_numbers_read_with_k_and_m(self):
+        self.assertEqual(hr._scaled(10_000_000, 2_500_000), "10.0M")
+        self.assertEqual(hr._scaled(10_000_000, 5_000_000), "10M")
+        self.assertEqual(hr._scaled(8500, 2500), "8.5k")
+        self.assertEqual(hr._scaled(0.95, 0.05), "0.95")
+        self.assertEqual(hr.format_value(12_345_678), "12.3M")
+        self.assertEqual(hr.format_value(8532), "8,532")
 
     def test_every_type_gets_a_registered_chart_kind(self):
         for name in ("", "x", "HKQuantityTypeIdentifier", "HKQuantityTypeIdentifierNewThing", "\u0000", "moodEntries"):
@@ -963,44 +1026,80 @@ def recent_payload(tag="R", days=5):
                                              "latitude": 1.0, "longitude": 2.0} for i in range(3)]}}
 
 
+def utc_at(hour, minute=0, days_back=0):
+    """A stored timestamp today (UTC) at hour:minute, ``days_back`` days ago."""
+    day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=days_back)
+    moment = datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc)
+    return (moment + datetime.timedelta(hours=hour, minutes=minute)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def utc_day(days_back=0):
+    return (datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=days_back)).isoformat()
+
+
+def span(uuid, start, end, value, unit=None, source="Watch"):
+    element = {"uuid": uuid, "startDate": start, "endDate": end, "sourceName": source}
+    if value is not None:
+        element["value"] = value
+    if unit:
+        element["unit"] = unit
+    return element
+
+
 class StatusPageTests(ServerTestCase):
+    """Pages on real stored syncs; days in UTC so that they do not depend on
+    the machine's zone."""
+
+    def server_options(self):
+        return {"utc": True}
+
+    def page(self, path):
+        status, response, body = self.request("GET", path)
+        self.assertEqual(status, 200, body)
+        self.assertTrue(response.getheader("Content-Type").startswith("text/html"))
+        text = body.decode("utf-8")
+        self.assertNotRegex(text, r"<(script|link|img)\b|https?://(?!www\.w3)")
+        return text
+
+    def summary(self, range_name="30d"):
+        status, _, facts = self.request("GET", f"{hr.SUMMARY_PATH}?range={range_name}")
+        self.assertEqual(status, 200, facts)
+        return facts
+
+    def chart(self, facts, name):
+        return next(chart for chart in facts["charts"] if chart["name"] == name)
 
     def test_page_shows_syncs_totals_and_a_chart_per_type(self):
         self.post(recent_payload())
         self.post(b"{broken")
-        status, response, page = self.request("GET", "/")
-        self.assertEqual(status, 200)
-        self.assertTrue(response.getheader("Content-Type").startswith("text/html"))
-        page = page.decode("utf-8")
+        page = self.page("/")
         self.assertIn("background-delivery", page)
         self.assertIn('class="fail"', page)
         self.assertIn("Invalid JSON", page)
         self.assertRegex(page, "just now|1 min ago")
         self.assertIn("<td>samples</td><td>25</td>", page)
-        self.assertEqual(page.count("<svg"), 3)
-        for name in ("StepCount", "HeartRate", "SleepAnalysis"):
+        # Sleep samples without a duration hold no hours to chart.
+        self.assertEqual(page.count("<svg"), 2)
+        for name in ("Steps", "Heart rate", "Sleep"):
             self.assertIn(f">{name}", page)
-        self.assertIn("daily total", page)
-        self.assertIn("daily mean, band from min to max", page)
-        self.assertIn("samples per day", page)
-        self.assertIn("<td>running</td>", page)
-        self.assertNotRegex(page, r"<(script|link)\b|https?://(?!www\.w3)")
+        self.assertIn("total per day; per hour, the source that counted most", page)
+        self.assertIn("mean of the hours, band from the 10th to the 90th percentile", page)
+        self.assertIn(">Running</a>", page)
+        self.assertIn('class="grid"', page)
 
     def test_summary_json_holds_the_same_facts(self):
         self.post(recent_payload())
-        status, _, facts = self.request("GET", hr.SUMMARY_PATH)
-        self.assertEqual(status, 200)
+        facts = self.summary("90d")
         self.assertEqual(facts["totals"]["samples"], 25)
         types = {t["name"]: t for t in facts["types"]}
         self.assertEqual(types["StepCount"]["rows"], 10)
-        self.assertEqual(types["StepCount"]["chart"], "sum")
-        self.assertEqual(types["HeartRate"]["chart"], "mean")
-        self.assertEqual(types["SleepAnalysis"]["chart"], "count")
-        charts = {c["name"]: c for c in facts["charts"]}
-        self.assertEqual(len(charts["StepCount"]["points"]), 90)
-        self.assertEqual(sum(p[1] or 0 for p in charts["StepCount"]["points"]), 5 * (900 + 1200))
-        self.assertEqual(sum(p[1] or 0 for p in charts["SleepAnalysis"]["points"]), 5)
-        heart_days = [p for p in charts["HeartRate"]["points"] if p[1] is not None]
+        self.assertEqual({name: types[name]["chart"] for name in types},
+                         {"StepCount": "sum", "HeartRate": "mean", "SleepAnalysis": "sleep"})
+        steps = self.chart(facts, "StepCount")
+        self.assertEqual(len(steps["points"]), 90)
+        self.assertEqual(sum(p[1] or 0 for p in steps["points"]), 5 * (900 + 1200))
+        heart_days = [p for p in self.chart(facts, "HeartRate")["points"] if p[1] is not None]
+        self.assertEqual(len(heart_days), 5)
         self.assertTrue(all(p[2] <= p[1] <= p[3] for p in heart_days))
         self.assertEqual(len(facts["workouts"]), 2)
         self.assertEqual(sorted(w["route_points"] for w in facts["workouts"]), [0, 3])
@@ -1010,11 +1109,251 @@ class StatusPageTests(ServerTestCase):
         self.post(recent_payload())
         self.post(recent_payload())
         self.post(recent_payload(tag="Q", days=2))
-        facts = self.request("GET", hr.SUMMARY_PATH)[2]
+        facts = self.summary()
         rows = {t["name"]: t["rows"] for t in facts["types"]}
         self.assertEqual(rows, {"StepCount": 14, "HeartRate": 14, "SleepAnalysis": 7})
         self.assertEqual(rows, {hr.short_type_name(t): n for t, n in self.query(
             "SELECT type, count(*) FROM samples GROUP BY type")})
+        self.assertEqual(self.query("SELECT type, sum(samples) FROM sample_hours GROUP BY type ORDER BY type"),
+                         self.query("SELECT type, count(*) FROM samples GROUP BY type ORDER BY type"))
+
+    # 1. Ranges
+
+    def test_ranges_are_links_and_choose_the_days(self):
+        self.post({"data": {"HKQuantityTypeIdentifierStepCount": [
+            sample("R-1", utc_at(10), 100, "count"), sample("R-2", utc_at(10, days_back=20), 200, "count"),
+            sample("R-3", utc_at(10, days_back=200), 300, "count")]}})
+        page = self.page("/?range=7d")
+        for choice in hr.RANGES:
+            self.assertIn(f'?range={choice.name}">{choice.label}</a>' if choice.name != "7d"
+                          else f"<b>{choice.label}</b>", page)
+        totals = {}
+        for name in ("7d", "30d", "90d"):
+            totals[name] = sum(p[1] or 0 for p in self.chart(self.summary(name), "StepCount")["points"])
+        self.assertEqual(totals, {"7d": 100, "30d": 300, "90d": 300})
+        # Longer ranges: weeks (or months), each a daily average; totals in the type's table.
+        year = self.summary("1y")
+        self.assertEqual(year["window"]["grain"], "week")
+        self.assertEqual(len([p for p in self.chart(year, "StepCount")["points"] if p[1] is not None]), 3)
+        page = self.page("/type/StepCount?range=1y")
+        self.assertEqual(re.findall(r"<td>week of [-\d]+</td><td>1</td><td>(\d+)</td>", page), ["100", "200", "300"])
+        status, _, answer = self.request("GET", "/?range=forever")
+        self.assert_error(status, 400, answer, "range must be one of 7d, 30d, 90d, 1y, all")
+
+    def test_a_range_with_no_data_shows_the_last_stretch_and_says_so(self):
+        self.post({"data": {"HKQuantityTypeIdentifierHeartRate": [
+            sample(f"O-{i}", utc_at(9, days_back=270 + i), 60 + i) for i in range(3)]}})
+        page = self.page("/?range=30d")
+        last = datetime.date.fromisoformat(utc_day(270))
+        self.assertIn(f"Nothing was recorded in the last 30 days. Shown instead: the 30 days up to "
+                      f"{last:%b %d, %Y}", page)
+        facts = self.summary("30d")
+        self.assertTrue(facts["window"]["shifted"])
+        points = {p[0]: p[1] for p in self.chart(facts, "HeartRate")["points"] if p[1] is not None}
+        self.assertEqual(points, {utc_day(270): 60, utc_day(271): 61, utc_day(272): 62})
+        self.assertIn(">Last</th>", page)  # where the data stops, in the types table's second column
+
+    # 2. Today
+
+    def test_today_shows_the_health_summary_with_averages(self):
+        data = {"HKQuantityTypeIdentifierStepCount": [
+                    sample("T-0", utc_at(8), 4000, "count"),
+                    *(sample(f"T-{d}", utc_at(8, days_back=d), 1000 * d, "count") for d in range(1, 4))],
+                "HKQuantityTypeIdentifierRestingHeartRate": [sample("RHR-1", utc_at(6, days_back=1), 58)],
+                "HKQuantityTypeIdentifierBodyMass": [sample("BM-1", utc_at(7), 70.5, "kg")]}
+        self.post({"data": data})
+        tiles = {tile["title"]: tile for tile in self.summary()["today"]}
+        self.assertEqual(set(tiles), {"Steps", "Resting heart rate"})
+        self.assertEqual((tiles["Steps"]["value"], tiles["Steps"]["average"]), (4000, 2000))
+        self.assertEqual((tiles["Resting heart rate"]["value"], tiles["Resting heart rate"]["average"]), (None, 58))
+        page = self.page("/")
+        self.assertIn("<span>Steps</span><b>4,000</b><span>30-day average 2,000</span>", page)
+        self.assertIn("<span>Resting heart rate</span><b>&ndash;</b><span>30-day average 58 bpm</span>", page)
+
+    # 3. No double counting
+
+    def test_an_iphone_and_a_watch_counting_the_same_walk_count_once(self):
+        walk_start, walk_end = utc_at(9), utc_at(9, 40)
+        self.post({"data": {"HKQuantityTypeIdentifierStepCount": [
+            span("P-1", walk_start, walk_end, 4800, "count", "iPhone"),
+            span("W-1", walk_start, utc_at(9, 20), 2600, "count", "Apple Watch"),
+            span("W-2", utc_at(9, 20), walk_end, 2500, "count", "Apple Watch"),
+            # Later the watch is charging: only the phone counts.
+            span("P-2", utc_at(15), utc_at(15, 30), 700, "count", "iPhone")]}})
+        points = dict(p[:2] for p in self.chart(self.summary(), "StepCount")["points"])
+        self.assertEqual(points[utc_day()], 5100 + 700)  # not 10,600: the watch's 5,100 for the walk
+        self.assertIn("5,800", self.page("/type/StepCount?range=7d"))
+
+    # 4. A page per type, and its CSV
+
+    def test_a_type_page_has_periods_latest_samples_and_a_download(self):
+        self.post({"data": {"HKQuantityTypeIdentifierHeartRate": [
+            sample(f"H-{d}-{h}", utc_at(h, days_back=d), 50 + h + d, sourceName=f"Watch {d}")
+            for d in range(3) for h in (1, 2, 3)] + [sample("H-old", utc_at(1, days_back=100), 99)]}})
+        page = self.page("/type/heartrate?range=7d")
+        self.assertIn("<h1", page)
+        self.assertIn("Heart rate (bpm)</h1>", page)
+        self.assertIn("<th>Period</th><th>Samples</th><th>Min</th><th>Mean</th><th>Max</th>", page)
+        today = datetime.date.fromisoformat(utc_day())
+        self.assertIn(f"<td>{today:%a %Y-%m-%d}</td><td>3</td><td>51</td><td>52</td><td>53</td>", page)
+        self.assertEqual(page.count('<td class="opt">Watch 0</td>'), 3)
+        self.assertIn('href="/type/HeartRate.csv?range=7d"', page)
+        status, response, body = self.request("GET", "/type/HeartRate.csv?range=7d")
+        self.assertEqual(status, 200)
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        self.assertIn("attachment", response.getheader("Content-Disposition"))
+        rows = list(csv.reader(io.StringIO(body.decode("utf-8"))))
+        self.assertEqual(rows[0][:3], ["uuid", "type", "start_date"])
+        self.assertEqual(sorted(row[0] for row in rows[1:]), sorted(f"H-{d}-{h}" for d in range(3) for h in (1, 2, 3)))
+        self.assertEqual(len(list(csv.reader(io.StringIO(self.request("GET", "/type/HeartRate.csv?range=all")[2]
+                                                           .decode("utf-8"))))), 11)
+        for path in ("/type/NoSuchType", "/type/NoSuchType.csv", "/workout/nothing"):
+            status, _, answer = self.request("GET", path)
+            self.assert_error(status, 404, answer)
+
+    def test_a_download_to_an_http_1_0_client_ends_with_the_connection(self):
+        self.post({"data": {"HKQuantityTypeIdentifierStepCount": [
+            sample(f"C-{i}", utc_at(i % 24), i, "count") for i in range(hr.CSV_ROWS_PER_PIECE + 5)]}})
+        answer = self.raw_exchange(b"GET /type/StepCount.csv?range=7d HTTP/1.0\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertIn(b"Connection: close", head)
+        rows = list(csv.reader(io.StringIO(body.decode("utf-8"))))
+        self.assertEqual(len(rows), hr.CSV_ROWS_PER_PIECE + 6)
+        status, response, _ = self.request("HEAD", "/type/StepCount.csv?range=7d")
+        self.assertEqual((status, response.getheader("Content-Type")), (200, "text/csv; charset=utf-8"))
+
+    def test_latest_samples_stop_at_twenty(self):
+        self.post({"data": {"HKQuantityTypeIdentifierBodyMass": [
+            sample(f"M-{i}", utc_at(i % 24, days_back=i // 24), 70 + i / 10, "kg") for i in range(30)]}})
+        page = self.page("/type/BodyMass?range=30d")
+        latest = page[page.index("Latest samples"):]
+        self.assertEqual(latest.count("<tr>") - 1, hr.LATEST_SAMPLES)
+
+    # 5. Sleep
+
+    def test_a_known_night_in_hours_per_stage(self):
+        night = [span("S-bed", utc_at(23, days_back=1), utc_at(7), 0, source="iPhone"),
+                 span("S-1", utc_at(23, 10, days_back=1), utc_at(1, 10), "asleepCore"),
+                 span("S-2", utc_at(1, 10), utc_at(2, 10), 4),
+                 span("S-3", utc_at(2, 10), utc_at(3, 40), "HKCategoryValueSleepAnalysisAsleepREM"),
+                 span("S-4", utc_at(3, 40), utc_at(3, 52), 2),
+                 span("S-5", utc_at(3, 52), utc_at(6, 52), 3)]
+        self.post({"data": {hr.SLEEP_TYPE: night}})
+        facts = self.summary("7d")
+        last = self.chart(facts, "SleepAnalysis")["points"][-1]
+        self.assertEqual(last[0], utc_day())
+        self.assertAlmostEqual(last[1], 7.5, places=6)
+        expected = {"core": 5.0, "deep": 1.0, "rem": 1.5, "awake": 0.2, "in_bed": 8 - 7.7}
+        self.assertEqual(set(last[2]), set(expected))
+        for stage, hours in expected.items():
+            self.assertAlmostEqual(last[2][stage], hours, places=6)
+        sleep_tile = next(tile for tile in facts["today"] if tile["title"] == "Sleep last night")
+        self.assertAlmostEqual(sleep_tile["value"], 7.5)
+        self.assertIn("<b>7 h 30 min</b>", self.page("/"))
+        page = self.page("/type/SleepAnalysis?range=7d")
+        self.assertIn(f"<td>{datetime.date.fromisoformat(utc_day()):%a %Y-%m-%d}</td><td>7:30</td><td>1:00</td>"
+                      "<td>5:00</td><td>1:30</td><td></td><td>0:12</td><td>0:18</td>", page)
+
+    # 6. Workouts
+
+    def test_workouts_list_and_a_page_with_route_elevation_and_pace(self):
+        start = utc_at(7)
+        # North along a meridian: 0.009 degrees of latitude is about 1 km, every 5 minutes.
+        route = [{"timestamp": utc_at(7, 5 * i), "latitude": 47.0 + 0.0045 * i, "longitude": 8.0,
+                  "altitude": 400 + 10 * i} for i in range(11)]
+        self.post({"data": {
+            "workouts": [{"uuid": "RUN-1", "workoutActivityType": "HKWorkoutActivityTypeRunning", "startDate": start,
+                          "endDate": utc_at(7, 50), "durationSeconds": 3000.0, "totalDistance": 5.0,
+                          "totalDistanceUnit": "km", "totalEnergyBurned": 1255.2, "totalEnergyBurnedUnit": "kJ"}],
+            "HKQuantityTypeIdentifierHeartRate": [
+                sample("IN-1", utc_at(7, 10), 140), sample("IN-2", utc_at(7, 40), 150),
+                sample("OUT-1", utc_at(9), 60)]},
+            "workoutRoutes": {"RUN-1": route}})
+        workout = self.summary()["workouts"][0]
+        self.assertEqual((workout["distance_m"], round(workout["energy_kcal"]), workout["heart_rate"]),
+                         (5000, 300, 145))
+        self.assertIn('<a href="/workout/RUN-1">Running</a>', self.page("/"))
+        page = self.page("/workout/RUN-1")
+        self.assertIn("<b>5.00 km</b>", page)
+        self.assertIn("<b>145 bpm</b>", page)
+        self.assertIn("<b>50 min</b>", page)
+        svg = page[page.index('aria-label="route"') - 40:]
+        svg = svg[:svg.index("</svg>")]
+        box = [float(v) for v in re.search(r'viewBox="([^"]+)"', svg).group(1).split()]
+        path = re.search(r'<path d="M([^"]+)"', svg).group(1).split(" L")
+        self.assertEqual(len(path), 11)
+        points = [tuple(float(v) for v in point.split(",")) for point in path]
+        self.assertTrue(all(box[0] <= x <= box[2] and box[1] <= y <= box[3] for x, y in points))
+        self.assertTrue(all(math.isclose(x, points[0][0]) for x, _y in points))  # a meridian is vertical
+        self.assertGreater(points[0][1], points[-1][1])  # north is up
+        self.assertEqual(page.count("<circle"), 2)  # start and end
+        self.assertIn('aria-label="elevation"', page)
+        self.assertIn("500 m", page)
+        self.assertRegex(page, r"<td>1</td><td>10:0\d /km</td>")  # 2 points per km, 10 minutes
+
+    # 7. Medications
+
+    def test_medications_taken_and_skipped_per_day(self):
+        self.post({"data": {
+            "medications": [{"conceptIdentifier": "rx-9", "displayText": "Metformin"}],
+            "medicationDoseEvents": [
+                {"uuid": f"MD-{i}", "medicationConceptIdentifier": "rx-9", "startDate": utc_at(8 + i, days_back=i % 2),
+                 "logStatus": status} for i, status in enumerate(("taken", "taken", "skipped", "taken"))]}})
+        medication = self.summary("7d")["medications"][0]
+        self.assertEqual((medication["name"], medication["taken"], medication["skipped"]), ("Metformin", 3, 1))
+        days = {day: (taken, skipped) for day, taken, skipped in medication["points"] if taken or skipped}
+        self.assertEqual(days, {utc_day(): (1, 1), utc_day(1): (2, 0)})
+        self.assertIn("doses per day: 3 taken, 1 skipped", self.page("/?range=7d"))
+
+    # 8. Charts
+
+    def test_charts_read_right(self):
+        self.post({"data": {
+            "HKQuantityTypeIdentifierBodyMass": [sample(f"B-{d}", utc_at(7, days_back=d), 70 + d / 10, "kg")
+                                                 for d in (0, 3, 9)],
+            "HKQuantityTypeIdentifierOxygenSaturation": [sample("O-1", utc_at(3), 0.97, "%"),
+                                                         sample("O-2", utc_at(4), 0.95, "%")],
+            "HKQuantityTypeIdentifierStepCount": [sample("BIG-1", utc_at(8), 10_000_000, "count")],
+            "HKQuantityTypeIdentifierHeartRate": [sample("HUGE-1", utc_at(8), 1e308)]}})
+        facts = self.summary("30d")
+        oxygen = self.chart(facts, "OxygenSaturation")
+        self.assertEqual(oxygen["unit"], "%")
+        self.assertAlmostEqual(oxygen["points"][-1][1], 96.0)
+        page = self.page("/?range=30d")
+        body_mass = page[page.index('aria-label="BodyMass"'):]
+        body_mass = body_mass[:body_mass.index("</svg>")]
+        # One line through the three weighings, each marked.
+        self.assertEqual(body_mass.count("<polyline"), 1)
+        self.assertEqual(len(re.search(r'<polyline points="([^"]+)"', body_mass).group(1).split()), 3)
+        self.assertEqual(body_mass.count("<circle"), 3)
+        steps = page[page.index('aria-label="StepCount"'):]
+        self.assertIn(">10.0M</text>", steps[:steps.index("</svg>")])
+        self.assertNotIn("000k", page)
+        for chart in re.findall(r'<svg viewBox="0 0 360 150".*?</svg>', page, re.S):
+            for x in re.findall(r'<text x="([-\d.]+)"', chart):
+                self.assertTrue(0 <= float(x) <= 360, x)  # labels stay inside
+            self.assertNotRegex(chart, r">\d{4,}<")  # no unrounded ticks like 8535
+        percent = page[page.index('aria-label="OxygenSaturation"'):]
+        self.assertRegex(percent[:percent.index("</svg>")], r">9\d(\.\d)?%</text>")
+        self.assertNotIn(">0.9", percent[:percent.index("</svg>")])
+        # The last date label sits under the last bar and names its day.
+        labels = re.findall(r'<text x="([\d.]+)" y="145" text-anchor="end">([^<]+)<', steps[:steps.index("</svg>")])
+        self.assertEqual(labels[0][1], datetime.date.fromisoformat(utc_day()).strftime("%b %d"))
+
+    def test_hourly_totals_survive_the_migration_from_version_one(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        path = os.path.join(tmp.name, "old.db")
+        make_v1_database(path, make_payload(n=5))
+        store = hr.Store(path)
+        store.open()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            self.assertEqual(conn.execute("SELECT type, sum(samples), total(total) FROM sample_hours GROUP BY type"
+                                          " ORDER BY type").fetchall(),
+                             conn.execute("SELECT type, count(*), total(value) FROM samples GROUP BY type"
+                                          " ORDER BY type").fetchall())
 
 
 class StatusPageAuthTests(ServerTestCase):
@@ -1032,6 +1371,18 @@ class StatusPageAuthTests(ServerTestCase):
                 self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic " + good})[0], 200)
                 self.assertEqual(self.request("GET", path, headers={"Authorization": "Bearer " + TOKEN})[0], 200)
                 self.assertEqual(self.request("GET", path, headers={"Authorization": "Basic !!"})[0], 401)
+
+    def test_every_page_and_download_requires_the_key(self):
+        self.assertEqual(self.post(make_payload(), headers={"Authorization": "Bearer " + TOKEN})[0], 200)
+        good = {"Authorization": "Basic " + base64.b64encode(f"anyone:{TOKEN}".encode()).decode()}
+        for path in ("/type/HeartRate?range=all", "/type/HeartRate.csv?range=all", "/workout/A-W1",
+                     "/?range=7d", f"{hr.SUMMARY_PATH}?range=1y"):
+            with self.subTest(path=path):
+                status, _, answer = self.request("GET", path)
+                self.assert_error(status, 401, answer)
+                status, _, body = self.request("GET", path, headers=good)
+                self.assertEqual(status, 200, body)
+        self.assertIn(b"A-HR-0", self.request("GET", "/type/HeartRate.csv?range=all", headers=good)[2])
 
     def test_basic_is_not_accepted_for_posting(self):
         good = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
@@ -2401,6 +2752,8 @@ class CommandTests(ServerTestCase):
         code, out, _ = run_main("stats", "--db", self.db, "--recount")
         self.assertEqual(code, 0)
         self.assertNotIn("HeartRate", out)
+        self.assertEqual(self.query("SELECT DISTINCT type FROM sample_hours ORDER BY type"),
+                         self.query("SELECT DISTINCT type FROM samples ORDER BY type"))
 
     def test_export_csv_with_type_and_dates(self):
         self.fill()
