@@ -1777,7 +1777,8 @@ class Store:
              _storable(_envelope_text(envelope_text)), sync_id))
 
     def recount_types(self):
-        """Rebuild sample_types from the samples (after editing rows by hand)."""
+        """Rebuild sample_types and sample_hours from the samples (after
+        editing rows by hand)."""
         with self.writer() as conn, _transaction(conn):
             _recount_sample_types(conn)
             _recount_sample_hours(conn)
@@ -2102,10 +2103,12 @@ def make_window(range_name, utc, now, first_stamp=None, last_stamp=None):
 
 
 def days_window(choice, first, last, utc, shifted=False):
-    """The Window of the days first..last, at the grain their number calls for."""
+    """The Window of the days first..last, at the grain their number calls
+    for.  The first week or month starts at ``first`` (it is named by its
+    own first day): a daily average divides by the days the window holds."""
     grain = grain_for((last - first).days + 1)
     starts = _period_starts(first, last, grain)
-    stamps = [midnight(day, utc) for day in starts]
+    stamps = [midnight(max(day, first), utc) for day in starts]
     periods = tuple(Period(day.isoformat(), low, high) for day, low, high in zip(starts, stamps, stamps[1:]))
     return Window(choice, grain, first, last, periods, shifted, utc)
 
@@ -4761,7 +4764,7 @@ def stats_parser():
     parser.add_argument("--db", default=DEFAULT_DB, help="SQLite database file (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--recount", action="store_true",
-                        help="first rebuild the per-type totals (after deleting samples by hand)")
+                        help="first rebuild the per-type and hourly totals (after editing samples by hand)")
     return parser
 
 

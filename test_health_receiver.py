@@ -872,11 +872,14 @@ class ReportingTests(unittest.TestCase):
         first = "2022-06-15T10:00:00.000Z"
         grains = {name: hr.make_window(name, True, now, first).grain.name for name in hr.RANGES_BY_NAME}
         self.assertEqual(grains, {"7d": "day", "30d": "day", "90d": "day", "1y": "week", "all": "month"})
-        weeks = hr.make_window("1y", True, now, first).periods
-        self.assertEqual(datetime.date.fromisoformat(weeks[0].day).weekday(), 0)  # Mondays
+        window = hr.make_window("1y", True, now, first)
+        weeks = window.periods
+        self.assertEqual(datetime.date.fromisoformat(weeks[0].day).weekday(), 0)  # named by their Monday
+        self.assertEqual(weeks[0].start, f"{window.first.isoformat()}T00:00:00.000Z")  # but start with the range
+        self.assertTrue(all(datetime.date.fromisoformat(week.day).weekday() == 0 for week in weeks))
         months = hr.make_window("all", True, now, first).periods
-        self.assertEqual((months[0].day, months[-1].day, months[-1].end), ("2022-06-01", "2026-03-01",
-                                                                          "2026-04-01T00:00:00.000Z"))
+        self.assertEqual((months[0].day, months[0].start, months[-1].day, months[-1].end),
+                         ("2022-06-01", "2022-06-15T00:00:00.000Z", "2026-03-01", "2026-04-01T00:00:00.000Z"))
         two_years = hr.make_window("all", True, now, "2024-03-11T00:00:00.000Z")
         self.assertEqual(two_years.grain.name, "week")
 
