@@ -4032,6 +4032,8 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     #: Until the request line is parsed (send_error may come first).
     path = None
+    #: What follows a route that names a thing (/type/HeartRate).
+    route_argument = None
 
     def setup(self):
         self.timeout = self.server.config.timeout
@@ -4111,9 +4113,17 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         self._send_head(status, content_type, headers, None if chunked else -1)
         if self.command == "HEAD":
             return
-        for piece in pieces:
-            if piece:
-                self.wfile.write(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        try:
+            for piece in pieces:
+                if piece:
+                    self.wfile.write(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        except (ConnectionError, socket.timeout, ssl.SSLError):
+            raise
+        except Exception:
+            self.close_connection = True
+            self.server.log_error_line(self.address_string(), f"download stopped half way on "
+                                       f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
+            return
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
@@ -4162,7 +4172,6 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         """Every method: find the route, answer errors as JSON."""
         path = urlsplit(self.path).path
         route = self.server.routes.get(path.rstrip("/") or "/")
-        #: What follows a route that names a thing (/type/HeartRate).
         self.route_argument = None
         if route is None:
             head, slash, rest = path[1:].partition("/")

@@ -1227,6 +1227,21 @@ class StatusPageTests(ServerTestCase):
         status, response, _ = self.request("HEAD", "/type/StepCount.csv?range=7d")
         self.assertEqual((status, response.getheader("Content-Type")), (200, "text/csv; charset=utf-8"))
 
+    def test_a_download_that_fails_half_way_never_looks_complete(self):
+        self.post({"data": {"HKQuantityTypeIdentifierStepCount": [
+            sample(f"C-{i:05d}", utc_at(1), i, "count") for i in range(hr.CSV_ROWS_PER_PIECE + 5)]}})
+        # A row whose text is not UTF-8 (written by another program) fails
+        # when it is read, after the first rows have gone out.
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            conn.execute("INSERT INTO samples VALUES ('C-99999', 'HKQuantityTypeIdentifierStepCount', ?, NULL, 1,"
+                         " 'count', CAST(X'FF' AS TEXT), '{}', 1)", (utc_at(2),))
+            conn.commit()
+        answer = self.raw_exchange(b"GET /type/StepCount.csv?range=7d HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:200])
+        self.assertIn(b"C-00000", answer)
+        self.assertFalse(answer.endswith(b"0\r\n\r\n"))  # no last chunk: the client sees it incomplete
+        wait_until(lambda: any("download stopped half way" in line for line in self.log_lines()))
+
     def test_latest_samples_stop_at_twenty(self):
         self.post({"data": {"HKQuantityTypeIdentifierBodyMass": [
             sample(f"M-{i}", utc_at(i % 24, days_back=i // 24), 70 + i / 10, "kg") for i in range(30)]}})
