@@ -1049,12 +1049,24 @@ def span(uuid, start, end, value, unit=None, source="Watch"):
     return element
 
 
+#: Seconds before midnight (UTC) in which a page test waits for the new day.
+MIDNIGHT_MARGIN = 30
+
+
 class StatusPageTests(ServerTestCase):
     """Pages on real stored syncs; days in UTC so that they do not depend on
     the machine's zone."""
 
     def server_options(self):
         return {"utc": True}
+
+    def setUp(self):
+        # "Today" must not change between a test's post and its page.
+        now = datetime.datetime.now(datetime.timezone.utc)
+        to_midnight = 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
+        if to_midnight < MIDNIGHT_MARGIN:
+            time.sleep(to_midnight + 1)
+        super().setUp()
 
     def page(self, path):
         status, response, body = self.request("GET", path)
@@ -1357,8 +1369,11 @@ class StatusPageTests(ServerTestCase):
         self.assertRegex(percent[:percent.index("</svg>")], r">9\d(\.\d)?%</text>")
         self.assertNotIn(">0.9", percent[:percent.index("</svg>")])
         # The last date label sits under the last bar and names its day.
-        labels = re.findall(r'<text x="([\d.]+)" y="145" text-anchor="end">([^<]+)<', steps[:steps.index("</svg>")])
+        labels = re.findall(r'<text x="([\d.]+)" y="145" text-anchor="\w+">([^<]+)<', steps[:steps.index("</svg>")])
+        bars = re.findall(r'<rect x="([\d.]+)" y="[\d.]+" width="([\d.]+)"', steps[:steps.index("</svg>")])
         self.assertEqual(labels[0][1], datetime.date.fromisoformat(utc_day()).strftime("%b %d"))
+        last_bar = float(bars[-1][0]) + float(bars[-1][1]) / 2
+        self.assertLess(abs(float(labels[0][0]) - last_bar), 20)  # under the last bar
 
     def test_hourly_totals_survive_the_migration_from_version_one(self):
         tmp = tempfile.TemporaryDirectory()
