@@ -1297,11 +1297,9 @@ _SAMPLE_HOURS_SQL = (
     " total(CASE WHEN :timed THEN max(0, round((julianday(s.end_date) - julianday(s.start_date)) * 86400, 3)) END)"
     " FROM touched JOIN main.samples AS s ON s.type = :type AND s.start_date >= touched.hour"
     " AND s.start_date < touched.hour || ';' GROUP BY touched.hour, 3, 4")
-#: The hours of the samples a sync brought (they wait in its stage).
-_STAGED_HOURS = "SELECT DISTINCT substr(start_date, 1, 13) FROM stage.samples WHERE type = :type"
-#: The hours of a type between two instants (a batch of the walker).
-_HOURS_BETWEEN = ("SELECT DISTINCT substr(start_date, 1, 13) FROM main.samples WHERE type = :type"
-                  " AND start_date >= :first AND start_date <= :last")
+#: The hours syncs have brought samples to since sample_hours was last
+#: brought up to date.
+_PENDING_HOURS = "SELECT hour FROM main.sample_hours_pending WHERE type = :type"
 #: Every hour of a type.
 _ALL_HOURS = "SELECT DISTINCT substr(start_date, 1, 13) FROM main.samples WHERE type = :type"
 
@@ -1311,8 +1309,17 @@ def hours_parameters(type_name):
     return {"type": type_name, "timed": type_name.startswith(TIMED_TYPE_PREFIX)}
 
 
+def _update_pending_hours(conn):
+    """Recompute the hours that syncs noted as pending, then forget them."""
+    sql = _SAMPLE_HOURS_SQL.format(touched=_PENDING_HOURS)
+    for (type_name,) in conn.execute("SELECT DISTINCT type FROM sample_hours_pending").fetchall():
+        conn.execute(sql, hours_parameters(type_name))
+    conn.execute("DELETE FROM sample_hours_pending")
+
+
 def _recount_sample_hours(conn, report=None):
     conn.execute("DELETE FROM sample_hours")
+    conn.execute("DELETE FROM sample_hours_pending")
     sql = _SAMPLE_HOURS_SQL.format(touched=_ALL_HOURS)
     for (type_name,) in conn.execute("SELECT type FROM sample_types ORDER BY type").fetchall():
         conn.execute(sql, hours_parameters(type_name))
@@ -1327,6 +1334,8 @@ def _migrate_v3(conn, report):
                  " category TEXT NOT NULL, samples INTEGER NOT NULL, numbers INTEGER NOT NULL, total REAL NOT NULL,"
                  " low REAL, high REAL, seconds REAL NOT NULL, PRIMARY KEY (type, hour, source, category))"
                  " WITHOUT ROWID")
+    conn.execute("CREATE TABLE sample_hours_pending (type TEXT NOT NULL, hour TEXT NOT NULL,"
+                 " PRIMARY KEY (type, hour)) WITHOUT ROWID")
     _recount_sample_hours(conn, report)
 
 
@@ -1476,25 +1485,10 @@ _SAMPLE_TYPES_SQL = (
     " last_date = max(coalesce(last_date, excluded.last_date), excluded.last_date)")
 
 
-#: Keeps sample_hours current when some of a type's staged samples were
-#: already stored: its hours recomputed from the database.
-_MERGE_HOURS_SQL = _SAMPLE_HOURS_SQL.format(touched=_STAGED_HOURS)
-#: When all of a type's staged samples were new (the usual sync), their
-#: hourly totals, worked out in the stage while the body arrived, are added.
-_ADD_HOURS_SQL = (
-    "INSERT INTO main.sample_hours SELECT * FROM stage.sample_hours WHERE type = :type AND true"
-    " ON CONFLICT (type, hour, source, category) DO UPDATE SET samples = samples + excluded.samples,"
-    " numbers = numbers + excluded.numbers, total = total + excluded.total, seconds = seconds + excluded.seconds,"
-    " low = CASE WHEN low IS NULL OR excluded.low < low THEN excluded.low ELSE low END,"
-    " high = CASE WHEN high IS NULL OR excluded.high > high THEN excluded.high ELSE high END")
-#: The current shape of sample_hours, for a stage (the database's comes
-#: from MIGRATIONS).
-_STAGE_HOURS_TABLE = (
-    "CREATE TABLE sample_hours (type TEXT NOT NULL, hour TEXT NOT NULL, source TEXT NOT NULL,"
-    " category TEXT NOT NULL, samples INTEGER NOT NULL, numbers INTEGER NOT NULL, total REAL NOT NULL,"
-    " low REAL, high REAL, seconds REAL NOT NULL, PRIMARY KEY (type, hour, source, category)) WITHOUT ROWID")
-#: In a stage: a batch's hours recomputed from the staged samples.
-_STAGE_HOURS_SQL = _SAMPLE_HOURS_SQL.format(touched=_HOURS_BETWEEN)
+#: Notes the hours a sync brought new samples to, in its own transaction;
+#: sample_hours is brought up to date after the answer (update_hours).
+_NOTE_PENDING_HOURS_SQL = ("INSERT OR IGNORE INTO main.sample_hours_pending (type, hour)"
+                           " SELECT DISTINCT :type, substr(start_date, 1, 13) FROM stage.samples WHERE type = :type")
 
 
 class Store:
@@ -1527,6 +1521,8 @@ class Store:
         with self.writer() as conn:
             try:
                 self._migrate(conn, report or (lambda text: None))
+                with _transaction(conn):
+                    _update_pending_hours(conn)  # of a sync whose process stopped after its commit
             except sqlite3.Error as exc:
                 raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
         self.remove_stale_stages()
@@ -1751,9 +1747,7 @@ class Store:
                     result.inserted[section.name] += new
                     if new:
                         conn.execute(_SAMPLE_TYPES_SQL, (type_name, new, first, last))
-                        hours = hours_parameters(type_name)
-                        all_new = new == stage.staged_samples(type_name)
-                        conn.execute(_ADD_HOURS_SQL if all_new else _MERGE_HOURS_SQL, hours)
+                        conn.execute(_NOTE_PENDING_HOURS_SQL, {"type": type_name})
             elif section.latest_wins:
                 result.inserted[section.name] += conn.execute(section.count_new_sql).fetchone()[0]
                 conn.execute(section.merge_sql(), params)
@@ -1775,6 +1769,14 @@ class Store:
              result.records, result.new_records, result.duplicates, result.rejected, result.received[routes],
              result.inserted[routes], result.sections, int(result.duration * 1000),
              _storable(_envelope_text(envelope_text)), sync_id))
+
+    def update_hours(self):
+        """Bring sample_hours up to date with the hours syncs noted as
+        pending.  Runs after the answer: the app need not wait for totals
+        derived from rows already committed.  On failure they stay pending
+        for the next sync or start."""
+        with self.writer(keep=True) as conn, _transaction(conn):
+            _update_pending_hours(conn)
 
     def recount_types(self):
         """Rebuild sample_types and sample_hours from the samples (after
@@ -1805,7 +1807,6 @@ class Stage:
             self._conn.execute("BEGIN")
             for section in SECTIONS:
                 self._conn.execute(section.stage_create_sql)
-            self._conn.execute(_STAGE_HOURS_TABLE)
             self._conn.execute("CREATE TABLE rejected (section TEXT, reason TEXT NOT NULL, record TEXT NOT NULL)")
         except BaseException:
             self.close()
@@ -1844,19 +1845,11 @@ class Stage:
     def _note_dates(self, rows):
         """Keep each type's first and last start date (a batch of the walker
         holds one array, so mostly one type), so that the merge need not
-        read the staged samples twice; and the hourly totals of the batch's
-        hours, worked out now rather than under the database's lock."""
+        read the staged samples twice."""
         for type_name, group in itertools.groupby(rows, key=_SAMPLE_TYPE):
             starts = [row[_SAMPLE_START] for row in group]
-            first, last = min(starts), max(starts)
-            dates = self.sample_dates.setdefault(type_name, [first, last])
-            dates[0], dates[1] = min(dates[0], first), max(dates[1], last)
-            self._conn.execute(_STAGE_HOURS_SQL, dict(hours_parameters(type_name), first=first, last=last))
-
-    def staged_samples(self, type_name):
-        """How many samples of a type are staged."""
-        return self._conn.execute("SELECT coalesce(sum(samples), 0) FROM sample_hours WHERE type = ?",
-                                  (type_name,)).fetchone()[0]
+            dates = self.sample_dates.setdefault(type_name, [starts[0], starts[0]])
+            dates[0], dates[1] = min(dates[0], *starts), max(dates[1], *starts)
 
     def size(self):
         """Bytes the file holds, pages still in SQLite's cache included."""
@@ -3718,7 +3711,12 @@ class SyncIntake:
                                          "--max-tmp-mb) is in use by other syncs; try again shortly.")
 
     def after_answer(self, result):
-        """What the app need not wait for: folding the log into the database."""
+        """What the app need not wait for: the hourly totals of the rows it
+        brought, and folding the log into the database."""
+        try:
+            self.store.update_hours()
+        except (StorageUnavailable, sqlite3.Error) as exc:
+            self.log_error(result.remote_addr, f"sync {result.sync_id}: hourly totals left for the next sync: {exc}")
         self.store.checkpoint()
 
 

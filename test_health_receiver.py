@@ -550,6 +550,22 @@ class MigrationTests(unittest.TestCase):
         self.addCleanup(store.close)
         return store, lines
 
+    def hours_match_samples(self):
+        return (self.query("SELECT type, sum(samples), total(total) FROM sample_hours GROUP BY type ORDER BY type")
+                == self.query("SELECT type, count(*), total(value) FROM samples GROUP BY type ORDER BY type"))
+
+    def test_hourly_totals_left_pending_by_a_stopped_process_are_brought_up_to_date_at_start(self):
+        store = hr.Store(self.db)
+        store.open()
+        intake = hr.SyncIntake(store)
+        intake.ingest([encode(make_payload(n=5))], "127.0.0.1")
+        store.close()  # stopped after the commit, before after_answer() brought the totals up to date
+        self.assertGreater(self.query("SELECT count(*) FROM sample_hours_pending")[0][0], 0)
+        self.assertFalse(self.hours_match_samples())
+        self.open_store()
+        self.assertEqual(self.query("SELECT count(*) FROM sample_hours_pending"), [(0,)])
+        self.assertTrue(self.hours_match_samples())
+
     def test_version_1_database_keeps_every_row_and_a_repost_inserts_nothing(self):
         payload = v1_payload()
         make_v1_database(self.db, payload, extra_samples=500)
@@ -1053,7 +1069,17 @@ def span(uuid, start, end, value, unit=None, source="Watch"):
 MIDNIGHT_MARGIN = 30
 
 
-class StatusPageTests(ServerTestCase):
+class PageTestCase(ServerTestCase):
+    """Posts whose charts are read next: the hourly totals are brought up
+    to date just after the answer, so wait for that."""
+
+    def post(self, payload, headers=None, **kwargs):
+        answer = super().post(payload, headers, **kwargs)
+        wait_until(lambda: not self.query("SELECT 1 FROM sample_hours_pending LIMIT 1"))
+        return answer
+
+
+class StatusPageTests(PageTestCase):
     """Pages on real stored syncs; days in UTC so that they do not depend on
     the machine's zone."""
 
@@ -1422,7 +1448,7 @@ class StatusPageAuthTests(ServerTestCase):
         self.assertEqual(self.post(make_payload(), headers={"Authorization": "Basic " + good})[0], 401)
 
 
-class LocalDayTests(ServerTestCase):
+class LocalDayTests(PageTestCase):
     """Days on the status page are the machine's local days."""
 
     def setUp(self):
