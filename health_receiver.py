@@ -2043,10 +2043,10 @@ class Window(typing.NamedTuple):
         return (self.last - self.first).days + 1
 
 
-def midnight(day, utc):
-    """The stored timestamp of a day's first instant: local midnight
-    (daylight saving included) unless ``utc``."""
-    stamp = datetime.datetime(day.year, day.month, day.day)
+def midnight(day, utc, hour=0):
+    """The stored timestamp of a day's first instant (or of ``hour``
+    o'clock): local time (daylight saving included) unless ``utc``."""
+    stamp = datetime.datetime(day.year, day.month, day.day, hour)
     stamp = stamp.replace(tzinfo=datetime.timezone.utc) if utc else stamp.astimezone()
     return f"{stamp.astimezone(datetime.timezone.utc):%Y-%m-%dT%H:%M:%S}.000Z"
 
@@ -2106,12 +2106,11 @@ def days_window(choice, first, last, utc, shifted=False):
     return Window(choice, grain, first, last, periods, shifted, utc)
 
 
-def _periods_cte(periods, hours):
-    """``periods(i, lo, hi)`` as a WITH clause and its parameters; with
-    ``hours`` the bounds are cut to the hour keys of sample_hours."""
-    cut = (lambda stamp: stamp[:13]) if hours else (lambda stamp: stamp)
+def _hour_periods_cte(periods):
+    """``periods(i, lo, hi)`` as a WITH clause and its parameters, the
+    bounds cut to the hour keys of sample_hours."""
     values = ", ".join("(?, ?, ?)" for _period in periods)
-    params = [value for i, period in enumerate(periods) for value in (i, cut(period.start), cut(period.end))]
+    params = [value for i, period in enumerate(periods) for value in (i, period.start[:13], period.end[:13])]
     return f"WITH periods(i, lo, hi) AS (VALUES {values})", params
 
 
@@ -2259,15 +2258,9 @@ def _night_periods(window):
     nights = []
     for offset in range(window.days):
         day = window.first + datetime.timedelta(days=offset)
-        nights.append(Period(day.isoformat(), _noon(day - datetime.timedelta(days=1), window.utc),
-                             _noon(day, window.utc)))
+        nights.append(Period(day.isoformat(), midnight(day - datetime.timedelta(days=1), window.utc, 12),
+                             midnight(day, window.utc, 12)))
     return nights
-
-
-def _noon(day, utc):
-    stamp = datetime.datetime(day.year, day.month, day.day, 12)
-    stamp = stamp.replace(tzinfo=datetime.timezone.utc) if utc else stamp.astimezone()
-    return f"{stamp.astimezone(datetime.timezone.utc):%Y-%m-%dT%H:%M:%S}.000Z"
 
 
 def sleep_nights(conn, window):
@@ -2278,7 +2271,7 @@ def sleep_nights(conn, window):
     per_source = {}
     for i in range(0, len(nights), SQL_PERIODS_MAX):
         chunk = nights[i:i + SQL_PERIODS_MAX]
-        cte, params = _periods_cte(chunk, hours=True)
+        cte, params = _hour_periods_cte(chunk)
         for index, value, source, seconds in conn.execute(_SLEEP_SQL.format(periods=cte), params + [SLEEP_TYPE]):
             stage = sleep_stage(value)
             if stage is not None and seconds > 0:

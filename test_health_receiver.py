@@ -908,18 +908,16 @@ class ReportingTests(unittest.TestCase):
         self.assertFalse(window.shifted)
 
     def test_chart_kinds_and_short_names(self):
-        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierStepCount"), "sum")
-        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierDietaryWater"), "sum")
-        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierRestingHeartRate"), "mean")
-        self.assertEqual(hr.chart_kind("HKQuantityTypeIdentifierOxygenSaturation"), "percent")
-        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierSleepAnalysis"), "sleep")
-        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierMindfulSession"), "minutes")
-        self.assertEqual(hr.chart_kind("HKCategoryTypeIdentifierAppleStandHour"), "count")
-        self.assertEqual(hr.chart_kind("moodEntries"), "count")
+        kinds = {"HKQuantityTypeIdentifierStepCount": "sum", "HKQuantityTypeIdentifierDietaryWater": "sum",
+                 "HKQuantityTypeIdentifierRestingHeartRate": "mean",
+                 "HKQuantityTypeIdentifierOxygenSaturation": "percent",
+                 "HKCategoryTypeIdentifierSleepAnalysis": "sleep", "HKCategoryTypeIdentifierMindfulSession": "minutes",
+                 "HKCategoryTypeIdentifierAppleStandHour": "count", "moodEntries": "count"}
+        self.assertEqual({name: hr.chart_kind(name) for name in kinds}, kinds)
         self.assertEqual(hr.short_type_name("HKQuantityTypeIdentifierHeartRate"), "HeartRate")
-        self.assertEqual(hr.type_title("HKQuantityTypeIdentifierRestingHeartRate"), "Resting heart rate")
-        self.assertEqual(hr.type_title("HKQuantityTypeIdentifierVO2Max"), "VO2 max")
-        self.assertEqual(hr.type_title("HKCategoryTypeIdentifierSleepAnalysis"), "Sleep")
+        titles = {"HKQuantityTypeIdentifierRestingHeartRate": "Resting heart rate",
+                  "HKQuantityTypeIdentifierVO2Max": "VO2 max", "HKCategoryTypeIdentifierSleepAnalysis": "Sleep"}
+        self.assertEqual({name: hr.type_title(name) for name in titles}, titles)
 
     def test_sleep_stages_from_numbers_and_names(self):
         cases = {0: "in_bed", 1: "unspecified", 2: "awake", 3: "core", 4: "deep", 5: "rem", 3.0: "core",
