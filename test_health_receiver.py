@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -391,6 +392,23 @@ class WalkerTests(unittest.TestCase):
         self.assertEqual(len(windows), -(-len(body) // 1000))
         self.assertLess(max(windows), 2000)
 
+    def test_a_staged_run_knows_its_order_and_its_stretches(self):
+        cases = {  # batches of (first rowid, values): (ascending, descending, in order, ranges, low, high)
+            "ascending": ([(1, ["a", "b"]), (3, ["b", "c"])], True, False, True, [[1, 4]], "a", "c"),
+            "descending": ([(1, ["c", "b"]), (3, ["b"]), (9, ["a"])], False, True, True, [[1, 3], [9, 9]], "a", "c"),
+            "all equal": ([(1, ["a", "a"]), (3, ["a"])], True, True, True, [[1, 3]], "a", "a"),
+            "unordered batch": ([(1, ["b", "a", "c"])], False, False, False, [[1, 3]], "a", "c"),
+            "unordered across batches": ([(1, ["a", "c"]), (3, ["b", "d"])], False, False, False, [[1, 4]], "a", "d"),
+            "one value": ([(5, ["x"])], True, True, True, [[5, 5]], "x", "x"),
+        }
+        for name, (batches, ascending, descending, in_order, ranges, low, high) in cases.items():
+            with self.subTest(name):
+                run = hr.StagedRun()
+                for first, values in batches:
+                    run.add(first, values)
+                self.assertEqual((run.ascending, run.descending, run.in_order), (ascending, descending, in_order))
+                self.assertEqual((run.ranges, run.low, run.high), (ranges, low, high))
+
     def test_content_key_is_order_independent(self):
         self.assertEqual(hr.content_key("S", {"a": 1, "b": [2]}), hr.content_key("S", {"b": [2], "a": 1}))
         self.assertNotEqual(hr.content_key("S", {"a": 1}), hr.content_key("T", {"a": 1}))
@@ -505,6 +523,40 @@ class StorageLayoutTests(ServerTestCase):
         self.assertEqual(indexes, ["sqlite_autoindex_samples_1"])
         self.assertEqual(key, ["type", "start_date", "uuid"])
         self.assertIn("WITHOUT ROWID", plain)
+
+    def test_any_arrival_order_stores_the_same_rows_and_keeps_the_first_of_a_key(self):
+        n = hr.BATCH_ROWS + 50  # runs that go on in the next batch
+        rng = random.Random(5)
+        times = [f"2026-02-24T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}.000Z" for i in range(n)]
+        orders = {"Ascending": times, "Descending": times[::-1], "Shuffled": rng.sample(times, n)}
+        data = {}
+        for name, order in orders.items():
+            elements = [sample(f"{name}-{at}", at, 1) for at in order]
+            # The same key again, right after (a run still in order), with another value.
+            elements.insert(4, sample(f"{name}-{order[3]}", order[3], 2))
+            data[f"HKQuantityTypeIdentifier{name}"] = elements
+        status, _, answer = self.post({"data": data})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual((answer["inserted"]["measurements"], answer["duplicates"]), (3 * n, 3))
+        for name in orders:
+            with self.subTest(order=name):
+                rows = self.query("SELECT start_date, uuid, value FROM samples WHERE type = ? ORDER BY start_date",
+                                  (f"HKQuantityTypeIdentifier{name}",))
+                self.assertEqual(rows, [(at, f"{name}-{at}", 1) for at in times])
+                self.assertEqual(self.query("SELECT rows, first_date, last_date FROM sample_types WHERE type = ?",
+                                            (f"HKQuantityTypeIdentifier{name}",)), [(n, times[0], times[-1])])
+
+    def test_latest_of_a_key_in_one_sync_wins_and_counts_once(self):
+        _, _, answer = self.post({"data": {"medications": [
+            {"conceptIdentifier": "rx-1", "displayText": "First"}, {"conceptIdentifier": "rx-2", "displayText": "Two"},
+            {"conceptIdentifier": "rx-1", "displayText": "Second"}]},
+            "workoutRoutes": {"W": [{"timestamp": "2026-02-24T09:00:0%dZ" % i, "latitude": i} for i in (3, 1, 2, 1)]}})
+        self.assertEqual((answer["inserted"]["medications"], answer["duplicates"]), (2, 1))
+        self.assertEqual(self.query("SELECT key, display_text FROM medications ORDER BY key"),
+                         [("rx-1", "Second"), ("rx-2", "Two")])
+        self.assertEqual(self.query("SELECT timestamp, latitude FROM workout_route_points"),
+                         [("2026-02-24T09:00:01.000Z", 1), ("2026-02-24T09:00:02.000Z", 2),
+                          ("2026-02-24T09:00:03.000Z", 3)])
 
     def test_dates_are_canonical_utc_and_records_verbatim(self):
         forms = ["2026-02-24T09:00:00+01:00", "2026-02-24T08:00:01Z", "2026-02-24 09:00:02 +0100",
@@ -1854,7 +1906,6 @@ class BadInputTests(ServerTestCase):
         self.assertEqual(self.query("SELECT sections FROM syncs WHERE id = ?", (answer["sync_id"],)), [(10000,)])
 
     def test_random_mutations_never_get_a_5xx(self):
-        import random
         rng = random.Random(20261125)
         base = encode(make_payload(n=4))
         started = time.monotonic()
