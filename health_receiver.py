@@ -1865,16 +1865,19 @@ class Stage:
                     self.add(None, [(section.name, f"cannot be stored: {exc}", record)])
                     self.received[section.name] -= 1
         self.received[section.name] += len(rows)
+        # The rows stored took the rowids after the table's last one, in
+        # turn: SQLite gives a new row the largest rowid plus one (checked,
+        # as the merge and the row-by-row redo above rely on it).
+        first = self._last_rowid[section.name] + 1
+        last = self._last_rowid[section.name] = self._conn.execute(
+            f"SELECT coalesce(max(rowid), 0) FROM {section.table}").fetchone()[0]
+        if last - first + 1 != len(stored):
+            raise StorageUnavailable("The temporary file of a sync lost track of its rows.")
         if section.clustered and stored:
-            self._note_runs(section, stored)
+            self._note_runs(section, stored, first)
 
-    def _note_runs(self, section, stored):
-        """Add the rows just stored to their runs.  They took the rowids
-        after the table's last one, in turn: SQLite gives a new row the
-        largest rowid plus one (checked, as the merge relies on it)."""
-        last = self._conn.execute(f"SELECT max(rowid) FROM {section.table}").fetchone()[0]
-        rowid = self._last_rowid[section.name] + 1
-        self._last_rowid[section.name] = last
+    def _note_runs(self, section, stored, rowid):
+        """Add the rows just stored, from ``rowid`` on, to their runs."""
         label_at, order_at = section.run_positions
         runs = self.runs[section.name]
         # A batch of the walker is one array, so mostly one run.
@@ -1885,8 +1888,6 @@ class Stage:
                 run = runs[label] = StagedRun()
             run.add(rowid, values)
             rowid += len(values)
-        if rowid != last + 1:
-            raise StorageUnavailable("The temporary file of a sync lost track of its rows.")
 
     def size(self):
         """Bytes the file holds, pages still in SQLite's cache included."""

@@ -546,17 +546,18 @@ class StorageLayoutTests(ServerTestCase):
                 self.assertEqual(self.query("SELECT rows, first_date, last_date FROM sample_types WHERE type = ?",
                                             (f"HKQuantityTypeIdentifier{name}",)), [(n, times[0], times[-1])])
 
-    def test_latest_of_a_key_in_one_sync_wins_and_counts_once(self):
+    def test_a_key_twice_in_one_sync_keeps_the_latest_definition_and_the_first_point(self):
+        points = [{"timestamp": f"2026-02-24T09:00:0{second}Z", "latitude": n} for n, second in enumerate((3, 1, 2, 1))]
         _, _, answer = self.post({"data": {"medications": [
             {"conceptIdentifier": "rx-1", "displayText": "First"}, {"conceptIdentifier": "rx-2", "displayText": "Two"},
-            {"conceptIdentifier": "rx-1", "displayText": "Second"}]},
-            "workoutRoutes": {"W": [{"timestamp": "2026-02-24T09:00:0%dZ" % i, "latitude": i} for i in (3, 1, 2, 1)]}})
+            {"conceptIdentifier": "rx-1", "displayText": "Second"}]}, "workoutRoutes": {"W": points}})
         self.assertEqual((answer["inserted"]["medications"], answer["duplicates"]), (2, 1))
         self.assertEqual(self.query("SELECT key, display_text FROM medications ORDER BY key"),
                          [("rx-1", "Second"), ("rx-2", "Two")])
-        self.assertEqual(self.query("SELECT timestamp, latitude FROM workout_route_points"),
+        self.assertEqual(answer["inserted"]["workoutRoutes"], 3)
+        self.assertEqual(self.query("SELECT timestamp, latitude FROM workout_route_points ORDER BY timestamp"),
                          [("2026-02-24T09:00:01.000Z", 1), ("2026-02-24T09:00:02.000Z", 2),
-                          ("2026-02-24T09:00:03.000Z", 3)])
+                          ("2026-02-24T09:00:03.000Z", 0)])
 
     def test_dates_are_canonical_utc_and_records_verbatim(self):
         forms = ["2026-02-24T09:00:00+01:00", "2026-02-24T08:00:01Z", "2026-02-24 09:00:02 +0100",
@@ -1706,6 +1707,19 @@ class IngestTests(ServerTestCase):
         self.assertEqual(status, 200, answer)
         self.assertEqual((answer["count"], answer["rejected"]), (1, 1))
         self.assertEqual(self.query("SELECT uuid FROM samples"), [("ok",)])
+
+    def test_an_unbindable_value_in_a_later_batch_keeps_the_earlier_batches(self):
+        n = hr.BATCH_ROWS + 5
+        workouts = [{"uuid": f"W-{i}", "startDate": "2026-02-24T07:00:00Z", "workoutActivityType": "running"}
+                    for i in range(n)]
+        workouts[-2]["workoutActivityType"] = "\ud800"
+        heart = [sample(f"H-{i}", f"2026-02-24T07:{i // 60 % 60:02d}:{i % 60:02d}Z", 60) for i in range(n)]
+        heart[-2]["unit"] = "\ud800"
+        status, _, answer = self.post({"data": {"workouts": workouts, "HKQuantityTypeIdentifierHeartRate": heart}})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["rejected"], 2)
+        self.assertEqual((self.count("workouts"), self.count("samples")), (n - 1, n - 1))
+        self.assertEqual(self.query("SELECT count(*) FROM samples WHERE uuid IN ('H-0', 'H-1002', 'H-1004')"), [(3,)])
 
     def test_huge_integers_and_big_numbers(self):
         body = (b'{"data": {"HKQuantityTypeIdentifierX": [{"uuid": "a", "startDate": "2026-02-24", '
