@@ -183,8 +183,6 @@ _SQLITE_INT_MIN = -SQLITE_INT_MAX - 1
 ENVELOPE_VALUE_MAX = 4096
 #: Client text quoted in a log line is cut to this many characters.
 LOG_TEXT_MAX = 200
-#: Years a date may fall in; anything else is taken as not a date.
-DATE_YEARS = (1900, 2199)
 
 
 # ---------------------------------------------------------------------------
@@ -232,21 +230,11 @@ class ClientError(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Ingest: dates, row functions, the sections registry, the JSON walker
+# Dates: the stored form, parsing it, days as a person lives them
 # ---------------------------------------------------------------------------
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-#: The json module's own scanner (C where available): one value at an offset.
-_scan_value = json.scanner.make_scanner(_DECODER)
-#: Decodes the JSON string whose opening quote precedes the offset.
-_scan_string = json.decoder.scanstring
-_skip_ws = re.compile(r"[ \t\n\r]*").match
-_NONE_TYPE = type(None)
-
+#: Years a date may fall in; anything else is taken as not a date.
+DATE_YEARS = (1900, 2199)
 #: The app's own date form, the one stored: checked without parsing.
 _is_canonical_date = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d\d\dZ").fullmatch
 #: The canonical form with every digit a 0, and the table that makes it so:
@@ -285,8 +273,78 @@ def utc_date(text):
         return None
     if not DATE_YEARS[0] <= stamp.year <= DATE_YEARS[1]:
         return None
+    return _canonical(stamp)
+
+
+def _canonical(stamp):
+    """A datetime as canonical UTC text, to the millisecond; a naive one
+    is taken as UTC."""
+    if stamp.tzinfo is not None:
+        stamp = stamp.astimezone(datetime.timezone.utc)
     return f"{stamp:%Y-%m-%dT%H:%M:%S}.{stamp.microsecond // 1000:03d}Z"
 
+
+def utc_now():
+    """Now, as canonical UTC text."""
+    return _canonical(datetime.datetime.now(datetime.timezone.utc))
+
+
+def parse_stamp(text):
+    """A stored timestamp as an aware datetime, or None."""
+    if not isinstance(text, str) or len(text) < 19:
+        return None
+    try:
+        stamp = datetime.datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=datetime.timezone.utc)
+
+
+class Zone(typing.NamedTuple):
+    """The days a person lives in: this machine's local time, daylight
+    saving included, or UTC (``--utc``).  Stored timestamps are UTC; pages
+    cut them into days, nights and hours of this zone."""
+
+    utc: bool = False
+
+    def name(self, now):
+        """What the pages call the zone: "UTC", or the local zone's name now."""
+        return "UTC" if self.utc else now.astimezone().tzname() or "local"
+
+    def local(self, stamp):
+        """An aware datetime in this zone."""
+        return stamp.astimezone(datetime.timezone.utc if self.utc else None)
+
+    def today(self, now):
+        return self.local(now).date()
+
+    def day_of(self, text):
+        """The date, in this zone, of a stored timestamp, or None."""
+        stamp = parse_stamp(text)
+        return None if stamp is None else self.local(stamp).date()
+
+    def midnight(self, day, hour=0):
+        """The stored timestamp of a day's first instant in this zone (or
+        of ``hour`` o'clock)."""
+        stamp = datetime.datetime(day.year, day.month, day.day, hour)
+        return _canonical(stamp.replace(tzinfo=datetime.timezone.utc) if self.utc else stamp.astimezone())
+
+
+# ---------------------------------------------------------------------------
+# Ingest: dates, row functions, the sections registry, the JSON walker
+# ---------------------------------------------------------------------------
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+#: The json module's own scanner (C where available): one value at an offset.
+_scan_value = json.scanner.make_scanner(_DECODER)
+#: Decodes the JSON string whose opening quote precedes the offset.
+_scan_string = json.decoder.scanstring
+_skip_ws = re.compile(r"[ \t\n\r]*").match
+_NONE_TYPE = type(None)
 
 def _to_sql(value):
     """Return ``value`` as something sqlite3 binds without loss."""
@@ -1165,8 +1223,87 @@ _STAGE_REJECTED_SQL = "INSERT INTO rejected (section, reason, record) VALUES (?,
 #: Names of the temporary files of syncs: prefix, database name, pid, number, suffix.
 _STAGE_PREFIX = "."
 _STAGE_SUFFIX = ".stage"
+
+
+class Table(typing.NamedTuple):
+    """A table the receiver keeps for itself, and the SQL derived from it."""
+
+    name: str
+    #: (column, SQL type); the first is the key.
+    columns: typing.Tuple[typing.Tuple[str, str], ...]
+
+    @property
+    def column_names(self):
+        return tuple(name for name, _type in self.columns)
+
+    def select_sql(self, names=None):
+        return f"SELECT {', '.join(names or self.column_names)} FROM main.{self.name}"
+
+    def insert_sql(self, names):
+        return (f"INSERT INTO main.{self.name} ({', '.join(names)}) "
+                f"VALUES ({', '.join(':' + name for name in names)})")
+
+    def update_sql(self, names):
+        key = self.columns[0][0]
+        return (f"UPDATE main.{self.name} SET {', '.join(f'{name} = :{name}' for name in names)} "
+                f"WHERE {key} = :{key}")
+
+
+#: Every sync received, stored or not: one row each.  Its columns as
+#: SCHEMA_V1 created them (a new column is a step in MIGRATIONS).
+SYNCS = Table("syncs", (
+    ("id", "INTEGER PRIMARY KEY"),
+    ("received_at", "TEXT NOT NULL"),  # canonical UTC, when the body was complete
+    ("remote_addr", "TEXT"),
+    ("sync_source", "TEXT"),  # the envelope's, as sent
+    ("export_date", "TEXT"),  # envelope dates: canonical UTC where readable, else as sent
+    ("start_date", "TEXT"),
+    ("end_date", "TEXT"),
+    ("body_bytes", "INTEGER"),
+    ("received", "INTEGER NOT NULL DEFAULT 0"),  # the app's records (counted sections)
+    ("inserted", "INTEGER NOT NULL DEFAULT 0"),
+    ("duplicates", "INTEGER NOT NULL DEFAULT 0"),
+    ("rejected", "INTEGER NOT NULL DEFAULT 0"),
+    ("route_points", "INTEGER NOT NULL DEFAULT 0"),
+    ("route_points_inserted", "INTEGER NOT NULL DEFAULT 0"),
+    ("sections", "INTEGER NOT NULL DEFAULT 0"),
+    ("duration_ms", "INTEGER"),
+    ("status", "TEXT NOT NULL"),  # a SyncStatus
+    ("error", "TEXT"),  # why nothing was stored
+    ("envelope", "TEXT"),  # the top-level fields besides the sections, as JSON text
+))
+
+
+class SyncStatus:
+    """The ``status`` of a syncs row."""
+
+    #: Being merged; never seen committed (the row commits with its rows).
+    PENDING = "pending"
+    #: Stored.
+    OK = "ok"
+    #: Nothing stored, by the client's fault (a bad body, a wrong key): a
+    #: retry of the same request fails the same way.
+    REJECTED = "rejected"
+    #: Nothing stored, by the receiver's (the database, the disk): the app
+    #: is told to retry.
+    FAILED = "failed"
+
+
+class Sync(collections.namedtuple("Sync", SYNCS.column_names,
+                                  defaults=(None,) * 8 + (0,) * 7 + (None, SyncStatus.PENDING, None, None))):
+    """One row of the syncs table."""
+
+    __slots__ = ()
+
+    @property
+    def ok(self):
+        return self.status == SyncStatus.OK
+
+
+#: The rejected table's name (its columns: SCHEMA_V1).
+REJECTED_TABLE = "rejected"
 #: Tables kept by the receiver itself, besides the sections' tables.
-BOOKKEEPING_TABLES = ("rejected", "syncs")
+BOOKKEEPING_TABLES = (REJECTED_TABLE, SYNCS.name)
 
 
 class Migration(typing.NamedTuple):
@@ -1405,6 +1542,16 @@ class SyncResult:
     def duplicates(self):
         return self.records - self.new_records
 
+    def sync(self, received_at, envelope_text):
+        """The syncs row of this stored sync."""
+        env = self.envelope
+        routes = ROUTES.name
+        return Sync(self.sync_id, received_at, self.remote_addr, env.get("syncSource"),
+                    *(utc_date(env.get(name)) or env.get(name) for name in ("exportDate", "startDate", "endDate")),
+                    self.body_bytes, self.records, self.new_records, self.duplicates, self.rejected,
+                    self.received[routes], self.inserted[routes], self.sections, int(self.duration * 1000),
+                    SyncStatus.OK, None, _envelope_text(envelope_text))
+
     def response(self):
         """The JSON answer the app reads: ``count`` feeds its Sync Log."""
         inserted = {}
@@ -1425,18 +1572,20 @@ class FailedSync:
     """A sync that stored nothing: kept as a ``syncs`` row with its reason."""
 
     remote_addr: typing.Optional[str]
-    status: str  # "rejected" (the client's fault) or "failed" (the server's)
+    #: SyncStatus.REJECTED (the client's fault) or FAILED (the server's).
+    status: str
     error: str
     body_bytes: typing.Optional[int] = None
     duration: float = 0.0
     envelope_text: typing.Optional[dict] = None
     sync_source: typing.Any = None
 
-
-def utc_now():
-    """Now, as canonical UTC text."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z"
+    def sync(self, received_at):
+        """The syncs row that keeps it."""
+        envelope = _envelope_text(self.envelope_text) if self.envelope_text else None
+        return Sync(received_at=received_at, remote_addr=self.remote_addr, sync_source=self.sync_source,
+                    body_bytes=self.body_bytes, duration_ms=int(self.duration * 1000), status=self.status,
+                    error=self.error, envelope=envelope)
 
 
 def _envelope_text(fields):
@@ -1511,6 +1660,20 @@ _SAMPLE_TYPES_SQL = (
 _NOTE_PENDING_HOURS_SQL = ("INSERT OR IGNORE INTO main.sample_hours_pending (type, hour)"
                            " SELECT DISTINCT :type, substr(start_date, 1, 13) FROM stage.samples"
                            " WHERE rowid BETWEEN :first AND :last")
+
+
+#: Brings a stored sync's pending row up to what it stored.
+_UPDATE_SYNC_SQL = SYNCS.update_sql(SYNCS.column_names[1:])
+
+
+def _sync_parameters(sync):
+    """A Sync as parameters of SYNCS' SQL, client text made bindable."""
+    return {name: _storable(value) for name, value in zip(sync._fields, sync)}
+
+
+def _insert_sync(conn, sync):
+    """Insert a syncs row (its id chosen by SQLite); return the id."""
+    return conn.execute(SYNCS.insert_sql(SYNCS.column_names[1:]), _sync_parameters(sync)).lastrowid
 
 
 class Store:
@@ -1728,12 +1891,12 @@ class Store:
                 conn.execute("ATTACH DATABASE ? AS stage", (stage.path,))
                 try:
                     conn.execute("BEGIN IMMEDIATE")
-                    sync_id = result.sync_id = conn.execute(
-                        "INSERT INTO syncs (received_at, remote_addr, body_bytes, status) VALUES (?, ?, ?, 'pending')",
-                        (utc_now(), remote_addr, payload.size)).lastrowid
+                    received_at = utc_now()
+                    sync_id = result.sync_id = _insert_sync(conn, Sync(
+                        received_at=received_at, remote_addr=remote_addr, body_bytes=payload.size))
                     self._merge_rows(conn, stage, sync_id, result)
                     result.duration = time.monotonic() - started
-                    self._finish_sync(conn, sync_id, result, payload.envelope_text)
+                    conn.execute(_UPDATE_SYNC_SQL, _sync_parameters(result.sync(received_at, payload.envelope_text)))
                     conn.execute("COMMIT")
                 finally:
                     _rollback(conn)
@@ -1745,15 +1908,9 @@ class Store:
     def record_failure(self, failure):
         """Keep a ``syncs`` row for a sync that stored nothing (best effort:
         the caller reports the original error whatever happens here)."""
-        envelope = _envelope_text(failure.envelope_text) if failure.envelope_text else None
         with contextlib.suppress(StorageUnavailable, sqlite3.Error):
             with self.writer() as conn, _transaction(conn):
-                conn.execute(
-                    "INSERT INTO syncs (received_at, remote_addr, body_bytes, duration_ms, status, error, envelope,"
-                    " sync_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (utc_now(), failure.remote_addr, failure.body_bytes, int(failure.duration * 1000),
-                     failure.status, _storable(failure.error), _storable(envelope),
-                     _storable(failure.sync_source)))
+                _insert_sync(conn, failure.sync(utc_now()))
 
     def _merge_rows(self, conn, stage, sync_id, result):
         params = {"sync_id": sync_id}
@@ -1780,19 +1937,6 @@ class Store:
         if stage.rejected:
             conn.execute("INSERT INTO main.rejected (sync_id, section, reason, record) SELECT :sync_id, section,"
                          " reason, record FROM stage.rejected ORDER BY rowid", params)
-
-    def _finish_sync(self, conn, sync_id, result, envelope_text):
-        env = result.envelope
-        routes = ROUTES.name
-        conn.execute(
-            "UPDATE syncs SET sync_source = ?, export_date = ?, start_date = ?, end_date = ?, received = ?,"
-            " inserted = ?, duplicates = ?, rejected = ?, route_points = ?, route_points_inserted = ?,"
-            " sections = ?, duration_ms = ?, status = 'ok', envelope = ? WHERE id = ?",
-            (_storable(env.get("syncSource")), *(_storable(utc_date(env.get(name)) or env.get(name))
-                                                 for name in ("exportDate", "startDate", "endDate")),
-             result.records, result.new_records, result.duplicates, result.rejected, result.received[routes],
-             result.inserted[routes], result.sections, int(result.duration * 1000),
-             _storable(_envelope_text(envelope_text)), sync_id))
 
     def update_hours(self):
         """Bring sample_hours up to date with the hours syncs noted as
@@ -1967,10 +2111,6 @@ def _process_alive(pid):
 
 #: Tables whose row counts the totals report, sections first.
 TABLES = tuple(section.table for section in SECTIONS) + BOOKKEEPING_TABLES
-#: Columns of the syncs table, in export order.
-SYNC_COLUMNS = ("id", "received_at", "remote_addr", "sync_source", "export_date", "start_date", "end_date",
-                "body_bytes", "received", "inserted", "duplicates", "rejected", "route_points",
-                "route_points_inserted", "sections", "duration_ms", "status", "error", "envelope")
 #: Columns of the syncs shown by the status page, /api/summary and stats.
 SYNC_FIELDS = ("id", "received_at", "remote_addr", "sync_source", "received", "inserted", "duplicates",
                "rejected", "route_points", "body_bytes", "duration_ms", "status", "error")
@@ -1993,7 +2133,7 @@ def _export_of(section):
 
 #: Export sections: every section by its name, and the syncs.
 EXPORTS = {section.name: _export_of(section) for section in SECTIONS}
-EXPORTS["syncs"] = Export("syncs", SYNC_COLUMNS, "received_at", "id")
+EXPORTS[SYNCS.name] = Export(SYNCS.name, SYNCS.column_names, "received_at", "id")
 
 #: Quantity types whose daily value is a total (the others are averaged).
 CUMULATIVE_TYPES = frozenset((
@@ -2120,22 +2260,6 @@ class Window(typing.NamedTuple):
         return (self.last - self.first).days + 1
 
 
-def midnight(day, utc, hour=0):
-    """The stored timestamp of a day's first instant (or of ``hour``
-    o'clock): local time (daylight saving included) unless ``utc``."""
-    stamp = datetime.datetime(day.year, day.month, day.day, hour)
-    stamp = stamp.replace(tzinfo=datetime.timezone.utc) if utc else stamp.astimezone()
-    return f"{stamp.astimezone(datetime.timezone.utc):%Y-%m-%dT%H:%M:%S}.000Z"
-
-
-def local_day(text, utc):
-    """The local (or UTC) date of a stored timestamp, or None."""
-    stamp = _parse_stamp(text)
-    if stamp is None:
-        return None
-    return (stamp if utc else stamp.astimezone()).date()
-
-
 def _period_starts(first, last, grain):
     """First days of the periods that cover first..last, and the day after."""
     if grain.name == "day":
@@ -2161,9 +2285,9 @@ def make_window(range_name, utc, now, first_stamp=None, last_stamp=None):
     choice = RANGES_BY_NAME.get(range_name) or RANGES_BY_NAME[DEFAULT_RANGE]
     today = now.astimezone(datetime.timezone.utc if utc else None).date()
     last, shifted = today, False
-    data_last = local_day(last_stamp, utc)
+    data_last = Zone(utc).day_of(last_stamp)
     if choice.days is None:
-        first = min(local_day(first_stamp, utc) or today, today)
+        first = min(Zone(utc).day_of(first_stamp) or today, today)
     else:
         first = today - datetime.timedelta(days=choice.days - 1)
         if data_last is not None and data_last < first:
@@ -2178,7 +2302,7 @@ def days_window(choice, first, last, utc, shifted=False):
     own first day): a daily average divides by the days the window holds."""
     grain = grain_for((last - first).days + 1)
     starts = _period_starts(first, last, grain)
-    stamps = [midnight(max(day, first), utc) for day in starts]
+    stamps = [Zone(utc).midnight(max(day, first)) for day in starts]
     periods = tuple(Period(day.isoformat(), low, high) for day, low, high in zip(starts, stamps, stamps[1:]))
     return Window(choice, grain, first, last, periods, shifted, utc)
 
@@ -2335,8 +2459,8 @@ def _night_periods(window):
     nights = []
     for offset in range(window.days):
         day = window.first + datetime.timedelta(days=offset)
-        nights.append(Period(day.isoformat(), midnight(day - datetime.timedelta(days=1), window.utc, 12),
-                             midnight(day, window.utc, 12)))
+        nights.append(Period(day.isoformat(), Zone(window.utc).midnight(day - datetime.timedelta(days=1), 12),
+                             Zone(window.utc).midnight(day, 12)))
     return nights
 
 
@@ -2470,10 +2594,6 @@ def chart_kind(type_name):
     return next(kind.name for kind in CHART_KINDS if kind.applies(type_name, short))
 
 
-def local_zone_name(now):
-    return now.astimezone().tzname() or "local"
-
-
 def sample_types(conn, limit=None):
     """[(type, rows, first_date, last_date)] from the kept totals, the
     largest first (at most ``limit``)."""
@@ -2495,8 +2615,14 @@ def connection_facts(store):
     counts per table and the last sync."""
     keys = ("id", "received_at", "sync_source", "status", "received", "inserted", "error")
     with store.reader() as conn:
-        row = conn.execute(f"SELECT {', '.join(keys)} FROM syncs ORDER BY id DESC LIMIT 1").fetchone()
-        return {"totals": table_totals(conn), "last_sync": None if row is None else dict(zip(keys, row))}
+        last = latest_syncs(conn, 1)
+        return {"totals": table_totals(conn),
+                "last_sync": {key: getattr(last[0], key) for key in keys} if last else None}
+
+
+def latest_syncs(conn, count):
+    """The last ``count`` syncs, the latest first."""
+    return [Sync(*row) for row in conn.execute(f"{SYNCS.select_sql()} ORDER BY id DESC LIMIT ?", (count,))]
 
 
 def data_span(conn):
@@ -2594,8 +2720,7 @@ def summary(store, range_name=DEFAULT_RANGE, utc=False, now=None, sync_count=20,
                        "first": first, "last": last, "chart": chart_kind(t)}
                       for t, rows, first, last in sample_types(conn, type_limit)],
             "more_types": 0,
-            "syncs": [dict(zip(SYNC_FIELDS, row)) for row in conn.execute(
-                f"SELECT {', '.join(SYNC_FIELDS)} FROM syncs ORDER BY id DESC LIMIT ?", (sync_count,))],
+            "syncs": [{name: getattr(sync, name) for name in SYNC_FIELDS} for sync in latest_syncs(conn, sync_count)],
         }
         if type_limit is not None and len(facts["types"]) == type_limit:
             facts["more_types"] = conn.execute("SELECT count(*) FROM sample_types").fetchone()[0] - type_limit
@@ -2615,7 +2740,7 @@ def summary(store, range_name=DEFAULT_RANGE, utc=False, now=None, sync_count=20,
 def window_facts(window, now):
     return {"range": window.range.name, "first": window.first.isoformat(), "last": window.last.isoformat(),
             "days": window.days, "grain": window.grain.name, "shifted": window.shifted,
-            "timezone": "UTC" if window.utc else local_zone_name(now)}
+            "timezone": Zone(window.utc).name(now)}
 
 
 #: Workouts a page lists (the latest of its window).
@@ -2652,7 +2777,7 @@ def workout_facts(conn, row):
         fields = {}
     fields = fields if isinstance(fields, dict) else {}
     if not isinstance(duration, (int, float)):
-        begin, finish = _parse_stamp(start), _parse_stamp(end)
+        begin, finish = parse_stamp(start), parse_stamp(end)
         duration = (finish - begin).total_seconds() if begin and finish else None
     heart = None
     if end:
@@ -2794,7 +2919,7 @@ def route_facts(points):
     [(timestamp, latitude, longitude, altitude)] in time order."""
     points = [p for p in points if -90 <= p[1] <= 90 and -180 <= p[2] <= 180]
     distance, along, splits = 0.0, [], []
-    split_start = _parse_stamp(points[0][0]) if points else None
+    split_start = parse_stamp(points[0][0]) if points else None
     for index, (stamp, lat, lon, _alt) in enumerate(points):
         if index:
             _stamp, lat0, lon0, _alt0 = points[index - 1]
@@ -2802,7 +2927,7 @@ def route_facts(points):
             km_before = int(distance // 1000)
             distance += step
             if int(distance // 1000) > km_before and split_start is not None:
-                moment = _parse_stamp(stamp)
+                moment = parse_stamp(stamp)
                 if moment is not None:
                     splits.append({"km": int(distance // 1000), "seconds": (moment - split_start).total_seconds()})
                     split_start = moment
@@ -3122,19 +3247,8 @@ def nice_ticks(low, high, count=4, whole=False):
     return ticks, step
 
 
-def _parse_stamp(text):
-    """A stored timestamp as an aware datetime, or None."""
-    if not isinstance(text, str) or len(text) < 19:
-        return None
-    try:
-        stamp = datetime.datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
-    except ValueError:
-        return None
-    return stamp.replace(tzinfo=datetime.timezone.utc)
-
-
 def format_local(text, utc):
-    stamp = _parse_stamp(text)
+    stamp = parse_stamp(text)
     if stamp is None:
         return _esc(text)
     stamp = stamp if utc else stamp.astimezone()
@@ -3142,7 +3256,7 @@ def format_local(text, utc):
 
 
 def format_ago(text, now):
-    stamp = _parse_stamp(text)
+    stamp = parse_stamp(text)
     if stamp is None:
         return ""
     seconds = max(0, (now - stamp).total_seconds())
@@ -3461,7 +3575,7 @@ DOSE_STAGES = (("taken", "Taken", "#2a9d8f"), ("skipped", "Skipped", "#c7c7c7"))
 def _sync_table(syncs, utc, now):
     rows = []
     for sync in syncs:
-        failed = sync["status"] != "ok"
+        failed = sync["status"] != SyncStatus.OK
         duration = sync["duration_ms"]
         rows.append((' class="fail"' if failed else "", _cells(
             f'{format_local(sync["received_at"], utc)}<br>'
@@ -3752,7 +3866,8 @@ class SyncIntake:
         except BaseException as exc:
             if isinstance(exc, (PayloadError, StorageUnavailable)):
                 self.store.record_failure(FailedSync(
-                    remote_addr, "rejected" if isinstance(exc, PayloadError) else "failed", str(exc), payload.size,
+                    remote_addr, SyncStatus.REJECTED if isinstance(exc, PayloadError) else SyncStatus.FAILED,
+                    str(exc), payload.size,
                     time.monotonic() - started, payload.envelope_text, payload.envelope.get("syncSource")))
             if archive:
                 archive.discard()
@@ -4367,7 +4482,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                     pass
                 raise
         except ClientError as exc:
-            intake.refuse(remote, "failed" if exc.status >= 500 else "rejected", exc.message)
+            intake.refuse(remote, SyncStatus.FAILED if exc.status >= 500 else SyncStatus.REJECTED, exc.message)
             raise
         server.log_request_line(None, describe_sync(result))
         self._send_json(HTTPStatus.OK, result.response())
@@ -4867,7 +4982,7 @@ def run_stats(args, out):
     print(f"\nLast {len(facts['syncs'])} syncs", file=out)
     print(f"{'When':<17} {'Source':<20}{'Records':>10}{'New':>10}{'Dup':>10}{'Rejected':>9}  Status", file=out)
     for sync in facts["syncs"]:
-        status = sync["status"] if sync["status"] == "ok" else f"{sync['status']}: {sync['error']}"
+        status = sync["status"] if sync["status"] == SyncStatus.OK else f"{sync['status']}: {sync['error']}"
         print(f"{format_local(sync['received_at'], False):<17} {str(sync['sync_source'] or '-')[:20]:<20}"
               f"{sync['received']:>10,}{sync['inserted']:>10,}{sync['duplicates']:>10,}{sync['rejected']:>9,}  "
               f"{status}", file=out)
