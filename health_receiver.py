@@ -331,7 +331,7 @@ class Zone(typing.NamedTuple):
 
 
 # ---------------------------------------------------------------------------
-# Ingest: dates, row functions, the sections registry, the JSON walker
+# JSON reader: one document read as it arrives, a value at a time
 # ---------------------------------------------------------------------------
 
 def _reject_constant(name):
@@ -344,6 +344,317 @@ _scan_value = json.scanner.make_scanner(_DECODER)
 #: Decodes the JSON string whose opening quote precedes the offset.
 _scan_string = json.decoder.scanstring
 _skip_ws = re.compile(r"[ \t\n\r]*").match
+#: Characters that open, close or quote in JSON, to skip a nested value.
+_STRUCTURE = re.compile(r'["\[\]{}]')
+#: The rest of a string after its opening quote.
+_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+class _TooDeep:
+    """The value of an element nested too deeply for the json module."""
+
+    def __repr__(self):
+        return "TOO_DEEP"
+
+
+#: Stands for a value too deeply nested to be read (its text is kept).
+TOO_DEEP = _TooDeep()
+
+
+class JsonReader:
+    """Reads one JSON document from ``pieces`` (any iterable of bytes:
+    socket reads, decompressed data, a file) as they arrive, one value at a
+    time, so that the document is never whole in memory.
+
+    The reader holds a window of the document: ``text`` is the latin-1 view
+    of the bytes from ``base`` on, from the value being read to the end of
+    the last piece.  It reads the next piece when a value, key or gap runs
+    past the window, and drops what lies before the value being read, so
+    the window grows only as large as the largest value (and the last
+    piece).  Positions are offsets in the whole document, so an error names
+    the byte wherever it is.
+
+    Latin-1 makes every byte one character: positions are byte offsets and
+    memory is one byte per byte whatever the content.  UTF-8 never uses
+    bytes below 0x80 inside a multi-byte character, so JSON structure reads
+    the same; a value's text that is not ASCII is decoded as UTF-8 (which
+    also checks it) before it is handed out.
+
+    Errors raise PayloadError naming the byte.
+    """
+
+    def __init__(self, pieces, read_ahead=WINDOW_MIN):
+        self._pieces = iter(pieces)
+        #: Bytes read ahead at least when the window runs out.
+        self.read_ahead = read_ahead
+        #: The window: the latin-1 view of the document[base:base + len(text)].
+        self.text = ""
+        self.base = 0
+        #: The last piece has been read.
+        self.eof = False
+        #: Bytes read so far (the document's length once ``eof``).
+        self.size = 0
+        #: The position after the array that elements() last finished.
+        self.end = 0
+
+    @classmethod
+    def from_bytes(cls, document):
+        """A reader of a document that is already in memory."""
+        return cls((document,))
+
+    # -- the window ----------------------------------------------------------
+
+    def extend(self, keep):
+        """Read the next piece into the window, dropping the text before
+        ``keep``; False at the end of the document."""
+        if self.eof:
+            return False
+        # Pieces are gathered until they at least double what is kept, so
+        # that a value arriving in tiny pieces is not copied once per piece.
+        keep = min(keep, self.base + len(self.text))
+        kept = len(self.text) - (keep - self.base)
+        gathered, size = [], 0
+        for piece in self._pieces:
+            gathered.append(piece)
+            size += len(piece)
+            if size >= max(kept, self.read_ahead):
+                break
+        else:
+            self.eof = True
+        if not size:
+            return False
+        self.size += size
+        self.text = self.text[keep - self.base:] + b"".join(gathered).decode("latin-1")
+        self.base = keep
+        return True
+
+    def char(self, pos):
+        """The character at ``pos``, or "" at the end of the document."""
+        while pos - self.base >= len(self.text):
+            if not self.extend(pos):
+                return ""
+        return self.text[pos - self.base]
+
+    def skip(self, pos):
+        """The first position at or after ``pos`` that is not white space."""
+        while True:
+            end = _skip_ws(self.text, pos - self.base).end() + self.base
+            if end - self.base < len(self.text) or not self.extend(end):
+                return end
+            pos = end
+
+    def start(self):
+        """The position of the document's first value (after a UTF-8 byte
+        order mark and white space)."""
+        while len(self.text) < 3 and self.extend(0):
+            pass
+        return self.skip(3 if self.text.startswith("\xef\xbb\xbf") else 0)
+
+    # -- errors --------------------------------------------------------------
+
+    @staticmethod
+    def fail(message, pos):
+        raise PayloadError(f"Invalid JSON at byte {pos}: {message}.")
+
+    def _scan_error(self, exc, pos):
+        """Turn an exception of the scanner at ``pos`` into a PayloadError
+        (the scanner's own positions are in the window)."""
+        if isinstance(exc, StopIteration):
+            self.fail("expected a value", exc.value + self.base)
+        if isinstance(exc, json.JSONDecodeError):
+            self.fail(exc.msg[0].lower() + exc.msg[1:], exc.pos + self.base)
+        self.fail(str(exc).rstrip("."), pos)  # NaN/Infinity, oversized integers
+
+    def _may_continue(self, exc):
+        """Whether a scanner error may only mean that the window ended."""
+        if isinstance(exc, StopIteration):
+            at = exc.value
+        elif isinstance(exc, json.JSONDecodeError):
+            if exc.msg.startswith("Unterminated string"):
+                return True
+            at = exc.pos
+        else:
+            return False
+        return at >= len(self.text) - 8  # "false" cut short is 8 characters from the end at most
+
+    def utf8(self, raw, pos):
+        """The real text of the latin-1 view ``raw`` found at ``pos``."""
+        try:
+            return raw.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"The body is not valid UTF-8 (byte {pos + exc.start}).") from None
+
+    # -- values --------------------------------------------------------------
+
+    def _scan_latin(self, pos):
+        """(value, end) of the value at ``pos`` read from the window, more
+        of the document read as needed.  The value is TOO_DEEP when it is
+        nested too deeply for the scanner; ``end`` is then found by brackets."""
+        while True:
+            text, base = self.text, self.base
+            try:
+                value, end = _scan_value(text, pos - base)
+            except RecursionError:
+                return TOO_DEEP, self._skip_nested(pos)
+            except (StopIteration, ValueError) as exc:
+                if self._may_continue(exc) and self.extend(pos):
+                    continue
+                self._scan_error(exc, pos)
+            # A value that reaches the window's end may go on (a number).
+            if end < len(text) or not self.extend(pos):
+                return value, end + base
+
+    def _skip_nested(self, pos):
+        """The end of the array or object at ``pos``, found by counting
+        brackets outside strings (for values too deep for the scanner)."""
+        depth, at = 0, pos
+        while True:
+            match = _STRUCTURE.search(self.text, at - self.base)
+            if match is None:
+                at = self.base + len(self.text)
+                if not self.extend(pos):
+                    self.fail("unexpected end of the body", at)
+                continue
+            char, at = match.group(), match.start() + self.base
+            if char == '"':
+                rest = _STRING_REST.match(self.text, at - self.base + 1)
+                if rest is None:
+                    if not self.extend(pos):
+                        self.fail("unterminated string", at)
+                    continue
+                at = rest.end() + self.base
+            elif char in "[{":
+                depth, at = depth + 1, at + 1
+            else:
+                depth, at = depth - 1, at + 1
+                if depth == 0:
+                    return at
+
+    def value(self, pos):
+        """The value at ``pos``: (value, its JSON text, its end)."""
+        value, end = self._scan_latin(pos)
+        raw = self.text[pos - self.base:end - self.base]
+        if not raw.isascii():
+            raw = self.utf8(raw, pos)
+            if value is not TOO_DEEP:
+                value = _scan_value(raw, 0)[0]
+        return value, raw, end
+
+    @staticmethod
+    def decode(raw):
+        """The value of a JSON text handed out as not ``exact`` by elements()."""
+        return _scan_value(raw, 0)[0]
+
+    def key(self, pos):
+        """The key at ``pos``: (key, position of its value)."""
+        if self.char(pos) != '"':
+            self.fail("expected a quoted key", pos)
+        while True:
+            text, base = self.text, self.base
+            try:
+                key, end = _scan_string(text, pos - base + 1, True)
+                break
+            except json.JSONDecodeError as exc:
+                if self._may_continue(exc) and self.extend(pos):
+                    continue
+                self._scan_error(exc, pos)
+        if not key.isascii():
+            key = _scan_string(self.utf8(text[pos - base:end], pos), 1, True)[0]
+        end = self.skip(end + base)
+        if self.char(end) != ":":
+            self.fail("expected ':' after a key", end)
+        return key, self.skip(end + 1)
+
+    # -- walking containers ---------------------------------------------------
+
+    def walk_object(self, pos, on_member):
+        """For each member of the object at ``pos``, delegate to the
+        generator ``on_member(key, value position)``, which returns the
+        value's end.  Return the end of the object."""
+        pos = self.skip(pos + 1)
+        if self.char(pos) == "}":
+            return pos + 1
+        while True:
+            key, pos = self.key(pos)
+            pos = yield from on_member(key, pos)
+            pos = self.skip(pos)
+            char = self.char(pos)
+            if char == ",":
+                pos = self.skip(pos + 1)
+            elif char == "}":
+                return pos + 1
+            else:
+                self.fail("expected ',' or '}' after an object member", pos)
+
+    def elements(self, pos):
+        """Yield ``(value, JSON text, exact)`` for each element of the array
+        at ``pos``; then ``end`` is the position after the array.
+
+        The text is always the element's real text.  ``exact`` is False
+        when that text is not ASCII: ``value`` was then read from the
+        latin-1 view (its strings hold UTF-8 bytes as latin-1 characters),
+        and decode(text) gives the real one.  A caller that needs only some
+        of its strings decodes those and skips a second scan.
+
+        This is the hot loop of a large document: the window is touched
+        only when an element runs past it, and the next piece is read
+        before an element that starts near the window's end rather than
+        after the scanner fails there (the scanner's JSONDecodeError counts
+        the window's lines, which costs as much as scanning it).
+        """
+        scan = _scan_value
+        pos = self.skip(pos + 1)
+        if self.char(pos) == "]":
+            self.end = pos + 1
+            return
+        text, base = self.text, self.base
+        margin = self.read_ahead
+        while True:
+            start = pos - base
+            if len(text) - start < margin and not self.eof:
+                self.extend(pos)
+                text, base = self.text, self.base
+                start = pos - base
+            try:
+                value, end = scan(text, start)
+                edge = end >= len(text) and not self.eof
+            except (StopIteration, ValueError, RecursionError):
+                edge = True
+            if edge:  # past the window, an error, or too deep: the careful way
+                value, end = self._scan_latin(pos)
+                text, base = self.text, self.base
+                start, end = pos - base, end - base
+            raw = text[start:end]
+            if raw.isascii():
+                yield value, raw, True
+            else:
+                try:
+                    raw = raw.encode("latin-1").decode("utf-8")
+                except UnicodeDecodeError:
+                    raw = self.utf8(raw, pos)  # raises with the offset
+                yield value, raw, value is TOO_DEEP
+            char = text[end:end + 1]
+            if char != "," and char != "]":
+                end = self.skip(base + end)
+                text, base = self.text, self.base
+                end -= base
+                char = text[end:end + 1]
+            if char == ",":
+                pos = base + end + 1
+                if text[end + 1:end + 2] not in '{["' or end + 2 > len(text):
+                    pos = self.skip(pos)
+                    text, base = self.text, self.base
+            elif char == "]":
+                self.end = base + end + 1
+                return
+            else:
+                self.fail("expected ',' or ']' in an array", base + end)
+
+
+# ---------------------------------------------------------------------------
+# Ingest: the health grammar: rows, the sections registry, the payload
+# ---------------------------------------------------------------------------
+
 _NONE_TYPE = type(None)
 
 def _to_sql(value):
@@ -690,59 +1001,24 @@ DEFAULT_SECTION = next(section for section in SECTIONS if not section.app_keys)
 _SECTIONS_BY_APP_KEY = {key: section for section in SECTIONS for key in section.app_keys}
 
 
-class _TooDeep:
-    """The value of an element nested too deeply for the json module."""
-
-    def __repr__(self):
-        return "TOO_DEEP"
-
-
-#: Stands for a value too deeply nested to be read (its text is kept).
-TOO_DEEP = _TooDeep()
-#: Characters that open, close or quote in JSON, to skip a nested value.
-_STRUCTURE = re.compile(r'["\[\]{}]')
-#: The rest of a string after its opening quote.
-_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*"', re.DOTALL)
-
-
 class Payload:
-    """Walks one sync's JSON as it arrives and yields ``(section, rows)``.
+    """The health grammar over a JsonReader: walks one sync's JSON as it
+    arrives and yields ``(section, rows)``.
 
     ``section`` is a Section and ``rows`` tuples in its column order, or
     ``section`` is None and ``rows`` are ``(where, reason, text)`` for the
     ``rejected`` table.
 
-    ``pieces`` is any iterable of bytes (socket reads, decompressed data, a
-    file): the walker holds a window of the body, the text from the element
-    it is reading to the end of the last piece, and reads the next piece
-    when an element, key or gap runs past the window.  The window grows only
-    as large as the largest element (and the last piece); the whole body is
-    never in memory.  Positions are offsets in the whole body, so an error
-    names the byte wherever it is.
-
-    The window is the body decoded as latin-1: every byte is one character,
-    so positions are byte offsets and memory is one byte per byte whatever
-    the content.  UTF-8 never uses bytes below 0x80 inside a multi-byte
-    character, so JSON structure reads the same; an element holding
-    non-ASCII bytes is re-read from its real text, which also checks that
-    it is UTF-8 (JSON outside strings is ASCII).
-
     Only one array element exists as Python objects at a time: the top-level
-    object, ``data`` and ``workoutRoutes`` are walked by hand, each element is
-    read with the json module's scanner.  After iteration, ``envelope`` holds
+    object, ``data`` and ``workoutRoutes`` are walked member by member, and
+    each array element by the reader.  After iteration, ``envelope`` holds
     the other top-level fields (small ones decoded, all as original JSON text
     in ``envelope_text``), ``sections`` the names of the ``data`` sections and
     ``size`` the body's length.
     """
 
     def __init__(self, pieces, read_ahead=WINDOW_MIN):
-        self._pieces = iter(pieces)
-        self._read_ahead = read_ahead
-        #: The window: the latin-1 view of body[base:base + len(text)].
-        self.text = ""
-        self.base = 0
-        self.eof = False
-        self.size = 0
+        self.reader = JsonReader(pieces, read_ahead)
         self.envelope = {}
         self.envelope_text = {}
         self.sections = []
@@ -752,172 +1028,129 @@ class Payload:
         """A payload over a body that is already in memory."""
         return cls((body,))
 
-    # -- the window ----------------------------------------------------------
+    @property
+    def size(self):
+        """Bytes of the body read so far."""
+        return self.reader.size
 
-    def _extend(self, keep):
-        """Read the next piece into the window, dropping the text before
-        ``keep``; False at the end of the body."""
-        if self.eof:
-            return False
-        # Pieces are gathered until they at least double what is kept, so
-        # that an element arriving in tiny pieces is not copied once per piece.
-        keep = min(keep, self.base + len(self.text))
-        kept = len(self.text) - (keep - self.base)
-        gathered, size = [], 0
-        for piece in self._pieces:
-            gathered.append(piece)
-            size += len(piece)
-            if size >= max(kept, self._read_ahead):
-                break
-        else:
-            self.eof = True
-        if not size:
-            return False
-        self.size += size
-        self.text = self.text[keep - self.base:] + b"".join(gathered).decode("latin-1")
-        self.base = keep
-        return True
+    def batches(self):
+        """Yield ``(section, rows)`` as the body arrives.
 
-    def _char(self, pos):
-        """The character at ``pos``, or "" at the end of the body."""
-        while pos - self.base >= len(self.text):
-            if not self._extend(pos):
-                return ""
-        return self.text[pos - self.base]
+        Raises PayloadError, possibly after some batches were yielded: the
+        caller must then discard them (storage never merges them).
+        """
+        reader = self.reader
+        pos = reader.start()
+        char = reader.char(pos)
+        if not char:
+            raise PayloadError("The body is empty; expected a JSON object.")
+        if char != "{":
+            value = reader.value(pos)[0]
+            kind = "an array" if value is TOO_DEEP else _json_kind(value)
+            raise PayloadError(f"The body must be a JSON object, not {kind}.")
+        end = yield from reader.walk_object(pos, self._top_member)
+        end = reader.skip(end)
+        if reader.char(end):
+            reader.fail("unexpected data after the top-level object", end)
 
-    def _skip(self, pos):
-        """The first position at or after ``pos`` that is not white space."""
-        while True:
-            end = _skip_ws(self.text, pos - self.base).end() + self.base
-            if end - self.base < len(self.text) or not self._extend(end):
-                return end
-            pos = end
+    def _top_member(self, key, pos):
+        reader = self.reader
+        if key == "data":
+            if reader.char(pos) != "{":
+                value = reader.value(pos)[0]
+                raise PayloadError(f"'data' must be an object of sections, not {_json_kind(value)}.")
+            return (yield from reader.walk_object(pos, self._data_member))
+        section = _SECTIONS_BY_APP_KEY.get(key)
+        if section is not None and section.shape == "routes":
+            return (yield from self._section(section, key, pos))
+        value, raw, end = reader.value(pos)
+        small = len(raw) <= ENVELOPE_VALUE_MAX and value is not TOO_DEEP
+        self.envelope[key] = value if small else None
+        self.envelope_text[key] = raw
+        if section is not None and section.shape == "object":
+            yield from self._object_section(section, value, raw, key)
+        return end
 
-    # -- reading JSON --------------------------------------------------------
+    def _data_member(self, key, pos):
+        self.sections.append(key)
+        section = _SECTIONS_BY_APP_KEY.get(key, DEFAULT_SECTION)
+        return (yield from self._section(section, key, pos, "data." + key if section.shape != "array" else key))
 
-    def _fail(self, message, pos):
-        raise PayloadError(f"Invalid JSON at byte {pos}: {message}.")
+    def _section(self, section, key, pos, where=None):
+        """Rows of one section's value at ``pos``, of whatever shape."""
+        reader = self.reader
+        where = where or key
+        if section.shape == "array":
+            if reader.char(pos) == "[":
+                return (yield from self._array(pos, section, key))
+            value, raw, end = reader.value(pos)
+            yield None, [(where, f"section is {_json_kind(value)}, not an array", raw)]
+            return end
+        if reader.char(pos) != "{":
+            value, raw, end = reader.value(pos)
+            yield None, [(where, f"{key} is {_json_kind(value)}, not an object", raw)]
+            return end
+        if section.shape == "object":
+            value, raw, end = reader.value(pos)
+            yield from self._object_section(section, value, raw, where)
+            return end
+        return (yield from reader.walk_object(pos, lambda workout, at: self._route(section, workout, at)))
 
-    def _scan_error(self, exc, pos):
-        """Turn an exception of the scanner at ``pos`` into a PayloadError
-        (the scanner's own positions are in the window)."""
-        if isinstance(exc, StopIteration):
-            self._fail("expected a value", exc.value + self.base)
-        if isinstance(exc, json.JSONDecodeError):
-            self._fail(exc.msg[0].lower() + exc.msg[1:], exc.pos + self.base)
-        self._fail(str(exc).rstrip("."), pos)  # NaN/Infinity, oversized integers
+    def _route(self, section, workout, pos):
+        where = "workoutRoutes/" + workout  # rejected rows name the route they came from
+        if self.reader.char(pos) != "[":
+            value, raw, end = self.reader.value(pos)
+            yield None, [(where, f"route is {_json_kind(value)}, not an array", raw)]
+            return end
+        return (yield from self._array(pos, section, workout, where))
 
-    def _may_continue(self, exc):
-        """Whether a scanner error may only mean that the window ended."""
-        if isinstance(exc, StopIteration):
-            at = exc.value
-        elif isinstance(exc, json.JSONDecodeError):
-            if exc.msg.startswith("Unterminated string"):
-                return True
-            at = exc.pos
-        else:
-            return False
-        return at >= len(self.text) - 8  # "false" cut short is 8 characters from the end at most
+    def _object_section(self, section, value, raw, where):
+        if value.__class__ is not dict:
+            yield None, [(where, f"{section.app_keys[0]} is {_json_kind(value)}, not an object", raw)]
+            return
+        rows = [section.make_row(name, item) for name, item in value.items()]
+        if rows:
+            yield section, rows
 
-    def _scan_latin(self, pos):
-        """(value, end) of the value at ``pos`` read from the window, more
-        of the body read as needed.  The value is TOO_DEEP when it is nested
-        too deeply for the scanner; ``end`` is then found by brackets."""
-        while True:
-            text, base = self.text, self.base
-            try:
-                value, end = _scan_value(text, pos - base)
-            except RecursionError:
-                return TOO_DEEP, self._skip_nested(pos)
-            except (StopIteration, ValueError) as exc:
-                if self._may_continue(exc) and self._extend(pos):
-                    continue
-                self._scan_error(exc, pos)
-            # A value that reaches the window's end may go on (a number).
-            if end < len(text) or not self._extend(pos):
-                return value, end + base
+    def _array(self, pos, section, label, where=None):
+        """Yield batches of rows of ``section`` from the array at ``pos``;
+        return its end.
 
-    def _skip_nested(self, pos):
-        """The end of the array or object at ``pos``, found by counting
-        brackets outside strings (for values too deep for the scanner)."""
-        depth, at = 0, pos
-        while True:
-            match = _STRUCTURE.search(self.text, at - self.base)
-            if match is None:
-                at = self.base + len(self.text)
-                if not self._extend(pos):
-                    self._fail("unexpected end of the body", at)
-                continue
-            char, at = match.group(), match.start() + self.base
-            if char == '"':
-                rest = _STRING_REST.match(self.text, at - self.base + 1)
-                if rest is None:
-                    if not self._extend(pos):
-                        self._fail("unterminated string", at)
-                    continue
-                at = rest.end() + self.base
-            elif char in "[{":
-                depth, at = depth + 1, at + 1
+        ``label`` is passed to the row function (the data key, or the
+        workout of a route); elements that cannot be rows go to ``rejected``
+        under ``where`` (by default ``label``).  Most of a large sync's
+        elements pass here, so the section is looked up once per array,
+        never per element.
+        """
+        where = where or label
+        make_row = section.make_row
+        latin_row = _sample_row_latin if make_row is _sample_row else None
+        reader = self.reader
+        batch = []
+        for obj, raw, exact in reader.elements(pos):
+            if obj.__class__ is not dict:
+                row = ("element is nested too deeply to be read" if obj is TOO_DEEP
+                       else f"element is {_json_kind(obj)}, not an object")
+            elif exact:
+                row = make_row(obj, raw, label)
+            # Scanning the real text again costs as much as the first scan;
+            # a sample's own strings can instead be re-decoded one by one,
+            # unless \u escapes (or a content key) need the real value.
+            elif latin_row is not None and "\\u" not in raw and obj.get("uuid").__class__ is str:
+                row = latin_row(obj, raw, label)
             else:
-                depth, at = depth - 1, at + 1
-                if depth == 0:
-                    return at
-
-    def _element(self, pos):
-        """Scan the value at ``pos``; return (value, its real JSON text, end)."""
-        value, end = self._scan_latin(pos)
-        raw = self.text[pos - self.base:end - self.base]
-        if not raw.isascii():
-            raw = self._utf8(raw, pos)
-            if value is not TOO_DEEP:
-                value = _scan_value(raw, 0)[0]
-        return value, raw, end
-
-    def _utf8(self, raw, pos):
-        """The real text of the latin-1 view ``raw`` found at ``pos``."""
-        try:
-            return raw.encode("latin-1").decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PayloadError(f"The body is not valid UTF-8 (byte {pos + exc.start}).") from None
-
-    def _key(self, pos):
-        """Read the key at ``pos``; return (key, position of its value)."""
-        if self._char(pos) != '"':
-            self._fail("expected a quoted key", pos)
-        while True:
-            text, base = self.text, self.base
-            try:
-                key, end = _scan_string(text, pos - base + 1, True)
-                break
-            except json.JSONDecodeError as exc:
-                if self._may_continue(exc) and self._extend(pos):
-                    continue
-                self._scan_error(exc, pos)
-        if not key.isascii():
-            key = _scan_string(self._utf8(text[pos - base:end], pos), 1, True)[0]
-        end = self._skip(end + base)
-        if self._char(end) != ":":
-            self._fail("expected ':' after a key", end)
-        return key, self._skip(end + 1)
-
-    def _walk_object(self, pos, on_member):
-        """For each member of the object at ``pos``, delegate to the generator
-        ``on_member(key, value_pos)``, which returns the value's end.  Return
-        the end of the object."""
-        pos = self._skip(pos + 1)
-        if self._char(pos) == "}":
-            return pos + 1
-        while True:
-            key, pos = self._key(pos)
-            pos = yield from on_member(key, pos)
-            pos = self._skip(pos)
-            char = self._char(pos)
-            if char == ",":
-                pos = self._skip(pos + 1)
-            elif char == "}":
-                return pos + 1
+                obj = reader.decode(raw)
+                row = make_row(obj, raw, label)
+            if row.__class__ is str:
+                yield None, [(where, row, raw)]
             else:
-                self._fail("expected ',' or '}' after an object member", pos)
+                batch.append(row)
+                if len(batch) >= BATCH_ROWS:
+                    yield from self._settled(section, batch, where)
+                    batch = []
+        if batch:
+            yield from self._settled(section, batch, where)
+        return reader.end
 
     def _settled(self, section, batch, where):
         """Yield the batch with its dates in canonical UTC.
@@ -953,173 +1186,6 @@ class Payload:
             yield section, rows
         if rejected:
             yield None, rejected
-
-    def _array(self, pos, section, label, where=None):
-        """Yield batches of rows of ``section`` from the array at ``pos``;
-        return its end.
-
-        ``label`` is passed to the row function (the data key, or the
-        workout of a route); elements that cannot be rows go to ``rejected``
-        under ``where`` (by default ``label``).  This is the hot loop: most
-        of a large sync's elements pass here, so the section is looked up
-        once per array, never per element, and the window is only touched
-        when an element runs past it.
-        """
-        where = where or label
-        scan = _scan_value
-        make_row = section.make_row
-        latin_row = _sample_row_latin if make_row is _sample_row else None
-        batch = []
-        pos = self._skip(pos + 1)
-        if self._char(pos) == "]":
-            return pos + 1
-        text, base = self.text, self.base
-        margin = self._read_ahead
-        while True:
-            start = pos - base
-            if len(text) - start < margin and not self.eof:
-                # Read on before the element rather than after the scanner
-                # fails at the window's end: its JSONDecodeError counts the
-                # window's lines, which costs as much as scanning it.
-                self._extend(pos)
-                text, base = self.text, self.base
-                start = pos - base
-            try:
-                obj, end = scan(text, start)
-                edge = end >= len(text) and not self.eof
-            except (StopIteration, ValueError, RecursionError):
-                edge = True
-            if edge:  # past the window, an error, or too deep: the careful way
-                obj, end = self._scan_latin(pos)
-                text, base = self.text, self.base
-                start, end = pos - base, end - base
-            raw = text[start:end]
-            if obj is TOO_DEEP:
-                row = "element is nested too deeply to be read"
-                raw = raw if raw.isascii() else self._utf8(raw, pos)
-            elif raw.isascii():
-                row = make_row(obj, raw, label) if obj.__class__ is dict else None
-            else:
-                try:
-                    raw = raw.encode("latin-1").decode("utf-8")
-                except UnicodeDecodeError:
-                    raw = self._utf8(raw, pos)  # raises with the offset
-                # Scanning the real text again costs as much as the first
-                # scan; a sample's own strings can instead be re-decoded one
-                # by one, unless \u escapes (or a content key) need the real
-                # value.
-                if (latin_row is not None and obj.__class__ is dict and "\\u" not in raw
-                        and obj.get("uuid").__class__ is str):
-                    row = latin_row(obj, raw, label)
-                else:
-                    obj = scan(raw, 0)[0]
-                    row = make_row(obj, raw, label) if obj.__class__ is dict else None
-            if row is None:
-                row = f"element is {_json_kind(obj)}, not an object"
-            if row.__class__ is str:
-                yield None, [(where, row, raw)]
-            else:
-                batch.append(row)
-                if len(batch) >= BATCH_ROWS:
-                    yield from self._settled(section, batch, where)
-                    batch = []
-            char = text[end:end + 1]
-            if char != "," and char != "]":
-                end = self._skip(base + end)
-                text, base = self.text, self.base
-                end -= base
-                char = text[end:end + 1]
-            if char == ",":
-                pos = base + end + 1
-                if text[end + 1:end + 2] not in '{["' or end + 2 > len(text):
-                    pos = self._skip(pos)
-                    text, base = self.text, self.base
-            elif char == "]":
-                if batch:
-                    yield from self._settled(section, batch, where)
-                return base + end + 1
-            else:
-                self._fail("expected ',' or ']' in an array", base + end)
-
-    # -- the payload ---------------------------------------------------------
-
-    def batches(self):
-        """Yield ``(section, rows)`` as the body arrives.
-
-        Raises PayloadError, possibly after some batches were yielded: the
-        caller must then discard them (storage never merges them).
-        """
-        while len(self.text) < 3 and self._extend(0):
-            pass
-        pos = self._skip(3 if self.text.startswith("\xef\xbb\xbf") else 0)  # a UTF-8 byte order mark
-        char = self._char(pos)
-        if not char:
-            raise PayloadError("The body is empty; expected a JSON object.")
-        if char != "{":
-            value = self._element(pos)[0]
-            kind = "an array" if value is TOO_DEEP else _json_kind(value)
-            raise PayloadError(f"The body must be a JSON object, not {kind}.")
-        end = yield from self._walk_object(pos, self._top_member)
-        end = self._skip(end)
-        if self._char(end):
-            self._fail("unexpected data after the top-level object", end)
-
-    def _top_member(self, key, pos):
-        if key == "data":
-            if self._char(pos) != "{":
-                value = self._element(pos)[0]
-                raise PayloadError(f"'data' must be an object of sections, not {_json_kind(value)}.")
-            return (yield from self._walk_object(pos, self._data_member))
-        section = _SECTIONS_BY_APP_KEY.get(key)
-        if section is not None and section.shape == "routes":
-            return (yield from self._section(section, key, pos))
-        value, raw, end = self._element(pos)
-        small = len(raw) <= ENVELOPE_VALUE_MAX and value is not TOO_DEEP
-        self.envelope[key] = value if small else None
-        self.envelope_text[key] = raw
-        if section is not None and section.shape == "object":
-            yield from self._object_section(section, value, raw, key)
-        return end
-
-    def _data_member(self, key, pos):
-        self.sections.append(key)
-        section = _SECTIONS_BY_APP_KEY.get(key, DEFAULT_SECTION)
-        return (yield from self._section(section, key, pos, "data." + key if section.shape != "array" else key))
-
-    def _section(self, section, key, pos, where=None):
-        """Rows of one section's value at ``pos``, of whatever shape."""
-        where = where or key
-        if section.shape == "array":
-            if self._char(pos) == "[":
-                return (yield from self._array(pos, section, key))
-            value, raw, end = self._element(pos)
-            yield None, [(where, f"section is {_json_kind(value)}, not an array", raw)]
-            return end
-        if self._char(pos) != "{":
-            value, raw, end = self._element(pos)
-            yield None, [(where, f"{key} is {_json_kind(value)}, not an object", raw)]
-            return end
-        if section.shape == "object":
-            value, raw, end = self._element(pos)
-            yield from self._object_section(section, value, raw, where)
-            return end
-        return (yield from self._walk_object(pos, lambda workout, at: self._route(section, workout, at)))
-
-    def _route(self, section, workout, pos):
-        where = "workoutRoutes/" + workout  # rejected rows name the route they came from
-        if self._char(pos) != "[":
-            value, raw, end = self._element(pos)
-            yield None, [(where, f"route is {_json_kind(value)}, not an array", raw)]
-            return end
-        return (yield from self._array(pos, section, workout, where))
-
-    def _object_section(self, section, value, raw, where):
-        if value.__class__ is not dict:
-            yield None, [(where, f"{section.app_keys[0]} is {_json_kind(value)}, not an object", raw)]
-            return
-        rows = [section.make_row(name, item) for name, item in value.items()]
-        if rows:
-            yield section, rows
 
 
 # ---------------------------------------------------------------------------
@@ -3056,19 +3122,19 @@ def ndjson_line(name, columns, row):
 def object_members(line):
     """{key: original JSON text of its value} for the object that is
     ``line`` (bytes: one NDJSON line); raises PayloadError."""
-    payload = Payload.from_bytes(line)
+    reader = JsonReader.from_bytes(line)
     members = {}
 
     def member(key, pos):
-        _value, raw, end = payload._element(pos)
+        _value, raw, end = reader.value(pos)
         members[key] = raw
         return end
-        yield  # a generator, as _walk_object delegates to it
+        yield  # a generator, as walk_object delegates to it
 
-    pos = payload._skip(0)
-    if payload._char(pos) != "{":
+    pos = reader.start()
+    if reader.char(pos) != "{":
         raise PayloadError("not a JSON object")
-    for _batch in payload._walk_object(pos, member):
+    for _batch in reader.walk_object(pos, member):
         pass
     return members
 

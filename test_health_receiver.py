@@ -382,7 +382,7 @@ class WalkerTests(unittest.TestCase):
 
         def pieces():
             for start in range(0, len(body), 1000):
-                windows.append(len(payload.text))
+                windows.append(len(payload.reader.text))
                 yield body[start:start + 1000]
 
         payload = hr.Payload(pieces(), read_ahead=1000)
