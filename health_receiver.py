@@ -216,7 +216,16 @@ class StorageUnavailable(Exception):
 
 
 class UsageError(Exception):
-    """A command was given a value it cannot use (exit status 2)."""
+    """A command was given a value it cannot use: said in one line, without
+    a traceback, and the command exits with ``exit_status``."""
+
+    exit_status = 2
+
+
+class NothingThere(UsageError):
+    """What a command was pointed at does not exist (a database): it failed."""
+
+    exit_status = 1
 
 
 class ClientError(Exception):
@@ -1611,7 +1620,7 @@ class SyncResult:
     def sync(self, received_at, envelope_text):
         """The syncs row of this stored sync."""
         env = self.envelope
-        routes = ROUTES.name
+        routes = ROUTE_POINTS.name
         return Sync(self.sync_id, received_at, self.remote_addr, env.get("syncSource"),
                     *(utc_date(env.get(name)) or env.get(name) for name in ("exportDate", "startDate", "endDate")),
                     self.body_bytes, self.records, self.new_records, self.duplicates, self.rejected,
@@ -1711,7 +1720,7 @@ _UNBINDABLE = (ValueError, OverflowError, sqlite3.InterfaceError, sqlite3.Progra
 #: The section whose per-type totals sample_types keeps.
 SAMPLES = SECTIONS_BY_NAME["samples"]
 #: The section whose counts the ``syncs`` table keeps apart (route_points).
-ROUTES = SECTIONS_BY_NAME["routes"]
+ROUTE_POINTS = SECTIONS_BY_NAME["routes"]
 #: Keeps sample_types (rows, first and last date per type) current as rows
 #: arrive: counting 5 million samples per type would take a second per page.
 _SAMPLE_TYPES_SQL = (
@@ -3151,7 +3160,7 @@ def _ndjson_entries(lines):
             section = SECTIONS_BY_NAME.get(name)
             if section is None:
                 if name != "syncs":
-                    raise ValueError(f"unknown section {name!r}")
+                    raise PayloadError(f"unknown section {name!r}")
                 continue
             if section.shape == "object":
                 yield number, section.app_keys[0], json.loads(members["name"]), members["value"]
@@ -3160,7 +3169,7 @@ def _ndjson_entries(lines):
             container = section.app_keys[0] if section.shape == "routes" else "data"
             yield number, container, label or section.app_keys[0], members["record"]
         except (ValueError, KeyError, TypeError, PayloadError) as exc:
-            raise ValueError(f"line {number}: not an export line ({exc})") from None
+            raise PayloadError(f"line {number}: not an export line ({exc})") from None
 
 
 def ndjson_payloads(lines, per_payload):
@@ -3181,7 +3190,7 @@ def ndjson_payloads(lines, per_payload):
 def _ndjson_payload(entries, per_payload):
     out, size = ['{"syncSource":"import"'], 0
     container = key = None
-    for count, (_number, where, name, text) in enumerate(entries, 1):
+    for count, (_line_number, where, name, text) in enumerate(entries, 1):
         if where != container:
             out.append("]}" if key is not None and container != "characteristics" else "}" if container else "")
             out.append(f",{json.dumps(where)}:{{")
@@ -3887,7 +3896,7 @@ def describe_sync(result):
         span = f", {start[:10]} -> {end[:10]}"
     return log_safe(
         f"{result.remote_addr} {source} {result.records} records ({result.new_records} new, {result.duplicates} "
-        f"dup, {result.rejected} rejected) in {result.sections} sections, {result.received[ROUTES.name]} route "
+        f"dup, {result.rejected} rejected) in {result.sections} sections, {result.received[ROUTE_POINTS.name]} route "
         f"points{span}, {result.body_bytes / 1e6:.1f} MB in {result.duration:.2f} s")
 
 
@@ -3972,8 +3981,113 @@ class SyncIntake:
 
 
 # ---------------------------------------------------------------------------
-# HTTP: configuration, request checks, body reading, handler, server
+# HTTP: keys, request checks, the protocol, routes and their actions, the server
 # ---------------------------------------------------------------------------
+
+class Identity(typing.NamedTuple):
+    """Who a request speaks for: the person its key names."""
+
+    name: str
+
+
+#: Whom the one key (--token-file, $HEALTH_RECEIVER_TOKEN or <db>.key)
+#: names, and whom a receiver without keys takes every request to be.
+OWNER = Identity("me")
+
+
+class Keys:
+    """The keys that let a request in, each naming an Identity.
+
+    Auth is on when there is a key (``required``).  The app sends its key
+    as ``Authorization: Bearer <key>`` or in the header named ``header``
+    (--auth-header); a browser logs in to the pages with HTTP Basic, any
+    user name and the key as password.
+    """
+
+    def __init__(self, named=(), header=None):
+        #: [(key as bytes, the identity it names)]
+        self._named = [(key.encode("utf-8"), identity) for key, identity in named]
+        #: The header the app sends its key in; None: Authorization: Bearer.
+        self.header = header
+
+    @classmethod
+    def single(cls, key, header=None):
+        """The one key of this receiver, naming OWNER; no key: auth is off."""
+        return cls([(key, OWNER)] if key else [], header)
+
+    def __repr__(self):
+        return f"Keys({len(self._named)} key(s), header={self.header!r})"  # never a key
+
+    @property
+    def required(self):
+        return bool(self._named)
+
+    def _named_by(self, sent):
+        """The identity a sent key names, or None.  The one comparison of
+        keys: constant time, and every key is compared whichever matches."""
+        sent = sent.encode("utf-8", "surrogateescape")
+        found = None
+        for key, identity in self._named:
+            if hmac.compare_digest(sent, key):
+                found = identity
+        return found
+
+    def _sent_by_app(self, headers):
+        """The key sent the app's way, or None."""
+        if self.header:
+            sent = headers.get(self.header)
+            return None if sent is None else sent.strip()
+        scheme, _, sent = (headers.get("Authorization") or "").strip().partition(" ")
+        return sent.strip() if scheme.lower() == "bearer" and sent.strip() else None
+
+    @staticmethod
+    def _sent_by_login(headers):
+        """The password of an HTTP Basic login, or None."""
+        scheme, _, credentials = (headers.get("Authorization") or "").strip().partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            return base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    def identify(self, headers, login=False):
+        """Whom the request's key names, sent the app's way (or, with
+        ``login``, as a browser's login), or None."""
+        for sent in (self._sent_by_app(headers), self._sent_by_login(headers) if login else None):
+            identity = None if sent is None else self._named_by(sent)
+            if identity is not None:
+                return identity
+        return None
+
+    def app_refusal(self, headers):
+        """The 401 for a request whose key identify() did not take the
+        app's way: what is wrong, and what is expected."""
+        if self.header:
+            if headers.get(self.header) is None:
+                return ClientError(HTTPStatus.UNAUTHORIZED, f"Missing {self.header} header; this receiver expects "
+                                   f"'{self.header}: <key>'.")
+            return ClientError(HTTPStatus.UNAUTHORIZED, f"The key in the {self.header} header is wrong.")
+        expected = "'Authorization: Bearer <key>'"
+        challenge = (("WWW-Authenticate", 'Bearer realm="health_receiver"'),)
+        value = headers.get("Authorization")
+        if value is None:
+            return ClientError(HTTPStatus.UNAUTHORIZED, f"Missing Authorization header; this receiver expects "
+                               f"{expected}.", challenge)
+        scheme, _, sent = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not sent.strip():
+            shown = "holds no scheme" if not sent.strip() else f"uses the scheme '{log_safe(scheme, 20)}'"
+            return ClientError(HTTPStatus.UNAUTHORIZED, f"The Authorization header {shown}; this receiver "
+                               f"expects {expected}.", challenge)
+        return ClientError(HTTPStatus.UNAUTHORIZED, "The key in the Authorization header is wrong.", challenge)
+
+    @staticmethod
+    def login_refusal():
+        """The 401 that makes a browser ask for a login."""
+        return ClientError(HTTPStatus.UNAUTHORIZED, "This page needs the receiver's key: log in with any user name "
+                           "and the key as password.", (("WWW-Authenticate", 'Basic realm="health_receiver", '
+                                                                             'charset="UTF-8"'),))
+
 
 @dataclasses.dataclass
 class ReceiverConfig:
@@ -3983,8 +4097,8 @@ class ReceiverConfig:
     port: int = DEFAULT_PORT
     path: str = DEFAULT_PATH
     db: str = DEFAULT_DB
-    token: typing.Optional[str] = dataclasses.field(default=None, repr=False)
-    auth_header: typing.Optional[str] = None
+    #: Who may call; no key means auth is off.
+    keys: Keys = dataclasses.field(default_factory=Keys)
     max_body: int = DEFAULT_MAX_BODY_MB * MIB
     quiet: bool = False
     timeout: float = DEFAULT_TIMEOUT
@@ -3993,9 +4107,10 @@ class ReceiverConfig:
     log_stream: typing.Any = dataclasses.field(default=None, repr=False)
     tmp_dir: typing.Optional[str] = None
     max_tmp: int = DEFAULT_MAX_TMP_MB * MIB
-    token_source: typing.Optional[str] = None
-    #: The key was made at this start (the banner shows it this once).
-    token_generated: bool = False
+    #: Where the key came from, for the banner.
+    key_source: typing.Optional[str] = None
+    #: A key made at this start: the banner shows it this once.
+    new_key: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     #: Running without a key was asked for (--no-auth).
     no_auth: bool = False
     #: Warnings for the banner, decided with the configuration.
@@ -4005,15 +4120,6 @@ class ReceiverConfig:
 
     def __post_init__(self):
         self.path = "/" + self.path.strip("/") if self.path.strip("/") else "/"
-        if self.token and not self.token_source:
-            self.token_source = "configuration"
-
-    def auth_mode(self):
-        if not self.token:
-            return "none (anyone who can reach this port may post)"
-        if self.auth_header:
-            return f"custom header {self.auth_header}: <key>"
-        return "Authorization: Bearer <key>"
 
 
 def check_content_length(values, limit):
@@ -4045,59 +4151,6 @@ def too_large_message(limit):
 def _mib(size):
     value = size / MIB
     return f"{round(value, 2):g}"
-
-
-def check_auth(config, headers):
-    """Raise ClientError 401 unless the request carries the configured key;
-    the message says what is wrong and what is expected."""
-    if not config.token:
-        return
-    if config.auth_header:
-        name, expected_form, challenge = config.auth_header, f"'{config.auth_header}: <key>'", ()
-        sent = headers.get(name)
-        if sent is None:
-            raise ClientError(HTTPStatus.UNAUTHORIZED, f"Missing {name} header; this receiver expects "
-                              f"{expected_form}.", challenge)
-    else:
-        name, expected_form = "Authorization", "'Authorization: Bearer <key>'"
-        challenge = (("WWW-Authenticate", 'Bearer realm="health_receiver"'),)
-        value = headers.get(name)
-        if value is None:
-            raise ClientError(HTTPStatus.UNAUTHORIZED, f"Missing Authorization header; this receiver expects "
-                              f"{expected_form}.", challenge)
-        scheme, _, sent = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not sent.strip():
-            shown = "holds no scheme" if not sent.strip() else f"uses the scheme '{log_safe(scheme, 20)}'"
-            raise ClientError(HTTPStatus.UNAUTHORIZED, f"The Authorization header {shown}; this receiver "
-                              f"expects {expected_form}.", challenge)
-    if not hmac.compare_digest(sent.strip().encode("utf-8", "surrogateescape"), config.token.encode("utf-8")):
-        raise ClientError(HTTPStatus.UNAUTHORIZED, f"The key in the {name} header is wrong.", challenge)
-
-
-def check_page_auth(config, headers, client):
-    """The status page and /api/summary show health data: with a key, the
-    app's header or HTTP Basic with the key as password (any user name, so
-    a browser can log in); without one, only this machine may read them."""
-    if not config.token:
-        if not is_loopback(client):
-            raise ClientError(HTTPStatus.FORBIDDEN, "This receiver runs without a key (--no-auth), so its pages "
-                              "answer only this machine; start it with a key (the default) to read them from "
-                              "elsewhere.")
-        return
-    with contextlib.suppress(ClientError):
-        check_auth(config, headers)
-        return
-    scheme, _, credentials = (headers.get("Authorization") or "").strip().partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            _user, _, password = base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")
-        except (ValueError, UnicodeDecodeError):
-            password = ""
-        if hmac.compare_digest(password.encode("utf-8", "surrogateescape"), config.token.encode("utf-8")):
-            return
-    raise ClientError(HTTPStatus.UNAUTHORIZED, "This page needs the receiver's key: log in with any user name "
-                      "and the key as password.", (("WWW-Authenticate", 'Basic realm="health_receiver", '
-                                                                         'charset="UTF-8"'),))
 
 
 def is_loopback(host):
@@ -4270,8 +4323,121 @@ def decompress(chunks, encoding, limit):
         yield out
 
 
+class Answer(typing.NamedTuple):
+    """What a route's action answers: the protocol sends it, and logs it
+    before it does (so the line exists once the client has the answer)."""
+
+    content_type: str
+    #: bytes, or an iterable of bytes sent as it comes (chunked); the
+    #: protocol closes it once sent.
+    body: typing.Any
+    status: HTTPStatus = HTTPStatus.OK
+    headers: typing.Tuple[typing.Tuple[str, str], ...] = ()
+    #: The log line of the request (None: "GET /path -> 200", after the client's address).
+    log: typing.Optional[str] = None
+    #: Runs once the answer is sent: what the client need not wait for.
+    then: typing.Optional[typing.Callable[[], None]] = None
+
+
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+def json_answer(obj, status=HTTPStatus.OK, headers=(), log=None, then=None):
+    return Answer(JSON_TYPE, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"), status, headers, log, then)
+
+
+def html_answer(document):
+    return Answer("text/html; charset=utf-8", document.encode("utf-8"))
+
+
+class Access(typing.NamedTuple):
+    """Who may call a route."""
+
+    name: str
+    #: A browser's login (HTTP Basic, the key as password) counts as well
+    #: as the app's header.
+    login: bool
+    #: Without keys (--no-auth), only this machine may call it.
+    loopback_without_keys: bool
+
+
+#: The app: its key in its header; without keys, anyone who can reach the port.
+APP_KEY = Access("the app's key", login=False, loopback_without_keys=False)
+#: A person's browser: the app's header or a login; without keys, only
+#: this machine (the pages show health data).
+PAGE_LOGIN = Access("a page login", login=True, loopback_without_keys=True)
+#: Stands for the endpoint's path (--path) in a route.
+ENDPOINT = "<endpoint>"
+
+
+class Route(typing.NamedTuple):
+    """One thing the receiver answers."""
+
+    method: str
+    #: An exact path, ENDPOINT, or a pattern with one ``<name>`` part that
+    #: matches the rest of the path: the action's ``request.argument``.
+    path: str
+    access: Access
+    #: ``action(request)`` -> Answer; raises ClientError for the client's mistakes.
+    action: typing.Callable
+    #: What it is, for messages.
+    title: str
+
+
+class RouteTable:
+    """The routes of one server, ENDPOINT made its path: finds a request's
+    route.  A route whose path is the endpoint's is refused (UsageError)."""
+
+    def __init__(self, routes, endpoint):
+        self.endpoint = endpoint
+        self._exact = {}  # path -> {method: route}
+        self._patterns = {}  # pattern text -> (regex, {method: route})
+        for route in routes:
+            path = endpoint if route.path == ENDPOINT else route.path
+            if route.path != ENDPOINT and self._holds(route, path, endpoint):
+                raise UsageError(f"the endpoint path {endpoint} (--path) is taken by {route.title} ({route.path}); "
+                                 "choose another")
+            if "<" in path:
+                before, _, rest = path.partition("<")
+                after = rest.partition(">")[2]
+                regex = re.compile(re.escape(before) + "(.+)" + re.escape(after) + r"\Z", re.DOTALL)
+                self._patterns.setdefault(path, (regex, {}))[1][route.method] = route
+            else:
+                self._exact.setdefault(path, {})[route.method] = route
+
+    @staticmethod
+    def _holds(route, path, endpoint):
+        if "<" not in path:
+            return path == endpoint
+        before, _, rest = path.partition("<")
+        after = rest.partition(">")[2]
+        return endpoint.startswith(before) and endpoint.endswith(after) and len(endpoint) > len(before + after)
+
+    def find(self, method, path):
+        """(route, argument) of a request; raises ClientError 404 or 405."""
+        methods, argument = self._exact.get(path.rstrip("/") or "/"), None
+        if methods is None:
+            for regex, candidates in self._patterns.values():
+                match = regex.match(path)
+                if match:
+                    methods, argument = candidates, unquote(match.group(1))
+                    break
+        if methods is None:
+            raise ClientError(HTTPStatus.NOT_FOUND, f"Nothing here; the endpoint is {self.endpoint}.")
+        route = methods.get("GET" if method == "HEAD" else method)
+        if route is None:
+            allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
+            raise ClientError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not supported here; use "
+                              f"{' or '.join(sorted(methods))} instead.", (("Allow", ", ".join(allowed)),))
+        return route, argument
+
+
 class HealthRequestHandler(BaseHTTPRequestHandler):
-    """Routes, checks and answers requests; the sync workflow does the rest."""
+    """The protocol: HTTP/1.1 framing, checks before a body is read, the
+    body within its limits, early answers, and the one writer of answers,
+    which also logs.  What a request does is its route's action (see
+    ROUTES): it gets this handler as ``request``, with ``argument``,
+    ``identity`` and ``now`` (one per request) set."""
 
     protocol_version = "HTTP/1.1"
     server_version = "health_receiver/" + __version__
@@ -4281,17 +4447,21 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     #: Until the request line is parsed (send_error may come first).
     path = None
-    #: What follows a route that names a thing (/type/HeartRate).
-    route_argument = None
+    #: What a pattern route's ``<name>`` matched (/type/HeartRate).
+    argument = None
+    #: Who the request speaks for, once admitted.
+    identity = None
+    #: The moment the request is answered at, for everything it shows.
+    now = None
 
     def setup(self):
         self.timeout = self.server.config.timeout
         super().setup()
 
-    # -- plumbing ------------------------------------------------------------
+    # -- the connection ------------------------------------------------------
 
     def handle_expect_100(self):
-        # Decided in _receive, after auth and size: no 100 Continue before that.
+        # Decided in body_pieces, after auth and size: no 100 Continue before that.
         self._expects_continue = True
         return True
 
@@ -4317,9 +4487,10 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError, ValueError):
             self.wfile.flush()
             sock = self.connection
-            if not isinstance(sock, ssl.SSLSocket):  # shutting down TLS would drop its state
-                sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(LINGER_IDLE)
+            if isinstance(sock, socket.socket):
+                if not isinstance(sock, ssl.SSLSocket):  # shutting down TLS would drop its state
+                    sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(LINGER_IDLE)
             deadline = time.monotonic() + LINGER_SECONDS
             while most > 0 and time.monotonic() < deadline:
                 data = self.rfile.read1(min(READ_CHUNK, most))
@@ -4328,13 +4499,15 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 most -= len(data)
 
     def log_request(self, code="-", size="-"):
-        pass  # each request logs its own line, with what it did
+        pass  # each answer logs its own line (see send_answer)
 
     def log_message(self, format, *args):
         self.server.log_request_line(self.address_string(), log_safe((format % args) if args else format))
 
     def log_error(self, format, *args):
         self.server.log_error_line(self.address_string(), log_safe((format % args) if args else format))
+
+    # -- answers ---------------------------------------------------------------
 
     def send_error(self, code, message=None, explain=None):
         """The standard library's errors (bad request line, 431, ...) as JSON."""
@@ -4343,15 +4516,32 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         # The request line may not have said which version: answer in 1.1,
         # which every client reads (0.9 would mean no status line at all).
         self.request_version = self.protocol_version
-        self._send_json(code, {"ok": False, "error": message or code.phrase}, log_error=message or code.phrase)
+        self._send_failure(code, message or code.phrase)
 
-    def _respond(self, status, body, content_type, headers=()):
-        """The one response writer for a body in hand."""
-        self._send_head(status, content_type, headers, len(body))
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    def _send_failure(self, status, message, headers=()):
+        """A 4xx or 5xx: one line of JSON, and a line in the log."""
+        self.send_answer(json_answer({"ok": False, "error": message}, status, headers),
+                         error=f"{self.command or '-'} {(self.path or '-')[:LOG_TEXT_MAX]} -> {int(status)} {message}")
 
-    def _respond_streamed(self, status, content_type, pieces, headers=()):
+    def send_answer(self, answer, error=None):
+        """The one writer of answers: logs the request (``error``: as an
+        error), then sends the answer's head and body."""
+        if error is not None:
+            self.log_error(error)
+        elif answer.log is not None:
+            self.server.log_request_line(None, answer.log)
+        else:
+            self.server.log_request_line(self.address_string(), f"{self.command} {log_safe(self.path, LOG_TEXT_MAX)} "
+                                                                f"-> {int(answer.status)}")
+        if isinstance(answer.body, bytes):
+            self._send_head(answer.status, answer.content_type, answer.headers, len(answer.body))
+            if self.command != "HEAD":
+                self.wfile.write(answer.body)
+        else:
+            self._send_streamed(answer)
+        self.wfile.flush()
+
+    def _send_streamed(self, answer):
         """A body of unknown length, sent as its pieces come (chunked; to an
         HTTP/1.0 client, until the connection closes).  A failure half way
         drops the connection without the last chunk, so the client sees an
@@ -4359,29 +4549,31 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True
-        self._send_head(status, content_type, headers, None if chunked else -1)
-        if self.command == "HEAD":
-            return
-        try:
-            for piece in pieces:
-                if piece:
-                    self.wfile.write(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-        except (ConnectionError, socket.timeout, ssl.SSLError):
-            raise
-        except Exception:
-            self.close_connection = True
-            self.server.log_error_line(self.address_string(), f"download stopped half way on "
-                                       f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
-            return
-        if chunked:
-            self.wfile.write(b"0\r\n\r\n")
+        with contextlib.closing(answer.body) if hasattr(answer.body, "close") else contextlib.nullcontext():
+            self._send_head(answer.status, answer.content_type, answer.headers, None if chunked else -1)
+            if self.command == "HEAD":
+                return
+            try:
+                for piece in answer.body:
+                    if piece:
+                        self.wfile.write(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            except (ConnectionError, socket.timeout, ssl.SSLError):
+                raise
+            except Exception:
+                self.close_connection = True
+                self.server.log_error_line(self.address_string(), f"download stopped half way on "
+                                           f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
+                return
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
 
     def _send_head(self, status, content_type, headers, length):
         """Status line and headers of every answer; ``length`` None means
-        chunked, -1 means until the connection closes.  A POST whose body
-        was not read closes the connection (what the client still sends is
-        not a request), after reading and dropping that body for a while
-        unless the client waits for 100 Continue (see _lingering_close)."""
+        chunked, -1 means until the connection closes.  A request whose
+        body was not read closes the connection (what the client still
+        sends is not a request), after reading and dropping that body for
+        a while unless the client waits for 100 Continue (see
+        _lingering_close)."""
         if self.command == "POST" and not self._body_read:
             self.close_connection = True
             if not self._expects_continue:
@@ -4404,163 +4596,77 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
 
-    def _send_json(self, status, obj, headers=(), log_error=None):
-        # Logged first, so the line exists once the client has its answer.
-        if log_error is not None:
-            self.log_error(f"{self.command or '-'} {(self.path or '-')[:LOG_TEXT_MAX]} -> {int(status)} {log_error}")
-        self._respond(status, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"),
-                      "application/json; charset=utf-8", headers)
-
-    def _log_answered(self, status=HTTPStatus.OK):
-        self.server.log_request_line(self.address_string(), f"{self.command} {log_safe(self.path, LOG_TEXT_MAX)} "
-                                                            f"-> {int(status)}")
-
-    # -- routing -------------------------------------------------------------
+    # -- a request -------------------------------------------------------------
 
     def _dispatch(self):
-        """Every method: find the route, answer errors as JSON."""
-        path = urlsplit(self.path).path
-        route = self.server.routes.get(path.rstrip("/") or "/")
-        self.route_argument = None
-        if route is None:
-            head, slash, rest = path[1:].partition("/")
-            route = self.server.routes.get(f"/{head}/") if slash and rest else None
-            self.route_argument = unquote(rest)
+        """Every method: find the route, admit the caller, run the action,
+        send its answer; errors are answered as JSON."""
+        self.now = datetime.datetime.now(datetime.timezone.utc)
+        server = self.server
         client = self.client_address[0]
+        answer = None
         try:
-            wait = self.server.guesses.retry_after(client)
+            wait = server.guesses.retry_after(client)
             if wait:
                 raise ClientError(HTTPStatus.TOO_MANY_REQUESTS, "Too many wrong keys from this address; try again "
                                   "in a minute.", (("Retry-After", str(wait)),))
             check_framing(self.headers)
-            if route is None:
-                raise ClientError(HTTPStatus.NOT_FOUND, f"Nothing here; the endpoint is {self.server.config.path}.")
-            action = route.get("GET" if self.command == "HEAD" else self.command)
-            if action is None:
-                raise ClientError(HTTPStatus.METHOD_NOT_ALLOWED,
-                                  f"{self.command} is not supported here; use "
-                                  f"{' or '.join(sorted(route))} instead.",
-                                  (("Allow", ", ".join(sorted(set(route) | ({"HEAD"} if "GET" in route else set())))),))
-            if self.command == "POST":
-                with self.server.in_flight():
-                    action(self)
-            else:
-                action(self)
+            route, self.argument = server.routes.find(self.command, urlsplit(self.path).path)
+            self.identity = self._admit(route.access)
+            with server.in_flight() if self.command == "POST" else contextlib.nullcontext():
+                answer = route.action(self)
+                self.send_answer(answer)
+                if answer.then is not None:
+                    answer.then()
         except ClientError as exc:
-            if exc.status == HTTPStatus.UNAUTHORIZED and self.server.guesses.failed(client):
+            if exc.status == HTTPStatus.UNAUTHORIZED and server.guesses.failed(client):
                 self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for "
                                f"{GUESS_BLOCK} s")
-            self._send_json(exc.status, {"ok": False, "error": exc.message}, exc.headers, log_error=exc.message)
+            self._send_failure(exc.status, exc.message, exc.headers)
         except PayloadError as exc:
-            self._send_json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": exc.message}, log_error=exc.message)
+            self._send_failure(HTTPStatus.BAD_REQUEST, exc.message)
         except StorageUnavailable as exc:
-            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(exc)},
-                            (("Retry-After", str(RETRY_AFTER)),), log_error=str(exc))
+            self._send_failure(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), (("Retry-After", str(RETRY_AFTER)),))
         except (ConnectionError, socket.timeout, ssl.SSLError):
             raise
         except Exception:
-            self.server.log_error_line(self.address_string(), f"internal error on {self.command} "
-                                       f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
+            server.log_error_line(self.address_string(), f"internal error on {self.command} "
+                                  f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
             self.close_connection = True
-            with contextlib.suppress(Exception):
-                self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                {"ok": False, "error": "Internal error; the receiver's log has the details."})
+            if answer is None:  # nothing sent yet
+                with contextlib.suppress(Exception):
+                    self._send_failure(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                       "Internal error; the receiver's log has the details.")
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _dispatch
 
-    # -- what the routes do --------------------------------------------------
+    def _admit(self, access):
+        """Who the request speaks for; raises ClientError 401 or 403."""
+        keys = self.server.config.keys
+        if not keys.required:
+            if access.loopback_without_keys and not is_loopback(self.client_address[0]):
+                raise ClientError(HTTPStatus.FORBIDDEN, "This receiver runs without a key (--no-auth), so its pages "
+                                  "answer only this machine; start it with a key (the default) to read them from "
+                                  "elsewhere.")
+            return OWNER
+        identity = keys.identify(self.headers, access.login)
+        if identity is None:
+            raise keys.login_refusal() if access.login else keys.app_refusal(self.headers)
+        return identity
 
-    def _page_range(self):
-        """Checks that may read the pages; returns the ``?range=`` asked for."""
-        check_page_auth(self.server.config, self.headers, self.client_address[0])
-        asked = parse_qs(urlsplit(self.path).query).get("range", [DEFAULT_RANGE])[-1]
-        if asked not in RANGES_BY_NAME:
-            raise ClientError(HTTPStatus.BAD_REQUEST, f"range must be one of {', '.join(RANGES_BY_NAME)}.")
-        return asked
+    @property
+    def query(self):
+        """The query's fields: {name: [values]}."""
+        return parse_qs(urlsplit(self.path).query)
 
-    def _send_page(self, document):
-        self._log_answered()
-        self._respond(HTTPStatus.OK, document.encode("utf-8"), "text/html; charset=utf-8")
+    # -- a body ------------------------------------------------------------------
 
-    def status_page(self):
-        utc = self.server.config.utc
-        self._send_page(render_status_page(summary(self.server.store, self._page_range(), utc=utc), utc))
-
-    def summary_json(self):
-        facts = summary(self.server.store, self._page_range(), utc=self.server.config.utc)
-        self._log_answered()
-        self._send_json(HTTPStatus.OK, facts)
-
-    def type_page(self):
-        range_name, utc = self._page_range(), self.server.config.utc
-        name = self.route_argument
-        if name.endswith(".csv"):
-            return self._type_csv(name[:-len(".csv")], range_name)
-        facts = type_page_facts(self.server.store, name, range_name, utc=utc)
-        if facts is None:
-            raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(name, 80)}.")
-        self._send_page(render_type_page(facts, utc))
-
-    def _type_csv(self, name, range_name):
-        found = type_window(self.server.store, name, range_name, utc=self.server.config.utc)
-        if found is None:
-            raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(name, 80)}.")
-        type_name, window = found
-        columns, rows = export_rows(self.server.store, SAMPLES.name, type_name, start=window.start, end=window.end)
-        filename = f"{short_type_name(type_name)}-{window.first}-{window.last}.csv"
-        self._log_answered()
-        try:
-            self._respond_streamed(HTTPStatus.OK, "text/csv; charset=utf-8", csv_pieces(columns, rows),
-                                   (("Content-Disposition", f'attachment; filename="{quote(filename)}"'),))
-        finally:
-            rows.close()
-
-    def workout_page(self):
-        self._page_range()
-        facts = workout_page_facts(self.server.store, self.route_argument, utc=self.server.config.utc)
-        if facts is None:
-            raise ClientError(HTTPStatus.NOT_FOUND, "No such workout.")
-        self._send_page(render_workout_page(facts, self.server.config.utc))
-
-    def connection_check(self):
-        """GET on the endpoint: the app's "Test Connection"."""
-        check_auth(self.server.config, self.headers)
-        answer = {"ok": True, "service": "health_receiver", "version": __version__,
-                  **connection_facts(self.server.store), "ingests_in_progress": self.server.ingests_in_progress}
-        peak = peak_rss_mb()
-        if peak is not None:
-            answer["peak_rss_mb"] = round(peak, 1)
-        self._log_answered()
-        self._send_json(HTTPStatus.OK, answer)
-
-    def receive_sync(self):
-        server = self.server
-        intake = server.intake
-        remote = self.address_string()
-        try:
-            pieces = self._body_pieces(*self._check_post_headers())
-            try:
-                result = intake.ingest(pieces, remote)  # records its own failures
-            except (PayloadError, StorageUnavailable):
-                # Read what the client still sends (within the body's limit
-                # and deadline), so that it reads the answer, not a reset.
-                for _piece in pieces:
-                    pass
-                raise
-        except ClientError as exc:
-            intake.refuse(remote, SyncStatus.FAILED if exc.status >= 500 else SyncStatus.REJECTED, exc.message)
-            raise
-        server.log_request_line(None, describe_sync(result))
-        self._send_json(HTTPStatus.OK, result.response())
-        self.wfile.flush()
-        intake.after_answer(result)
-
-    # -- reading a POST ------------------------------------------------------
-
-    def _check_post_headers(self):
-        """Decide auth, type, encodings and size from the headers alone."""
+    def body_pieces(self):
+        """The body as it arrives: pieces of bytes, chunked and gzip or
+        deflate decoded, within the size limit and the body's deadline.
+        Type, encodings and size are checked before anything is read (and
+        before 100 Continue)."""
         config = self.server.config
-        check_auth(config, self.headers)
         check_content_type(self.headers.get("Content-Type"))
         encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
         if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
@@ -4568,22 +4674,20 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                               f"Content-Encoding {encoding[:40]} is not supported; use gzip or deflate.")
         transfers = self.headers.get_all("Transfer-Encoding") or []
         codings = [coding.strip().lower() for value in transfers for coding in value.split(",")]
-        transfer = "chunked" if codings else None
         if codings and codings != ["chunked"]:
             if "chunked" in codings or len(transfers) > 1:
                 raise ClientError(HTTPStatus.BAD_REQUEST, "Transfer-Encoding must be chunked alone, in one header.")
             raise ClientError(HTTPStatus.NOT_IMPLEMENTED,
                               f"Transfer-Encoding {log_safe(codings[0], 40)} is not supported.")
-        if not transfer:
-            return check_content_length(self.headers.get_all("Content-Length"), config.max_body), None, encoding
-        if self.headers.get("Content-Length") is not None:
+        length = None
+        if not codings:
+            length = check_content_length(self.headers.get_all("Content-Length"), config.max_body)
+        elif self.headers.get("Content-Length") is not None:
             raise ClientError(HTTPStatus.BAD_REQUEST, "A request cannot have both Content-Length and "
                               "Transfer-Encoding.")
-        return None, transfer, encoding
+        return self._pieces(length, encoding)
 
-    def _body_pieces(self, length, transfer, encoding):
-        """The body as it arrives: pieces of bytes, chunked and gzip or
-        deflate decoded, within the size limit and the body's deadline."""
+    def _pieces(self, length, encoding):
         config = self.server.config
         if self._expects_continue:
             self.send_response_only(HTTPStatus.CONTINUE)
@@ -4622,9 +4726,109 @@ def peak_rss_mb():
     return peak / 1e6 if sys.platform == "darwin" else peak / 1024
 
 
+# -- the routes: what the receiver answers, and who may ask ------------------
+
+def asked_range(request):
+    """The ``?range=`` a page asks for (400 for an unknown one)."""
+    asked = request.query.get("range", [DEFAULT_RANGE])[-1]
+    if asked not in RANGES_BY_NAME:
+        raise ClientError(HTTPStatus.BAD_REQUEST, f"range must be one of {', '.join(RANGES_BY_NAME)}.")
+    return asked
+
+
+def status_page(request):
+    utc = request.server.config.utc
+    return html_answer(render_status_page(summary(request.server.store, asked_range(request), utc=utc), utc))
+
+
+def summary_json(request):
+    return json_answer(summary(request.server.store, asked_range(request), utc=request.server.config.utc))
+
+
+def type_page(request):
+    range_name, utc = asked_range(request), request.server.config.utc
+    facts = type_page_facts(request.server.store, request.argument, range_name, utc=utc)
+    if facts is None:
+        raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(request.argument, 80)}.")
+    return html_answer(render_type_page(facts, utc))
+
+
+def type_csv(request):
+    store = request.server.store
+    found = type_window(store, request.argument, asked_range(request), utc=request.server.config.utc)
+    if found is None:
+        raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(request.argument, 80)}.")
+    type_name, window = found
+    columns, rows = export_rows(store, SAMPLES.name, type_name, start=window.start, end=window.end)
+    filename = f"{short_type_name(type_name)}-{window.first}-{window.last}.csv"
+    return Answer("text/csv; charset=utf-8", _closing(csv_pieces(columns, rows), rows),
+                  headers=(("Content-Disposition", f'attachment; filename="{quote(filename)}"'),))
+
+
+def _closing(pieces, rows):
+    """``pieces``, then ``rows`` closed (its connection with it), however
+    the download ends."""
+    try:
+        yield from pieces
+    finally:
+        rows.close()
+
+
+def workout_page(request):
+    asked_range(request)
+    facts = workout_page_facts(request.server.store, request.argument, utc=request.server.config.utc)
+    if facts is None:
+        raise ClientError(HTTPStatus.NOT_FOUND, "No such workout.")
+    return html_answer(render_workout_page(facts, request.server.config.utc))
+
+
+def connection_check(request):
+    """GET on the endpoint: the app's "Test Connection"."""
+    server = request.server
+    answer = {"ok": True, "service": "health_receiver", "version": __version__,
+              **connection_facts(server.store), "ingests_in_progress": server.ingests_in_progress}
+    peak = peak_rss_mb()
+    if peak is not None:
+        answer["peak_rss_mb"] = round(peak, 1)
+    return json_answer(answer)
+
+
+def receive_sync(request):
+    """POST on the endpoint: a sync, answered once it is committed."""
+    intake = request.server.intake
+    remote = request.address_string()
+    try:
+        pieces = request.body_pieces()
+        try:
+            result = intake.ingest(pieces, remote)  # records its own failures
+        except (PayloadError, StorageUnavailable):
+            # Read what the client still sends (within the body's limit
+            # and deadline), so that it reads the answer, not a reset.
+            for _piece in pieces:
+                pass
+            raise
+    except ClientError as exc:
+        intake.refuse(remote, SyncStatus.FAILED if exc.status >= 500 else SyncStatus.REJECTED, exc.message)
+        raise
+    return json_answer(result.response(), log=describe_sync(result), then=lambda: intake.after_answer(result))
+
+
+#: Everything the receiver answers.  A pattern's ``<name>`` is the rest of
+#: the path; patterns are tried in this order, after exact paths.
+ROUTES = (
+    Route("GET", "/", PAGE_LOGIN, status_page, "the status page"),
+    Route("GET", SUMMARY_PATH, PAGE_LOGIN, summary_json, "the status page's JSON"),
+    Route("GET", TYPE_PAGES + "<name>.csv", PAGE_LOGIN, type_csv, "a type's CSV download"),
+    Route("GET", TYPE_PAGES + "<name>", PAGE_LOGIN, type_page, "the type pages"),
+    Route("GET", WORKOUT_PAGES + "<uuid>", PAGE_LOGIN, workout_page, "the workout pages"),
+    Route("GET", ENDPOINT, APP_KEY, connection_check, "the app's Test Connection"),
+    Route("POST", ENDPOINT, APP_KEY, receive_sync, "the app's syncs"),
+)
+
+
 class HealthReceiverServer(ThreadingHTTPServer):
     """The HTTP server: owns the config, the store, the sync workflow and
-    the routes."""
+    the route table."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -4633,18 +4837,13 @@ class HealthReceiverServer(ThreadingHTTPServer):
     #: maximum (net.core.somaxconn on Linux).
     request_queue_size = 1024
 
-    def __init__(self, config, store=None, bind_and_activate=True):
+    def __init__(self, config, store=None, bind_and_activate=True, routes=ROUTES):
         self.config = config
         self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
         self.guesses = GuessThrottle()
-        #: {path: {method: handler function}}; the endpoint wins over "/".
-        self.routes = {"/": {"GET": HealthRequestHandler.status_page},
-                       SUMMARY_PATH: {"GET": HealthRequestHandler.summary_json},
-                       TYPE_PAGES: {"GET": HealthRequestHandler.type_page},
-                       WORKOUT_PAGES: {"GET": HealthRequestHandler.workout_page},
-                       config.path.rstrip("/") or "/": {"GET": HealthRequestHandler.connection_check,
-                                                        "POST": HealthRequestHandler.receive_sync}}
+        #: Refused at start when a route takes the endpoint's path.
+        self.routes = RouteTable(routes, config.path)
         self._log_lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -4721,7 +4920,6 @@ class HealthReceiverServer(ThreadingHTTPServer):
                             "unexpected error:\n" + traceback.format_exc().rstrip())
 
 
-
 def make_ssl_context(cert, key):
     """A TLS 1.2+ server context; raise UsageError with a clear sentence."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -4777,15 +4975,15 @@ def banner_lines(config, port):
         urls = [f"{scheme}://{shown_host}:{port}"]
     lines.append("Server URL for Health Export Pro: " + "  or  ".join(urls))
     lines.append(f"Endpoint Path: {config.path}")
-    if config.token:
-        if config.auth_header:
-            lines.append(f"Auth Type: Custom Header, header name {config.auth_header} (key from {config.token_source})")
+    if config.keys.required:
+        if config.keys.header:
+            lines.append(f"Auth Type: Custom Header, header name {config.keys.header} (key from {config.key_source})")
         else:
-            lines.append(f"Auth Type: Bearer (key from {config.token_source})")
-        if config.token_generated:
-            lines.append(f"Key: {config.token}")
+            lines.append(f"Auth Type: Bearer (key from {config.key_source})")
+        if config.new_key:
+            lines.append(f"Key: {config.new_key}")
             lines.append(f"  A new key, shown this once: in the app choose Auth Type Bearer and enter it. It is "
-                         f"saved in {config.token_source[len('file '):]} (readable only by you); later starts "
+                         f"saved in {config.key_source[len('file '):]} (readable only by you); later starts "
                          f"read it from there. A browser asks for it on the status page (any user name).")
     else:
         lines.append("Auth Type: None" + (" (--no-auth)" if config.no_auth else ""))
@@ -4920,7 +5118,7 @@ def resolve_key(args, environ):
     return token, source, generated, (warning,) if warning else ()
 
 
-def _positive_mb(text):
+def _positive_number(text):
     try:
         value = float(text)
     except ValueError:
@@ -4952,13 +5150,13 @@ def serve_parser():
                         help="run without a key (by default a new database gets one, in <db>.key)")
     parser.add_argument("--auth-header", metavar="NAME", type=_header_name,
                         help="take the key from this header (e.g. X-API-Key) instead of 'Authorization: Bearer'")
-    parser.add_argument("--max-body-mb", type=_positive_mb, default=DEFAULT_MAX_BODY_MB, metavar="MB",
+    parser.add_argument("--max-body-mb", type=_positive_number, default=DEFAULT_MAX_BODY_MB, metavar="MB",
                         help="largest accepted body in MiB, after decompression (default %(default)s)")
-    parser.add_argument("--timeout", type=_positive_mb, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_positive_number, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="close connections idle this long (default %(default)s)")
     parser.add_argument("--tmp-dir", metavar="DIR", help="where syncs wait while their body arrives (default: "
                                                          "the database's folder)")
-    parser.add_argument("--max-tmp-mb", type=_positive_mb, default=DEFAULT_MAX_TMP_MB, metavar="MB",
+    parser.add_argument("--max-tmp-mb", type=_positive_number, default=DEFAULT_MAX_TMP_MB, metavar="MB",
                         help="temporary disk that syncs being received may take together; past it, 503 "
                              "(default %(default)s)")
     # Version 1.0 held bodies in memory and limited how many; the flag is
@@ -4982,12 +5180,12 @@ def config_from_args(args, environ):
     if args.tmp_dir and not os.path.isdir(args.tmp_dir):
         raise UsageError(f"--tmp-dir {args.tmp_dir} is not a folder")
     token, source, generated, warnings = resolve_key(args, environ)  # last: it may create the key file
-    config = ReceiverConfig(host=args.host, port=args.port, path=args.path, db=args.db, token=token,
-                            auth_header=args.auth_header, max_body=int(args.max_body_mb * MIB),
+    config = ReceiverConfig(host=args.host, port=args.port, path=args.path, db=args.db,
+                            keys=Keys.single(token, args.auth_header), max_body=int(args.max_body_mb * MIB),
                             quiet=args.quiet, timeout=args.timeout, tmp_dir=args.tmp_dir,
                             max_tmp=int(args.max_tmp_mb * MIB),
-                            tls_cert=args.tls_cert, tls_key=args.tls_key, token_source=source,
-                            token_generated=generated, no_auth=args.no_auth, warnings=warnings,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, key_source=source,
+                            new_key=token if generated else None, no_auth=args.no_auth, warnings=warnings,
                             archive=args.archive, utc=args.utc)
     if config.archive:
         try:
@@ -5011,7 +5209,7 @@ IMPORT_SUFFIXES = (".json", ".json.gz", ".ndjson", ".ndjson.gz", ".jsonl", ".jso
 
 def _existing_store(path):
     if not os.path.exists(path):
-        raise ValueError(f"no database at {path}")
+        raise NothingThere(f"no database at {path}")
     return Store(path)
 
 
@@ -5229,7 +5427,7 @@ def run_import(args, out):
             for payload in payloads:
                 result = intake.ingest(payload, "import " + os.path.basename(path))
                 intake.after_answer(result)
-                points, new_points = result.received[ROUTES.name], result.inserted[ROUTES.name]
+                points, new_points = result.received[ROUTE_POINTS.name], result.inserted[ROUTE_POINTS.name]
                 counts["records"] += result.records + points
                 counts["new"] += result.new_records + new_points
                 counts["dup"] += result.duplicates + points - new_points
@@ -5237,7 +5435,7 @@ def run_import(args, out):
                 progress.records += result.records + points
             progress.file_done(path, sizes[path], f"{counts['records']:,} records ({counts['new']:,} new, "
                                                   f"{counts['dup']:,} dup, {counts['rejected']:,} rejected)")
-        except (OSError, EOFError, ValueError, zlib.error, PayloadError) as exc:
+        except (OSError, EOFError, zlib.error, PayloadError) as exc:
             progress.file_done(path, sizes[path], f"skipped: {exc}", failed=True)
         except StorageUnavailable as exc:
             progress.file_done(path, sizes[path], f"not imported: {exc}", failed=True)
@@ -5476,8 +5674,8 @@ def bench_once(body, slow_body, work_dir):
 
 
 def bench_concurrent(body, posts, work_dir):
-    """Post ``posts`` copies of ``body`` at once to a fresh receiver (default
-    --max-ingests); return (seconds until all answered, statuses, peak MB)."""
+    """Post ``posts`` copies of ``body`` at once to a fresh receiver; return
+    (seconds until all answered, statuses, peak MB)."""
     proc, port = _start_child_server(os.path.join(work_dir, "concurrent.db"))
     statuses = []
     try:
@@ -5675,11 +5873,11 @@ def bench_parser():
     parser = argparse.ArgumentParser(prog="health_receiver.py bench",
                                      description="Time a large sync against the real receiver and a baseline, "
                                                  "or at a database size (--fill).")
-    parser.add_argument("--mb", type=_positive_mb, default=50, help="size of the generated sync (default 50)")
+    parser.add_argument("--mb", type=_positive_number, default=50, help="size of the generated sync (default 50)")
     parser.add_argument("--runs", type=int, default=3, help="rounds to take the median of (default 3)")
     parser.add_argument("--concurrent", type=int, default=1, metavar="N",
                         help="also post N copies at once and report time and peak memory (default 1: no)")
-    parser.add_argument("--fill", type=_positive_mb, metavar="MILLIONS",
+    parser.add_argument("--fill", type=_positive_number, metavar="MILLIONS",
                         help="first fill a database with this many million samples, then compare syncs into it "
                              "with the same syncs into an empty one, warm and evicted from the OS cache")
     parser.add_argument("--baseline-child", nargs=2, metavar=("BODY", "DB"), help=argparse.SUPPRESS)
@@ -5690,7 +5888,7 @@ def run_bench(args, out):
     if args.baseline_child:
         return run_baseline(*args.baseline_child)
     if resource is None:
-        raise ValueError("bench needs the resource module (Linux, macOS, BSD)")
+        raise UsageError("bench needs the resource module (Linux, macOS, BSD)")
     runs = max(1, args.runs)
     if args.fill:
         return bench_at_size(args.fill, args.mb, runs, out)
@@ -5728,8 +5926,10 @@ def main(argv=None, environ=None, out=None):
         return run(args, out)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, StorageUnavailable) as exc:
+        return exc.exit_status
+    # The environment's failures (a file, a disk, the database); anything
+    # else is a bug and ends with its traceback (exit 1).
+    except (OSError, StorageUnavailable) as exc:
         if isinstance(exc, BrokenPipeError):  # export | head: the reader has all it wants
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

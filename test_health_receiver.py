@@ -112,7 +112,7 @@ class ServerTestCase(unittest.TestCase):
         self.db = os.path.join(self.tmp.name, "health.db")
         self.log = io.StringIO()
         self.config = hr.ReceiverConfig(
-            host="127.0.0.1", port=0, db=self.db, token=self.token, auth_header=self.auth_header,
+            host="127.0.0.1", port=0, db=self.db, keys=hr.Keys.single(self.token, self.auth_header),
             max_body=self.max_body, timeout=self.timeout, max_tmp=self.max_tmp, log_stream=self.log,
             **self.server_options())
         self.store = hr.Store(self.db, busy_timeout=0.5)
@@ -1028,7 +1028,7 @@ class ReportingTests(unittest.TestCase):
                         seen[name] = seen.get(name, 0) + len(batch)
                 self.assertEqual(seen, {"samples": 7, "routes": 1, "characteristics": 1})
                 self.assertEqual(payloads, -(-9 // per_payload))
-        with self.assertRaisesRegex(ValueError, "line 2: not an export line"):
+        with self.assertRaisesRegex(hr.PayloadError, "line 2: not an export line"):
             for pieces in hr.ndjson_payloads([lines[0], b'{"section": "moods"}'], 100):
                 b"".join(pieces)
 
@@ -2392,14 +2392,29 @@ class HttpValidatorTests(unittest.TestCase):
                 hr.check_content_type(value)
             self.assertEqual(caught.exception.status, 415)
 
-    def test_check_auth(self):
-        config = hr.ReceiverConfig(token="k")
-        hr.check_auth(config, {"Authorization": "Bearer k"})
-        hr.check_auth(config, {"Authorization": "bearer  k "})
-        for headers in ({}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": "Bearer kk"}):
-            with self.assertRaises(hr.ClientError):
-                hr.check_auth(config, headers)
-        hr.check_auth(hr.ReceiverConfig(), {})
+    def test_keys_identify_whom_a_key_names(self):
+        keys = hr.Keys.single("k")
+        self.assertTrue(keys.required)
+        self.assertFalse(hr.Keys.single(None).required)
+        self.assertFalse(hr.ReceiverConfig().keys.required)
+        self.assertEqual(keys.identify({"Authorization": "Bearer k"}), hr.OWNER)
+        self.assertEqual(keys.identify({"Authorization": "bearer  k "}), hr.OWNER)
+        basic = {"Authorization": "Basic " + base64.b64encode(b"anyone:k").decode()}
+        self.assertIsNone(keys.identify(basic))
+        self.assertEqual(keys.identify(basic, login=True), hr.OWNER)
+        for headers in ({}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": "Bearer kk"},
+                        {"Authorization": "Basic " + base64.b64encode(b"k:kk").decode()}, {"X-API-Key": "k"}):
+            with self.subTest(headers=headers):
+                self.assertIsNone(keys.identify(headers, login=True))
+                self.assertEqual(keys.app_refusal(headers).status, 401)
+        custom = hr.Keys.single("k", "X-API-Key")
+        self.assertEqual(custom.identify({"X-API-Key": " k "}), hr.OWNER)
+        self.assertIsNone(custom.identify({"Authorization": "Bearer k"}))
+        self.assertIn("Missing X-API-Key", custom.app_refusal({}).message)
+        self.assertIn("is wrong", custom.app_refusal({"X-API-Key": "x"}).message)
+        two = hr.Keys([("k1", hr.Identity("ann")), ("k2", hr.Identity("bob"))])
+        self.assertEqual(two.identify({"Authorization": "Bearer k2"}), hr.Identity("bob"))
+        self.assertNotIn("k1", repr(two) + repr(hr.ReceiverConfig(keys=two)))
 
 
 TEST_CERT = """-----BEGIN CERTIFICATE-----
@@ -2807,8 +2822,8 @@ class CommandLineTests(unittest.TestCase):
         self.assertTrue(any(line.startswith("Server URL for Health Export Pro: http://") for line in lines))
         lines = hr.banner_lines(hr.ReceiverConfig(host="127.0.0.1"), 3000)
         self.assertFalse(any("WARNING" in line for line in lines))
-        lines = hr.banner_lines(hr.ReceiverConfig(host="0.0.0.0", token="k", auth_header="X-API-Key",
-                                                  token_source="file t"), 3000)
+        lines = hr.banner_lines(hr.ReceiverConfig(host="0.0.0.0", keys=hr.Keys.single("k", "X-API-Key"),
+                                                  key_source="file t"), 3000)
         self.assertIn("Auth Type: Custom Header, header name X-API-Key (key from file t)", lines)
         self.assertFalse(any("k" == part for line in lines for part in line.split()))
 
