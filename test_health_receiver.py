@@ -924,7 +924,7 @@ class ReportingTests(unittest.TestCase):
 
     def test_utc_day_windows(self):
         now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
-        window = hr.make_window("90d", True, now)
+        window = hr.make_window(hr.View.of("90d", hr.Zone(utc=True), now))
         self.assertEqual((len(window.periods), window.grain.name, window.shifted), (90, "day", False))
         self.assertEqual(window.periods[-1], ("2026-03-10", "2026-03-10T00:00:00.000Z", "2026-03-11T00:00:00.000Z"))
         self.assertEqual(window.periods[0].day, "2025-12-11")
@@ -933,31 +933,33 @@ class ReportingTests(unittest.TestCase):
     def test_local_periods_are_contiguous(self):
         now = datetime.datetime.now(datetime.timezone.utc)
         for name in hr.RANGES_BY_NAME:
-            window = hr.make_window(name, False, now, "2019-01-01T00:00:00.000Z")
+            window = hr.make_window(hr.View.of(name, hr.Zone(utc=False), now), "2019-01-01T00:00:00.000Z")
             self.assertTrue(all(a.end == b.start for a, b in zip(window.periods, window.periods[1:])), name)
 
     def test_each_range_has_its_grain(self):
         now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
         first = "2022-06-15T10:00:00.000Z"
-        grains = {name: hr.make_window(name, True, now, first).grain.name for name in hr.RANGES_BY_NAME}
+        grains = {name: hr.make_window(hr.View.of(name, hr.Zone(utc=True), now), first).grain.name
+                  for name in hr.RANGES_BY_NAME}
         self.assertEqual(grains, {"7d": "day", "30d": "day", "90d": "day", "1y": "week", "all": "month"})
-        window = hr.make_window("1y", True, now, first)
+        window = hr.make_window(hr.View.of("1y", hr.Zone(utc=True), now), first)
         weeks = window.periods
         self.assertEqual(datetime.date.fromisoformat(weeks[0].day).weekday(), 0)  # named by their Monday
         self.assertEqual(weeks[0].start, f"{window.first.isoformat()}T00:00:00.000Z")  # but start with the range
         self.assertTrue(all(datetime.date.fromisoformat(week.day).weekday() == 0 for week in weeks))
-        months = hr.make_window("all", True, now, first).periods
+        months = hr.make_window(hr.View.of("all", hr.Zone(utc=True), now), first).periods
         self.assertEqual((months[0].day, months[0].start, months[-1].day, months[-1].end),
                          ("2022-06-01", "2022-06-15T00:00:00.000Z", "2026-03-01", "2026-04-01T00:00:00.000Z"))
-        two_years = hr.make_window("all", True, now, "2024-03-11T00:00:00.000Z")
+        two_years = hr.make_window(hr.View.of("all", hr.Zone(utc=True), now), "2024-03-11T00:00:00.000Z")
         self.assertEqual(two_years.grain.name, "week")
 
     def test_a_range_without_data_shows_the_last_stretch_with_data(self):
         now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
-        window = hr.make_window("30d", True, now, "2025-01-01T00:00:00.000Z", "2025-06-20T08:00:00.000Z")
+        view = hr.View.of("30d", hr.Zone(utc=True), now)
+        window = hr.make_window(view, "2025-01-01T00:00:00.000Z", "2025-06-20T08:00:00.000Z")
         self.assertTrue(window.shifted)
         self.assertEqual((window.first.isoformat(), window.last.isoformat()), ("2025-05-22", "2025-06-20"))
-        window = hr.make_window("30d", True, now, "2025-01-01T00:00:00.000Z", "2026-02-20T08:00:00.000Z")
+        window = hr.make_window(view, "2025-01-01T00:00:00.000Z", "2026-02-20T08:00:00.000Z")
         self.assertFalse(window.shifted)
 
     def test_chart_kinds_and_short_names(self):
@@ -966,7 +968,7 @@ class ReportingTests(unittest.TestCase):
                  "HKQuantityTypeIdentifierOxygenSaturation": "percent",
                  "HKCategoryTypeIdentifierSleepAnalysis": "sleep", "HKCategoryTypeIdentifierMindfulSession": "minutes",
                  "HKCategoryTypeIdentifierAppleStandHour": "count", "moodEntries": "count"}
-        self.assertEqual({name: hr.chart_kind(name) for name in kinds}, kinds)
+        self.assertEqual({name: hr.chart_kind(name).name for name in kinds}, kinds)
         self.assertEqual(hr.short_type_name("HKQuantityTypeIdentifierHeartRate"), "HeartRate")
         titles = {"HKQuantityTypeIdentifierRestingHeartRate": "Resting heart rate",
                   "HKQuantityTypeIdentifierVO2Max": "VO2 max", "HKCategoryTypeIdentifierSleepAnalysis": "Sleep"}
@@ -1006,7 +1008,7 @@ class ReportingTests(unittest.TestCase):
 
     def test_every_type_gets_a_registered_chart_kind(self):
         for name in ("", "x", "HKQuantityTypeIdentifier", "HKQuantityTypeIdentifierNewThing", "\u0000", "moodEntries"):
-            self.assertIn(hr.chart_kind(name), hr.CHART_KINDS_BY_NAME)
+            self.assertIn(hr.chart_kind(name), hr.CHART_KINDS)
         for kind in hr.CHART_KINDS:
             self.assertIn(kind.draw, hr.DRAWINGS)
         self.assertTrue(hr.CHART_KINDS[-1].applies("anything", "anything"))
