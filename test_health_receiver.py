@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.error
 import urllib.request
 import zlib
@@ -1199,6 +1200,35 @@ class StatusPageTests(PageTestCase):
         self.assertEqual(sorted(w["route_points"] for w in facts["workouts"]), [0, 3])
         self.assertEqual(facts["syncs"][0]["inserted"], 27)
 
+    def test_the_page_and_its_json_are_made_from_the_same_records(self):
+        self.post(recent_payload())
+        self.post({"data": {
+            "medications": [{"conceptIdentifier": "rx-9", "displayText": "Metformin"}],
+            "medicationDoseEvents": [{"uuid": "MD-1", "medicationConceptIdentifier": "rx-9",
+                                      "startDate": utc_at(8), "logStatus": "taken"}]}})
+        view = hr.View.of("7d", hr.Zone(utc=True), datetime.datetime.now(datetime.timezone.utc))
+        report = hr.status_report(self.store, view)
+        facts = hr.summary_json(report)
+        served = self.summary("7d")
+        # Apart from the moment and the file's size (the log is checkpointed meanwhile).
+        self.assertEqual(served.pop("database")["path"], facts["database"]["path"])
+        self.assertEqual({key: value for key, value in served.items() if key != "generated_at"},
+                         {key: value for key, value in facts.items() if key not in ("generated_at", "database")})
+        page = hr.render_status_page(report)
+        self.assertEqual([chart["name"] for chart in facts["charts"]], [chart.name for chart in report.charts])
+        for chart, shown in zip(report.charts, facts["charts"]):
+            self.assertEqual((shown["kind"], shown["grain"]), (chart.kind.name, chart.grain.name))
+            self.assertEqual(shown["points"], [[point[0].isoformat(), *point[1:]] for point in chart.points])
+        steps = self.chart(facts, "StepCount")
+        drawn = page[page.index('aria-label="StepCount"'):]
+        drawn = drawn[:drawn.index("</svg>")]
+        self.assertEqual(drawn.count("<rect"), len([point for point in steps["points"] if point[1]]))
+        doses = facts["medications"][0]
+        self.assertEqual(doses["points"], [[point[0].isoformat(), point[2]["taken"], point[2]["skipped"]]
+                                           for point in report.medications[0].chart.points])
+        drawn = page[page.index('aria-label="Metformin"'):]
+        self.assertEqual(drawn[:drawn.index("</svg>")].count("<rect"), 1)
+
     def test_repeated_sync_keeps_type_totals_exact(self):
         self.post(recent_payload())
         self.post(recent_payload())
@@ -1466,6 +1496,70 @@ class StatusPageTests(PageTestCase):
                                           " ORDER BY type").fetchall(),
                              conn.execute("SELECT type, count(*), total(value) FROM samples GROUP BY type"
                                           " ORDER BY type").fetchall())
+
+
+class HandMadeRecordsTests(unittest.TestCase):
+    """Presentation formats records: pages from records made here, with no
+    database at all."""
+
+    def setUp(self):
+        now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
+        self.view = hr.View.of("7d", hr.Zone(utc=True), now)
+        self.window = hr.days_window(self.view.range, datetime.date(2026, 3, 4), datetime.date(2026, 3, 10),
+                                     self.view.zone)
+        steps = "HKQuantityTypeIdentifierStepCount"
+        self.info = hr.TypeInfo(steps, "StepCount", "Steps <&>", 12, "2026-03-04T08:00:00.000Z",
+                                "2026-03-10T08:00:00.000Z", hr.chart_kind(steps))
+        self.chart = hr.Chart(steps, "StepCount", "Steps <&>", self.info.kind, self.window.grain, None, tuple(
+            (period.date, 1000.0 * i if i % 2 else None) for i, period in enumerate(self.window.periods)))
+        self.workout = hr.Workout("W<1>", "running", "2026-03-09T07:00:00.000Z", None, 1800.0, 5000.0, None, 150.4,
+                                  11, "<Watch>")
+        connect = unittest.mock.patch.object(hr.sqlite3, "connect", side_effect=AssertionError("no database"))
+        connect.start()
+        self.addCleanup(connect.stop)
+
+    def test_a_status_page(self):
+        doses = hr.Chart("rx-1", "<Aspirin>", "<Aspirin>", hr.DOSES, self.window.grain, None, tuple(
+            (period.date, 1, {"taken": 1, "skipped": 0}) for period in self.window.periods))
+        sync = hr.Sync(id=1, received_at="2026-03-10T14:51:00.000Z", sync_source="<app>", received=12, inserted=12,
+                       status=hr.SyncStatus.OK)
+        stored = hr.StoreFacts("/data/<health>.db", 2_500_000, hr.SCHEMA_VERSION, {"samples": 12, "syncs": 1},
+                               (self.info,), 3, (sync,))
+        tile = hr.Tile(self.info.type, "Steps", 4000, None, 2000.0)
+        report = hr.StatusReport(self.view, stored, self.window, (tile,), (self.chart,), (self.workout,), 0,
+                                 (hr.Medication("rx-1", "<Aspirin>", 7, 0, doses),))
+        page = hr.render_status_page(report)
+        self.assertNotRegex(page, r"<(Aspirin|app|health|Watch)>|<&>")
+        self.assertIn("/data/&lt;health&gt;.db &middot; 2.5 MB &middot; days in UTC", page)
+        self.assertIn("<p>Last sync 9 min ago: 12 records, ok.</p>", page)
+        self.assertIn("<span>Steps</span><b>4,000</b><span>30-day average 2,000</span>", page)
+        self.assertIn('<p class="muted">Mar 04, 2026 to Mar 10, 2026, by day.</p>', page)
+        self.assertIn('<a href="/type/StepCount?range=7d">Steps &lt;&amp;&gt;</a>', page)
+        steps = page[page.index('aria-label="StepCount"'):]
+        self.assertEqual(steps[:steps.index("</svg>")].count("<rect"), 3)
+        self.assertIn('<a href="/workout/W%3C1%3E">Running</a>', page)
+        self.assertIn("<h3>&lt;Aspirin&gt;</h3><p>doses per day: 7 taken, 0 skipped</p>", page)
+        self.assertIn("&lt;app&gt;", page)
+        self.assertIn("and 3 more types with fewer samples", page)
+        self.assertIn("Generated 2026-03-10 15:00.", page)
+
+    def test_a_type_page_and_a_workout_page(self):
+        report = hr.TypeReport(self.view, self.window, self.info, self.chart,
+                               (hr.PeriodRow(datetime.date(2026, 3, 9), (2, 1000.0, 1000.0)),),
+                               (hr.LatestSample("2026-03-09T08:00:00.000Z", None, 500, "count", "<iPhone>"),), None)
+        page = hr.render_type_page(report)
+        self.assertIn("<td>Mon 2026-03-09</td><td>2</td><td>1,000</td><td>1,000</td>", page)
+        self.assertIn('<td class="opt">&lt;iPhone&gt;</td>', page)
+        self.assertIn('href="/type/StepCount.csv?range=7d"', page)
+        self.assertEqual(page.count('aria-label="StepCount"'), 2)  # a drawing per screen
+        route = hr.Route(((47.0, 8.0), (47.009, 8.0)), 1000.0, ((0.0, 400.0), (1000.0, 420.0)), (hr.Split(1, 300.0),))
+        page = hr.render_workout_page(hr.WorkoutReport(self.view, self.workout, route))
+        self.assertIn("2026-03-09 07:00 &middot; &lt;Watch&gt;", page)
+        self.assertIn("<b>30 min</b>", page)
+        self.assertIn("<b>150 bpm</b>", page)
+        self.assertIn("<td>1</td><td>5:00 /km</td>", page)
+        self.assertIn('aria-label="route"', page)
+        self.assertIn('aria-label="elevation"', page)
 
 
 class StatusPageAuthTests(ServerTestCase):
