@@ -2290,11 +2290,15 @@ class Grain(typing.NamedTuple):
     axis_format: str
     #: strftime format of a period in a table.
     table_format: str
+    #: What a value "per day" is at this grain (a week's point is the
+    #: mean of its days).
+    per_day: str = "day"
 
 
 #: Grains from the finest; a window is charted at the first that holds it.
-GRAINS = (Grain("day", 92, "%b %d", "%a %Y-%m-%d"), Grain("week", 731, "%b %d", "week of %Y-%m-%d"),
-          Grain("month", None, "%b %Y", "%Y-%m"))
+GRAINS = (Grain("day", 92, "%b %d", "%a %Y-%m-%d"),
+          Grain("week", 731, "%b %d", "week of %Y-%m-%d", "day, averaged by week"),
+          Grain("month", None, "%b %Y", "%Y-%m", "day, averaged by month"))
 
 
 def grain_for(days):
@@ -2309,6 +2313,26 @@ class Period(typing.NamedTuple):
     start: str
     end: str
 
+    @property
+    def date(self):
+        """The first local day as a date (what a chart point is labelled with)."""
+        return datetime.date.fromisoformat(self.day)
+
+
+class View(typing.NamedTuple):
+    """What one request asks to see: a range of days, in a zone, as of
+    ``now``, taken once where the request arrives."""
+
+    range: Range
+    zone: Zone
+    #: An aware datetime.
+    now: datetime.datetime
+
+    @classmethod
+    def of(cls, range_name, zone, now):
+        """The view of a ``?range=`` name (an unknown one: the default range)."""
+        return cls(RANGES_BY_NAME.get(range_name) or RANGES_BY_NAME[DEFAULT_RANGE], zone, now)
+
 
 class Window(typing.NamedTuple):
     """The days a page shows and the periods it charts them in."""
@@ -2320,7 +2344,7 @@ class Window(typing.NamedTuple):
     periods: typing.Tuple[Period, ...]
     #: Nothing fell in the chosen days: this is the last stretch with data.
     shifted: bool = False
-    utc: bool = False
+    zone: Zone = Zone()
 
     @property
     def start(self):
@@ -2353,33 +2377,33 @@ def _period_starts(first, last, grain):
     return starts
 
 
-def make_window(range_name, utc, now, first_stamp=None, last_stamp=None):
-    """The window of a range, ending today; when the data (first_stamp to
-    last_stamp) ends before it, the same number of days up to the data's
-    last day instead, marked ``shifted``."""
-    choice = RANGES_BY_NAME.get(range_name) or RANGES_BY_NAME[DEFAULT_RANGE]
-    today = now.astimezone(datetime.timezone.utc if utc else None).date()
+def make_window(view, first_stamp=None, last_stamp=None):
+    """The window of a view's range, ending today; when the data
+    (first_stamp to last_stamp) ends before it, the same number of days up
+    to the data's last day instead, marked ``shifted``."""
+    choice, zone = view.range, view.zone
+    today = zone.today(view.now)
     last, shifted = today, False
-    data_last = Zone(utc).day_of(last_stamp)
+    data_last = zone.day_of(last_stamp)
     if choice.days is None:
-        first = min(Zone(utc).day_of(first_stamp) or today, today)
+        first = min(zone.day_of(first_stamp) or today, today)
     else:
         first = today - datetime.timedelta(days=choice.days - 1)
         if data_last is not None and data_last < first:
             last, shifted = data_last, True
             first = last - datetime.timedelta(days=choice.days - 1)
-    return days_window(choice, first, last, utc, shifted)
+    return days_window(choice, first, last, zone, shifted)
 
 
-def days_window(choice, first, last, utc, shifted=False):
+def days_window(choice, first, last, zone, shifted=False):
     """The Window of the days first..last, at the grain their number calls
     for.  The first week or month starts at ``first`` (it is named by its
     own first day): a daily average divides by the days the window holds."""
     grain = grain_for((last - first).days + 1)
     starts = _period_starts(first, last, grain)
-    stamps = [Zone(utc).midnight(max(day, first)) for day in starts]
+    stamps = [zone.midnight(max(day, first)) for day in starts]
     periods = tuple(Period(day.isoformat(), low, high) for day, low, high in zip(starts, stamps, stamps[1:]))
-    return Window(choice, grain, first, last, periods, shifted, utc)
+    return Window(choice, grain, first, last, periods, shifted, zone)
 
 
 def _hour_periods_cte(periods):
@@ -2481,9 +2505,8 @@ def _aggregate(sums):
 def _period_days(window, index):
     """Days of a period that fall inside the window (a daily average's divisor)."""
     periods = window.periods
-    first = max(datetime.date.fromisoformat(periods[index].day), window.first)
-    following = (datetime.date.fromisoformat(periods[index + 1].day) if index + 1 < len(periods)
-                 else window.last + datetime.timedelta(days=1))
+    first = max(periods[index].date, window.first)
+    following = periods[index + 1].date if index + 1 < len(periods) else window.last + datetime.timedelta(days=1)
     return max((min(following, window.last + datetime.timedelta(days=1)) - first).days, 1)
 
 
@@ -2534,8 +2557,8 @@ def _night_periods(window):
     nights = []
     for offset in range(window.days):
         day = window.first + datetime.timedelta(days=offset)
-        nights.append(Period(day.isoformat(), Zone(window.utc).midnight(day - datetime.timedelta(days=1), 12),
-                             Zone(window.utc).midnight(day, 12)))
+        nights.append(Period(day.isoformat(), window.zone.midnight(day - datetime.timedelta(days=1), 12),
+                             window.zone.midnight(day, 12)))
     return nights
 
 
@@ -2572,7 +2595,7 @@ def asleep_hours(stages):
 
 
 def sleep_points(conn, window):
-    """Chart points of sleep: [period day, asleep hours, {stage: hours}],
+    """Chart points of sleep: (period's day, asleep hours, {stage: hours}),
     the hours a night's average over the nights of the period with data."""
     nights = sleep_nights(conn, window)
     points = []
@@ -2580,12 +2603,12 @@ def sleep_points(conn, window):
         following = window.periods[index + 1].day if index + 1 < len(window.periods) else "9999"
         inside = [stages for day, stages in nights.items() if period.day <= day < following]
         if not inside:
-            points.append([period.day, None, {}])
+            points.append((period.date, None, {}))
             continue
         mean = {stage: sum(night.get(stage, 0) for night in inside) / len(inside) for stage, _l, _c in SLEEP_STAGES}
         mean = {stage: hours for stage, hours in mean.items() if hours}
-        points.append([period.day, asleep_hours(mean), mean])
-    return points
+        points.append((period.date, asleep_hours(mean), mean))
+    return tuple(points)
 
 
 class ChartKind(typing.NamedTuple):
@@ -2613,6 +2636,10 @@ class ChartKind(typing.NamedTuple):
     #: and ``cells(aggregate, days)`` -> their values.
     columns: typing.Tuple[str, ...] = ("Samples",)
     cells: typing.Callable = lambda agg, days: (agg.samples,)
+    #: What a stacked point's parts are: (key, label, colour), bottom first.
+    stages: typing.Tuple[typing.Tuple[str, str, str], ...] = ()
+    #: The value axis has whole-number ticks (counts).
+    whole: bool = False
 
 
 def _mean_point(agg, days):
@@ -2630,7 +2657,8 @@ _DAILY = "total per day; per hour, the source that counted most"
 CHART_KINDS = (
     ChartKind("sleep", "hours asleep per night, by stage", None, "stack",
               lambda type_name, short: type_name == SLEEP_TYPE, unit="h",
-              columns=("Asleep",) + tuple(label for _key, label, _colour in SLEEP_STAGES), cells=None),
+              columns=("Asleep",) + tuple(label for _key, label, _colour in SLEEP_STAGES), cells=None,
+              stages=SLEEP_STAGES),
     ChartKind("sum", _DAILY, lambda agg, days: (agg.best / days,) if agg.numbers else None, "bars",
               lambda type_name, short: type_name.startswith(_QUANTITY) and (
                   short in CUMULATIVE_TYPES or short.startswith("Dietary")),
@@ -2652,8 +2680,12 @@ CHART_KINDS = (
               lambda type_name, short: True, unit="", columns=("Samples", "Per day"),
               cells=lambda agg, days: (agg.samples, agg.samples / days)),
 )
-#: Chart kinds by name.
-CHART_KINDS_BY_NAME = {kind.name: kind for kind in CHART_KINDS}
+#: How a medication's doses stack.
+DOSE_STAGES = (("taken", "Taken", "#2a9d8f"), ("skipped", "Skipped", "#c7c7c7"))
+#: The chart of a medication's doses per period, taken and skipped (no type
+#: has it).
+DOSES = ChartKind("doses", "doses taken and skipped per period", None, "stack", lambda type_name, short: False,
+                  unit="", stages=DOSE_STAGES, whole=True)
 #: Category types that are events, not spans of time: counted.
 COUNTED_CATEGORIES = frozenset((
     "AppleStandHour", "HighHeartRateEvent", "LowHeartRateEvent", "IrregularHeartRhythmEvent",
@@ -2664,9 +2696,9 @@ SQL_PERIODS_MAX = 300
 
 
 def chart_kind(type_name):
-    """The name of the chart kind for a type: the first that applies."""
+    """The chart kind of a type: the first that applies."""
     short = short_type_name(type_name)
-    return next(kind.name for kind in CHART_KINDS if kind.applies(type_name, short))
+    return next(kind for kind in CHART_KINDS if kind.applies(type_name, short))
 
 
 def sample_types(conn, limit=None):
@@ -2709,26 +2741,60 @@ def data_span(conn):
     return row[0], row[1]
 
 
-def chart_data(conn, type_info, window):
-    """One type's chart over a window: a point per period."""
-    name, kind = type_info["type"], CHART_KINDS_BY_NAME[type_info["chart"]]
+class TypeInfo(typing.NamedTuple):
+    """A stored type as the pages list it."""
+
+    #: The full identifier: HKQuantityTypeIdentifierHeartRate.
+    type: str
+    #: The short name: HeartRate.
+    name: str
+    title: str
+    rows: int
+    #: Stored timestamps of its first and last sample.
+    first: typing.Optional[str]
+    last: typing.Optional[str]
+    kind: ChartKind
+
+
+def type_info(type_name, rows, first, last):
+    """The TypeInfo of a row of sample_types."""
+    return TypeInfo(type_name, short_type_name(type_name), type_title(type_name), rows, first, last,
+                    chart_kind(type_name))
+
+
+class Chart(typing.NamedTuple):
+    """One chart over a window: a point per period."""
+
+    #: What is charted: a type's identifier, or a medication's key.
+    type: str
+    #: Its short name (a medication's name), and its title.
+    name: str
+    title: str
+    kind: ChartKind
+    grain: Grain
+    #: The unit shown (None: none).
+    unit: typing.Optional[str]
+    #: Per period: (its first day, value or None, ...); after the value, a
+    #: line's band (low, high), a stack's {stage key: value}.
+    points: typing.Tuple[tuple, ...]
+
+
+def chart_data(conn, info, window):
+    """A type's chart over a window, or None when no period has a value."""
+    kind = info.kind
     if kind.name == "sleep":
         points = sleep_points(conn, window)
     else:
         points = []
-        aggregates = type_aggregates(conn, name, window.periods)
+        aggregates = type_aggregates(conn, info.type, window.periods)
         for index, (period, agg) in enumerate(zip(window.periods, aggregates)):
             values = kind.point(agg, _period_days(window, index)) if agg else None
-            points.append([period.day, *(None if v is None else v * kind.scale for v in values)]
-                          if values else [period.day, None])
+            points.append((period.date, *(None if v is None else v * kind.scale for v in values))
+                          if values else (period.date, None))
+        points = tuple(points)
     if not any(point[1] is not None for point in points):
         return None
-    chart = {"type": name, "name": type_info["name"], "title": type_title(name), "kind": kind.name,
-             "unit": display_unit(conn, name, kind),
-             "grain": window.grain.name, "draw": kind.draw, "from_zero": kind.from_zero, "points": points}
-    if kind.draw == "stack":
-        chart["stages"] = SLEEP_STAGES
-    return chart
+    return Chart(info.type, info.name, info.title, kind, window.grain, display_unit(conn, info.type, kind), points)
 
 
 def display_unit(conn, type_name, kind):
@@ -2753,69 +2819,72 @@ TODAY_TYPES = (("HKQuantityTypeIdentifierStepCount", "Steps"),
 TODAY_AVERAGE_DAYS = 30
 
 
-def today_tiles(conn, known, utc, now):
-    """[{type, title, value, average, unit}] for the TODAY_TYPES that were
-    recorded in the last TODAY_AVERAGE_DAYS days: today's value and the
-    average of the days before that have one."""
-    today = now.astimezone(datetime.timezone.utc if utc else None).date()
-    window = days_window(RANGES_BY_NAME["30d"], today - datetime.timedelta(days=TODAY_AVERAGE_DAYS), today, utc)
+class Tile(typing.NamedTuple):
+    """A tile of "Today": today's value, and the average of the days before
+    that have one."""
+
+    type: str
+    title: str
+    value: typing.Optional[float]
+    unit: typing.Optional[str]
+    average: typing.Optional[float]
+
+
+def today_tiles(conn, known, view):
+    """The tiles of the TODAY_TYPES among ``known`` ({type: TypeInfo}) that
+    were recorded in the last TODAY_AVERAGE_DAYS days."""
+    today = view.zone.today(view.now)
+    window = days_window(RANGES_BY_NAME["30d"], today - datetime.timedelta(days=TODAY_AVERAGE_DAYS), today,
+                         view.zone)
     tiles = []
     for type_name, title in TODAY_TYPES:
         if type_name not in known:
             continue
-        chart = chart_data(conn, {"type": type_name, "name": short_type_name(type_name),
-                                  "chart": chart_kind(type_name)}, window)
+        chart = chart_data(conn, known[type_name], window)
         if chart is None:
             continue
-        values = [point[1] for point in chart["points"]]
+        values = [point[1] for point in chart.points]
         before = [value for value in values[:-1] if value is not None]
         today_value = values[-1]
-        if today_value is None and CHART_KINDS_BY_NAME[chart["kind"]].draw == "bars":
+        if today_value is None and chart.kind.draw == "bars":
             today_value = 0  # nothing counted yet today
-        tiles.append({"type": type_name, "title": title, "value": today_value, "unit": chart["unit"],
-                      "average": sum(before) / len(before) if before else None})
-    return tiles
+        tiles.append(Tile(type_name, title, today_value, chart.unit, sum(before) / len(before) if before else None))
+    return tuple(tiles)
 
 
-def summary(store, range_name=DEFAULT_RANGE, utc=False, now=None, sync_count=20, charts=True,
-            type_limit=PAGE_TYPES_MAX):
-    """The facts the status page, /api/summary and ``stats`` show: at most
-    ``type_limit`` types (the largest), so that a page stays small whatever
-    was stored; ``more_types`` counts the others."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+class StoreFacts(typing.NamedTuple):
+    """What is stored: what ``stats`` shows, and the status page besides
+    its window."""
+
+    #: The database file (absolute), and its size with the write-ahead log.
+    path: str
+    size_bytes: int
+    schema_version: int
+    #: Rows per table, in the order of TABLES.
+    totals: typing.Dict[str, int]
+    #: The largest types first, as many as asked for; ``more_types``
+    #: counts the others.
+    types: typing.Tuple[TypeInfo, ...]
+    more_types: int
+    #: The latest syncs first.
+    syncs: typing.Tuple[Sync, ...]
+
+
+def store_facts(store, sync_count=20, type_limit=PAGE_TYPES_MAX):
+    """What is stored: at most ``type_limit`` types (None: all)."""
     with store.reader() as conn:
-        facts = {
-            "ok": True,
-            "version": __version__,
-            "schema_version": conn.execute("PRAGMA user_version").fetchone()[0],
-            "generated_at": f"{now:%Y-%m-%dT%H:%M:%SZ}",
-            "database": {"path": os.path.abspath(store.path), "size_bytes": database_size(store.path)},
-            "totals": table_totals(conn),
-            "types": [{"type": t, "name": short_type_name(t), "title": type_title(t), "rows": rows,
-                       "first": first, "last": last, "chart": chart_kind(t)}
-                      for t, rows, first, last in sample_types(conn, type_limit)],
-            "more_types": 0,
-            "syncs": [{name: getattr(sync, name) for name in SYNC_FIELDS} for sync in latest_syncs(conn, sync_count)],
-        }
-        if type_limit is not None and len(facts["types"]) == type_limit:
-            facts["more_types"] = conn.execute("SELECT count(*) FROM sample_types").fetchone()[0] - type_limit
-        if not charts:
-            return facts
-        window = make_window(range_name, utc, now, *data_span(conn))
-        facts["window"] = window_facts(window, now)
-        facts["today"] = today_tiles(conn, {t["type"] for t in facts["types"]}, utc, now)
-        facts["charts"] = [chart for chart in (chart_data(conn, t, window) for t in facts["types"]
-                                               if (t["last"] or "") >= window.start
-                                               and (t["first"] or "") < window.end) if chart]
-        facts["workouts"], facts["more_workouts"] = workout_list(conn, window)
-        facts["medications"] = medication_days(conn, window)
-    return facts
+        return _store_facts(conn, store.path, sync_count, type_limit)
 
 
-def window_facts(window, now):
-    return {"range": window.range.name, "first": window.first.isoformat(), "last": window.last.isoformat(),
-            "days": window.days, "grain": window.grain.name, "shifted": window.shifted,
-            "timezone": Zone(window.utc).name(now)}
+def _store_facts(conn, path, sync_count, type_limit):
+    schema_version = conn.execute("PRAGMA user_version").fetchone()[0]
+    totals = table_totals(conn)
+    types = tuple(type_info(*row) for row in sample_types(conn, type_limit))
+    syncs = tuple(latest_syncs(conn, sync_count))
+    more_types = 0
+    if type_limit is not None and len(types) == type_limit:
+        more_types = conn.execute("SELECT count(*) FROM sample_types").fetchone()[0] - type_limit
+    return StoreFacts(os.path.abspath(path), database_size(path), schema_version, totals, types, more_types, syncs)
 
 
 #: Workouts a page lists (the latest of its window).
@@ -2842,9 +2911,25 @@ def _quantity(record, field, units, default_unit):
     return None if factor is None else value * factor
 
 
+class Workout(typing.NamedTuple):
+    """A workout as shown: its stored dates, distance in metres, energy in
+    kcal, the mean heart rate over it, and how many route points it has."""
+
+    uuid: str
+    activity_type: typing.Optional[str]
+    start_date: str
+    end_date: typing.Optional[str]
+    duration_seconds: typing.Optional[float]
+    distance_m: typing.Optional[float]
+    energy_kcal: typing.Optional[float]
+    heart_rate: typing.Optional[float]
+    route_points: int
+    #: The app's sourceName.
+    source: typing.Any
+
+
 def workout_facts(conn, row):
-    """A workout's row (uuid, activity, start, end, duration, record) as
-    shown: distance (m), energy (kcal), average heart rate, route points."""
+    """The Workout of a row (uuid, activity, start, end, duration, record)."""
     uuid, activity, start, end, duration, record = row
     try:
         fields = json.loads(record)
@@ -2859,29 +2944,39 @@ def workout_facts(conn, row):
         heart = conn.execute(f"SELECT avg(value) FROM samples WHERE type = ? AND start_date >= ? AND start_date <= ?"
                              f" AND {_NUMERIC}", (HEART_RATE_TYPE, start, end)).fetchone()[0]
     points = conn.execute("SELECT count(*) FROM workout_route_points WHERE workout_uuid = ?", (uuid,)).fetchone()[0]
-    return {"uuid": uuid, "activity_type": activity, "start_date": start, "end_date": end,
-            "duration_seconds": duration, "distance_m": _quantity(fields, "totalDistance", DISTANCE_UNITS, "m"),
-            "energy_kcal": _quantity(fields, "totalEnergyBurned", ENERGY_UNITS, "kcal"),
-            "heart_rate": heart, "route_points": points, "source": fields.get("sourceName")}
+    return Workout(uuid, activity, start, end, duration, _quantity(fields, "totalDistance", DISTANCE_UNITS, "m"),
+                   _quantity(fields, "totalEnergyBurned", ENERGY_UNITS, "kcal"), heart, points,
+                   fields.get("sourceName"))
 
 
 _WORKOUT_COLUMNS = "uuid, activity_type, start_date, end_date, duration_seconds, record"
 
 
 def workout_list(conn, window):
-    """([workout facts], how many more) of a window, the latest first."""
+    """((Workout, ...), how many more) of a window, the latest first."""
     rows = conn.execute(f"SELECT {_WORKOUT_COLUMNS} FROM workouts WHERE start_date >= ? AND start_date < ?"
                         " ORDER BY start_date DESC LIMIT ?", (window.start, window.end, WORKOUTS_LISTED)).fetchall()
     more = 0
     if len(rows) == WORKOUTS_LISTED:
         more = conn.execute("SELECT count(*) FROM workouts WHERE start_date >= ? AND start_date < ?",
                             (window.start, window.end)).fetchone()[0] - WORKOUTS_LISTED
-    return [workout_facts(conn, row) for row in rows], more
+    return tuple(workout_facts(conn, row) for row in rows), more
 
 
-def medication_days(conn, window):
-    """[{medication, name, taken, skipped, points}] of a window: doses per
-    period by status (points: [day, taken, skipped])."""
+class Medication(typing.NamedTuple):
+    """A medication's doses in a window."""
+
+    #: Its key as stored, and what the app calls it.
+    medication: typing.Any
+    name: typing.Any
+    taken: int
+    skipped: int
+    #: Doses per period (DOSES): (day, doses or None, {"taken": n, "skipped": n}).
+    chart: Chart
+
+
+def medications(conn, window):
+    """The medications with doses in a window, by name."""
     starts = [period.start for period in window.periods]
     found = {}
     for start, medication, status in conn.execute(
@@ -2889,51 +2984,154 @@ def medication_days(conn, window):
             " WHERE start_date >= ? AND start_date < ?", (window.start, window.end)):
         counts = found.get(medication)
         if counts is None:
-            counts = found[medication] = [[period.day, 0, 0] for period in window.periods]
-        counts[bisect.bisect_right(starts, start) - 1][1 if status == "taken" else 2] += 1
+            counts = found[medication] = [[0, 0] for _period in window.periods]
+        counts[bisect.bisect_right(starts, start) - 1][0 if status == "taken" else 1] += 1
     names = dict(conn.execute("SELECT key, display_text FROM medications"))
     listed = []
-    for medication, points in sorted(found.items(), key=lambda item: str(names.get(item[0]) or item[0])):
-        listed.append({"medication": medication, "name": names.get(medication) or medication, "points": points,
-                       "taken": sum(point[1] for point in points), "skipped": sum(point[2] for point in points)})
-    return listed
+    for medication, counts in sorted(found.items(), key=lambda item: str(names.get(item[0]) or item[0])):
+        name = names.get(medication) or medication
+        points = tuple((period.date, taken + skipped or None, {"taken": taken, "skipped": skipped})
+                       for period, (taken, skipped) in zip(window.periods, counts))
+        listed.append(Medication(medication, name, sum(taken for taken, _skipped in counts),
+                                 sum(skipped for _taken, skipped in counts),
+                                 Chart(medication, name, name, DOSES, window.grain, None, points)))
+    return tuple(listed)
 
 
-def type_page_facts(store, name, range_name=DEFAULT_RANGE, utc=False, now=None):
-    """Everything the page of one type shows; None for an unknown type."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+class StatusReport(typing.NamedTuple):
+    """Everything the status page and /api/summary show."""
+
+    view: View
+    stored: StoreFacts
+    window: Window
+    today: typing.Tuple[Tile, ...]
+    #: A chart per listed type with a value in the window.
+    charts: typing.Tuple[Chart, ...]
+    #: The window's latest WORKOUTS_LISTED workouts; ``more_workouts``
+    #: counts the others.
+    workouts: typing.Tuple[Workout, ...]
+    more_workouts: int
+    medications: typing.Tuple[Medication, ...]
+
+
+def status_report(store, view, sync_count=20, type_limit=PAGE_TYPES_MAX):
+    """What the status page shows: at most ``type_limit`` types (the
+    largest), so that a page stays small whatever was stored."""
     with store.reader() as conn:
-        info, window = _type_and_window(conn, name, range_name, utc, now)
-        if info is None:
+        stored = _store_facts(conn, store.path, sync_count, type_limit)
+        window = make_window(view, *data_span(conn))
+        today = today_tiles(conn, {info.type: info for info in stored.types}, view)
+        charts = tuple(chart for chart in (chart_data(conn, info, window) for info in stored.types
+                                           if (info.last or "") >= window.start and (info.first or "") < window.end)
+                       if chart)
+        workouts, more_workouts = workout_list(conn, window)
+        doses = medications(conn, window)
+    return StatusReport(view, stored, window, today, charts, workouts, more_workouts, doses)
+
+
+def stats_json(stored, now):
+    """The JSON of ``stats --json``: what is stored."""
+    return {"ok": True, "version": __version__, "schema_version": stored.schema_version,
+            "generated_at": f"{now:%Y-%m-%dT%H:%M:%SZ}",
+            "database": {"path": stored.path, "size_bytes": stored.size_bytes}, "totals": dict(stored.totals),
+            "types": [{"type": info.type, "name": info.name, "title": info.title, "rows": info.rows,
+                       "first": info.first, "last": info.last, "chart": info.kind.name} for info in stored.types],
+            "more_types": stored.more_types,
+            "syncs": [{name: getattr(sync, name) for name in SYNC_FIELDS} for sync in stored.syncs]}
+
+
+def summary_json(report):
+    """The JSON of /api/summary: what is stored, then the window as the
+    status page shows it."""
+    window, now = report.window, report.view.now
+    facts = stats_json(report.stored, now)
+    facts["window"] = {"range": window.range.name, "first": window.first.isoformat(),
+                       "last": window.last.isoformat(), "days": window.days, "grain": window.grain.name,
+                       "shifted": window.shifted, "timezone": window.zone.name(now)}
+    facts["today"] = [dict(zip(Tile._fields, tile)) for tile in report.today]
+    facts["charts"] = [_chart_json(chart) for chart in report.charts]
+    facts["workouts"] = [dict(zip(Workout._fields, workout)) for workout in report.workouts]
+    facts["more_workouts"] = report.more_workouts
+    facts["medications"] = [
+        {"medication": medication.medication, "name": medication.name,
+         "points": [[day.isoformat(), doses["taken"], doses["skipped"]]
+                    for day, _count, doses in medication.chart.points],
+         "taken": medication.taken, "skipped": medication.skipped} for medication in report.medications]
+    return facts
+
+
+def _chart_json(chart):
+    kind = chart.kind
+    facts = {"type": chart.type, "name": chart.name, "title": chart.title, "kind": kind.name, "unit": chart.unit,
+             "grain": chart.grain.name, "draw": kind.draw, "from_zero": kind.from_zero,
+             "points": [[point[0].isoformat(), *point[1:]] for point in chart.points]}
+    if kind.draw == "stack":
+        facts["stages"] = [list(stage) for stage in kind.stages]
+    return facts
+
+
+class PeriodRow(typing.NamedTuple):
+    """A period with samples on a type's page, and its cells (the values
+    under its chart kind's ``columns``)."""
+
+    day: datetime.date
+    cells: tuple
+
+
+class LatestSample(typing.NamedTuple):
+    start_date: str
+    end_date: typing.Optional[str]
+    #: As stored; a sleep stage's label.
+    value: typing.Any
+    unit: typing.Optional[str]
+    source_name: typing.Optional[str]
+
+
+class TypeReport(typing.NamedTuple):
+    """Everything the page of one type shows."""
+
+    view: View
+    window: Window
+    info: TypeInfo
+    #: None when no period of the window has a value.
+    chart: typing.Optional[Chart]
+    #: The periods with samples, the latest first.
+    periods: typing.Tuple[PeriodRow, ...]
+    #: The LATEST_SAMPLES latest samples, the latest first.
+    latest: typing.Tuple[LatestSample, ...]
+    unit: typing.Optional[str]
+
+
+def type_report(store, name, view):
+    """The page of one type; None for an unknown type."""
+    with store.reader() as conn:
+        found, window = _type_and_window(conn, name, view)
+        if found is None:
             return None
-        type_name, rows, first, last = info
-        kind = CHART_KINDS_BY_NAME[chart_kind(type_name)]
-        type_info = {"type": type_name, "name": short_type_name(type_name), "title": type_title(type_name),
-                     "rows": rows, "first": first, "last": last, "chart": kind.name}
-        chart = chart_data(conn, type_info, window)
+        info = type_info(*found)
+        kind = info.kind
+        chart = chart_data(conn, info, window)
         periods = []
         if kind.name == "sleep":
-            for point in reversed(chart["points"] if chart else []):
+            for point in reversed(chart.points if chart else ()):
                 if point[1] is not None:
-                    periods.append({"day": point[0], "cells": [point[1]] + [
-                        point[2].get(key) for key, _label, _colour in SLEEP_STAGES]})
+                    periods.append(PeriodRow(point[0], (point[1], *(
+                        point[2].get(key) for key, _label, _colour in SLEEP_STAGES))))
         else:
             for index, (period, agg) in reversed(list(enumerate(zip(window.periods, type_aggregates(
-                    conn, type_name, window.periods))))):
+                    conn, info.type, window.periods))))):
                 if agg is not None:
-                    cells = [v if v is None or heading == "Samples" else v * kind.scale
-                             for heading, v in zip(kind.columns, kind.cells(agg, _period_days(window, index)))]
-                    periods.append({"day": period.day, "cells": cells})
-        latest = [dict(zip(("start_date", "end_date", "value", "unit", "source_name"), row)) for row in conn.execute(
+                    cells = tuple(v if v is None or heading == "Samples" else v * kind.scale
+                                  for heading, v in zip(kind.columns, kind.cells(agg, _period_days(window, index))))
+                    periods.append(PeriodRow(period.date, cells))
+        latest = [LatestSample(*row) for row in conn.execute(
             "SELECT start_date, end_date, value, unit, source_name FROM samples WHERE type = ?"
-            " ORDER BY start_date DESC LIMIT ?", (type_name, LATEST_SAMPLES))]
+            " ORDER BY start_date DESC LIMIT ?", (info.type, LATEST_SAMPLES))]
         if kind.name == "sleep":
             labels = {key: label for key, label, _colour in SLEEP_STAGES}
-            for sample in latest:
-                sample["value"] = labels.get(sleep_stage(sample["value"]), sample["value"])
-        unit = display_unit(conn, type_name, kind)
-    return {"ok": True, "type": type_info, "window": window_facts(window, now), "chart": chart,
-            "columns": kind.columns, "periods": periods, "latest": latest, "unit": unit}
+            latest = [sample._replace(value=labels.get(sleep_stage(sample.value), sample.value)) for sample in latest]
+        unit = display_unit(conn, info.type, kind)
+    return TypeReport(view, window, info, chart, tuple(periods), tuple(latest), unit)
 
 
 #: Samples listed on a type's page.
@@ -2954,25 +3152,50 @@ def find_type(conn, name):
     return None
 
 
-def _type_and_window(conn, name, range_name, utc, now):
+def _type_and_window(conn, name, view):
     """((type, rows, first, last), window) of a type's page, or (None, None)."""
-    info = find_type(conn, name)
-    if info is None:
+    found = find_type(conn, name)
+    if found is None:
         return None, None
-    return info, make_window(range_name, utc, now, info[2], info[3])
+    return found, make_window(view, found[2], found[3])
 
 
-def type_window(store, name, range_name=DEFAULT_RANGE, utc=False, now=None):
+def type_window(store, name, view):
     """(type, window) of a type's page, or None for an unknown type."""
     with store.reader() as conn:
-        info, window = _type_and_window(conn, name, range_name, utc,
-                                        now or datetime.datetime.now(datetime.timezone.utc))
-    return None if info is None else (info[0], window)
+        found, window = _type_and_window(conn, name, view)
+    return None if found is None else (found[0], window)
 
 
-def workout_page_facts(store, uuid, utc=False):
-    """A workout and its route: points, projected path, elevation profile
-    and kilometre splits; None for an unknown workout."""
+class Split(typing.NamedTuple):
+    """One whole kilometre of a route, and the seconds it took."""
+
+    km: int
+    seconds: float
+
+
+class Track(typing.NamedTuple):
+    """A workout's route, as recorded."""
+
+    #: (latitude, longitude) in time order.
+    points: typing.Tuple[typing.Tuple[float, float], ...]
+    #: Metres along the points.
+    distance_m: float
+    #: (metres along, altitude) of the points with an altitude.
+    elevation: typing.Tuple[typing.Tuple[float, float], ...]
+    splits: typing.Tuple[Split, ...]
+
+
+class WorkoutReport(typing.NamedTuple):
+    """Everything the page of one workout shows."""
+
+    view: View
+    workout: Workout
+    route: Track
+
+
+def workout_report(store, uuid, view):
+    """A workout and its route; None for an unknown workout."""
     with store.reader() as conn:
         row = conn.execute(f"SELECT {_WORKOUT_COLUMNS} FROM workouts WHERE uuid = ?", (uuid,)).fetchone()
         if row is None:
@@ -2982,7 +3205,7 @@ def workout_page_facts(store, uuid, utc=False):
             "SELECT timestamp, latitude, longitude, altitude FROM workout_route_points WHERE workout_uuid = ?"
             " AND typeof(latitude) IN ('integer', 'real') AND typeof(longitude) IN ('integer', 'real')"
             " ORDER BY timestamp", (uuid,)).fetchall()
-    return {"ok": True, "workout": workout, "route": route_facts(points)}
+    return WorkoutReport(view, workout, route_facts(points))
 
 
 #: Mean Earth radius in metres (distances between route points).
@@ -2990,8 +3213,8 @@ EARTH_RADIUS = 6371008.8
 
 
 def route_facts(points):
-    """Distances, elevation and kilometre splits of route points
-    [(timestamp, latitude, longitude, altitude)] in time order."""
+    """The Track of points [(timestamp, latitude, longitude, altitude)] in
+    time order: distances, elevation and kilometre splits."""
     points = [p for p in points if -90 <= p[1] <= 90 and -180 <= p[2] <= 180]
     distance, along, splits = 0.0, [], []
     split_start = parse_stamp(points[0][0]) if points else None
@@ -3004,13 +3227,13 @@ def route_facts(points):
             if int(distance // 1000) > km_before and split_start is not None:
                 moment = parse_stamp(stamp)
                 if moment is not None:
-                    splits.append({"km": int(distance // 1000), "seconds": (moment - split_start).total_seconds()})
+                    splits.append(Split(int(distance // 1000), (moment - split_start).total_seconds()))
                     split_start = moment
         along.append(distance)
-    return {"points": [[lat, lon] for _stamp, lat, lon, _alt in points], "distance_m": distance,
-            "elevation": [[d, alt] for d, (_s, _la, _lo, alt) in zip(along, points)
-                          if isinstance(alt, (int, float)) and math.isfinite(alt)],
-            "splits": splits}
+    return Track(tuple((lat, lon) for _stamp, lat, lon, _alt in points), distance,
+                 tuple((d, alt) for d, (_s, _la, _lo, alt) in zip(along, points)
+                       if isinstance(alt, (int, float)) and math.isfinite(alt)),
+                 tuple(splits))
 
 
 def _haversine(lat1, lon1, lat2, lon2):
@@ -3322,12 +3545,16 @@ def nice_ticks(low, high, count=4, whole=False):
     return ticks, step
 
 
-def format_local(text, utc):
+def format_local(text, zone):
+    """A stored timestamp as a time of day in ``zone``."""
     stamp = parse_stamp(text)
     if stamp is None:
         return _esc(text)
-    stamp = stamp if utc else stamp.astimezone()
-    return stamp.strftime("%Y-%m-%d %H:%M")
+    return _local_time(stamp, zone)
+
+
+def _local_time(stamp, zone):
+    return zone.local(stamp).strftime("%Y-%m-%d %H:%M")
 
 
 def format_ago(text, now):
@@ -3348,13 +3575,13 @@ def _svg_bars(chart, x, y, span_x):
     bar = max(span_x * 0.75, 1)
     return [f'<rect x="{x(i) - bar / 2:.1f}" y="{y(point[1]):.1f}" width="{bar:.1f}" '
             f'height="{max(y(0) - y(point[1]), 0):.1f}" fill="#3182bd"/>'
-            for i, point in enumerate(chart["points"]) if point[1]]
+            for i, point in enumerate(chart.points) if point[1]]
 
 
 def _svg_line(chart, x, y, span_x):
     """The line goes on across periods without data; the band (points[2]
     to points[3]) likewise; every period with data is marked."""
-    points = chart["points"]
+    points = chart.points
     marked = [i for i, point in enumerate(points) if point[1] is not None]
     parts = []
     banded = [i for i in marked if len(points[i]) > 3 and points[i][2] is not None and points[i][3] is not None]
@@ -3373,11 +3600,11 @@ def _svg_stack(chart, x, y, span_x):
     """Bars stacked by stage: points[2] maps a stage to its value."""
     bar = max(span_x * 0.75, 1)
     parts = []
-    for i, point in enumerate(chart["points"]):
+    for i, point in enumerate(chart.points):
         if point[1] is None:
             continue
         base = 0.0
-        for key, label, colour in chart["stages"]:
+        for key, label, colour in chart.kind.stages:
             value = point[2].get(key, 0)
             if value > 0:
                 parts.append(f'<rect x="{x(i) - bar / 2:.1f}" y="{y(base + value):.1f}" width="{bar:.1f}" '
@@ -3393,10 +3620,10 @@ DRAWINGS = {"bars": _svg_bars, "line": _svg_line, "stack": _svg_stack}
 
 def _chart_values(chart):
     values = []
-    for point in chart["points"]:
+    for point in chart.points:
         if point[1] is None:
             continue
-        if chart["draw"] == "stack":
+        if chart.kind.draw == "stack":
             values.append(sum(v for v in point[2].values() if v > 0))
         else:
             values += [v for v in point[1:4] if isinstance(v, (int, float))]
@@ -3427,27 +3654,25 @@ def _value_axis(low, high, width, height, suffix="", count=4, whole=False):
 
 
 def svg_chart(chart, width=CHART_WIDTH, height=CHART_HEIGHT):
-    """A chart of points [period, value, ...] as inline SVG: round ticks,
-    labels inside the drawing, one date label under its own bar."""
-    points = chart["points"]
+    """A Chart as inline SVG: round ticks, labels inside the drawing, one
+    date label under its own bar."""
+    points, kind = chart.points, chart.kind
     values = _chart_values(chart)
     low, high = min(values), max(values)
-    if chart.get("from_zero", True):
+    if kind.from_zero:
         low, high = min(low, 0.0), max(high, 0.0) or 1.0
     elif low >= 0 and low - (high - low) * 0.1 < 0:
         low = 0.0
-    left, y, parts = _value_axis(low, high, width, height, "%" if chart.get("unit") == "%" else "",
-                                 whole=chart.get("whole", False))
+    left, y, parts = _value_axis(low, high, width, height, "%" if chart.unit == "%" else "", whole=kind.whole)
     slot = (width - left - CHART_RIGHT) / max(len(points), 1)
 
     def x(i):
         return left + slot * (i + 0.5)
 
-    parts.insert(0, f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(chart["name"])}">')
-    grain = next((g for g in GRAINS if g.name == chart.get("grain")), GRAINS[0])
+    parts.insert(0, f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(chart.name)}">')
     every = max(1, math.ceil(len(points) / 6))
     for i in range(len(points) - 1, -1, -every):
-        label = datetime.date.fromisoformat(points[i][0]).strftime(grain.axis_format)
+        label = points[i][0].strftime(chart.grain.axis_format)
         half = len(label) * CHART_FONT_WIDTH / 2
         anchor, at = "middle", x(i)
         if at + half > width:
@@ -3455,7 +3680,7 @@ def svg_chart(chart, width=CHART_WIDTH, height=CHART_HEIGHT):
         elif at - half < left:
             anchor, at = "start", max(x(i) - slot / 2, left)
         parts.append(f'<text x="{at:.1f}" y="{height - 5}" text-anchor="{anchor}">{_esc(label)}</text>')
-    parts += DRAWINGS[chart["draw"]](chart, x, y, slot)
+    parts += DRAWINGS[kind.draw](chart, x, y, slot)
     parts.append("</svg>")
     return "".join(parts)
 
@@ -3540,12 +3765,10 @@ def _range_nav(path, current):
 
 
 def _window_note(window):
-    first = datetime.date.fromisoformat(window["first"])
-    last = datetime.date.fromisoformat(window["last"])
-    if window["shifted"]:
-        return (f'<p class="note">Nothing was recorded in the last {window["days"]} days. Shown instead: the '
-                f'{window["days"]} days up to {last:%b %d, %Y}, the last day with data.</p>')
-    return f'<p class="muted">{first:%b %d, %Y} to {last:%b %d, %Y}, by {window["grain"]}.</p>'
+    if window.shifted:
+        return (f'<p class="note">Nothing was recorded in the last {window.days} days. Shown instead: the '
+                f'{window.days} days up to {window.last:%b %d, %Y}, the last day with data.</p>')
+    return f'<p class="muted">{window.first:%b %d, %Y} to {window.last:%b %d, %Y}, by {window.grain.name}.</p>'
 
 
 def type_path(type_name):
@@ -3557,20 +3780,16 @@ def workout_path(uuid):
 
 
 def _chart_card(chart, range_name, wide=False):
-    kind = CHART_KINDS_BY_NAME.get(chart["kind"])
-    unit = f" ({_esc(chart['unit'])})" if chart.get("unit") else ""
-    title = _esc(chart.get("title") or chart["name"]) + unit
-    if kind is not None:
-        title = f'<a href="{type_path(chart["type"])}?range={range_name}">{title}</a>'
-    label = chart.get("label") or kind.label
-    per = {"day": "day", "week": "day, averaged by week", "month": "day, averaged by month"}[chart["grain"]]
-    label = label.replace("per day", f"per {per}") if chart["grain"] != "day" else label
-    legend = _legend(chart["stages"]) if chart["draw"] == "stack" else ""
+    """A type's chart with its title (a link to the type's page) and what a point is."""
+    unit = f" ({_esc(chart.unit)})" if chart.unit else ""
+    title = f'<a href="{type_path(chart.type)}?range={range_name}">{_esc(chart.title or chart.name)}{unit}</a>'
+    label = chart.kind.label.replace("per day", f"per {chart.grain.per_day}")
+    legend = _legend(chart.kind.stages) if chart.kind.draw == "stack" else ""
     drawing = svg_chart(chart)
     if wide:  # its own drawing per screen: an SVG scales its text with it
         drawing = (f'<div class="on-phone">{drawing}</div>'
                    f'<div class="on-desk">{svg_chart(chart, *WIDE_CHART_SIZE)}</div>')
-    return (f'<div class="chart"><h3 title="{_esc(chart["type"])}">{title}</h3>'
+    return (f'<div class="chart"><h3 title="{_esc(chart.type)}">{title}</h3>'
             f'<p>{_esc(label)}</p>{drawing}{legend}</div>')
 
 
@@ -3578,89 +3797,80 @@ def _chart_card(chart, range_name, wide=False):
 WIDE_CHART_SIZE = (900, 240)
 
 
-def render_status_page(facts, utc, now=None):
+def render_status_page(report):
     """The status page as one self-contained HTML document."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    window = facts["window"]
-    zone = "UTC" if utc else f"local time ({_esc(window['timezone'])})"
-    range_name = window["range"]
+    view, stored, window = report.view, report.stored, report.window
+    zone = "UTC" if view.zone.utc else f"local time ({_esc(view.zone.name(view.now))})"
+    range_name = window.range.name
     out = ["<h1>Health receiver</h1>",
-           f'<p class="muted">{_esc(facts["database"]["path"])} &middot; '
-           f'{_esc(_size(facts["database"]["size_bytes"]))} &middot; days in '
-           f'{zone} &middot; version {_esc(facts["version"])}</p>', _range_nav("/", range_name)]
-    last_sync = facts["syncs"][0] if facts["syncs"] else None
+           f'<p class="muted">{_esc(stored.path)} &middot; {_esc(_size(stored.size_bytes))} &middot; days in '
+           f'{zone} &middot; version {_esc(__version__)}</p>', _range_nav("/", range_name)]
+    last_sync = stored.syncs[0] if stored.syncs else None
     if last_sync:
-        out.append(f'<p>Last sync {format_ago(last_sync["received_at"], now)}: '
-                   f'{_number(last_sync["received"])} records, {_esc(last_sync["status"])}.</p>')
-    if facts["today"]:
+        out.append(f'<p>Last sync {format_ago(last_sync.received_at, view.now)}: '
+                   f'{_number(last_sync.received)} records, {_esc(last_sync.status)}.</p>')
+    if report.today:
         out.append("<h2>Today</h2><div class=\"tiles\">")
-        for tile in facts["today"]:
-            value = format_measure(tile["value"], tile["unit"])
-            average = ("" if tile["average"] is None else f"<span>{TODAY_AVERAGE_DAYS}-day average "
-                       f"{format_measure(tile['average'], tile['unit'])}</span>")
-            out.append(f'<div class="tile"><span>{_esc(tile["title"])}</span><b>{value}</b>{average}</div>')
+        for tile in report.today:
+            value = format_measure(tile.value, tile.unit)
+            average = ("" if tile.average is None else f"<span>{TODAY_AVERAGE_DAYS}-day average "
+                       f"{format_measure(tile.average, tile.unit)}</span>")
+            out.append(f'<div class="tile"><span>{_esc(tile.title)}</span><b>{value}</b>{average}</div>')
         out.append("</div>")
-    label = RANGES_BY_NAME[range_name].label
-    out.append(f"<h2>{_esc(label if range_name == 'all' else 'Last ' + label)}</h2>")
+    label = window.range.label
+    out.append(f"<h2>{_esc(label if window.range.days is None else 'Last ' + label)}</h2>")
     out.append(_window_note(window))
-    if facts["charts"]:
-        out.append('<div class="grid">' + "".join(_chart_card(chart, range_name) for chart in facts["charts"])
+    if report.charts:
+        out.append('<div class="grid">' + "".join(_chart_card(chart, range_name) for chart in report.charts)
                    + "</div>")
     else:
         out.append('<p class="muted">No samples yet.</p>')
     out.append("<h2>Workouts</h2>")
-    out.append(_workout_table(facts["workouts"], utc) if facts["workouts"] else
+    out.append(_workout_table(report.workouts, view.zone) if report.workouts else
                '<p class="muted">No workouts in these days.</p>')
-    if facts["more_workouts"]:
-        out.append(f'<p class="muted">and {facts["more_workouts"]:,} earlier workouts in these days.</p>')
-    if facts["medications"]:
+    if report.more_workouts:
+        out.append(f'<p class="muted">and {report.more_workouts:,} earlier workouts in these days.</p>')
+    if report.medications:
         out.append('<h2>Medications</h2><div class="grid">')
-        for medication in facts["medications"]:
-            chart = {"type": medication["medication"], "name": medication["name"], "kind": "doses",
-                     "draw": "stack", "grain": window["grain"], "stages": DOSE_STAGES, "unit": None, "whole": True,
-                     "points": [[day, taken + skipped or None, {"taken": taken, "skipped": skipped}]
-                                for day, taken, skipped in medication["points"]]}
-            out.append(f'<div class="chart"><h3>{_esc(medication["name"])}</h3><p>doses per {window["grain"]}: '
-                       f'{medication["taken"]:,} taken, {medication["skipped"]:,} skipped</p>'
-                       f'{svg_chart(chart)}{_legend(DOSE_STAGES)}</div>')
+        for medication in report.medications:
+            chart = medication.chart
+            out.append(f'<div class="chart"><h3>{_esc(medication.name)}</h3><p>doses per {chart.grain.name}: '
+                       f'{medication.taken:,} taken, {medication.skipped:,} skipped</p>'
+                       f'{svg_chart(chart)}{_legend(chart.kind.stages)}</div>')
         out.append("</div>")
     out.append("<h2>Last syncs</h2>")
-    out.append(_sync_table(facts["syncs"], utc, now) if facts["syncs"] else
+    out.append(_sync_table(stored.syncs, view) if stored.syncs else
                '<p class="muted">No sync has arrived yet.</p>')
     out.append("<h2>Types</h2>")
     out.append(_table(("Type", "Last", "Rows", ("opt", "First")), [("", _cells(
-        f'<a href="{type_path(info["type"])}?range={range_name}" title="{_esc(info["type"])}">'
-        f'{_esc(info["title"])}</a>', format_local(info["last"], utc), _number(info["rows"]),
-        ("opt", format_local(info["first"], utc)))) for info in facts["types"]]))
-    if facts["more_types"]:
-        out.append(f'<p class="muted">and {facts["more_types"]:,} more types with fewer samples '
+        f'<a href="{type_path(info.type)}?range={range_name}" title="{_esc(info.type)}">'
+        f'{_esc(info.title)}</a>', format_local(info.last, view.zone), _number(info.rows),
+        ("opt", format_local(info.first, view.zone)))) for info in stored.types]))
+    if stored.more_types:
+        out.append(f'<p class="muted">and {stored.more_types:,} more types with fewer samples '
                    f'(<code>health_receiver.py stats</code> lists them all).</p>')
     out.append("<h2>Totals</h2>")
     out.append(_table(("Table", "Rows"), [("", _cells(_esc(table), _number(rows)))
-                                           for table, rows in facts["totals"].items()]))
-    out.append(f'<p class="muted">Generated {format_local(facts["generated_at"], utc)}. The same facts as JSON: '
+                                           for table, rows in stored.totals.items()]))
+    out.append(f'<p class="muted">Generated {_local_time(view.now, view.zone)}. The same facts as JSON: '
                f'<a href="{SUMMARY_PATH}?range={range_name}">{SUMMARY_PATH}</a>.</p>')
     return _document("Health receiver", out)
 
 
-#: How dose charts stack.
-DOSE_STAGES = (("taken", "Taken", "#2a9d8f"), ("skipped", "Skipped", "#c7c7c7"))
-
-
-def _sync_table(syncs, utc, now):
+def _sync_table(syncs, view):
     rows = []
     for sync in syncs:
-        failed = sync["status"] != SyncStatus.OK
-        duration = sync["duration_ms"]
+        failed = sync.status != SyncStatus.OK
+        duration = sync.duration_ms
         rows.append((' class="fail"' if failed else "", _cells(
-            f'{format_local(sync["received_at"], utc)}<br>'
-            f'<span class="muted">{format_ago(sync["received_at"], now)}</span>',
-            _esc(sync["status"]), _number(sync["received"]), _number(sync["inserted"]),
-            ("opt", _number(sync["duplicates"])), ("opt", _number(sync["rejected"])),
-            ("opt", _esc(sync["sync_source"] or "-")), ("opt", _esc(_size(sync["body_bytes"]))),
+            f'{format_local(sync.received_at, view.zone)}<br>'
+            f'<span class="muted">{format_ago(sync.received_at, view.now)}</span>',
+            _esc(sync.status), _number(sync.received), _number(sync.inserted),
+            ("opt", _number(sync.duplicates)), ("opt", _number(sync.rejected)),
+            ("opt", _esc(sync.sync_source or "-")), ("opt", _esc(_size(sync.body_bytes))),
             ("opt", f"{duration / 1000:.2f} s" if duration is not None else ""))))
-        if failed and sync["error"]:
-            rows.append((' class="fail"', f"<td class=\"err\" colspan=\"9\">{_esc(sync['error'])}</td>"))
+        if failed and sync.error:
+            rows.append((' class="fail"', f"<td class=\"err\" colspan=\"9\">{_esc(sync.error)}</td>"))
     return _table(("When", "Status", "Records", "New", ("opt", "Dup"), ("opt", "Rejected"), ("opt", "Source"),
                    ("opt", "Size"), ("opt", "Time")), rows)
 
@@ -3676,51 +3886,51 @@ def _km(metres):
     return "" if metres is None else f"{metres / 1000:.2f} km"
 
 
-def _workout_table(workouts, utc):
+def _workout_table(workouts, zone):
     return _table(("Workout", "Date", "Duration", "Distance", ("opt", "Energy"), ("opt", "Avg heart rate"),
                    ("opt", "Route points")), [("", _cells(
-                       f'<a href="{workout_path(w["uuid"])}">{_esc(activity_title(w["activity_type"]))}</a>',
-                       format_local(w["start_date"], utc), _long_duration(w["duration_seconds"]),
-                       _km(w["distance_m"]),
-                       ("opt", "" if w["energy_kcal"] is None else f"{w['energy_kcal']:,.0f} kcal"),
-                       ("opt", "" if w["heart_rate"] is None else f"{w['heart_rate']:.0f} bpm"),
-                       ("opt", _number(w["route_points"])))) for w in workouts])
+                       f'<a href="{workout_path(w.uuid)}">{_esc(activity_title(w.activity_type))}</a>',
+                       format_local(w.start_date, zone), _long_duration(w.duration_seconds),
+                       _km(w.distance_m),
+                       ("opt", "" if w.energy_kcal is None else f"{w.energy_kcal:,.0f} kcal"),
+                       ("opt", "" if w.heart_rate is None else f"{w.heart_rate:.0f} bpm"),
+                       ("opt", _number(w.route_points)))) for w in workouts])
 
 
-def render_type_page(facts, utc):
+def render_type_page(report):
     """The page of one type: its chart, its periods, its latest samples."""
-    info, window = facts["type"], facts["window"]
-    path = type_path(info["type"])
-    unit = f" ({_esc(facts['unit'])})" if facts["unit"] else ""
-    out = ['<p><a href="/">&larr; Health receiver</a></p>', f'<h1 title="{_esc(info["type"])}">'
-           f'{_esc(info["title"])}{unit}</h1>',
-           f'<p class="muted">{_number(info["rows"])} samples from {format_local(info["first"], utc)} to '
-           f'{format_local(info["last"], utc)}</p>', _range_nav(path, window["range"]), _window_note(window)]
-    if facts["chart"]:
-        out.append(_chart_card(facts["chart"], window["range"], wide=True))
+    view, window, info = report.view, report.window, report.info
+    zone, range_name = view.zone, window.range.name
+    path = type_path(info.type)
+    unit = f" ({_esc(report.unit)})" if report.unit else ""
+    out = ['<p><a href="/">&larr; Health receiver</a></p>', f'<h1 title="{_esc(info.type)}">'
+           f'{_esc(info.title)}{unit}</h1>',
+           f'<p class="muted">{_number(info.rows)} samples from {format_local(info.first, zone)} to '
+           f'{format_local(info.last, zone)}</p>', _range_nav(path, range_name), _window_note(window)]
+    if report.chart:
+        out.append(_chart_card(report.chart, range_name, wide=True))
     else:
         out.append('<p class="muted">No samples in these days.</p>')
-    out.append(f'<p><a href="{path}.csv?range={window["range"]}" download>Download these samples as CSV</a></p>')
-    out.append(f"<h2>By {window['grain']}</h2>")
-    if facts["periods"]:
-        grain = next(g for g in GRAINS if g.name == window["grain"])
-        heads = ["Period", *facts["columns"]]
+    out.append(f'<p><a href="{path}.csv?range={range_name}" download>Download these samples as CSV</a></p>')
+    out.append(f"<h2>By {window.grain.name}</h2>")
+    if report.periods:
+        heads = ["Period", *info.kind.columns]
         rows = []
-        sleep = info["chart"] == "sleep"
+        sleep = info.kind.name == "sleep"
         if sleep:
-            heads = ["Night", *(f"{column} (h:mm)" for column in facts["columns"])]
-        for period in facts["periods"]:
-            label = datetime.date.fromisoformat(period["day"]).strftime(grain.table_format)
-            cells = [("" if v is None else _duration(v * 3600) if sleep else format_value(v)) for v in period["cells"]]
+            heads = ["Night", *(f"{column} (h:mm)" for column in info.kind.columns)]
+        for period in report.periods:
+            label = period.day.strftime(window.grain.table_format)
+            cells = [("" if v is None else _duration(v * 3600) if sleep else format_value(v)) for v in period.cells]
             rows.append(("", _cells(_esc(label), *cells)))
         out.append(_table(heads, rows))
     else:
         out.append('<p class="muted">No samples in these days.</p>')
     out.append("<h2>Latest samples</h2>")
     out.append(_table(("Start", "Value", "Unit", ("opt", "Source"), ("opt", "End")), [("", _cells(
-        format_local(s["start_date"], utc), format_value(s["value"]), _esc(s["unit"]), ("opt", _esc(s["source_name"])),
-        ("opt", format_local(s["end_date"], utc)))) for s in facts["latest"]]))
-    return _document(f"{info['title']} - Health receiver", out)
+        format_local(s.start_date, zone), format_value(s.value), _esc(s.unit), ("opt", _esc(s.source_name)),
+        ("opt", format_local(s.end_date, zone)))) for s in report.latest]))
+    return _document(f"{info.title} - Health receiver", out)
 
 
 #: Route and profile size in SVG units.
@@ -3766,37 +3976,37 @@ def svg_route(points, size=ROUTE_SIZE, margin=12):
             f"</svg>")
 
 
-def render_workout_page(facts, utc):
+def render_workout_page(report):
     """The page of one workout: its facts, route, elevation and splits."""
-    workout, route = facts["workout"], facts["route"]
-    name = activity_title(workout["activity_type"])
+    workout, route = report.workout, report.route
+    name = activity_title(workout.activity_type)
     out = ['<p><a href="/">&larr; Health receiver</a></p>', f"<h1>{_esc(name)}</h1>",
-           f'<p class="muted">{format_local(workout["start_date"], utc)}'
-           f'{" &middot; " + _esc(workout["source"]) if workout["source"] else ""}</p>', '<div class="tiles">']
-    distance = workout["distance_m"] if workout["distance_m"] is not None else (route["distance_m"] or None)
-    for title, value in (("Duration", _long_duration(workout["duration_seconds"])), ("Distance", _km(distance)),
-                         ("Energy", "" if workout["energy_kcal"] is None else f"{workout['energy_kcal']:,.0f} kcal"),
-                         ("Average heart rate", "" if workout["heart_rate"] is None else
-                          f"{workout['heart_rate']:.0f} bpm"),
-                         ("Pace", _pace(workout["duration_seconds"] / distance * 1000)
-                          if distance and workout["duration_seconds"] else "")):
+           f'<p class="muted">{format_local(workout.start_date, report.view.zone)}'
+           f'{" &middot; " + _esc(workout.source) if workout.source else ""}</p>', '<div class="tiles">']
+    distance = workout.distance_m if workout.distance_m is not None else (route.distance_m or None)
+    for title, value in (("Duration", _long_duration(workout.duration_seconds)), ("Distance", _km(distance)),
+                         ("Energy", "" if workout.energy_kcal is None else f"{workout.energy_kcal:,.0f} kcal"),
+                         ("Average heart rate", "" if workout.heart_rate is None else
+                          f"{workout.heart_rate:.0f} bpm"),
+                         ("Pace", _pace(workout.duration_seconds / distance * 1000)
+                          if distance and workout.duration_seconds else "")):
         if value:
             out.append(f'<div class="tile"><span>{title}</span><b>{value}</b></div>')
     out.append("</div>")
-    if len(route["points"]) >= 2:
-        out.append(f'<h2>Route</h2><p class="muted">{len(route["points"]):,} points, '
-                   f'{_km(route["distance_m"])} along them</p><div class="route">{svg_route(route["points"])}</div>')
+    if len(route.points) >= 2:
+        out.append(f'<h2>Route</h2><p class="muted">{len(route.points):,} points, '
+                   f'{_km(route.distance_m)} along them</p><div class="route">{svg_route(route.points)}</div>')
     else:
         out.append('<p class="muted">No route was recorded with this workout.</p>')
-    if len(route["elevation"]) >= 2:
+    if len(route.elevation) >= 2:
         out.append("<h2>Elevation</h2>")
-        profile = _thin(route["elevation"])
-        out.append(f'<div class="on-phone">{svg_profile(profile, route["distance_m"], PHONE_PROFILE_SIZE)}</div>'
-                   f'<div class="on-desk profile">{svg_profile(profile, route["distance_m"])}</div>')
-    if route["splits"]:
+        profile = _thin(route.elevation)
+        out.append(f'<div class="on-phone">{svg_profile(profile, route.distance_m, PHONE_PROFILE_SIZE)}</div>'
+                   f'<div class="on-desk profile">{svg_profile(profile, route.distance_m)}</div>')
+    if route.splits:
         out.append("<h2>Pace per kilometre</h2>")
         out.append('<div class="narrow">' + _table(("Km", "Pace"), [
-            ("", _cells(str(split["km"]), _pace(split["seconds"]))) for split in route["splits"]]) + "</div>")
+            ("", _cells(str(split.km), _pace(split.seconds))) for split in route.splits]) + "</div>")
     return _document(f"{name} - Health receiver", out)
 
 
@@ -4728,34 +4938,32 @@ def peak_rss_mb():
 
 # -- the routes: what the receiver answers, and who may ask ------------------
 
-def asked_range(request):
-    """The ``?range=`` a page asks for (400 for an unknown one)."""
+def _view(request):
+    """What a page request looks at: its range, the zone, its one ``now``."""
     asked = request.query.get("range", [DEFAULT_RANGE])[-1]
     if asked not in RANGES_BY_NAME:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"range must be one of {', '.join(RANGES_BY_NAME)}.")
-    return asked
+    return View.of(asked, Zone(request.server.config.utc), request.now)
 
 
 def status_page(request):
-    utc = request.server.config.utc
-    return html_answer(render_status_page(summary(request.server.store, asked_range(request), utc=utc), utc))
+    return html_answer(render_status_page(status_report(request.server.store, _view(request))))
 
 
-def summary_json(request):
-    return json_answer(summary(request.server.store, asked_range(request), utc=request.server.config.utc))
+def status_json(request):
+    return json_answer(summary_json(status_report(request.server.store, _view(request))))
 
 
 def type_page(request):
-    range_name, utc = asked_range(request), request.server.config.utc
-    facts = type_page_facts(request.server.store, request.argument, range_name, utc=utc)
-    if facts is None:
+    report = type_report(request.server.store, request.argument, _view(request))
+    if report is None:
         raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(request.argument, 80)}.")
-    return html_answer(render_type_page(facts, utc))
+    return html_answer(render_type_page(report))
 
 
 def type_csv(request):
     store = request.server.store
-    found = type_window(store, request.argument, asked_range(request), utc=request.server.config.utc)
+    found = type_window(store, request.argument, _view(request))
     if found is None:
         raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(request.argument, 80)}.")
     type_name, window = found
@@ -4775,11 +4983,10 @@ def _closing(pieces, rows):
 
 
 def workout_page(request):
-    asked_range(request)
-    facts = workout_page_facts(request.server.store, request.argument, utc=request.server.config.utc)
-    if facts is None:
+    report = workout_report(request.server.store, request.argument, _view(request))
+    if report is None:
         raise ClientError(HTTPStatus.NOT_FOUND, "No such workout.")
-    return html_answer(render_workout_page(facts, request.server.config.utc))
+    return html_answer(render_workout_page(report))
 
 
 def connection_check(request):
@@ -4817,7 +5024,7 @@ def receive_sync(request):
 #: the path; patterns are tried in this order, after exact paths.
 ROUTES = (
     Route("GET", "/", PAGE_LOGIN, status_page, "the status page"),
-    Route("GET", SUMMARY_PATH, PAGE_LOGIN, summary_json, "the status page's JSON"),
+    Route("GET", SUMMARY_PATH, PAGE_LOGIN, status_json, "the status page's JSON"),
     Route("GET", TYPE_PAGES + "<name>.csv", PAGE_LOGIN, type_csv, "a type's CSV download"),
     Route("GET", TYPE_PAGES + "<name>", PAGE_LOGIN, type_page, "the type pages"),
     Route("GET", WORKOUT_PAGES + "<uuid>", PAGE_LOGIN, workout_page, "the workout pages"),
@@ -5228,27 +5435,28 @@ def run_stats(args, out):
     store = _existing_store(args.db)
     if args.recount:
         store.recount_types()
-    facts = summary(store, sync_count=10, charts=False, type_limit=None)
+    stored = store_facts(store, sync_count=10, type_limit=None)
     if args.json:
-        json.dump(facts, out, indent=2, ensure_ascii=False)
+        json.dump(stats_json(stored, datetime.datetime.now(datetime.timezone.utc)), out, indent=2,
+                  ensure_ascii=False)
         out.write("\n")
         return 0
-    print(f"Database: {facts['database']['path']} ({_size(facts['database']['size_bytes'])}), "
-          f"schema version {facts['schema_version']}", file=out)
+    zone = Zone()
+    print(f"Database: {stored.path} ({_size(stored.size_bytes)}), schema version {stored.schema_version}", file=out)
     print(f"\n{'Table':<26}{'Rows':>12}", file=out)
-    for table, rows in facts["totals"].items():
+    for table, rows in stored.totals.items():
         print(f"{table:<26}{rows:>12,}", file=out)
-    if facts["types"]:
+    if stored.types:
         print(f"\n{'Type':<36}{'Rows':>12}  {'First':<17} Last", file=out)
-        for info in facts["types"]:
-            print(f"{info['name'][:36]:<36}{info['rows']:>12,}  {format_local(info['first'], False):<17} "
-                  f"{format_local(info['last'], False)}", file=out)
-    print(f"\nLast {len(facts['syncs'])} syncs", file=out)
+        for info in stored.types:
+            print(f"{info.name[:36]:<36}{info.rows:>12,}  {format_local(info.first, zone):<17} "
+                  f"{format_local(info.last, zone)}", file=out)
+    print(f"\nLast {len(stored.syncs)} syncs", file=out)
     print(f"{'When':<17} {'Source':<20}{'Records':>10}{'New':>10}{'Dup':>10}{'Rejected':>9}  Status", file=out)
-    for sync in facts["syncs"]:
-        status = sync["status"] if sync["status"] == SyncStatus.OK else f"{sync['status']}: {sync['error']}"
-        print(f"{format_local(sync['received_at'], False):<17} {str(sync['sync_source'] or '-')[:20]:<20}"
-              f"{sync['received']:>10,}{sync['inserted']:>10,}{sync['duplicates']:>10,}{sync['rejected']:>9,}  "
+    for sync in stored.syncs:
+        status = sync.status if sync.status == SyncStatus.OK else f"{sync.status}: {sync.error}"
+        print(f"{format_local(sync.received_at, zone):<17} {str(sync.sync_source or '-')[:20]:<20}"
+              f"{sync.received:>10,}{sync.inserted:>10,}{sync.duplicates:>10,}{sync.rejected:>9,}  "
               f"{status}", file=out)
     return 0
 
@@ -5858,12 +6066,14 @@ def time_pages(db, runs, out):
         times = []
         for _run in range(runs):
             started = time.monotonic()
-            render_status_page(summary(store, choice.name), False)
+            view = View.of(choice.name, Zone(), datetime.datetime.now(datetime.timezone.utc))
+            render_status_page(status_report(store, view))
             times.append(time.monotonic() - started)
         cold = None
         if evict_from_cache(db):
             started = time.monotonic()
-            render_status_page(summary(store, choice.name), False)
+            view = View.of(choice.name, Zone(), datetime.datetime.now(datetime.timezone.utc))
+            render_status_page(status_report(store, view))
             cold = time.monotonic() - started
         cold_text = "" if cold is None else f", {cold:.3f} s cold"
         print(f"  ?range={choice.name:<4} {statistics.median(times):.3f} s warm{cold_text}", file=out, flush=True)

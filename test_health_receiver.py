@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.error
 import urllib.request
 import zlib
@@ -924,7 +925,7 @@ class ReportingTests(unittest.TestCase):
 
     def test_utc_day_windows(self):
         now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
-        window = hr.make_window("90d", True, now)
+        window = hr.make_window(hr.View.of("90d", hr.Zone(utc=True), now))
         self.assertEqual((len(window.periods), window.grain.name, window.shifted), (90, "day", False))
         self.assertEqual(window.periods[-1], ("2026-03-10", "2026-03-10T00:00:00.000Z", "2026-03-11T00:00:00.000Z"))
         self.assertEqual(window.periods[0].day, "2025-12-11")
@@ -933,31 +934,33 @@ class ReportingTests(unittest.TestCase):
     def test_local_periods_are_contiguous(self):
         now = datetime.datetime.now(datetime.timezone.utc)
         for name in hr.RANGES_BY_NAME:
-            window = hr.make_window(name, False, now, "2019-01-01T00:00:00.000Z")
+            window = hr.make_window(hr.View.of(name, hr.Zone(utc=False), now), "2019-01-01T00:00:00.000Z")
             self.assertTrue(all(a.end == b.start for a, b in zip(window.periods, window.periods[1:])), name)
 
     def test_each_range_has_its_grain(self):
         now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
         first = "2022-06-15T10:00:00.000Z"
-        grains = {name: hr.make_window(name, True, now, first).grain.name for name in hr.RANGES_BY_NAME}
+        grains = {name: hr.make_window(hr.View.of(name, hr.Zone(utc=True), now), first).grain.name
+                  for name in hr.RANGES_BY_NAME}
         self.assertEqual(grains, {"7d": "day", "30d": "day", "90d": "day", "1y": "week", "all": "month"})
-        window = hr.make_window("1y", True, now, first)
+        window = hr.make_window(hr.View.of("1y", hr.Zone(utc=True), now), first)
         weeks = window.periods
         self.assertEqual(datetime.date.fromisoformat(weeks[0].day).weekday(), 0)  # named by their Monday
         self.assertEqual(weeks[0].start, f"{window.first.isoformat()}T00:00:00.000Z")  # but start with the range
         self.assertTrue(all(datetime.date.fromisoformat(week.day).weekday() == 0 for week in weeks))
-        months = hr.make_window("all", True, now, first).periods
+        months = hr.make_window(hr.View.of("all", hr.Zone(utc=True), now), first).periods
         self.assertEqual((months[0].day, months[0].start, months[-1].day, months[-1].end),
                          ("2022-06-01", "2022-06-15T00:00:00.000Z", "2026-03-01", "2026-04-01T00:00:00.000Z"))
-        two_years = hr.make_window("all", True, now, "2024-03-11T00:00:00.000Z")
+        two_years = hr.make_window(hr.View.of("all", hr.Zone(utc=True), now), "2024-03-11T00:00:00.000Z")
         self.assertEqual(two_years.grain.name, "week")
 
     def test_a_range_without_data_shows_the_last_stretch_with_data(self):
         now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
-        window = hr.make_window("30d", True, now, "2025-01-01T00:00:00.000Z", "2025-06-20T08:00:00.000Z")
+        view = hr.View.of("30d", hr.Zone(utc=True), now)
+        window = hr.make_window(view, "2025-01-01T00:00:00.000Z", "2025-06-20T08:00:00.000Z")
         self.assertTrue(window.shifted)
         self.assertEqual((window.first.isoformat(), window.last.isoformat()), ("2025-05-22", "2025-06-20"))
-        window = hr.make_window("30d", True, now, "2025-01-01T00:00:00.000Z", "2026-02-20T08:00:00.000Z")
+        window = hr.make_window(view, "2025-01-01T00:00:00.000Z", "2026-02-20T08:00:00.000Z")
         self.assertFalse(window.shifted)
 
     def test_chart_kinds_and_short_names(self):
@@ -966,7 +969,7 @@ class ReportingTests(unittest.TestCase):
                  "HKQuantityTypeIdentifierOxygenSaturation": "percent",
                  "HKCategoryTypeIdentifierSleepAnalysis": "sleep", "HKCategoryTypeIdentifierMindfulSession": "minutes",
                  "HKCategoryTypeIdentifierAppleStandHour": "count", "moodEntries": "count"}
-        self.assertEqual({name: hr.chart_kind(name) for name in kinds}, kinds)
+        self.assertEqual({name: hr.chart_kind(name).name for name in kinds}, kinds)
         self.assertEqual(hr.short_type_name("HKQuantityTypeIdentifierHeartRate"), "HeartRate")
         titles = {"HKQuantityTypeIdentifierRestingHeartRate": "Resting heart rate",
                   "HKQuantityTypeIdentifierVO2Max": "VO2 max", "HKCategoryTypeIdentifierSleepAnalysis": "Sleep"}
@@ -1006,7 +1009,7 @@ class ReportingTests(unittest.TestCase):
 
     def test_every_type_gets_a_registered_chart_kind(self):
         for name in ("", "x", "HKQuantityTypeIdentifier", "HKQuantityTypeIdentifierNewThing", "\u0000", "moodEntries"):
-            self.assertIn(hr.chart_kind(name), hr.CHART_KINDS_BY_NAME)
+            self.assertIn(hr.chart_kind(name), hr.CHART_KINDS)
         for kind in hr.CHART_KINDS:
             self.assertIn(kind.draw, hr.DRAWINGS)
         self.assertTrue(hr.CHART_KINDS[-1].applies("anything", "anything"))
@@ -1196,6 +1199,35 @@ class StatusPageTests(PageTestCase):
         self.assertEqual(len(facts["workouts"]), 2)
         self.assertEqual(sorted(w["route_points"] for w in facts["workouts"]), [0, 3])
         self.assertEqual(facts["syncs"][0]["inserted"], 27)
+
+    def test_the_page_and_its_json_are_made_from_the_same_records(self):
+        self.post(recent_payload())
+        self.post({"data": {
+            "medications": [{"conceptIdentifier": "rx-9", "displayText": "Metformin"}],
+            "medicationDoseEvents": [{"uuid": "MD-1", "medicationConceptIdentifier": "rx-9",
+                                      "startDate": utc_at(8), "logStatus": "taken"}]}})
+        view = hr.View.of("7d", hr.Zone(utc=True), datetime.datetime.now(datetime.timezone.utc))
+        report = hr.status_report(self.store, view)
+        facts = hr.summary_json(report)
+        served = self.summary("7d")
+        # Apart from the moment and the file's size (the log is checkpointed meanwhile).
+        self.assertEqual(served.pop("database")["path"], facts["database"]["path"])
+        self.assertEqual({key: value for key, value in served.items() if key != "generated_at"},
+                         {key: value for key, value in facts.items() if key not in ("generated_at", "database")})
+        page = hr.render_status_page(report)
+        self.assertEqual([chart["name"] for chart in facts["charts"]], [chart.name for chart in report.charts])
+        for chart, shown in zip(report.charts, facts["charts"]):
+            self.assertEqual((shown["kind"], shown["grain"]), (chart.kind.name, chart.grain.name))
+            self.assertEqual(shown["points"], [[point[0].isoformat(), *point[1:]] for point in chart.points])
+        steps = self.chart(facts, "StepCount")
+        drawn = page[page.index('aria-label="StepCount"'):]
+        drawn = drawn[:drawn.index("</svg>")]
+        self.assertEqual(drawn.count("<rect"), len([point for point in steps["points"] if point[1]]))
+        doses = facts["medications"][0]
+        self.assertEqual(doses["points"], [[point[0].isoformat(), point[2]["taken"], point[2]["skipped"]]
+                                           for point in report.medications[0].chart.points])
+        drawn = page[page.index('aria-label="Metformin"'):]
+        self.assertEqual(drawn[:drawn.index("</svg>")].count("<rect"), 1)
 
     def test_repeated_sync_keeps_type_totals_exact(self):
         self.post(recent_payload())
@@ -1464,6 +1496,70 @@ class StatusPageTests(PageTestCase):
                                           " ORDER BY type").fetchall(),
                              conn.execute("SELECT type, count(*), total(value) FROM samples GROUP BY type"
                                           " ORDER BY type").fetchall())
+
+
+class HandMadeRecordsTests(unittest.TestCase):
+    """Presentation formats records: pages from records made here, with no
+    database at all."""
+
+    def setUp(self):
+        now = datetime.datetime(2026, 3, 10, 15, 0, tzinfo=datetime.timezone.utc)
+        self.view = hr.View.of("7d", hr.Zone(utc=True), now)
+        self.window = hr.days_window(self.view.range, datetime.date(2026, 3, 4), datetime.date(2026, 3, 10),
+                                     self.view.zone)
+        steps = "HKQuantityTypeIdentifierStepCount"
+        self.info = hr.TypeInfo(steps, "StepCount", "Steps <&>", 12, "2026-03-04T08:00:00.000Z",
+                                "2026-03-10T08:00:00.000Z", hr.chart_kind(steps))
+        self.chart = hr.Chart(steps, "StepCount", "Steps <&>", self.info.kind, self.window.grain, None, tuple(
+            (period.date, 1000.0 * i if i % 2 else None) for i, period in enumerate(self.window.periods)))
+        self.workout = hr.Workout("W<1>", "running", "2026-03-09T07:00:00.000Z", None, 1800.0, 5000.0, None, 150.4,
+                                  11, "<Watch>")
+        connect = unittest.mock.patch.object(hr.sqlite3, "connect", side_effect=AssertionError("no database"))
+        connect.start()
+        self.addCleanup(connect.stop)
+
+    def test_a_status_page(self):
+        doses = hr.Chart("rx-1", "<Aspirin>", "<Aspirin>", hr.DOSES, self.window.grain, None, tuple(
+            (period.date, 1, {"taken": 1, "skipped": 0}) for period in self.window.periods))
+        sync = hr.Sync(id=1, received_at="2026-03-10T14:51:00.000Z", sync_source="<app>", received=12, inserted=12,
+                       status=hr.SyncStatus.OK)
+        stored = hr.StoreFacts("/data/<health>.db", 2_500_000, hr.SCHEMA_VERSION, {"samples": 12, "syncs": 1},
+                               (self.info,), 3, (sync,))
+        tile = hr.Tile(self.info.type, "Steps", 4000, None, 2000.0)
+        report = hr.StatusReport(self.view, stored, self.window, (tile,), (self.chart,), (self.workout,), 0,
+                                 (hr.Medication("rx-1", "<Aspirin>", 7, 0, doses),))
+        page = hr.render_status_page(report)
+        self.assertNotRegex(page, r"<(Aspirin|app|health|Watch)>|<&>")
+        self.assertIn("/data/&lt;health&gt;.db &middot; 2.5 MB &middot; days in UTC", page)
+        self.assertIn("<p>Last sync 9 min ago: 12 records, ok.</p>", page)
+        self.assertIn("<span>Steps</span><b>4,000</b><span>30-day average 2,000</span>", page)
+        self.assertIn('<p class="muted">Mar 04, 2026 to Mar 10, 2026, by day.</p>', page)
+        self.assertIn('<a href="/type/StepCount?range=7d">Steps &lt;&amp;&gt;</a>', page)
+        steps = page[page.index('aria-label="StepCount"'):]
+        self.assertEqual(steps[:steps.index("</svg>")].count("<rect"), 3)
+        self.assertIn('<a href="/workout/W%3C1%3E">Running</a>', page)
+        self.assertIn("<h3>&lt;Aspirin&gt;</h3><p>doses per day: 7 taken, 0 skipped</p>", page)
+        self.assertIn("&lt;app&gt;", page)
+        self.assertIn("and 3 more types with fewer samples", page)
+        self.assertIn("Generated 2026-03-10 15:00.", page)
+
+    def test_a_type_page_and_a_workout_page(self):
+        report = hr.TypeReport(self.view, self.window, self.info, self.chart,
+                               (hr.PeriodRow(datetime.date(2026, 3, 9), (2, 1000.0, 1000.0)),),
+                               (hr.LatestSample("2026-03-09T08:00:00.000Z", None, 500, "count", "<iPhone>"),), None)
+        page = hr.render_type_page(report)
+        self.assertIn("<td>Mon 2026-03-09</td><td>2</td><td>1,000</td><td>1,000</td>", page)
+        self.assertIn('<td class="opt">&lt;iPhone&gt;</td>', page)
+        self.assertIn('href="/type/StepCount.csv?range=7d"', page)
+        self.assertEqual(page.count('aria-label="StepCount"'), 2)  # a drawing per screen
+        route = hr.Track(((47.0, 8.0), (47.009, 8.0)), 1000.0, ((0.0, 400.0), (1000.0, 420.0)), (hr.Split(1, 300.0),))
+        page = hr.render_workout_page(hr.WorkoutReport(self.view, self.workout, route))
+        self.assertIn("2026-03-09 07:00 &middot; &lt;Watch&gt;", page)
+        self.assertIn("<b>30 min</b>", page)
+        self.assertIn("<b>150 bpm</b>", page)
+        self.assertIn("<td>1</td><td>5:00 /km</td>", page)
+        self.assertIn('aria-label="route"', page)
+        self.assertIn('aria-label="elevation"', page)
 
 
 class StatusPageAuthTests(ServerTestCase):
