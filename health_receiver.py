@@ -24,21 +24,27 @@ once at start.
 
 Map of this file, each section depending only on those above it:
 
-    Errors        exceptions, and escaping client text for the log
-    Ingest        dates, row functions, the SECTIONS registry, the JSON walker
-                  that reads a body as it arrives
-    Storage       SQLite connections, schema derived from SECTIONS,
-                  MIGRATIONS, a sync's rows staged in a temporary file and
-                  merged in one transaction, hourly totals kept for charts
-    Reporting     RANGES and their periods, CHART_KINDS over the hourly
-                  totals, today, sleep, workouts and routes, medications,
-                  export rows, NDJSON export lines and their import
-                  (read-only)
-    Presentation  the pages: status page, a page per type and per workout;
-                  HTML with inline SVG charts
+    Errors        exceptions; client text made safe for the log
+    Dates         the stored form (canonical UTC text), parsing, Zone: the
+                  days, nights and hours a person lives in
+    JSON reader   JsonReader: one document read as it arrives, a value at a
+                  time, within a bounded window
+    Ingest        the health grammar: row functions, the SECTIONS registry,
+                  Payload (a sync's body as batches of rows)
+    Storage       SQLite connections, schema derived from SECTIONS, the
+                  syncs table (SYNCS), MIGRATIONS, a sync's rows staged in a
+                  temporary file and merged in one transaction, hourly totals
+    Reporting     records of what is stored (read only): RANGES, a View and
+                  its Window, CHART_KINDS over the hourly totals, today,
+                  sleep, workouts and routes, medications; the JSON made
+                  from them; export rows and NDJSON export lines
+    Presentation  the pages from those records: status page, a page per
+                  type and per workout; HTML with inline SVG charts
     Sync workflow one sync from arriving bytes to stored rows, shared by HTTP
-                  and import; the archive
-    HTTP          configuration, request checks, body reading, handler, server
+                  and import; the archive; NDJSON lines made payloads again
+    HTTP          Keys and identities, request checks, the protocol (framing,
+                  body, the one answer writer), ROUTES and their actions, the
+                  server
     Command line  serve, stats, export, import: COMMANDS
     Bench         `bench`: the receiver against a baseline, at any database size
     main          the entry point
@@ -100,94 +106,14 @@ try:
 except ImportError:  # Windows has no resource module; peak RSS is then unknown.
     resource = None
 
-#: Default TCP port, the one the app's guide uses.
-DEFAULT_PORT = 3000
-#: Default endpoint path, the app's default "Endpoint Path".
-DEFAULT_PATH = "/api/health-data"
-#: Default database file, relative to the working directory.
-DEFAULT_DB = "health.db"
-#: Default body limit in MiB; the app needs at least 50.
-DEFAULT_MAX_BODY_MB = 100
-#: Default idle timeout of a connection, in seconds.
-DEFAULT_TIMEOUT = 30.0
-#: Default bound of the temporary disk that syncs being received take, in MiB.
-DEFAULT_MAX_TMP_MB = 1024
-#: Path of the JSON summary the status page shows.
-SUMMARY_PATH = "/api/summary"
-#: Pages of one type (/type/HeartRate) and one workout (/workout/UUID).
-TYPE_PAGES = "/type/"
-WORKOUT_PAGES = "/workout/"
-#: Environment variable holding the key the app sends.
-TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
-#: Bytes in one MiB: limits are in MiB, as the app's "50 MB" is.
-MIB = 1024 * 1024
-#: Rows collected before one executemany: bounds memory (bench: 1,000 rows
-#: cost 1 MB where 5,000 cost 4 MB, at the same speed).
-BATCH_ROWS = 1000
-#: Bytes read from the socket (or a file) at a time.
-READ_CHUNK = 256 * 1024
-#: Bytes the walker reads ahead at least when its window runs out.
-WINDOW_MIN = 64 * 1024
-#: Longest chunk-size line of a chunked body (a 16-digit size, extensions, CRLF).
-CHUNK_LINE_MAX = 1026
-#: Longest trailer line of a chunked body, and how many are read.
-TRAILER_LINE_MAX = 8192
-TRAILER_FIELDS_MAX = 100
-#: Slowest body upload accepted, in bytes per second, for the body deadline.
-MIN_UPLOAD_RATE = 64 * 1024
-#: Seconds SQLite waits for another program's lock before giving up (503).
-BUSY_TIMEOUT = 10.0
-#: Seconds a stop waits for the syncs in flight to be stored and answered.
-SHUTDOWN_WAIT = 60
-#: Seconds the app is told to wait before retrying after a 503.
-RETRY_AFTER = 30
-#: Failed key checks from one address within GUESS_WINDOW seconds before
-#: that address gets 429 for GUESS_BLOCK seconds.
-GUESS_LIMIT = 10
-GUESS_WINDOW = 60.0
-GUESS_BLOCK = 60
-#: Addresses whose failed key checks are remembered (the oldest are forgotten).
-GUESS_ADDRESSES_MAX = 4096
-#: After an early answer to a POST (401, 413, ...), how long and how much of
-#: the body still arriving is read and dropped, so that the client reads the
-#: answer instead of a reset (what nginx calls a lingering close).
-LINGER_SECONDS = 10.0
-LINGER_IDLE = 2.0
-#: Sample types listed and charted on the status page and /api/summary (the
-#: largest first); ``stats --json`` lists all.
-PAGE_TYPES_MAX = 40
-#: Content-Security-Policy of the pages: nothing from elsewhere, no scripts,
-#: inline styles only, never in a frame.
-PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
-               "form-action 'self'; frame-ancestors 'none'")
-#: Suffix of the key file created beside a new database.
-KEY_FILE_SUFFIX = ".key"
-#: Bits of a generated key.
-KEY_BITS = 192
-#: SQLite page size for new databases (bench: 16 KiB inserts ~20% faster than 4 KiB).
-PAGE_SIZE = 16384
-#: SQLite page cache of the writer in KiB.  Rows go in in key order, so few
-#: pages are hot at a time (bench: 2 MB merges as fast as 8 MB).
-CACHE_KIB = 2000
-#: SQLite page cache of a sync's temporary file in KiB: its rows are
-#: appended, so one page is hot at a time.
-STAGE_CACHE_KIB = 2000
-#: SQLite page cache of a migration in KiB: it rewrites whole tables.
-MIGRATION_CACHE_KIB = 64000
-#: Rows a migration copies between two progress lines.
-MIGRATION_PROGRESS_ROWS = 1000000
-#: Largest integer SQLite stores as INTEGER.
-SQLITE_INT_MAX = 2 ** 63 - 1
-_SQLITE_INT_MIN = -SQLITE_INT_MAX - 1
-#: Envelope fields longer than this (in bytes of JSON) are kept as text only.
-ENVELOPE_VALUE_MAX = 4096
+
+# ---------------------------------------------------------------------------
+# Errors: exceptions; client text made safe for the log
+# ---------------------------------------------------------------------------
+
 #: Client text quoted in a log line is cut to this many characters.
 LOG_TEXT_MAX = 200
 
-
-# ---------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------
 
 #: Escapes for control characters in client text that reaches the log.
 _CONTROL_CHARS = str.maketrans({c: f"\\x{c:02x}" for c in itertools.chain(range(0x20), range(0x7F, 0xA0))})
@@ -342,6 +268,12 @@ class Zone(typing.NamedTuple):
 # ---------------------------------------------------------------------------
 # JSON reader: one document read as it arrives, a value at a time
 # ---------------------------------------------------------------------------
+
+#: Bytes read from the socket (or a file) at a time.
+READ_CHUNK = 256 * 1024
+#: Bytes the walker reads ahead at least when its window runs out.
+WINDOW_MIN = 64 * 1024
+
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
@@ -664,7 +596,30 @@ class JsonReader:
 # Ingest: the health grammar: rows, the sections registry, the payload
 # ---------------------------------------------------------------------------
 
+#: Rows collected before one executemany: bounds memory (bench: 1,000 rows
+#: cost 1 MB where 5,000 cost 4 MB, at the same speed).
+BATCH_ROWS = 1000
+#: Largest integer SQLite stores as INTEGER.
+SQLITE_INT_MAX = 2 ** 63 - 1
+_SQLITE_INT_MIN = -SQLITE_INT_MAX - 1
+#: Envelope fields longer than this (in bytes of JSON) are kept as text only.
+ENVELOPE_VALUE_MAX = 4096
+
+
 _NONE_TYPE = type(None)
+
+#: Prefixes HealthKit puts before a type's short name.
+TYPE_PREFIXES = ("HKQuantityTypeIdentifier", "HKCategoryTypeIdentifier", "HKCorrelationTypeIdentifier",
+                 "HKDataTypeIdentifier", "HKWorkoutTypeIdentifier")
+
+
+def short_type_name(type_name):
+    """HKQuantityTypeIdentifierHeartRate -> HeartRate."""
+    for prefix in TYPE_PREFIXES:
+        if type_name.startswith(prefix) and len(type_name) > len(prefix):
+            return type_name[len(prefix):]
+    return type_name
+
 
 def _to_sql(value):
     """Return ``value`` as something sqlite3 binds without loss."""
@@ -1008,6 +963,10 @@ SECTIONS_BY_NAME = {section.name: section for section in SECTIONS}
 DEFAULT_SECTION = next(section for section in SECTIONS if not section.app_keys)
 #: Sections by the app's key, in ``data`` and at the top level.
 _SECTIONS_BY_APP_KEY = {key: section for section in SECTIONS for key in section.app_keys}
+#: The section whose per-type totals sample_types keeps.
+SAMPLES = SECTIONS_BY_NAME["samples"]
+#: The section whose counts the ``syncs`` table keeps apart (route_points).
+ROUTE_POINTS = SECTIONS_BY_NAME["routes"]
 
 
 class Payload:
@@ -1200,6 +1159,24 @@ class Payload:
 # ---------------------------------------------------------------------------
 # Storage: connections, schema, migrations, writing a sync
 # ---------------------------------------------------------------------------
+
+#: Bytes in one MiB: limits are in MiB, as the app's "50 MB" is.
+MIB = 1024 * 1024
+#: Seconds SQLite waits for another program's lock before giving up (503).
+BUSY_TIMEOUT = 10.0
+#: SQLite page size for new databases (bench: 16 KiB inserts ~20% faster than 4 KiB).
+PAGE_SIZE = 16384
+#: SQLite page cache of the writer in KiB.  Rows go in in key order, so few
+#: pages are hot at a time (bench: 2 MB merges as fast as 8 MB).
+CACHE_KIB = 2000
+#: SQLite page cache of a sync's temporary file in KiB: its rows are
+#: appended, so one page is hot at a time.
+STAGE_CACHE_KIB = 2000
+#: SQLite page cache of a migration in KiB: it rewrites whole tables.
+MIGRATION_CACHE_KIB = 64000
+#: Rows a migration copies between two progress lines.
+MIGRATION_PROGRESS_ROWS = 1000000
+
 
 #: The schema of version 1, as every receiver up to 1.0 wrote it.  History:
 #: never edited; a change is a new step in MIGRATIONS.
@@ -1717,10 +1694,6 @@ def database_size(path):
 
 #: Errors sqlite3 raises for a value it cannot bind: the row's fault, not the database's.
 _UNBINDABLE = (ValueError, OverflowError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
-#: The section whose per-type totals sample_types keeps.
-SAMPLES = SECTIONS_BY_NAME["samples"]
-#: The section whose counts the ``syncs`` table keeps apart (route_points).
-ROUTE_POINTS = SECTIONS_BY_NAME["routes"]
 #: Keeps sample_types (rows, first and last date per type) current as rows
 #: arrive: counting 5 million samples per type would take a second per page.
 _SAMPLE_TYPES_SQL = (
@@ -2181,8 +2154,13 @@ def _process_alive(pid):
 
 
 # ---------------------------------------------------------------------------
-# Reporting and export: what is stored, read only
+# Reporting: what is stored, as records (read only); export
 # ---------------------------------------------------------------------------
+
+#: Sample types listed and charted on the status page and /api/summary (the
+#: largest first); ``stats --json`` lists all.
+PAGE_TYPES_MAX = 40
+
 
 #: Tables whose row counts the totals report, sections first.
 TABLES = tuple(section.table for section in SECTIONS) + BOOKKEEPING_TABLES
@@ -2218,9 +2196,6 @@ CUMULATIVE_TYPES = frozenset((
     "AppleStandTime", "AppleMoveTime", "NikeFuel", "PushCount", "SwimmingStrokeCount", "NumberOfTimesFallen",
     "InhalerUsage", "InsulinDelivery", "NumberOfAlcoholicBeverages", "TimeInDaylight", "UVExposure"))
 
-#: Prefixes HealthKit puts before a type's short name.
-TYPE_PREFIXES = ("HKQuantityTypeIdentifier", "HKCategoryTypeIdentifier", "HKCorrelationTypeIdentifier",
-                 "HKDataTypeIdentifier", "HKWorkoutTypeIdentifier")
 _QUANTITY = TYPE_PREFIXES[0]
 
 
@@ -2245,14 +2220,6 @@ def type_title(type_name):
     words = _WORD_START.split(short)
     words = [word if word.isupper() or i == 0 else word.lower() for i, word in enumerate(words)]
     return " ".join(words)[:1].upper() + " ".join(words)[1:]
-
-
-def short_type_name(type_name):
-    """HKQuantityTypeIdentifierHeartRate -> HeartRate."""
-    for prefix in TYPE_PREFIXES:
-        if type_name.startswith(prefix) and len(type_name) > len(prefix):
-            return type_name[len(prefix):]
-    return type_name
 
 
 #: Quantity types stored as a fraction and shown as a percentage.
@@ -2404,6 +2371,10 @@ def days_window(choice, first, last, zone, shifted=False):
     stamps = [zone.midnight(max(day, first)) for day in starts]
     periods = tuple(Period(day.isoformat(), low, high) for day, low, high in zip(starts, stamps, stamps[1:]))
     return Window(choice, grain, first, last, periods, shifted, zone)
+
+
+#: The most periods one query binds (old SQLite allows 999 parameters).
+SQL_PERIODS_MAX = 300
 
 
 def _hour_periods_cte(periods):
@@ -2653,6 +2624,11 @@ def _mean_cells(agg, days):
 _DAILY = "total per day; per hour, the source that counted most"
 
 
+#: Category types that are events, not spans of time: counted.
+COUNTED_CATEGORIES = frozenset((
+    "AppleStandHour", "HighHeartRateEvent", "LowHeartRateEvent", "IrregularHeartRhythmEvent",
+    "LowCardioFitnessEvent", "ToothbrushingEvent", "HandwashingEvent", "SexualActivity", "MenstrualFlow",
+    "IntermenstrualBleeding", "Headache", "EnvironmentalAudioExposureEvent", "HeadphoneAudioExposureEvent"))
 #: Every chart kind, in the order they are tried on a type.
 CHART_KINDS = (
     ChartKind("sleep", "hours asleep per night, by stage", None, "stack",
@@ -2686,13 +2662,6 @@ DOSE_STAGES = (("taken", "Taken", "#2a9d8f"), ("skipped", "Skipped", "#c7c7c7"))
 #: has it).
 DOSES = ChartKind("doses", "doses taken and skipped per period", None, "stack", lambda type_name, short: False,
                   unit="", stages=DOSE_STAGES, whole=True)
-#: Category types that are events, not spans of time: counted.
-COUNTED_CATEGORIES = frozenset((
-    "AppleStandHour", "HighHeartRateEvent", "LowHeartRateEvent", "IrregularHeartRhythmEvent",
-    "LowCardioFitnessEvent", "ToothbrushingEvent", "HandwashingEvent", "SexualActivity", "MenstrualFlow",
-    "IntermenstrualBleeding", "Headache", "EnvironmentalAudioExposureEvent", "HeadphoneAudioExposureEvent"))
-#: The most periods one query binds (old SQLite allows 999 parameters).
-SQL_PERIODS_MAX = 300
 
 
 def chart_kind(type_name):
@@ -3087,6 +3056,10 @@ class LatestSample(typing.NamedTuple):
     source_name: typing.Optional[str]
 
 
+#: Samples listed on a type's page.
+LATEST_SAMPLES = 20
+
+
 class TypeReport(typing.NamedTuple):
     """Everything the page of one type shows."""
 
@@ -3132,10 +3105,6 @@ def type_report(store, name, view):
             latest = [sample._replace(value=labels.get(sleep_stage(sample.value), sample.value)) for sample in latest]
         unit = display_unit(conn, info.type, kind)
     return TypeReport(view, window, info, chart, tuple(periods), tuple(latest), unit)
-
-
-#: Samples listed on a type's page.
-LATEST_SAMPLES = 20
 
 
 def find_type(conn, name):
@@ -3351,96 +3320,16 @@ def ndjson_line(name, columns, row):
     return head + ',"record":' + _compact(fields["record"]) + "}"
 
 
-def object_members(line):
-    """{key: original JSON text of its value} for the object that is
-    ``line`` (bytes: one NDJSON line); raises PayloadError."""
-    reader = JsonReader.from_bytes(line)
-    members = {}
-
-    def member(key, pos):
-        _value, raw, end = reader.value(pos)
-        members[key] = raw
-        return end
-        yield  # a generator, as walk_object delegates to it
-
-    pos = reader.start()
-    if reader.char(pos) != "{":
-        raise PayloadError("not a JSON object")
-    for _batch in reader.walk_object(pos, member):
-        pass
-    return members
-
-
-def _ndjson_entries(lines):
-    """(line number, container, key, JSON text) of each NDJSON export line:
-    where the line's record goes in a payload the app would send."""
-    for number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            members = object_members(line)
-            name = json.loads(members["section"])
-            section = SECTIONS_BY_NAME.get(name)
-            if section is None:
-                if name != "syncs":
-                    raise PayloadError(f"unknown section {name!r}")
-                continue
-            if section.shape == "object":
-                yield number, section.app_keys[0], json.loads(members["name"]), members["value"]
-                continue
-            label = json.loads(members[NDJSON_LABELS[name][0]]) if name in NDJSON_LABELS else None
-            container = section.app_keys[0] if section.shape == "routes" else "data"
-            yield number, container, label or section.app_keys[0], members["record"]
-        except (ValueError, KeyError, TypeError, PayloadError) as exc:
-            raise PayloadError(f"line {number}: not an export line ({exc})") from None
-
-
-def ndjson_payloads(lines, per_payload):
-    """Turn NDJSON export lines (bytes) into payloads of at most
-    ``per_payload`` lines each, the same shape the app sends.  Each payload
-    is a generator of pieces, made as it is read: consume one before asking
-    for the next.  Lines of one section and label in a row share an array;
-    a section met again later opens another member of the same name, which
-    the walker reads like the first."""
-    entries = _ndjson_entries(enumerate(lines, 1))
-    while True:
-        first = next(entries, None)
-        if first is None:
-            return
-        yield _ndjson_payload(itertools.chain([first], entries), per_payload)
-
-
-def _ndjson_payload(entries, per_payload):
-    out, size = ['{"syncSource":"import"'], 0
-    container = key = None
-    for count, (_line_number, where, name, text) in enumerate(entries, 1):
-        if where != container:
-            out.append("]}" if key is not None and container != "characteristics" else "}" if container else "")
-            out.append(f",{json.dumps(where)}:{{")
-            container, key = where, None
-        if container == "characteristics":
-            out.append(f"{',' if key is not None else ''}{json.dumps(name)}:{text}")
-            key = name
-        elif name != key:
-            out.append(f"{']' if key is not None else ''}{',' if key is not None else ''}{json.dumps(name)}:[{text}")
-            key = name
-        else:
-            out.append("," + text)
-        size += len(text)
-        if size >= READ_CHUNK:
-            yield "".join(out).encode("utf-8", "surrogatepass")
-            out, size = [], 0
-        if count >= per_payload:
-            break
-    if container is not None:
-        out.append("}" if container == "characteristics" or key is None else "]}")
-    out.append("}")
-    yield "".join(out).encode("utf-8", "surrogatepass")
-
-
 # ---------------------------------------------------------------------------
 # Presentation: the pages (HTML with inline SVG charts, no script)
 # ---------------------------------------------------------------------------
+
+#: Path of the JSON summary the status page shows.
+SUMMARY_PATH = "/api/summary"
+#: Pages of one type (/type/HeartRate) and one workout (/workout/UUID).
+TYPE_PAGES = "/type/"
+WORKOUT_PAGES = "/workout/"
+
 
 PAGE_CSS = """
 *{box-sizing:border-box}
@@ -3779,6 +3668,10 @@ def workout_path(uuid):
     return WORKOUT_PAGES + quote(str(uuid), safe="")
 
 
+#: Size of a type page's chart on a wider screen.
+WIDE_CHART_SIZE = (900, 240)
+
+
 def _chart_card(chart, range_name, wide=False):
     """A type's chart with its title (a link to the type's page) and what a point is."""
     unit = f" ({_esc(chart.unit)})" if chart.unit else ""
@@ -3791,10 +3684,6 @@ def _chart_card(chart, range_name, wide=False):
                    f'<div class="on-desk">{svg_chart(chart, *WIDE_CHART_SIZE)}</div>')
     return (f'<div class="chart"><h3 title="{_esc(chart.type)}">{title}</h3>'
             f'<p>{_esc(label)}</p>{drawing}{legend}</div>')
-
-
-#: Size of a type page's chart on a wider screen.
-WIDE_CHART_SIZE = (900, 240)
 
 
 def render_status_page(report):
@@ -4035,7 +3924,7 @@ def svg_profile(profile, distance, size=PROFILE_SIZE):
 
 
 # ---------------------------------------------------------------------------
-# Sync workflow: one sync from bytes to stored rows (HTTP and import)
+# Sync workflow: one sync from bytes to stored rows (HTTP and import); NDJSON import
 # ---------------------------------------------------------------------------
 
 def _archive_path(directory, sync_id, now=None):
@@ -4190,9 +4079,139 @@ class SyncIntake:
         self.store.checkpoint()
 
 
+#: Lines of an NDJSON export ingested as one sync by ``import``.
+IMPORT_CHUNK_LINES = 100000
+
+
+def object_members(line):
+    """{key: original JSON text of its value} for the object that is
+    ``line`` (bytes: one NDJSON line); raises PayloadError."""
+    reader = JsonReader.from_bytes(line)
+    members = {}
+
+    def member(key, pos):
+        _value, raw, end = reader.value(pos)
+        members[key] = raw
+        return end
+        yield  # a generator, as walk_object delegates to it
+
+    pos = reader.start()
+    if reader.char(pos) != "{":
+        raise PayloadError("not a JSON object")
+    for _batch in reader.walk_object(pos, member):
+        pass
+    return members
+
+
+def _ndjson_entries(lines):
+    """(line number, container, key, JSON text) of each NDJSON export line:
+    where the line's record goes in a payload the app would send."""
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            members = object_members(line)
+            name = json.loads(members["section"])
+            section = SECTIONS_BY_NAME.get(name)
+            if section is None:
+                if name != "syncs":
+                    raise PayloadError(f"unknown section {name!r}")
+                continue
+            if section.shape == "object":
+                yield number, section.app_keys[0], json.loads(members["name"]), members["value"]
+                continue
+            label = json.loads(members[NDJSON_LABELS[name][0]]) if name in NDJSON_LABELS else None
+            container = section.app_keys[0] if section.shape == "routes" else "data"
+            yield number, container, label or section.app_keys[0], members["record"]
+        except (ValueError, KeyError, TypeError, PayloadError) as exc:
+            raise PayloadError(f"line {number}: not an export line ({exc})") from None
+
+
+def ndjson_payloads(lines, per_payload):
+    """Turn NDJSON export lines (bytes) into payloads of at most
+    ``per_payload`` lines each, the same shape the app sends.  Each payload
+    is a generator of pieces, made as it is read: consume one before asking
+    for the next.  Lines of one section and label in a row share an array;
+    a section met again later opens another member of the same name, which
+    the walker reads like the first."""
+    entries = _ndjson_entries(enumerate(lines, 1))
+    while True:
+        first = next(entries, None)
+        if first is None:
+            return
+        yield _ndjson_payload(itertools.chain([first], entries), per_payload)
+
+
+def _ndjson_payload(entries, per_payload):
+    out, size = ['{"syncSource":"import"'], 0
+    container = key = None
+    for count, (_line_number, where, name, text) in enumerate(entries, 1):
+        if where != container:
+            out.append("]}" if key is not None and container != "characteristics" else "}" if container else "")
+            out.append(f",{json.dumps(where)}:{{")
+            container, key = where, None
+        if container == "characteristics":
+            out.append(f"{',' if key is not None else ''}{json.dumps(name)}:{text}")
+            key = name
+        elif name != key:
+            out.append(f"{']' if key is not None else ''}{',' if key is not None else ''}{json.dumps(name)}:[{text}")
+            key = name
+        else:
+            out.append("," + text)
+        size += len(text)
+        if size >= READ_CHUNK:
+            yield "".join(out).encode("utf-8", "surrogatepass")
+            out, size = [], 0
+        if count >= per_payload:
+            break
+    if container is not None:
+        out.append("}" if container == "characteristics" or key is None else "]}")
+    out.append("}")
+    yield "".join(out).encode("utf-8", "surrogatepass")
+
+
 # ---------------------------------------------------------------------------
 # HTTP: keys, request checks, the protocol, routes and their actions, the server
 # ---------------------------------------------------------------------------
+
+#: Default TCP port, the one the app's guide uses.
+DEFAULT_PORT = 3000
+#: Default endpoint path, the app's default "Endpoint Path".
+DEFAULT_PATH = "/api/health-data"
+#: Default database file, relative to the working directory.
+DEFAULT_DB = "health.db"
+#: Default body limit in MiB; the app needs at least 50.
+DEFAULT_MAX_BODY_MB = 100
+#: Default idle timeout of a connection, in seconds.
+DEFAULT_TIMEOUT = 30.0
+#: Default bound of the temporary disk that syncs being received take, in MiB.
+DEFAULT_MAX_TMP_MB = 1024
+#: Longest chunk-size line of a chunked body (a 16-digit size, extensions, CRLF).
+CHUNK_LINE_MAX = 1026
+#: Longest trailer line of a chunked body, and how many are read.
+TRAILER_LINE_MAX = 8192
+TRAILER_FIELDS_MAX = 100
+#: Slowest body upload accepted, in bytes per second, for the body deadline.
+MIN_UPLOAD_RATE = 64 * 1024
+#: Seconds the app is told to wait before retrying after a 503.
+RETRY_AFTER = 30
+#: Failed key checks from one address within GUESS_WINDOW seconds before
+#: that address gets 429 for GUESS_BLOCK seconds.
+GUESS_LIMIT = 10
+GUESS_WINDOW = 60.0
+GUESS_BLOCK = 60
+#: Addresses whose failed key checks are remembered (the oldest are forgotten).
+GUESS_ADDRESSES_MAX = 4096
+#: After an early answer to a POST (401, 413, ...), how long and how much of
+#: the body still arriving is read and dropped, so that the client reads the
+#: answer instead of a reset (what nginx calls a lingering close).
+LINGER_SECONDS = 10.0
+LINGER_IDLE = 2.0
+#: Content-Security-Policy of the pages: nothing from elsewhere, no scripts,
+#: inline styles only, never in a frame.
+PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+               "form-action 'self'; frame-ancestors 'none'")
+
 
 class Identity(typing.NamedTuple):
     """Who a request speaks for: the person its key names."""
@@ -5142,8 +5161,18 @@ def make_ssl_context(cert, key):
 
 
 # ---------------------------------------------------------------------------
-# Command line: serve, stats, export, import
+# Command line: serve, stats, export, import: COMMANDS
 # ---------------------------------------------------------------------------
+
+#: Environment variable holding the key the app sends.
+TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
+#: Suffix of the key file created beside a new database.
+KEY_FILE_SUFFIX = ".key"
+#: Bits of a generated key.
+KEY_BITS = 192
+#: Seconds a stop waits for the syncs in flight to be stored and answered.
+SHUTDOWN_WAIT = 60
+
 
 def local_addresses():
     """IPv4 addresses of this machine's interfaces, found without traffic."""
@@ -5408,8 +5437,6 @@ def run_serve(args, out):
     return serve(config_from_args(args, args.environ), out)
 
 
-#: Lines of an NDJSON export ingested as one sync by ``import``.
-IMPORT_CHUNK_LINES = 100000
 #: File names ``import`` picks up when given a folder.
 IMPORT_SUFFIXES = (".json", ".json.gz", ".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
 
