@@ -271,7 +271,7 @@ class Zone(typing.NamedTuple):
 
 #: Bytes read from the socket (or a file) at a time.
 READ_CHUNK = 256 * 1024
-#: Bytes the walker reads ahead at least when its window runs out.
+#: Bytes the JSON reader reads ahead at least when its window runs out.
 WINDOW_MIN = 64 * 1024
 
 
@@ -285,6 +285,9 @@ _scan_value = json.scanner.make_scanner(_DECODER)
 #: Decodes the JSON string whose opening quote precedes the offset.
 _scan_string = json.decoder.scanstring
 _skip_ws = re.compile(r"[ \t\n\r]*").match
+#: Characters a number cut at the window's end may lack after what scans
+#: as a whole number: "e-" of "1e-5".
+_NUMBER_TAIL = 2
 #: Characters that open, close or quote in JSON, to skip a nested value.
 _STRUCTURE = re.compile(r'["\[\]{}]')
 #: The rest of a string after its opening quote.
@@ -379,7 +382,8 @@ class JsonReader:
     def skip(self, pos):
         """The first position at or after ``pos`` that is not white space."""
         while True:
-            end = _skip_ws(self.text, pos - self.base).end() + self.base
+            at = pos - self.base
+            end = pos if at > len(self.text) else _skip_ws(self.text, at).end() + self.base  # not read yet
             if end - self.base < len(self.text) or not self.extend(end):
                 return end
             pos = end
@@ -441,8 +445,9 @@ class JsonReader:
                 if self._may_continue(exc) and self.extend(pos):
                     continue
                 self._scan_error(exc, pos)
-            # A value that reaches the window's end may go on (a number).
-            if end < len(text) or not self.extend(pos):
+            # A value that ends near the window's end may go on: a number
+            # cut after its "." or "e" (or "e-") scans as a shorter one.
+            if end + _NUMBER_TAIL < len(text) or not self.extend(pos):
                 return value, end + base
 
     def _skip_nested(self, pos):
@@ -558,7 +563,7 @@ class JsonReader:
                 start = pos - base
             try:
                 value, end = scan(text, start)
-                edge = end >= len(text) and not self.eof
+                edge = end + _NUMBER_TAIL >= len(text) and not self.eof
             except (StopIteration, ValueError, RecursionError):
                 edge = True
             if edge:  # past the window, an error, or too deep: the careful way
@@ -692,7 +697,7 @@ def _text_or_none(value):
 
 # Row functions: (element, its JSON text, where it came from) -> a tuple in
 # the section's column order, or a string saying why it cannot be a row.
-# Date columns hold the text as sent, or None; the walker makes them
+# Date columns hold the text as sent, or None; Payload makes them
 # canonical UTC (or rejects the row) a whole batch at a time.
 
 def _sample_row(obj, raw, section):
@@ -2031,7 +2036,7 @@ class Stage:
             raise
 
     def add(self, section, rows):
-        """Stage one batch of the walker: rows of ``section``, or rejected
+        """Stage one batch of Payload: rows of ``section``, or rejected
         rows when ``section`` is None."""
         if section is None:
             self._conn.executemany(_STAGE_REJECTED_SQL, rows)
@@ -2072,7 +2077,7 @@ class Stage:
         """Add the rows just stored, from ``rowid`` on, to their runs."""
         label_at, order_at = section.run_positions
         runs = self.runs[section.name]
-        # A batch of the walker is one array, so mostly one run.
+        # A batch of Payload is one array, so mostly one run.
         for label, group in itertools.groupby(stored, key=operator.itemgetter(label_at)):
             values = [row[order_at] for row in group]
             run = runs.get(label)
@@ -4133,7 +4138,7 @@ def ndjson_payloads(lines, per_payload):
     is a generator of pieces, made as it is read: consume one before asking
     for the next.  Lines of one section and label in a row share an array;
     a section met again later opens another member of the same name, which
-    the walker reads like the first."""
+    Payload reads like the first."""
     entries = _ndjson_entries(enumerate(lines, 1))
     while True:
         first = next(entries, None)
@@ -4348,7 +4353,12 @@ class ReceiverConfig:
     utc: bool = False
 
     def __post_init__(self):
-        self.path = "/" + self.path.strip("/") if self.path.strip("/") else "/"
+        self.path = endpoint_path(self.path)
+
+
+def endpoint_path(text):
+    """The endpoint's path as routes are found: one leading slash, none at the end."""
+    return "/" + text.strip("/") if text.strip("/") else "/"
 
 
 def check_content_length(values, limit):
@@ -5063,13 +5073,13 @@ class HealthReceiverServer(ThreadingHTTPServer):
     #: maximum (net.core.somaxconn on Linux).
     request_queue_size = 1024
 
-    def __init__(self, config, store=None, bind_and_activate=True, routes=ROUTES):
+    def __init__(self, config, store=None, bind_and_activate=True, routes=None):
         self.config = config
         self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
         self.guesses = GuessThrottle()
-        #: Refused at start when a route takes the endpoint's path.
-        self.routes = RouteTable(routes, config.path)
+        #: ROUTES with the endpoint's path (refused when a route has it).
+        self.routes = routes or RouteTable(ROUTES, config.path)
         self._log_lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -5415,6 +5425,7 @@ def config_from_args(args, environ):
         raise UsageError("--tls-key needs --tls-cert")
     if args.tmp_dir and not os.path.isdir(args.tmp_dir):
         raise UsageError(f"--tmp-dir {args.tmp_dir} is not a folder")
+    RouteTable(ROUTES, endpoint_path(args.path))  # refuses a path another route has
     token, source, generated, warnings = resolve_key(args, environ)  # last: it may create the key file
     config = ReceiverConfig(host=args.host, port=args.port, path=args.path, db=args.db,
                             keys=Keys.single(token, args.auth_header), max_body=int(args.max_body_mb * MIB),

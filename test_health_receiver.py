@@ -297,8 +297,60 @@ class SectionRegistryTests(unittest.TestCase):
         self.assertIs(hr.DEFAULT_SECTION, hr.SECTIONS_BY_NAME["samples"])
 
 
+class JsonReaderTests(unittest.TestCase):
+    """The streaming JSON reader alone, on documents cut in tiny pieces."""
+
+    def reader(self, document, size=3):
+        return hr.JsonReader([document[i:i + size] for i in range(0, len(document), size)], read_ahead=1)
+
+    def test_an_array_element_by_element_with_its_text(self):
+        document = '[{"a": 1}, "caf\\u00e9", "café", [1, [2]], 12.5e1 ,null]'.encode()
+        reader = self.reader(document)
+        self.assertEqual(reader.start(), 0)
+        found = list(reader.elements(0))
+        self.assertEqual(reader.end, len(document))
+        self.assertEqual([(raw, exact) for _value, raw, exact in found],
+                         [('{"a": 1}', True), ('"caf\\u00e9"', True), ('"café"', False), ("[1, [2]]", True),
+                          ("12.5e1", True), ("null", True)])
+        self.assertEqual([value if exact else reader.decode(raw) for value, raw, exact in found],
+                         [{"a": 1}, "café", "café", [1, [2]], 125.0, None])
+        self.assertEqual(found[2][0], "café".encode().decode("latin-1"))  # as read from the latin-1 view
+
+    def test_an_object_member_by_member(self):
+        document = b'\xef\xbb\xbf { "k\xc3\xa9" : [1,2] , "n": {"deep": true} }  '
+        reader = self.reader(document)
+        members = {}
+
+        def member(key, pos):
+            value, raw, end = reader.value(pos)
+            members[key] = (value, raw)
+            return end
+            yield  # a generator, as walk_object delegates to it
+
+        self.assertEqual(list(reader.walk_object(reader.start(), member)), [])
+        self.assertEqual(members, {"ké": ([1, 2], "[1,2]"), "n": ({"deep": True}, '{"deep": true}')})
+        self.assertEqual(reader.size, len(document))
+
+    def test_numbers_cut_anywhere_by_the_pieces(self):
+        document = b'[12.5e1 ,-0.25,3E+2, 1e-5,7]'
+        for size in range(1, len(document) + 1):
+            with self.subTest(size=size):
+                reader = self.reader(document, size)
+                self.assertEqual([value for value, _raw, _exact in reader.elements(reader.start())],
+                                 [125.0, -0.25, 300.0, 1e-05, 7])
+
+    def test_errors_name_the_byte_wherever_the_pieces_end(self):
+        for document, byte, what in ((b'[1, 2,, 3]', 6, "expected a value"), (b'[1 2]', 3, "expected ','"),
+                                     (b'["\xff"]', 2, "not valid UTF-8"), (b'[NaN]', 1, "NaN")):
+            for size in (1, 2, 100):
+                with self.subTest(document=document, size=size):
+                    with self.assertRaisesRegex(hr.PayloadError, what) as caught:
+                        list(self.reader(document, size).elements(0))
+                    self.assertIn(f"byte {byte}", str(caught.exception))
+
+
 class WalkerTests(unittest.TestCase):
-    """The JSON walker fed text directly, the way the handler feeds it."""
+    """The health grammar over the reader, fed text the way the handler feeds it."""
 
     def test_every_section_yields_its_rows(self):
         rows, payload = walk(make_payload(n=2))
@@ -672,6 +724,11 @@ class MigrationTests(unittest.TestCase):
             info = shape(fresh)[section.table][0]
             self.assertEqual(tuple(row[1] for row in info), section.column_names)
             self.assertEqual(tuple(row[1] for row in sorted(info, key=lambda r: r[5]) if row[5]), section.key)
+        syncs = shape(self.db)[hr.SYNCS.name][0]
+        self.assertEqual([(row[1], row[2], bool(row[3]), row[4], bool(row[5])) for row in syncs],
+                         [(name, kind.split()[0], "NOT NULL" in kind, "0" if "DEFAULT 0" in kind else None,
+                           "PRIMARY KEY" in kind) for name, kind in hr.SYNCS.columns])
+        self.assertEqual(hr.Sync()._fields, hr.SYNCS.column_names)
 
     def test_a_newer_database_is_refused_with_a_clear_message(self):
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
@@ -2086,8 +2143,180 @@ class ArchiveTests(ServerTestCase):
 
 
 # ---------------------------------------------------------------------------
-# HTTP: routing, auth, limits, encodings, slow clients, TLS
+# HTTP: the protocol without a socket; routing, auth, limits, encodings,
+# slow clients, TLS
 # ---------------------------------------------------------------------------
+
+def drive(server, data, client="127.0.0.1"):
+    """Run the real handler over ``data`` without a socket, as CPython's
+    test_httpservers does: the request is read from one BytesIO and the
+    answers written to another, which is returned."""
+    handler = hr.HealthRequestHandler.__new__(hr.HealthRequestHandler)
+    handler.server, handler.client_address = server, (client, 50000)
+    handler.request = handler.connection = None
+    handler.rfile, handler.wfile = io.BytesIO(data), io.BytesIO()
+    handler.handle()
+    return handler.wfile.getvalue()
+
+
+def answers(raw):
+    """[(status, headers, body)] of the HTTP/1.1 answers in ``raw``."""
+    stream, found = io.BytesIO(raw), []
+    while True:
+        line = stream.readline()
+        if not line:
+            return found
+        headers = http.client.parse_headers(stream)
+        if headers.get("Transfer-Encoding") == "chunked":
+            body = b""
+            for size in iter(lambda: int(stream.readline().strip() or b"0", 16), 0):
+                body += stream.read(size)
+                stream.readline()
+            stream.readline()
+        elif headers.get("Content-Length") is not None:
+            body = stream.read(int(headers["Content-Length"]))
+        else:
+            body = stream.read()
+        found.append((int(line.split()[1]), headers, body))
+
+
+def _half_way(request):
+    yield b"first piece,"
+    raise RuntimeError("a row that cannot be written")
+
+
+#: Routes of a made-up application: the protocol alone under test.
+TEST_ROUTES = (
+    hr.Route("GET", "/who", hr.PAGE_LOGIN, lambda request: hr.json_answer(
+        {"who": request.identity.name, "now": request.now.isoformat(), "range": request.query.get("range")}), "who"),
+    hr.Route("GET", "/items/<id>", hr.APP_KEY, lambda request: hr.json_answer({"id": request.argument}), "items"),
+    hr.Route("GET", "/stream", hr.APP_KEY, lambda request: hr.Answer("text/plain", iter([b"a", b"", b"bc"])),
+             "stream"),
+    hr.Route("GET", "/broken", hr.APP_KEY, lambda request: hr.Answer("text/plain", _half_way(request)), "broken"),
+    hr.Route("GET", "/bug", hr.APP_KEY, lambda request: 1 / 0, "bug"),
+    hr.Route("POST", hr.ENDPOINT, hr.APP_KEY, lambda request: hr.json_answer(
+        {"bytes": sum(len(piece) for piece in request.body_pieces())}, log="a body was read"), "echo"),
+)
+
+
+class ProtocolTests(unittest.TestCase):
+    """The protocol without a socket or a database: the real handler and
+    server object, a made-up route table (the application's own routes are
+    tested with a real server below)."""
+
+    keys = hr.Keys.single(TOKEN)
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.log = io.StringIO()
+        config = hr.ReceiverConfig(host="127.0.0.1", db=os.path.join(tmp.name, "never.db"), keys=self.keys,
+                                   log_stream=self.log, max_body=1000)
+        self.server = hr.HealthReceiverServer(config, bind_and_activate=False,
+                                              routes=hr.RouteTable(TEST_ROUTES, config.path))
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(lambda: self.assertFalse(os.listdir(tmp.name)))  # no database was made
+
+    def exchange(self, data, client="127.0.0.1"):
+        return answers(drive(self.server, data, client))
+
+    def get(self, path, headers="", client="127.0.0.1", version="HTTP/1.1"):
+        [(status, head, body)] = self.exchange(f"GET {path} {version}\r\nHost: x\r\n{headers}\r\n".encode(), client)
+        return status, head, body
+
+    def test_malformed_request_lines_get_json_and_one_log_line(self):
+        cases = [(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505), (b"GARBAGE\r\n\r\n", 400),
+                 (b"GET / HTTP/2.0\r\n\r\n", 505), (b"GET / HTTP/1.x\r\n\r\n", 400),
+                 (b"GET / HTTP/1.1 extra\r\n\r\n", 400), (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414)]
+        for request, status in cases:
+            with self.subTest(request=request[:30]):
+                before = len(self.log.getvalue().splitlines())
+                [(answered, head, body)] = self.exchange(request)
+                self.assertEqual(answered, status)
+                self.assertEqual(head["Connection"], "close")
+                self.assertIs(json.loads(body)["ok"], False)
+                self.assertEqual(len(self.log.getvalue().splitlines()), before + 1)
+        self.assertNotIn("Traceback", self.log.getvalue())
+
+    def test_the_route_table_finds_paths_patterns_and_methods(self):
+        key = f"Authorization: Bearer {TOKEN}\r\n"
+        self.assertEqual(json.loads(self.get("/items/a%20b/c", key)[2]), {"id": "a b/c"})
+        status, head, body = self.get("/items/", key)
+        self.assertEqual((status, json.loads(body)["error"]), (404, "Nothing here; the endpoint is "
+                                                                     f"{hr.DEFAULT_PATH}."))
+        [(status, head, body)] = self.exchange(b"DELETE /items/1 HTTP/1.1\r\n\r\n")
+        self.assertEqual((status, head["Allow"]), (405, "GET, HEAD"))
+        [(status, head, body)] = self.exchange(b"GET /api/health-data/ HTTP/1.1\r\n\r\n")
+        self.assertEqual((status, head["Allow"]), (405, "POST"))
+        [(status, head, body)] = self.exchange(f"HEAD /items/1 HTTP/1.1\r\n{key}\r\n".encode())
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(head["Content-Length"]), 0)
+
+    def test_who_may_call_is_the_routes_access(self):
+        login = "Authorization: Basic " + base64.b64encode(f"anyone:{TOKEN}".encode()).decode() + "\r\n"
+        status, head, body = self.get("/who?range=7d", login)
+        self.assertEqual(status, 200)
+        answer = json.loads(body)
+        self.assertEqual((answer["who"], answer["range"]), (hr.OWNER.name, ["7d"]))
+        self.assertTrue(answer["now"].endswith("+00:00"))  # the request's one now, aware
+        self.assertEqual(self.get("/who", f"Authorization: Bearer {TOKEN}\r\n")[0], 200)
+        status, head, _ = self.get("/who")
+        self.assertEqual((status, head["WWW-Authenticate"]), (401, 'Basic realm="health_receiver", charset="UTF-8"'))
+        status, head, body = self.get("/items/1", login)  # the app's routes take no login
+        self.assertEqual((status, head["WWW-Authenticate"]), (401, 'Bearer realm="health_receiver"'))
+        self.assertIn("uses the scheme 'Basic'", json.loads(body)["error"])
+
+    def test_without_keys_pages_answer_this_machine_only(self):
+        self.server.config.keys = hr.Keys()
+        self.assertEqual(self.get("/who")[0], 200)
+        status, _, body = self.get("/who", client="192.0.2.10")
+        self.assertEqual(status, 403)
+        self.assertIn("without a key", json.loads(body)["error"])
+        self.assertEqual(self.get("/items/1", client="192.0.2.10")[0], 200)
+
+    def test_streamed_answers_and_one_that_fails_half_way(self):
+        key = f"Authorization: Bearer {TOKEN}\r\n"
+        status, head, body = self.get("/stream", key)
+        self.assertEqual((status, head["Transfer-Encoding"], body), (200, "chunked", b"abc"))
+        status, head, body = self.get("/stream", key, version="HTTP/1.0")
+        self.assertEqual((status, head["Connection"], body), (200, "close", b"abc"))
+        raw = drive(self.server, f"GET /broken HTTP/1.1\r\n{key}\r\n".encode())
+        self.assertIn(b"first piece,", raw)
+        self.assertFalse(raw.endswith(b"0\r\n\r\n"))  # never complete-looking
+        self.assertIn("download stopped half way", self.log.getvalue())
+        self.assertIn("RuntimeError: a row that cannot be written", self.log.getvalue())
+
+    def test_a_bug_is_a_500_with_its_traceback_in_the_log(self):
+        status, head, body = self.get("/bug", f"Authorization: Bearer {TOKEN}\r\n")
+        self.assertEqual((status, head["Connection"]), (500, "close"))
+        self.assertNotIn("Traceback", body.decode())
+        self.assertIn("ZeroDivisionError", self.log.getvalue())
+
+    def test_bodies_are_read_within_limits_and_answers_logged_once(self):
+        body = b'{"a": 1}'
+        head = f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        sent = (f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+                + f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + b"3\r\n{}\n\r\n0\r\n\r\n")
+        self.assertEqual([(status, json.loads(text)) for status, _, text in self.exchange(sent)],
+                         [(200, {"bytes": 8}), (200, {"bytes": 3})])
+        self.assertEqual(self.log.getvalue().count("a body was read"), 2)
+        status = self.exchange(f"{head}Content-Length: 1001\r\n\r\n".encode() + b" " * 1001)[0][0]
+        self.assertEqual(status, 413)
+        status = self.exchange(f"{head}Content-Type: text/plain\r\nContent-Length: 2\r\n\r\n{{}}".encode())[0][0]
+        self.assertEqual(status, 415)
+
+    def test_a_route_that_takes_the_endpoint_path_is_refused(self):
+        for path, taken in (("/", "the status page"), (hr.SUMMARY_PATH, "JSON"), ("/type/x", "type pages"),
+                            ("/workout/a/b", "workout pages")):
+            with self.subTest(path=path):
+                with self.assertRaisesRegex(hr.UsageError, taken):
+                    hr.RouteTable(hr.ROUTES, path)
+        for path in ("/type", "/api/health-data", "/hooks/health"):
+            hr.RouteTable(hr.ROUTES, path)
+        code, _, err = run_main("--path", hr.SUMMARY_PATH, "--db", "/nonexistent/folder/health.db")
+        self.assertEqual(code, 2)
+        self.assertIn("is taken by the status page's JSON", err)
+
 
 class HttpTests(ServerTestCase):
 
@@ -2206,23 +2435,7 @@ class QuietTests(ServerTestCase):
 
 
 class MalformedRequestTests(ServerTestCase):
-    """What the standard library refuses before routing still gets one line
-    of JSON, Connection: close, and one log line without a traceback."""
-
-    def test_malformed_request_lines(self):
-        cases = [(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505), (b"GARBAGE\r\n\r\n", 400),
-                 (b"GET / HTTP/2.0\r\n\r\n", 505), (b"GET / HTTP/1.x\r\n\r\n", 400),
-                 (b"GET / HTTP/1.1 extra\r\n\r\n", 400), (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414)]
-        for request, status in cases:
-            with self.subTest(request=request[:30]):
-                before = len(self.log_lines())
-                answer = self.raw_exchange(request)
-                head, _, body = answer.partition(b"\r\n\r\n")
-                self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), answer[:200])
-                self.assertIn(b"Connection: close", head)
-                self.assertIs(json.loads(body)["ok"], False)
-                wait_until(lambda: len(self.log_lines()) == before + 1)
-                self.assertNotIn("Traceback", self.log.getvalue())
+    """Framing a proxy could read otherwise, and the load of many requests."""
 
     def test_framing_that_proxies_may_read_otherwise_is_refused(self):
         body = encode(make_payload(n=1))
@@ -2353,19 +2566,8 @@ class ReadsWithoutAKeyTests(ServerTestCase):
     """Without a key, health data is shown to this machine only."""
 
     def exchange_from(self, address, request):
-        """Drive the real handler on a loopback connection, told that
-        ``address`` connected (no packet leaves the machine)."""
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            ours = socket.create_connection(listener.getsockname()[:2], timeout=10)
-            theirs, _ = listener.accept()
-        with ours, theirs:
-            handler = threading.Thread(target=hr.HealthRequestHandler, args=(theirs, (address, 50000), self.server))
-            handler.start()
-            ours.sendall(request)
-            ours.shutdown(socket.SHUT_WR)
-            handler.join(10)  # the handler ends at the end of the request; the server would close the socket
-            theirs.close()
-            return b"".join(iter(lambda: ours.recv(65536), b""))
+        """The real handler and server, told that ``address`` sent the request."""
+        return drive(self.server, request, address)
 
     def test_pages_answer_loopback_only(self):
         for path in ("/", hr.SUMMARY_PATH):
@@ -3174,6 +3376,18 @@ class KeyTests(unittest.TestCase):
 
 class CommandShapeTests(unittest.TestCase):
     """Every command: 0 done, 1 failed, 2 usage."""
+
+    def test_a_bug_is_not_a_usage_error(self):
+        def run_broken(args, out):
+            return int("not a number")  # a bug, as a command might have one
+
+        hr.COMMANDS["broken"] = (hr.stats_parser, run_broken)
+        self.addCleanup(hr.COMMANDS.pop, "broken")
+        with self.assertRaises(ValueError):  # with its traceback, where `python3 -m` shows it and exits 1
+            hr.main(["broken"])
+        self.assertEqual(subprocess.run([sys.executable, hr.__file__, "stats", "--db", "/nonexistent/x.db"],
+                                        stderr=subprocess.PIPE, text=True).stderr,
+                         "error: no database at /nonexistent/x.db\n")
 
     def test_exit_statuses_are_the_same_for_every_command(self):
         with tempfile.TemporaryDirectory() as folder:
