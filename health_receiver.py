@@ -4323,6 +4323,11 @@ class Keys:
                                                                              'charset="UTF-8"'),))
 
 
+def endpoint_path(text):
+    """The endpoint's path as routes are found: one leading slash, none at the end."""
+    return "/" + text.strip("/") if text.strip("/") else "/"
+
+
 @dataclasses.dataclass
 class ReceiverConfig:
     """Runtime settings of one server, handed to the handler through it."""
@@ -4354,11 +4359,6 @@ class ReceiverConfig:
 
     def __post_init__(self):
         self.path = endpoint_path(self.path)
-
-
-def endpoint_path(text):
-    """The endpoint's path as routes are found: one leading slash, none at the end."""
-    return "/" + text.strip("/") if text.strip("/") else "/"
 
 
 def check_content_length(values, limit):
