@@ -148,8 +148,9 @@ class UsageError(Exception):
     exit_status = 2
 
 
-class NothingThere(UsageError):
-    """What a command was pointed at does not exist (a database): it failed."""
+class Missing(UsageError):
+    """What a command needs is not there (a database, a module this
+    platform lacks): it failed."""
 
     exit_status = 1
 
@@ -548,7 +549,7 @@ class JsonReader:
         after the scanner fails there (the scanner's JSONDecodeError counts
         the window's lines, which costs as much as scanning it).
         """
-        scan = _scan_value
+        scan, tail = _scan_value, _NUMBER_TAIL
         pos = self.skip(pos + 1)
         if self.char(pos) == "]":
             self.end = pos + 1
@@ -563,7 +564,7 @@ class JsonReader:
                 start = pos - base
             try:
                 value, end = scan(text, start)
-                edge = end + _NUMBER_TAIL >= len(text) and not self.eof
+                edge = end + tail >= len(text) and not self.eof
             except (StopIteration, ValueError, RecursionError):
                 edge = True
             if edge:  # past the window, an error, or too deep: the careful way
@@ -1338,23 +1339,20 @@ class SyncStatus:
     PENDING = "pending"
     #: Stored.
     OK = "ok"
-    #: Nothing stored, by the client's fault (a bad body, a wrong key): a
-    #: retry of the same request fails the same way.
+    #: Nothing stored, by the client's fault (a bad body, a wrong type or
+    #: size): a retry of the same request fails the same way.
     REJECTED = "rejected"
     #: Nothing stored, by the receiver's (the database, the disk): the app
     #: is told to retry.
     FAILED = "failed"
 
 
-class Sync(collections.namedtuple("Sync", SYNCS.column_names,
-                                  defaults=(None,) * 8 + (0,) * 7 + (None, SyncStatus.PENDING, None, None))):
+class Sync(collections.namedtuple("Sync", SYNCS.column_names, defaults=tuple(
+        SyncStatus.PENDING if name == "status" else 0 if "DEFAULT 0" in kind else None
+        for name, kind in SYNCS.columns))):
     """One row of the syncs table."""
 
     __slots__ = ()
-
-    @property
-    def ok(self):
-        return self.status == SyncStatus.OK
 
 
 #: The rejected table's name (its columns: SCHEMA_V1).
@@ -2702,8 +2700,10 @@ def connection_facts(store):
 
 
 def latest_syncs(conn, count):
-    """The last ``count`` syncs, the latest first."""
-    return [Sync(*row) for row in conn.execute(f"{SYNCS.select_sql()} ORDER BY id DESC LIMIT ?", (count,))]
+    """The last ``count`` syncs, the latest first, with the fields pages
+    show (SYNC_FIELDS; not the envelope, which may be large)."""
+    return [Sync(**dict(zip(SYNC_FIELDS, row)))
+            for row in conn.execute(f"{SYNCS.select_sql(SYNC_FIELDS)} ORDER BY id DESC LIMIT ?", (count,))]
 
 
 def data_span(conn):
@@ -2902,7 +2902,7 @@ class Workout(typing.NamedTuple):
     source: typing.Any
 
 
-def workout_facts(conn, row):
+def workout_of(conn, row):
     """The Workout of a row (uuid, activity, start, end, duration, record)."""
     uuid, activity, start, end, duration, record = row
     try:
@@ -2934,7 +2934,7 @@ def workout_list(conn, window):
     if len(rows) == WORKOUTS_LISTED:
         more = conn.execute("SELECT count(*) FROM workouts WHERE start_date >= ? AND start_date < ?",
                             (window.start, window.end)).fetchone()[0] - WORKOUTS_LISTED
-    return tuple(workout_facts(conn, row) for row in rows), more
+    return tuple(workout_of(conn, row) for row in rows), more
 
 
 class Medication(typing.NamedTuple):
@@ -3174,19 +3174,19 @@ def workout_report(store, uuid, view):
         row = conn.execute(f"SELECT {_WORKOUT_COLUMNS} FROM workouts WHERE uuid = ?", (uuid,)).fetchone()
         if row is None:
             return None
-        workout = workout_facts(conn, row)
+        workout = workout_of(conn, row)
         points = conn.execute(
             "SELECT timestamp, latitude, longitude, altitude FROM workout_route_points WHERE workout_uuid = ?"
             " AND typeof(latitude) IN ('integer', 'real') AND typeof(longitude) IN ('integer', 'real')"
             " ORDER BY timestamp", (uuid,)).fetchall()
-    return WorkoutReport(view, workout, route_facts(points))
+    return WorkoutReport(view, workout, track_of(points))
 
 
 #: Mean Earth radius in metres (distances between route points).
 EARTH_RADIUS = 6371008.8
 
 
-def route_facts(points):
+def track_of(points):
     """The Track of points [(timestamp, latitude, longitude, altitude)] in
     time order: distances, elevation and kilometre splits."""
     points = [p for p in points if -90 <= p[1] <= 90 and -180 <= p[2] <= 180]
@@ -3231,8 +3231,8 @@ def date_bound(text, end=False):
 
 
 def export_rows(store, name, type_name=None, since=None, until=None, start=None, end=None):
-    """(columns, rows) of one export section, streamed in key order; the
-    caller closes ``rows``.  ``since`` and ``until`` are as a person writes
+    """(columns, Rows) of one export section, streamed in key order; the
+    caller closes the Rows.  ``since`` and ``until`` are as a person writes
     them; ``start`` and ``end`` (excluded) are stored timestamps."""
     export = EXPORTS[name]
     where, params = [], []
@@ -3254,7 +3254,7 @@ def export_rows(store, name, type_name=None, since=None, until=None, start=None,
            f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {export.order}")
     conn = store.open_reader()
     try:
-        return export.columns, _closing_rows(conn, conn.execute(sql, params))
+        return export.columns, Rows(conn, conn.execute(sql, params))
     except sqlite3.Error as exc:
         conn.close()
         raise StorageUnavailable(_describe_db_error(exc, store.path)) from exc
@@ -3278,12 +3278,18 @@ def csv_pieces(columns, rows):
     yield buffer.getvalue().encode("utf-8")
 
 
-def _closing_rows(conn, cursor):
-    """Yield the cursor's rows, then close its connection."""
-    try:
-        yield from cursor
-    finally:
-        conn.close()
+class Rows:
+    """A query's rows, read as they are iterated; close() closes their
+    connection, whether they were read to the end, in part or not at all."""
+
+    def __init__(self, conn, cursor):
+        self._conn, self._cursor = conn, cursor
+
+    def __iter__(self):
+        return self._cursor
+
+    def close(self):
+        self._conn.close()
 
 
 def resolve_type(store, name):
@@ -4567,8 +4573,7 @@ class Answer(typing.NamedTuple):
     before it does (so the line exists once the client has the answer)."""
 
     content_type: str
-    #: bytes, or an iterable of bytes sent as it comes (chunked); the
-    #: protocol closes it once sent.
+    #: bytes, or an iterable of bytes sent as they come (chunked).
     body: typing.Any
     status: HTTPStatus = HTTPStatus.OK
     headers: typing.Tuple[typing.Tuple[str, str], ...] = ()
@@ -4576,6 +4581,11 @@ class Answer(typing.NamedTuple):
     log: typing.Optional[str] = None
     #: Runs once the answer is sent: what the client need not wait for.
     then: typing.Optional[typing.Callable[[], None]] = None
+    #: Runs once the answer is sent, or could not be: frees what the body
+    #: reads from (a download's database connection).
+    close: typing.Optional[typing.Callable[[], None]] = None
+    #: A failure's line in the log (logged as an error, instead of ``log``).
+    error: typing.Optional[str] = None
 
 
 JSON_TYPE = "application/json; charset=utf-8"
@@ -4583,6 +4593,12 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 def json_answer(obj, status=HTTPStatus.OK, headers=(), log=None, then=None):
     return Answer(JSON_TYPE, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"), status, headers, log, then)
+
+
+def failure_answer(request, status, message, headers=()):
+    """A 4xx or 5xx: one line of JSON, and a line in the error log."""
+    return json_answer({"ok": False, "error": message}, status, headers)._replace(
+        error=f"{request.command or '-'} {(request.path or '-')[:LOG_TEXT_MAX]} -> {int(status)} {message}")
 
 
 def html_answer(document):
@@ -4630,36 +4646,31 @@ class RouteTable:
     def __init__(self, routes, endpoint):
         self.endpoint = endpoint
         self._exact = {}  # path -> {method: route}
-        self._patterns = {}  # pattern text -> (regex, {method: route})
+        self._patterns = {}  # pattern -> (regex, {method: route})
         for route in routes:
-            path = endpoint if route.path == ENDPOINT else route.path
-            if route.path != ENDPOINT and self._holds(route, path, endpoint):
+            if route.path == ENDPOINT:
+                self._exact.setdefault(endpoint, {})[route.method] = route
+                continue
+            if "<" in route.path:
+                before, _, rest = route.path.partition("<")
+                regex = re.compile(f"{re.escape(before)}(.+){re.escape(rest.partition('>')[2])}\\Z", re.DOTALL)
+                self._patterns.setdefault(route.path, (regex, {}))[1][route.method] = route
+                taken = regex.match(endpoint)
+            else:
+                self._exact.setdefault(route.path, {})[route.method] = route
+                taken = route.path == endpoint
+            if taken:
                 raise UsageError(f"the endpoint path {endpoint} (--path) is taken by {route.title} ({route.path}); "
                                  "choose another")
-            if "<" in path:
-                before, _, rest = path.partition("<")
-                after = rest.partition(">")[2]
-                regex = re.compile(re.escape(before) + "(.+)" + re.escape(after) + r"\Z", re.DOTALL)
-                self._patterns.setdefault(path, (regex, {}))[1][route.method] = route
-            else:
-                self._exact.setdefault(path, {})[route.method] = route
-
-    @staticmethod
-    def _holds(route, path, endpoint):
-        if "<" not in path:
-            return path == endpoint
-        before, _, rest = path.partition("<")
-        after = rest.partition(">")[2]
-        return endpoint.startswith(before) and endpoint.endswith(after) and len(endpoint) > len(before + after)
 
     def find(self, method, path):
         """(route, argument) of a request; raises ClientError 404 or 405."""
         methods, argument = self._exact.get(path.rstrip("/") or "/"), None
         if methods is None:
             for regex, candidates in self._patterns.values():
-                match = regex.match(path)
+                match = regex.match(unquote(path))
                 if match:
-                    methods, argument = candidates, unquote(match.group(1))
+                    methods, argument = candidates, match.group(1)
                     break
         if methods is None:
             raise ClientError(HTTPStatus.NOT_FOUND, f"Nothing here; the endpoint is {self.endpoint}.")
@@ -4755,30 +4766,32 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         # The request line may not have said which version: answer in 1.1,
         # which every client reads (0.9 would mean no status line at all).
         self.request_version = self.protocol_version
-        self._send_failure(code, message or code.phrase)
+        self.send_answer(failure_answer(self, code, message or code.phrase))
 
-    def _send_failure(self, status, message, headers=()):
-        """A 4xx or 5xx: one line of JSON, and a line in the log."""
-        self.send_answer(json_answer({"ok": False, "error": message}, status, headers),
-                         error=f"{self.command or '-'} {(self.path or '-')[:LOG_TEXT_MAX]} -> {int(status)} {message}")
+    def send_answer(self, answer):
+        """The one writer of answers: logs the request, then sends the
+        answer's head and body."""
+        try:
+            self._log_answer(answer)
+            if isinstance(answer.body, bytes):
+                self._send_head(answer.status, answer.content_type, answer.headers, len(answer.body))
+                if self.command != "HEAD":
+                    self.wfile.write(answer.body)
+            else:
+                self._send_streamed(answer)
+            self.wfile.flush()
+        finally:
+            if answer.close is not None:
+                answer.close()
 
-    def send_answer(self, answer, error=None):
-        """The one writer of answers: logs the request (``error``: as an
-        error), then sends the answer's head and body."""
-        if error is not None:
-            self.log_error(error)
+    def _log_answer(self, answer):
+        if answer.error is not None:
+            self.log_error(answer.error)
         elif answer.log is not None:
             self.server.log_request_line(None, answer.log)
         else:
             self.server.log_request_line(self.address_string(), f"{self.command} {log_safe(self.path, LOG_TEXT_MAX)} "
                                                                 f"-> {int(answer.status)}")
-        if isinstance(answer.body, bytes):
-            self._send_head(answer.status, answer.content_type, answer.headers, len(answer.body))
-            if self.command != "HEAD":
-                self.wfile.write(answer.body)
-        else:
-            self._send_streamed(answer)
-        self.wfile.flush()
 
     def _send_streamed(self, answer):
         """A body of unknown length, sent as its pieces come (chunked; to an
@@ -4788,31 +4801,29 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True
-        with contextlib.closing(answer.body) if hasattr(answer.body, "close") else contextlib.nullcontext():
-            self._send_head(answer.status, answer.content_type, answer.headers, None if chunked else -1)
-            if self.command == "HEAD":
-                return
-            try:
-                for piece in answer.body:
-                    if piece:
-                        self.wfile.write(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-            except (ConnectionError, socket.timeout, ssl.SSLError):
-                raise
-            except Exception:
-                self.close_connection = True
-                self.server.log_error_line(self.address_string(), f"download stopped half way on "
-                                           f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
-                return
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
+        self._send_head(answer.status, answer.content_type, answer.headers, None if chunked else -1)
+        if self.command == "HEAD":
+            return
+        try:
+            for piece in answer.body:
+                if piece:
+                    self.wfile.write(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        except (ConnectionError, socket.timeout, ssl.SSLError):
+            raise
+        except Exception:
+            self.close_connection = True
+            self.server.log_error_line(self.address_string(), f"download stopped half way on "
+                                       f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
+            return
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def _send_head(self, status, content_type, headers, length):
         """Status line and headers of every answer; ``length`` None means
-        chunked, -1 means until the connection closes.  A request whose
-        body was not read closes the connection (what the client still
-        sends is not a request), after reading and dropping that body for
-        a while unless the client waits for 100 Continue (see
-        _lingering_close)."""
+        chunked, -1 means until the connection closes.  A POST whose body
+        was not read closes the connection (what the client still sends is
+        not a request), after reading and dropping that body for a while
+        unless the client waits for 100 Continue (see _lingering_close)."""
         if self.command == "POST" and not self._body_read:
             self.close_connection = True
             if not self._expects_continue:
@@ -4838,12 +4849,26 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     # -- a request -------------------------------------------------------------
 
     def _dispatch(self):
-        """Every method: find the route, admit the caller, run the action,
-        send its answer; errors are answered as JSON."""
+        """Every method: the answer of the request's route, or of what went
+        wrong, sent once; then what comes after it."""
         self.now = datetime.datetime.now(datetime.timezone.utc)
+        with self.server.in_flight() if self.command == "POST" else contextlib.nullcontext():
+            answer = self._answer()
+            try:
+                self.send_answer(answer)
+                if answer.then is not None:
+                    answer.then()
+            except (ConnectionError, socket.timeout, ssl.SSLError):
+                raise
+            except Exception:
+                self.close_connection = True
+                self._log_traceback("after answering")
+
+    def _answer(self):
+        """Find the route, admit the caller, run the action; errors become
+        JSON answers."""
         server = self.server
         client = self.client_address[0]
-        answer = None
         try:
             wait = server.guesses.retry_after(client)
             if wait:
@@ -4852,30 +4877,27 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             check_framing(self.headers)
             route, self.argument = server.routes.find(self.command, urlsplit(self.path).path)
             self.identity = self._admit(route.access)
-            with server.in_flight() if self.command == "POST" else contextlib.nullcontext():
-                answer = route.action(self)
-                self.send_answer(answer)
-                if answer.then is not None:
-                    answer.then()
+            return route.action(self)
         except ClientError as exc:
             if exc.status == HTTPStatus.UNAUTHORIZED and server.guesses.failed(client):
                 self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for "
                                f"{GUESS_BLOCK} s")
-            self._send_failure(exc.status, exc.message, exc.headers)
+            return failure_answer(self, exc.status, exc.message, exc.headers)
         except PayloadError as exc:
-            self._send_failure(HTTPStatus.BAD_REQUEST, exc.message)
+            return failure_answer(self, HTTPStatus.BAD_REQUEST, exc.message)
         except StorageUnavailable as exc:
-            self._send_failure(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), (("Retry-After", str(RETRY_AFTER)),))
+            return failure_answer(self, HTTPStatus.SERVICE_UNAVAILABLE, str(exc), (("Retry-After", str(RETRY_AFTER)),))
         except (ConnectionError, socket.timeout, ssl.SSLError):
             raise
         except Exception:
-            server.log_error_line(self.address_string(), f"internal error on {self.command} "
-                                  f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
+            self._log_traceback("internal error")
             self.close_connection = True
-            if answer is None:  # nothing sent yet
-                with contextlib.suppress(Exception):
-                    self._send_failure(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                       "Internal error; the receiver's log has the details.")
+            return failure_answer(self, HTTPStatus.INTERNAL_SERVER_ERROR,
+                                  "Internal error; the receiver's log has the details.")
+
+    def _log_traceback(self, what):
+        self.server.log_error_line(self.address_string(), f"{what} on {self.command} "
+                                   f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _dispatch
 
@@ -4998,17 +5020,8 @@ def type_csv(request):
     type_name, window = found
     columns, rows = export_rows(store, SAMPLES.name, type_name, start=window.start, end=window.end)
     filename = f"{short_type_name(type_name)}-{window.first}-{window.last}.csv"
-    return Answer("text/csv; charset=utf-8", _closing(csv_pieces(columns, rows), rows),
+    return Answer("text/csv; charset=utf-8", csv_pieces(columns, rows), close=rows.close,
                   headers=(("Content-Disposition", f'attachment; filename="{quote(filename)}"'),))
-
-
-def _closing(pieces, rows):
-    """``pieces``, then ``rows`` closed (its connection with it), however
-    the download ends."""
-    try:
-        yield from pieces
-    finally:
-        rows.close()
 
 
 def workout_page(request):
@@ -5454,7 +5467,7 @@ IMPORT_SUFFIXES = (".json", ".json.gz", ".ndjson", ".ndjson.gz", ".jsonl", ".jso
 
 def _existing_store(path):
     if not os.path.exists(path):
-        raise NothingThere(f"no database at {path}")
+        raise Missing(f"no database at {path}")
     return Store(path)
 
 
@@ -6136,7 +6149,7 @@ def run_bench(args, out):
     if args.baseline_child:
         return run_baseline(*args.baseline_child)
     if resource is None:
-        raise UsageError("bench needs the resource module (Linux, macOS, BSD)")
+        raise Missing("bench needs the resource module (Linux, macOS, BSD)")
     runs = max(1, args.runs)
     if args.fill:
         return bench_at_size(args.fill, args.mb, runs, out)
@@ -6175,6 +6188,10 @@ def main(argv=None, environ=None, out=None):
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_status
+    except UnicodeEncodeError as exc:  # LANG=C, or a console that is not UTF-8
+        print(f"error: the output cannot hold {exc.object[exc.start:exc.end]!a} ({exc.encoding}); write to a file "
+              "with --output, or set PYTHONIOENCODING=utf-8", file=sys.stderr)
+        return 1
     # The environment's failures (a file, a disk, the database); anything
     # else is a bug and ends with its traceback (exit 1).
     except (OSError, StorageUnavailable) as exc:

@@ -2313,6 +2313,12 @@ class ProtocolTests(unittest.TestCase):
                     hr.RouteTable(hr.ROUTES, path)
         for path in ("/type", "/api/health-data", "/hooks/health"):
             hr.RouteTable(hr.ROUTES, path)
+        table = hr.RouteTable(hr.ROUTES, "/api/<x>")  # the endpoint's path is never a pattern
+        self.assertEqual(table.find("POST", "/api/<x>")[0].action, hr.receive_sync)
+        with self.assertRaises(hr.ClientError):
+            table.find("POST", "/api/anything")
+        self.assertEqual(table.find("GET", "/type/Heart%20Rate%2Ecsv")[0].action, hr.type_csv)
+        self.assertEqual(table.find("GET", "/type/Heart%20Rate%2Ecsv")[1], "Heart Rate")
         code, _, err = run_main("--path", hr.SUMMARY_PATH, "--db", "/nonexistent/folder/health.db")
         self.assertEqual(code, 2)
         self.assertIn("is taken by the status page's JSON", err)
@@ -2623,6 +2629,7 @@ class BearerAuthTests(ServerTestCase):
                     self.assert_error(status, 401, answer)
                     self.assertTrue(response.getheader("WWW-Authenticate").startswith("Bearer"))
         self.assert_nothing_stored()
+        self.assertEqual(self.count("syncs"), 0)  # a request without the key writes nothing
 
     def test_wrong_key_is_refused_before_the_body_is_read(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
@@ -3189,6 +3196,12 @@ class CommandTests(ServerTestCase):
         self.assertNotIn("HeartRate", out)
         self.assertEqual(self.query("SELECT DISTINCT type FROM sample_hours ORDER BY type"),
                          self.query("SELECT DISTINCT type FROM samples ORDER BY type"))
+        self.assertEqual(self.post(make_payload(source="Jane\u2019s iPhone", tag="U"))[0], 200)
+        ascii_only = subprocess.run([sys.executable, hr.__file__, "stats", "--db", self.db], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=dict(os.environ, PYTHONIOENCODING="ascii"))
+        self.assertEqual(ascii_only.returncode, 1)  # the sync source's curly apostrophe
+        self.assertRegex(ascii_only.stderr, r"^error: the output cannot hold .*--output.*PYTHONIOENCODING=utf-8\n$")
 
     def test_export_csv_with_type_and_dates(self):
         self.fill()
