@@ -1,9 +1,11 @@
 """Tests for health_receiver.py: run with ``python3 -m unittest -v``.
 
-Grouped in the module's layer order: ingest (fed text, no socket), storage,
-reporting, presentation, the sync workflow, HTTP, the command line.  Tests
-above HTTP talk to a real server on 127.0.0.1 (ephemeral port, in a thread)
-with http.client or a raw socket, and check real SQLite files.
+Grouped in the module's layer order: dates, the JSON reader and ingest (fed
+text, no socket), storage, reporting, presentation, the sync workflow, HTTP,
+the command line.  Most tests talk to a real server on 127.0.0.1 (ephemeral
+port, in a thread) with http.client or a raw socket, and check real SQLite
+files; the protocol's own tests drive the real handler through BytesIO, as
+CPython's test_httpservers does, with no socket and no database.
 """
 
 import base64
