@@ -4316,7 +4316,9 @@ class Keys:
                                f"{expected}.", challenge)
         scheme, _, sent = value.strip().partition(" ")
         if scheme.lower() != "bearer" or not sent.strip():
-            shown = "holds no scheme" if not sent.strip() else f"uses the scheme '{log_safe(scheme, 20)}'"
+            # Never echoed: a key sent without a scheme would be the "scheme".
+            shown = ("holds no scheme" if not sent.strip() else "uses the scheme Basic" if scheme.lower() == "basic"
+                     else "uses another scheme than Bearer")
             return ClientError(HTTPStatus.UNAUTHORIZED, f"The Authorization header {shown}; this receiver "
                                f"expects {expected}.", challenge)
         return ClientError(HTTPStatus.UNAUTHORIZED, "The key in the Authorization header is wrong.", challenge)
@@ -4598,7 +4600,7 @@ def json_answer(obj, status=HTTPStatus.OK, headers=(), log=None, then=None):
 def failure_answer(request, status, message, headers=()):
     """A 4xx or 5xx: one line of JSON, and a line in the error log."""
     return json_answer({"ok": False, "error": message}, status, headers)._replace(
-        error=f"{request.command or '-'} {(request.path or '-')[:LOG_TEXT_MAX]} -> {int(status)} {message}")
+        error=f"{request.command or '-'} {request.logged_path} -> {int(status)} {message}")
 
 
 def html_answer(document):
@@ -4621,6 +4623,9 @@ APP_KEY = Access("the app's key", login=False, loopback_without_keys=False)
 #: A person's browser: the app's header or a login; without keys, only
 #: this machine (the pages show health data).
 PAGE_LOGIN = Access("a page login", login=True, loopback_without_keys=True)
+#: Query fields whose values the log never shows (someone may put a key there).
+SECRET_FIELDS = frozenset(("key", "token", "api_key", "apikey", "access_token", "auth", "authorization", "password",
+                           "secret", "bearer"))
 #: Stands for the endpoint's path (--path) in a route.
 ENDPOINT = "<endpoint>"
 
@@ -4682,6 +4687,19 @@ class RouteTable:
         return route, argument
 
 
+class _HeaderLines:
+    """A request's input while its headers are parsed: keeps each line, so
+    that their endings can be checked (the standard library takes a bare LF)."""
+
+    def __init__(self, rfile):
+        self.rfile, self.lines = rfile, []
+
+    def readline(self, limit=-1):
+        line = self.rfile.readline(limit)
+        self.lines.append(line)
+        return line
+
+
 class HealthRequestHandler(BaseHTTPRequestHandler):
     """The protocol: HTTP/1.1 framing, checks before a body is read, the
     body within its limits, early answers, and the one writer of answers,
@@ -4696,13 +4714,15 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     #: request on a kept-alive connection wait about 40 ms.
     disable_nagle_algorithm = True
     #: Until the request line is parsed (send_error may come first).
-    path = None
+    command = path = None
     #: What a pattern route's ``<name>`` matched (/type/HeartRate).
     argument = None
     #: Who the request speaks for, once admitted.
     identity = None
     #: The moment the request is answered at, for everything it shows.
     now = None
+    #: Until the headers are parsed (send_error may come first).
+    headers = None
 
     def setup(self):
         self.timeout = self.server.config.timeout
@@ -4713,6 +4733,32 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def handle_expect_100(self):
         # Decided in body_pieces, after auth and size: no 100 Continue before that.
         self._expects_continue = True
+        return True
+
+    def parse_request(self):
+        """The standard library's parsing, stricter where a proxy in front
+        could read the request otherwise: no HTTP/0.9 (no headers, no
+        status line), lines that end in CRLF and hold no NUL, exactly one
+        Host in HTTP/1.1, and no Expect but 100-continue."""
+        if len(self.raw_requestline.split()) == 2:
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported; send HTTP/1.1.")
+            return False
+        real, self.rfile = self.rfile, _HeaderLines(self.rfile)
+        try:
+            if not super().parse_request():
+                return False
+        finally:
+            lines, self.rfile = [self.raw_requestline] + self.rfile.lines, real
+        if any(not line.endswith(b"\r\n") or b"\0" in line for line in lines):
+            self.send_error(HTTPStatus.BAD_REQUEST, "Malformed request: a line that does not end in CRLF, or a NUL.")
+            return False
+        if self.request_version == "HTTP/1.1" and len(self.headers.get_all("Host") or ()) != 1:
+            self.send_error(HTTPStatus.BAD_REQUEST, "An HTTP/1.1 request needs exactly one Host header.")
+            return False
+        expect = self.headers.get("Expect")
+        if expect is not None and expect.strip().lower() != "100-continue":
+            self.send_error(HTTPStatus.EXPECTATION_FAILED, "Only 'Expect: 100-continue' is understood.")
+            return False
         return True
 
     def handle_one_request(self):
@@ -4790,7 +4836,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         elif answer.log is not None:
             self.server.log_request_line(None, answer.log)
         else:
-            self.server.log_request_line(self.address_string(), f"{self.command} {log_safe(self.path, LOG_TEXT_MAX)} "
+            self.server.log_request_line(self.address_string(), f"{self.command} {self.logged_path} "
                                                                 f"-> {int(answer.status)}")
 
     def _send_streamed(self, answer):
@@ -4813,18 +4859,19 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         except Exception:
             self.close_connection = True
             self.server.log_error_line(self.address_string(), f"download stopped half way on "
-                                       f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
+                                       f"{self.logged_path}:\n{traceback.format_exc().rstrip()}")
             return
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
     def _send_head(self, status, content_type, headers, length):
         """Status line and headers of every answer; ``length`` None means
-        chunked, -1 means until the connection closes.  A POST whose body
-        was not read closes the connection (what the client still sends is
-        not a request), after reading and dropping that body for a while
-        unless the client waits for 100 Continue (see _lingering_close)."""
-        if self.command == "POST" and not self._body_read:
+        chunked, -1 means until the connection closes.  A request whose
+        body was not read (a POST refused early, any other with a body)
+        closes the connection: what the client still sends is not a
+        request.  That body is read and dropped for a while unless the
+        client waits for 100 Continue (see _lingering_close)."""
+        if (self.command == "POST" or self._has_body()) and not self._body_read:
             self.close_connection = True
             if not self._expects_continue:
                 self._linger = self.server.config.max_body
@@ -4876,6 +4923,8 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                                   "in a minute.", (("Retry-After", str(wait)),))
             check_framing(self.headers)
             route, self.argument = server.routes.find(self.command, urlsplit(self.path).path)
+            if route.method != "POST" and self._has_body():
+                raise ClientError(HTTPStatus.BAD_REQUEST, f"A {self.command} request cannot have a body.")
             self.identity = self._admit(route.access)
             return route.action(self)
         except ClientError as exc:
@@ -4897,7 +4946,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
 
     def _log_traceback(self, what):
         self.server.log_error_line(self.address_string(), f"{what} on {self.command} "
-                                   f"{log_safe(self.path, LOG_TEXT_MAX)}:\n{traceback.format_exc().rstrip()}")
+                                   f"{self.logged_path}:\n{traceback.format_exc().rstrip()}")
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _dispatch
 
@@ -4914,6 +4963,24 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         if identity is None:
             raise keys.login_refusal() if access.login else keys.app_refusal(self.headers)
         return identity
+
+    def _has_body(self):
+        """Whether the headers announce a body (a Content-Length of 0 does not)."""
+        headers = self.headers
+        return headers is not None and (headers.get("Transfer-Encoding") is not None or any(
+            value.strip() != "0" for value in headers.get_all("Content-Length") or ()))
+
+    @property
+    def logged_path(self):
+        """The path as the log shows it: cut, escaped, and with the values of
+        query fields that may hold a key redacted."""
+        path, mark, query = (self.path or "-").partition("?")
+        if mark:
+            fields = [field.partition("=") for field in query.split("&")]
+            query = "&".join(name + equals + ("[redacted]" if equals and unquote(name).lower().replace("-", "_")
+                                                              in SECRET_FIELDS else value)
+                             for name, equals, value in fields)
+        return log_safe(path + mark + query, LOG_TEXT_MAX)
 
     @property
     def query(self):

@@ -2246,11 +2246,11 @@ class ProtocolTests(unittest.TestCase):
         status, head, body = self.get("/items/", key)
         self.assertEqual((status, json.loads(body)["error"]), (404, "Nothing here; the endpoint is "
                                                                      f"{hr.DEFAULT_PATH}."))
-        [(status, head, body)] = self.exchange(b"DELETE /items/1 HTTP/1.1\r\n\r\n")
+        [(status, head, body)] = self.exchange(b"DELETE /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual((status, head["Allow"]), (405, "GET, HEAD"))
-        [(status, head, body)] = self.exchange(b"GET /api/health-data/ HTTP/1.1\r\n\r\n")
+        [(status, head, body)] = self.exchange(b"GET /api/health-data/ HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual((status, head["Allow"]), (405, "POST"))
-        [(status, head, body)] = self.exchange(f"HEAD /items/1 HTTP/1.1\r\n{key}\r\n".encode())
+        [(status, head, body)] = self.exchange(f"HEAD /items/1 HTTP/1.1\r\nHost: x\r\n{key}\r\n".encode())
         self.assertEqual((status, body), (200, b""))
         self.assertGreater(int(head["Content-Length"]), 0)
 
@@ -2266,7 +2266,7 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual((status, head["WWW-Authenticate"]), (401, 'Basic realm="health_receiver", charset="UTF-8"'))
         status, head, body = self.get("/items/1", login)  # the app's routes take no login
         self.assertEqual((status, head["WWW-Authenticate"]), (401, 'Bearer realm="health_receiver"'))
-        self.assertIn("uses the scheme 'Basic'", json.loads(body)["error"])
+        self.assertIn("uses the scheme Basic", json.loads(body)["error"])
 
     def test_without_keys_pages_answer_this_machine_only(self):
         self.server.config.keys = hr.Keys()
@@ -2282,7 +2282,7 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual((status, head["Transfer-Encoding"], body), (200, "chunked", b"abc"))
         status, head, body = self.get("/stream", key, version="HTTP/1.0")
         self.assertEqual((status, head["Connection"], body), (200, "close", b"abc"))
-        raw = drive(self.server, f"GET /broken HTTP/1.1\r\n{key}\r\n".encode())
+        raw = drive(self.server, f"GET /broken HTTP/1.1\r\nHost: x\r\n{key}\r\n".encode())
         self.assertIn(b"first piece,", raw)
         self.assertFalse(raw.endswith(b"0\r\n\r\n"))  # never complete-looking
         self.assertIn("download stopped half way", self.log.getvalue())
@@ -2296,7 +2296,7 @@ class ProtocolTests(unittest.TestCase):
 
     def test_bodies_are_read_within_limits_and_answers_logged_once(self):
         body = b'{"a": 1}'
-        head = f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        head = f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
         sent = (f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
                 + f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + b"3\r\n{}\n\r\n0\r\n\r\n")
         self.assertEqual([(status, json.loads(text)) for status, _, text in self.exchange(sent)],
@@ -2509,6 +2509,54 @@ class MalformedRequestTests(ServerTestCase):
         self.assertNotIn("script-src", policy)
 
 
+class StrictRequestTests(ServerTestCase):
+    """Requests a proxy in front could read otherwise are refused, once,
+    and the connection closed (over a real socket: polite clients cannot
+    send them)."""
+
+    def one_answer(self, request):
+        [(status, head, body)] = answers(self.raw_exchange(request))
+        self.assertEqual(head["Connection"], "close")
+        return status, json.loads(body)["error"] if body else None  # HEAD: no body
+
+    def test_a_body_on_a_request_that_takes_none_is_never_a_second_request(self):
+        smuggled = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        for head, status in ((f"GET {hr.DEFAULT_PATH}", 400), ("GET /", 400), (f"HEAD {hr.DEFAULT_PATH}", 400),
+                             ("GET /nope", 404), (f"DELETE {hr.DEFAULT_PATH}", 405)):
+            with self.subTest(head=head):
+                request = f"{head} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+                self.assertEqual(self.one_answer(request + smuggled)[0], status)
+        both = (f"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                f"0\r\n\r\n").encode() + smuggled
+        self.assertEqual(self.one_answer(both), (400, "A GET request cannot have a body."))
+        status, _, _ = self.request("GET", headers={"Content-Length": "0"})  # no body: answered, kept open
+        self.assertEqual(status, 200)
+
+    def test_http_0_9_lines_hosts_and_expectations(self):
+        cases = {b"GET /\r\n": "HTTP/0.9",
+                 b"GET / HTTP/1.1\r\n\r\n": "exactly one Host",
+                 b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n": "exactly one Host",
+                 b"GET / HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n": "CRLF",
+                 b"GET / HTTP/1.1\nHost: x\r\n\r\n": "CRLF",
+                 b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n": "NUL"}
+        for request, fragment in cases.items():
+            with self.subTest(request=request):
+                status, error = self.one_answer(request)  # at once: the server does not wait for more
+                self.assertEqual(status, 400)
+                self.assertIn(fragment, error)
+        self.assertEqual(self.one_answer(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 999-foo\r\n\r\n")[0], 417)
+        self.assertTrue(self.raw_exchange(b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.count("syncs"), 0)
+
+    def test_the_log_never_shows_a_key_in_a_query(self):
+        self.request("GET", hr.DEFAULT_PATH + "?key=k1&Access-Token=k2&api_key&x=visible&token=k3")
+        self.request("GET", "/nope?password=k4")
+        log = self.log.getvalue()
+        for secret in ("k1", "k2", "k3", "k4"):
+            self.assertNotIn(secret, log)
+        self.assertIn("?key=[redacted]&Access-Token=[redacted]&api_key&x=visible&token=[redacted]", log)
+
+
 class EarlyAnswerTests(ServerTestCase):
     token = TOKEN
     max_body = 16 * hr.MIB
@@ -2526,11 +2574,13 @@ class EarlyAnswerTests(ServerTestCase):
 
     def test_the_401_says_what_is_wrong_and_what_is_expected(self):
         cases = {None: "Missing Authorization header; this receiver expects 'Authorization: Bearer <key>'.",
-                 "Token " + TOKEN: "The Authorization header uses the scheme 'Token'; this receiver expects "
-                                   "'Authorization: Bearer <key>'.",
+                 "Token " + TOKEN: "The Authorization header uses another scheme than Bearer; this receiver "
+                                   "expects 'Authorization: Bearer <key>'.",
+                 TOKEN + " x": "The Authorization header uses another scheme than Bearer; this receiver "
+                               "expects 'Authorization: Bearer <key>'.",
                  TOKEN: "The Authorization header holds no scheme; this receiver expects "
                         "'Authorization: Bearer <key>'.",
-                 "Basic " + TOKEN: "The Authorization header uses the scheme 'Basic'; this receiver expects "
+                 "Basic " + TOKEN: "The Authorization header uses the scheme Basic; this receiver expects "
                                    "'Authorization: Bearer <key>'.",
                  "Bearer nope": "The key in the Authorization header is wrong."}
         for value, message in cases.items():
@@ -2538,6 +2588,7 @@ class EarlyAnswerTests(ServerTestCase):
                 headers = {} if value is None else {"Authorization": value}
                 status, _, answer = self.post(make_payload(), headers=headers)
                 self.assertEqual((status, answer["error"]), (401, message))
+        self.assertNotIn(TOKEN, self.log.getvalue())
 
     def test_ten_wrong_keys_from_one_address_get_429_for_a_minute(self):
         for _ in range(hr.GUESS_LIMIT):
