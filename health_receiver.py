@@ -283,6 +283,19 @@ def _reject_constant(name):
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 #: The json module's own scanner (C where available): one value at an offset.
 _scan_value = json.scanner.make_scanner(_DECODER)
+
+
+def _whole_number(digits):
+    """An integer, or its digits as text when int() refuses that many
+    (CPython's limit of 4,300 digits guards against slow conversions)."""
+    try:
+        return int(digits)
+    except ValueError:
+        return digits
+
+
+#: The scanner for a value the first refused: integers of any length.
+_scan_long = json.scanner.make_scanner(json.JSONDecoder(parse_constant=_reject_constant, parse_int=_whole_number))
 #: Decodes the JSON string whose opening quote precedes the offset.
 _scan_string = json.decoder.scanstring
 _skip_ws = re.compile(r"[ \t\n\r]*").match
@@ -445,11 +458,20 @@ class JsonReader:
             except (StopIteration, ValueError) as exc:
                 if self._may_continue(exc) and self.extend(pos):
                     continue
-                self._scan_error(exc, pos)
+                value, end = self._scan_again(exc, text, pos - base, pos)
             # A value that ends near the window's end may go on: a number
             # cut after its "." or "e" (or "e-") scans as a shorter one.
             if end + _NUMBER_TAIL < len(text) or not self.extend(pos):
                 return value, end + base
+
+    def _scan_again(self, exc, text, at, pos):
+        """(value, end) of a value the scanner refused with ``exc`` at
+        ``at`` in ``text``, read again with integers of any length; or the
+        PayloadError of ``exc`` (``pos``: where the value starts)."""
+        if exc.__class__ is ValueError:  # not a syntax error: perhaps a very long integer
+            with contextlib.suppress(ValueError, StopIteration):
+                return _scan_long(text, at)
+        self._scan_error(exc, pos)
 
     def _skip_nested(self, pos):
         """The end of the array or object at ``pos``, found by counting
@@ -484,13 +506,16 @@ class JsonReader:
         if not raw.isascii():
             raw = self.utf8(raw, pos)
             if value is not TOO_DEEP:
-                value = _scan_value(raw, 0)[0]
+                value = self.decode(raw)
         return value, raw, end
 
     @staticmethod
     def decode(raw):
         """The value of a JSON text handed out as not ``exact`` by elements()."""
-        return _scan_value(raw, 0)[0]
+        try:
+            return _scan_value(raw, 0)[0]
+        except ValueError:
+            return _scan_long(raw, 0)[0]
 
     def key(self, pos):
         """The key at ``pos``: (key, position of its value)."""
@@ -2715,6 +2740,21 @@ def data_span(conn):
     return row[0], row[1]
 
 
+#: The largest magnitude a record hands to pages and JSON: room left for
+#: their own arithmetic (hours shown as seconds, fractions as percent).
+SHOWN_MAX = 1e300
+
+
+def finite(value):
+    """A stored or computed number as records hold it: itself when finite
+    and within SHOWN_MAX, else None (shown as "–", null in JSON).  Anything
+    that is not a number (text) is left as it is."""
+    kind = value.__class__
+    if kind is float or kind is int:
+        return value if -SHOWN_MAX <= value <= SHOWN_MAX else None  # NaN compares false
+    return value
+
+
 class TypeInfo(typing.NamedTuple):
     """A stored type as the pages list it."""
 
@@ -2763,7 +2803,7 @@ def chart_data(conn, info, window):
         aggregates = type_aggregates(conn, info.type, window.periods)
         for index, (period, agg) in enumerate(zip(window.periods, aggregates)):
             values = kind.point(agg, _period_days(window, index)) if agg else None
-            points.append((period.date, *(None if v is None else v * kind.scale for v in values))
+            points.append((period.date, *(None if v is None else finite(v * kind.scale) for v in values))
                           if values else (period.date, None))
         points = tuple(points)
     if not any(point[1] is not None for point in points):
@@ -2822,7 +2862,8 @@ def today_tiles(conn, known, view):
         today_value = values[-1]
         if today_value is None and chart.kind.draw == "bars":
             today_value = 0  # nothing counted yet today
-        tiles.append(Tile(type_name, title, today_value, chart.unit, sum(before) / len(before) if before else None))
+        tiles.append(Tile(type_name, title, today_value, chart.unit,
+                          finite(sum(before) / len(before)) if before else None))
     return tuple(tiles)
 
 
@@ -2882,7 +2923,7 @@ def _quantity(record, field, units, default_unit):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     factor = units.get(unit) if isinstance(unit, str) else None
-    return None if factor is None else value * factor
+    return None if factor is None else finite(value * factor)
 
 
 class Workout(typing.NamedTuple):
@@ -2906,20 +2947,21 @@ def workout_of(conn, row):
     """The Workout of a row (uuid, activity, start, end, duration, record)."""
     uuid, activity, start, end, duration, record = row
     try:
-        fields = json.loads(record)
-    except ValueError:
+        fields = JsonReader.decode(record)
+    except (ValueError, StopIteration):
         fields = {}
     fields = fields if isinstance(fields, dict) else {}
     if not isinstance(duration, (int, float)):
         begin, finish = parse_stamp(start), parse_stamp(end)
         duration = (finish - begin).total_seconds() if begin and finish else None
+    duration = finite(duration)
     heart = None
     if end:
         heart = conn.execute(f"SELECT avg(value) FROM samples WHERE type = ? AND start_date >= ? AND start_date <= ?"
                              f" AND {_NUMERIC}", (HEART_RATE_TYPE, start, end)).fetchone()[0]
     points = conn.execute("SELECT count(*) FROM workout_route_points WHERE workout_uuid = ?", (uuid,)).fetchone()[0]
     return Workout(uuid, activity, start, end, duration, _quantity(fields, "totalDistance", DISTANCE_UNITS, "m"),
-                   _quantity(fields, "totalEnergyBurned", ENERGY_UNITS, "kcal"), heart, points,
+                   _quantity(fields, "totalEnergyBurned", ENERGY_UNITS, "kcal"), finite(heart), points,
                    fields.get("sourceName"))
 
 
@@ -3099,10 +3141,10 @@ def type_report(store, name, view):
             for index, (period, agg) in reversed(list(enumerate(zip(window.periods, type_aggregates(
                     conn, info.type, window.periods))))):
                 if agg is not None:
-                    cells = tuple(v if v is None or heading == "Samples" else v * kind.scale
+                    cells = tuple(v if v is None or heading == "Samples" else finite(v * kind.scale)
                                   for heading, v in zip(kind.columns, kind.cells(agg, _period_days(window, index))))
                     periods.append(PeriodRow(period.date, cells))
-        latest = [LatestSample(*row) for row in conn.execute(
+        latest = [LatestSample(start, end, finite(value), unit, source) for start, end, value, unit, source in conn.execute(
             "SELECT start_date, end_date, value, unit, source_name FROM samples WHERE type = ?"
             " ORDER BY start_date DESC LIMIT ?", (info.type, LATEST_SAMPLES))]
         if kind.name == "sleep":
@@ -3206,7 +3248,7 @@ def track_of(points):
         along.append(distance)
     return Track(tuple((lat, lon) for _stamp, lat, lon, _alt in points), distance,
                  tuple((d, alt) for d, (_s, _la, _lo, alt) in zip(along, points)
-                       if isinstance(alt, (int, float)) and math.isfinite(alt)),
+                       if isinstance(alt, (int, float)) and finite(alt) is not None),
                  tuple(splits))
 
 
@@ -4594,7 +4636,10 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 
 def json_answer(obj, status=HTTPStatus.OK, headers=(), log=None, then=None):
-    return Answer(JSON_TYPE, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"), status, headers, log, then)
+    # Records hold finite numbers: a NaN or infinity here is a bug (500),
+    # never "Infinity", which is not JSON.
+    body = json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n"
+    return Answer(JSON_TYPE, body.encode("utf-8"), status, headers, log, then)
 
 
 def failure_answer(request, status, message, headers=()):

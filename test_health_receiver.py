@@ -1621,6 +1621,67 @@ class HandMadeRecordsTests(unittest.TestCase):
         self.assertIn('aria-label="elevation"', page)
 
 
+#: Numbers at the edges of what JSON can say, as the app could send them.
+EXTREMES = ("1e308", "-1e308", "1e400", "-1e400", "5e-324", "-0", "-0.0", "1" + "0" * 5000, "-" + "9" * 30)
+
+
+class ExtremeValueTests(PageTestCase):
+    """No stored value breaks a page: each extreme in every section, then
+    every page and range loads, and the JSON stays JSON."""
+
+    def test_every_page_and_range_survives_every_extreme(self):
+        elements, workouts, routes, doses = {}, [], {}, []
+        types = ("HKQuantityTypeIdentifierStepCount", "HKQuantityTypeIdentifierHeartRate",
+                 "HKQuantityTypeIdentifierOxygenSaturation", "HKCategoryTypeIdentifierMindfulSession",
+                 "HKCategoryTypeIdentifierAppleStandHour", "HKCategoryTypeIdentifierSleepAnalysis",
+                 "HKQuantityTypeIdentifierRestingHeartRate")
+        for n, number in enumerate(EXTREMES):
+            start, end = utc_at(1, n, days_back=n % 3), utc_at(2, n, days_back=n % 3)
+            for type_name in types:
+                elements.setdefault(type_name, []).append(
+                    f'{{"uuid": "X-{type_name[-6:]}-{n}", "startDate": "{start}", "endDate": "{end}", '
+                    f'"value": {number}, "unit": "count"}}')
+            workouts.append(f'{{"uuid": "XW-{n}", "workoutActivityType": "running", "startDate": "{start}", '
+                            f'"endDate": "{end}", "durationSeconds": {number}, "totalDistance": {number}, '
+                            f'"totalEnergyBurned": {{"quantity": {number}, "unit": "kJ"}}}}')
+            routes[f"XW-{n}"] = [f'{{"timestamp": "{utc_at(1, n + m, days_back=n % 3)}", "latitude": {lat}, '
+                                 f'"longitude": {lon}, "altitude": {number}}}'
+                                 for m, (lat, lon) in enumerate(((47.0, 8.0), (number, 8.0), (47.01, number),
+                                                                 (47.02, 8.01)))]
+            doses.append(f'{{"uuid": "XD-{n}", "medicationConceptIdentifier": {number}, "startDate": "{start}", '
+                         f'"logStatus": {number}}}')
+        body = ('{"syncSource": "edge", "characteristics": {"heightCm": %s}, "data": {%s, "workouts": [%s], '
+                '"medications": [{"conceptIdentifier": "1e308", "displayText": %s}], "medicationDoseEvents": [%s]},'
+                ' "workoutRoutes": {%s}}' % (
+                    EXTREMES[2], ", ".join(f'"{t}": [{", ".join(e)}]' for t, e in elements.items()),
+                    ", ".join(workouts), EXTREMES[0], ", ".join(doses),
+                    ", ".join(f'"{w}": [{", ".join(p)}]' for w, p in routes.items()))).encode()
+        status, _, answer = self.post(body)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["rejected"], 0)
+
+        def strict(constant):
+            raise ValueError(f"{constant} is not JSON")
+
+        paths = []
+        for choice in hr.RANGES:
+            paths += [f"/?range={choice.name}", f"{hr.SUMMARY_PATH}?range={choice.name}"]
+            paths += [f"/type/{t}?range={choice.name}" for t in types]
+            paths += [f"/type/{t}.csv?range={choice.name}" for t in types[:2]]
+        paths += [f"/workout/XW-{n}" for n in range(len(EXTREMES))]
+        for path in paths:
+            with self.subTest(path=path):
+                status, response, data = self.request("GET", path)
+                self.assertEqual(status, 200, data if isinstance(data, dict) else data[:300])
+                if path.startswith(hr.SUMMARY_PATH):
+                    raw = json.dumps(data)  # parsed already; check the text itself too
+                    self.assertNotIn("Infinity", raw)
+                    self.assertNotIn("NaN", raw)
+        code, out, _ = run_main("stats", "--db", self.db, "--json")
+        json.loads(out, parse_constant=strict)
+        self.assertEqual(code, 0)
+
+
 class StatusPageAuthTests(ServerTestCase):
     token = TOKEN
 
@@ -1969,6 +2030,20 @@ class BadInputTests(ServerTestCase):
         self.assertEqual((answer["count"], answer["rejected"]), (stored, rejected))
         self.assertEqual(self.count("rejected") - before, rejected)
         return answer
+
+    def test_integers_of_any_length_are_stored(self):
+        digits = "7" * 5000  # past CPython's 4,300-digit limit of int()
+        body = ('{"exportDate": %s, "data": {"HKQuantityTypeIdentifierStepCount": [{"uuid": "L-1", '
+                '"startDate": "2026-02-24T08:00:00Z", "value": %s}, {"uuid": "L-\u00e9", '
+                '"startDate": "2026-02-24T09:00:00Z", "value": -%s, "sourceName": "Jane\u2019s"}], '
+                '"workouts": [{"uuid": "L-W", "startDate": "2026-02-24T08:00:00Z", "durationSeconds": %s}]}}'
+                % (digits, digits, digits, digits)).encode()
+        status, _, answer = self.post(body)
+        self.assertEqual((status, answer["count"], answer["rejected"]), (200, 3, 0), answer)
+        self.assertEqual(self.query("SELECT uuid, value, typeof(value) FROM samples ORDER BY uuid"),
+                         [("L-1", digits, "text"), ("L-\u00e9", "-" + digits, "text")])
+        self.assertIn(digits, self.query("SELECT record FROM workouts")[0][0])  # REAL column: inf, record exact
+        self.assertEqual(self.request("GET", "/")[0], 200)
 
     def test_bom_is_accepted(self):
         answer = self.send(b"\xef\xbb\xbf" + encode({"data": {"X": [element()]}}), 200)
