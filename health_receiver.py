@@ -1018,6 +1018,9 @@ class Payload:
 
     def __init__(self, pieces, read_ahead=WINDOW_MIN):
         self.reader = JsonReader(pieces, read_ahead)
+        #: The body held nothing: it was empty, or an object without
+        #: members (what a client sends to test the connection).
+        self.empty = True
         self.envelope = {}
         self.envelope_text = {}
         self.sections = []
@@ -1036,13 +1039,15 @@ class Payload:
         """Yield ``(section, rows)`` as the body arrives.
 
         Raises PayloadError, possibly after some batches were yielded: the
-        caller must then discard them (storage never merges them).
+        caller must then discard them (storage never merges them).  An
+        empty body, or an object without members, yields nothing and leaves
+        ``empty`` true.
         """
         reader = self.reader
         pos = reader.start()
         char = reader.char(pos)
         if not char:
-            raise PayloadError("The body is empty; expected a JSON object.")
+            return
         if char != "{":
             value = reader.value(pos)[0]
             kind = "an array" if value is TOO_DEEP else _json_kind(value)
@@ -1053,6 +1058,7 @@ class Payload:
             reader.fail("unexpected data after the top-level object", end)
 
     def _top_member(self, key, pos):
+        self.empty = False
         reader = self.reader
         if key == "data":
             if reader.char(pos) != "{":
@@ -4076,10 +4082,12 @@ class SyncIntake:
 
     def ingest(self, pieces, remote_addr):
         """Store the body arriving as ``pieces`` (bytes); return the
-        SyncResult once committed.  Raises PayloadError or StorageUnavailable
-        with nothing stored and the failure recorded; an exception of
-        ``pieces`` itself (the HTTP layer's ClientError) passes through,
-        nothing stored, for the caller to record."""
+        SyncResult once committed, or None for a body that held nothing
+        (empty, or ``{}``: a connection test), which leaves no trace.
+        Raises PayloadError or StorageUnavailable with nothing stored and
+        the failure recorded; an exception of ``pieces`` itself (the HTTP
+        layer's ClientError) passes through, nothing stored, for the caller
+        to record."""
         started = time.monotonic()
         archive = ArchiveWriter(self.archive) if self.archive else None
         payload = Payload(archive.pieces(pieces) if archive else pieces)
@@ -4089,6 +4097,10 @@ class SyncIntake:
             for section, rows in payload.batches():
                 stage.add(section, rows)
                 self._account(stage)
+            if payload.empty:
+                if archive:
+                    archive.discard()
+                return None
             result = self.store.merge(stage, payload, remote_addr, started)
         except BaseException as exc:
             if isinstance(exc, (PayloadError, StorageUnavailable)):
@@ -5054,7 +5066,11 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                               f"Transfer-Encoding {log_safe(codings[0], 40)} is not supported.")
         length = None
         if not codings:
-            length = check_content_length(self.headers.get_all("Content-Length"), config.max_body)
+            lengths = self.headers.get_all("Content-Length")
+            if lengths:
+                length = check_content_length(lengths, config.max_body)
+            else:  # no body (RFC 9112, 6.3); should one follow anyway, it is no request
+                length, self.close_connection = 0, True
         elif self.headers.get("Content-Length") is not None:
             raise ClientError(HTTPStatus.BAD_REQUEST, "A request cannot have both Content-Length and "
                               "Transfer-Encoding.")
@@ -5171,6 +5187,8 @@ def receive_sync(request):
     except ClientError as exc:
         intake.refuse(remote, SyncStatus.FAILED if exc.status >= 500 else SyncStatus.REJECTED, exc.message)
         raise
+    if result is None:  # nothing sent: the app testing the connection
+        return connection_check(request)
     return json_answer(result.response(), log=describe_sync(result), then=lambda: intake.after_answer(result))
 
 
@@ -5797,6 +5815,8 @@ def run_import(args, out):
                 payloads = [pieces]
             for payload in payloads:
                 result = intake.ingest(payload, "import " + os.path.basename(path))
+                if result is None:  # an empty file, or {}
+                    continue
                 intake.after_answer(result)
                 points, new_points = result.received[ROUTE_POINTS.name], result.inserted[ROUTE_POINTS.name]
                 counts["records"] += result.records + points

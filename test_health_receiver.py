@@ -385,7 +385,8 @@ class WalkerTests(unittest.TestCase):
         with self.assertRaises(hr.PayloadError) as caught:
             walk(body)
         self.assertIn(f"byte {body.index(b': }') + 2}:", str(caught.exception))
-        for body, fragment in ((b"", "empty"), (b"[]", "not an array"), (b'{"data": 5}', "'data' must be"),
+        self.assertTrue(walk(b" ")[1].empty)  # nothing: not an error (a connection test)
+        for body, fragment in ((b"[]", "not an array"), (b'{"data": 5}', "'data' must be"),
                                (b'{"a": 1} x', "unexpected data"), (b'{"a": "\xff"}', "not valid UTF-8")):
             with self.subTest(body=body):
                 with self.assertRaisesRegex(hr.PayloadError, fragment):
@@ -1979,9 +1980,13 @@ class WholeBodyRejectionTests(ServerTestCase):
         body = encode(make_payload(n=hr.BATCH_ROWS + 10))[:-2] + b"x}"
         self.assert_rejected_whole(body, "Invalid JSON")
 
-    def test_empty_body(self):
-        self.assert_rejected_whole(b"", "empty")
-        self.assert_rejected_whole(b"  \r\n ", "empty")
+    def test_empty_body_is_a_connection_test(self):
+        for body in (b"", b"  \r\n ", b"\xef\xbb\xbf{}"):
+            with self.subTest(body=body):
+                status, _, answer = self.post(body)
+                self.assertEqual((status, answer["service"]), (200, "health_receiver"))
+        self.assertEqual(self.count("syncs"), 0)
+        self.assert_nothing_stored()
 
     def test_invalid_utf8(self):
         self.assert_rejected_whole(b'{"data": {"X": [{"uuid": "\xff\xfe", "startDate": "x"}]}}', "not valid UTF-8")
@@ -2452,11 +2457,21 @@ class HttpTests(ServerTestCase):
             conn.endheaders(body)
             self.assertEqual(conn.getresponse().status, 200)
 
-    def test_missing_length_411(self):
-        answer = self.raw_exchange(b"POST /api/health-data HTTP/1.1\r\nHost: x\r\n"
-                                   b"Content-Type: application/json\r\n\r\n{}")
-        self.assertTrue(answer.startswith(b"HTTP/1.1 411 "), answer)
-        self.assertIn(b'"ok": false', answer)
+    def test_a_post_with_nothing_in_it_is_a_connection_test(self):
+        self.post(make_payload(n=1))
+        close = "Connection: close\r\n"  # the others keep the connection open, as they may
+        requests = {"no length": b"POST /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n",
+                    "no length, bytes after": b"POST /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n{}",
+                    "empty": post_head(0, close), "{}": post_head(2, close) + b"{}",
+                    "spaced": post_head(7, close) + b" {\n }\n ",
+                    "chunked {}": post_head(extra="Transfer-Encoding: chunked\r\n" + close) + b"2\r\n{}\r\n0\r\n\r\n"}
+        for name, request in requests.items():
+            with self.subTest(name):
+                [(status, _, body)] = answers(self.raw_exchange(request))
+                answer = json.loads(body)
+                self.assertEqual((status, answer["service"], answer["last_sync"]["id"]), (200, "health_receiver", 1))
+        self.assertEqual(self.count("syncs"), 1)  # counted nowhere
+        self.assertEqual(self.request("POST", body=b"{}")[2]["totals"]["samples"], 3)
 
     def test_oversize_413_answered_before_the_body_is_sent(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
