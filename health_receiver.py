@@ -4265,6 +4265,9 @@ RETRY_AFTER = 30
 GUESS_LIMIT = 10
 GUESS_WINDOW = 60.0
 GUESS_BLOCK = 60
+#: Lines about refused requests logged per window of seconds; the rest are counted.
+REFUSALS_LOGGED = 20
+REFUSALS_WINDOW = 60.0
 #: Addresses whose failed key checks are remembered (the oldest are forgotten).
 GUESS_ADDRESSES_MAX = 4096
 #: After an early answer to a POST (401, 413, ...), how long and how much of
@@ -4341,9 +4344,12 @@ class Keys:
         if scheme.lower() != "basic":
             return None
         try:
-            return base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (ValueError, UnicodeDecodeError):
+            password = base64.b64decode(credentials.strip(), validate=True).partition(b":")[2]
+        except ValueError:
             return None
+        # The user name is anything (browsers send it in UTF-8 or Latin-1);
+        # a key is ASCII, so a password of other bytes is never one.
+        return password.decode("latin-1")
 
     def identify(self, headers, login=False):
         """Whom the request's key names, sent the app's way (or, with
@@ -4510,6 +4516,37 @@ class GuessThrottle:
             if len(self._blocked) > GUESS_ADDRESSES_MAX:
                 self._blocked = {a: u for a, u in self._blocked.items() if u > now}
             return False
+
+
+class RefusalLog:
+    """Lets through at most REFUSALS_LOGGED lines about refused requests per
+    REFUSALS_WINDOW seconds, and then says how many it left out: a flood of
+    bad requests cannot fill the log (nor hide the lines around it)."""
+
+    def __init__(self, clock=time.monotonic, most=None, window=None):
+        self._clock = clock
+        self.most = REFUSALS_LOGGED if most is None else most
+        self.window = REFUSALS_WINDOW if window is None else window
+        self._lock = threading.Lock()
+        self._started = None
+        self._shown = self._left_out = 0
+
+    def lines(self, line):
+        """The lines to write for a refusal: none, ``line``, or a summary of
+        the ones left out in the last window and then ``line``."""
+        now = self._clock()
+        with self._lock:
+            out = []
+            if self._started is None or now - self._started >= self.window:
+                if self._left_out:
+                    out.append(f"{self._left_out:,} more refused requests in {self.window:.0f} s, not logged")
+                self._started, self._shown, self._left_out = now, 0, 0
+            if self._shown < self.most:
+                self._shown += 1
+                out.append(line)
+            else:
+                self._left_out += 1
+            return out
 
 
 def check_framing(headers):
@@ -4888,7 +4925,9 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 answer.close()
 
     def _log_answer(self, answer):
-        if answer.error is not None:
+        if answer.error is not None and answer.status < 500:
+            self.server.log_refusal(self.address_string(), log_safe(answer.error))
+        elif answer.error is not None:
             self.log_error(answer.error)
         elif answer.log is not None:
             self.server.log_request_line(None, answer.log)
@@ -5174,8 +5213,10 @@ def receive_sync(request):
     """POST on the endpoint: a sync, answered once it is committed."""
     intake = request.server.intake
     remote = request.address_string()
+    # Refused from its headers alone (type, size, framing): only logged, as
+    # a request without the key is; nothing a stranger sends is written.
+    pieces = request.body_pieces()
     try:
-        pieces = request.body_pieces()
         try:
             result = intake.ingest(pieces, remote)  # records its own failures
         except (PayloadError, StorageUnavailable):
@@ -5184,7 +5225,7 @@ def receive_sync(request):
             for _piece in pieces:
                 pass
             raise
-    except ClientError as exc:
+    except ClientError as exc:  # the body went wrong as it arrived
         intake.refuse(remote, SyncStatus.FAILED if exc.status >= 500 else SyncStatus.REJECTED, exc.message)
         raise
     if result is None:  # nothing sent: the app testing the connection
@@ -5221,6 +5262,7 @@ class HealthReceiverServer(ThreadingHTTPServer):
         self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
         self.guesses = GuessThrottle()
+        self.refusals = RefusalLog()
         #: ROUTES with the endpoint's path (refused when a route has it).
         self.routes = routes or RouteTable(ROUTES, config.path)
         self._log_lock = threading.Lock()
@@ -5293,6 +5335,12 @@ class HealthReceiverServer(ThreadingHTTPServer):
 
     def log_error_line(self, remote, line):
         self._write_log(f"{remote or '-'} ERROR {line}")
+
+    def log_refusal(self, remote, line):
+        """A line about a request refused for the client's fault, within
+        the refusal log's rate."""
+        for shown in self.refusals.lines(line):
+            self.log_error_line(remote, shown)
 
     def handle_error(self, request, client_address):
         self.log_error_line(client_address[0] if client_address else "-",

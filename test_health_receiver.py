@@ -2342,6 +2342,9 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual((answer["who"], answer["range"]), (hr.OWNER.name, ["7d"]))
         self.assertTrue(answer["now"].endswith("+00:00"))  # the request's one now, aware
         self.assertEqual(self.get("/who", f"Authorization: Bearer {TOKEN}\r\n")[0], 200)
+        for user in ("J\u00f6rg".encode(), "J\u00f6rg".encode("latin-1")):
+            login_as = "Authorization: Basic " + base64.b64encode(user + f":{TOKEN}".encode()).decode() + "\r\n"
+            self.assertEqual(self.get("/who", login_as)[0], 200)
         status, head, _ = self.get("/who")
         self.assertEqual((status, head["WWW-Authenticate"]), (401, 'Basic realm="health_receiver", charset="UTF-8"'))
         status, head, body = self.get("/items/1", login)  # the app's routes take no login
@@ -2485,7 +2488,8 @@ class HttpTests(ServerTestCase):
             self.assertIn(b"Connection: close", answer)
             self.assertIn(b"limit of 1 MB", answer)
             self.assertEqual(answer.count(b"HTTP/1.1"), 1)
-        self.assertEqual(self.query("SELECT status FROM syncs"), [("rejected",)])
+        self.assertEqual(self.query("SELECT status FROM syncs"), [])  # refused from its headers: only logged
+        self.assertIn("-> 413 The body is larger", self.log.getvalue())
 
     def test_keep_alive_serves_several_requests_on_one_connection(self):
         conn = self.connection()
@@ -2691,6 +2695,28 @@ class EarlyAnswerTests(ServerTestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10, source_address=("127.0.0.2", 0))
         with contextlib.closing(conn):
             self.assertEqual(self.request("GET", headers={"Authorization": "Bearer " + TOKEN}, conn=conn)[0], 200)
+
+    def test_a_flood_of_refused_requests_writes_nothing_and_a_bounded_log(self):
+        self.server.refusals = hr.RefusalLog(most=5)
+        for number in range(30):
+            headers = {"Authorization": f"Bearer wrong-{number}"} if number % 3 else {"Content-Type": "text/plain"}
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10,
+                                              source_address=(f"127.0.{number // 250}.{number % 250 + 2}", 0))
+            with contextlib.closing(conn):
+                self.assertIn(self.request("POST", body=make_payload(), headers=headers, conn=conn)[0], (401, 415))
+        self.assertEqual(self.count("syncs"), 0)
+        self.assert_nothing_stored()
+        self.assertEqual(sum(" -> 4" in line for line in self.log_lines()), 5)
+
+    def test_the_refusal_log_says_what_it_left_out(self):
+        now = [0.0]
+        log = hr.RefusalLog(clock=lambda: now[0], most=2, window=60)
+        self.assertEqual([log.lines(f"r{n}") for n in range(4)], [["r0"], ["r1"], [], []])
+        now[0] = 59.9
+        self.assertEqual(log.lines("r4"), [])
+        now[0] = 60.0
+        self.assertEqual(log.lines("r5"), ["3 more refused requests in 60 s, not logged", "r5"])
+        self.assertEqual(log.lines("r6"), ["r6"])
 
     def test_the_throttle_forgets_and_stays_bounded(self):
         now = [1000.0]
