@@ -84,6 +84,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import stat
 import statistics
 import subprocess
 import sys
@@ -1708,6 +1709,9 @@ def _transaction(conn):
 
 def _describe_db_error(exc, path):
     """A sentence for the app and the log: what is wrong with the database."""
+    if isinstance(exc, OSError):  # creating its file
+        return (f"The database {path} cannot be opened ({exc.strerror}); check that its folder exists and is "
+                "writable.")
     text = str(exc)
     lowered = text.lower()
     if "locked" in lowered or "busy" in lowered:
@@ -1719,6 +1723,18 @@ def _describe_db_error(exc, path):
     if "unable to open" in lowered:
         return f"The database {path} cannot be opened; check that its folder exists and is writable."
     return f"Database error: {text.rstrip('.')}."
+
+
+#: Flags of a new private file: never an existing file, never through a link.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def create_private(path):
+    """Create ``path`` empty, readable only by its owner (0600): health data
+    never lands in a file other users can read, nor in one someone planted
+    (an existing file or link is an error, FileExistsError).  SQLite gives a
+    database's -wal and -shm files the database's permissions."""
+    os.close(os.open(path, _NEW_FILE, 0o600))
 
 
 def database_size(path):
@@ -1840,6 +1856,9 @@ class Store:
                 f"it, and {free / 1e6:,.0f} MB are free; free some space, then start again.")
 
     def _open_writer(self):
+        if not os.path.lexists(self.path):
+            with contextlib.suppress(FileExistsError):  # another process made it just now
+                create_private(self.path)
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         try:
@@ -1877,7 +1896,7 @@ class Store:
                 raise StorageUnavailable("The receiver is shutting down.")
             try:
                 conn = self._open_writer()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
             try:
                 yield conn
@@ -1943,7 +1962,7 @@ class Store:
             name = f"{_STAGE_PREFIX}{os.path.basename(self.path)}.{os.getpid()}.{self._stages}{_STAGE_SUFFIX}"
         try:
             return Stage(os.path.join(folder, name))
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(f"Cannot create a temporary file in {folder}: {exc}.") from exc
 
     def remove_stale_stages(self):
@@ -2051,6 +2070,7 @@ class Stage:
         #: clustered sections.
         self.runs = {section.name: {} for section in SECTIONS if section.clustered}
         self._last_rowid = dict.fromkeys(SECTIONS_BY_NAME, 0)
+        create_private(path)  # raises on a file or link planted at the name
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             for pragma in ("journal_mode = OFF", "synchronous = OFF", f"page_size = {PAGE_SIZE:d}",
@@ -5495,7 +5515,18 @@ def read_token(token_file, environ):
     return (token, "environment variable " + TOKEN_ENV) if token else (None, None)
 
 
-def _read_key_file(path):
+def _read_key_file(path, own=False):
+    """The key in a file; with ``own`` (the key file beside the database,
+    found rather than named), only from a regular file of the user running
+    the receiver: a link or someone else's file could choose the key."""
+    if own:
+        with contextlib.suppress(OSError):
+            found = os.lstat(path)
+            if stat.S_ISLNK(found.st_mode) or not stat.S_ISREG(found.st_mode):
+                raise UsageError(f"{path} is not a regular file (a link?); the key file must be a file of its own")
+            if hasattr(os, "getuid") and found.st_uid != os.getuid():
+                raise UsageError(f"{path} belongs to another user; the key file must be yours (chown it, or "
+                                 "remove it to get a new key)")
     try:
         with open(path, encoding="utf-8") as handle:
             token = handle.read().strip()
@@ -5534,12 +5565,12 @@ def resolve_key(args, environ):
     token, source = read_token(args.token_file, environ)
     key_path = args.db + KEY_FILE_SUFFIX
     generated = False
-    if token is None and os.path.exists(key_path):
-        token, source = _read_key_file(key_path), f"file {key_path}"
+    if token is None and os.path.lexists(key_path):
+        token, source = _read_key_file(key_path, own=True), f"file {key_path}"
     elif token is None and not os.path.exists(args.db) and os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
         token = secrets.token_urlsafe(KEY_BITS // 8)
         try:
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(key_path, _NEW_FILE, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(token + "\n")
         except OSError as exc:

@@ -3456,6 +3456,66 @@ class CommandTests(ServerTestCase):
         self.assertIn("missing.json: skipped", err)
 
 
+class PrivateFileTests(unittest.TestCase):
+    """Health data and keys go only into files of their own, 0600."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.db = os.path.join(self.tmp.name, "health.db")
+        previous = os.umask(0o022)  # the usual umask: files readable by everyone
+        self.addCleanup(os.umask, previous)
+
+    def mode(self, path):
+        return oct(os.stat(path).st_mode & 0o777)
+
+    def test_database_log_and_temporary_files_are_0600(self):
+        store = hr.Store(self.db)
+        store.open()
+        stage = store.stage()
+        self.addCleanup(stage.close)
+        with store.writer() as conn:
+            conn.execute("CREATE TABLE probe (x)")  # the write-ahead log exists now
+            self.assertEqual({self.mode(self.db + suffix) for suffix in ("", "-wal", "-shm")}, {"0o600"})
+        self.assertEqual(self.mode(stage.path), "0o600")
+        store.close()
+
+    def test_a_link_planted_at_a_temporary_name_is_refused(self):
+        store = hr.Store(self.db)
+        store.open()
+        self.addCleanup(store.close)
+        victim = os.path.join(self.tmp.name, "victim")  # where the link would make a sync's rows go
+        first = store.stage()
+        name = os.path.basename(first.path)
+        first.close()
+        number = int(name.split(".")[-2])
+        os.symlink(victim, first.path.replace(f".{number}.stage", f".{number + 1}.stage"))
+        with self.assertRaises(hr.StorageUnavailable):
+            store.stage()
+        self.assertFalse(os.path.exists(victim))
+
+    def test_a_key_file_that_is_a_link_or_not_ours_is_refused(self):
+        key_file = self.db + hr.KEY_FILE_SUFFIX
+        other = os.path.join(self.tmp.name, "other")
+        with open(other, "w") as handle:
+            handle.write("a-key-someone-else-chose\n")
+        os.symlink(other, key_file)
+        code, _, err = run_main("--db", self.db, "--port", "0", "--host", "127.0.0.1")
+        self.assertEqual(code, 2)
+        self.assertIn("not a regular file", err)
+        os.unlink(key_file)
+        os.mkdir(key_file)
+        self.assertEqual(run_main("--db", self.db, "--port", "0", "--host", "127.0.0.1")[0], 2)
+        os.rmdir(key_file)
+        if hasattr(os, "geteuid") and os.geteuid() == 0:  # only root can give a file away
+            os.rename(other, key_file)
+            os.chown(key_file, 12345, -1)
+            code, _, err = run_main("--db", self.db, "--port", "0", "--host", "127.0.0.1")
+            self.assertEqual(code, 2)
+            self.assertIn("belongs to another user", err)
+        self.assertFalse(os.path.exists(self.db))  # refused before anything was written
+
+
 class KeyTests(unittest.TestCase):
     """A key from the first start; the old way keeps working."""
 
