@@ -116,14 +116,18 @@ except ImportError:  # Windows has no resource module; peak RSS is then unknown.
 LOG_TEXT_MAX = 200
 
 
-#: Escapes for control characters in client text that reaches the log.
+#: Escapes for what client text must not bring to a log or a terminal:
+#: control characters (NUL, CR, LF, ESC...), the Unicode line and paragraph
+#: separators, and the marks that reorder text (bidi controls).
 _CONTROL_CHARS = str.maketrans({c: f"\\x{c:02x}" for c in itertools.chain(range(0x20), range(0x7F, 0xA0))})
+_CONTROL_CHARS.update({c: f"\\u{c:04x}" for c in itertools.chain(
+    (0x200E, 0x200F, 0x2028, 0x2029), range(0x202A, 0x202F), range(0x2066, 0x206A))})
 _CONTROL_CHARS[ord("\\")] = r"\\"
 
 
 def log_safe(text, limit=None):
-    """Client text for a log line: control characters escaped, so a client
-    cannot forge lines, and cut to ``limit`` characters."""
+    """Client text for a log line or a terminal: what could forge a line,
+    move the cursor or reorder the text escaped, cut to ``limit`` characters."""
     text = str(text)
     if limit is not None:
         text = text[:limit]
@@ -3332,13 +3336,23 @@ def export_rows(store, name, type_name=None, since=None, until=None, start=None,
 CSV_ROWS_PER_PIECE = 2000
 
 
+#: What a spreadsheet takes a cell starting with to be a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cells(row):
+    """A row for CSV: text that a spreadsheet would run as a formula gets a
+    ' in front (its usual mark for "text"); numbers are left as they are."""
+    return [f"'{cell}" if cell.__class__ is str and cell.startswith(_FORMULA_START) else cell for cell in row]
+
+
 def csv_pieces(columns, rows):
     """CSV text in UTF-8 pieces: the header, then rows a few thousand at a time."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(columns)
     for count, row in enumerate(rows, 1):
-        writer.writerow(row)
+        writer.writerow(csv_cells(row))
         if count % CSV_ROWS_PER_PIECE == 0:
             yield buffer.getvalue().encode("utf-8")
             buffer.seek(0)
@@ -3445,7 +3459,7 @@ CHART_FONT_WIDTH = 5.6
 
 
 def _esc(value):
-    return html.escape("" if value is None else str(value), quote=True)
+    return html.escape("" if value is None else str(value), quote=True).replace("\0", "\ufffd")
 
 
 def _number(value, digits=0):
@@ -5468,10 +5482,10 @@ def serve(config, out=None, ready=None):
         store.open(report=lambda line: print(line, file=out, flush=True))
         server = HealthReceiverServer(config, store)
     except StorageUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {log_safe(exc)}", file=sys.stderr)
         return 1
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {log_safe(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
@@ -5709,13 +5723,13 @@ def run_stats(args, out):
     if stored.types:
         print(f"\n{'Type':<36}{'Rows':>12}  {'First':<17} Last", file=out)
         for info in stored.types:
-            print(f"{info.name[:36]:<36}{info.rows:>12,}  {format_local(info.first, zone):<17} "
+            print(f"{log_safe(info.name, 36):<36}{info.rows:>12,}  {format_local(info.first, zone):<17} "
                   f"{format_local(info.last, zone)}", file=out)
     print(f"\nLast {len(stored.syncs)} syncs", file=out)
     print(f"{'When':<17} {'Source':<20}{'Records':>10}{'New':>10}{'Dup':>10}{'Rejected':>9}  Status", file=out)
     for sync in stored.syncs:
-        status = sync.status if sync.status == SyncStatus.OK else f"{sync.status}: {sync.error}"
-        print(f"{format_local(sync.received_at, zone):<17} {str(sync.sync_source or '-')[:20]:<20}"
+        status = sync.status if sync.status == SyncStatus.OK else f"{sync.status}: {log_safe(sync.error)}"
+        print(f"{format_local(sync.received_at, zone):<17} {log_safe(sync.sync_source or '-', 20):<20}"
               f"{sync.received:>10,}{sync.inserted:>10,}{sync.duplicates:>10,}{sync.rejected:>9,}  "
               f"{status}", file=out)
     return 0
@@ -5755,7 +5769,7 @@ def run_export(args, out):
             writer = csv.writer(target)
             writer.writerow(columns)
             for row in rows:
-                writer.writerow(row)
+                writer.writerow(csv_cells(row))
                 count += 1
         else:
             for row in rows:
@@ -6397,7 +6411,7 @@ def main(argv=None, environ=None, out=None):
     try:
         return run(args, out)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {log_safe(exc)}", file=sys.stderr)
         return exc.exit_status
     except UnicodeEncodeError as exc:  # LANG=C, or a console that is not UTF-8
         print(f"error: the output cannot hold {exc.object[exc.start:exc.end]!a} ({exc.encoding}); write to a file "
@@ -6410,7 +6424,7 @@ def main(argv=None, environ=None, out=None):
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {log_safe(exc)}", file=sys.stderr)
         return 1
 
 

@@ -1683,6 +1683,37 @@ class ExtremeValueTests(PageTestCase):
         self.assertEqual(code, 0)
 
 
+class HostileTextTests(PageTestCase):
+    """Text the app (or anyone with the key) sends reaches a spreadsheet, a
+    terminal, the log and HTML only in a form that cannot act there."""
+
+    def test_csv_terminal_log_and_html_get_it_defused(self):
+        hostile = "=HYPERLINK(\"http://x\")\u2028\u202e\x1b[2J\x00"
+        payload = {"syncSource": "\x1b]0;pwned\x07" + hostile, "data": {"HKQuantityTypeIdentifierHeartRate": [
+            sample("H-1", utc_at(1), 61, unit="+cmd", sourceName=hostile),
+            sample("H-2", utc_at(2), "-2+3", sourceName="@SUM(A1)"), sample("H-3", utc_at(3), -5)]}}
+        self.assertEqual(self.post(payload)[0], 200)
+        status, response, body = self.request("GET", "/type/HeartRate.csv?range=7d")
+        rows = list(csv.reader(io.StringIO(body.decode("utf-8"))))
+        cells = {cell for row in rows[1:] for cell in row}
+        self.assertIn("'" + hostile, cells)
+        self.assertIn("'+cmd", cells)
+        self.assertIn("'-2+3", cells)
+        self.assertIn("'@SUM(A1)", cells)
+        self.assertIn("-5", cells)  # a number stays a number
+        self.assertFalse(any(cell.startswith(("=", "+", "@")) for cell in cells))
+        page = self.request("GET", "/type/HeartRate?range=7d")[2].decode("utf-8")
+        self.assertNotIn("\x00", page)
+        code, out, _ = run_main("stats", "--db", self.db)
+        for raw in ("\x1b", "\x07", "\u2028", "\u202e"):
+            self.assertNotIn(raw, out)
+        self.request("GET", "/type/%E2%80%A8%E2%80%AEx%1B")
+        log = self.log.getvalue()
+        self.assertIn("u2028", log.splitlines()[-1])
+        for raw in ("\u2028", "\u202e", "\x1b"):
+            self.assertNotIn(raw, log)
+
+
 class StatusPageAuthTests(ServerTestCase):
     token = TOKEN
 
