@@ -5433,8 +5433,10 @@ def local_addresses():
     return sorted(usable, key=ipaddress.ip_address)
 
 
-def banner_lines(config, port):
-    """What startup prints: where to listen, what to type into the app."""
+def banner_lines(config, port, terminal=False):
+    """What startup prints: where to listen, what to type into the app.  A
+    new key is shown only on a ``terminal``: printed elsewhere (a service's
+    journal, a file) it would stay there."""
     scheme = "https" if config.tls_cert else "http"
     host = config.host
     shown_host = f"[{host}]" if ":" in host else host
@@ -5451,11 +5453,15 @@ def banner_lines(config, port):
             lines.append(f"Auth Type: Custom Header, header name {config.keys.header} (key from {config.key_source})")
         else:
             lines.append(f"Auth Type: Bearer (key from {config.key_source})")
-        if config.new_key:
+        if config.new_key and terminal:
             lines.append(f"Key: {config.new_key}")
             lines.append(f"  A new key, shown this once: in the app choose Auth Type Bearer and enter it. It is "
                          f"saved in {config.key_source[len('file '):]} (readable only by you); later starts "
                          f"read it from there. A browser asks for it on the status page (any user name).")
+        elif config.new_key:
+            lines.append(f"  A new key was made and saved in {config.key_source[len('file '):]} (readable only by "
+                         f"you); `health_receiver.py key --db {config.db}` prints it. In the app choose Auth Type "
+                         "Bearer and enter it.")
     else:
         lines.append("Auth Type: None" + (" (--no-auth)" if config.no_auth else ""))
         if not is_loopback(host):
@@ -5500,7 +5506,7 @@ def serve(config, out=None, ready=None):
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, stop)
     try:
-        for line in banner_lines(config, server.server_address[1]):
+        for line in banner_lines(config, server.server_address[1], terminal=hasattr(out, "isatty") and out.isatty()):
             print(line, file=out)
         out.flush()
         if ready is not None:
@@ -5566,6 +5572,16 @@ def key_file_warning(path):
     return None
 
 
+def find_key(token_file, environ, db):
+    """(key, where it came from) from --token-file, then the environment,
+    then <db>.key; (None, None) when none holds one."""
+    token, source = read_token(token_file, environ)
+    key_path = db + KEY_FILE_SUFFIX
+    if token is None and os.path.lexists(key_path):
+        token, source = _read_key_file(key_path, own=True), f"file {key_path}"
+    return token, source
+
+
 def resolve_key(args, environ):
     """(key, where it came from, whether it was made now, warnings).
 
@@ -5576,12 +5592,10 @@ def resolve_key(args, environ):
     """
     if args.no_auth:
         return None, None, False, ()
-    token, source = read_token(args.token_file, environ)
+    token, source = find_key(args.token_file, environ, args.db)
     key_path = args.db + KEY_FILE_SUFFIX
     generated = False
-    if token is None and os.path.lexists(key_path):
-        token, source = _read_key_file(key_path, own=True), f"file {key_path}"
-    elif token is None and not os.path.exists(args.db) and os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
+    if token is None and not os.path.exists(args.db) and os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
         token = secrets.token_urlsafe(KEY_BITS // 8)
         try:
             fd = os.open(key_path, _NEW_FILE, 0o600)
@@ -5620,7 +5634,7 @@ def serve_parser():
     parser = argparse.ArgumentParser(
         prog="health_receiver.py [serve]",
         description="Receive Health Export Pro syncs into a SQLite database.",
-        epilog="Other commands (each with --help): stats, export, import, bench. "
+        epilog="Other commands (each with --help): key, stats, export, import, bench. "
                f"The key comes from ${TOKEN_ENV} or --token-file; without one, no auth.")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s; 0 picks one)")
@@ -5692,6 +5706,24 @@ def _existing_store(path):
     if not os.path.exists(path):
         raise Missing(f"no database at {path}")
     return Store(path)
+
+
+def key_parser():
+    parser = argparse.ArgumentParser(prog="health_receiver.py key",
+                                     description="Print the key the receiver takes (from --token-file, "
+                                                 f"${TOKEN_ENV} or <db>.key), to enter it in the app.")
+    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite database file (default %(default)s)")
+    parser.add_argument("--token-file", metavar="PATH", help="the key file the receiver is started with, if any")
+    return parser
+
+
+def run_key(args, out):
+    token, _source = find_key(args.token_file, args.environ, args.db)
+    if token is None:
+        raise Missing(f"no key: neither ${TOKEN_ENV} nor {args.db + KEY_FILE_SUFFIX} holds one (the receiver "
+                      "runs without a key)")
+    print(token, file=out)
+    return 0
 
 
 def stats_parser():
@@ -6389,6 +6421,7 @@ def run_bench(args, out):
 #: No command name means serve.
 COMMANDS = {
     "serve": (serve_parser, run_serve),
+    "key": (key_parser, run_key),
     "stats": (stats_parser, run_stats),
     "export": (export_parser, run_export),
     "import": (import_parser, run_import),

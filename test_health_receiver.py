@@ -3595,7 +3595,17 @@ class KeyTests(unittest.TestCase):
         self.assertGreaterEqual(len(base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))) * 8, 128)
         self.assertRegex(key, r"^[A-Za-z0-9_-]+$")
         self.assertEqual(os.stat(key_file).st_mode & 0o777, 0o600)
-        self.assertIn(f"Key: {key}", banner)
+        self.assertNotIn(key, banner)  # not a terminal: a journal would keep it for ever
+        self.assertIn(f"`health_receiver.py key --db {self.db}` prints it", banner)
+        self.assertEqual(run_main("key", "--db", self.db)[:2], (0, key + "\n"))
+        out = io.StringIO()
+        self.assertEqual(hr.main(["key", "--db", "elsewhere.db"], environ={hr.TOKEN_ENV: "env-key"}, out=out), 0)
+        self.assertEqual(out.getvalue(), "env-key\n")
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(hr.main(["key", "--db", os.path.join(self.tmp.name, "none.db")], environ={}), 1)
+        self.assertIn("no key", err.getvalue())
+        on_terminal = "\n".join(hr.banner_lines(server.config, 3000, terminal=True))
+        self.assertIn(f"Key: {key}", on_terminal)
         self.assertIn("Auth Type: Bearer (key from file " + key_file, banner)
         self.assertEqual(self.post(server), 401)
         self.assertEqual(self.post(server, {"Authorization": "Bearer " + key}), 200)
