@@ -4069,9 +4069,11 @@ class ArchiveWriter:
         raise self.error
 
     def discard(self):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            self._gzip.close()
-            self._handle.close()
+        # Each closed on its own: the compressor's last write failing on a
+        # full disk must not leave the file open, holding its space unlinked.
+        for part in ("_gzip", "_handle"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                getattr(self, part).close()
         if self.path:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
@@ -4128,9 +4130,13 @@ class SyncIntake:
         stage = None
         try:
             stage = self.store.stage()
-            for section, rows in payload.batches():
-                stage.add(section, rows)
-                self._account(stage)
+            try:
+                for section, rows in payload.batches():
+                    stage.add(section, rows)
+                    self._account(stage)
+            except sqlite3.Error as exc:  # the temporary file's disk is full, say: the app retries
+                raise StorageUnavailable(f"The sync's temporary file in {self.store.tmp_dir} cannot take its rows "
+                                         f"({exc}); free some space there (--tmp-dir), then the app retries.") from exc
             if payload.empty:
                 if archive:
                     archive.discard()

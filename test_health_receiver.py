@@ -790,6 +790,10 @@ CHILD_SERVER = """
 import encodings.idna, os, sys
 sys.path.insert(0, {folder!r})
 import health_receiver
+if {file_limit!r}:  # files may not grow past this: a full disk, as the process sees it
+    import resource, signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, ({file_limit!r}, {file_limit!r}))
 if os.name == "posix" and os.geteuid() == 0 and {drop!r}:
     os.setgid(65534)
     os.setuid(65534)
@@ -800,9 +804,10 @@ sys.exit(health_receiver.main(sys.argv[1:]))
 class ChildServer:
     """A receiver in its own process, for kill and permission tests."""
 
-    def __init__(self, folder, db, drop_root=False, extra=(), wait=True):
+    def __init__(self, folder, db, drop_root=False, extra=(), wait=True, file_limit=None):
         self.stderr = open(os.path.join(folder, "stderr.log"), "ab")
-        code = CHILD_SERVER.format(folder=os.path.dirname(os.path.abspath(hr.__file__)), drop=drop_root)
+        code = CHILD_SERVER.format(folder=os.path.dirname(os.path.abspath(hr.__file__)), drop=drop_root,
+                                   file_limit=file_limit)
         env = {key: value for key, value in os.environ.items() if key != hr.TOKEN_ENV}
         self.proc = subprocess.Popen([sys.executable, "-c", code, "--host", "127.0.0.1", "--port", "0", "--db", db,
                                       "--quiet", "--no-auth"] + list(extra), stdout=subprocess.PIPE, stderr=self.stderr,
@@ -866,6 +871,18 @@ class ProcessTests(unittest.TestCase):
         return (self.query(f"SELECT count(*) FROM samples WHERE uuid LIKE '{tag}-%'")[0][0],
                 self.query(f"SELECT count(*) FROM workouts WHERE uuid LIKE '{tag}-%'")[0][0],
                 self.query(f"SELECT count(*) FROM workout_route_points WHERE workout_uuid LIKE '{tag}-%'")[0][0])
+
+    def test_a_full_disk_for_the_temporary_file_is_a_503_the_app_retries(self):
+        child = self.start(file_limit=2 * hr.MIB)
+        big = encode(make_payload(n=12000, tag="F"))  # its temporary file outgrows the limit
+        self.assertGreater(len(big), 3 * hr.MIB)
+        status, retry_after, answer = child.post(big)
+        self.assertEqual((status, retry_after), (503, str(hr.RETRY_AFTER)), answer)
+        self.assertIn("temporary file", answer["error"])
+        self.assertEqual(self.query("SELECT status FROM syncs"), [("failed",)])
+        self.assertEqual(self.stage_files(), [])
+        self.assertEqual(child.post(encode(make_payload(tag="G")))[0], 200)  # and it goes on
+        self.assertEqual(self.tagged("F")[0], 0)
 
     def test_read_only_database_503_then_recovers(self):
         child = self.start(drop_root=True)
