@@ -5411,8 +5411,9 @@ TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
 KEY_FILE_SUFFIX = ".key"
 #: Bits of a generated key.
 KEY_BITS = 192
-#: Seconds a stop waits for the syncs in flight to be stored and answered.
-SHUTDOWN_WAIT = 60
+#: Seconds a stop waits for the syncs in flight to be stored and answered
+#: (a service manager kills after 90 s by default; Docker after 10).
+SHUTDOWN_WAIT = 30
 
 
 def local_addresses():
@@ -5504,7 +5505,16 @@ def serve(config, out=None, ready=None):
         return 1
 
     def stop(signum, frame):
+        if stopping:  # the second: at once (WAL and synchronous=FULL keep the database whole)
+            print("Stopped at once; a sync in progress was not stored (the app sends it again).", file=out,
+                  flush=True)
+            os._exit(128 + signum)
+        stopping.append(signum)
+        print(f"Stopping: {server.ingests_in_progress} sync(s) in progress get up to {SHUTDOWN_WAIT} s to be "
+              f"stored and answered; stop again to stop at once.", file=out, flush=True)
         threading.Thread(target=server.shutdown, daemon=True).start()
+
+    stopping = []
 
     # Installed before the banner: whoever reads it may stop the server at once.
     previous = {}
@@ -5524,8 +5534,6 @@ def serve(config, out=None, ready=None):
             server.wait_idle(SHUTDOWN_WAIT)  # the POST in flight is stored and answered
             store.close()  # and anything still running after that waits for its commit
         finally:
-            # Only now: a second signal while closing (a service manager
-            # repeating itself) must not cut the closing short.
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
     if not config.quiet:

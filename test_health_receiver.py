@@ -976,6 +976,32 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(stored, (0, 0, 0))
         self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
 
+    def test_a_stop_says_what_it_waits_for_and_a_second_stops_at_once(self):
+        child = self.start()
+        body = encode(make_payload(n=2000, tag="S"))
+
+        def in_progress():
+            conn = http.client.HTTPConnection("127.0.0.1", child.port, timeout=10)
+            with contextlib.closing(conn):
+                conn.request("GET", hr.DEFAULT_PATH)
+                return json.loads(conn.getresponse().read())["ingests_in_progress"]
+
+        with socket.create_connection(("127.0.0.1", child.port), timeout=30) as sock:
+            sock.sendall(post_head(len(body)) + body[:1000])  # a slow upload: the rest does not come yet
+            wait_until(lambda: in_progress() == 1)
+            child.proc.send_signal(signal.SIGINT)
+            lines = iter(lambda: child.proc.stdout.readline().decode(), "")  # the rest of the banner first
+            line = next((line for line in lines if line.startswith("Stopping")), "")
+            self.assertIn(f"Stopping: 1 sync(s) in progress get up to {hr.SHUTDOWN_WAIT} s", line)
+            child.proc.send_signal(signal.SIGINT)
+            self.assertEqual(child.stop(sig=None), 128 + signal.SIGINT)  # at once, not after the upload
+        self.assertEqual(self.tagged("S"), (0, 0, 0))
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        child = self.start()  # removes what the stopped one left, and goes on
+        self.assertEqual(self.stage_files(), [])
+        self.assertEqual(child.post(encode(make_payload(tag="S")))[0], 200)
+        self.assertEqual(child.stop(), 0)
+
     def test_sigkill_during_a_migration_leaves_version_1_and_the_next_start_completes_it(self):
         make_v1_database(self.db, make_payload(tag="A"), extra_samples=200000)
         before = self.query("SELECT count(*) FROM samples")
