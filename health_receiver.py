@@ -4823,12 +4823,21 @@ class RouteTable:
 
 class _HeaderLines:
     """A request's input while its headers are parsed: keeps each line, so
-    that their endings can be checked (the standard library takes a bare LF)."""
+    that their endings can be checked (the standard library takes a bare
+    LF), and gives all of them one deadline (the socket's timeout alone
+    is per line: a header a few seconds would hold a thread for ever)."""
 
-    def __init__(self, rfile):
+    def __init__(self, rfile, connection, seconds):
         self.rfile, self.lines = rfile, []
+        self._connection = connection if isinstance(connection, socket.socket) else None
+        self._deadline = time.monotonic() + seconds
 
     def readline(self, limit=-1):
+        if self._connection is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the headers did not arrive in time")
+            self._connection.settimeout(left)
         line = self.rfile.readline(limit)
         self.lines.append(line)
         return line
@@ -4877,12 +4886,14 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         if len(self.raw_requestline.split()) == 2:
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported; send HTTP/1.1.")
             return False
-        real, self.rfile = self.rfile, _HeaderLines(self.rfile)
+        real, self.rfile = self.rfile, _HeaderLines(self.rfile, self.connection, self.server.config.timeout)
         try:
             if not super().parse_request():
                 return False
         finally:
             lines, self.rfile = [self.raw_requestline] + self.rfile.lines, real
+            if isinstance(self.connection, socket.socket):
+                self.connection.settimeout(self.timeout)
         if any(not line.endswith(b"\r\n") or b"\0" in line for line in lines):
             self.send_error(HTTPStatus.BAD_REQUEST, "Malformed request: a line that does not end in CRLF, or a NUL.")
             return False
@@ -5321,22 +5332,31 @@ class HealthReceiverServer(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    def get_request(self):
-        sock, addr = super().get_request()
-        if self.ssl_context is not None:
-            # The handshake happens in the request's own thread (see finish_request).
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
-
     def finish_request(self, request, client_address):
         if self.ssl_context is not None:
+            # In the request's own thread: a slow client holds up no one.
             request.settimeout(self.config.timeout)
             try:
-                request.do_handshake()
+                if request.recv(1, socket.MSG_PEEK) not in (b"\x16", b""):  # not a TLS handshake: plain HTTP?
+                    self._refuse_plain_http(request, client_address)
+                    return
+                tls = self.ssl_context.wrap_socket(request, server_side=True)
             except (ssl.SSLError, OSError) as exc:
                 self.log_error_line(client_address[0], f"TLS handshake failed: {exc}")
                 return
+            with tls:  # it took over the connection from ``request``
+                super().finish_request(tls, client_address)
+            return
         super().finish_request(request, client_address)
+
+    def _refuse_plain_http(self, sock, client_address):
+        """Answer plain HTTP sent to the HTTPS port in words a person reads
+        (as nginx does), then close."""
+        message = json.dumps({"ok": False, "error": "This port speaks HTTPS: use https:// in the URL."})
+        with contextlib.suppress(OSError):
+            sock.sendall((f"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: "
+                          f"{len(message) + 1}\r\nConnection: close\r\n\r\n{message}\n").encode())
+        self.log_refusal(client_address[0], "plain HTTP sent to the HTTPS port -> 400")
 
     @contextlib.contextmanager
     def in_flight(self):

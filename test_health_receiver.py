@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -3039,10 +3040,16 @@ class TlsTests(ServerTestCase):
         self.assertEqual(self.request("GET")[0], 200)
         self.assertEqual(self.count("workouts"), 1)
 
-    def test_plain_http_on_the_tls_port_does_not_hurt_the_server(self):
-        self.raw_exchange(b"GET /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n", read_timeout=2)
+    def test_plain_http_on_the_tls_port_gets_an_answer_a_person_reads(self):
+        [(status, head, body)] = answers(self.raw_exchange(b"GET /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n"))
+        self.assertEqual((status, head["Connection"]), (400, "close"))
+        self.assertIn("use https://", json.loads(body)["error"])
         self.assertEqual(self.request("GET")[0], 200)
-        self.assertIn("TLS handshake failed", self.log.getvalue())
+        self.assertIn("plain HTTP sent to the HTTPS port", self.log.getvalue())
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"\x16\x03\x01\x00\x05hello")  # a broken handshake is still logged as one
+            self.assertNotIn(b"HTTP/1.1", b"".join(iter(lambda: sock.recv(100), b"")))  # a TLS alert, if any
+        wait_until(lambda: "TLS handshake failed" in self.log.getvalue())
 
     def test_banner_says_https(self):
         lines = hr.banner_lines(self.config, self.port)
@@ -3253,6 +3260,25 @@ class SlowClientTests(ServerTestCase):
                     with contextlib.suppress(socket.timeout):
                         answer = sock.recv(65536)
         self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+
+
+class HeaderDeadlineTests(ServerTestCase):
+    """--timeout bounds a request's headers together, not each line."""
+
+    timeout = 1.0
+
+    def test_headers_dripping_in_are_cut_off(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            for number in range(40):  # a line every 0.3 s: each within the timeout, all of them not
+                time.sleep(0.3)
+                if select.select([sock], [], [], 0)[0] and not sock.recv(100):
+                    break  # closed by the server
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X-Drip: %d\r\n" % number)
+            else:
+                self.fail("the connection stayed open for 40 header lines")
+        self.assertEqual(self.request("GET")[0], 200)  # and the server goes on
 
 
 class StalledClientTests(ServerTestCase):
