@@ -3342,8 +3342,14 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 def csv_cells(row):
     """A row for CSV: text that a spreadsheet would run as a formula gets a
-    ' in front (its usual mark for "text"); numbers are left as they are."""
-    return [f"'{cell}" if cell.__class__ is str and cell.startswith(_FORMULA_START) else cell for cell in row]
+    ' in front (its usual mark for "text"), and a NUL, which many CSV
+    readers refuse, becomes U+FFFD; numbers are left as they are."""
+    return [_csv_text(cell) if cell.__class__ is str else cell for cell in row]
+
+
+def _csv_text(text):
+    text = text.replace("\0", "\ufffd")
+    return f"'{text}" if text.startswith(_FORMULA_START) else text
 
 
 def csv_pieces(columns, rows):
