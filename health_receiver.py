@@ -62,6 +62,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import errno
 import gzip
 import hashlib
 import hmac
@@ -4311,6 +4312,8 @@ RETRY_AFTER = 30
 GUESS_LIMIT = 10
 GUESS_WINDOW = 60.0
 GUESS_BLOCK = 60
+#: Seconds accepting pauses when the process has no file descriptor left.
+ACCEPT_PAUSE = 0.1
 #: Lines about refused requests logged per window of seconds; the rest are counted.
 REFUSALS_LOGGED = 20
 REFUSALS_WINDOW = 60.0
@@ -5320,6 +5323,8 @@ class HealthReceiverServer(ThreadingHTTPServer):
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
         self.guesses = GuessThrottle()
         self.refusals = RefusalLog()
+        #: Accepting failed for want of file descriptors (logged once per episode).
+        self._out_of_files = False
         #: ROUTES with the endpoint's path (refused when a route has it).
         self.routes = routes or RouteTable(ROUTES, config.path)
         self._log_lock = threading.Lock()
@@ -5337,6 +5342,22 @@ class HealthReceiverServer(ThreadingHTTPServer):
         # slow or hanging on a machine without a resolver, and never needed.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self):
+        try:
+            request = super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # The listening socket stays readable: without a pause the
+                # loop would spin at full speed until a connection closes.
+                if not self._out_of_files:
+                    self.log_error_line("-", f"too many open files ({exc.strerror}): accepting paused until "
+                                             "connections close; raise the limit (ulimit -n, LimitNOFILE=)")
+                self._out_of_files = True
+                time.sleep(ACCEPT_PAUSE)
+            raise
+        self._out_of_files = False
+        return request
 
     def finish_request(self, request, client_address):
         if self.ssl_context is not None:

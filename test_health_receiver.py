@@ -795,6 +795,9 @@ if {file_limit!r}:  # files may not grow past this: a full disk, as the process 
     import resource, signal
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, ({file_limit!r}, {file_limit!r}))
+if {open_files!r}:  # ulimit -n
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, ({open_files!r}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 if os.name == "posix" and os.geteuid() == 0 and {drop!r}:
     os.setgid(65534)
     os.setuid(65534)
@@ -805,10 +808,10 @@ sys.exit(health_receiver.main(sys.argv[1:]))
 class ChildServer:
     """A receiver in its own process, for kill and permission tests."""
 
-    def __init__(self, folder, db, drop_root=False, extra=(), wait=True, file_limit=None):
+    def __init__(self, folder, db, drop_root=False, extra=(), wait=True, file_limit=None, open_files=None):
         self.stderr = open(os.path.join(folder, "stderr.log"), "ab")
         code = CHILD_SERVER.format(folder=os.path.dirname(os.path.abspath(hr.__file__)), drop=drop_root,
-                                   file_limit=file_limit)
+                                   file_limit=file_limit, open_files=open_files)
         env = {key: value for key, value in os.environ.items() if key != hr.TOKEN_ENV}
         self.proc = subprocess.Popen([sys.executable, "-c", code, "--host", "127.0.0.1", "--port", "0", "--db", db,
                                       "--quiet", "--no-auth"] + list(extra), stdout=subprocess.PIPE, stderr=self.stderr,
@@ -884,6 +887,21 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(self.stage_files(), [])
         self.assertEqual(child.post(encode(make_payload(tag="G")))[0], 200)  # and it goes on
         self.assertEqual(self.tagged("F")[0], 0)
+
+    def test_out_of_file_descriptors_pauses_accepting_and_logs_once(self):
+        child = self.start(open_files=48)
+        idle = []
+        try:
+            for _ in range(100):  # more than the child may hold open
+                idle.append(socket.create_connection(("127.0.0.1", child.port), timeout=10))
+            wait_until(lambda: b"too many open files" in open(os.path.join(self.tmp.name, "stderr.log"), "rb").read())
+        finally:
+            for sock in idle:
+                sock.close()
+        self.assertEqual(child.post(encode(make_payload(tag="N")))[0], 200)  # accepting again
+        with open(os.path.join(self.tmp.name, "stderr.log"), "rb") as log:
+            self.assertEqual(log.read().count(b"too many open files"), 1)
+        self.assertEqual(child.stop(), 0)
 
     def test_read_only_database_503_then_recovers(self):
         child = self.start(drop_root=True)
