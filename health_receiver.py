@@ -4400,6 +4400,10 @@ class Keys:
         # a key is ASCII, so a password of other bytes is never one.
         return password.decode("latin-1")
 
+    def sent(self, headers, login=False):
+        """Whether the request carries a key the way identify() reads one."""
+        return self._sent_by_app(headers) is not None or (login and self._sent_by_login(headers) is not None)
+
     def identify(self, headers, login=False):
         """Whom the request's key names, sent the app's way (or, with
         ``login``, as a browser's login), or None."""
@@ -5084,9 +5088,6 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             self.identity = self._admit(route.access)
             return route.action(self)
         except ClientError as exc:
-            if exc.status == HTTPStatus.UNAUTHORIZED and server.guesses.failed(client):
-                self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for "
-                               f"{GUESS_BLOCK} s")
             return failure_answer(self, exc.status, exc.message, exc.headers)
         except PayloadError as exc:
             return failure_answer(self, HTTPStatus.BAD_REQUEST, exc.message)
@@ -5117,6 +5118,10 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             return OWNER
         identity = keys.identify(self.headers, access.login)
         if identity is None:
+            # Only a key that was sent and is wrong is a guess: a browser's
+            # first request (no login yet) or a client without a key is not.
+            if keys.sent(self.headers, access.login) and self.server.guesses.failed(self.client_address[0]):
+                self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for {GUESS_BLOCK} s")
             raise keys.login_refusal() if access.login else keys.app_refusal(self.headers)
         return identity
 
