@@ -4444,6 +4444,74 @@ class Keys:
                                                                              'charset="UTF-8"'),))
 
 
+def _address(text):
+    """An IP address written as a forwarding header writes it (quoted, in
+    brackets, with a port), or None."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # IPv4 with a port
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def forwarded_hops(headers):
+    """The addresses a request passed through, the client first, from
+    ``Forwarded`` (RFC 7239) or else ``X-Forwarded-For``; unreadable ones
+    are None."""
+    forwarded = headers.get_all("Forwarded") or ()
+    if forwarded:
+        hops = []
+        for value in forwarded:
+            for element in value.split(","):
+                pairs = dict(pair.strip().partition("=")[::2] for pair in element.split(";"))
+                hops.append(_address(pairs.get("for", pairs.get("For", ""))))
+        return hops
+    return [_address(hop) for value in headers.get_all("X-Forwarded-For") or () for hop in value.split(",")]
+
+
+class TrustedProxies:
+    """The proxies whose word on the client (Forwarded, X-Forwarded-For) is
+    taken: --trusted-proxy.  From any other peer those headers are ignored,
+    and a request that carries them is never "this machine"."""
+
+    def __init__(self, networks=()):
+        self.networks = tuple(ipaddress.ip_network(network, strict=False) for network in networks)
+
+    @classmethod
+    def parse(cls, text):
+        """From "127.0.0.1,10.0.0.0/8"; raises UsageError."""
+        try:
+            return cls(part.strip() for part in (text or "").split(",") if part.strip())
+        except ValueError as exc:
+            raise UsageError(f"--trusted-proxy: {exc}") from None
+
+    def __bool__(self):
+        return bool(self.networks)
+
+    def trusts(self, address):
+        return address is not None and any(address in network for network in self.networks)
+
+    def client(self, peer, headers):
+        """The client a request comes from: the peer, or behind a trusted
+        proxy the rightmost hop it does not trust (a client can write any
+        hops of its own in front of the real ones, never after them)."""
+        peer_address = _address(peer)
+        if headers is None or not self.trusts(peer_address):
+            return peer
+        hops = forwarded_hops(headers)
+        for hop in reversed(hops):
+            if hop is None:
+                return peer  # unreadable: nothing it says can be taken
+            if not self.trusts(hop):
+                return str(hop)
+        return str(hops[0]) if hops else peer
+
+
 def endpoint_path(text):
     """The endpoint's path as routes are found: one leading slash, none at the end."""
     return "/" + text.strip("/") if text.strip("/") else "/"
@@ -4477,6 +4545,8 @@ class ReceiverConfig:
     warnings: typing.Tuple[str, ...] = ()
     archive: typing.Optional[str] = None
     utc: bool = False
+    #: Proxies whose forwarding headers name the client (--trusted-proxy).
+    trusted_proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
 
     def __post_init__(self):
         self.path = endpoint_path(self.path)
@@ -5075,7 +5145,9 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         """Find the route, admit the caller, run the action; errors become
         JSON answers."""
         server = self.server
-        client = self.client_address[0]
+        client = self.client
+        if self._forwarded_by_a_stranger():
+            server.note_untrusted_proxy(self.client_address[0])
         try:
             wait = server.guesses.retry_after(client)
             if wait:
@@ -5111,7 +5183,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         """Who the request speaks for; raises ClientError 401 or 403."""
         keys = self.server.config.keys
         if not keys.required:
-            if access.loopback_without_keys and not is_loopback(self.client_address[0]):
+            if access.loopback_without_keys and (not is_loopback(self.client) or self._forwarded_by_a_stranger()):
                 raise ClientError(HTTPStatus.FORBIDDEN, "This receiver runs without a key (--no-auth), so its pages "
                                   "answer only this machine; start it with a key (the default) to read them from "
                                   "elsewhere.")
@@ -5120,7 +5192,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         if identity is None:
             # Only a key that was sent and is wrong is a guess: a browser's
             # first request (no login yet) or a client without a key is not.
-            if keys.sent(self.headers, access.login) and self.server.guesses.failed(self.client_address[0]):
+            if keys.sent(self.headers, access.login) and self.server.guesses.failed(self.client):
                 self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for {GUESS_BLOCK} s")
             raise keys.login_refusal() if access.login else keys.app_refusal(self.headers)
         return identity
@@ -5130,6 +5202,23 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         headers = self.headers
         return headers is not None and (headers.get("Transfer-Encoding") is not None or any(
             value.strip() != "0" for value in headers.get_all("Content-Length") or ()))
+
+    @property
+    def client(self):
+        """The client's address: the peer's, or behind a trusted proxy the
+        one its forwarding headers name."""
+        return self.server.config.trusted_proxies.client(self.client_address[0], self.headers)
+
+    def address_string(self):
+        return self.client
+
+    def _forwarded_by_a_stranger(self):
+        """Whether forwarding headers came from a peer not trusted to send
+        them (then the peer is a proxy, and the client anyone)."""
+        headers = self.headers
+        if headers is None or not (headers.get("Forwarded") or headers.get("X-Forwarded-For")):
+            return False
+        return not self.server.config.trusted_proxies.trusts(_address(self.client_address[0]))
 
     @property
     def logged_path(self):
@@ -5330,6 +5419,8 @@ class HealthReceiverServer(ThreadingHTTPServer):
         self.refusals = RefusalLog()
         #: Accepting failed for want of file descriptors (logged once per episode).
         self._out_of_files = False
+        #: Peers that sent forwarding headers without being trusted (said once each).
+        self._untrusted_proxies = set()
         #: ROUTES with the endpoint's path (refused when a route has it).
         self.routes = routes or RouteTable(ROUTES, config.path)
         self._log_lock = threading.Lock()
@@ -5428,6 +5519,15 @@ class HealthReceiverServer(ThreadingHTTPServer):
     def log_error_line(self, remote, line):
         self._write_log(f"{remote or '-'} ERROR {line}")
 
+    def note_untrusted_proxy(self, peer):
+        """Say once per peer how to let the receiver tell clients apart
+        behind a proxy (the set is bounded: peers that forward are few)."""
+        if peer not in self._untrusted_proxies and len(self._untrusted_proxies) < 64:
+            self._untrusted_proxies.add(peer)
+            self.log_error_line(peer, f"requests from {peer} carry forwarding headers (a proxy?); they are ignored. "
+                                      f"If it is your proxy, start with --trusted-proxy {peer} so that its clients "
+                                      "are told apart (limits, --no-auth pages)")
+
     def log_refusal(self, remote, line):
         """A line about a request refused for the client's fault, within
         the refusal log's rate."""
@@ -5459,6 +5559,8 @@ def make_ssl_context(cert, key):
 
 #: Environment variable holding the key the app sends.
 TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
+#: Environment variable naming the trusted proxies (as --trusted-proxy).
+TRUSTED_PROXY_ENV = "HEALTH_RECEIVER_TRUSTED_PROXY"
 #: Suffix of the key file created beside a new database.
 KEY_FILE_SUFFIX = ".key"
 #: Bits of a generated key.
@@ -5729,6 +5831,9 @@ def serve_parser():
     parser.add_argument("--archive", metavar="DIR",
                         help="also save every accepted body as DIR/<time>-<sync id>.json.gz")
     parser.add_argument("--utc", action="store_true", help="status page days are UTC days, not this machine's")
+    parser.add_argument("--trusted-proxy", metavar="ADDR[,ADDR...]",
+                        help="proxies (addresses or networks) whose X-Forwarded-For/Forwarded name the client "
+                             f"(default ${TRUSTED_PROXY_ENV}, else none)")
     parser.add_argument("--quiet", action="store_true", help="log only errors")
     return parser
 
@@ -5742,6 +5847,7 @@ def config_from_args(args, environ):
     if args.tmp_dir and not os.path.isdir(args.tmp_dir):
         raise UsageError(f"--tmp-dir {args.tmp_dir} is not a folder")
     RouteTable(ROUTES, endpoint_path(args.path))  # refuses a path another route has
+    proxies = TrustedProxies.parse(args.trusted_proxy or environ.get(TRUSTED_PROXY_ENV))
     token, source, generated, warnings = resolve_key(args, environ)  # last: it may create the key file
     config = ReceiverConfig(host=args.host, port=args.port, path=args.path, db=args.db,
                             keys=Keys.single(token, args.auth_header), max_body=int(args.max_body_mb * MIB),
@@ -5749,7 +5855,7 @@ def config_from_args(args, environ):
                             max_tmp=int(args.max_tmp_mb * MIB),
                             tls_cert=args.tls_cert, tls_key=args.tls_key, key_source=source,
                             new_key=token if generated else None, no_auth=args.no_auth, warnings=warnings,
-                            archive=args.archive, utc=args.utc)
+                            archive=args.archive, utc=args.utc, trusted_proxies=proxies)
     if config.archive:
         try:
             os.makedirs(config.archive, exist_ok=True)

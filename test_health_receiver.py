@@ -15,6 +15,7 @@ import datetime
 import gzip
 import http.client
 import io
+import ipaddress
 import json
 import math
 import os
@@ -2694,6 +2695,65 @@ class MalformedRequestTests(ServerTestCase):
         self.assertIn("default-src 'none'", policy)
         self.assertIn("frame-ancestors 'none'", policy)
         self.assertNotIn("script-src", policy)
+
+
+class ProxyTests(ServerTestCase):
+    """Behind a reverse proxy every peer is 127.0.0.1: with --trusted-proxy
+    the proxy's forwarding headers name each client; without it they are
+    ignored, and such a request is never "this machine"."""
+
+    token = TOKEN
+
+    def server_options(self):
+        return {"trusted_proxies": hr.TrustedProxies.parse("127.0.0.1, 10.0.0.0/8")}
+
+    def test_the_rightmost_hop_the_proxies_do_not_trust_is_the_client(self):
+        proxies = hr.TrustedProxies.parse("127.0.0.1,10.0.0.0/8")
+        message = http.client.HTTPMessage
+        cases = [({"X-Forwarded-For": "203.0.113.7"}, "203.0.113.7"),
+                 ({"X-Forwarded-For": "6.6.6.6, 203.0.113.7, 10.1.2.3"}, "203.0.113.7"),  # a forged first hop
+                 ({"Forwarded": 'for=6.6.6.6, for="[2001:db8::1]:4711";proto=https'}, "2001:db8::1"),
+                 ({"Forwarded": "for=198.51.100.4:5000", "X-Forwarded-For": "6.6.6.6"}, "198.51.100.4"),
+                 ({"X-Forwarded-For": "10.0.0.1, 127.0.0.1"}, "10.0.0.1"),  # all trusted: the first
+                 ({"X-Forwarded-For": "unknown"}, "127.0.0.1"), ({}, "127.0.0.1")]
+        for fields, client in cases:
+            with self.subTest(fields=fields):
+                headers = message()
+                for name, value in fields.items():
+                    headers[name] = value
+                self.assertEqual(proxies.client("127.0.0.1", headers), client)
+                self.assertEqual(proxies.client("192.0.2.1", headers), "192.0.2.1")  # not a trusted peer
+        with self.assertRaises(hr.UsageError):
+            hr.TrustedProxies.parse("127.0.0.1,not-an-address")
+
+    def test_a_stranger_behind_the_proxy_cannot_lock_the_owner_out(self):
+        for _ in range(hr.GUESS_LIMIT):
+            self.request("GET", headers={"Authorization": "Bearer nope", "X-Forwarded-For": "203.0.113.66"})
+        self.assertEqual(self.request("GET", headers={"Authorization": "Bearer nope",
+                                                      "X-Forwarded-For": "203.0.113.66"})[0], 429)
+        self.assertEqual(self.post(make_payload(), headers={"Authorization": "Bearer " + TOKEN,
+                                                            "X-Forwarded-For": "198.51.100.20"})[0], 200)
+        self.assertIn("203.0.113.66 ERROR", self.log.getvalue())  # the log names the client, not the proxy
+
+    def test_without_keys_a_forwarded_request_is_never_this_machine(self):
+        self.server.config.keys = hr.Keys()
+        self.server.config.trusted_proxies = hr.TrustedProxies()
+        forwarded = {"X-Forwarded-For": "203.0.113.9"}
+        self.assertEqual(self.request("GET", "/", headers=forwarded)[0], 403)
+        self.assertEqual(self.request("GET", "/", headers=forwarded)[0], 403)
+        self.assertEqual(self.request("GET", "/")[0], 200)
+        self.assertEqual(sum("--trusted-proxy 127.0.0.1" in line for line in self.log_lines()), 1)
+        self.server.config.trusted_proxies = hr.TrustedProxies.parse("127.0.0.1")
+        self.assertEqual(self.request("GET", "/", headers=forwarded)[0], 403)
+        self.assertEqual(self.request("GET", "/", headers={"X-Forwarded-For": "127.0.0.1"})[0], 200)
+
+    def test_the_flag_and_its_environment_variable(self):
+        args = hr.serve_parser().parse_args(["--no-auth", "--db", os.path.join(self.tmp.name, "x.db")])
+        config = hr.config_from_args(args, {hr.TRUSTED_PROXY_ENV: "::1, 127.0.0.1"})
+        self.assertTrue(config.trusted_proxies.trusts(ipaddress.ip_address("::1")))
+        code, _, err = run_main("--trusted-proxy", "nope", "--no-auth", "--db", os.path.join(self.tmp.name, "y.db"))
+        self.assertEqual(code, 2)
+        self.assertIn("--trusted-proxy", err)
 
 
 class StrictRequestTests(ServerTestCase):
