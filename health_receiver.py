@@ -5149,10 +5149,6 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         if self._forwarded_by_a_stranger():
             server.note_untrusted_proxy(self.client_address[0])
         try:
-            wait = server.guesses.retry_after(client)
-            if wait:
-                raise ClientError(HTTPStatus.TOO_MANY_REQUESTS, "Too many wrong keys from this address; try again "
-                                  "in a minute.", (("Retry-After", str(wait)),))
             check_framing(self.headers)
             route, self.argument = server.routes.find(self.command, urlsplit(self.path).path)
             if route.method != "POST" and self._has_body():
@@ -5189,13 +5185,22 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                                   "elsewhere.")
             return OWNER
         identity = keys.identify(self.headers, access.login)
-        if identity is None:
-            # Only a key that was sent and is wrong is a guess: a browser's
-            # first request (no login yet) or a client without a key is not.
-            if keys.sent(self.headers, access.login) and self.server.guesses.failed(self.client):
+        if identity is not None:
+            # Never refused for what others sent from the same address (all
+            # of a proxy's clients share one): the limiter slows wrong keys
+            # only, which cannot help anyone guess a key of 128 bits or more.
+            return identity
+        # Only a key that was sent and is wrong is a guess: a browser's
+        # first request (no login yet) or a client without a key is not.
+        if keys.sent(self.headers, access.login):
+            guesses = self.server.guesses
+            wait = guesses.retry_after(self.client)
+            if wait:
+                raise ClientError(HTTPStatus.TOO_MANY_REQUESTS, "Too many wrong keys from this address; try again "
+                                  "in a minute.", (("Retry-After", str(wait)),))
+            if guesses.failed(self.client):
                 self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for {GUESS_BLOCK} s")
-            raise keys.login_refusal() if access.login else keys.app_refusal(self.headers)
-        return identity
+        raise keys.login_refusal() if access.login else keys.app_refusal(self.headers)
 
     def _has_body(self):
         """Whether the headers announce a body (a Content-Length of 0 does not)."""
@@ -5565,6 +5570,9 @@ TRUSTED_PROXY_ENV = "HEALTH_RECEIVER_TRUSTED_PROXY"
 KEY_FILE_SUFFIX = ".key"
 #: Bits of a generated key.
 KEY_BITS = 192
+#: Characters below which a key chosen by hand is warned about (128 bits
+#: of base64).
+KEY_CHARACTERS_MIN = 22
 #: Seconds a stop waits for the syncs in flight to be stored and answered
 #: (a service manager kills after 90 s by default; Docker after 10).
 SHUTDOWN_WAIT = 30
@@ -5778,8 +5786,12 @@ def resolve_key(args, environ):
             f"require a key: put one in {key_path} (chmod 600) or in ${TOKEN_ENV}, then set Auth Type Bearer "
             f"in the app.",)
     check_key(token)
-    warning = key_file_warning(args.token_file or key_path) if source.startswith("file") else None
-    return token, source, generated, (warning,) if warning else ()
+    warnings = [key_file_warning(args.token_file or key_path) if source.startswith("file") else None]
+    if len(token) < KEY_CHARACTERS_MIN:
+        warnings.append(f"WARNING: the key has {len(token)} characters; one you choose should be random and at least "
+                        f"{KEY_CHARACTERS_MIN} characters long (as a new one is: python3 -c 'import secrets; "
+                        "print(secrets.token_urlsafe(24))'), or guessing it is only slow, not hopeless.")
+    return token, source, generated, tuple(warning for warning in warnings if warning)
 
 
 def _positive_number(text):

@@ -2844,10 +2844,14 @@ class EarlyAnswerTests(ServerTestCase):
         self.assertEqual(self.request("GET", headers={"Authorization": "Bearer " + TOKEN})[0], 200)
         for _ in range(hr.GUESS_LIMIT):
             self.assertEqual(self.request("GET", headers={"Authorization": "Bearer nope"})[0], 401)
-        status, response, answer = self.request("GET", headers={"Authorization": "Bearer " + TOKEN})
+        status, response, answer = self.request("GET", headers={"Authorization": "Bearer nope"})
         self.assert_error(status, 429, answer, "Too many wrong keys")
         self.assertLessEqual(int(response.getheader("Retry-After")), hr.GUESS_BLOCK)
         self.assertEqual(sum("wrong keys within" in line for line in self.log_lines()), 1)
+        # The right key is never refused for others' wrong ones (a proxy's
+        # clients share its address); nor is a browser's first request.
+        self.assertEqual(self.post(make_payload(), headers={"Authorization": "Bearer " + TOKEN})[0], 200)
+        self.assertEqual(self.request("GET", "/")[0], 401)
         # Another address is not affected.
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10, source_address=("127.0.0.2", 0))
         with contextlib.closing(conn):
@@ -3776,6 +3780,12 @@ class KeyTests(unittest.TestCase):
         self.assertIn("Auth Type: None", banner)
         self.assertIn("used without a key", banner)
         self.assertEqual(self.post(server), 200)
+
+    def test_a_short_key_chosen_by_hand_is_warned_about(self):
+        args = hr.serve_parser().parse_args(["--db", self.db])
+        warnings = hr.config_from_args(args, {hr.TOKEN_ENV: "hunter2"}).warnings
+        self.assertTrue(any("has 7 characters" in warning for warning in warnings), warnings)
+        self.assertFalse(hr.config_from_args(args, {hr.TOKEN_ENV: TOKEN}).warnings)
 
     def test_no_auth_on_purpose(self):
         server, banner = self.start("--no-auth")
