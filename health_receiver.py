@@ -4604,7 +4604,9 @@ class GuessThrottle:
         self._clock = clock
         self._lock = threading.Lock()
         self._failures = collections.OrderedDict()  # address -> failure times
-        self._blocked = {}  # address -> unblocked at
+        #: address -> unblocked at, in the order blocked (so in the order
+        #: they end: the blocks all last GUESS_BLOCK).
+        self._blocked = collections.OrderedDict()
 
     def retry_after(self, address):
         """Seconds this address must wait, or 0."""
@@ -4631,13 +4633,17 @@ class GuessThrottle:
             times = self._failures.pop(address, [])
             times = [t for t in times if now - t < GUESS_WINDOW] + [now]
             if len(times) >= GUESS_LIMIT:
+                self._blocked.pop(address, None)
                 self._blocked[address] = now + GUESS_BLOCK
+                # Ended blocks go from the front; past the bound, the oldest
+                # are forgotten early: each check costs the same, always.
+                while self._blocked and (len(self._blocked) > GUESS_ADDRESSES_MAX
+                                         or next(iter(self._blocked.values())) <= now):
+                    self._blocked.popitem(last=False)
                 return True
             self._failures[address] = times
             while len(self._failures) > GUESS_ADDRESSES_MAX:
                 self._failures.popitem(last=False)
-            if len(self._blocked) > GUESS_ADDRESSES_MAX:
-                self._blocked = {a: u for a, u in self._blocked.items() if u > now}
             return False
 
 

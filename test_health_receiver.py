@@ -2896,6 +2896,12 @@ class EarlyAnswerTests(ServerTestCase):
         for number in range(hr.GUESS_ADDRESSES_MAX + 100):
             throttle.failed(f"10.0.{number // 256}.{number % 256}")
         self.assertLessEqual(throttle.remembered, hr.GUESS_ADDRESSES_MAX)
+        for number in range(hr.GUESS_ADDRESSES_MAX + 100):  # as many blocked: bounded too, oldest forgotten
+            for _ in range(hr.GUESS_LIMIT):
+                throttle.failed(f"10.1.{number // 256}.{number % 256}")
+        self.assertLessEqual(throttle.remembered, 2 * hr.GUESS_ADDRESSES_MAX)
+        self.assertEqual(throttle.retry_after("10.1.0.0"), 0)
+        self.assertEqual(throttle.retry_after(f"10.1.16.{hr.GUESS_ADDRESSES_MAX + 99 - 16 * 256}"), hr.GUESS_BLOCK)
 
 
 class ReadsWithoutAKeyTests(ServerTestCase):
