@@ -1215,6 +1215,13 @@ CACHE_KIB = 2000
 #: SQLite page cache of a sync's temporary file in KiB: its rows are
 #: appended, so one page is hot at a time.
 STAGE_CACHE_KIB = 2000
+#: Seconds the check of the database at start may take; a larger file is
+#: checked in part (PRAGMA quick_check reads all of it).
+QUICK_CHECK_SECONDS = 10
+#: What the receiver says of a damaged database, and what to do.
+DAMAGED = ("The database {path} is damaged ({detail}); nothing more is written to it, and syncs are refused "
+           "(the app keeps them and retries). Stop the receiver, keep a copy of the file, then run: "
+           "sqlite3 {path} .recover | sqlite3 recovered.db, and start with --db recovered.db (or restore a backup).")
 #: SQLite page cache of a migration in KiB: it rewrites whole tables.
 MIGRATION_CACHE_KIB = 64000
 #: Rows a migration copies between two progress lines.
@@ -1799,6 +1806,9 @@ class Store:
         self._kept = None
         self._stage_lock = threading.Lock()
         self._stages = 0
+        #: Once the database is found damaged: what to say, and to do.
+        #: Nothing more is written to it (a damaged file only gets worse).
+        self.damage = None
 
     # -- connections and schema ---------------------------------------------
 
@@ -1812,8 +1822,42 @@ class Store:
                 with _transaction(conn):
                     _update_pending_hours(conn)  # of a sync whose process stopped after its commit
             except sqlite3.Error as exc:
-                raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
+                raise self.unavailable(exc) from exc
         self.remove_stale_stages()
+        self.check()
+
+    def check(self, seconds=QUICK_CHECK_SECONDS):
+        """PRAGMA quick_check for at most ``seconds`` (a file that takes
+        longer to read is checked in part); a damaged database sets
+        ``damage``.  Returns whether all of it was checked."""
+        deadline = time.monotonic() + seconds
+        conn = self.open_reader()
+        try:
+            conn.set_progress_handler(lambda: time.monotonic() > deadline, 10000)
+            found = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.OperationalError as exc:
+            if "interrupt" in str(exc).lower():
+                return False
+            raise self.unavailable(exc) from exc
+        except sqlite3.DatabaseError as exc:  # damaged where even the check cannot go
+            found = [str(exc)]
+        finally:
+            conn.close()
+        if found != ["ok"]:
+            self._damaged("; ".join(found))
+        return True
+
+    def _damaged(self, detail):
+        if self.damage is None:
+            self.damage = DAMAGED.format(path=self.path, detail=log_safe(detail, LOG_TEXT_MAX))
+
+    def unavailable(self, exc):
+        """The StorageUnavailable of a database error; a sign of damage
+        ("malformed") marks the database damaged."""
+        text = str(exc).lower()
+        if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
+            self._damaged(str(exc))
+        return StorageUnavailable(self.damage or _describe_db_error(exc, self.path))
 
     def _migrate(self, conn, report):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -1899,10 +1943,12 @@ class Store:
             self._close_kept()
             if self._closed:
                 raise StorageUnavailable("The receiver is shutting down.")
+            if self.damage:
+                raise StorageUnavailable(self.damage)
             try:
                 conn = self._open_writer()
             except (sqlite3.Error, OSError) as exc:
-                raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
+                raise self.unavailable(exc) from exc
             try:
                 yield conn
             except BaseException:
@@ -1930,7 +1976,7 @@ class Store:
             return sqlite3.connect(f"file:{quote(os.path.abspath(self.path))}?mode=ro", uri=True,
                                    timeout=self.busy_timeout, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
+            raise self.unavailable(exc) from exc
 
     @contextlib.contextmanager
     def reader(self):
@@ -1939,7 +1985,7 @@ class Store:
         try:
             yield conn
         except sqlite3.Error as exc:
-            raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
+            raise self.unavailable(exc) from exc
         finally:
             conn.close()
 
@@ -2008,7 +2054,7 @@ class Store:
                     _rollback(conn)
                     conn.execute("DETACH DATABASE stage")
             except sqlite3.Error as exc:
-                raise StorageUnavailable(_describe_db_error(exc, self.path)) from exc
+                raise self.unavailable(exc) from exc
         return result
 
     def record_failure(self, failure):
@@ -3330,7 +3376,7 @@ def export_rows(store, name, type_name=None, since=None, until=None, start=None,
         return export.columns, Rows(conn, conn.execute(sql, params))
     except sqlite3.Error as exc:
         conn.close()
-        raise StorageUnavailable(_describe_db_error(exc, store.path)) from exc
+        raise store.unavailable(exc) from exc
 
 
 #: Rows of CSV per piece of a streamed download.
@@ -3884,6 +3930,12 @@ def _workout_table(workouts, zone):
                        ("opt", "" if w.energy_kcal is None else f"{w.energy_kcal:,.0f} kcal"),
                        ("opt", "" if w.heart_rate is None else f"{w.heart_rate:.0f} bpm"),
                        ("opt", _number(w.route_points)))) for w in workouts])
+
+
+def render_damaged_page(damage):
+    """What the status page says instead, while the database is damaged."""
+    return _document("Health receiver: database damaged", [
+        "<h1>Health receiver</h1>", f'<p class="note">{_esc(damage)}</p>'])
 
 
 def render_type_page(report):
@@ -5330,6 +5382,9 @@ def _view(request):
 
 
 def status_page(request):
+    damage = request.server.store.damage
+    if damage:
+        return html_answer(render_damaged_page(damage))._replace(status=HTTPStatus.SERVICE_UNAVAILABLE)
     return html_answer(render_status_page(status_report(request.server.store, _view(request))))
 
 
@@ -5366,6 +5421,8 @@ def workout_page(request):
 def connection_check(request):
     """GET on the endpoint: the app's "Test Connection"."""
     server = request.server
+    if server.store.damage:
+        return failure_answer(request, HTTPStatus.SERVICE_UNAVAILABLE, server.store.damage)
     answer = {"ok": True, "service": "health_receiver", "version": __version__,
               **connection_facts(server.store), "ingests_in_progress": server.ingests_in_progress}
     peak = peak_rss_mb()
@@ -5690,6 +5747,8 @@ def serve(config, out=None, ready=None):
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, stop)
     try:
+        if store.damage:
+            print(f"WARNING: {store.damage}", file=out)
         for line in banner_lines(config, server.server_address[1], terminal=hasattr(out, "isatty") and out.isatty()):
             print(line, file=out)
         out.flush()

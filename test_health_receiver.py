@@ -904,6 +904,35 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(log.read().count(b"too many open files"), 1)
         self.assertEqual(child.stop(), 0)
 
+    def test_a_damaged_database_is_said_at_start_and_takes_no_sync(self):
+        child = self.start()
+        for tag in "ABCD":
+            self.assertEqual(child.post(encode(make_payload(n=1500, tag=tag)))[0], 200)
+        self.assertEqual(child.stop(), 0)
+        size = os.path.getsize(self.db)
+        with open(self.db, "r+b") as handle:  # 4 KiB of noise in the middle of a page of samples
+            handle.seek(size // 2 // 16384 * 16384 + 2048)
+            handle.write(random.Random(7).randbytes(4096) if hasattr(random.Random, "randbytes")
+                         else bytes(random.Random(7).getrandbits(8) for _ in range(4096)))
+        child = self.start()
+        warning = next((line for line in child.output if line.startswith("WARNING: The database")), "")
+        self.assertIn("is damaged", warning)
+        self.assertIn(".recover", warning)
+        status, retry_after, answer = child.post(encode(make_payload(tag="E")))
+        self.assertEqual((status, retry_after), (503, str(hr.RETRY_AFTER)))
+        self.assertIn("is damaged", answer["error"])
+        conn = http.client.HTTPConnection("127.0.0.1", child.port, timeout=10)
+        with contextlib.closing(conn):
+            conn.request("GET", hr.DEFAULT_PATH)  # the app's Test Connection says so too
+            response = conn.getresponse()
+            self.assertEqual(response.status, 503)
+            self.assertIn("is damaged", json.loads(response.read())["error"])
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            self.assertEqual(response.status, 503)
+            self.assertIn(b"is damaged", response.read())
+        self.assertEqual(child.stop(), 0)
+
     def test_read_only_database_503_then_recovers(self):
         child = self.start(drop_root=True)
         self.assertEqual(child.post(encode(make_payload(tag="A")))[0], 200)
