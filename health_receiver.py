@@ -1215,6 +1215,8 @@ CACHE_KIB = 2000
 #: SQLite page cache of a sync's temporary file in KiB: its rows are
 #: appended, so one page is hot at a time.
 STAGE_CACHE_KIB = 2000
+#: Seconds a failed sync's row may wait for the database (its answer waits too).
+FAILURE_WAIT = 1.0
 #: Seconds the check of the database at start may take; a larger file is
 #: checked in part (PRAGMA quick_check reads all of it).
 QUICK_CHECK_SECONDS = 10
@@ -1904,12 +1906,11 @@ class Store:
                 f"Upgrading {self.path} ({migration.title}) needs {needed / 1e6:,.0f} MB of free disk space beside "
                 f"it, and {free / 1e6:,.0f} MB are free; free some space, then start again.")
 
-    def _open_writer(self):
+    def _open_writer(self, busy_timeout):
         if not os.path.lexists(self.path):
             with contextlib.suppress(FileExistsError):  # another process made it just now
                 create_private(self.path)
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB:d}")
@@ -1932,21 +1933,30 @@ class Store:
         return conn
 
     @contextlib.contextmanager
-    def writer(self, keep=False):
+    def writer(self, keep=False, wait=None):
         """Hold the write lock and yield a fresh writer connection.
 
         With ``keep``, the connection stays open until checkpoint() (or the
         next write): closing the last connection makes SQLite fold the
         write-ahead log into the database, which belongs after the answer.
+
+        The wait for the lock, this receiver's (other syncs) and SQLite's
+        (another program) together, is at most ``wait`` (by default
+        ``busy_timeout``): a sync queued behind others is answered in time
+        all the same, with 503 and Retry-After if it must wait longer.
         """
-        with self._write_lock:
+        wait = self.busy_timeout if wait is None else wait
+        deadline = time.monotonic() + wait
+        if not self._write_lock.acquire(timeout=wait):
+            raise StorageUnavailable("The database is busy with other syncs; try again shortly.")
+        try:
             self._close_kept()
             if self._closed:
                 raise StorageUnavailable("The receiver is shutting down.")
             if self.damage:
                 raise StorageUnavailable(self.damage)
             try:
-                conn = self._open_writer()
+                conn = self._open_writer(max(deadline - time.monotonic(), 0.0))
             except (sqlite3.Error, OSError) as exc:
                 raise self.unavailable(exc) from exc
             try:
@@ -1963,6 +1973,8 @@ class Store:
                 else:
                     with contextlib.suppress(sqlite3.Error):
                         conn.close()
+        finally:
+            self._write_lock.release()
 
     def _close_kept(self):
         if self._kept is not None:
@@ -2059,9 +2071,10 @@ class Store:
 
     def record_failure(self, failure):
         """Keep a ``syncs`` row for a sync that stored nothing (best effort:
-        the caller reports the original error whatever happens here)."""
+        the caller reports the original error whatever happens here, and
+        does not wait long for a database that another program holds)."""
         with contextlib.suppress(StorageUnavailable, sqlite3.Error):
-            with self.writer() as conn, _transaction(conn):
+            with self.writer(wait=min(self.busy_timeout, FAILURE_WAIT)) as conn, _transaction(conn):
                 _insert_sync(conn, failure.sync(utc_now()))
 
     def _merge_rows(self, conn, stage, sync_id, result):

@@ -787,6 +787,26 @@ class LockedDatabaseTests(ServerTestCase):
         self.assertEqual(self.count("workouts"), 1)
         self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
 
+    def test_concurrent_syncs_against_a_locked_database_all_get_503_then_go_on(self):
+        """Each waits at most the busy timeout in all, for another program's
+        lock and this receiver's own queue (the bound itself is a figure of
+        the README: with four syncs and a lock held 30 s, 11 s each)."""
+        blocker = sqlite3.connect(self.db, isolation_level=None, check_same_thread=False)
+        answers = []
+        with contextlib.closing(blocker):
+            blocker.execute("BEGIN EXCLUSIVE")
+            threads = [threading.Thread(target=lambda tag=tag: answers.append(self.post(make_payload(tag=tag))))
+                       for tag in "ABCD"]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            # Every answer arrived while the lock was still held.
+            self.assertEqual(sorted(status for status, _, _ in answers), [503] * 4)
+            self.assertEqual({response.getheader("Retry-After") for _, response, _ in answers}, {str(hr.RETRY_AFTER)})
+            blocker.execute("ROLLBACK")
+        self.assertEqual(self.post(make_payload(tag="E"))[0], 200)
+
 
 CHILD_SERVER = """
 import encodings.idna, os, sys
