@@ -932,8 +932,7 @@ class ProcessTests(unittest.TestCase):
         size = os.path.getsize(self.db)
         with open(self.db, "r+b") as handle:  # 4 KiB of noise in the middle of a page of samples
             handle.seek(size // 2 // 16384 * 16384 + 2048)
-            handle.write(random.Random(7).randbytes(4096) if hasattr(random.Random, "randbytes")
-                         else bytes(random.Random(7).getrandbits(8) for _ in range(4096)))
+            handle.write(random.Random(7).getrandbits(4096 * 8).to_bytes(4096, "little"))
         child = self.start()
         warning = next((line for line in child.output if line.startswith("WARNING: The database")), "")
         self.assertIn("is damaged", warning)
