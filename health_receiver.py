@@ -1856,8 +1856,7 @@ class Store:
     def unavailable(self, exc):
         """The StorageUnavailable of a database error; a sign of damage
         ("malformed") marks the database damaged."""
-        text = str(exc).lower()
-        if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
+        if isinstance(exc, sqlite3.DatabaseError) and "malformed" in str(exc).lower():
             self._damaged(str(exc))
         return StorageUnavailable(self.damage or _describe_db_error(exc, self.path))
 
