@@ -639,6 +639,9 @@ BATCH_ROWS = 1000
 #: Largest integer SQLite stores as INTEGER.
 SQLITE_INT_MAX = 2 ** 63 - 1
 _SQLITE_INT_MIN = -SQLITE_INT_MAX - 1
+#: Envelope fields longer than this (in bytes of JSON) are kept in the
+#: rejected table instead of the syncs row's envelope.
+ENVELOPE_TEXT_MAX = 64 * 1024
 #: Envelope fields longer than this (in bytes of JSON) are kept as text only.
 ENVELOPE_VALUE_MAX = 4096
 
@@ -1074,12 +1077,19 @@ class Payload:
         section = _SECTIONS_BY_APP_KEY.get(key)
         if section is not None and section.shape == "routes":
             return (yield from self._section(section, key, pos))
+        if section is None and reader.char(pos) == "[":
+            # An array the app does not document: read element by element,
+            # as a data section's (never whole, never in the envelope).
+            return (yield from self._section(DEFAULT_SECTION, key, pos))
         value, raw, end = reader.value(pos)
         small = len(raw) <= ENVELOPE_VALUE_MAX and value is not TOO_DEEP
         self.envelope[key] = value if small else None
-        self.envelope_text[key] = raw
         if section is not None and section.shape == "object":
             yield from self._object_section(section, value, raw, key)
+        if len(raw) <= ENVELOPE_TEXT_MAX:
+            self.envelope_text[key] = raw
+        elif section is None:  # kept, but not in every syncs row's envelope
+            yield None, [(key, f"top-level field of {len(raw):,} bytes, more than the envelope keeps", raw)]
         return end
 
     def _data_member(self, key, pos):

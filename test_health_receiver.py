@@ -2223,14 +2223,27 @@ class BadInputTests(ServerTestCase):
         body = ('{"meta": ' + '{"a":' * 100000 + "1" + "}" * 100000 + ', "data": {"X": [' + deep + ", " + nested
                 + ', {"uuid": "ok", "startDate": "2026-02-24"}]}}').encode()
         answer = self.send(body, 200)
-        self.assertEqual((answer["count"], answer["rejected"]), (1, 2))
+        self.assertEqual((answer["count"], answer["rejected"]), (1, 3))
         self.assertEqual(self.query("SELECT uuid FROM samples"), [("ok",)])
         rows = self.query("SELECT section, reason, record FROM rejected ORDER BY id")
+        meta = '{"a":' * 100000 + "1" + "}" * 100000
         self.assertEqual([(section, reason) for section, reason, _ in rows],
-                         [("X", "element is nested too deeply to be read")] * 2)
-        self.assertEqual([record for _, _, record in rows], [deep, nested])
-        envelope = self.query("SELECT envelope FROM syncs")[0][0]
-        self.assertTrue(envelope.startswith('{"meta":{"a":{"a":'), envelope[:40])
+                         [("meta", f"top-level field of {len(meta):,} bytes, more than the envelope keeps")]
+                         + [("X", "element is nested too deeply to be read")] * 2)
+        self.assertEqual([record for _, _, record in rows], [meta, deep, nested])
+        self.assertEqual(self.query("SELECT envelope FROM syncs"), [("{}",)])  # kept once, not in the envelope
+
+    def test_an_unknown_top_level_array_is_read_like_a_section_and_large_fields_kept_aside(self):
+        blob = {"note": "x" * (hr.ENVELOPE_TEXT_MAX + 10)}
+        payload = {"exportDate": "2026-02-26T00:00:00.000Z", "blob": blob, "small": {"k": 1},
+                   "extraSamples": [sample("U-1", "2026-02-24T08:00:00Z", 5), 7, {"no": "date"}]}
+        answer = self.send(encode(payload), 200)
+        self.assertEqual((answer["count"], answer["rejected"]), (1, 3), answer)
+        self.assertEqual(self.query("SELECT uuid, type FROM samples"), [("U-1", "extraSamples")])
+        rows = self.query("SELECT section, reason FROM rejected ORDER BY id")
+        self.assertEqual([section for section, _ in rows], ["blob", "extraSamples", "extraSamples"])
+        envelope = json.loads(self.query("SELECT envelope FROM syncs")[0][0])
+        self.assertEqual(set(envelope), {"exportDate", "small"})
 
     def test_huge_numbers(self):
         record = '{"uuid": "a", "startDate": "2026-02-24", "value": 1e400}'
