@@ -633,6 +633,9 @@ class JsonReader:
 # Ingest: the health grammar: rows, the sections registry, the payload
 # ---------------------------------------------------------------------------
 
+#: Elements of one kind of scalar (numbers, strings...) in an array kept one
+#: a rejected row; the rest are counted in one more.
+SCALARS_KEPT = 10
 #: Rows collected before one executemany: bounds memory (bench: 1,000 rows
 #: cost 1 MB where 5,000 cost 4 MB, at the same speed).
 BATCH_ROWS = 1000
@@ -1148,10 +1151,23 @@ class Payload:
         latin_row = _sample_row_latin if make_row is _sample_row else None
         reader = self.reader
         batch = []
+        scalars = {}  # reason -> [elements, text of the last one not kept]
         for obj, raw, exact in reader.elements(pos):
             if obj.__class__ is not dict:
-                row = ("element is nested too deeply to be read" if obj is TOO_DEEP
-                       else f"element is {_json_kind(obj)}, not an object")
+                if obj is TOO_DEEP:
+                    row = "element is nested too deeply to be read"
+                else:
+                    row = f"element is {_json_kind(obj)}, not an object"
+                    if obj.__class__ is not list:
+                        # A number, string, true, false or null carries no
+                        # more than its text: past the first few of a kind,
+                        # one row counts them (five million 1s are not five
+                        # million rows).
+                        seen = scalars.setdefault(row, [0, None])
+                        seen[0] += 1
+                        if seen[0] > SCALARS_KEPT:
+                            seen[1] = raw
+                            continue
             elif exact:
                 row = make_row(obj, raw, label)
             # Scanning the real text again costs as much as the first scan;
@@ -1171,6 +1187,10 @@ class Payload:
                     batch = []
         if batch:
             yield from self._settled(section, batch, where)
+        for reason, (count, last) in scalars.items():
+            if count > SCALARS_KEPT:
+                yield None, [(where, f"{count - SCALARS_KEPT:,} more: {reason} (the first {SCALARS_KEPT} are kept "
+                                     f"one a row; this row's record is the last)", last)]
         return reader.end
 
     def _settled(self, section, batch, where):

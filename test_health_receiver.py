@@ -2245,6 +2245,16 @@ class BadInputTests(ServerTestCase):
         envelope = json.loads(self.query("SELECT envelope FROM syncs")[0][0])
         self.assertEqual(set(envelope), {"exportDate", "small"})
 
+    def test_a_flood_of_scalars_is_counted_not_kept_one_a_row(self):
+        body = ('{"data": {"X": [' + "1," * 10000 + '"a", "b", "c", {"uuid": "S-1", "startDate": "2026-02-24"}, 2]}}')
+        answer = self.send(body.encode(), 200)
+        self.assertEqual((answer["count"], answer["rejected"]), (1, hr.SCALARS_KEPT + 1 + 3), answer)
+        rows = self.query("SELECT reason, record FROM rejected ORDER BY id")
+        self.assertEqual(rows[:hr.SCALARS_KEPT], [("element is a number, not an object", "1")] * hr.SCALARS_KEPT)
+        self.assertEqual(rows[-1], (f"{10001 - hr.SCALARS_KEPT:,} more: element is a number, not an object (the first "
+                                    f"{hr.SCALARS_KEPT} are kept one a row; this row's record is the last)", "2"))
+        self.assertEqual([record for _, record in rows[hr.SCALARS_KEPT:-1]], ['"a"', '"b"', '"c"'])
+
     def test_huge_numbers(self):
         record = '{"uuid": "a", "startDate": "2026-02-24", "value": 1e400}'
         answer = self.send(b'{"data": {"X": [' + record.encode() + b"]}}", 200)
