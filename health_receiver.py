@@ -633,6 +633,8 @@ class JsonReader:
 # Ingest: the health grammar: rows, the sections registry, the payload
 # ---------------------------------------------------------------------------
 
+#: Characters of the longest type name stored (HealthKit's are under 60).
+TYPE_NAME_MAX = 200
 #: Elements of one kind of scalar (numbers, strings...) in an array kept one
 #: a rejected row; the rest are counted in one more.
 SCALARS_KEPT = 10
@@ -1149,6 +1151,11 @@ class Payload:
         where = where or label
         make_row = section.make_row
         latin_row = _sample_row_latin if make_row is _sample_row else None
+        if section is DEFAULT_SECTION and len(label) > TYPE_NAME_MAX:
+            # No page could show such a type, and each row would repeat it:
+            # its elements are kept aside, under the name's beginning.
+            refusal = f"type name of {len(label):,} characters, more than {TYPE_NAME_MAX}"
+            make_row, latin_row, where = (lambda obj, raw, label: refusal), None, label[:TYPE_NAME_MAX] + "\u2026"
         reader = self.reader
         batch = []
         scalars = {}  # reason -> [elements, text of the last one not kept]

@@ -2255,6 +2255,20 @@ class BadInputTests(ServerTestCase):
                                     f"{hr.SCALARS_KEPT} are kept one a row; this row's record is the last)", "2"))
         self.assertEqual([record for _, record in rows[hr.SCALARS_KEPT:-1]], ['"a"', '"b"', '"c"'])
 
+    def test_a_type_name_too_long_for_any_page_is_kept_aside(self):
+        name = "HKQuantityTypeIdentifier" + "Long" * 100
+        payload = {"data": {name: [sample("T-1", "2026-02-24T08:00:00Z", 1), sample("T-2", "2026-02-24T09:00:00Z", 2)],
+                            "HKQuantityTypeIdentifierStepCount": [sample("T-3", "2026-02-24T08:00:00Z", 3)]}}
+        answer = self.send(encode(payload), 200)
+        self.assertEqual((answer["count"], answer["rejected"]), (1, 2), answer)
+        self.assertEqual(self.query("SELECT uuid FROM samples"), [("T-3",)])
+        rows = self.query("SELECT section, reason, record FROM rejected ORDER BY id")
+        self.assertEqual({(section, reason) for section, reason, _ in rows},
+                         {(name[:hr.TYPE_NAME_MAX] + "\u2026", f"type name of {len(name):,} characters, more than "
+                                                                f"{hr.TYPE_NAME_MAX}")})
+        self.assertEqual([json.loads(record)["uuid"] for _, _, record in rows], ["T-1", "T-2"])
+        self.assertEqual(self.request("GET", "/")[0], 200)
+
     def test_huge_numbers(self):
         record = '{"uuid": "a", "startDate": "2026-02-24", "value": 1e400}'
         answer = self.send(b'{"data": {"X": [' + record.encode() + b"]}}", 200)
