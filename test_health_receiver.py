@@ -855,6 +855,13 @@ class ChildServer:
             response = conn.getresponse()
             return response.status, response.getheader("Retry-After"), json.loads(response.read())
 
+    def in_progress(self):
+        """Syncs the child is receiving, storing or finishing after their answer."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        with contextlib.closing(conn):
+            conn.request("GET", hr.DEFAULT_PATH)
+            return json.loads(conn.getresponse().read())["ingests_in_progress"]
+
     def stop(self, sig=signal.SIGTERM):
         """Signal the child (unless ``sig`` is None) and return its exit code."""
         if sig is not None and self.proc.poll() is None:
@@ -955,6 +962,9 @@ class ProcessTests(unittest.TestCase):
     def test_read_only_database_503_then_recovers(self):
         child = self.start(drop_root=True)
         self.assertEqual(child.post(encode(make_payload(tag="A")))[0], 200)
+        # Its work after the answer (totals, checkpoint) done: a log file it
+        # made while the database was read-only would stay read-only.
+        wait_until(lambda: child.in_progress() == 0)
         mode = os.stat(self.db).st_mode
         os.chmod(self.db, 0o444)
         try:
@@ -1048,15 +1058,9 @@ class ProcessTests(unittest.TestCase):
         child = self.start()
         body = encode(make_payload(n=2000, tag="S"))
 
-        def in_progress():
-            conn = http.client.HTTPConnection("127.0.0.1", child.port, timeout=10)
-            with contextlib.closing(conn):
-                conn.request("GET", hr.DEFAULT_PATH)
-                return json.loads(conn.getresponse().read())["ingests_in_progress"]
-
         with socket.create_connection(("127.0.0.1", child.port), timeout=30) as sock:
             sock.sendall(post_head(len(body)) + body[:1000])  # a slow upload: the rest does not come yet
-            wait_until(lambda: in_progress() == 1)
+            wait_until(lambda: child.in_progress() == 1)
             child.proc.send_signal(signal.SIGINT)
             lines = iter(lambda: child.proc.stdout.readline().decode(), "")  # the rest of the banner first
             line = next((line for line in lines if line.startswith("Stopping")), "")
