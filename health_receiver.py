@@ -4557,7 +4557,7 @@ def _address(text):
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
-    return getattr(address, "ipv4_mapped", None) or address
+    return getattr(address, "ipv4_mapped", None) or address  # a dual-stack socket's IPv4 client
 
 
 def forwarded_hops(headers):
@@ -4688,12 +4688,8 @@ def is_loopback(host):
     """Whether an address (or "localhost") is this machine's loopback."""
     if host == "localhost":
         return True
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)  # a dual-stack socket's IPv4 client
-    return (mapped or address).is_loopback
+    address = _address(host)  # a dual-stack socket's IPv4 client included
+    return address is not None and address.is_loopback
 
 
 class GuessThrottle:
