@@ -57,6 +57,7 @@ __version__ = "1.2.0"
 import argparse
 import base64
 import bisect
+import codecs
 import collections
 import contextlib
 import csv
@@ -276,10 +277,22 @@ class Zone(typing.NamedTuple):
 # JSON reader: one document read as it arrives, a value at a time
 # ---------------------------------------------------------------------------
 
+#: Bytes in one MiB: limits are in MiB, as the app's "50 MB" is.
+MIB = 1024 * 1024
 #: Bytes read from the socket (or a file) at a time.
 READ_CHUNK = 256 * 1024
 #: Bytes the JSON reader reads ahead at least when its window runs out.
 WINDOW_MIN = 64 * 1024
+#: Bytes of JSON text of the largest value a sync's reader decodes.  A
+#: larger one is handed out as text, in parts, as it arrives: decoded, a
+#: value costs up to 13 times its text in memory (a 100 MiB object of small
+#: members took 1.3 GB), and no health record comes near (a sample is
+#: under 2 KiB).
+VALUE_TEXT_MAX = 4 * MIB
+#: Bytes of text in each part of a value larger than VALUE_TEXT_MAX.
+PART_BYTES = MIB
+#: Characters of such a value's beginning kept to name it (a key's).
+OVERSIZED_HEAD = 256
 
 
 def _reject_constant(name):
@@ -310,8 +323,62 @@ _skip_ws = re.compile(r"[ \t\n\r]*").match
 _NUMBER_TAIL = 2
 #: Characters that open, close or quote in JSON, to skip a nested value.
 _STRUCTURE = re.compile(r'["\[\]{}]')
-#: The rest of a string after its opening quote.
-_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*"', re.DOTALL)
+#: Characters that open or close in JSON.
+_BRACKET = re.compile(r"[\[\]{}]")
+#: A string's characters up to its closing quote, or the window's end
+#: (where a backslash may wait for the character it escapes).  Written as
+#: runs of plain characters between escapes: ``(?:[^"\\]|\\.)*`` keeps
+#: state for every character it repeats over (8 bytes each: 800 MB for a
+#: 100 MiB string).
+_STRING_TEXT = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL).match
+#: The characters of a number, true, false or null.
+_SCALAR_TEXT = re.compile(r"[-+.0-9A-Za-z]*").match
+
+
+def _follow_nesting(text, at, depth, in_string):
+    """Follow JSON text from ``at``, counting brackets outside strings:
+    (position, depth, in_string) just after the bracket or quote that
+    brings the depth to 0, or where the text runs out (its end, or a
+    backslash waiting for the character it escapes)."""
+    size = len(text)
+    while at < size:
+        if in_string:
+            at = _STRING_TEXT(text, at).end()
+            if at == size or text[at] == "\\":
+                return at, depth, True
+            at, in_string = at + 1, False
+            if not depth:
+                return at, 0, False
+            continue
+        quote = text.find('"', at)
+        stretch = size if quote < 0 else quote
+        if stretch - at > 64:
+            # A long stretch without strings is counted at once when its
+            # closing brackets cannot bring the depth to 0 (100 MiB of
+            # brackets: a second instead of 25), else bracket by bracket.
+            closing = text.count("]", at, stretch) + text.count("}", at, stretch)
+            if closing < depth:
+                depth += text.count("[", at, stretch) + text.count("{", at, stretch) - closing
+            else:
+                for match in _BRACKET.finditer(text, at, stretch):
+                    depth += 1 if match.group() in "[{" else -1
+                    if not depth:
+                        return match.end(), 0, False
+            at = stretch
+            continue
+        match = _STRUCTURE.search(text, at)
+        if match is None:
+            return size, depth, False
+        char, at = match.group(), match.end()
+        if char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        else:
+            depth -= 1
+            if not depth:
+                return at, 0, False
+    return at, depth, in_string
 
 
 class _TooDeep:
@@ -323,6 +390,34 @@ class _TooDeep:
 
 #: Stands for a value too deeply nested to be read (its text is kept).
 TOO_DEEP = _TooDeep()
+
+
+class Oversized:
+    """A value whose text is larger than its reader's ``value_max``: never
+    decoded nor held whole.  parts() hands its text out as it arrives, in
+    parts of the reader's ``part_bytes`` (a character cut by a part's end
+    goes with the next part) (the real text, checked as UTF-8), and must
+    be read to its end before anything after the value; then ``size`` is
+    the text's length in bytes and ``end`` the position after it."""
+
+    def __init__(self, reader, pos):
+        self.pos = pos
+        #: The text's first OVERSIZED_HEAD characters (a key's, to name what it holds).
+        self.head = ""
+        self.size = 0
+        self.end = None
+        #: What the text is, as an error names it.
+        self.kind = {"[": "an array", "{": "an object", '"': "a string"}.get(reader.char(pos), "a number")
+        self._parts = reader._spill(self)
+
+    def parts(self):
+        """The text's parts, each once: a second call goes on where the first stopped."""
+        return self._parts
+
+    def drain(self):
+        """Read past what parts() has not handed out."""
+        for _part in self._parts:
+            pass
 
 
 class JsonReader:
@@ -344,13 +439,21 @@ class JsonReader:
     the same; a value's text that is not ASCII is decoded as UTF-8 (which
     also checks it) before it is handed out.
 
+    With ``value_max``, a value or key whose text is longer is handed out
+    as an Oversized instead, its text in parts, so that the window stays
+    within about ``value_max`` plus a piece whatever the document holds.
+
     Errors raise PayloadError naming the byte.
     """
 
-    def __init__(self, pieces, read_ahead=WINDOW_MIN):
+    def __init__(self, pieces, read_ahead=WINDOW_MIN, value_max=None):
         self._pieces = iter(pieces)
         #: Bytes read ahead at least when the window runs out.
         self.read_ahead = read_ahead
+        #: Bytes of text of the largest value decoded (None: no limit).
+        self.value_max = value_max
+        #: Bytes of text in each part of an Oversized value.
+        self.part_bytes = PART_BYTES
         #: The window: the latin-1 view of the document[base:base + len(text)].
         self.text = ""
         self.base = 0
@@ -377,11 +480,14 @@ class JsonReader:
         # that a value arriving in tiny pieces is not copied once per piece.
         keep = min(keep, self.base + len(self.text))
         kept = len(self.text) - (keep - self.base)
+        wanted = max(kept, self.read_ahead)
+        if self.value_max is not None:  # not far past value_max: a value is scanned at that length at most
+            wanted = max(min(wanted, self.value_max + 1 - kept), self.read_ahead)
         gathered, size = [], 0
         for piece in self._pieces:
             gathered.append(piece)
             size += len(piece)
-            if size >= max(kept, self.read_ahead):
+            if size >= wanted:
                 break
         else:
             self.eof = True
@@ -414,6 +520,26 @@ class JsonReader:
         while len(self.text) < 3 and self.extend(0):
             pass
         return self.skip(3 if self.text.startswith("\xef\xbb\xbf") else 0)
+
+    def _over_max(self, pos, end):
+        """Whether the text from ``pos`` to ``end`` is longer than ``value_max``."""
+        return self.value_max is not None and end - pos > self.value_max
+
+    def _too_large(self, pos):
+        """Whether the value at ``pos``, which runs past the window, is
+        longer than ``value_max`` already."""
+        return self._over_max(pos, self.base + len(self.text))
+
+    def _read_more(self, exc, pos):
+        """After the scanner's ``exc`` on the value at ``pos``: True when
+        more of the document was read for it, False when it is longer than
+        ``value_max``; raise the PayloadError of ``exc`` otherwise."""
+        if self._may_continue(exc):
+            if self._too_large(pos):
+                return False
+            if self.extend(pos):
+                return True
+        self._scan_error(exc, pos)
 
     # -- errors --------------------------------------------------------------
 
@@ -454,60 +580,61 @@ class JsonReader:
     def _scan_latin(self, pos):
         """(value, end) of the value at ``pos`` read from the window, more
         of the document read as needed.  The value is TOO_DEEP when it is
-        nested too deeply for the scanner; ``end`` is then found by brackets."""
+        nested too deeply for the scanner (``end`` is then found by
+        brackets), or an Oversized and ``end`` None when it is longer than
+        ``value_max``."""
         while True:
             text, base = self.text, self.base
             try:
-                value, end = _scan_value(text, pos - base)
+                try:
+                    value, end = _scan_value(text, pos - base)
+                except ValueError as exc:
+                    if exc.__class__ is not ValueError:
+                        raise
+                    # Not a syntax error: perhaps an integer longer than
+                    # int() takes; its digits are then kept as text.
+                    value, end = _scan_long(text, pos - base)
             except RecursionError:
-                return TOO_DEEP, self._skip_nested(pos)
+                end = self._skip_nested(pos)
+                if end is None or self._over_max(pos, end):
+                    return Oversized(self, pos), None
+                return TOO_DEEP, end
             except (StopIteration, ValueError) as exc:
-                if self._may_continue(exc) and self.extend(pos):
+                if self._read_more(exc, pos):
                     continue
-                value, end = self._scan_again(exc, text, pos - base, pos)
+                return Oversized(self, pos), None
+            if self._over_max(pos, end + base):
+                return Oversized(self, pos), None
             # A value that ends near the window's end may go on: a number
             # cut after its "." or "e" (or "e-") scans as a shorter one.
-            if end + _NUMBER_TAIL < len(text) or not self.extend(pos):
+            if end + _NUMBER_TAIL < len(text):
                 return value, end + base
-
-    def _scan_again(self, exc, text, at, pos):
-        """(value, end) of a value the scanner refused with ``exc`` at
-        ``at`` in ``text``, read again with integers of any length; or the
-        PayloadError of ``exc`` (``pos``: where the value starts)."""
-        if exc.__class__ is ValueError:  # not a syntax error: perhaps a very long integer
-            with contextlib.suppress(ValueError, StopIteration):
-                return _scan_long(text, at)
-        self._scan_error(exc, pos)
+            if self._too_large(pos):
+                return Oversized(self, pos), None
+            if not self.extend(pos):
+                return value, end + base
 
     def _skip_nested(self, pos):
         """The end of the array or object at ``pos``, found by counting
-        brackets outside strings (for values too deep for the scanner)."""
-        depth, at = 0, pos
+        brackets outside strings (for values too deep for the scanner);
+        None when it is longer than ``value_max``."""
+        at, depth, in_string = pos, 0, False
         while True:
-            match = _STRUCTURE.search(self.text, at - self.base)
-            if match is None:
-                at = self.base + len(self.text)
-                if not self.extend(pos):
-                    self.fail("unexpected end of the body", at)
-                continue
-            char, at = match.group(), match.start() + self.base
-            if char == '"':
-                rest = _STRING_REST.match(self.text, at - self.base + 1)
-                if rest is None:
-                    if not self.extend(pos):
-                        self.fail("unterminated string", at)
-                    continue
-                at = rest.end() + self.base
-            elif char in "[{":
-                depth, at = depth + 1, at + 1
-            else:
-                depth, at = depth - 1, at + 1
-                if depth == 0:
-                    return at
+            at, depth, in_string = _follow_nesting(self.text, at - self.base, depth, in_string)
+            at += self.base
+            if not depth and not in_string and at > pos:
+                return at
+            if self._too_large(pos):
+                return None
+            if not self.extend(pos):
+                self.fail("unexpected end of the body", at)
 
     def value(self, pos):
-        """The value at ``pos``: (value, its JSON text, its end)."""
+        """The value at ``pos``: (value, its JSON text, its end); or
+        (an Oversized, None, None) for a value longer than ``value_max``."""
         value, end = self._scan_latin(pos)
+        if end is None:
+            return value, None, None
         raw = self.text[pos - self.base:end - self.base]
         if not raw.isascii():
             raw = self.utf8(raw, pos)
@@ -523,8 +650,58 @@ class JsonReader:
         except ValueError:
             return _scan_long(raw, 0)[0]
 
+    def _spill(self, value):
+        """Yield the text of the value that ``value`` (an Oversized) stands
+        for, in parts of ``part_bytes``, as the document arrives; set
+        its ``size``, ``head`` and ``end``.
+
+        Its end is found by counting brackets outside strings (a string or
+        a number at its own closing quote or last character); the text is
+        not otherwise checked as JSON, but checked as UTF-8.  The window
+        keeps only what is not yet handed out.
+        """
+        start = out = at = value.pos
+        part_bytes = self.part_bytes
+        depth, in_string, end = 0, False, None
+        scalar = self.char(start) not in '"[{'
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        while True:
+            text, base = self.text, self.base
+            if end is None and scalar:
+                i = _SCALAR_TEXT(text, at - base).end()
+                if i < len(text):
+                    end = base + i
+            elif end is None:
+                i, depth, in_string = _follow_nesting(text, at - base, depth, in_string)
+                if not depth and not in_string and base + i > start:
+                    end = base + i
+            at = base + i
+            # Whole parts are handed out as soon as they are scanned, and
+            # the rest when the end is found.
+            stop = end if end is not None else out + (at - out) // part_bytes * part_bytes
+            while out < stop:
+                cut = min(stop, out + part_bytes)
+                try:
+                    part = decoder.decode(text[out - base:cut - base].encode("latin-1"), cut == end)
+                except UnicodeDecodeError as exc:
+                    raise PayloadError(f"The body is not valid UTF-8 (byte {out + exc.start}).") from None
+                if len(value.head) < OVERSIZED_HEAD:
+                    value.head += part[:OVERSIZED_HEAD - len(value.head)]
+                out = cut
+                if part:
+                    yield part
+            if end is not None:
+                value.size, value.end = end - start, end
+                return
+            if not self.extend(out):
+                if not scalar:
+                    self.fail("unexpected end of the body", at)
+                end = at  # a number that ends the document (not an object: refused after)
+
     def key(self, pos):
-        """The key at ``pos``: (key, position of its value)."""
+        """The key at ``pos``: (key, position of its value); or (an
+        Oversized, None) for a key longer than ``value_max``: its value's
+        position is then after_key(its end)."""
         if self.char(pos) != '"':
             self.fail("expected a quoted key", pos)
         while True:
@@ -533,15 +710,21 @@ class JsonReader:
                 key, end = _scan_string(text, pos - base + 1, True)
                 break
             except json.JSONDecodeError as exc:
-                if self._may_continue(exc) and self.extend(pos):
+                if self._read_more(exc, pos):
                     continue
-                self._scan_error(exc, pos)
+                return Oversized(self, pos), None
+        if self._over_max(pos, end + base):
+            return Oversized(self, pos), None
         if not key.isascii():
             key = _scan_string(self.utf8(text[pos - base:end], pos), 1, True)[0]
-        end = self.skip(end + base)
+        return key, self.after_key(end + base)
+
+    def after_key(self, end):
+        """The position of the value of the key that ends at ``end``."""
+        end = self.skip(end)
         if self.char(end) != ":":
             self.fail("expected ':' after a key", end)
-        return key, self.skip(end + 1)
+        return self.skip(end + 1)
 
     # -- walking containers ---------------------------------------------------
 
@@ -572,7 +755,8 @@ class JsonReader:
         when that text is not ASCII: ``value`` was then read from the
         latin-1 view (its strings hold UTF-8 bytes as latin-1 characters),
         and decode(text) gives the real one.  A caller that needs only some
-        of its strings decodes those and skips a second scan.
+        of its strings decodes those and skips a second scan.  An element
+        longer than ``value_max`` is ``(an Oversized, None, False)``.
 
         This is the hot loop of a large document: the window is touched
         only when an element runs past it, and the next piece is read
@@ -581,6 +765,7 @@ class JsonReader:
         the window's lines, which costs as much as scanning it).
         """
         scan, tail = _scan_value, _NUMBER_TAIL
+        value_max = self.value_max or sys.maxsize
         pos = self.skip(pos + 1)
         if self.char(pos) == "]":
             self.end = pos + 1
@@ -595,22 +780,27 @@ class JsonReader:
                 start = pos - base
             try:
                 value, end = scan(text, start)
-                edge = end + tail >= len(text) and not self.eof
+                edge = (end + tail >= len(text) and not self.eof) or end - start > value_max
             except (StopIteration, ValueError, RecursionError):
                 edge = True
             if edge:  # past the window, an error, or too deep: the careful way
                 value, end = self._scan_latin(pos)
+                if end is None:
+                    yield value, None, False
+                    value.drain()
+                    end = value.end
                 text, base = self.text, self.base
                 start, end = pos - base, end - base
-            raw = text[start:end]
-            if raw.isascii():
-                yield value, raw, True
-            else:
-                try:
-                    raw = raw.encode("latin-1").decode("utf-8")
-                except UnicodeDecodeError:
-                    raw = self.utf8(raw, pos)  # raises with the offset
-                yield value, raw, value is TOO_DEEP
+            if value.__class__ is not Oversized:
+                raw = text[start:end]
+                if raw.isascii():
+                    yield value, raw, True
+                else:
+                    try:
+                        raw = raw.encode("latin-1").decode("utf-8")
+                    except UnicodeDecodeError:
+                        raw = self.utf8(raw, pos)  # raises with the offset
+                    yield value, raw, value is TOO_DEEP
             char = text[end:end + 1]
             if char != "," and char != "]":
                 end = self.skip(base + end)
@@ -638,6 +828,12 @@ TYPE_NAME_MAX = 200
 #: Elements of one kind of scalar (numbers, strings...) in an array kept one
 #: a rejected row; the rest are counted in one more.
 SCALARS_KEPT = 10
+#: Arrays of a clustered section (sample types, workouts' routes) one sync
+#: may bring; the elements of any more are kept in rejected.  HealthKit has
+#: under 300 types, and ten years of daily workouts are 3,650 routes; each
+#: array costs the sync's temporary file about 400 bytes of memory and its
+#: merge three statements (a million one-sample types took 785 MB).
+ARRAYS_MAX = 50000
 #: Rows collected before one executemany: bounds memory (bench: 1,000 rows
 #: cost 1 MB where 5,000 cost 4 MB, at the same speed).
 BATCH_ROWS = 1000
@@ -698,6 +894,8 @@ def _json_kind(value):
         return "an array"
     if value is TOO_DEEP:
         return "nested too deeply to be read"
+    if value.__class__ is Oversized:
+        return value.kind
     return "an object"
 
 
@@ -1024,20 +1222,24 @@ class Payload:
 
     Only one array element exists as Python objects at a time: the top-level
     object, ``data`` and ``workoutRoutes`` are walked member by member, and
-    each array element by the reader.  After iteration, ``envelope`` holds
-    the other top-level fields (small ones decoded, all as original JSON text
-    in ``envelope_text``), ``sections`` the names of the ``data`` sections and
-    ``size`` the body's length.
+    each array element by the reader.  A value or key longer than
+    ``value_max`` is never decoded: its text is kept in ``rejected``, a row
+    per part.  After iteration, ``envelope`` holds the other top-level fields
+    (small ones decoded, all as original JSON text in ``envelope_text``),
+    ``sections`` counts the ``data`` sections and ``size`` is the body's
+    length.
     """
 
-    def __init__(self, pieces, read_ahead=WINDOW_MIN):
-        self.reader = JsonReader(pieces, read_ahead)
+    def __init__(self, pieces, read_ahead=WINDOW_MIN, value_max=VALUE_TEXT_MAX):
+        self.reader = JsonReader(pieces, read_ahead, value_max)
         #: The body held nothing: it was empty, or an object without
         #: members (what a client sends to test the connection).
         self.empty = True
         self.envelope = {}
         self.envelope_text = {}
-        self.sections = []
+        self.sections = 0
+        #: Arrays read so far per clustered section's name (ARRAYS_MAX).
+        self._arrays = collections.Counter()
 
     @classmethod
     def from_bytes(cls, body):
@@ -1066,7 +1268,7 @@ class Payload:
             value = reader.value(pos)[0]
             kind = "an array" if value is TOO_DEEP else _json_kind(value)
             raise PayloadError(f"The body must be a JSON object, not {kind}.")
-        end = yield from reader.walk_object(pos, self._top_member)
+        end = yield from self._walk(pos, self._top_member, "top level")
         end = reader.skip(end)
         if reader.char(end):
             reader.fail("unexpected data after the top-level object", end)
@@ -1078,7 +1280,7 @@ class Payload:
             if reader.char(pos) != "{":
                 value = reader.value(pos)[0]
                 raise PayloadError(f"'data' must be an object of sections, not {_json_kind(value)}.")
-            return (yield from reader.walk_object(pos, self._data_member))
+            return (yield from self._walk(pos, self._data_member, "data"))
         section = _SECTIONS_BY_APP_KEY.get(key)
         if section is not None and section.shape == "routes":
             return (yield from self._section(section, key, pos))
@@ -1086,7 +1288,9 @@ class Payload:
             # An array the app does not document: read element by element,
             # as a data section's (never whole, never in the envelope).
             return (yield from self._section(DEFAULT_SECTION, key, pos))
-        value, raw, end = reader.value(pos)
+        value, raw, end = yield from self._whole(pos, key)
+        if raw is None:
+            return end
         small = len(raw) <= ENVELOPE_VALUE_MAX and value is not TOO_DEEP
         self.envelope[key] = value if small else None
         if section is not None and section.shape == "object":
@@ -1097,8 +1301,42 @@ class Payload:
             yield None, [(key, f"top-level field of {len(raw):,} bytes, more than the envelope keeps", raw)]
         return end
 
+    def _walk(self, pos, on_member, where):
+        """reader.walk_object for members read by ``on_member``; a key
+        longer than the reader takes is kept in rejected under ``where``,
+        and its value read under the key's beginning."""
+        def member(key, at):
+            if at is None:
+                at = self.reader.after_key((yield from self._keep_oversized(key, where, "a key")))
+                key = key.head[1:TYPE_NAME_MAX + 1] + "\u2026"
+            return (yield from on_member(key, at))
+        return (yield from self.reader.walk_object(pos, member))
+
+    def _whole(self, pos, where):
+        """(value, JSON text, end) of the value at ``pos``; for one longer
+        than the reader takes, its text is kept in rejected under ``where``
+        and (None, None, end) returned."""
+        value, raw, end = self.reader.value(pos)
+        if raw is None:
+            end = yield from self._keep_oversized(value, where)
+        return value, raw, end
+
+    def _keep_oversized(self, value, where, what=None):
+        """Keep the text of an Oversized value in rejected, a row per part
+        as it arrives; return the value's end."""
+        reason = (f"{what or value.kind} of more than {self.reader.value_max:,} bytes, kept as sent "
+                  f"(not read) in parts to be joined in order: part")
+        number, held = 0, None
+        for part in value.parts():
+            if held is not None:
+                number += 1
+                yield None, [(where, f"{reason} {number}", held)]
+            held = part  # one part held back: the last says so
+        yield None, [(where, f"{reason} {number + 1}, the last ({value.size:,} bytes in all)", held)]
+        return value.end
+
     def _data_member(self, key, pos):
-        self.sections.append(key)
+        self.sections += 1
         section = _SECTIONS_BY_APP_KEY.get(key, DEFAULT_SECTION)
         return (yield from self._section(section, key, pos, "data." + key if section.shape != "array" else key))
 
@@ -1109,24 +1347,28 @@ class Payload:
         if section.shape == "array":
             if reader.char(pos) == "[":
                 return (yield from self._array(pos, section, key))
-            value, raw, end = reader.value(pos)
-            yield None, [(where, f"section is {_json_kind(value)}, not an array", raw)]
+            value, raw, end = yield from self._whole(pos, where)
+            if raw is not None:
+                yield None, [(where, f"section is {_json_kind(value)}, not an array", raw)]
             return end
         if reader.char(pos) != "{":
-            value, raw, end = reader.value(pos)
-            yield None, [(where, f"{key} is {_json_kind(value)}, not an object", raw)]
+            value, raw, end = yield from self._whole(pos, where)
+            if raw is not None:
+                yield None, [(where, f"{key} is {_json_kind(value)}, not an object", raw)]
             return end
         if section.shape == "object":
-            value, raw, end = reader.value(pos)
-            yield from self._object_section(section, value, raw, where)
+            value, raw, end = yield from self._whole(pos, where)
+            if raw is not None:
+                yield from self._object_section(section, value, raw, where)
             return end
-        return (yield from reader.walk_object(pos, lambda workout, at: self._route(section, workout, at)))
+        return (yield from self._walk(pos, lambda workout, at: self._route(section, workout, at), key))
 
     def _route(self, section, workout, pos):
         where = "workoutRoutes/" + workout  # rejected rows name the route they came from
         if self.reader.char(pos) != "[":
-            value, raw, end = self.reader.value(pos)
-            yield None, [(where, f"route is {_json_kind(value)}, not an array", raw)]
+            value, raw, end = yield from self._whole(pos, where)
+            if raw is not None:
+                yield None, [(where, f"route is {_json_kind(value)}, not an array", raw)]
             return end
         return (yield from self._array(pos, section, workout, where))
 
@@ -1151,16 +1393,26 @@ class Payload:
         where = where or label
         make_row = section.make_row
         latin_row = _sample_row_latin if make_row is _sample_row else None
+        refusal = None
+        if section.clustered:
+            self._arrays[section.name] += 1
+            if self._arrays[section.name] > ARRAYS_MAX:
+                refusal = f"more than {ARRAYS_MAX:,} arrays of {section.name} in one sync"
         if section is DEFAULT_SECTION and len(label) > TYPE_NAME_MAX:
             # No page could show such a type, and each row would repeat it:
             # its elements are kept aside, under the name's beginning.
             refusal = f"type name of {len(label):,} characters, more than {TYPE_NAME_MAX}"
-            make_row, latin_row, where = (lambda obj, raw, label: refusal), None, label[:TYPE_NAME_MAX] + "\u2026"
+            where = label[:TYPE_NAME_MAX] + "\u2026"
+        if refusal is not None:
+            make_row, latin_row = (lambda obj, raw, label: refusal), None
         reader = self.reader
         batch = []
         scalars = {}  # reason -> [elements, text of the last one not kept]
         for obj, raw, exact in reader.elements(pos):
             if obj.__class__ is not dict:
+                if raw is None:  # too long to read: kept in parts
+                    yield from self._keep_oversized(obj, where)
+                    continue
                 if obj is TOO_DEEP:
                     row = "element is nested too deeply to be read"
                 else:
@@ -1240,8 +1492,6 @@ class Payload:
 # Storage: connections, schema, migrations, writing a sync
 # ---------------------------------------------------------------------------
 
-#: Bytes in one MiB: limits are in MiB, as the app's "50 MB" is.
-MIB = 1024 * 1024
 #: Seconds SQLite waits for another program's lock before giving up (503).
 BUSY_TIMEOUT = 10.0
 #: SQLite page size for new databases (bench: 16 KiB inserts ~20% faster than 4 KiB).
@@ -2084,7 +2334,7 @@ class Store:
         StorageUnavailable."""
         started = time.monotonic() if started is None else started
         result = SyncResult(remote_addr=remote_addr, body_bytes=payload.size, received=dict(stage.received),
-                            rejected=stage.rejected, sections=len(payload.sections), envelope=payload.envelope)
+                            rejected=stage.rejected, sections=payload.sections, envelope=payload.envelope)
         stage.finish()
         with self.writer(keep=True) as conn:
             try:
@@ -3282,15 +3532,15 @@ def type_report(store, name, view):
 
 def find_type(conn, name):
     """(type, rows, first, last) of a type named in full or by its short
-    name in any case, or None."""
-    known = sample_types(conn)
-    wanted = name.lower()
-    for candidate in known:
-        if candidate[0] == name:
-            return candidate
-    for candidate in known:
-        if candidate[0].lower() == wanted or short_type_name(candidate[0]).lower() == wanted:
-            return candidate
+    name in any case, or None.  The name as written is looked up in the
+    index (the pages link types so); only other cases read every type."""
+    names = [name] + [prefix + name for prefix in TYPE_PREFIXES]
+    marks = ", ".join("?" * len(names))
+    for column in ("type", "lower(type)"):
+        found = conn.execute(f"SELECT type, rows, first_date, last_date FROM sample_types WHERE {column} IN ({marks})",
+                             names if column == "type" else [candidate.lower() for candidate in names]).fetchall()
+        if found:
+            return min(found, key=lambda row: (names.index(row[0]) if row[0] in names else len(names), row[0]))
     return None
 
 
@@ -5652,6 +5902,62 @@ class HealthReceiverServer(ThreadingHTTPServer):
                             "unexpected error:\n" + traceback.format_exc().rstrip())
 
 
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
+#: DER object identifiers (content bytes) of the names a certificate holds.
+_SUBJECT_ALT_NAME_OID = b"\x55\x1d\x11"
+_COMMON_NAME_OID = b"\x55\x04\x03"
+#: DER tags: SEQUENCE, OCTET STRING, [3] extensions; a name's dNSName, iPAddress.
+_DER_SEQUENCE, _DER_OCTETS, _DER_EXTENSIONS, _DER_DNS, _DER_IP = 0x30, 0x04, 0xA3, 0x82, 0x87
+
+
+def _der_items(data, start=0, end=None):
+    """(tag, content) of each DER element in ``data[start:end]``."""
+    end = len(data) if end is None else end
+    while start + 2 <= end:
+        tag, length = data[start], data[start + 1]
+        start += 2
+        if length & 0x80:
+            count = length & 0x7F
+            length = int.from_bytes(data[start:start + count], "big")
+            start += count
+        yield tag, data[start:start + length]
+        start += length
+
+
+def certificate_names(path):
+    """The host names and addresses the first certificate of the PEM file
+    ``path`` is valid for: its subjectAltName entries, or else its subject's
+    common name; [] when the file cannot be read as such.  (The ssl module
+    reads a certificate's names only from a peer.)"""
+    try:
+        with open(path, "rb") as handle:
+            found = _PEM_CERTIFICATE.search(handle.read(1024 * 1024))
+        certificate = next(_der_items(base64.b64decode(found.group(1))))[1]
+        fields = list(_der_items(next(_der_items(certificate))[1]))
+        if fields[0][0] == 0xA0:  # [0] version, absent in version 1
+            del fields[0]
+        names, common = [], []
+        for tag, content in fields:
+            if tag != _DER_EXTENSIONS:
+                continue
+            for _tag, extension in _der_items(next(_der_items(content))[1]):
+                parts = list(_der_items(extension))
+                if parts[0][1] == _SUBJECT_ALT_NAME_OID and parts[-1][0] == _DER_OCTETS:
+                    for kind, name in _der_items(next(_der_items(parts[-1][1]))[1]):
+                        if kind == _DER_DNS:
+                            names.append(name.decode("ascii"))
+                        elif kind == _DER_IP and len(name) in (4, 16):
+                            names.append(str(ipaddress.ip_address(name)))
+        for _set_tag, attributes in _der_items(fields[4][1]):  # the subject
+            for _tag, attribute in _der_items(attributes):
+                oid, value = list(_der_items(attribute))[:2]
+                if oid[1] == _COMMON_NAME_OID:
+                    common.append(value[1].decode("utf-8"))
+        return names or common
+    except (OSError, AttributeError, StopIteration, IndexError, ValueError, TypeError):
+        return []
+
+
 def make_ssl_context(cert, key):
     """A TLS 1.2+ server context; raise UsageError with a clear sentence."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -5723,6 +6029,15 @@ def banner_lines(config, port, terminal=False):
         urls = urls or [f"{scheme}://127.0.0.1:{port}"]
     else:
         urls = [f"{scheme}://{shown_host}:{port}"]
+    if config.tls_cert:
+        # The app checks the certificate against the URL's host: only the
+        # names it was made for work.
+        names = certificate_names(config.tls_cert)
+        usable = [f"https://{f'[{name}]' if ':' in name else name}:{port}" for name in names if "*" not in name]
+        if usable:
+            urls = usable
+        lines.append(f"Certificate made for: {', '.join(names) if names else 'no name found in ' + config.tls_cert}"
+                     + ("" if usable else " (the app accepts only a URL with one of its names)"))
     lines.append("Server URL for Health Export Pro: " + "  or  ".join(urls))
     lines.append(f"Endpoint Path: {config.path}")
     if config.keys.required:

@@ -11,6 +11,7 @@ CPython's test_httpservers does, with no socket and no database.
 import base64
 import contextlib
 import csv
+import dataclasses
 import datetime
 import gzip
 import http.client
@@ -353,8 +354,84 @@ class JsonReaderTests(unittest.TestCase):
                     self.assertIn(f"byte {byte}", str(caught.exception))
 
 
+    def test_a_value_longer_than_value_max_is_handed_out_in_parts_as_it_arrives(self):
+        values = ['"' + 'ab\\\\c\\"d\u00e9\U0001F3C3[{x' * 9 + '"', '-' + '7' * 150 + 'e-5',
+                  '[' + ','.join(['{"a":"]}\\"[","b":[1,2,{"c":"\u00e9"}]}'] * 5) + ']',
+                  '{"k":' * 30 + '1' + '}' * 30, '[' * 40 + ']' * 40, '[' * 150 + '"]]"' + ']' * 150]
+        for text in values:
+            document = ("[1," + text + ', "after"]').encode()
+            for size, part_bytes in ((1, 1), (3, 5), (7, 13), (64, 1000), (1000, 7)):
+                with self.subTest(text=text[:20], size=size, part_bytes=part_bytes):
+                    reader = hr.JsonReader([document[i:i + size] for i in range(0, len(document), size)],
+                                           read_ahead=8, value_max=40)
+                    reader.part_bytes = part_bytes
+                    found = []
+                    for value, raw, exact in reader.elements(reader.start()):
+                        if raw is None:
+                            parts = list(value.parts())
+                            found.append(("parts", parts, value.size, value.head))
+                            self.assertTrue(all(len(part.encode()) <= part_bytes + 3 for part in parts))  # a cut character goes with the next
+                        else:
+                            found.append(value if exact else reader.decode(raw))
+                    self.assertEqual(found, [1, ("parts", found[1][1], len(text.encode()), text[:hr.OVERSIZED_HEAD]),
+                                             "after"])
+                    self.assertEqual("".join(found[1][1]), text)
+                    self.assertEqual(reader.end, len(document))
+                    self.assertLess(len(reader.text), 40 + 2 * 64 + 1000)  # never the whole value
+
+    def test_an_oversized_value_is_still_checked_as_utf8_and_for_its_end(self):
+        for document, what in ((b'["' + b"x" * 50 + b'\xff"]', "not valid UTF-8 \\(byte 52\\)"),
+                               (b'["' + b"x" * 50, "unexpected end of the body"),
+                               (b'[[' + b"1," * 50 + b"1", "unexpected end of the body")):
+            with self.subTest(document=document[:5]):
+                reader = hr.JsonReader([document[i:i + 4] for i in range(0, len(document), 4)], value_max=40)
+                with self.assertRaisesRegex(hr.PayloadError, what):
+                    for value, raw, _exact in reader.elements(0):
+                        if raw is None:
+                            list(value.parts())
+
+
 class WalkerTests(unittest.TestCase):
     """The health grammar over the reader, fed text the way the handler feeds it."""
+
+    def test_oversized_values_and_keys_are_kept_in_parts_in_every_place(self):
+        big, key = "v" * 80, "k" * 300
+        body = encode({"blob": big, key: 1, "data": {"X": [element("x-1"), big, element("x-2")], "Y": big,
+                                                    key + "T": [element("y-1")]},
+                       "workouts": big, "characteristics": big, "workoutRoutes": {"w": big, key: []}})
+        payload = hr.Payload([body[i:i + 9] for i in range(0, len(body), 9)], read_ahead=1, value_max=60)
+        payload.reader.part_bytes = 25
+        rows = {}
+        for section, batch in payload.batches():
+            rows.setdefault(section.name if section else "rejected", []).extend(batch)
+        self.assertEqual([row[0] for row in rows["samples"]], ["x-1", "x-2"])
+        kept = {}
+        for where, reason, text in rows["rejected"]:
+            kept.setdefault(where, []).append((reason, text))
+        for where, what, text in (("blob", "a string", big), ("X", "a string", big), ("Y", "a string", big),
+                                  ("workouts", "a string", big), ("characteristics", "a string", big),
+                                  ("workoutRoutes/w", "a string", big), ("top level", "a key", key),
+                                  ("data", "a key", key + "T"), ("workoutRoutes", "a key", key)):
+            with self.subTest(where=where):
+                quoted = json.dumps(text)
+                self.assertEqual("".join(part for _, part in kept[where]), quoted)
+                prefix = f"{what} of more than 60 bytes, kept as sent (not read) in parts to be joined in order: part"
+                count = -(-len(quoted) // 25)
+                self.assertEqual([reason for reason, _ in kept[where]],
+                                 [f"{prefix} {number}" for number in range(1, count)]
+                                 + [f"{prefix} {count}, the last ({len(quoted):,} bytes in all)"])
+        # What an oversized key held is read under the key's beginning.
+        self.assertEqual(payload.envelope, {"k" * hr.TYPE_NAME_MAX + "\u2026": 1})
+        self.assertEqual([json.loads(text)["uuid"] for reason, text in kept["k" * hr.TYPE_NAME_MAX + "\u2026"]], ["y-1"])
+
+    def test_the_arrays_of_one_sync_are_bounded(self):
+        body = encode({"data": {f"T{number}": [element(f"t-{number}")] for number in range(hr.ARRAYS_MAX + 2)}})
+        rows, payload = walk(body, [body])
+        self.assertEqual(len(rows["samples"]), hr.ARRAYS_MAX)
+        self.assertEqual(payload.sections, hr.ARRAYS_MAX + 2)
+        self.assertEqual([(where, reason, json.loads(text)["uuid"]) for where, reason, text in rows["rejected"]],
+                         [(f"T{number}", f"more than {hr.ARRAYS_MAX:,} arrays of samples in one sync", f"t-{number}")
+                          for number in (hr.ARRAYS_MAX, hr.ARRAYS_MAX + 1)])
 
     def test_every_section_yields_its_rows(self):
         rows, payload = walk(make_payload(n=2))
@@ -363,7 +440,7 @@ class WalkerTests(unittest.TestCase):
                           "routes": 4})
         self.assertEqual(payload.envelope["syncSource"], "manual-upload")
         self.assertNotIn("data", payload.envelope)
-        self.assertEqual(payload.sections, list(make_payload()["data"]))
+        self.assertEqual(payload.sections, len(make_payload()["data"]))
 
     def test_sample_row_columns(self):
         rows, _ = walk({"data": {"HKQuantityTypeIdentifierHeartRate": [
@@ -2279,11 +2356,35 @@ class BadInputTests(ServerTestCase):
         self.assertEqual(answer["count"], 1)
         self.assertEqual(self.query("SELECT record, value FROM samples"), [(record, float("inf"))])
 
-    def test_twenty_megabyte_string_value(self):
-        big = "x" * (20 * hr.MIB)
-        answer = self.send(encode({"data": {"X": [element("big", note=big)]}, "blob": big}), 200)
-        self.assertEqual(answer["count"], 1)
-        self.assertEqual(self.query("SELECT length(record) > 20000000 FROM samples"), [(1,)])
+    def test_values_larger_than_the_reader_takes_are_kept_in_parts(self):
+        # Decoded, such a value would cost many times its size in memory.
+        big = "\u00e9t\u00e9 \U0001F3C3 " * (hr.VALUE_TEXT_MAX // 9)
+        long_number = "9" * (hr.VALUE_TEXT_MAX + 1)
+        body = ('{"data": {"X": [' + json.dumps(element("small")) + ", " + json.dumps(element("big", note=big), ensure_ascii=False)
+                + ", " + long_number + ']}, "blob": ' + json.dumps(big, ensure_ascii=False) + "}").encode()
+        answer = self.send(body, 200)
+        self.assertEqual(answer["count"], 1, answer)
+        self.assertEqual(self.query("SELECT uuid FROM samples"), [("small",)])
+        kept = {}
+        for section, reason, record in self.query("SELECT section, reason, record FROM rejected ORDER BY id"):
+            kept.setdefault(section, []).append((reason, record))
+        self.assertEqual(set(kept), {"X", "blob"})
+        self.assertEqual(answer["rejected"], len(kept["X"]) + len(kept["blob"]))
+        joined = "".join(record for _, record in kept["X"])
+        self.assertEqual(joined, json.dumps(element("big", note=big), ensure_ascii=False) + long_number)
+        blob = json.dumps(big, ensure_ascii=False)
+        self.assertEqual("".join(record for _, record in kept["blob"]), blob)
+        self.assertEqual(len(kept["blob"]), -(-len(blob.encode()) // hr.PART_BYTES))
+        self.assertEqual(kept["blob"][-1][0], f"a string of more than {hr.VALUE_TEXT_MAX:,} bytes, kept as sent (not read) "
+                         f"in parts to be joined in order: part {len(kept['blob'])}, the last ({len(blob.encode()):,} bytes in all)")
+        self.assertEqual(self.query("SELECT envelope FROM syncs"), [("{}",)])
+
+    def test_a_long_integer_cut_by_the_window_is_stored(self):
+        digits = "7" * 300000  # more than int() takes, and than one piece of the body
+        body = b'{"data": {"X": [{"uuid": "n", "startDate": "2026-02-24", "value": ' + digits.encode() + b"}]}}"
+        self.assertEqual(self.send(body, 200)["count"], 1)
+        self.assertEqual(self.query("SELECT value = ?, length(record) FROM samples", (digits,)),
+                         [(1, len(body) - 19)])
 
     def test_duplicate_keys(self):
         record = '{"uuid": "k", "uuid": "k2", "startDate": "2026-02-24"}'
@@ -3147,6 +3248,35 @@ class HttpValidatorTests(unittest.TestCase):
         self.assertNotIn("k1", repr(two) + repr(hr.ReceiverConfig(keys=two)))
 
 
+#: Certificates only read for their names: subjectAltName with two DNS names
+#: (one a wildcard) and two addresses; a common name and no subjectAltName.
+NAMED_CERT = """-----BEGIN CERTIFICATE-----
+MIIB/TCCAaOgAwIBAgIUdW7IvBYaC1Glgh8osA5R0AHS1UUwCgYIKoZIzj0EAwIw
+LzEQMA4GA1UECgwHRXhhbXBsZTEbMBkGA1UEAwwSaGVhbHRoLmV4YW1wbGUubmV0
+MCAXDTI2MTIwMTE3MDMzMVoYDzIxMjYxMTA3MTcwMzMxWjAvMRAwDgYDVQQKDAdF
+eGFtcGxlMRswGQYDVQQDDBJoZWFsdGguZXhhbXBsZS5uZXQwWTATBgcqhkjOPQIB
+BggqhkjOPQMBBwNCAAS32eZmkB8bAxJPbvxYHZ8PZekoc8k3ev6TuSf9HL9T4V5U
+iepTQmSnIAU8qn452+4dptvdXXT8kaadQwKMVsB4o4GaMIGXMB0GA1UdDgQWBBSc
+wmydF26xB88fRKZESKFdGbhhLjAfBgNVHSMEGDAWgBScwmydF26xB88fRKZESKFd
+GbhhLjAPBgNVHRMBAf8EBTADAQH/MEQGA1UdEQQ9MDuCEmhlYWx0aC5leGFtcGxl
+Lm5ldIINKi5leGFtcGxlLm9yZ4cEwAACB4cQIAENuAAAAAAAAAAAAAAAATAKBggq
+hkjOPQQDAgNIADBFAiEA9ClL21q4zWVyC8S3kJP374v6TpiZnHDtfUwvSj1ZuSsC
+IHvKkcjDOUKgUdrE5QETLA3wXtdP0ihOLN8FDlgsd8n8
+-----END CERTIFICATE-----
+"""
+COMMON_NAME_CERT = """-----BEGIN CERTIFICATE-----
+MIIBgzCCASmgAwIBAgIUR2/dMJn35Em/fQYYykuopon+BRowCgYIKoZIzj0EAwIw
+GTEXMBUGA1UEAwwOcGkuZXhhbXBsZS5jb20wIBcNMjYxMjAxMTcwMzMxWhgPMjEy
+NjExMDcxNzAzMzFaMBkxFzAVBgNVBAMMDnBpLmV4YW1wbGUuY29tMFkwEwYHKoZI
+zj0CAQYIKoZIzj0DAQcDQgAEQAPoGAVC1rfbKOQ8B5S+4tYKTqcqeuLcx+7Bd5OP
+rRQ0JbBKVexLhbOsMsYQde2A/S3atl3+LpQ+MjlxJ3mSBKNNMEswHQYDVR0OBBYE
+FEIy+ss1RoSTHxVvflW1FHv5Uz2vMB8GA1UdIwQYMBaAFEIy+ss1RoSTHxVvflW1
+FHv5Uz2vMAkGA1UdEwQCMAAwCgYIKoZIzj0EAwIDSAAwRQIhAO11lbZaUtIWqg1q
+g06YQxh9h7pp2wP/oEImOa6hFooLAiBC4qpmV0VpJsOsLMP5mO2Awubdp4EETFCH
+mEtVOVMMgw==
+-----END CERTIFICATE-----
+"""
+
 TEST_CERT = """-----BEGIN CERTIFICATE-----
 MIIDJzCCAg+gAwIBAgIUD8iKCownXm075xRsIP4u22gS1S0wDQYJKoZIhvcNAQEL
 BQAwFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNTA5MjUxM1oYDzIxMjYx
@@ -3232,9 +3362,29 @@ class TlsTests(ServerTestCase):
             self.assertNotIn(b"HTTP/1.1", b"".join(iter(lambda: sock.recv(100), b"")))  # a TLS alert, if any
         wait_until(lambda: "TLS handshake failed" in self.log.getvalue())
 
-    def test_banner_says_https(self):
+    def test_banner_gives_the_urls_the_certificate_was_made_for(self):
         lines = hr.banner_lines(self.config, self.port)
         self.assertIn(f"Listening on https://127.0.0.1:{self.port}", lines)
+        self.assertIn("Certificate made for: localhost, 127.0.0.1", lines)
+        self.assertIn(f"Server URL for Health Export Pro: https://localhost:{self.port}  or  "
+                      f"https://127.0.0.1:{self.port}", lines)
+        for text, names, urls in ((NAMED_CERT, ["health.example.net", "*.example.org", "192.0.2.7", "2001:db8::1"],
+                                   "https://health.example.net:8443  or  https://192.0.2.7:8443  or  "
+                                   "https://[2001:db8::1]:8443"),
+                                  (TEST_KEY + COMMON_NAME_CERT, ["pi.example.com"], "https://pi.example.com:8443")):
+            with self.subTest(names=names):
+                with open(self.cert_file, "w") as handle:
+                    handle.write(text)
+                self.assertEqual(hr.certificate_names(self.cert_file), names)
+                lines = hr.banner_lines(dataclasses.replace(self.config, host="0.0.0.0"), 8443)
+                self.assertIn(f"Server URL for Health Export Pro: {urls}", lines)
+        for text in (TEST_KEY, "", TEST_CERT[:80] + "\n-----END CERTIFICATE-----", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"):
+            with open(self.cert_file, "w") as handle:
+                handle.write(text)
+            self.assertEqual(hr.certificate_names(self.cert_file), [])
+        lines = hr.banner_lines(self.config, self.port)
+        self.assertIn(f"Certificate made for: no name found in {self.cert_file} (the app accepts only a URL with one "
+                      f"of its names)", lines)
 
     def test_missing_or_bad_certificate_is_a_clear_startup_error(self):
         for cert, key in ((os.path.join(self.tmp.name, "missing.pem"), self.key_file),
