@@ -1078,7 +1078,9 @@ class Section:
     #: "array" (an array of elements), "routes" (an object of arrays, one per
     #: workout) or "object" (an object of name: value).
     shape: str = "array"
-    #: A re-sent element replaces the stored row (otherwise it is ignored).
+    #: A re-sent element replaces the stored row when its sync's export is
+    #: as recent or more (an older manual upload sent later does not);
+    #: otherwise it is ignored.
     latest_wins: bool = False
     #: (column, the element's field) of the dates, held as canonical UTC.
     #: The first is the section's date: a row whose first date is not a
@@ -1151,13 +1153,18 @@ class Section:
     def stage_insert_sql(self):
         return f"INSERT INTO {self.table} VALUES ({', '.join('?' * len(self.columns))})"
 
-    def merge_sql(self, where="", in_order=False):
+    @property
+    def written_by(self):
+        """The sync column that says which sync last wrote a row."""
+        return [name for name in self.sync_columns if name not in self.kept_on_update][-1]
+
+    def merge_sql(self, where="", in_order=False, replaces_if="true"):
         """Copy the staged rows (``where`` chooses some) into the database;
         parameter :sync_id fills the sync columns.  They go in key order,
         then arrival order: the database's pages are touched in turn, and of
         the elements of one key the first is kept (the last when the latest
-        wins).  Rows that arrived in key order (``in_order``) are read as
-        they are, without sorting."""
+        wins, and the stored row meets ``replaces_if``).  Rows that arrived
+        in key order (``in_order``) are read as they are, without sorting."""
         names = [name for name, _type in self.columns]
         source = (f"SELECT {', '.join(names + [':sync_id'] * len(self.sync_columns))} FROM stage.{self.table}"
                   f"{where or ' WHERE true'}")  # WHERE: see SQLite's "parsing ambiguity" of upsert
@@ -1168,7 +1175,7 @@ class Section:
             return f"INSERT OR IGNORE INTO {target} {source}"
         updated = [name for name in self.column_names if name not in self.key and name not in self.kept_on_update]
         return (f"INSERT INTO {target} {source} ON CONFLICT ({', '.join(self.key)}) "
-                f"DO UPDATE SET {', '.join(f'{name} = excluded.{name}' for name in updated)}")
+                f"DO UPDATE SET {', '.join(f'{name} = excluded.{name}' for name in updated)} WHERE {replaces_if}")
 
     @property
     def count_new_sql(self):
@@ -2371,7 +2378,9 @@ class Store:
                     received_at = utc_now()
                     sync_id = result.sync_id = _insert_sync(conn, Sync(
                         received_at=received_at, remote_addr=remote_addr, body_bytes=payload.size))
-                    self._merge_rows(conn, stage, sync_id, result)
+                    exported = payload.envelope.get("exportDate")
+                    exported = (utc_date(exported) if exported.__class__ is str else None) or received_at
+                    self._merge_rows(conn, stage, {"sync_id": sync_id, "exported": exported}, result)
                     result.duration = time.monotonic() - started
                     conn.execute(_UPDATE_SYNC_SQL, _sync_parameters(result.sync(received_at, payload.envelope_text)))
                     conn.execute("COMMIT")
@@ -2390,8 +2399,9 @@ class Store:
             with self.writer(wait=min(self.busy_timeout, FAILURE_WAIT)) as conn, _transaction(conn):
                 _insert_sync(conn, failure.sync(utc_now()))
 
-    def _merge_rows(self, conn, stage, sync_id, result):
-        params = {"sync_id": sync_id}
+    def _merge_rows(self, conn, stage, params, result):
+        """Copy each section's staged rows (``params``: :sync_id, and
+        :exported, when the sync's export was made)."""
         for section in SECTIONS:
             if not stage.received[section.name]:
                 continue
@@ -2409,7 +2419,12 @@ class Store:
                             conn.execute(_NOTE_PENDING_HOURS_SQL, {"type": label, "first": first, "last": last})
             elif section.latest_wins:
                 result.inserted[section.name] += conn.execute(section.count_new_sql).fetchone()[0]
-                conn.execute(section.merge_sql(), params)
+                # Only by this sync's later element, or when its export is
+                # as recent or more as that of the sync that wrote the row.
+                written_by = f"{section.table}.{section.written_by}"
+                newer = (f"{written_by} = :sync_id OR :exported >= coalesce((SELECT coalesce(export_date, received_at)"
+                         f" FROM main.{SYNCS.name} WHERE id = {written_by}), '')")
+                conn.execute(section.merge_sql(replaces_if=newer), params)
             else:
                 result.inserted[section.name] += conn.execute(section.merge_sql(), params).rowcount
         if stage.rejected:

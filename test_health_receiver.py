@@ -2097,6 +2097,36 @@ class IngestTests(ServerTestCase):
         syncs = self.query("SELECT sync_id FROM characteristics WHERE name = 'bloodType'")
         self.assertEqual(syncs, [(answer["sync_id"],)])
 
+    def test_the_newest_export_wins_not_the_latest_arrival(self):
+        def send(exported, blood, medication):
+            payload = {"characteristics": {"bloodType": blood}, "data": {"medications": [
+                {"conceptIdentifier": "rx-1", "displayText": medication}]}}
+            if exported:
+                payload["exportDate"] = exported
+            status, _, answer = self.post(payload)
+            self.assertEqual(status, 200, answer)
+            return answer["sync_id"]
+
+        def stored():
+            return (self.query("SELECT value, sync_id FROM characteristics")[0],
+                    self.query("SELECT display_text, last_sync_id FROM medications")[0])
+
+        newer = send("2026-11-30T08:00:00Z", "A+", "Now")
+        send("2026-06-01T08:00:00+02:00", "0-", "Then")  # an older range uploaded by hand afterwards
+        self.assertEqual(stored(), (("A+", newer), ("Now", newer)))
+        again = send("2026-11-30T08:00:00.000Z", "B+", "Again")  # the same export: the later arrival wins
+        self.assertEqual(stored(), (("B+", again), ("Again", again)))
+        undated = send(None, "AB+", "Undated")  # no exportDate: taken as made when it arrived
+        self.assertEqual(stored(), (("AB+", undated), ("Undated", undated)))
+        # Every value sent stays in the syncs' envelopes.
+        history = self.query("SELECT json_extract(envelope, '$.characteristics.bloodType') FROM syncs ORDER BY id")
+        self.assertEqual(history, [("A+",), ("0-",), ("B+",), ("AB+",)])
+        # Within one sync the later element wins, even over the row the sync's first one just wrote.
+        self.assertEqual(self.post({"exportDate": "2020-01-01T00:00:00Z", "data": {"medications": [
+            {"conceptIdentifier": "rx-2", "displayText": "First"},
+            {"conceptIdentifier": "rx-2", "displayText": "Second"}]}})[0], 200)
+        self.assertEqual(self.query("SELECT display_text FROM medications WHERE key = 'rx-2'"), [("Second",)])
+
     def test_unknown_sections_and_fields_survive_verbatim(self):
         element = ('{ "uuid" : "U-1", "startDate": "2026-02-24T00:00:00Z",\n  "futureField": {"a": [1, 2.50]},'
                    ' "value": 1e2 }')
