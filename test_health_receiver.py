@@ -821,6 +821,47 @@ class MigrationTests(unittest.TestCase):
             self.assertEqual(hr.main(["--host", "127.0.0.1", "--port", "0", "--db", self.db]), 1)
         self.assertIn("upgrade health_receiver.py", err.getvalue())
 
+    def test_version_3_hourly_totals_are_rebuilt_spread_over_the_half_hours_and_every_row_kept(self):
+        store, _ = self.open_store()
+        watch, phone = "Jane's Apple Watch", "Jane's iPhone"
+        steps = [span("w1", "2026-02-24T07:30:00Z", "2026-02-24T08:00:00Z", 3000, "count", watch),
+                 span("w2", "2026-02-24T08:00:00Z", "2026-02-24T08:10:00Z", 1000, "count", watch),
+                 span("p1", "2026-02-24T07:30:00Z", "2026-02-24T07:58:00Z", 2700, "count", phone),
+                 span("p2", "2026-02-24T07:58:00Z", "2026-02-24T08:10:00Z", 1150, "count", phone)]
+        payload = make_payload(n=3)
+        payload["data"]["HKQuantityTypeIdentifierStepCount"] = steps
+        hr.SyncIntake(store).ingest([encode(payload)], "127.0.0.1")
+        store.update_hours()
+        store.close()
+        tables = [name for (name,) in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        before = {table: self.query(f"SELECT * FROM {table} ORDER BY 1, 2") for table in tables
+                  if table != "sample_hours"}
+        # Version 3 kept a sample's whole value in the hour it starts in.
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            conn.execute("DELETE FROM sample_hours")
+            conn.execute("INSERT INTO sample_hours SELECT type, substr(start_date, 1, 13), coalesce(source_name, ''),"
+                         " '', count(*), count(value), total(value), min(value), max(value), 0 FROM samples"
+                         " GROUP BY 1, 2, 3")
+            conn.execute("PRAGMA user_version = 3")
+
+        def day_of_steps():
+            buckets = {}
+            for hour, source, total, seconds in self.query(
+                    "SELECT hour, source, total, seconds FROM sample_hours WHERE type = ?",
+                    ("HKQuantityTypeIdentifierStepCount",)):
+                buckets.setdefault(hour, []).append((source, total, seconds))
+            return sorted(buckets), sum(hr.merged_total(sources) for sources in buckets.values())
+
+        self.assertEqual(day_of_steps()[0], ["2026-02-24T07", "2026-02-24T08"])
+        self.assertEqual(self.query("SELECT max(seconds) FROM sample_hours"), [(0,)])
+        _, lines = self.open_store()
+        self.assertTrue(any("schema version 4" in line for line in lines), lines)
+        self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
+        self.assertEqual({table: self.query(f"SELECT * FROM {table} ORDER BY 1, 2") for table in before}, before)
+        hours, total = day_of_steps()
+        self.assertEqual((hours, round(total, 9)), (["2026-02-24T07:30", "2026-02-24T08"], 4000))
+        self.assertTrue(self.hours_match_samples())
+
     def test_each_step_is_its_own_transaction(self):
         make_v1_database(self.db, make_payload())
         failing = hr.Migration("a step that fails", lambda conn, report: conn.execute("SELECT * FROM nowhere"))
@@ -1220,7 +1261,7 @@ class ReportingTests(unittest.TestCase):
                  "HKQuantityTypeIdentifierRestingHeartRate": "mean",
                  "HKQuantityTypeIdentifierOxygenSaturation": "percent",
                  "HKCategoryTypeIdentifierSleepAnalysis": "sleep", "HKCategoryTypeIdentifierMindfulSession": "minutes",
-                 "HKCategoryTypeIdentifierAppleStandHour": "count", "moodEntries": "count"}
+                 "HKCategoryTypeIdentifierAppleStandHour": "stand", "moodEntries": "count"}
         self.assertEqual({name: hr.chart_kind(name).name for name in kinds}, kinds)
         self.assertEqual(hr.short_type_name("HKQuantityTypeIdentifierHeartRate"), "HeartRate")
         titles = {"HKQuantityTypeIdentifierRestingHeartRate": "Resting heart rate",
@@ -1384,6 +1425,160 @@ class PageTestCase(ServerTestCase):
         wait_until(lambda: not self.query("SELECT 1 FROM sample_hours_pending LIMIT 1"))
         return answer
 
+    def summary(self, range_name="30d"):
+        status, _, facts = self.request("GET", f"{hr.SUMMARY_PATH}?range={range_name}")
+        self.assertEqual(status, 200, facts)
+        return facts
+
+    def chart(self, facts, name):
+        return next(chart for chart in facts["charts"] if chart["name"] == name)
+
+    def page(self, path):
+        status, response, body = self.request("GET", path)
+        self.assertEqual(status, 200, body)
+        self.assertTrue(response.getheader("Content-Type").startswith("text/html"))
+        text = body.decode("utf-8")
+        self.assertNotRegex(text, r"<(script|link|img)\b|https?://(?!www\.w3)")
+        return text
+
+
+def two_device_day(rng, day):
+    """A generated day of steps that a Watch and an iPhone both counted, each
+    cut into samples at its own boundaries and counting a little
+    differently; the Watch off the wrist (charging) for a while and the
+    phone left on a desk for another: (Watch samples, phone samples), each
+    (start, end, steps) in seconds from ``day``'s midnight."""
+    stretches, moment = [], 6 * 3600 + rng.randint(0, 3600)
+    while moment < 22 * 3600:
+        length = rng.choice([120, 300, 600, 900, 1800, 2700, 3600]) * rng.uniform(0.5, 1.5)
+        stretches.append((moment, moment + length, rng.uniform(1.2, 2.0)))
+        moment += length + rng.expovariate(1 / 2400)
+
+    def device(chunk, bias, away_from, away_for):
+        samples = []
+        for start, end, rate in stretches:
+            moment = start + rng.uniform(-20, 20)
+            while moment < end:
+                stop = min(end, moment + chunk * rng.uniform(0.3, 1.7))
+                for low, high in ((moment, min(stop, away_from)), (max(moment, away_from + away_for), stop)):
+                    if high - low > 1:
+                        samples.append((low, high, round((high - low) * rate * bias * rng.uniform(0.97, 1.03))))
+                moment = stop
+        return samples
+
+    return (device(rng.choice([60, 120, 300]), rng.uniform(0.97, 1.03), rng.uniform(6, 9) * 3600,
+                   rng.uniform(1800, 5400)),
+            device(rng.choice([300, 600, 900]), rng.uniform(0.9, 1.05), rng.uniform(10, 16) * 3600,
+                   rng.uniform(1800, 7200)))
+
+
+def watch_first_total(watch, phone):
+    """Steps of a day merged second by second: the Watch's where a Watch
+    sample covers the second, else the phone's."""
+    covered = bytearray(86400)
+    total = float(sum(steps for _start, _end, steps in watch))
+    for start, end, _steps in watch:
+        covered[int(start):int(end)] = b"\x01" * (int(end) - int(start))
+    for start, end, steps in phone:
+        rate = steps / (end - start)
+        for second in range(int(start), int(end)):
+            if not covered[second]:
+                total += rate * (min(second + 1, end) - max(second, start))
+    return total
+
+
+class CumulativeMergeTests(PageTestCase):
+    """Steps counted by two devices, against what the Health app shows."""
+
+    def server_options(self):
+        return {"utc": True}
+
+    def post_steps(self, day, devices):
+        midnight = datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc)
+
+        def stamp(seconds):
+            return (midnight + datetime.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+        data = [span(f"{name}-{day}-{number}", stamp(start), stamp(end), steps, "count", source=name)
+                for name, samples in devices.items() for number, (start, end, steps) in enumerate(samples)]
+        self.assertEqual(self.post({"data": {"HKQuantityTypeIdentifierStepCount": data}})[0], 200)
+
+    def day_totals(self):
+        steps = self.chart(self.summary("7d"), "StepCount")
+        return {point[0][:10]: point[1] for point in steps["points"] if point[1]}
+
+    def test_a_walk_both_devices_counted_across_an_hour_counts_once(self):
+        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        hours = 3600
+        self.post_steps(day, {"Jane's Apple Watch": [(7.5 * hours, 8 * hours, 3000), (8 * hours, 8 * hours + 600, 1000)],
+                              "Jane's iPhone": [(7.5 * hours, 7 * hours + 58 * 60, 2700),
+                                                (7 * hours + 58 * 60, 8 * hours + 600, 1150)]})
+        self.assertEqual({day: round(total, 6) for day, total in self.day_totals().items()}, {day.isoformat(): 4000})
+
+    def test_generated_two_device_days_are_within_one_percent_of_a_watch_first_merge(self):
+        rng = random.Random(11)
+        today = datetime.datetime.now(datetime.timezone.utc).date()
+        expected, alone = {}, {}
+        for back in range(1, 6):
+            day = today - datetime.timedelta(days=back)
+            watch, phone = two_device_day(rng, day)
+            self.post_steps(day, {"Jane's Apple Watch": watch, "Jane's iPhone": phone})
+            expected[day.isoformat()] = watch_first_total(watch, phone)
+        found = self.day_totals()
+        self.assertEqual(set(found), set(expected))
+        for day, total in expected.items():
+            with self.subTest(day=day):
+                self.assertAlmostEqual(found[day] / total, 1, delta=0.01)
+        # One device alone: exact.
+        day = today - datetime.timedelta(days=6)
+        watch, _phone = two_device_day(rng, day)
+        self.post_steps(day, {"Watch only": watch})
+        self.assertAlmostEqual(self.day_totals()[day.isoformat()], sum(steps for _s, _e, steps in watch), places=6)
+
+
+class CategoryTypeTests(PageTestCase):
+    """Category types summed up by what their values mean."""
+
+    def server_options(self):
+        return {"utc": True}
+
+    def test_stand_hours_count_the_hours_stood_and_values_are_named(self):
+        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=1)
+        stand = []
+        for hour in range(7, 22):  # 13 hours stood and 2 idle, sent as numbers and as names
+            value = 1 if hour in (12, 18) else 0
+            if hour % 3 == 0:
+                value = "HKCategoryValueAppleStandHourIdle" if value else "HKCategoryValueAppleStandHourStood"
+            stand.append(span(f"S-{hour}", f"{day}T{hour:02d}:00:00Z", f"{day}T{hour:02d}:59:59Z", value))
+        headache = [span("H-1", f"{day}T09:00:00Z", f"{day}T10:00:00Z", 3),
+                    span("H-2", f"{day}T15:00:00Z", f"{day}T15:00:00Z", "notPresent")]
+        self.assertEqual(self.post({"data": {"HKCategoryTypeIdentifierAppleStandHour": stand,
+                                             "HKCategoryTypeIdentifierHeadache": headache}})[0], 200)
+        facts = self.summary("7d")
+        stood = self.chart(facts, "AppleStandHour")
+        self.assertEqual((stood["kind"], [point[1] for point in stood["points"] if point[1]]), ("stand", [13]))
+        self.assertEqual([point[1] for point in self.chart(facts, "Headache")["points"] if point[1]], [1])
+        page = self.page("/type/AppleStandHour?range=7d")
+        self.assertIn("hours stood per day", page)
+        self.assertIn("Stood 13, Idle 2", page)
+        self.assertIn("<td>Idle</td>", page)
+        self.assertIn("<td>Stood</td>", page)
+        self.assertNotIn("HKCategoryValueAppleStandHour", page)
+        page = self.page("/type/Headache?range=7d")
+        self.assertIn("<td>1</td><td>1</td><td>Not present 1, Moderate 1</td>", page)
+
+    def test_category_values_by_number_or_name(self):
+        stand, flow = "HKCategoryTypeIdentifierAppleStandHour", "HKCategoryTypeIdentifierMenstrualFlow"
+        for type_name, value, name in ((stand, 0, "Stood"), (stand, 1.0, "Idle"), (stand, "stood", "Stood"),
+                                       (stand, "HKCategoryValueAppleStandHourIdle", "Idle"), (stand, "1", "Idle"),
+                                       (stand, 7, None), (stand, "sat", None), (stand, True, None),
+                                       (flow, "heavy", "Heavy"), (flow, 5, "None"),
+                                       ("HKCategoryTypeIdentifierSleepAnalysis", 3, "Core"),
+                                       ("HKCategoryTypeIdentifierSomethingNew", 1, None),
+                                       ("HKQuantityTypeIdentifierStepCount", 0, None)):
+            with self.subTest(type_name=type_name, value=value):
+                self.assertEqual(hr.category_name(type_name, value), name)
+
 
 class StatusPageTests(PageTestCase):
     """Pages on real stored syncs; days in UTC so that they do not depend on
@@ -1400,22 +1595,6 @@ class StatusPageTests(PageTestCase):
             time.sleep(to_midnight + 1)
         super().setUp()
 
-    def page(self, path):
-        status, response, body = self.request("GET", path)
-        self.assertEqual(status, 200, body)
-        self.assertTrue(response.getheader("Content-Type").startswith("text/html"))
-        text = body.decode("utf-8")
-        self.assertNotRegex(text, r"<(script|link|img)\b|https?://(?!www\.w3)")
-        return text
-
-    def summary(self, range_name="30d"):
-        status, _, facts = self.request("GET", f"{hr.SUMMARY_PATH}?range={range_name}")
-        self.assertEqual(status, 200, facts)
-        return facts
-
-    def chart(self, facts, name):
-        return next(chart for chart in facts["charts"] if chart["name"] == name)
-
     def test_page_shows_syncs_totals_and_a_chart_per_type(self):
         self.post(recent_payload())
         self.post(b"{broken")
@@ -1429,7 +1608,7 @@ class StatusPageTests(PageTestCase):
         self.assertEqual(page.count("<svg"), 2)
         for name in ("Steps", "Heart rate", "Sleep"):
             self.assertIn(f">{name}", page)
-        self.assertIn("total per day; per hour, the source that counted most", page)
+        self.assertIn("total per day; where two devices counted the same time, once (the Watch first)", page)
         self.assertIn("mean of the hours, band from the 10th to the 90th percentile", page)
         self.assertIn(">Running</a>", page)
         self.assertIn('class="grid"', page)
