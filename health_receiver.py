@@ -1007,6 +1007,67 @@ def _sample_row_latin(obj, raw, section):
     return (uuid, section, start, end, value, unit, source, raw)
 
 
+#: HealthKit's workout activity types (HKWorkoutActivityType) by number:
+#: a workout's type is stored by this name whether it arrives as the
+#: number (37), the name ("running") or the identifier
+#: ("HKWorkoutActivityTypeRunning").
+WORKOUT_ACTIVITY_TYPES = dict(enumerate((
+    "americanFootball", "archery", "australianFootball", "badminton", "baseball", "basketball", "bowling",
+    "boxing", "climbing", "cricket", "crossTraining", "curling", "cycling", "dance", "danceInspiredTraining",
+    "elliptical", "equestrianSports", "fencing", "fishing", "functionalStrengthTraining", "golf", "gymnastics",
+    "handball", "hiking", "hockey", "hunting", "lacrosse", "martialArts", "mindAndBody",
+    "mixedMetabolicCardioTraining", "paddleSports", "play", "preparationAndRecovery", "racquetball", "rowing",
+    "rugby", "running", "sailing", "skatingSports", "snowSports", "soccer", "softball", "squash", "stairClimbing",
+    "surfingSports", "swimming", "tableTennis", "tennis", "trackAndField", "traditionalStrengthTraining",
+    "volleyball", "walking", "waterFitness", "waterPolo", "waterSports", "wrestling", "yoga", "barre",
+    "coreTraining", "crossCountrySkiing", "downhillSkiing", "flexibility", "highIntensityIntervalTraining",
+    "jumpRope", "kickboxing", "pilates", "snowboarding", "stairs", "stepTraining", "wheelchairWalkPace",
+    "wheelchairRunPace", "taiChi", "mixedCardio", "handCycling", "discSports", "fitnessGaming", "cardioDance",
+    "socialDance", "pickleball", "cooldown"), start=1))
+WORKOUT_ACTIVITY_TYPES.update({82: "swimBikeRun", 83: "transition", 84: "underwaterDiving", 3000: "other"})
+#: A dose's log status (HKMedicationDoseEvent.LogStatus) by number; stored
+#: by name, whether it arrives as the number, the name or the identifier.
+DOSE_LOG_STATUSES = {1: "notInteracted", 2: "notificationNotSent", 3: "snoozed", 4: "taken", 5: "skipped",
+                     6: "notLogged"}
+#: Seconds in the units a duration may come in.
+_DURATION_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "min": 60.0, "minute": 60.0,
+                   "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0}
+
+
+def _enum_name(value, names, prefix):
+    """A HealthKit enum's case name from its number, its name in any case,
+    or its identifier (``prefix`` + name); anything else as it is."""
+    if value.__class__ is float and value.is_integer():
+        value = int(value)
+    if value.__class__ is int:
+        return names.get(value) or _to_sql(value)
+    if value.__class__ is str:
+        text = value[len(prefix):] if value.startswith(prefix) and len(value) > len(prefix) else value
+        folded = text.replace(" ", "").replace("_", "").lower()
+        return next((name for name in names.values() if name.lower() == folded), text)
+    return _to_sql(value)
+
+
+def _nested(obj, names, inner):
+    """The first of ``names`` present in ``obj``; when it is an object, the
+    first of ``inner`` in it (a concept {"identifier": ...})."""
+    value = _first(obj, names)
+    return _first(value, inner) if value.__class__ is dict else value
+
+
+def _seconds(obj):
+    """A duration in seconds: ``durationSeconds``, or ``duration`` as a
+    number of seconds or {value|quantity, unit}."""
+    value = _first(obj, ("durationSeconds", "duration"))
+    if value.__class__ is dict:
+        factor = _DURATION_UNITS.get(value.get("unit", "s"))
+        value = value.get("value", value.get("quantity"))
+        if factor is None or value.__class__ not in (int, float):
+            return None
+        value = value * factor
+    return _to_sql(value)
+
+
 def _workout_row(obj, raw, section):
     uuid = _identity(section, obj)
     if uuid is None:
@@ -1014,8 +1075,9 @@ def _workout_row(obj, raw, section):
     start, why = _required_text(obj, ("startDate", "date"))
     if why:
         return why
-    return (uuid, _to_sql(_first(obj, ("workoutActivityType", "activityType", "type"))), start,
-            _text_or_none(obj.get("endDate")), _to_sql(_first(obj, ("durationSeconds", "duration"))), raw)
+    activity = _nested(obj, ("workoutActivityType", "activityType", "activity", "type"), ("name", "rawValue"))
+    return (uuid, _enum_name(activity, WORKOUT_ACTIVITY_TYPES, "HKWorkoutActivityType"), start,
+            _text_or_none(obj.get("endDate")), _seconds(obj), raw)
 
 
 def _dose_row(obj, raw, section):
@@ -1025,27 +1087,35 @@ def _dose_row(obj, raw, section):
     start, why = _required_text(obj, ("startDate", "date", "scheduledDate"))
     if why:
         return why
-    medication = _first(obj, ("medicationConceptIdentifier", "conceptIdentifier", "medication"))
-    return (uuid, _to_sql(medication), start, _to_sql(obj.get("logStatus")), raw)
+    medication = _nested(obj, ("medicationConceptIdentifier", "conceptIdentifier", "medication", "concept"),
+                         ("identifier", "conceptIdentifier", "id"))
+    status = _enum_name(obj.get("logStatus", obj.get("status")), DOSE_LOG_STATUSES, "HKMedicationDoseEventLogStatus")
+    return (uuid, _to_sql(medication), start, status, raw)
 
 
 def _medication_row(obj, raw, section):
-    key = _first(obj, ("conceptIdentifier", "uuid", "id", "identifier"))
+    key = _nested(obj, ("conceptIdentifier", "concept", "medication"), ("identifier", "conceptIdentifier", "id"))
+    if key is None:
+        key = _first(obj, ("uuid", "id", "identifier"))
     if key is None:
         key = content_key(section, obj)
     elif key.__class__ is int:
         key = str(key)
     elif key.__class__ is not str or not key:
         return f"identifier is {_json_kind(key)}, not a string"
-    return (key, _to_sql(_first(obj, ("displayText", "nickname", "name"))), raw)
+    name = _first(obj, ("displayText", "nickname", "name"))
+    if name is None:
+        name = _nested(obj, ("concept", "medication"), ("displayText", "name"))
+    return (key, _to_sql(name), raw)
 
 
 def _route_point_row(obj, raw, workout):
-    stamp, why = _required_text(obj, ("timestamp", "date", "startDate"))
+    stamp, why = _required_text(obj, ("timestamp", "date", "time", "startDate"))
     if why:
         return why
-    return (workout, stamp, _to_sql(obj.get("latitude")), _to_sql(obj.get("longitude")),
-            _to_sql(obj.get("altitude")), raw)
+    return (workout, stamp, _to_sql(_first(obj, ("latitude", "lat"))),
+            _to_sql(_first(obj, ("longitude", "lon", "lng", "long"))), _to_sql(_first(obj, ("altitude", "elevation"))),
+            raw)
 
 
 def _characteristic_row(name, value):
@@ -1975,6 +2045,54 @@ def _migrate_v3(conn, report):
     _recount_sample_hours(conn, report)
 
 
+def _rederive_columns(conn, report):
+    """Derive again, from each row's record, the columns a version reads
+    better (names and numbers of HealthKit's enums, nested forms, other
+    field names): the rows of workouts, doses and medications, and the
+    route points that lack a coordinate (a table of millions, read only
+    where the older version found nothing).  Keys and dates stay; a record
+    no longer readable keeps its columns."""
+    for section in SECTIONS:
+        names = [name for name, _type in section.columns]
+        if "record" not in names or section is SAMPLES:
+            continue
+        dates = {column for column, _field in section.dates}
+        derived = [name for name in names if name not in section.key and name != "record" and name not in dates]
+        where = " OR ".join(f"{name} IS NULL" for name in derived) if section.clustered else "true"
+        keys = ", ".join(section.key)
+        update = (f"UPDATE {section.table} SET {', '.join(f'{name} = ?' for name in derived)}"
+                  f" WHERE {' AND '.join(f'{name} = ?' for name in section.key)}")
+        # In key order, a batch at a time (the rows after the last one read).
+        select = (f"SELECT {keys}, {', '.join(derived)}, record FROM {section.table} WHERE ({where})"
+                  f" AND ({keys}) > ({', '.join('?' * len(section.key))}) ORDER BY {keys} LIMIT 10000")
+        after, read, changed = ("",) * len(section.key), 0, 0
+        while True:
+            rows = conn.execute(select, after).fetchall()
+            if not rows:
+                break
+            updates = []
+            for row in rows:
+                key, stored, record = row[:len(section.key)], row[len(section.key):-1], row[-1]
+                try:
+                    element = JsonReader.decode(record)
+                except (ValueError, StopIteration):
+                    continue
+                fresh = None
+                if element.__class__ is dict:
+                    fresh = section.make_row(element, record, key[0] if section.clustered
+                                             else (section.app_keys or (section.name,))[0])
+                if fresh is not None and fresh.__class__ is not str:
+                    values = tuple(fresh[names.index(name)] for name in derived)
+                    if values != tuple(stored):
+                        updates.append(values + tuple(key))
+            conn.executemany(update, updates)
+            after = rows[-1][:len(section.key)]
+            before, read, changed = read, read + len(rows), changed + len(updates)
+            if read // MIGRATION_PROGRESS_ROWS != before // MIGRATION_PROGRESS_ROWS:
+                report(f"  {section.table}: {read:,} rows")
+        report(f"  {section.table}: {changed:,} of {read:,} rows read again")
+
+
 #: Every schema change, in order: step N brings a database from version N
 #: to N + 1, and PRAGMA user_version counts the steps applied.  A new column
 #: or key is a new step at the end; a step once released is never edited.
@@ -1985,6 +2103,7 @@ MIGRATIONS = (
     Migration("samples and route points clustered by time, dates in UTC", _migrate_v2, rewrites=True),
     Migration("hourly totals per type and source", _migrate_v3),
     Migration("cumulative types' totals spread over the half-hours their samples span", _recount_sample_hours),
+    Migration("workouts, doses, medications and route points read again from their records", _rederive_columns),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -3044,7 +3163,7 @@ SLEEP_STAGE_VALUES = {
     "asleepcore": "core", "core": "core", "asleepdeep": "deep", "deep": "deep", "asleeprem": "rem", "rem": "rem"}
 #: Sleep stages in stacking order (bottom first), with their labels and colours.
 SLEEP_STAGES = (("deep", "Deep", "#1c3f94"), ("core", "Core", "#3a7bd5"), ("rem", "REM", "#7fb3f5"),
-                ("unspecified", "Asleep", "#6a8caf"), ("awake", "Awake", "#f2a65a"),
+                ("unspecified", "Asleep, unspecified", "#6a8caf"), ("awake", "Awake", "#f2a65a"),
                 ("in_bed", "In bed", "#c9d6e3"))
 #: Stages that count as asleep.
 ASLEEP_STAGES = ("deep", "core", "rem", "unspecified")
@@ -3485,6 +3604,104 @@ def today_tiles(conn, known, view):
     return tuple(tiles)
 
 
+#: Latest elements of each section (and sample type) the field inventory reads.
+FIELDS_ELEMENTS_READ = 500
+#: Fields listed per section or type (the most used first).
+FIELDS_LISTED = 30
+#: Sample types the inventory covers (the largest first).
+FIELDS_TYPES_MAX = 60
+
+
+class FieldUse(typing.NamedTuple):
+    """One field of the elements of a section or type, as the app sends it."""
+
+    field: str
+    #: JSON types it held ("string", "number", "object"...), most often first.
+    kinds: typing.Tuple[str, ...]
+    #: Elements (of those read) that carry it.
+    elements: int
+    #: The section's dates of the first and last of them.
+    first: typing.Optional[str]
+    last: typing.Optional[str]
+
+
+class FieldGroup(typing.NamedTuple):
+    """What the latest elements of a section or sample type carry."""
+
+    #: The section's name, or the sample type.
+    name: str
+    #: Elements read (the latest FIELDS_ELEMENTS_READ), and stored in all.
+    read: int
+    stored: int
+    fields: typing.Tuple[FieldUse, ...]
+    #: Derived columns empty in most elements read: (column, elements without it).
+    empty: typing.Tuple[typing.Tuple[str, int], ...]
+
+
+_JSON_KINDS = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"),
+               (dict, "object"), (type(None), "null"))
+
+
+def _field_group(name, rows, stored, derived):
+    """The FieldGroup of ``rows`` ((date, record, derived values...))."""
+    fields = {}
+    empty = collections.Counter()
+    for date, record, *values in rows:
+        for column, value in zip(derived, values):
+            if value is None:
+                empty[column] += 1
+        try:
+            element = JsonReader.decode(record)
+        except (ValueError, StopIteration):
+            continue
+        if element.__class__ is not dict:
+            continue
+        for field, value in element.items():
+            use = fields.get(field)
+            if use is None:
+                use = fields[field] = [collections.Counter(), 0, date, date]
+            use[0][next((kind for cls, kind in _JSON_KINDS if value.__class__ is cls), "other")] += 1
+            use[1] += 1
+            if date is not None:
+                use[2] = date if use[2] is None or date < use[2] else use[2]
+                use[3] = date if use[3] is None or date > use[3] else use[3]
+    listed = sorted(fields.items(), key=lambda item: (-item[1][1], item[0]))[:FIELDS_LISTED]
+    return FieldGroup(name, len(rows), stored, tuple(
+        FieldUse(field, tuple(kind for kind, _count in use[0].most_common()), use[1], use[2], use[3])
+        for field, use in listed), tuple((column, count) for column, count in empty.items() if count * 2 > len(rows)))
+
+
+def field_inventory(store):
+    """[FieldGroup] of every section with elements, then of the largest
+    sample types: what the app really sends, and the columns left empty."""
+    groups = []
+    with store.reader() as conn:
+        for section in SECTIONS:
+            names = [name for name, _type in section.columns]
+            if "record" not in names or section is SAMPLES:
+                continue
+            derived = [name for name in names if name not in section.key and name != "record"]
+            date = section.date_column or "NULL"
+            order = f" ORDER BY {section.date_column} DESC" if section.date_column else ""
+            rows = conn.execute(f"SELECT {date}, record{''.join(', ' + name for name in derived)} FROM "
+                                f"{section.table}{order} LIMIT ?", (FIELDS_ELEMENTS_READ,)).fetchall()
+            if rows:
+                stored = conn.execute(f"SELECT count(*) FROM {section.table}").fetchone()[0]
+                groups.append(_field_group(section.name, rows, stored, derived))
+        for type_name, stored, _first, _last in sample_types(conn, FIELDS_TYPES_MAX):
+            rows = conn.execute("SELECT start_date, record, value FROM samples WHERE type = ?"
+                                " ORDER BY start_date DESC LIMIT ?", (type_name, FIELDS_ELEMENTS_READ)).fetchall()
+            groups.append(_field_group(type_name, rows, stored, ("value",)))
+    return groups
+
+
+def field_inventory_json(groups):
+    """The inventory as JSON (``stats --fields --json``)."""
+    return [{"name": group.name, "read": group.read, "stored": group.stored,
+             "fields": [use._asdict() for use in group.fields],
+             "empty": [{"column": column, "elements": count} for column, count in group.empty]} for group in groups]
+
+
 class StoreFacts(typing.NamedTuple):
     """What is stored: what ``stats`` shows, and the status page besides
     its window."""
@@ -3738,6 +3955,30 @@ class TypeReport(typing.NamedTuple):
     #: The LATEST_SAMPLES latest samples, the latest first.
     latest: typing.Tuple[LatestSample, ...]
     unit: typing.Optional[str]
+    #: The devices and apps that recorded the window's samples, the most first.
+    sources: typing.Tuple["SourceShare", ...] = ()
+
+
+class SourceShare(typing.NamedTuple):
+    """What one source recorded of a type in a window."""
+
+    source: str
+    samples: int
+    #: Its share of the window's samples (0 to 1).
+    share: float
+    #: The sum of its values (of a type that adds up; before merging sources).
+    total: typing.Optional[float]
+
+
+def source_shares(conn, type_name, window):
+    """The SourceShare of each source of a type's samples in a window."""
+    rows = conn.execute("SELECT source, sum(samples), total(total) FROM sample_hours WHERE type = ? AND hour >= ?"
+                        " AND hour < ? GROUP BY source HAVING sum(samples) > 0 ORDER BY 2 DESC, 1",
+                        (type_name, window.start[:13], window.end[:13])).fetchall()
+    count = sum(samples for _source, samples, _total in rows) or 1
+    cumulative = is_cumulative(type_name)
+    return tuple(SourceShare(source or "(no source)", samples, samples / count, finite(total) if cumulative else None)
+                 for source, samples, total in rows)
 
 
 def type_report(store, name, view):
@@ -3773,7 +4014,8 @@ def type_report(store, name, view):
             latest = [sample._replace(value=category_name(info.type, sample.value) or sample.value)
                       for sample in latest]
         unit = display_unit(conn, info.type, kind)
-    return TypeReport(view, window, info, chart, tuple(periods), tuple(latest), unit)
+        sources = source_shares(conn, info.type, window)
+    return TypeReport(view, window, info, chart, tuple(periods), tuple(latest), unit, sources)
 
 
 def find_type(conn, name):
@@ -3824,16 +4066,79 @@ class Track(typing.NamedTuple):
     splits: typing.Tuple[Split, ...]
 
 
+class HeartTrace(typing.NamedTuple):
+    """Heart rate over a workout: its samples and time in zones."""
+
+    #: (seconds from the workout's start, bpm) of each sample.
+    points: typing.Tuple[typing.Tuple[float, float], ...]
+    low: float
+    mean: float
+    high: float
+    #: The maximum heart rate the zones are shares of, and where it comes
+    #: from ("220 minus the age", or "the highest rate recorded").
+    maximum: float
+    basis: str
+    #: Seconds in each of HEART_ZONES (a sample lasts until the next, at
+    #: most HEART_SAMPLE_SECONDS).
+    zone_seconds: typing.Tuple[float, ...]
+
+
+#: Heart-rate zones as shares of the maximum: (lowest share, name).
+HEART_ZONES = ((0.5, "Zone 1 (50-60%)"), (0.6, "Zone 2 (60-70%)"), (0.7, "Zone 3 (70-80%)"),
+               (0.8, "Zone 4 (80-90%)"), (0.9, "Zone 5 (90%+)"))
+#: Seconds a heart-rate sample counts for at most (the Watch records one
+#: every few seconds in a workout; a gap is not time in a zone).
+HEART_SAMPLE_SECONDS = 60.0
+
+
+def _age_on(conn, stamp):
+    """Whole years from the characteristics' date of birth to ``stamp``, or None."""
+    row = conn.execute("SELECT value FROM characteristics WHERE name = 'dateOfBirth'").fetchone()
+    born, when = parse_stamp(utc_date(row[0]) if row and isinstance(row[0], str) else None), parse_stamp(stamp)
+    if born is None or when is None:
+        return None
+    age = when.year - born.year - ((when.month, when.day) < (born.month, born.day))
+    return age if 5 <= age <= 120 else None
+
+
+def heart_trace(conn, workout):
+    """The HeartTrace of a workout, or None without heart-rate samples in it."""
+    if not workout.end_date:
+        return None
+    rows = conn.execute(f"SELECT start_date, value FROM samples WHERE type = ? AND start_date >= ? AND start_date <= ?"
+                        f" AND {_NUMERIC} ORDER BY start_date", (HEART_RATE_TYPE, workout.start_date,
+                                                                  workout.end_date)).fetchall()
+    begin = parse_stamp(workout.start_date)
+    points = []
+    for stamp, value in rows:
+        moment, rate = parse_stamp(stamp), finite(value)
+        if moment is not None and rate is not None and 20 <= rate <= 260 and begin is not None:
+            points.append(((moment - begin).total_seconds(), float(rate)))
+    if not points:
+        return None
+    rates = [rate for _at, rate in points]
+    age = _age_on(conn, workout.start_date)
+    maximum, basis = (220.0 - age, f"220 minus the age ({age})") if age else (max(rates), "the highest rate recorded")
+    seconds = [0.0] * len(HEART_ZONES)
+    ends = [at for at, _rate in points[1:]] + [(parse_stamp(workout.end_date) - begin).total_seconds()]
+    for (at, rate), end in zip(points, ends):
+        zone = bisect.bisect_right([share for share, _name in HEART_ZONES], rate / maximum) - 1
+        if zone >= 0:
+            seconds[zone] += max(0.0, min(end - at, HEART_SAMPLE_SECONDS))
+    return HeartTrace(tuple(points), min(rates), sum(rates) / len(rates), max(rates), maximum, basis, tuple(seconds))
+
+
 class WorkoutReport(typing.NamedTuple):
     """Everything the page of one workout shows."""
 
     view: View
     workout: Workout
     route: Track
+    heart: typing.Optional[HeartTrace] = None
 
 
 def workout_report(store, uuid, view):
-    """A workout and its route; None for an unknown workout."""
+    """A workout, its route and its heart rate; None for an unknown workout."""
     with store.reader() as conn:
         row = conn.execute(f"SELECT {_WORKOUT_COLUMNS} FROM workouts WHERE uuid = ?", (uuid,)).fetchone()
         if row is None:
@@ -3843,7 +4148,8 @@ def workout_report(store, uuid, view):
             "SELECT timestamp, latitude, longitude, altitude FROM workout_route_points WHERE workout_uuid = ?"
             " AND typeof(latitude) IN ('integer', 'real') AND typeof(longitude) IN ('integer', 'real')"
             " ORDER BY timestamp", (uuid,)).fetchall()
-    return WorkoutReport(view, workout, track_of(points))
+        heart = heart_trace(conn, workout)
+    return WorkoutReport(view, workout, track_of(points), heart)
 
 
 #: Mean Earth radius in metres (distances between route points).
@@ -4020,6 +4326,8 @@ SUMMARY_PATH = "/api/summary"
 #: Pages of one type (/type/HeartRate) and one workout (/workout/UUID).
 TYPE_PAGES = "/type/"
 WORKOUT_PAGES = "/workout/"
+#: The page of the fields the app sends.
+FIELDS_PATH = "/fields"
 
 
 PAGE_CSS = """
@@ -4043,7 +4351,7 @@ tr.fail td{background:#fdecea;color:#8a1c12}td.err{white-space:normal;text-align
 .legend span{display:inline-block;margin-right:10px;font-size:12px}.legend i{display:inline-block;width:10px;
 height:10px;margin-right:3px;vertical-align:-1px}
 svg{width:100%;height:auto;display:block}svg text{font:10px sans-serif;fill:#555}
-.route svg{max-width:640px}.profile svg{max-width:900px}.narrow{max-width:480px}
+.route svg{max-width:640px;max-height:600px}.profile svg{max-width:900px}.narrow{max-width:480px}
 .on-phone{display:none}
 @media (max-width:600px){.opt,.on-desk{display:none}.on-phone{display:block}body{padding:8px}}
 """
@@ -4433,8 +4741,33 @@ def render_status_page(report):
     out.append(_table(("Table", "Rows"), [("", _cells(_esc(table), _number(rows)))
                                            for table, rows in stored.totals.items()]))
     out.append(f'<p class="muted">Generated {_local_time(view.now, view.zone)}. The same facts as JSON: '
-               f'<a href="{SUMMARY_PATH}?range={range_name}">{SUMMARY_PATH}</a>.</p>')
+               f'<a href="{SUMMARY_PATH}?range={range_name}">{SUMMARY_PATH}</a>. '
+               f'<a href="{FIELDS_PATH}">What the app sends</a>: the fields of its elements.</p>')
     return _document("Health receiver", out)
+
+
+def render_fields_page(groups, zone):
+    """What the app sends: per section and type, its fields and the
+    columns the receiver could not fill."""
+    out = ['<p><a href="/">&larr; Health receiver</a></p>', "<h1>What the app sends</h1>",
+           f'<p class="muted">The fields of the latest {FIELDS_ELEMENTS_READ:,} elements of each section and of the '
+           f'{FIELDS_TYPES_MAX} largest sample types, with their JSON types, how many of those elements carry '
+           "them and the first and last of them. Every element is stored whole in its row's "
+           "<code>record</code>; the columns are read from these fields.</p>"]
+    warnings = [group for group in groups if group.empty]
+    for group in warnings:
+        out.append(f'<p class="note">{_esc(group.name)}: ' + "; ".join(
+            f"no {_esc(column)} in {count:,} of {group.read:,}" for column, count in group.empty)
+            + f"; fields seen: {_esc(', '.join(use.field for use in group.fields))}</p>")
+    if not groups:
+        out.append('<p class="muted">No sync has arrived yet.</p>')
+    for group in groups:
+        out.append(f'<h2 title="{_esc(group.name)}">{_esc(group.name)}</h2><p class="muted">{group.read:,} of '
+                   f"{group.stored:,} elements read</p>")
+        out.append(_table(("Field", "Types", "Elements", ("opt", "First"), ("opt", "Last")), [("", _cells(
+            _esc(use.field), _esc(", ".join(use.kinds)), _number(use.elements),
+            ("opt", format_local(use.first, zone)), ("opt", format_local(use.last, zone)))) for use in group.fields]))
+    return _document("What the app sends - Health receiver", out)
 
 
 def _sync_table(syncs, view):
@@ -4456,10 +4789,12 @@ def _sync_table(syncs, view):
 
 
 def activity_title(activity):
-    """HKWorkoutActivityTypeRunning or running -> Running."""
+    """traditionalStrengthTraining (or HKWorkoutActivityType...) ->
+    Traditional strength training."""
     text = str(activity or "Workout")
     text = text[len("HKWorkoutActivityType"):] if text.startswith("HKWorkoutActivityType") else text
-    return text[:1].upper() + text[1:]
+    words = _WORD_START.sub(" ", text).split(" ")
+    return " ".join([words[0][:1].upper() + words[0][1:]] + [w if w.isupper() else w.lower() for w in words[1:]])
 
 
 def _km(metres):
@@ -4512,6 +4847,12 @@ def render_type_page(report):
         out.append(_table(heads, rows))
     else:
         out.append('<p class="muted">No samples in these days.</p>')
+    if report.sources:
+        out.append("<h2>Sources</h2>")
+        adds_up = any(source.total is not None for source in report.sources)
+        out.append('<div class="narrow">' + _table(("Source", "Samples", "Share") + (("Total",) if adds_up else ()), [
+            ("", _cells(_esc(source.source), _number(source.samples), f"{source.share:.0%}",
+                        *((format_value(source.total),) if adds_up else ()))) for source in report.sources]) + "</div>")
     out.append("<h2>Latest samples</h2>")
     out.append(_table(("Start", "Value", "Unit", ("opt", "Source"), ("opt", "End")), [("", _cells(
         format_local(s.start_date, zone), format_value(s.value), _esc(s.unit), ("opt", _esc(s.source_name)),
@@ -4589,6 +4930,20 @@ def render_workout_page(report):
         profile = _thin(route.elevation)
         out.append(f'<div class="on-phone">{svg_profile(profile, route.distance_m, PHONE_PROFILE_SIZE)}</div>'
                    f'<div class="on-desk profile">{svg_profile(profile, route.distance_m)}</div>')
+    heart = report.heart
+    if heart is not None:
+        out.append(f'<h2>Heart rate</h2><p class="muted">{len(heart.points):,} samples: lowest {heart.low:.0f}, '
+                   f'average {heart.mean:.0f}, highest {heart.high:.0f} bpm</p>')
+        if len(heart.points) >= 2:
+            duration = heart.points[-1][0] or 1
+            out.append(f'<div class="on-phone">{svg_heart(heart.points, duration, PHONE_PROFILE_SIZE)}</div>'
+                       f'<div class="on-desk profile">{svg_heart(heart.points, duration)}</div>')
+        out.append(f'<p class="muted">Zones are shares of a maximum of {heart.maximum:.0f} bpm '
+                   f'({_esc(heart.basis)}).</p>')
+        out.append('<div class="narrow">' + _table(("Zone", "Time", "Share"), [
+            ("", _cells(_esc(name), _long_duration(seconds) or "0 min",
+                        f"{seconds / (sum(heart.zone_seconds) or 1):.0%}"))
+            for (_share, name), seconds in zip(HEART_ZONES, heart.zone_seconds)]) + "</div>")
     if route.splits:
         out.append("<h2>Pace per kilometre</h2>")
         out.append('<div class="narrow">' + _table(("Km", "Pace"), [
@@ -4596,24 +4951,41 @@ def render_workout_page(report):
     return _document(f"{name} - Health receiver", out)
 
 
+def _trace_frame(values, extent, per_tick, unit, size, suffix, label):
+    """The frame of a trace against distance or time: (SVG parts, x(along),
+    y(value)); ``extent`` is the length along, shown in ticks of
+    ``per_tick`` of it named ``unit`` (1000 metres "km", 60 seconds "min")."""
+    width, height = size
+    left, y, parts = _value_axis(min(values), max(values), width, height, suffix, count=3)
+
+    def x(along):
+        return left + (width - left - CHART_RIGHT) * along / (extent or 1)
+
+    parts.insert(0, f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{label}">')
+    ticks, step = nice_ticks(0, extent / per_tick, 4)
+    for tick in ticks:
+        if tick * per_tick <= extent:
+            anchor = "start" if tick == 0 else "end" if x(tick * per_tick) > width - 30 else "middle"
+            parts.append(f'<text x="{x(tick * per_tick):.1f}" y="{height - 5}" text-anchor="{anchor}">'
+                         f'{_decimals(tick, step)} {unit}</text>')
+    return parts, x, y
+
+
+def svg_heart(points, duration, size=PROFILE_SIZE):
+    """Heart rate [(seconds from the start, bpm)] against time."""
+    points = _thin(points)
+    parts, x, y = _trace_frame([rate for _at, rate in points], duration, 60, "min", size, "", "heart rate")
+    line = " ".join(f"{x(at):.1f},{y(rate):.1f}" for at, rate in points)
+    parts.append(f'<polyline points="{line}" fill="none" stroke="#d7301f" stroke-width="1.5"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def svg_profile(profile, distance, size=PROFILE_SIZE):
     """Elevation [[metres along, altitude]] against distance."""
-    width, height = size
-    altitudes = [alt for _d, alt in profile]
-    left, y, parts = _value_axis(min(altitudes), max(altitudes), width, height, " m", count=3)
-
-    def x(metres):
-        return left + (width - left - CHART_RIGHT) * metres / (distance or 1)
-
-    parts.insert(0, f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="elevation">')
-    km_ticks, km_step = nice_ticks(0, distance / 1000, 4)
-    for km in km_ticks:
-        if km * 1000 <= distance:
-            anchor = "start" if km == 0 else "end" if x(km * 1000) > width - 30 else "middle"
-            parts.append(f'<text x="{x(km * 1000):.1f}" y="{height - 5}" text-anchor="{anchor}">'
-                         f'{_decimals(km, km_step)} km</text>')
+    parts, x, y = _trace_frame([alt for _d, alt in profile], distance, 1000, "km", size, " m", "elevation")
     area = [f"{x(d):.1f},{y(alt):.1f}" for d, alt in profile]
-    base = height - CHART_BOTTOM
+    base = size[1] - CHART_BOTTOM
     area += [f"{x(profile[-1][0]):.1f},{base}", f"{x(profile[0][0]):.1f},{base}"]
     parts.append(f'<polygon points="{" ".join(area)}" fill="#c7e9c0" stroke="#31a354" stroke-width="1"/>')
     parts.append("</svg>")
@@ -5967,6 +6339,10 @@ def type_csv(request):
                   headers=(("Content-Disposition", f'attachment; filename="{quote(filename)}"'),))
 
 
+def fields_page(request):
+    return html_answer(render_fields_page(field_inventory(request.server.store), Zone(request.server.config.utc)))
+
+
 def workout_page(request):
     report = workout_report(request.server.store, request.argument, _view(request))
     if report is None:
@@ -6019,6 +6395,7 @@ ROUTES = (
     Route("GET", TYPE_PAGES + "<name>.csv", PAGE_LOGIN, type_csv, "a type's CSV download"),
     Route("GET", TYPE_PAGES + "<name>", PAGE_LOGIN, type_page, "the type pages"),
     Route("GET", WORKOUT_PAGES + "<uuid>", PAGE_LOGIN, workout_page, "the workout pages"),
+    Route("GET", FIELDS_PATH, PAGE_LOGIN, fields_page, "what the app sends"),
     Route("GET", ENDPOINT, APP_KEY, connection_check, "the app's Test Connection"),
     Route("POST", ENDPOINT, APP_KEY, receive_sync, "the app's syncs"),
 )
@@ -6602,15 +6979,38 @@ def stats_parser():
                                                  "database size and schema version.")
     parser.add_argument("--db", default=DEFAULT_DB, help="SQLite database file (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--fields", action="store_true",
+                        help="what the app sends instead: the fields of the latest elements of each section and type")
     parser.add_argument("--recount", action="store_true",
                         help="first rebuild the per-type and hourly totals (after editing samples by hand)")
     return parser
+
+
+def _print_fields(groups, as_json, out):
+    """``stats --fields``: the field inventory as text or JSON."""
+    if as_json:
+        json.dump(field_inventory_json(groups), out, indent=2, ensure_ascii=False)
+        out.write("\n")
+        return 0
+    zone = Zone()
+    for group in groups:
+        print(f"\n{log_safe(group.name)}: {group.read:,} of {group.stored:,} elements read", file=out)
+        for column, count in group.empty:
+            print(f"  WARNING: no {column} in {count:,} of {group.read:,}", file=out)
+        for use in group.fields:
+            print(f"  {log_safe(use.field, 40):<40} {', '.join(use.kinds):<16} {use.elements:>8,}  "
+                  f"{format_local(use.first, zone)} to {format_local(use.last, zone)}", file=out)
+    if not groups:
+        print("No sync has arrived yet.", file=out)
+    return 0
 
 
 def run_stats(args, out):
     store = _existing_store(args.db)
     if args.recount:
         store.recount_types()
+    if args.fields:
+        return _print_fields(field_inventory(store), args.json, out)
     stored = store_facts(store, sync_count=10, type_limit=None)
     if args.json:
         json.dump(stats_json(stored, datetime.datetime.now(datetime.timezone.utc)), out, indent=2,

@@ -862,6 +862,38 @@ class MigrationTests(unittest.TestCase):
         self.assertEqual((hours, round(total, 9)), (["2026-02-24T07:30", "2026-02-24T08"], 4000))
         self.assertTrue(self.hours_match_samples())
 
+    def test_version_4_rows_are_read_again_from_their_records(self):
+        store, _ = self.open_store()
+        payload = {"data": {
+            "workouts": [{"uuid": "W-1", "workoutActivityType": 37, "startDate": "2026-02-24T07:00:00Z",
+                          "duration": {"value": 2, "unit": "min"}}],
+            "medicationDoseEvents": [{"uuid": "D-1", "medication": {"identifier": "rx-9"},
+                                      "startDate": "2026-02-24T07:00:00Z", "logStatus": 5}],
+            "medications": [{"concept": {"identifier": "rx-9", "displayText": "Ibuprofen"}}]},
+            "workoutRoutes": {"W-1": [{"time": "2026-02-24T07:00:05Z", "lat": 47.2, "lng": 8.2},
+                                      {"timestamp": "2026-02-24T07:00:06Z", "latitude": 47.3, "longitude": 8.3}]}}
+        hr.SyncIntake(store).ingest([encode(payload)], "127.0.0.1")
+        store.close()
+        expected = {"workouts": self.query("SELECT * FROM workouts"),
+                    "medication_dose_events": self.query("SELECT * FROM medication_dose_events"),
+                    "workout_route_points": self.query("SELECT * FROM workout_route_points ORDER BY timestamp")}
+        self.assertEqual(expected["workouts"][0][1:5:3], ("running", 120.0))
+        # What version 4 made of them (the route point with "time" it did not read at all).
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            conn.execute("UPDATE workouts SET activity_type = 37, duration_seconds = NULL")
+            conn.execute("UPDATE medication_dose_events SET medication = NULL, log_status = 5")
+            conn.execute("UPDATE workout_route_points SET latitude = NULL, longitude = NULL"
+                         " WHERE timestamp < '2026-02-24T07:00:06'")
+            conn.execute("PRAGMA user_version = 4")
+        _, lines = self.open_store()
+        self.assertTrue(any("workouts: 1 of 1 rows read again" in line for line in lines), lines)
+        self.assertTrue(any("workout_route_points: 1 of 2 rows read again" in line for line in lines), lines)
+        self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
+        found = {"workouts": self.query("SELECT * FROM workouts"),
+                 "medication_dose_events": self.query("SELECT * FROM medication_dose_events"),
+                 "workout_route_points": self.query("SELECT * FROM workout_route_points ORDER BY timestamp")}
+        self.assertEqual(found, expected)
+
     def test_each_step_is_its_own_transaction(self):
         make_v1_database(self.db, make_payload())
         failing = hr.Migration("a step that fails", lambda conn, report: conn.execute("SELECT * FROM nowhere"))
@@ -1514,6 +1546,11 @@ class CumulativeMergeTests(PageTestCase):
                               "Jane's iPhone": [(7.5 * hours, 7 * hours + 58 * 60, 2700),
                                                 (7 * hours + 58 * 60, 8 * hours + 600, 1150)]})
         self.assertEqual({day: round(total, 6) for day, total in self.day_totals().items()}, {day.isoformat(): 4000})
+        # The type's page says which device recorded how much.
+        page = self.page("/type/StepCount?range=7d")
+        sources = page[page.index("<h2>Sources</h2>"):page.index("<h2>Latest samples</h2>")]
+        self.assertEqual(re.findall(r"<td>([^<]*)</td>", sources),
+                         ["Jane&#x27;s Apple Watch", "2", "50%", "4,000", "Jane&#x27;s iPhone", "2", "50%", "3,850"])
 
     def test_generated_two_device_days_are_within_one_percent_of_a_watch_first_merge(self):
         rng = random.Random(11)
@@ -1578,6 +1615,65 @@ class CategoryTypeTests(PageTestCase):
                                        ("HKQuantityTypeIdentifierStepCount", 0, None)):
             with self.subTest(type_name=type_name, value=value):
                 self.assertEqual(hr.category_name(type_name, value), name)
+
+
+class WorkoutHeartRateTests(PageTestCase):
+
+    def test_a_workout_page_charts_heart_rate_and_time_in_zones(self):
+        start = datetime.datetime(2026, 2, 24, 7, 0, tzinfo=datetime.timezone.utc)
+
+        def at(seconds):
+            return (start + datetime.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+        # 40 years old: a maximum of 180; 10 minutes at 100 bpm (55%), 10 at 150 (83%), 10 at 170 (94%).
+        rates = [sample(f"HR-{n}", at(n * 30), 100 if n < 20 else 150 if n < 40 else 170) for n in range(60)]
+        payload = {"characteristics": {"dateOfBirth": "1985-06-01"}, "data": {
+            "HKQuantityTypeIdentifierHeartRate": rates + [sample("HR-after", at(4000), 60)],
+            "workouts": [{"uuid": "W-HR", "workoutActivityType": 37, "startDate": at(0), "endDate": at(1800)}]}}
+        self.assertEqual(self.post(payload)[0], 200)
+        page = self.page("/workout/W-HR")
+        self.assertIn("<h2>Heart rate</h2>", page)
+        self.assertIn("60 samples: lowest 100, average 140, highest 170 bpm", page)
+        self.assertIn("a maximum of 180 bpm (220 minus the age (40))", page)
+        self.assertIn('aria-label="heart rate"', page)
+        zones = page[page.index("<th>Zone</th>"):]
+        self.assertEqual(re.findall(r"<td>(Zone \d)[^<]*</td><td>([^<]*)</td><td>([^<]*)</td>", zones),
+                         [("Zone 1", "10 min", "33%"), ("Zone 2", "0 min", "0%"), ("Zone 3", "0 min", "0%"),
+                          ("Zone 4", "10 min", "33%"), ("Zone 5", "10 min", "33%")])
+
+
+class FieldInventoryTests(PageTestCase):
+
+    def test_the_fields_the_app_sends_with_their_types_counts_and_dates(self):
+        payload = make_payload(n=3)
+        payload["data"]["workouts"].append({"uuid": "W-2", "sport": "tennis", "startDate": "2026-02-25T10:00:00Z"})
+        payload["data"]["workouts"].append({"uuid": "W-3", "kind": 5, "startDate": "2026-02-25T11:00:00Z"})
+        self.assertEqual(self.post(payload)[0], 200)
+        code, out, _ = run_main("stats", "--db", self.db, "--fields", "--json")
+        self.assertEqual(code, 0)
+        groups = {group["name"]: group for group in json.loads(out)}
+        self.assertEqual(list(groups)[:4], ["workouts", "doses", "medications", "routes"])
+        heart = groups["HKQuantityTypeIdentifierHeartRate"]
+        self.assertEqual((heart["read"], heart["stored"]), (3, 3))
+        self.assertEqual({use["field"]: (use["kinds"], use["elements"]) for use in heart["fields"]},
+                         {name: (kinds, 3) for name, kinds in (
+                             ("uuid", ["string"]), ("startDate", ["string"]), ("endDate", ["string"]),
+                             ("value", ["number"]), ("unit", ["string"]), ("sourceName", ["string"]))})
+        workouts = groups["workouts"]
+        uses = {use["field"]: use for use in workouts["fields"]}
+        self.assertEqual((uses["uuid"]["elements"], uses["sport"]["elements"], uses["kind"]["kinds"]), (3, 1, ["number"]))
+        self.assertEqual((uses["startDate"]["first"], uses["startDate"]["last"]),
+                         ("2026-02-24T23:34:50.000Z", "2026-02-25T11:00:00.000Z"))
+        # Columns left empty by most elements are pointed out.
+        self.assertEqual({(e["column"], e["elements"]) for e in workouts["empty"]},
+                         {("activity_type", 2), ("end_date", 2), ("duration_seconds", 2)})
+        page = self.page(hr.FIELDS_PATH)
+        self.assertIn("<h1>What the app sends</h1>", page)
+        self.assertIn('<p class="note">workouts: no activity_type in 2 of 3', page)
+        self.assertIn("fields seen: startDate, uuid, durationSeconds, endDate, kind, sport, workoutActivityType<", page)
+        self.assertIn(f'href="{hr.FIELDS_PATH}"', self.page("/"))
+        code, out, _ = run_main("stats", "--db", self.db, "--fields")
+        self.assertIn("WARNING: no activity_type in 2 of 3", out)
 
 
 class StatusPageTests(PageTestCase):
@@ -2199,6 +2295,46 @@ class IngestTests(ServerTestCase):
         self.assertEqual(self.post(('{"data": {"X": [' + spaced + "]}}").encode())[0], 200)
         self.assertEqual(self.query("SELECT record FROM samples WHERE uuid = 'C-3'"),
                          [('{"uuid":"C-3","startDate":"2026-02-26T08:00:00.000Z","v":[1,2.50],"s":" a , b "}',)])
+
+    def test_special_sections_are_read_by_every_plausible_name_and_form(self):
+        day = "2026-02-24T0"
+        payload = {"data": {
+            "workouts": [
+                {"uuid": "W-1", "workoutActivityType": 37, "startDate": day + "7:00:00Z", "durationSeconds": 600},
+                {"uuid": "W-2", "activityType": "HKWorkoutActivityTypeTraditionalStrengthTraining",
+                 "startDate": day + "8:00:00Z", "duration": {"value": 30, "unit": "min"}},
+                {"uuid": "W-3", "workoutActivityType": "Running", "startDate": day + "9:00:00Z", "duration": 5.5},
+                {"uuid": "W-4", "workoutActivityType": {"rawValue": 50}, "startDate": day + "9:30:00Z"},
+                {"uuid": "W-5", "workoutActivityType": 999, "startDate": day + "9:40:00Z",
+                 "duration": {"quantity": 1, "unit": "h"}}],
+            "medications": [
+                {"concept": {"identifier": "rx-9", "displayText": "Ibuprofen"}, "generalForm": "tablet"},
+                {"conceptIdentifier": "rx-1", "nickname": "Morning pill"}],
+            "medicationDoseEvents": [
+                {"uuid": "D-1", "medication": {"identifier": "rx-9"}, "startDate": day + "7:00:00Z", "logStatus": 4,
+                 "scheduledDate": None},
+                {"uuid": "D-2", "medicationConceptIdentifier": "rx-1", "startDate": day + "8:00:00Z",
+                 "logStatus": "HKMedicationDoseEventLogStatusSkipped", "scheduledDate": day + "8:00:00Z"},
+                {"uuid": "D-3", "concept": {"identifier": "rx-1"}, "date": day + "9:00:00Z", "status": "taken"},
+                {"uuid": "D-4", "medicationConceptIdentifier": "rx-1", "startDate": day + "9:30:00Z",
+                 "logStatus": 6.0}]},
+            "workoutRoutes": {"W-1": [
+                {"timestamp": day + "7:00:00Z", "latitude": 47.1, "longitude": 8.1, "altitude": 400},
+                {"time": day + "7:00:05Z", "lat": 47.2, "lng": 8.2, "elevation": 401, "speed": -1, "course": -1},
+                {"date": day + "7:00:10Z", "lat": 47.3, "lon": 8.3}]}}
+        status, _, answer = self.post(payload)
+        self.assertEqual((status, answer["rejected"]), (200, 0), answer)
+        self.assertEqual(self.query("SELECT uuid, activity_type, duration_seconds FROM workouts ORDER BY uuid"),
+                         [("W-1", "running", 600.0), ("W-2", "traditionalStrengthTraining", 1800.0),
+                          ("W-3", "running", 5.5), ("W-4", "traditionalStrengthTraining", None), ("W-5", "999", 3600.0)])
+        self.assertEqual(self.query("SELECT key, display_text FROM medications ORDER BY key"),
+                         [("rx-1", "Morning pill"), ("rx-9", "Ibuprofen")])
+        self.assertEqual(self.query("SELECT uuid, medication, log_status FROM medication_dose_events ORDER BY uuid"),
+                         [("D-1", "rx-9", "taken"), ("D-2", "rx-1", "skipped"), ("D-3", "rx-1", "taken"),
+                          ("D-4", "rx-1", "notLogged")])
+        self.assertEqual(self.query("SELECT latitude, longitude, altitude FROM workout_route_points"),
+                         [(47.1, 8.1, 400), (47.2, 8.2, 401), (47.3, 8.3, None)])
+        self.assertIn(">Traditional strength training</", self.request("GET", "/workout/W-2")[2].decode())
 
     def test_every_table_gets_its_rows(self):
         status, _, answer = self.post(make_payload(n=5))
