@@ -2902,19 +2902,29 @@ class Period(typing.NamedTuple):
         return datetime.date.fromisoformat(self.day)
 
 
+#: Sources counted first where two devices counted the same time: those
+#: whose name holds one of these words (in any case), in this order
+#: (HealthKit names a source after its device: "Jane's Apple Watch",
+#: "Jane's iPhone"); the others after them, the larger first.  The Health
+#: app prefers the Watch too.  --source-priority changes it.
+SOURCE_PRIORITY = ("watch",)
+
+
 class View(typing.NamedTuple):
     """What one request asks to see: a range of days, in a zone, as of
-    ``now``, taken once where the request arrives."""
+    ``now``, taken once where the request arrives; where devices overlap,
+    the sources counted first (``priority``)."""
 
     range: Range
     zone: Zone
     #: An aware datetime.
     now: datetime.datetime
+    priority: typing.Tuple[str, ...] = SOURCE_PRIORITY
 
     @classmethod
-    def of(cls, range_name, zone, now):
+    def of(cls, range_name, zone, now, priority=SOURCE_PRIORITY):
         """The view of a ``?range=`` name (an unknown one: the default range)."""
-        return cls(RANGES_BY_NAME.get(range_name) or RANGES_BY_NAME[DEFAULT_RANGE], zone, now)
+        return cls(RANGES_BY_NAME.get(range_name) or RANGES_BY_NAME[DEFAULT_RANGE], zone, now, priority)
 
 
 class Window(typing.NamedTuple):
@@ -2928,6 +2938,7 @@ class Window(typing.NamedTuple):
     #: Nothing fell in the chosen days: this is the last stretch with data.
     shifted: bool = False
     zone: Zone = Zone()
+    priority: typing.Tuple[str, ...] = SOURCE_PRIORITY
 
     @property
     def start(self):
@@ -2975,7 +2986,7 @@ def make_window(view, first_stamp=None, last_stamp=None):
         if data_last is not None and data_last < first:
             last, shifted = data_last, True
             first = last - datetime.timedelta(days=choice.days - 1)
-    return days_window(choice, first, last, zone, shifted)
+    return days_window(choice, first, last, zone, shifted)._replace(priority=view.priority)
 
 
 def days_window(choice, first, last, zone, shifted=False):
@@ -3032,20 +3043,13 @@ class Aggregate(typing.NamedTuple):
 _HOURS_OF_TYPE_SQL = (
     "SELECT hour, source, category, samples, numbers, total, seconds, low, high"
     " FROM sample_hours WHERE type = ? AND hour >= ? AND hour < ?")
-#: Sources counted first where two devices counted the same time: those
-#: whose name holds one of these words, in this order (HealthKit names a
-#: source after its device: "Jane's Apple Watch", "Jane's iPhone").  The
-#: Health app prefers the Watch too.
-SOURCE_PRIORITY = ("watch",)
-
-
-def _source_rank(source, total):
+def _source_rank(source, total, priority):
     lowered = source.lower()
-    rank = next((number for number, word in enumerate(SOURCE_PRIORITY) if word in lowered), len(SOURCE_PRIORITY))
+    rank = next((number for number, word in enumerate(priority) if word in lowered), len(priority))
     return rank, -total
 
 
-def merged_total(sources):
+def merged_total(sources, priority=SOURCE_PRIORITY):
     """One half-hour of a cumulative type from each source's (name, total,
     seconds its samples cover): the first source's total (SOURCE_PRIORITY,
     then the largest), then each next one's for the share of its time that
@@ -3056,7 +3060,7 @@ def merged_total(sources):
     the day's total is off by 0.06% on average and 0.4% at worst (taking
     the larger source per hour, as before: 0.9% and 5.5%)."""
     merged = covered = 0.0
-    for _name, total, seconds in sorted(sources, key=lambda source: _source_rank(source[0], source[1])):
+    for _name, total, seconds in sorted(sources, key=lambda source: _source_rank(source[0], source[1], priority)):
         if seconds <= 0:  # samples without a duration: counted only when first, as covering it all
             merged, covered = (merged + total, math.inf) if not covered else (merged, covered)
         elif seconds > covered:
@@ -3065,7 +3069,7 @@ def merged_total(sources):
     return merged
 
 
-def type_aggregates(conn, type_name, periods):
+def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
     """[Aggregate or None] per period (None: no samples), from the hourly
     totals: grouped here in one pass, which reads them in key order (SQL
     grouping by period would sort every hour of the window)."""
@@ -3090,7 +3094,8 @@ def type_aggregates(conn, type_name, periods):
         numbers = sum(cell[1] for cell in sources.values())
         found[0] += samples
         found[1] += numbers
-        found[2] += merged_total(totals) if cumulative and len(totals) > 1 else max(total for _, total, _ in totals)
+        found[2] += (merged_total(totals, priority) if cumulative and len(totals) > 1
+                     else max(total for _, total, _ in totals))
         found[3] += max(seconds for _, _, seconds in totals)
         for cell in sources.values():
             low, high = cell[4], cell[5]
@@ -3537,7 +3542,7 @@ def chart_data(conn, info, window):
         points = sleep_points(conn, window)
     else:
         points = []
-        aggregates = type_aggregates(conn, info.type, window.periods)
+        aggregates = type_aggregates(conn, info.type, window.periods, window.priority)
         for index, (period, agg) in enumerate(zip(window.periods, aggregates)):
             values = kind.point(agg, _period_days(window, index)) if agg else None
             points.append((period.date, *(None if v is None else finite(v * kind.scale) for v in values))
@@ -3998,7 +4003,7 @@ def type_report(store, name, view):
                         point[2].get(key) for key, _label, _colour in SLEEP_STAGES))))
         else:
             for index, (period, agg) in reversed(list(enumerate(zip(window.periods, type_aggregates(
-                    conn, info.type, window.periods))))):
+                    conn, info.type, window.periods, window.priority))))):
                 if agg is not None:
                     cells = tuple(v if v is None or heading == "Samples" or v.__class__ is str
                                   else finite(v * kind.scale)
@@ -5514,6 +5519,8 @@ class ReceiverConfig:
     warnings: typing.Tuple[str, ...] = ()
     archive: typing.Optional[str] = None
     utc: bool = False
+    #: Words of the source names counted first where devices overlap.
+    source_priority: typing.Tuple[str, ...] = SOURCE_PRIORITY
     #: Proxies whose forwarding headers name the client (--trusted-proxy).
     trusted_proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
 
@@ -6291,7 +6298,8 @@ def _view(request):
     asked = request.query.get("range", [DEFAULT_RANGE])[-1]
     if asked not in RANGES_BY_NAME:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"range must be one of {', '.join(RANGES_BY_NAME)}.")
-    return View.of(asked, Zone(request.server.config.utc), request.now)
+    config = request.server.config
+    return View.of(asked, Zone(config.utc), request.now, config.source_priority)
 
 
 #: Seconds a page waits for the writer to bring the hourly totals up to
@@ -6873,6 +6881,14 @@ def _header_name(text):
     return text
 
 
+def _source_words(text):
+    """--source-priority: comma-separated words, matched in any case."""
+    words = tuple(word.strip().lower() for word in text.split(",") if word.strip())
+    if not words:
+        raise argparse.ArgumentTypeError("give at least one word, such as Watch")
+    return words
+
+
 def serve_parser():
     parser = argparse.ArgumentParser(
         prog="health_receiver.py [serve]",
@@ -6906,6 +6922,9 @@ def serve_parser():
     parser.add_argument("--archive", metavar="DIR",
                         help="also save every accepted body as DIR/<time>-<sync id>.json.gz")
     parser.add_argument("--utc", action="store_true", help="status page days are UTC days, not this machine's")
+    parser.add_argument("--source-priority", metavar="WORDS", type=_source_words, default=SOURCE_PRIORITY,
+                        help="where devices counted the same time (steps, energy...), the sources whose names hold "
+                             "these comma-separated words count first, in this order (default: Watch)")
     parser.add_argument("--trusted-proxy", metavar="ADDR[,ADDR...]",
                         help="proxies (addresses or networks) whose X-Forwarded-For/Forwarded name the client "
                              f"(default ${TRUSTED_PROXY_ENV}, else none)")
@@ -6930,7 +6949,8 @@ def config_from_args(args, environ):
                             max_tmp=int(args.max_tmp_mb * MIB),
                             tls_cert=args.tls_cert, tls_key=args.tls_key, key_source=source,
                             new_key=token if generated else None, no_auth=args.no_auth, warnings=warnings,
-                            archive=args.archive, utc=args.utc, trusted_proxies=proxies)
+                            archive=args.archive, utc=args.utc, trusted_proxies=proxies,
+                            source_priority=args.source_priority)
     if config.archive:
         try:
             os.makedirs(config.archive, exist_ok=True)

@@ -1519,8 +1519,8 @@ def watch_first_total(watch, phone):
     return total
 
 
-class CumulativeMergeTests(PageTestCase):
-    """Steps counted by two devices, against what the Health app shows."""
+class StepsTestCase(PageTestCase):
+    """Posts days of steps of named devices and reads the days' totals."""
 
     def server_options(self):
         return {"utc": True}
@@ -1539,12 +1539,21 @@ class CumulativeMergeTests(PageTestCase):
         steps = self.chart(self.summary("7d"), "StepCount")
         return {point[0][:10]: point[1] for point in steps["points"] if point[1]}
 
-    def test_a_walk_both_devices_counted_across_an_hour_counts_once(self):
+    def post_walk(self):
+        """The walk both devices counted across 08:00; return its day."""
         day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
         hours = 3600
         self.post_steps(day, {"Jane's Apple Watch": [(7.5 * hours, 8 * hours, 3000), (8 * hours, 8 * hours + 600, 1000)],
                               "Jane's iPhone": [(7.5 * hours, 7 * hours + 58 * 60, 2700),
                                                 (7 * hours + 58 * 60, 8 * hours + 600, 1150)]})
+        return day
+
+
+class CumulativeMergeTests(StepsTestCase):
+    """Steps counted by two devices, against what the Health app shows."""
+
+    def test_a_walk_both_devices_counted_across_an_hour_counts_once(self):
+        day = self.post_walk()
         self.assertEqual({day: round(total, 6) for day, total in self.day_totals().items()}, {day.isoformat(): 4000})
         # The type's page says which device recorded how much.
         page = self.page("/type/StepCount?range=7d")
@@ -1571,6 +1580,24 @@ class CumulativeMergeTests(PageTestCase):
         watch, _phone = two_device_day(rng, day)
         self.post_steps(day, {"Watch only": watch})
         self.assertAlmostEqual(self.day_totals()[day.isoformat()], sum(steps for _s, _e, steps in watch), places=6)
+
+
+class SourcePriorityTests(StepsTestCase):
+    """--source-priority iPhone: the same walk as the phone counted it."""
+
+    def server_options(self):
+        return {"utc": True, "source_priority": ("iphone",)}
+
+    def test_the_sources_named_first_count_first(self):
+        day = self.post_walk()
+        self.assertEqual({day: round(total, 6) for day, total in self.day_totals().items()}, {day.isoformat(): 3850})
+
+    def test_the_option_takes_comma_separated_words(self):
+        self.assertEqual(hr.serve_parser().parse_args(["--source-priority", "iPhone, Garmin"]).source_priority,
+                         ("iphone", "garmin"))
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(hr.main(["--source-priority", " ,", "--db", self.db]), 2)
+        self.assertIn("at least one word", err.getvalue())
 
 
 class CategoryTypeTests(PageTestCase):
