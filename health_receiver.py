@@ -3089,31 +3089,40 @@ def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
         found = sums[index]
         if found is None:
             found = sums[index] = [0, 0, 0.0, 0.0, None, None, [], collections.Counter()]
-        totals = [(source, cell[2], cell[3]) for source, cell in sources.items()]
-        samples = sum(cell[0] for cell in sources.values())
-        numbers = sum(cell[1] for cell in sources.values())
+        if len(sources) == 1:  # the usual bucket: one device
+            [(samples, numbers, total, seconds, low, high)] = sources.values()
+            best = total
+        else:
+            cells = list(sources.values())
+            samples = sum(cell[0] for cell in cells)
+            numbers = sum(cell[1] for cell in cells)
+            total = sum(cell[2] for cell in cells)
+            seconds = max(cell[3] for cell in cells)
+            lows = [cell[4] for cell in cells if cell[4] is not None]
+            highs = [cell[5] for cell in cells if cell[5] is not None]
+            low, high = min(lows, default=None), max(highs, default=None)
+            best = (merged_total([(source, cell[2], cell[3]) for source, cell in sources.items()], priority)
+                    if cumulative else max(cell[2] for cell in cells))
         found[0] += samples
         found[1] += numbers
-        found[2] += (merged_total(totals, priority) if cumulative and len(totals) > 1
-                     else max(total for _, total, _ in totals))
-        found[3] += max(seconds for _, _, seconds in totals)
-        for cell in sources.values():
-            low, high = cell[4], cell[5]
-            if low is not None and (found[4] is None or low < found[4]):
-                found[4] = low
-            if high is not None and (found[5] is None or high > found[5]):
-                found[5] = high
+        found[2] += best
+        found[3] += seconds
+        if low is not None and (found[4] is None or low < found[4]):
+            found[4] = low
+        if high is not None and (found[5] is None or high > found[5]):
+            found[5] = high
         if numbers:
-            found[6].append(sum(total for _, total, _ in totals) / numbers)
-        found[7].update(values)
+            found[6].append(total / numbers)
+        if values:
+            found[7].update(values)
 
-    hour, sources, values = None, {}, collections.Counter()
+    hour, sources, values = None, {}, None
     for bucket, source, kept, samples, numbers, total, seconds, low, high in conn.execute(
             _HOURS_OF_TYPE_SQL, (type_name, starts[0], periods[-1].end[:13])):
         if bucket != hour:
             if hour is not None:
                 close(hour, sources, values)
-            hour, sources, values = bucket, {}, collections.Counter()
+            hour, sources, values = bucket, {}, None
         cell = sources.get(source)
         if cell is None:
             sources[source] = [samples, numbers, total, seconds, low, high]
@@ -3128,6 +3137,7 @@ def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
                 cell[5] = high
         if category is not None and samples:
             number = names[kept] if kept in names else names.setdefault(kept, category_value(category, kept))
+            values = values if values is not None else collections.Counter()
             values[number] += samples
     if hour is not None:
         close(hour, sources, values)
