@@ -1037,7 +1037,7 @@ _DURATION_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "min": 6
 def _enum_name(value, names, prefix):
     """A HealthKit enum's case name from its number, its name in any case,
     or its identifier (``prefix`` + name); anything else as it is."""
-    if value.__class__ is float and value.is_integer():
+    if value.__class__ is float and float.is_integer(value):
         value = int(value)
     if value.__class__ is int:
         return names.get(value) or _to_sql(value)
@@ -3256,7 +3256,7 @@ def category_value(category, value):
                 text = text[len(prefix):] if text.startswith(prefix) else text
             return next((number for number, name in category.names.items()
                          if _NOT_NAME.sub("", name.lower()) == text), None)
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and float.is_integer(value):
         value = int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -3269,7 +3269,7 @@ def category_name(type_name, value):
 
 def sleep_stage(value):
     """The stage of a sleep sample's value, or None."""
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and float.is_integer(value):
         value = int(value)
     if isinstance(value, str):
         text = value.strip().lower()
