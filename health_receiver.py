@@ -325,30 +325,54 @@ _NUMBER_TAIL = 2
 _STRUCTURE = re.compile(r'["\[\]{}]')
 #: Characters that open or close in JSON.
 _BRACKET = re.compile(r"[\[\]{}]")
-#: A string's characters up to its closing quote, or the window's end
-#: (where a backslash may wait for the character it escapes).  Written as
-#: runs of plain characters between escapes: ``(?:[^"\\]|\\.)*`` keeps
-#: state for every character it repeats over (8 bytes each: 800 MB for a
-#: 100 MiB string).
-_STRING_TEXT = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL).match
 #: The characters of a number, true, false or null.
 _SCALAR_TEXT = re.compile(r"[-+.0-9A-Za-z]*").match
 
 
-#: A JSON text's tokens: strings, and runs of anything else but white space.
-_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^"\s]+')
+def _closing_quote(text, at):
+    """The position of the quote that closes the string whose characters
+    start at ``at``; or, when ``text`` ends first, -1 - the position to
+    read on from (a backslash at the end waits for the character it
+    escapes).  Found with str.find, not a regular expression: one that
+    repeats over escapes keeps state for each (60 bytes a byte of a string
+    of escapes)."""
+    start = at
+    while True:
+        quote = text.find('"', at)
+        if quote < 0:
+            end = len(text)
+            while end > start and text[end - 1] == "\\":
+                end -= 1
+            return -1 - (end if (len(text) - end) % 2 else len(text))
+        back = quote
+        while back > start and text[back - 1] == "\\":
+            back -= 1
+        if (quote - back) % 2 == 0:
+            return quote
+        at = quote + 1
 
 
 def compact_json(text):
     """``text`` (one JSON value) without the white space between its
     tokens; strings, numbers and key order byte for byte."""
-    if "\\" in text:
-        return "".join(_TOKENS.findall(text))
-    # Without escapes, every other piece between quotes is outside strings
-    # (twice as fast as the tokens).
-    pieces = text.split('"')
-    pieces[::2] = ["".join(piece.split()) for piece in pieces[::2]]
-    return '"'.join(pieces)
+    if "\\" not in text:
+        # Without escapes, every other piece between quotes is outside strings.
+        pieces = text.split('"')
+        pieces[::2] = ["".join(piece.split()) for piece in pieces[::2]]
+        return '"'.join(pieces)
+    pieces, at = [], 0
+    while True:
+        quote = text.find('"', at)
+        if quote < 0:
+            pieces.append("".join(text[at:].split()))
+            return "".join(pieces)
+        pieces.append("".join(text[at:quote].split()))
+        end = _closing_quote(text, quote + 1)
+        if end < 0:  # not a whole JSON value: the rest as it is
+            pieces.append(text[quote:])
+            return "".join(pieces)
+        pieces.append(text[quote:end + 1])
+        at = end + 1
 
 
 def _follow_nesting(text, at, depth, in_string):
@@ -359,9 +383,9 @@ def _follow_nesting(text, at, depth, in_string):
     size = len(text)
     while at < size:
         if in_string:
-            at = _STRING_TEXT(text, at).end()
-            if at == size or text[at] == "\\":
-                return at, depth, True
+            at = _closing_quote(text, at)
+            if at < 0:
+                return -1 - at, depth, True
             at, in_string = at + 1, False
             if not depth:
                 return at, 0, False
@@ -1049,10 +1073,16 @@ def _enum_name(value, names, prefix):
 
 
 def _nested(obj, names, inner):
-    """The first of ``names`` present in ``obj``; when it is an object, the
-    first of ``inner`` in it (a concept {"identifier": ...})."""
-    value = _first(obj, names)
-    return _first(value, inner) if value.__class__ is dict else value
+    """The first of ``names`` present in ``obj``, or of ``inner`` in it
+    when it is an object (a concept {"identifier": ...}); an object
+    without them gives way to the next name."""
+    for name in names:
+        value = obj.get(name)
+        if value.__class__ is dict:
+            value = _first(value, inner)
+        if value is not None:
+            return value
+    return None
 
 
 def _seconds(obj):
@@ -1060,11 +1090,15 @@ def _seconds(obj):
     number of seconds or {value|quantity, unit}."""
     value = _first(obj, ("durationSeconds", "duration"))
     if value.__class__ is dict:
-        factor = _DURATION_UNITS.get(value.get("unit", "s"))
+        unit = value.get("unit", "s")
+        factor = _DURATION_UNITS.get(unit) if unit.__class__ is str else None
         value = value.get("value", value.get("quantity"))
         if factor is None or value.__class__ not in (int, float):
             return None
-        value = value * factor
+        try:
+            value = value * factor
+        except OverflowError:  # an integer too large for a float
+            return None
     return _to_sql(value)
 
 
@@ -1950,11 +1984,11 @@ def is_cumulative(type_name):
 
 
 #: A sample of a cumulative type adds to each half-hour it spans its
-#: share, in proportion to time, when it lasts at most this long (in days:
-#: an hour, so its hours are the one it starts in and the next); a longer
-#: one counts in the half-hour it starts in.  A walk counted 07:30-08:10
-#: adds to 07:30 and to 08:00.
-SPREAD_DAYS_MAX = 1 / 24
+#: share, in proportion to time, when it lasts at most this long (in
+#: milliseconds, compared as whole ones: an hour, so its hours are the one
+#: it starts in and the next); a longer one counts in the half-hour it
+#: starts in.  A walk counted 07:30-08:10 adds to 07:30 and to 08:00.
+SPREAD_MS_MAX = 3600 * 1000
 #: The totals of a type, source and category in each hour chosen by
 #: ``{touched}`` (a query of hours, parameters of hours_parameters()),
 #: recomputed from the samples.  Cumulative types (:spread) are kept per
@@ -1984,8 +2018,9 @@ _SAMPLE_HOURS_SQL = (
     # A sample's share of a bucket: the time it spans there over its
     # duration, worked out from the bucket's bounds so that its shares add
     # up to 1 exactly.
-    " parts AS (SELECT bucket, source, category, value, begins, t0, t1, lo, hi, CASE WHEN :spread AND t1 > t0"
-    " AND t1 - t0 <= :longest THEN max(0.0, min(t1, hi) - max(t0, lo)) END AS covered FROM spans)"
+    " parts AS (SELECT * FROM (SELECT bucket, source, category, value, begins, t0, t1, lo, hi, CASE WHEN :spread"
+    " AND t1 > t0 AND round((t1 - t0) * 86400000) <= :longest THEN max(0.0, min(t1, hi) - max(t0, lo)) END"
+    " AS covered FROM spans) WHERE begins OR covered > 0)"
     " INSERT OR REPLACE INTO main.sample_hours (type, hour, source, category, samples, numbers, total, low, high,"
     " seconds)"
     f" SELECT :type, bucket, source, category, sum(begins), count(CASE WHEN begins AND {_NUMERIC} THEN 1 END),"
@@ -2003,8 +2038,8 @@ _PENDING_HOURS = "SELECT hour FROM main.sample_hours_pending WHERE type = :type"
 _SAMPLE_HOURS_OF = (
     "SELECT substr(start_date, 1, 13) FROM {samples} WHERE {where}"
     " UNION SELECT substr(end_date, 1, 13) FROM {samples} WHERE {where} AND :spread"
-    " AND substr(end_date, 1, 13) > substr(start_date, 1, 13) AND julianday(end_date) - julianday(start_date)"
-    " BETWEEN 0 AND :longest")
+    " AND substr(end_date, 1, 13) > substr(start_date, 1, 13)"
+    " AND round((julianday(end_date) - julianday(start_date)) * 86400000) BETWEEN 0 AND :longest")
 #: Every hour of a type.
 _ALL_HOURS = _SAMPLE_HOURS_OF.format(samples="main.samples", where="type = :type")
 
@@ -2012,7 +2047,7 @@ _ALL_HOURS = _SAMPLE_HOURS_OF.format(samples="main.samples", where="type = :type
 def hours_parameters(type_name):
     """Parameters of _SAMPLE_HOURS_SQL for one type."""
     return {"type": type_name, "timed": type_name.startswith(TIMED_TYPE_PREFIX),
-            "spread": is_cumulative(type_name), "longest": SPREAD_DAYS_MAX}
+            "spread": is_cumulative(type_name), "longest": SPREAD_MS_MAX}
 
 
 def _update_pending_hours(conn):
@@ -2043,6 +2078,10 @@ def _migrate_v3(conn, report):
     conn.execute("CREATE TABLE sample_hours_pending (type TEXT NOT NULL, hour TEXT NOT NULL,"
                  " PRIMARY KEY (type, hour)) WITHOUT ROWID")
     _recount_sample_hours(conn, report)
+
+
+#: Errors sqlite3 raises for a value it cannot bind: the row's fault, not the database's.
+_UNBINDABLE = (ValueError, OverflowError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
 
 
 def _rederive_columns(conn, report):
@@ -2079,13 +2118,19 @@ def _rederive_columns(conn, report):
                     continue
                 fresh = None
                 if element.__class__ is dict:
-                    fresh = section.make_row(element, record, key[0] if section.clustered
-                                             else (section.app_keys or (section.name,))[0])
+                    with contextlib.suppress(TypeError, ValueError, OverflowError):  # as stored, then
+                        fresh = section.make_row(element, record, key[0] if section.clustered
+                                                 else (section.app_keys or (section.name,))[0])
                 if fresh is not None and fresh.__class__ is not str:
                     values = tuple(fresh[names.index(name)] for name in derived)
                     if values != tuple(stored):
                         updates.append(values + tuple(key))
-            conn.executemany(update, updates)
+            try:
+                conn.executemany(update, updates)
+            except _UNBINDABLE:  # a value sqlite3 cannot bind (a lone surrogate): that row stays as it was
+                for values in updates:
+                    with contextlib.suppress(*_UNBINDABLE):
+                        conn.execute(update, values)
             after = rows[-1][:len(section.key)]
             before, read, changed = read, read + len(rows), changed + len(updates)
             if read // MIGRATION_PROGRESS_ROWS != before // MIGRATION_PROGRESS_ROWS:
@@ -2250,8 +2295,6 @@ def database_size(path):
     return sum(os.path.getsize(path + suffix) for suffix in ("", "-wal") if os.path.exists(path + suffix))
 
 
-#: Errors sqlite3 raises for a value it cannot bind: the row's fault, not the database's.
-_UNBINDABLE = (ValueError, OverflowError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
 #: Keeps sample_types (rows, first and last date per type) current as rows
 #: arrive: counting 5 million samples per type would take a second per page.
 _SAMPLE_TYPES_SQL = (
@@ -2595,7 +2638,8 @@ class Store:
                 # Only by this sync's later element, or when its export is
                 # as recent or more as that of the sync that wrote the row.
                 written_by = f"{section.table}.{section.written_by}"
-                newer = (f"{written_by} = :sync_id OR :exported >= coalesce((SELECT coalesce(export_date, received_at)"
+                newer = (f"{written_by} = :sync_id OR :exported >= coalesce((SELECT CASE WHEN export_date GLOB"
+                         f" '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T*' THEN export_date ELSE received_at END"
                          f" FROM main.{SYNCS.name} WHERE id = {written_by}), '')")
                 conn.execute(section.merge_sql(replaces_if=newer), params)
             else:

@@ -1561,6 +1561,13 @@ class CumulativeMergeTests(StepsTestCase):
         self.assertEqual(re.findall(r"<td>([^<]*)</td>", sources),
                          ["Jane&#x27;s Apple Watch", "2", "50%", "4,000", "Jane&#x27;s iPhone", "2", "50%", "3,850"])
 
+    def test_a_sample_too_long_to_spread_takes_nothing_from_another_source(self):
+        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        hours = 3600
+        self.post_steps(day, {"Jane's Apple Watch": [(5 * hours + 600, 7 * hours + 600, 3000)],  # two hours: not spread
+                              "Jane's iPhone": [(6 * hours + 300, 6 * hours + 900, 500)]})
+        self.assertEqual({day: round(total, 6) for day, total in self.day_totals().items()}, {day.isoformat(): 3500})
+
     def test_generated_two_device_days_are_within_one_percent_of_a_watch_first_merge(self):
         rng = random.Random(11)
         today = datetime.datetime.now(datetime.timezone.utc).date()
@@ -2333,7 +2340,10 @@ class IngestTests(ServerTestCase):
                 {"uuid": "W-3", "workoutActivityType": "Running", "startDate": day + "9:00:00Z", "duration": 5.5},
                 {"uuid": "W-4", "workoutActivityType": {"rawValue": 50}, "startDate": day + "9:30:00Z"},
                 {"uuid": "W-5", "workoutActivityType": 999, "startDate": day + "9:40:00Z",
-                 "duration": {"quantity": 1, "unit": "h"}}],
+                 "duration": {"quantity": 1, "unit": "h"}},
+                {"uuid": "W-6", "activity": {"id": 5}, "type": "walking", "startDate": day + "9:50:00Z",
+                 "duration": {"unit": [1], "value": 3}},
+                {"uuid": "W-7", "startDate": day + "9:55:00Z", "duration": {"unit": "min", "value": 10 ** 400}}],
             "medications": [
                 {"concept": {"identifier": "rx-9", "displayText": "Ibuprofen"}, "generalForm": "tablet"},
                 {"conceptIdentifier": "rx-1", "nickname": "Morning pill"}],
@@ -2353,7 +2363,8 @@ class IngestTests(ServerTestCase):
         self.assertEqual((status, answer["rejected"]), (200, 0), answer)
         self.assertEqual(self.query("SELECT uuid, activity_type, duration_seconds FROM workouts ORDER BY uuid"),
                          [("W-1", "running", 600.0), ("W-2", "traditionalStrengthTraining", 1800.0),
-                          ("W-3", "running", 5.5), ("W-4", "traditionalStrengthTraining", None), ("W-5", "999", 3600.0)])
+                          ("W-3", "running", 5.5), ("W-4", "traditionalStrengthTraining", None), ("W-5", "999", 3600.0),
+                          ("W-6", "walking", None), ("W-7", None, None)])
         self.assertEqual(self.query("SELECT key, display_text FROM medications ORDER BY key"),
                          [("rx-1", "Morning pill"), ("rx-9", "Ibuprofen")])
         self.assertEqual(self.query("SELECT uuid, medication, log_status FROM medication_dose_events ORDER BY uuid"),
@@ -2460,9 +2471,13 @@ class IngestTests(ServerTestCase):
         self.assertEqual(stored(), (("B+", again), ("Again", again)))
         undated = send(None, "AB+", "Undated")  # no exportDate: taken as made when it arrived
         self.assertEqual(stored(), (("AB+", undated), ("Undated", undated)))
+        unreadable = send("yesterday", "O+", "Unreadable")  # not a date: taken as made when it arrived too
+        self.assertEqual(stored(), (("O+", unreadable), ("Unreadable", unreadable)))
+        later = send("2031-01-01T00:00:00Z", "O-", "Later")
+        self.assertEqual(stored(), (("O-", later), ("Later", later)))
         # Every value sent stays in the syncs' envelopes.
         history = self.query("SELECT json_extract(envelope, '$.characteristics.bloodType') FROM syncs ORDER BY id")
-        self.assertEqual(history, [("A+",), ("0-",), ("B+",), ("AB+",)])
+        self.assertEqual(history, [("A+",), ("0-",), ("B+",), ("AB+",), ("O+",), ("O-",)])
         # Within one sync the later element wins, even over the row the sync's first one just wrote.
         self.assertEqual(self.post({"exportDate": "2020-01-01T00:00:00Z", "data": {"medications": [
             {"conceptIdentifier": "rx-2", "displayText": "First"},
