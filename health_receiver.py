@@ -4821,7 +4821,9 @@ def render_fields_page(groups, zone):
     if not groups:
         out.append('<p class="muted">No sync has arrived yet.</p>')
     for group in groups:
-        out.append(f'<h2 title="{_esc(group.name)}">{_esc(group.name)}</h2><p class="muted">{group.read:,} of '
+        title = group.name if group.name in SECTIONS_BY_NAME else type_title(group.name)
+        out.append(f'<h2 title="{_esc(group.name)}">{_esc(title)}</h2><p class="muted" style="overflow-wrap:anywhere">'
+                   f'{"" if title == group.name else _esc(group.name) + " &middot; "}{group.read:,} of '
                    f"{group.stored:,} elements read</p>")
         out.append(_table(("Field", "Types", "Elements", ("opt", "First"), ("opt", "Last")), [("", _cells(
             _esc(use.field), _esc(", ".join(use.kinds)), _number(use.elements),
