@@ -2084,13 +2084,17 @@ def _migrate_v3(conn, report):
 _UNBINDABLE = (ValueError, OverflowError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
 
 
+#: Rows read again per query: few, as a record may be megabytes.
+REDERIVE_BATCH = 64
+
+
 def _rederive_columns(conn, report):
     """Derive again, from each row's record, the columns a version reads
     better (names and numbers of HealthKit's enums, nested forms, other
     field names): the rows of workouts, doses and medications, and the
     route points that lack a coordinate (a table of millions, read only
-    where the older version found nothing).  Keys and dates stay; a record
-    no longer readable keeps its columns."""
+    where the older version found nothing), in key order a few at a time.
+    Keys and dates stay; a record no longer readable keeps its columns."""
     for section in SECTIONS:
         names = [name for name, _type in section.columns]
         if "record" not in names or section is SAMPLES:
@@ -2103,7 +2107,7 @@ def _rederive_columns(conn, report):
                   f" WHERE {' AND '.join(f'{name} = ?' for name in section.key)}")
         # In key order, a batch at a time (the rows after the last one read).
         select = (f"SELECT {keys}, {', '.join(derived)}, record FROM {section.table} WHERE ({where})"
-                  f" AND ({keys}) > ({', '.join('?' * len(section.key))}) ORDER BY {keys} LIMIT 10000")
+                  f" AND ({keys}) > ({', '.join('?' * len(section.key))}) ORDER BY {keys} LIMIT {REDERIVE_BATCH:d}")
         after, read, changed = ("",) * len(section.key), 0, 0
         while True:
             rows = conn.execute(select, after).fetchall()
@@ -3446,9 +3450,12 @@ def _values_text(agg):
 
 
 def _summed_up(summary):
-    """``applies`` of the chart kind of category types summed up so."""
-    return lambda type_name, short: (category_of(type_name) or CategoryType(short, {})).summary == summary \
-        if type_name.startswith(TIMED_TYPE_PREFIX) else False
+    """``applies`` of the chart kind of the category types summed up so."""
+    def applies(type_name, short):
+        category = category_of(type_name)
+        return category is not None and category.summary == summary
+    return applies
+
 
 #: Every chart kind, in the order they are tried on a type.
 CHART_KINDS = (
@@ -3669,6 +3676,9 @@ FIELDS_ELEMENTS_READ = 500
 FIELDS_LISTED = 30
 #: Sample types the inventory covers (the largest first).
 FIELDS_TYPES_MAX = 60
+#: Distinct fields counted per section or type: an element may hold any
+#: number of them (the rest are not counted).
+FIELDS_COUNTED_MAX = 1000
 
 
 class FieldUse(typing.NamedTuple):
@@ -3702,10 +3712,13 @@ _JSON_KINDS = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "str
 
 
 def _field_group(name, rows, stored, derived):
-    """The FieldGroup of ``rows`` ((date, record, derived values...))."""
+    """The FieldGroup of ``rows`` ((date, record, derived values...)), read
+    one at a time (a record may be megabytes)."""
     fields = {}
     empty = collections.Counter()
+    read = 0
     for date, record, *values in rows:
+        read += 1
         for column, value in zip(derived, values):
             if value is None:
                 empty[column] += 1
@@ -3718,6 +3731,8 @@ def _field_group(name, rows, stored, derived):
         for field, value in element.items():
             use = fields.get(field)
             if use is None:
+                if len(fields) >= FIELDS_COUNTED_MAX:
+                    continue
                 use = fields[field] = [collections.Counter(), 0, date, date]
             use[0][next((kind for cls, kind in _JSON_KINDS if value.__class__ is cls), "other")] += 1
             use[1] += 1
@@ -3725,9 +3740,9 @@ def _field_group(name, rows, stored, derived):
                 use[2] = date if use[2] is None or date < use[2] else use[2]
                 use[3] = date if use[3] is None or date > use[3] else use[3]
     listed = sorted(fields.items(), key=lambda item: (-item[1][1], item[0]))[:FIELDS_LISTED]
-    return FieldGroup(name, len(rows), stored, tuple(
+    return FieldGroup(name, read, stored, tuple(
         FieldUse(field, tuple(kind for kind, _count in use[0].most_common()), use[1], use[2], use[3])
-        for field, use in listed), tuple((column, count) for column, count in empty.items() if count * 2 > len(rows)))
+        for field, use in listed), tuple((column, count) for column, count in empty.items() if count * 2 > read))
 
 
 def field_inventory(store):
@@ -3742,14 +3757,14 @@ def field_inventory(store):
             derived = [name for name in names if name not in section.key and name != "record"]
             date = section.date_column or "NULL"
             order = f" ORDER BY {section.date_column} DESC" if section.date_column else ""
-            rows = conn.execute(f"SELECT {date}, record{''.join(', ' + name for name in derived)} FROM "
-                                f"{section.table}{order} LIMIT ?", (FIELDS_ELEMENTS_READ,)).fetchall()
-            if rows:
-                stored = conn.execute(f"SELECT count(*) FROM {section.table}").fetchone()[0]
+            stored = conn.execute(f"SELECT count(*) FROM {section.table}").fetchone()[0]
+            if stored:
+                rows = conn.execute(f"SELECT {date}, record{''.join(', ' + name for name in derived)} FROM "
+                                    f"{section.table}{order} LIMIT ?", (FIELDS_ELEMENTS_READ,))
                 groups.append(_field_group(section.name, rows, stored, derived))
         for type_name, stored, _first, _last in sample_types(conn, FIELDS_TYPES_MAX):
             rows = conn.execute("SELECT start_date, record, value FROM samples WHERE type = ?"
-                                " ORDER BY start_date DESC LIMIT ?", (type_name, FIELDS_ELEMENTS_READ)).fetchall()
+                                " ORDER BY start_date DESC LIMIT ?", (type_name, FIELDS_ELEMENTS_READ))
             groups.append(_field_group(type_name, rows, stored, ("value",)))
     return groups
 
@@ -4148,6 +4163,9 @@ HEART_ZONES = ((0.5, "Zone 1 (50-60%)"), (0.6, "Zone 2 (60-70%)"), (0.7, "Zone 3
 #: Seconds a heart-rate sample counts for at most (the Watch records one
 #: every few seconds in a workout; a gap is not time in a zone).
 HEART_SAMPLE_SECONDS = 60.0
+#: Heart-rate samples a workout page reads at most (a day at one a second;
+#: a workout whose dates span years would otherwise read them all).
+HEART_SAMPLES_MAX = 100000
 
 
 def _age_on(conn, stamp):
@@ -4162,16 +4180,16 @@ def _age_on(conn, stamp):
 
 def heart_trace(conn, workout):
     """The HeartTrace of a workout, or None without heart-rate samples in it."""
-    if not workout.end_date:
+    begin, finish = parse_stamp(workout.start_date), parse_stamp(workout.end_date)
+    if begin is None or finish is None:
         return None
     rows = conn.execute(f"SELECT start_date, value FROM samples WHERE type = ? AND start_date >= ? AND start_date <= ?"
-                        f" AND {_NUMERIC} ORDER BY start_date", (HEART_RATE_TYPE, workout.start_date,
-                                                                  workout.end_date)).fetchall()
-    begin = parse_stamp(workout.start_date)
+                        f" AND {_NUMERIC} ORDER BY start_date LIMIT ?", (HEART_RATE_TYPE, workout.start_date,
+                                                                          workout.end_date, HEART_SAMPLES_MAX)).fetchall()
     points = []
     for stamp, value in rows:
         moment, rate = parse_stamp(stamp), finite(value)
-        if moment is not None and rate is not None and 20 <= rate <= 260 and begin is not None:
+        if moment is not None and rate is not None and 20 <= rate <= 260:
             points.append(((moment - begin).total_seconds(), float(rate)))
     if not points:
         return None
@@ -4179,7 +4197,7 @@ def heart_trace(conn, workout):
     age = _age_on(conn, workout.start_date)
     maximum, basis = (220.0 - age, f"220 minus the age ({age})") if age else (max(rates), "the highest rate recorded")
     seconds = [0.0] * len(HEART_ZONES)
-    ends = [at for at, _rate in points[1:]] + [(parse_stamp(workout.end_date) - begin).total_seconds()]
+    ends = [at for at, _rate in points[1:]] + [(finish - begin).total_seconds()]
     for (at, rate), end in zip(points, ends):
         zone = bisect.bisect_right([share for share, _name in HEART_ZONES], rate / maximum) - 1
         if zone >= 0:
