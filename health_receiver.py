@@ -3117,6 +3117,19 @@ def merged_total(sources, priority=SOURCE_PRIORITY):
     return merged
 
 
+def _accumulate(sums, samples, numbers, total, seconds, low, high):
+    """Add counts to ``sums`` ([samples, numbers, total, seconds, low,
+    high, ...]): a source's rows of a bucket, or a bucket to its period."""
+    sums[0] += samples
+    sums[1] += numbers
+    sums[2] += total
+    sums[3] += seconds
+    if low is not None and (sums[4] is None or low < sums[4]):
+        sums[4] = low
+    if high is not None and (sums[5] is None or high > sums[5]):
+        sums[5] = high
+
+
 def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
     """[Aggregate or None] per period (None: no samples), from the hourly
     totals: grouped here in one pass, which reads them in key order (SQL
@@ -3151,14 +3164,7 @@ def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
             low, high = min(lows, default=None), max(highs, default=None)
             best = (merged_total([(source, cell[2], cell[3]) for source, cell in sources.items()], priority)
                     if cumulative else max(cell[2] for cell in cells))
-        found[0] += samples
-        found[1] += numbers
-        found[2] += best
-        found[3] += seconds
-        if low is not None and (found[4] is None or low < found[4]):
-            found[4] = low
-        if high is not None and (found[5] is None or high > found[5]):
-            found[5] = high
+        _accumulate(found, samples, numbers, best, seconds, low, high)
         if numbers:
             found[6].append(total / numbers)
         if values:
@@ -3175,14 +3181,7 @@ def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
         if cell is None:
             sources[source] = [samples, numbers, total, seconds, low, high]
         else:
-            cell[0] += samples
-            cell[1] += numbers
-            cell[2] += total
-            cell[3] += seconds
-            if low is not None and (cell[4] is None or low < cell[4]):
-                cell[4] = low
-            if high is not None and (cell[5] is None or high > cell[5]):
-                cell[5] = high
+            _accumulate(cell, samples, numbers, total, seconds, low, high)
         if category is not None and samples:
             number = names[kept] if kept in names else names.setdefault(kept, category_value(category, kept))
             values = values if values is not None else collections.Counter()
