@@ -3186,6 +3186,14 @@ class HttpTests(ServerTestCase):
         self.assertEqual(self.count("syncs"), 1)  # counted nowhere
         self.assertEqual(self.request("POST", body=b"{}")[2]["totals"]["samples"], 3)
 
+    def test_the_status_gives_the_processor_time_spent_so_far(self):
+        before = self.request("GET")[2]["cpu_seconds"]
+        self.assertEqual(self.post(make_payload(n=500))[0], 200)
+        after = self.request("GET")[2]["cpu_seconds"]
+        self.assertIsInstance(before, float)
+        self.assertGreaterEqual(after, before)
+        self.assertGreater(before, 0)
+
     def test_oversize_413_answered_before_the_body_is_sent(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall("POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
