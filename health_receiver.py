@@ -1626,6 +1626,43 @@ class Payload:
             yield None, rejected
 
 
+#: How much of a body is looked at for its envelope (leading_members): the
+#: app writes it first, in about 200 bytes.
+ENVELOPE_HEAD = 64 * 1024
+#: A member with a short scalar value: "key": value, then "," or "}".
+_LEADING_MEMBER = re.compile(
+    r'\s*("(?:[^"\\\x00-\x1f]|\\.){1,200}")\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){0,200}"'
+    r'|-?[0-9]{1,40}(?:\.[0-9]{1,40})?(?:[eE][-+]?[0-9]{1,4})?|true|false|null)\s*([,}])')
+#: At most this many members are read from a body's head.
+LEADING_MEMBERS_MAX = 64
+
+
+def leading_members(head):
+    """The members with a short scalar value that open the JSON object at
+    the start of ``head`` (a body's first bytes), up to the first member of
+    another kind: the fields the app puts first (exportDate, startDate,
+    endDate, syncSource).  Only a hint of what the body holds (the body is
+    not checked): {} when it starts otherwise."""
+    head = head[:ENVELOPE_HEAD]
+    text = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+    text = text.decode("utf-8", "replace")
+    opening = re.match(r"\s*\{", text)
+    members = {}
+    pos = opening.end() if opening else len(text)
+    while opening and len(members) < LEADING_MEMBERS_MAX:
+        match = _LEADING_MEMBER.match(text, pos)
+        if match is None:
+            break
+        try:
+            members[json.loads(match[1])] = json.loads(match[2])
+        except ValueError:
+            break
+        if match[3] == "}":
+            break
+        pos = match.end()
+    return members
+
+
 # ---------------------------------------------------------------------------
 # Storage: connections, schema, migrations, writing a sync
 # ---------------------------------------------------------------------------
@@ -1752,6 +1789,7 @@ _STAGE_REJECTED_SQL = "INSERT INTO rejected (section, reason, record) VALUES (?,
 #: Names of the temporary files of syncs: prefix, database name, pid, number, suffix.
 _STAGE_PREFIX = "."
 _STAGE_SUFFIX = ".stage"
+_SPOOL_SUFFIX = ".spool"
 
 
 class Table(typing.NamedTuple):
@@ -1800,7 +1838,18 @@ SYNCS = Table("syncs", (
     ("status", "TEXT NOT NULL"),  # a SyncStatus
     ("error", "TEXT"),  # why nothing was stored
     ("envelope", "TEXT"),  # the top-level fields besides the sections, as JSON text
+    # Version 6: a stored sync's body, so that a byte-identical retry is
+    # answered from its record (SyncIntake) instead of being read again.
+    ("body_sha256", "TEXT"),  # the body's SHA-256 as received (decoded), hex; of stored syncs
+    ("same_body_as", "INTEGER"),  # a byte-identical retry: the sync whose record answered it
+    ("received_counts", "TEXT"),  # JSON {section name: elements received}: the answer to a retry
 ))
+#: The columns version 6 added to SYNCS.
+SYNCS_V6_COLUMNS = ("body_sha256", "same_body_as", "received_counts")
+#: Finds the stored syncs a body may repeat, by its envelope (see
+#: Store.same_envelope): syncs without a digest stay out of it.
+SYNCS_BY_EXPORT_INDEX = (f"CREATE INDEX IF NOT EXISTS syncs_by_export ON {SYNCS.name} (export_date)"
+                         " WHERE body_sha256 IS NOT NULL")
 
 
 class SyncStatus:
@@ -2142,6 +2191,16 @@ def _rederive_columns(conn, report):
         report(f"  {section.table}: {changed:,} of {read:,} rows read again")
 
 
+def _add_body_digests(conn, report):
+    # Adding a column rewrites nothing: the syncs before stay without a
+    # digest (a retry of one of them is read again, as before).
+    present = {row[1] for row in conn.execute(f"PRAGMA table_info({SYNCS.name})")}
+    for name, kind in SYNCS.columns:
+        if name in SYNCS_V6_COLUMNS and name not in present:
+            conn.execute(f"ALTER TABLE {SYNCS.name} ADD COLUMN {name} {kind}")
+    conn.execute(SYNCS_BY_EXPORT_INDEX)
+
+
 #: Every schema change, in order: step N brings a database from version N
 #: to N + 1, and PRAGMA user_version counts the steps applied.  A new column
 #: or key is a new step at the end; a step once released is never edited.
@@ -2153,6 +2212,7 @@ MIGRATIONS = (
     Migration("hourly totals per type and source", _migrate_v3),
     Migration("cumulative types' totals spread over the half-hours their samples span", _recount_sample_hours),
     Migration("workouts, doses, medications and route points read again from their records", _rederive_columns),
+    Migration("each stored sync's body digest, to answer a byte-identical retry from its record", _add_body_digests),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -2172,6 +2232,10 @@ class SyncResult:
     sections: int = 0
     envelope: dict = dataclasses.field(default_factory=dict)
     duration: float = 0.0
+    #: The body's SHA-256 (hex), once it was read to its end.
+    body_sha256: typing.Optional[str] = None
+    #: A byte-identical retry: the sync whose record answered it.
+    same_body_as: typing.Optional[int] = None
 
     @property
     def records(self):
@@ -2188,13 +2252,12 @@ class SyncResult:
 
     def sync(self, received_at, envelope_text):
         """The syncs row of this stored sync."""
-        env = self.envelope
         routes = ROUTE_POINTS.name
-        return Sync(self.sync_id, received_at, self.remote_addr, env.get("syncSource"),
-                    *(utc_date(env.get(name)) or env.get(name) for name in ("exportDate", "startDate", "endDate")),
+        counts = json.dumps({name: count for name, count in self.received.items() if count}, separators=(",", ":"))
+        return Sync(self.sync_id, received_at, self.remote_addr, *envelope_columns(self.envelope),
                     self.body_bytes, self.records, self.new_records, self.duplicates, self.rejected,
                     self.received[routes], self.inserted[routes], self.sections, int(self.duration * 1000),
-                    SyncStatus.OK, None, _envelope_text(envelope_text))
+                    SyncStatus.OK, None, _envelope_text(envelope_text), self.body_sha256, self.same_body_as, counts)
 
     def response(self):
         """The JSON answer the app reads: ``count`` feeds its Sync Log."""
@@ -2230,6 +2293,13 @@ class FailedSync:
         return Sync(received_at=received_at, remote_addr=self.remote_addr, sync_source=self.sync_source,
                     body_bytes=self.body_bytes, duration_ms=int(self.duration * 1000), status=self.status,
                     error=self.error, envelope=envelope)
+
+
+def envelope_columns(envelope):
+    """(sync_source, export_date, start_date, end_date) of a syncs row, from
+    the envelope's decoded fields: dates canonical UTC where readable."""
+    return (envelope.get("syncSource"),
+            *(utc_date(envelope.get(name)) or envelope.get(name) for name in ("exportDate", "startDate", "endDate")))
 
 
 def _envelope_text(fields):
@@ -2317,6 +2387,12 @@ _NOTE_PENDING_HOURS_SQL = ("INSERT OR IGNORE INTO main.sample_hours_pending (typ
 
 #: Brings a stored sync's pending row up to what it stored.
 _UPDATE_SYNC_SQL = SYNCS.update_sql(SYNCS.column_names[1:])
+#: A retry's body is matched against the stored syncs of the same envelope
+#: (whose first fields it finds in its first bytes).
+_SAME_ENVELOPE_SQL = (f"SELECT id, body_sha256, body_bytes FROM main.{SYNCS.name} WHERE export_date = :export_date"
+                      " AND body_sha256 IS NOT NULL AND sync_source IS :sync_source AND start_date IS :start_date"
+                      f" AND end_date IS :end_date AND status = '{SyncStatus.OK}'"
+                      " AND (:body_bytes IS NULL OR body_bytes = :body_bytes) ORDER BY id LIMIT 16")
 
 
 def _sync_parameters(sync):
@@ -2556,17 +2632,26 @@ class Store:
 
     # -- writing a sync ----------------------------------------------------
 
-    def stage(self):
-        """A new Stage for one sync's rows, in ``tmp_dir``; the caller
-        closes it (which removes its file)."""
+    def _scratch(self, kind, suffix):
+        """``kind`` (Stage or Spool) made at a new name in ``tmp_dir``."""
         folder = self.tmp_dir
         with self._stage_lock:
             self._stages += 1
-            name = f"{_STAGE_PREFIX}{os.path.basename(self.path)}.{os.getpid()}.{self._stages}{_STAGE_SUFFIX}"
+            name = f"{_STAGE_PREFIX}{os.path.basename(self.path)}.{os.getpid()}.{self._stages}{suffix}"
         try:
-            return Stage(os.path.join(folder, name))
+            return kind(os.path.join(folder, name))
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(f"Cannot create a temporary file in {folder}: {exc}.") from exc
+
+    def stage(self):
+        """A new Stage for one sync's rows, in ``tmp_dir``; the caller
+        closes it (which removes its file)."""
+        return self._scratch(Stage, _STAGE_SUFFIX)
+
+    def spool(self):
+        """A new Spool for one sync's body, in ``tmp_dir``; the caller
+        closes it (which removes its file)."""
+        return self._scratch(Spool, _SPOOL_SUFFIX)
 
     def remove_stale_stages(self):
         """Remove the temporary files of syncs that a stopped process left
@@ -2575,20 +2660,21 @@ class Store:
         prefix = f"{_STAGE_PREFIX}{os.path.basename(self.path)}."
         with contextlib.suppress(OSError):
             for name in os.listdir(folder):
-                if name.startswith(prefix) and name.endswith(_STAGE_SUFFIX):
+                if name.startswith(prefix) and name.endswith((_STAGE_SUFFIX, _SPOOL_SUFFIX)):
                     pid = name[len(prefix):].split(".")[0]
                     if not pid.isdigit() or not _process_alive(int(pid)):
                         with contextlib.suppress(OSError):
                             os.unlink(os.path.join(folder, name))
 
-    def merge(self, stage, payload, remote_addr=None, started=None):
+    def merge(self, stage, payload, remote_addr=None, started=None, body_sha256=None):
         """Move a complete sync's staged rows into the database in one
         transaction, holding the write lock only for that; return the
         SyncResult once committed.  A database error rolls back and raises
         StorageUnavailable."""
         started = time.monotonic() if started is None else started
         result = SyncResult(remote_addr=remote_addr, body_bytes=payload.size, received=dict(stage.received),
-                            rejected=stage.rejected, sections=payload.sections, envelope=payload.envelope)
+                            rejected=stage.rejected, sections=payload.sections, envelope=payload.envelope,
+                            body_sha256=body_sha256)
         stage.finish()
         with self.writer(keep=True) as conn:
             try:
@@ -2607,6 +2693,51 @@ class Store:
                 finally:
                     _rollback(conn)
                     conn.execute("DETACH DATABASE stage")
+            except sqlite3.Error as exc:
+                raise self.unavailable(exc) from exc
+        return result
+
+    def same_envelope(self, envelope, body_bytes=None):
+        """{SHA-256: (sync id, body bytes)} of the stored syncs whose
+        envelope is ``envelope``'s (its exportDate, range and source) and
+        whose body was ``body_bytes`` long (when known): those a body that
+        starts so may repeat.  Empty without an exportDate, or when the
+        database cannot be read (the body is then read as any other)."""
+        source, export_date, start_date, end_date = envelope_columns(envelope)
+        if export_date is None or any(value.__class__ in (dict, list) for value in (source, start_date, end_date)):
+            return {}
+        params = {"export_date": _storable(export_date), "sync_source": _storable(source),
+                  "start_date": _storable(start_date), "end_date": _storable(end_date), "body_bytes": body_bytes}
+        with contextlib.suppress(StorageUnavailable, sqlite3.Error):
+            with self.reader() as conn:
+                return {digest: (sync_id, size) for sync_id, digest, size in conn.execute(_SAME_ENVELOPE_SQL, params)}
+        return {}
+
+    def record_retry(self, same_as, body_sha256, body_bytes, remote_addr=None, envelope=None, started=None):
+        """Record a body byte for byte that of stored sync ``same_as`` (its
+        SHA-256 ``body_sha256``) as a sync of its elements, all duplicates,
+        and return its SyncResult once committed: the answer that a re-read
+        would give, without reading it.  None when that sync is no longer
+        stored with this digest.  Raises StorageUnavailable."""
+        started = time.monotonic() if started is None else started
+        columns = ("envelope", "received_counts", "rejected", "sections", "body_sha256", "body_bytes")
+        with self.writer(keep=True) as conn:
+            try:
+                with _transaction(conn):
+                    first = conn.execute(SYNCS.select_sql(columns) + " WHERE id = ?", (same_as,)).fetchone()
+                    if first is None or first[4:] != (body_sha256, body_bytes):
+                        return None
+                    envelope_json, counts, rejected, sections = first[:4]
+                    received = dict.fromkeys(SECTIONS_BY_NAME, 0)
+                    with contextlib.suppress(ValueError, TypeError, AttributeError):
+                        received.update((name, int(count)) for name, count in json.loads(counts or "{}").items()
+                                        if name in received)
+                    result = SyncResult(remote_addr=remote_addr, body_bytes=body_bytes, received=received,
+                                        rejected=rejected, sections=sections, envelope=envelope or {},
+                                        same_body_as=same_as)
+                    result.duration = time.monotonic() - started
+                    sync = result.sync(utc_now(), {})._replace(envelope=envelope_json)
+                    result.sync_id = _insert_sync(conn, sync)
             except sqlite3.Error as exc:
                 raise self.unavailable(exc) from exc
         return result
@@ -2770,6 +2901,37 @@ class Stage:
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(OSError):
                 os.unlink(self.path + suffix)
+
+
+class Spool:
+    """One sync's body, kept in a private file while it arrives (a retry
+    that may repeat a stored sync): written as it comes, read back should
+    it differ.  A crash leaves it to Store.remove_stale_stages."""
+
+    def __init__(self, path):
+        self.path = path
+        self.size = 0
+        self._file = os.fdopen(os.open(path, _NEW_FILE & ~os.O_WRONLY | os.O_RDWR, 0o600), "w+b")
+
+    def write(self, piece):
+        self._file.write(piece)
+        self.size += len(piece)
+
+    def pieces(self):
+        """Yield what was written, from its beginning, in pieces."""
+        self._file.flush()
+        self._file.seek(0)
+        while True:
+            piece = self._file.read(READ_CHUNK)
+            if not piece:
+                return
+            yield piece
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
 
 
 class StagedRun:
@@ -5142,16 +5304,55 @@ def describe_sync(result):
     start, end = env.get("startDate"), env.get("endDate")
     if isinstance(start, str) and isinstance(end, str):
         span = f", {start[:10]} -> {end[:10]}"
+    retry = f", byte for byte sync {result.same_body_as}: not read again" if result.same_body_as else ""
     return log_safe(
         f"{result.remote_addr} {source} {result.records} records ({result.new_records} new, {result.duplicates} "
         f"dup, {result.rejected} rejected) in {result.sections} sections, {result.received[ROUTE_POINTS.name]} route "
-        f"points{span}, {result.body_bytes / 1e6:.1f} MB in {result.duration:.2f} s")
+        f"points{span}, {result.body_bytes / 1e6:.1f} MB in {result.duration:.2f} s{retry}")
+
+
+class BodyDigest:
+    """A body's pieces passed on as they arrive, with its SHA-256 and size
+    kept; ``head`` reads its first bytes ahead (they are passed on first)."""
+
+    def __init__(self, pieces):
+        self._pieces = iter(pieces)
+        self._held = []
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+
+    def head(self, size):
+        """At least ``size`` first bytes of the body (fewer if it is shorter)."""
+        held = self._held
+        while sum(map(len, held)) < size:
+            piece = next(self._pieces, None)
+            if piece is None:
+                break
+            held.append(piece)
+        return b"".join(held)
+
+    def __iter__(self):
+        for piece in itertools.chain(self._held, self._pieces):
+            self._held = []
+            self._sha256.update(piece)
+            self.size += len(piece)
+            yield piece
+
+    def hexdigest(self):
+        """The SHA-256 of what was passed on."""
+        return self._sha256.hexdigest()
 
 
 class SyncIntake:
     """The one way a sync is stored, for the HTTP handler and ``import``:
     walk the body as it arrives into a Stage, merge it into the database in
     one transaction, record a failure once, and after the answer checkpoint.
+
+    A body that starts with the envelope of a stored sync (a retry: the app
+    sends the same payload again when an answer came too late) is not read
+    but kept in a Spool while its digest is taken; byte for byte the stored
+    sync's, it is answered from that sync's record, otherwise read from the
+    Spool as any other.
 
     ``max_tmp`` bounds the temporary disk that the syncs being received
     take together; past it a sync fails with StorageUnavailable (503 and
@@ -5170,15 +5371,51 @@ class SyncIntake:
         """Record a request refused before its body was ingested."""
         self.store.record_failure(FailedSync(remote_addr, status, message))
 
-    def ingest(self, pieces, remote_addr):
-        """Store the body arriving as ``pieces`` (bytes); return the
-        SyncResult once committed, or None for a body that held nothing
-        (empty, or ``{}``: a connection test), which leaves no trace.
-        Raises PayloadError or StorageUnavailable with nothing stored and
-        the failure recorded; an exception of ``pieces`` itself (the HTTP
-        layer's ClientError) passes through, nothing stored, for the caller
-        to record."""
+    def ingest(self, pieces, remote_addr, length=None):
+        """Store the body arriving as ``pieces`` (bytes; ``length`` of them
+        in all, when known); return the SyncResult once committed, or None
+        for a body that held nothing (empty, or ``{}``: a connection test),
+        which leaves no trace.  Raises PayloadError or StorageUnavailable
+        with nothing stored and the failure recorded; an exception of
+        ``pieces`` itself (the HTTP layer's ClientError) passes through,
+        nothing stored, for the caller to record."""
         started = time.monotonic()
+        body = BodyDigest(pieces)
+        envelope = leading_members(body.head(ENVELOPE_HEAD))
+        stored = self.store.same_envelope(envelope, length)
+        if not stored:
+            return self._read(body, remote_addr, started, body)
+        spool = None
+        try:
+            try:
+                spool = self.store.spool()
+                try:
+                    for piece in body:
+                        spool.write(piece)
+                        self._account(spool, spool.size)
+                except OSError as exc:  # the temporary file's disk is full, say: the app retries
+                    raise StorageUnavailable(f"The sync's temporary file in {self.store.tmp_dir} cannot take its "
+                                             f"body ({exc}); free some space there (--tmp-dir), then the app "
+                                             "retries.") from exc
+                same_as, size = stored.get(body.hexdigest(), (None, None))
+                result = None
+                if size == body.size:
+                    result = self.store.record_retry(same_as, body.hexdigest(), size, remote_addr, envelope, started)
+            except StorageUnavailable as exc:
+                self.store.record_failure(FailedSync(remote_addr, SyncStatus.FAILED, str(exc), body.size,
+                                                     time.monotonic() - started, None, envelope.get("syncSource")))
+                raise
+            if result is not None:
+                return result
+            return self._read(spool.pieces(), remote_addr, started, body)
+        finally:
+            if spool is not None:
+                self._release(spool)
+                spool.close()
+
+    def _read(self, pieces, remote_addr, started, body):
+        """Walk the body arriving as ``pieces`` into a Stage and merge it;
+        ``body`` (a BodyDigest) gives its digest once read."""
         archive = ArchiveWriter(self.archive) if self.archive else None
         payload = Payload(archive.pieces(pieces) if archive else pieces)
         stage = None
@@ -5187,7 +5424,7 @@ class SyncIntake:
             try:
                 for section, rows in payload.batches():
                     stage.add(section, rows)
-                    self._account(stage)
+                    self._account(stage, stage.size())
             except sqlite3.Error as exc:  # the temporary file's disk is full, say: the app retries
                 raise StorageUnavailable(f"The sync's temporary file in {self.store.tmp_dir} cannot take its rows "
                                          f"({exc}); free some space there (--tmp-dir), then the app retries.") from exc
@@ -5195,7 +5432,7 @@ class SyncIntake:
                 if archive:
                     archive.discard()
                 return None
-            result = self.store.merge(stage, payload, remote_addr, started)
+            result = self.store.merge(stage, payload, remote_addr, started, body.hexdigest())
         except BaseException as exc:
             if isinstance(exc, (PayloadError, StorageUnavailable)):
                 self.store.record_failure(FailedSync(
@@ -5207,8 +5444,7 @@ class SyncIntake:
             raise
         finally:
             if stage is not None:
-                with self._tmp_lock:
-                    self._tmp_in_use.pop(stage, None)
+                self._release(stage)
                 stage.close()
         if archive:
             try:
@@ -5218,15 +5454,20 @@ class SyncIntake:
                                             f"{self.archive}: {exc}")
         return result
 
-    def _account(self, stage):
-        """Check the temporary disk in use against ``max_tmp``."""
+    def _account(self, scratch, size):
+        """Check the temporary disk in use, with ``scratch`` (a Stage or a
+        Spool) at ``size`` bytes, against ``max_tmp``."""
         if self.max_tmp is None:
             return
         with self._tmp_lock:
-            self._tmp_in_use[stage] = stage.size()
+            self._tmp_in_use[scratch] = size
             if sum(self._tmp_in_use.values()) > self.max_tmp:
                 raise StorageUnavailable(f"The receiver's temporary space ({self.max_tmp // MIB} MB, "
                                          "--max-tmp-mb) is in use by other syncs; try again shortly.")
+
+    def _release(self, scratch):
+        with self._tmp_lock:
+            self._tmp_in_use.pop(scratch, None)
 
     def after_answer(self, result):
         """What the app need not wait for: the hourly totals of the rows it
@@ -6043,6 +6284,8 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self._expects_continue = False
         self._body_read = False
+        #: The decoded body's length, once body_pieces knows it.
+        self.body_length = None
         self._linger = 0
         try:
             super().handle_one_request()
@@ -6323,6 +6566,8 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         elif self.headers.get("Content-Length") is not None:
             raise ClientError(HTTPStatus.BAD_REQUEST, "A request cannot have both Content-Length and "
                               "Transfer-Encoding.")
+        if encoding == "identity":
+            self.body_length = length
         return self._pieces(length, encoding)
 
     def _pieces(self, length, encoding):
@@ -6461,7 +6706,7 @@ def receive_sync(request):
     pieces = request.body_pieces()
     try:
         try:
-            result = intake.ingest(pieces, remote)  # records its own failures
+            result = intake.ingest(pieces, remote, request.body_length)  # records its own failures
         except (PayloadError, StorageUnavailable):
             # Read what the client still sends (within the body's limit
             # and deadline), so that it reads the answer, not a reset.
@@ -7353,11 +7598,13 @@ BENCH_START = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
 BENCH_WINDOW_DAYS = 3
 
 
-def make_bench_payload(target_mb, seed=7, start=BENCH_START, days=30):
+def make_bench_payload(target_mb, seed=7, start=BENCH_START, days=30, reordered=False):
     """A realistic sync of about ``target_mb`` MB covering ``days`` days from
     ``start``: five sample types (5% without uuid, each in time order), 15
     workouts with ~10k route points, medications, dose events and
-    characteristics.  Returns (body bytes, number of data elements)."""
+    characteristics.  ``reordered``: the same records and envelope, of the
+    same length, in another order of the sections (a re-post that is not
+    byte for byte the same).  Returns (body bytes, number of data elements)."""
     import random
     rng = random.Random(seed)
     target = int(target_mb * 1e6)
@@ -7431,8 +7678,12 @@ def make_bench_payload(target_mb, seed=7, start=BENCH_START, days=30):
         per_type[t].append(element)
         size += len(element.encode("utf-8")) + 1
         i += 1
-    samples = ",".join(f"\"{BENCH_TYPES[t][0]}\":[{','.join(items)}]" for t, items in enumerate(per_type))
-    body = (head + fixed + "," + samples + tail).encode("utf-8")
+    arrays = [f"\"{BENCH_TYPES[t][0]}\":[{','.join(items)}]" for t, items in enumerate(per_type)]
+    if reordered:
+        body = head + ",".join(arrays[::-1]) + "," + fixed + tail
+    else:
+        body = head + fixed + "," + ",".join(arrays) + tail
+    body = body.encode("utf-8")
     elements = i + len(workouts) + len(medications) + len(doses)
     return body, elements
 
@@ -7545,20 +7796,31 @@ def _idle_status(port):
         time.sleep(0.02)
 
 
-def bench_once(body, slow_body, work_dir):
-    """One round: the receiver (a post, its repeat, then new data sent at
+#: What bench_once posts, in order: (name, which body, what it is).
+BENCH_POSTS = (
+    ("first", "body", "new data"),
+    ("retry", "body", "the same body again, byte for byte: answered from the first one's record"),
+    ("repost", "reordered", "the same records in another order of the sections, same envelope and length: "
+                            "kept while it arrives, then read, all duplicates"),
+)
+
+
+def bench_once(bodies, slow_body, work_dir):
+    """One round: the receiver (BENCH_POSTS, then new data sent at
     BENCH_SLOW_RATE) and the baseline, each fresh."""
     db = os.path.join(work_dir, "bench.db")
+    body = bodies["body"]
     proc, port = _start_child_server(db)
+    figures = {}
     try:
         # The receiver's processor time of each post, with what it does
         # after the answer (the GETs between cost next to nothing).
-        before = _idle_status(port)["cpu_seconds"]
-        first = _post(port, body)
-        between = _idle_status(port)["cpu_seconds"]
-        second = _post(port, body)
-        status = _idle_status(port)
-        peak, after = status.get("peak_rss_mb"), status["cpu_seconds"]
+        cpu = _idle_status(port)["cpu_seconds"]
+        for name, which, _what in BENCH_POSTS:
+            figures[name], _status, figures[name + "_answer"] = _post(port, bodies[which])
+            status = _idle_status(port)
+            figures[name + "_cpu"], cpu = status["cpu_seconds"] - cpu, status["cpu_seconds"]
+        peak = status.get("peak_rss_mb")
         last_byte = _post_throttled(port, slow_body, BENCH_SLOW_RATE)
     finally:
         _stop_child_server(proc)
@@ -7571,9 +7833,8 @@ def bench_once(body, slow_body, work_dir):
     baseline = json.loads(out)
     for name in os.listdir(work_dir):
         os.unlink(os.path.join(work_dir, name))
-    return {"first": first[0], "second": second[0], "peak": peak, "answer": first[2], "repeat": second[2],
-            "baseline": baseline["seconds"], "baseline_peak": baseline["peak_rss_mb"], "last_byte": last_byte,
-            "first_cpu": between - before, "second_cpu": after - between}
+    return dict(figures, peak=peak, baseline=baseline["seconds"], baseline_peak=baseline["peak_rss_mb"],
+                last_byte=last_byte)
 
 
 def bench_concurrent(body, posts, work_dir):
@@ -7598,43 +7859,45 @@ def bench_concurrent(body, posts, work_dir):
 def bench_against_baseline(mb, runs, out, concurrent=1):
     print(f"Generating a {mb:g} MB sync...", file=out)
     body, elements = make_bench_payload(mb)
+    bodies = {"body": body, "reordered": make_bench_payload(mb, reordered=True)[0]}
     slow_body = make_bench_payload(mb, seed=8, start=BENCH_START + datetime.timedelta(days=30))[0]
     size_mb = len(body) / 1e6
-    print(f"{size_mb:.1f} MB, {elements} records + route points; {runs} run(s), each: receiver (new, repeat, "
-          f"then new data sent at {BENCH_SLOW_RATE / 1e6:g} MB/s) and baseline.", file=out)
+    print(f"{size_mb:.1f} MB, {elements} records + route points; {runs} run(s), each: receiver (new, retry, "
+          f"re-post, then new data sent at {BENCH_SLOW_RATE / 1e6:g} MB/s) and baseline.", file=out)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="health-bench-") as work_dir:
         for n in range(runs):
-            result = bench_once(body, slow_body, work_dir)
+            result = bench_once(bodies, slow_body, work_dir)
             rounds.append(result)
-            print(f"  run {n + 1}: first {result['first']:.2f} s (CPU {result['first_cpu']:.2f} s), repeat "
-                  f"{result['second']:.2f} s (CPU {result['second_cpu']:.2f} s), peak RSS {result['peak']:.0f} MB, "
-                  f"last byte to answer {result['last_byte']:.2f} s | baseline {result['baseline']:.2f} s, "
+            posts = ", ".join(f"{name} {result[name]:.2f} s (CPU {result[name + '_cpu']:.2f} s)"
+                              for name, _which, _what in BENCH_POSTS)
+            print(f"  run {n + 1}: {posts}, peak RSS {result['peak']:.0f} MB, last byte to answer "
+                  f"{result['last_byte']:.2f} s | baseline {result['baseline']:.2f} s, "
                   f"{result['baseline_peak']:.0f} MB", file=out, flush=True)
     med = {key: statistics.median(r[key] for r in rounds)
-           for key in ("first", "second", "peak", "baseline", "baseline_peak", "last_byte", "first_cpu",
-                       "second_cpu")}
-    answer = rounds[0]["answer"]
+           for key in ("peak", "baseline", "baseline_peak", "last_byte") + tuple(
+               name + suffix for name, _which, _what in BENCH_POSTS for suffix in ("", "_cpu"))}
+    answer = rounds[0]["first_answer"]
     records = answer["count"] + answer["routePoints"]
-    repeat = rounds[0]["repeat"]
     print(f"\nReceiver (median of {runs}), every section stored, WAL + synchronous=FULL:", file=out)
-    print(f"  first post  {med['first']:6.2f} s  {size_mb / med['first']:6.1f} MB/s  "
-          f"{records / med['first']:9,.0f} records/s  (count {answer['count']}, {answer['routePoints']} route "
-          f"points)", file=out)
-    print(f"  repeat post {med['second']:6.2f} s  {size_mb / med['second']:6.1f} MB/s  (all "
-          f"{repeat['duplicates']} duplicates, nothing inserted: {sum(repeat['inserted'].values()) == 0})",
-          file=out)
-    print(f"  peak RSS    {med['peak']:6.0f} MB", file=out)
-    print(f"  CPU time    {med['first_cpu']:6.2f} s for the first post, {med['second_cpu']:.2f} s for the repeat "
-          f"(the receiver's user + system time, which a small board spends at its own speed: about 10 times "
-          f"over on a Pi Zero 2 W, against the app's 30 s)", file=out)
+    for name, _which, what in BENCH_POSTS:
+        seconds, sent = med[name], rounds[0][name + "_answer"]
+        counts = (f"{records / seconds:9,.0f} records/s  (count {sent['count']}, {sent['routePoints']} route points)"
+                  if name == "first" else f"(all {sent['duplicates']:,} duplicates, nothing inserted: "
+                  f"{sum(sent['inserted'].values()) == 0})")
+        print(f"  {name:<7} {seconds:6.2f} s  {size_mb / seconds:7.1f} MB/s  {counts}: {what}", file=out)
+    print(f"  peak RSS  {med['peak']:6.0f} MB", file=out)
+    cpu = ", ".join(f"{med[name + '_cpu']:.2f} s {name}" for name, _which, _what in BENCH_POSTS)
+    print(f"  CPU time  {cpu} (the receiver's user + system time, which a small board spends at its own speed: "
+          f"about 10 times over on a Pi Zero 2 W, against the app's 30 s)", file=out)
     print(f"  new data sent at {BENCH_SLOW_RATE / 1e6:g} MB/s: answered {med['last_byte']:.2f} s after its last "
           f"byte (the rows are stored as they arrive)", file=out)
     print("Baseline (json.loads + one executemany of the same sample rows into schema version 1's table; "
           "samples only):", file=out)
-    print(f"  time        {med['baseline']:6.2f} s\n  peak RSS    {med['baseline_peak']:6.0f} MB", file=out)
-    print(f"Ratios: time {med['first'] / med['baseline']:.2f}x the baseline, peak RSS "
-          f"{med['peak'] / med['baseline_peak']:.2f}x the baseline.", file=out)
+    print(f"  time      {med['baseline']:6.2f} s\n  peak RSS  {med['baseline_peak']:6.0f} MB", file=out)
+    ratios = ", ".join(f"{name} {med[name] / med['baseline']:.2f}x" for name, _which, _what in BENCH_POSTS)
+    print(f"Ratios: time {ratios} the baseline; peak RSS {med['peak'] / med['baseline_peak']:.2f}x the baseline.",
+          file=out)
     if concurrent > 1:
         with tempfile.TemporaryDirectory(prefix="health-bench-") as work_dir:
             elapsed, statuses, peak = bench_concurrent(body, concurrent, work_dir)
@@ -7649,10 +7912,10 @@ def bench_against_baseline(mb, runs, out, concurrent=1):
     return 0
 
 
-def _window_payload(mb, index):
+def _window_payload(mb, index, reordered=False):
     """The generated sync of the ``index``-th window of a history."""
     start = BENCH_START + datetime.timedelta(days=BENCH_WINDOW_DAYS * index)
-    return make_bench_payload(mb, seed=1000 + index, start=start, days=BENCH_WINDOW_DAYS)[0]
+    return make_bench_payload(mb, seed=1000 + index, start=start, days=BENCH_WINDOW_DAYS, reordered=reordered)[0]
 
 
 def evict_from_cache(path):
@@ -7694,8 +7957,9 @@ def fill_database(db, millions, mb, out):
     return index
 
 
-def _timed_pair(db, body, cold):
-    """A new-data post and its repeat on ``db``; (seconds new, seconds repeat)."""
+def _timed_pair(db, body, repost, cold):
+    """A new-data post and a re-post of its records in another body on
+    ``db``; (seconds new, seconds re-post)."""
     proc, port = _start_child_server(db)
     try:
         if cold:
@@ -7703,14 +7967,14 @@ def _timed_pair(db, body, cold):
         new = _post(port, body)[0]
         if cold:
             evict_from_cache(db)
-        repeat = _post(port, body)[0]
+        repeat = _post(port, repost)[0]
     finally:
         _stop_child_server(proc)
     return new, repeat
 
 
 def bench_at_size(millions, mb, runs, out):
-    """New-data syncs and their repeats at ``millions`` million samples
+    """New-data syncs and their re-posts at ``millions`` million samples
     beside the same syncs into an empty database, warm and cold."""
     with tempfile.TemporaryDirectory(prefix="health-bench-", dir=os.getcwd()) as work_dir:
         db = os.path.join(work_dir, "filled.db")
@@ -7730,18 +7994,18 @@ def bench_at_size(millions, mb, runs, out):
                 print("This system cannot evict a file from its cache: no cold figures.", file=out)
                 break
             for run in range(runs):
-                body = _window_payload(mb, windows)
+                body, repost = _window_payload(mb, windows), _window_payload(mb, windows, reordered=True)
                 windows += 1
                 empty_db = os.path.join(work_dir, "empty.db")
-                filled = _timed_pair(db, body, cold)
-                empty = _timed_pair(empty_db, body, cold)
+                filled = _timed_pair(db, body, repost, cold)
+                empty = _timed_pair(empty_db, body, repost, cold)
                 for suffix in ("", "-wal", "-shm"):
                     with contextlib.suppress(OSError):
                         os.unlink(empty_db + suffix)
-                for label, value in zip(("new", "repeat"), zip(filled, empty)):
+                for label, value in zip(("new", "re-post"), zip(filled, empty)):
                     figures.setdefault((cold, label), []).append(value)
                 print(f"  {'cold' if cold else 'warm'} run {run + 1}: new {filled[0]:.2f} s (empty "
-                      f"{empty[0]:.2f} s), repeat {filled[1]:.2f} s (empty {empty[1]:.2f} s)", file=out, flush=True)
+                      f"{empty[0]:.2f} s), re-post {filled[1]:.2f} s (empty {empty[1]:.2f} s)", file=out, flush=True)
         print(f"\nAt {samples / 1e6:.1f} M samples against an empty database (median of {runs}):", file=out)
         for (cold, label), pairs in figures.items():
             at_size = statistics.median(p[0] for p in pairs)

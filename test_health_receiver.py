@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import datetime
 import gzip
+import hashlib
 import http.client
 import io
 import ipaddress
@@ -146,8 +147,8 @@ class ServerTestCase(unittest.TestCase):
     def request(self, method, path=hr.DEFAULT_PATH, body=None, headers=None, conn=None):
         """Return (status, headers, decoded JSON body or raw bytes)."""
         headers = dict(headers or {})
-        if body is not None and not isinstance(body, (bytes, bytearray)):
-            body = encode(body)
+        if body is not None and not isinstance(body, (bytes, bytearray)) and not hasattr(body, "__next__"):
+            body = encode(body)  # an iterator is sent chunked
         if body is not None:
             headers.setdefault("Content-Type", "application/json")
         owned = conn is None
@@ -510,6 +511,18 @@ class WalkerTests(unittest.TestCase):
                 with self.assertRaises(hr.PayloadError) as caught:
                     walk(broken, [broken[i:i + size] for i in range(0, len(broken), size)])
                 self.assertEqual(str(caught.exception), str(whole.exception))
+
+    def test_leading_members_are_the_short_fields_before_the_first_other_member(self):
+        self.assertEqual(hr.leading_members(encode(make_payload())), {
+            "exportDate": "2026-02-26T00:00:00.000Z", "startDate": "2026-02-24T00:00:00.000Z",
+            "endDate": "2026-02-26T00:00:00.000Z", "syncSource": "manual-upload"})
+        self.assertEqual(hr.leading_members(b'\xef\xbb\xbf {"a": "x\\"\xc3\xa9", "b": -1.5e3, "c": null, "d": true}'),
+                         {"a": 'x"\u00e9', "b": -1500.0, "c": None, "d": True})
+        for head in (b"", b"[1]", b'{"data": {}}', b'{"a": "' + b"x" * 300 + b'"}', b'{"a": 01}', b'{"a" 1}'):
+            self.assertEqual(hr.leading_members(head), {}, head)
+        many = b"{" + b",".join(b'"k%d": %d' % (i, i) for i in range(500)) + b"}"
+        self.assertEqual(len(hr.leading_members(many)), hr.LEADING_MEMBERS_MAX)
+        self.assertEqual(hr.leading_members(b'{"a": 1, "b": "cut'), {"a": 1})
 
     def test_the_window_holds_an_element_not_the_body(self):
         body = encode({"data": {"X": [sample(f"W-{i}", "2026-02-24T00:00:00Z", i) for i in range(3000)]}})
@@ -894,6 +907,33 @@ class MigrationTests(unittest.TestCase):
                  "workout_route_points": self.query("SELECT * FROM workout_route_points ORDER BY timestamp")}
         self.assertEqual(found, expected)
 
+    def test_version_5_syncs_keep_every_row_and_a_retry_after_the_upgrade_is_answered_from_its_record(self):
+        payload = make_payload()
+        make_v1_database(self.db, payload)
+        original = hr.MIGRATIONS
+        hr.MIGRATIONS, hr.SCHEMA_VERSION = original[:5], 5
+        try:
+            self.open_store()[0].close()
+        finally:
+            hr.MIGRATIONS, hr.SCHEMA_VERSION = original, len(original)
+        self.assertEqual(self.query("PRAGMA user_version"), [(5,)])
+        self.assertNotIn("body_sha256", [row[1] for row in self.query("PRAGMA table_info(syncs)")])
+        before = {table: self.query(f"SELECT * FROM {table} ORDER BY 1") for table in hr.TABLES}
+        store, lines = self.open_store()
+        self.assertTrue(any("schema version 6" in line for line in lines), lines)
+        self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
+        after = {table: self.query(f"SELECT * FROM {table} ORDER BY 1") for table in hr.TABLES}
+        self.assertEqual(after.pop("syncs"), [row + (None, None, None) for row in before.pop("syncs")])
+        self.assertEqual(after, before)
+        intake = hr.SyncIntake(store)
+        body = encode(payload)
+        read = intake.ingest([body], "test", len(body))
+        retry = intake.ingest([body[:100], body[100:]], "test", len(body))
+        self.assertEqual((read.same_body_as, read.new_records, retry.same_body_as, retry.new_records),
+                         (None, 0, read.sync_id, 0))
+        self.assertEqual(retry.response(), dict(read.response(), sync_id=retry.sync_id))
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+
     def test_each_step_is_its_own_transaction(self):
         make_v1_database(self.db, make_payload())
         failing = hr.Migration("a step that fails", lambda conn, report: conn.execute("SELECT * FROM nowhere"))
@@ -956,6 +996,84 @@ class LockedDatabaseTests(ServerTestCase):
             self.assertEqual({response.getheader("Retry-After") for _, response, _ in answers}, {str(hr.RETRY_AFTER)})
             blocker.execute("ROLLBACK")
         self.assertEqual(self.post(make_payload(tag="E"))[0], 200)
+
+
+class RetryTests(ServerTestCase):
+    """A byte-identical retry is answered from the record of the sync it
+    repeats; anything else is read."""
+
+    def payload_with_a_rejected_element(self, n=20):
+        payload = make_payload(n=n)
+        payload["data"]["HKQuantityTypeIdentifierHeartRate"].append(sample("A-bad", "yesterday", 70))
+        return encode(payload)
+
+    def repeat_answer(self, first, sync_id):
+        """What a repeat of the sync that answered ``first`` answers."""
+        return dict(first, inserted=dict.fromkeys(first["inserted"], 0), duplicates=first["count"], sync_id=sync_id)
+
+    def test_a_byte_identical_retry_answers_the_same_counts_as_duplicates_and_writes_no_rows(self):
+        body = self.payload_with_a_rejected_element()
+        status, _, first = self.post(body)
+        self.assertEqual(status, 200, first)
+        self.assertEqual((first["rejected"], first["duplicates"]), (1, 0))
+        self.assertEqual(self.query("SELECT body_sha256 FROM syncs WHERE id = ?", (first["sync_id"],)),
+                         [(hashlib.sha256(body).hexdigest(),)])
+        before = self.counts()
+        retries = [self.post(body),  # then chunked, then gzip: the decoded body is the same
+                   self.post(iter([body[:1000], body[1000:]])),
+                   self.post(gzip.compress(body), headers={"Content-Encoding": "gzip"})]
+        for status, _, answer in retries:
+            self.assertEqual(status, 200, answer)
+            self.assertEqual(answer, self.repeat_answer(first, answer["sync_id"]))
+        # No rows: a read would have kept the rejected element once more.
+        self.assertEqual(self.counts(), dict(before, syncs=before["syncs"] + 3))
+        self.assertEqual(self.query("SELECT same_body_as, received, inserted, duplicates, rejected, body_sha256,"
+                                    " body_bytes, export_date, envelope = (SELECT envelope FROM syncs WHERE id = ?)"
+                                    " FROM syncs WHERE id > ?", (first["sync_id"], first["sync_id"])),
+                         [(first["sync_id"], first["count"], 0, first["count"], 1, None, len(body),
+                           "2026-02-26T00:00:00.000Z", 1)] * 3)
+        self.assertEqual(sum("not read again" in line for line in self.log_lines()), 3)
+        self.assertEqual([name for name in os.listdir(self.tmp.name) if not name.startswith("health.db")], [])
+
+    def test_the_same_envelope_with_one_changed_element_is_stored_in_full(self):
+        body = self.payload_with_a_rejected_element()
+        status, _, first = self.post(body)
+        self.assertEqual(status, 200, first)
+        changed = body.replace(b'"A-HR-7"', b'"A-HR-X"')
+        self.assertEqual(len(changed), len(body))
+        samples, rejected = self.count("samples"), self.count("rejected")
+        for chunked in (False, True):
+            status, _, answer = self.post(iter([changed]) if chunked else changed)
+            self.assertEqual(status, 200, answer)
+            if not chunked:  # read: the changed element is new, the rest duplicates
+                self.assertEqual((answer["inserted"]["measurements"], answer["duplicates"], answer["rejected"]),
+                                 (1, first["count"] - 1, 1))
+            else:  # and now stored: a byte-identical retry of the sync before
+                self.assertEqual(answer, self.repeat_answer(first, answer["sync_id"]))
+        self.assertEqual(self.count("samples"), samples + 1)
+        self.assertEqual(self.query("SELECT value FROM samples WHERE uuid = 'A-HR-X'"), [(67,)])
+        self.assertEqual(self.count("rejected"), rejected + 1)
+        self.assertEqual(self.query("SELECT same_body_as FROM syncs ORDER BY id"), [(None,), (None,), (2,)])
+
+    def test_a_retry_while_the_first_is_still_in_flight_is_stored_once(self):
+        body = self.payload_with_a_rejected_element(n=2000)  # its half is more than the head the receiver reads
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(post_head(len(body)) + body[:len(body) // 2])
+            wait_until(lambda: any(name.endswith(".stage") for name in os.listdir(self.tmp.name)))
+            status, _, second = self.post(body)
+            self.assertEqual(status, 200, second)
+            self.assertEqual(second["duplicates"], 0)
+            sock.sendall(body[len(body) // 2:])
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                reply += sock.recv(65536)
+        first = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(first, self.repeat_answer(second, first["sync_id"]))
+        self.assertEqual(self.count("samples"), 2000 + 2001)  # heart rate (one more has a bad date), steps
+        self.assertEqual(self.count("rejected"), 2)  # the bad date, kept by each of the two reads
+        status, _, third = self.post(body)
+        self.assertEqual(third, self.repeat_answer(second, third["sync_id"]))
+        self.assertIsNotNone(self.query("SELECT same_body_as FROM syncs WHERE id = ?", (third["sync_id"],))[0][0])
 
 
 CHILD_SERVER = """
@@ -1130,6 +1248,23 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(child.stop(), 0)
         self.assertEqual(self.tagged("B"), (6, 1, 4))
         self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+
+    def test_a_retry_cut_by_sigkill_leaves_no_spool_behind_after_the_next_start(self):
+        child = self.start()
+        body = encode(make_payload(n=2000, tag="S"))
+        self.assertEqual(child.post(body)[0], 200)
+        spools = lambda: sorted(name for name in os.listdir(self.tmp.name) if name.endswith(".spool"))  # noqa: E731
+        with socket.create_connection(("127.0.0.1", child.port), timeout=30) as sock:
+            sock.sendall(post_head(len(body)) + body[:len(body) // 2])
+            wait_until(lambda: spools() and os.path.getsize(os.path.join(self.tmp.name, spools()[0])) > 0)
+            child.stop(signal.SIGKILL)
+        self.assertEqual(len(spools()), 1)
+        child = self.start()
+        self.assertEqual(spools(), [])
+        status, _, answer = child.post(body)
+        self.assertEqual((status, answer["duplicates"]), (200, answer["count"]))
+        self.assertEqual(self.query(f"SELECT same_body_as FROM syncs WHERE id = {answer['sync_id']}"), [(1,)])
+        self.assertEqual(child.stop(), 0)
 
     def test_sigkill_at_any_moment_leaves_a_consistent_database(self):
         child = self.start()
