@@ -64,6 +64,7 @@ import csv
 import dataclasses
 import datetime
 import errno
+import functools
 import gzip
 import hashlib
 import hmac
@@ -2392,7 +2393,7 @@ _UPDATE_SYNC_SQL = SYNCS.update_sql(SYNCS.column_names[1:])
 _SAME_ENVELOPE_SQL = (f"SELECT id, body_sha256, body_bytes FROM main.{SYNCS.name} WHERE export_date = :export_date"
                       " AND body_sha256 IS NOT NULL AND sync_source IS :sync_source AND start_date IS :start_date"
                       f" AND end_date IS :end_date AND status = '{SyncStatus.OK}'"
-                      " AND (:body_bytes IS NULL OR body_bytes = :body_bytes) ORDER BY id LIMIT 16")
+                      " AND (:body_bytes IS NULL OR body_bytes = :body_bytes) ORDER BY id DESC LIMIT 16")
 
 
 def _sync_parameters(sync):
@@ -2906,26 +2907,40 @@ class Stage:
 class Spool:
     """One sync's body, kept in a private file while it arrives (a retry
     that may repeat a stored sync): written as it comes, read back should
-    it differ.  A crash leaves it to Store.remove_stale_stages."""
+    it differ.  A crash leaves it to Store.remove_stale_stages.  A disk
+    error raises StorageUnavailable (the app retries)."""
 
     def __init__(self, path):
         self.path = path
         self.size = 0
         self._file = os.fdopen(os.open(path, _NEW_FILE & ~os.O_WRONLY | os.O_RDWR, 0o600), "w+b")
 
+    def _failed(self, exc):
+        return StorageUnavailable(f"The sync's temporary file {self.path} failed ({exc}); free some space "
+                                  "there (--tmp-dir), then the app retries.")
+
     def write(self, piece):
-        self._file.write(piece)
+        try:
+            self._file.write(piece)
+        except OSError as exc:
+            raise self._failed(exc) from exc
         self.size += len(piece)
+
+    def finish(self):
+        """Write out what is buffered."""
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise self._failed(exc) from exc
 
     def pieces(self):
         """Yield what was written, from its beginning, in pieces."""
-        self._file.flush()
-        self._file.seek(0)
-        while True:
-            piece = self._file.read(READ_CHUNK)
-            if not piece:
-                return
-            yield piece
+        try:
+            self._file.seek(0)
+            for piece in iter(functools.partial(self._file.read, READ_CHUNK), b""):
+                yield piece
+        except OSError as exc:
+            raise self._failed(exc) from exc
 
     def close(self):
         with contextlib.suppress(OSError):
@@ -5324,11 +5339,13 @@ class BodyDigest:
     def head(self, size):
         """At least ``size`` first bytes of the body (fewer if it is shorter)."""
         held = self._held
-        while sum(map(len, held)) < size:
+        total = sum(map(len, held))
+        while total < size:
             piece = next(self._pieces, None)
             if piece is None:
                 break
             held.append(piece)
+            total += len(piece)
         return b"".join(held)
 
     def __iter__(self):
@@ -5389,14 +5406,10 @@ class SyncIntake:
         try:
             try:
                 spool = self.store.spool()
-                try:
-                    for piece in body:
-                        spool.write(piece)
-                        self._account(spool, spool.size)
-                except OSError as exc:  # the temporary file's disk is full, say: the app retries
-                    raise StorageUnavailable(f"The sync's temporary file in {self.store.tmp_dir} cannot take its "
-                                             f"body ({exc}); free some space there (--tmp-dir), then the app "
-                                             "retries.") from exc
+                for piece in body:
+                    spool.write(piece)
+                    self._account(spool, spool.size)
+                spool.finish()
                 same_as, size = stored.get(body.hexdigest(), (None, None))
                 result = None
                 if size == body.size:
@@ -5407,6 +5420,9 @@ class SyncIntake:
                 raise
             if result is not None:
                 return result
+            # Read back as any other body; its copy is not counted against
+            # max_tmp, or a body nearly that size would never be stored.
+            self._release(spool)
             return self._read(spool.pieces(), remote_addr, started, body)
         finally:
             if spool is not None:
