@@ -12,6 +12,7 @@ Usage::
     python3 health_receiver.py stats           # what is stored
     python3 health_receiver.py export --type HeartRate --format csv
     python3 health_receiver.py import export-*.json
+    python3 health_receiver.py backup /backups --keep 7   # a verified copy
     python3 health_receiver.py bench --mb 50   # can this machine keep up?
 
 Open http://<this machine>:3000/ in a browser for the status page: today's
@@ -33,7 +34,8 @@ Map of this file, each section depending only on those above it:
                   Payload (a sync's body as batches of rows)
     Storage       SQLite connections, schema derived from SECTIONS, the
                   syncs table (SYNCS), MIGRATIONS, a sync's rows staged in a
-                  temporary file and merged in one transaction, hourly totals
+                  temporary file and merged in one transaction, hourly totals;
+                  backups of a database in use, verify, restore
     Reporting     records of what is stored (read only): RANGES, a View and
                   its Window, CHART_KINDS over the hourly totals, today,
                   sleep, workouts and routes, medications; the JSON made
@@ -41,11 +43,14 @@ Map of this file, each section depending only on those above it:
     Presentation  the pages from those records: status page, a page per
                   type and per workout; HTML with inline SVG charts
     Sync workflow one sync from arriving bytes to stored rows, shared by HTTP
-                  and import; the archive; NDJSON lines made payloads again
+                  and import (a byte-identical retry answered from its
+                  record); the archive; NDJSON lines made payloads again;
+                  scheduled backups
     HTTP          Keys and identities, request checks, the protocol (framing,
                   body, the one answer writer), ROUTES and their actions, the
                   server
-    Command line  serve, stats, export, import: COMMANDS
+    Command line  serve, key, stats, export, import, backup, verify, restore:
+                  COMMANDS
     Bench         `bench`: the receiver against a baseline, at any database size
     main          the entry point
 
@@ -109,6 +114,10 @@ try:
     import resource
 except ImportError:  # Windows has no resource module; peak RSS is then unknown.
     resource = None
+try:
+    import fcntl
+except ImportError:  # Windows: restore cannot tell whether a receiver runs
+    fcntl = None
 
 
 # ---------------------------------------------------------------------------
@@ -1665,7 +1674,7 @@ def leading_members(head):
 
 
 # ---------------------------------------------------------------------------
-# Storage: connections, schema, migrations, writing a sync
+# Storage: connections, schema, migrations, writing a sync; backups, verify, restore
 # ---------------------------------------------------------------------------
 
 #: Seconds SQLite waits for another program's lock before giving up (503).
@@ -2416,9 +2425,12 @@ class Store:
     and are never blocked by a running ingest (WAL).
     """
 
-    def __init__(self, path, busy_timeout=BUSY_TIMEOUT, tmp_dir=None):
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT, tmp_dir=None, backup_dir=None):
         self.path = path
         self.busy_timeout = busy_timeout
+        #: Where backups are kept (--backup-dir): a damaged database's
+        #: message names the newest.
+        self.backup_dir = backup_dir
         #: Where syncs wait while their body arrives (see Stage).
         self.tmp_dir = tmp_dir or os.path.dirname(os.path.abspath(path))
         self._write_lock = threading.Lock()
@@ -2470,6 +2482,11 @@ class Store:
     def _damaged(self, detail):
         if self.damage is None:
             self.damage = DAMAGED.format(path=self.path, detail=log_safe(detail, LOG_TEXT_MAX))
+            newest = newest_backup(self.backup_dir, self.path) if self.backup_dir else None
+            if newest is not None:
+                self.damage += (f" The newest verified backup is {newest}: to put it in place, stop the receiver "
+                                f"and run: python3 {os.path.basename(sys.argv[0] or 'health_receiver.py')} restore "
+                                f"{newest} --db {self.path}")
 
     def unavailable(self, exc):
         """The StorageUnavailable of a database error; a sign of damage
@@ -2499,7 +2516,7 @@ class Store:
                 conn.execute(f"PRAGMA cache_size = -{MIGRATION_CACHE_KIB:d}")
             try:
                 with _transaction(conn):
-                    migration.apply(conn, report)
+                    migration.apply(conn, (lambda text: None) if fresh else report)  # a new file: nothing to say
                     conn.execute(f"PRAGMA user_version = {step + 1:d}")
             finally:
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -2999,6 +3016,387 @@ def _process_alive(pid):
     except OSError:
         return True
     return True
+
+
+# -- backups, verification, restore ------------------------------------------
+
+#: Pages a backup copies per step (16 MiB): between steps a sync's merge
+#: goes on.  The backup reads one snapshot throughout (it holds a read
+#: transaction, which in WAL mode holds up no writer), so a sync committed
+#: meanwhile is not in it and never makes it start again.
+BACKUP_STEP_PAGES = 1024
+#: Names of the backups this receiver makes: <database name>-<UTC time>.db,
+#: and .db.gz when compressed.  Only such files are ever removed (--keep).
+_BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<time>[0-9]{8}T[0-9]{6}Z)\.db(?:\.gz)?\Z")
+#: A backup being made: .<final name>.<pid>.backup-tmp (removed once the
+#: process is gone).
+_BACKUP_TEMP = re.compile(r"\..+\.(?P<pid>[0-9]+)\.backup-tmp(?:\.gz|-journal)?\Z")
+#: gzip's level for --gzip: the fastest, as a small board needs (health
+#: data compresses well at any level).
+BACKUP_GZIP_LEVEL = 1
+#: Hours of the hourly totals that ``verify`` compares with the samples.
+VERIFY_HOURS = 50
+
+
+class BackupRecord(typing.NamedTuple):
+    """A backup made and verified."""
+
+    path: str
+    #: When its snapshot was taken (canonical UTC).
+    made_at: str
+    size: int
+    seconds: float
+    rows: int
+    schema_version: int
+
+
+def _connect_read_only(path):
+    """A connection that cannot write to ``path`` (a live database or a
+    backup)."""
+    if not os.path.isfile(path):
+        raise Missing(f"no database at {path}")
+    return sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, isolation_level=None,
+                           check_same_thread=False)
+
+
+def table_rows(conn):
+    """{table: rows} of every table of ``conn``'s database."""
+    names = [name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    return {name: conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] for name in names}
+
+
+def backup_name(db_path, now=None, compressed=False):
+    """The file name of a backup of ``db_path`` made ``now`` (UTC)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    stem = os.path.basename(db_path)
+    stem = stem[:-3] if stem.endswith(".db") and len(stem) > 3 else stem
+    return f"{stem}-{now:%Y%m%dT%H%M%SZ}.db" + (".gz" if compressed else "")
+
+
+def backups_of(folder, db_path):
+    """Paths of the backups of ``db_path`` in ``folder`` made by this
+    receiver, the oldest first."""
+    stem = backup_name(db_path).rsplit("-", 1)[0]
+    found = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            match = _BACKUP_NAME.match(name)
+            if match and match["stem"] == stem:
+                found.append((match["time"], name))
+    return [os.path.join(folder, name) for _time, name in sorted(found)]
+
+
+def newest_backup(folder, db_path):
+    """The newest backup of ``db_path`` in ``folder``, or None.  A file under
+    a backup's name was verified before it was given that name."""
+    found = backups_of(folder, db_path)
+    return found[-1] if found else None
+
+
+def remove_old_backups(folder, db_path, keep):
+    """Remove the oldest backups of ``db_path`` in ``folder`` beyond
+    ``keep``; return their paths."""
+    found = backups_of(folder, db_path)
+    removed = found[:max(0, len(found) - keep)]
+    for path in removed:
+        os.unlink(path)
+    return removed
+
+
+def _remove_stale_backup_temps(folder):
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            match = _BACKUP_TEMP.match(name)
+            if match and not _process_alive(int(match["pid"])):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+
+
+def _sync_to_disk(path, folder=False):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:  # some systems cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
+
+
+def _gzip_into(source, target):
+    """Compress the file ``source`` into a new private file ``target``."""
+    create_private(target)
+    with open(source, "rb") as plain, open(target, "r+b") as handle, \
+            gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=BACKUP_GZIP_LEVEL) as packed:
+        shutil.copyfileobj(plain, packed, READ_CHUNK)
+
+
+def backup_database(db_path, dest, compress=False, progress=None):
+    """Copy the database at ``db_path`` into the new file ``dest`` while it
+    is in use, verify the copy against the snapshot it was taken from
+    (integrity_check, every table's rows, the schema version), and only
+    then give it its name; return its BackupRecord.  ``progress(copied,
+    total)`` is called with pages after each step.  The copy is a single
+    file (no write-ahead log), readable only by its owner.  Raises
+    StorageUnavailable (a damaged database, a copy that does not verify)
+    or OSError (the folder, the disk), leaving no file behind; so does an
+    exception of ``progress`` (which stops it)."""
+    started = time.monotonic()
+    folder = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(folder):
+        raise Missing(f"no folder {folder} for the backup")
+    _remove_stale_backup_temps(folder)
+    temp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.backup-tmp")
+    made = [temp, temp + "-journal"]
+    try:
+        source = _connect_read_only(db_path)
+        try:
+            source.execute("BEGIN")
+            source.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts here
+            version = source.execute("PRAGMA user_version").fetchone()[0]
+            made_at = utc_now()
+            create_private(temp)
+            copy = sqlite3.connect(temp, isolation_level=None)
+            try:
+                copy.execute("PRAGMA journal_mode = OFF")  # a new file: nothing to roll back to
+                source.backup(copy, pages=BACKUP_STEP_PAGES,
+                              progress=(lambda _status, left, total: progress(total - left, total)) if progress
+                              else None)
+                copy.execute("PRAGMA journal_mode = DELETE")
+                found = [row[0] for row in copy.execute("PRAGMA integrity_check(5)")]
+                if found != ["ok"]:
+                    raise StorageUnavailable(f"The copy of {db_path} does not verify ({'; '.join(found)[:300]}).")
+                rows = table_rows(copy)
+                if rows != table_rows(source) or copy.execute("PRAGMA user_version").fetchone()[0] != version:
+                    raise StorageUnavailable(f"The copy of {db_path} does not hold the rows of the database.")
+            finally:
+                copy.close()
+        except sqlite3.DatabaseError as exc:
+            raise StorageUnavailable(f"The database {db_path} cannot be copied: {exc}. If it is damaged, "
+                                     "restore the newest backup (restore --help).") from exc
+        finally:
+            source.close()
+        if compress:
+            made.append(temp + ".gz")
+            _gzip_into(temp, temp + ".gz")
+            os.unlink(temp)
+            temp = temp + ".gz"
+        _sync_to_disk(temp)
+        os.replace(temp, dest)
+        _sync_to_disk(folder, folder=True)
+    except BaseException:
+        for path in made:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    return BackupRecord(dest, made_at, os.path.getsize(dest), time.monotonic() - started, sum(rows.values()),
+                        version)
+
+
+@contextlib.contextmanager
+def readable_copy(path):
+    """``path`` as a database file to read: a .gz backup is unpacked into a
+    private temporary file beside it for the time of the block."""
+    if not path.endswith(".gz"):
+        yield path
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(folder, f".{os.path.basename(path)[:-3]}.{os.getpid()}.backup-tmp")
+    try:
+        create_private(temp)
+        with gzip.open(path, "rb") as packed, open(temp, "r+b") as plain:
+            shutil.copyfileobj(packed, plain, READ_CHUNK)
+        yield temp
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+
+
+class Verdict(typing.NamedTuple):
+    """What ``verify`` found: each check as (what, whether it holds, detail)."""
+
+    path: str
+    checks: typing.Tuple[typing.Tuple[str, bool, str], ...]
+
+    @property
+    def ok(self):
+        return all(holds for _what, holds, _detail in self.checks)
+
+    def line(self):
+        """The one-line verdict."""
+        failed = [f"{what}: {detail}" for what, holds, detail in self.checks if not holds]
+        if failed:
+            return f"FAILED: {self.path}: " + "; ".join(failed)
+        return f"OK: {self.path}: " + "; ".join(detail for _what, _holds, detail in self.checks)
+
+
+def verify_database(path, name=None):
+    """Check the database (or backup) at ``path`` without writing to it:
+    SQLite's integrity_check, then facts stored twice that must agree: each
+    type's rows and dates in sample_types against the samples, the hourly
+    totals' sample counts against the samples (every type, and
+    VERIFY_HOURS hours one by one), and that no row names a sync that is
+    not stored or that stored fewer rows.  Returns a Verdict, which names
+    the file ``name`` (by default ``path``)."""
+    name = name or path
+    conn = _connect_read_only(path)
+    checks = []
+    try:
+        conn.execute("BEGIN")
+        try:
+            found = [row[0] for row in conn.execute("PRAGMA integrity_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            found = [str(exc)]
+        checks.append(("integrity", found == ["ok"], "integrity_check ok" if found == ["ok"] else
+                       "; ".join(found)[:300]))
+        if found != ["ok"]:
+            return Verdict(name, tuple(checks))
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < 3 or version > SCHEMA_VERSION:  # the facts below are those of versions 3 on
+            checks.append(("schema", 0 < version <= SCHEMA_VERSION, f"schema version {version}"))
+            return Verdict(name, tuple(checks))
+        checks.extend(_stored_facts_agree(conn, version))
+    except sqlite3.DatabaseError as exc:
+        checks.append(("reading", False, str(exc)[:300]))
+    finally:
+        conn.close()
+    return Verdict(name, tuple(checks))
+
+
+def _stored_facts_agree(conn, version):
+    counted = {t: (n, first, last) for t, n, first, last in conn.execute(
+        "SELECT type, count(*), min(start_date), max(start_date) FROM samples GROUP BY type")}
+    kept = {t: (n, first, last) for t, n, first, last in conn.execute(
+        "SELECT type, rows, first_date, last_date FROM sample_types WHERE rows > 0")}
+    wrong = sorted(t for t in set(counted) | set(kept) if counted.get(t) != kept.get(t))
+    samples = sum(n for n, _first, _last in counted.values())
+    yield ("types", not wrong, f"{samples:,} samples in {len(counted):,} types agree with sample_types" if not wrong
+           else f"sample_types disagrees with the samples for {', '.join(log_safe(t, 60) for t in wrong[:3])} "
+                "(after editing samples by hand: stats --recount)")
+    pending = {t for (t,) in conn.execute("SELECT DISTINCT type FROM sample_hours_pending")}
+    hourly = dict(conn.execute("SELECT type, sum(samples) FROM sample_hours GROUP BY type"))
+    wrong = sorted(t for t in counted if t not in pending and hourly.get(t, 0) != counted[t][0])
+    hours = conn.execute(
+        "SELECT type, substr(hour, 1, 13) AS h, sum(samples) FROM sample_hours WHERE type NOT IN"
+        " (SELECT type FROM sample_hours_pending) AND (type, h) IN (SELECT type, substr(hour, 1, 13)"
+        f" FROM sample_hours ORDER BY random() LIMIT {VERIFY_HOURS:d}) GROUP BY type, h").fetchall()
+    for type_name, hour, in_totals in hours:
+        stored = conn.execute("SELECT count(*) FROM samples WHERE type = ? AND start_date >= ? AND start_date < ?",
+                              (type_name, hour, hour + ";")).fetchone()[0]
+        if stored != in_totals:
+            wrong.append(f"{type_name} at {hour}")
+    yield ("hours", not wrong, f"hourly totals agree ({len(hours)} hours checked one by one)" if not wrong
+           else f"the hourly totals disagree with the samples for {', '.join(log_safe(t, 80) for t in wrong[:3])} "
+                "(stats --recount rebuilds them)")
+    syncs = {sync_id: (inserted, points, digest) for sync_id, inserted, points, digest in conn.execute(
+        "SELECT id, inserted, route_points_inserted, " + ("body_sha256" if version >= 6 else "NULL") +
+        f" FROM syncs WHERE status = '{SyncStatus.OK}'")}
+    written, points = collections.Counter(), collections.Counter()
+    for section in SECTIONS:
+        column = section.sync_columns[0]
+        for sync_id, rows in conn.execute(f"SELECT {column}, count(*) FROM {section.table} GROUP BY {column}"):
+            if section is ROUTE_POINTS:
+                points[sync_id] += rows
+            elif section.counted:
+                written[sync_id] += rows
+            elif sync_id not in syncs:
+                written[sync_id] += 0  # not counted, but must name a stored sync
+    orphans = sorted(set(written) - set(syncs) | set(points) - set(syncs))
+    # Rows may be removed by hand, never added: a sync stored since version
+    # 6 (with its digest) wrote at most the rows it counted.
+    over = sorted(sync_id for sync_id, (inserted, route_points, digest) in syncs.items()
+                  if digest is not None and (written[sync_id] > inserted or points[sync_id] > route_points))
+    problems = ([f"rows of syncs that are not stored ({', '.join(map(str, orphans[:5]))})"] if orphans else []) + (
+        [f"more rows than syncs {', '.join(map(str, over[:5]))} stored"] if over else [])
+    yield ("syncs", not problems, f"{len(syncs):,} syncs agree with their rows" if not problems
+           else "; ".join(problems))
+
+
+def receiver_using(db_path):
+    """A description of a process that has ``db_path`` open (Linux), or
+    None when none is found."""
+    target = os.path.realpath(db_path)
+    with contextlib.suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    if os.path.realpath(f"/proc/{pid}/fd/{fd}") == target:
+                        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                            command = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+                        return f"process {pid} ({log_safe(command, 120)})"
+    return None
+
+
+def hold_database(db_path):
+    """Mark ``db_path`` as served by this process for as long as the
+    returned file stays open (a shared lock that ``restore`` tests); None
+    where the system has no such locks."""
+    if fcntl is None:
+        return None
+    handle = open(db_path, "rb")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def database_in_use(db_path):
+    """Whether a receiver (or another program holding a lock) has the
+    database open."""
+    if fcntl is None or not os.path.exists(db_path):
+        return False
+    with open(db_path, "rb") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def restore_database(backup, db_path, report):
+    """Put ``backup`` (verified first) in place of the database at
+    ``db_path``, which is kept as <db>.before-restore-<UTC time> with its
+    log; return that name (None when there was no database).  Raises
+    UsageError when the backup does not verify or a receiver runs."""
+    with readable_copy(backup) as readable:
+        verdict = verify_database(readable, backup)
+        if not verdict.ok:
+            raise UsageError(f"{backup} does not verify, nothing was changed: {verdict.line()}")
+        report(verdict.line())
+        if database_in_use(db_path):
+            who = receiver_using(db_path)
+            raise UsageError(f"a receiver is running on {db_path}" + (f": {who}" if who else "") +
+                             "; stop it first, nothing was changed")
+        folder = os.path.dirname(os.path.abspath(db_path))
+        temp = os.path.join(folder, f".{os.path.basename(db_path)}.{os.getpid()}.backup-tmp")
+        try:
+            create_private(temp)
+            with open(readable, "rb") as source, open(temp, "r+b") as target:
+                shutil.copyfileobj(source, target, READ_CHUNK)
+                target.flush()
+                os.fsync(target.fileno())
+            kept = None
+            if os.path.exists(db_path):
+                kept = f"{db_path}.before-restore-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
+                # The log goes with its database: it may hold its last syncs.
+                for suffix in ("-wal", ""):
+                    if os.path.exists(db_path + suffix):
+                        os.replace(db_path + suffix, kept + suffix)
+                with contextlib.suppress(OSError):
+                    os.unlink(db_path + "-shm")
+                report(f"The database before the restore is kept as {kept}")
+            os.replace(temp, db_path)
+            _sync_to_disk(folder, folder=True)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+    return kept
 
 
 # ---------------------------------------------------------------------------
@@ -4113,6 +4511,8 @@ class StatusReport(typing.NamedTuple):
     workouts: typing.Tuple[Workout, ...]
     more_workouts: int
     medications: typing.Tuple[Medication, ...]
+    #: Scheduled backups (BackupSchedule.status), when the receiver makes them.
+    backup: typing.Optional[dict] = None
 
 
 def status_report(store, view, sync_count=20, type_limit=PAGE_TYPES_MAX):
@@ -4158,6 +4558,7 @@ def summary_json(report):
          "points": [[day.isoformat(), doses["taken"], doses["skipped"]]
                     for day, _count, doses in medication.chart.points],
          "taken": medication.taken, "skipped": medication.skipped} for medication in report.medications]
+    facts["backup"] = report.backup
     return facts
 
 
@@ -4950,6 +5351,7 @@ def render_status_page(report):
     if last_sync:
         out.append(f'<p>Last sync {format_ago(last_sync.received_at, view.now)}: '
                    f'{_number(last_sync.received)} records, {_esc(last_sync.status)}.</p>')
+    out.append(_backup_line(report.backup, view.now))
     if report.today:
         out.append("<h2>Today</h2><div class=\"tiles\">")
         for tile in report.today:
@@ -4997,6 +5399,18 @@ def render_status_page(report):
                f'<a href="{SUMMARY_PATH}?range={range_name}">{SUMMARY_PATH}</a>. '
                f'<a href="{FIELDS_PATH}">What the app sends</a>: the fields of its elements.</p>')
     return _document("Health receiver", out)
+
+
+def _backup_line(backup, now):
+    if backup is None:
+        return ""
+    last = backup["last"]
+    made = (f"last backup {format_ago(last['made_at'], now)} ({_esc(_size(last['bytes']))}, verified)" if last
+            else "no backup yet")
+    every = f"every {backup['every_hours']:g} h into {_esc(backup['folder'])}, {backup['keep']} kept"
+    if backup["warning"]:
+        return f'<p class="note">Backups: {_esc(backup["warning"])}; {made}; {every}.</p>'
+    return f'<p class="muted">Backups: {made}; {every}.</p>'
 
 
 def render_fields_page(groups, zone):
@@ -5248,7 +5662,7 @@ def svg_profile(profile, distance, size=PROFILE_SIZE):
 
 
 # ---------------------------------------------------------------------------
-# Sync workflow: one sync from bytes to stored rows (HTTP and import); NDJSON import
+# Sync workflow: one sync from bytes to stored rows (HTTP and import); NDJSON import; scheduled backups
 # ---------------------------------------------------------------------------
 
 def _archive_path(directory, sync_id, now=None):
@@ -5495,6 +5909,100 @@ class SyncIntake:
         self.store.checkpoint()
 
 
+#: Seconds before a failed scheduled backup is tried again (at most the
+#: interval).
+BACKUP_RETRY = 3600
+def _exact_stamp(text):
+    """A canonical UTC timestamp, milliseconds included, as an aware datetime."""
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+
+
+class BackupSchedule:
+    """Backups made by a background thread of the running receiver every
+    ``every`` seconds into ``folder``, keeping the newest ``keep``.  A
+    backup reads a snapshot beside the syncs and never delays one (see
+    backup_database).  ``log(line, error)`` writes the log."""
+
+    def __init__(self, db_path, folder, every, keep, log):
+        self.db_path, self.folder, self.every, self.keep = db_path, folder, every, keep
+        self.log = log
+        #: The last backup made (a BackupRecord), or found in the folder at
+        #: start (its time from its name).
+        self.last = None
+        #: (UTC time, reason) of the last attempt, when it failed.
+        self.failure = None
+        newest = newest_backup(folder, db_path)
+        if newest is not None:
+            stamp = datetime.datetime.strptime(_BACKUP_NAME.match(os.path.basename(newest))["time"],
+                                               "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+            with contextlib.suppress(OSError):
+                self.last = BackupRecord(newest, _canonical(stamp), os.path.getsize(newest), 0.0, 0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backups", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        """Stop the thread, a backup in progress too (its file is removed)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _progress(self, _copied, _total):
+        if self._stop.is_set():
+            raise BackupStopped("the receiver is stopping")
+
+    def _due_in(self):
+        if self.last is None:
+            return 0.0
+        age = (datetime.datetime.now(datetime.timezone.utc) - _exact_stamp(self.last.made_at)).total_seconds()
+        return max(0.0, self.every - age)
+
+    def _run(self):
+        while not self._stop.wait(self._due_in() if self.failure is None else min(self.every, BACKUP_RETRY)):
+            self.run_once()
+
+    def run_once(self):
+        """Make a backup now; failures are logged and kept, never raised."""
+        dest = os.path.join(self.folder, backup_name(self.db_path))
+        try:
+            record = backup_database(self.db_path, dest, progress=self._progress)
+            removed = remove_old_backups(self.folder, self.db_path, self.keep)
+        except BackupStopped:
+            return None
+        except (OSError, sqlite3.Error, StorageUnavailable, UsageError) as exc:
+            self.failure = (utc_now(), str(exc))
+            self.log(f"backup into {self.folder} failed: {exc}", True)
+            return None
+        self.last, self.failure = record, None
+        self.log(f"backup {record.path}: {record.rows:,} rows, {record.size / 1e6:.1f} MB, verified, in "
+                 f"{record.seconds:.1f} s" + (f"; {len(removed)} older removed" if removed else ""), False)
+        return record
+
+    def status(self, now=None):
+        """What the status page and the endpoint's GET say: the last backup,
+        and a warning when it failed or is older than twice the interval."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        last = self.last
+        answer = {"folder": self.folder, "every_hours": round(self.every / 3600, 3), "keep": self.keep,
+                  "last": None, "warning": None}
+        if last is not None:
+            answer["last"] = {"path": last.path, "made_at": last.made_at, "bytes": last.size, "verified": True}
+        if self.failure is not None:
+            answer["warning"] = f"the last backup failed at {self.failure[0]}: {self.failure[1]}"
+        elif last is None:
+            answer["warning"] = "no backup made yet"
+        elif (now - _exact_stamp(last.made_at)).total_seconds() > 2 * self.every:
+            answer["warning"] = f"the last backup, of {last.made_at}, is older than twice the interval"
+        return answer
+
+
+class BackupStopped(Exception):
+    """A scheduled backup stopped because the receiver stops."""
+
+
+
 #: Lines of an NDJSON export ingested as one sync by ``import``.
 IMPORT_CHUNK_LINES = 100000
 
@@ -5602,6 +6110,8 @@ DEFAULT_MAX_BODY_MB = 100
 DEFAULT_TIMEOUT = 30.0
 #: Default bound of the temporary disk that syncs being received take, in MiB.
 DEFAULT_MAX_TMP_MB = 1024
+#: Backups kept by scheduled backups (--backup-keep).
+DEFAULT_BACKUP_KEEP = 7
 #: Longest chunk-size line of a chunked body (a 16-digit size, extensions, CRLF).
 CHUNK_LINE_MAX = 1026
 #: Longest trailer line of a chunked body, and how many are read.
@@ -5853,6 +6363,10 @@ class ReceiverConfig:
     source_priority: typing.Tuple[str, ...] = SOURCE_PRIORITY
     #: Proxies whose forwarding headers name the client (--trusted-proxy).
     trusted_proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
+    #: Scheduled backups (--backup-dir, --backup-every in seconds, --backup-keep).
+    backup_dir: typing.Optional[str] = None
+    backup_every: typing.Optional[float] = None
+    backup_keep: int = DEFAULT_BACKUP_KEEP
 
     def __post_init__(self):
         self.path = endpoint_path(self.path)
@@ -6658,15 +7172,21 @@ def _totals(request):
     return store
 
 
+def _status_report(request):
+    backups = request.server.backups
+    return status_report(_totals(request), _view(request))._replace(
+        backup=backups.status() if backups is not None else None)
+
+
 def status_page(request):
     damage = request.server.store.damage
     if damage:
         return html_answer(render_damaged_page(damage))._replace(status=HTTPStatus.SERVICE_UNAVAILABLE)
-    return html_answer(render_status_page(status_report(_totals(request), _view(request))))
+    return html_answer(render_status_page(_status_report(request)))
 
 
 def status_json(request):
-    return json_answer(summary_json(status_report(_totals(request), _view(request))))
+    return json_answer(summary_json(_status_report(request)))
 
 
 def type_page(request):
@@ -6710,6 +7230,8 @@ def connection_check(request):
     if peak is not None:
         answer["peak_rss_mb"] = round(peak, 1)
     answer["cpu_seconds"] = round(cpu_seconds(), 3)
+    if server.backups is not None:
+        answer["backup"] = server.backups.status()
     return json_answer(answer)
 
 
@@ -6766,6 +7288,13 @@ class HealthReceiverServer(ThreadingHTTPServer):
         self.config = config
         self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
+        self._held = None
+        self.backups = None
+        if config.backup_dir and config.backup_every:
+            self.store.backup_dir = config.backup_dir
+            self.backups = BackupSchedule(
+                config.db, config.backup_dir, config.backup_every, config.backup_keep,
+                lambda line, error: self.log_error_line(None, line) if error else self.log_request_line(None, line))
         self.guesses = GuessThrottle()
         self.refusals = RefusalLog()
         #: Accepting failed for want of file descriptors (logged once per episode).
@@ -6783,12 +7312,29 @@ class HealthReceiverServer(ThreadingHTTPServer):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), HealthRequestHandler, bind_and_activate)
+        #: Marks the database as served, for ``restore`` (see hold_database).
+        self._held = hold_database(config.db) if os.path.exists(config.db) else None
 
     def server_bind(self):
         # HTTPServer.server_bind would look the address up in DNS (getfqdn):
         # slow or hanging on a machine without a resolver, and never needed.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def server_close(self):
+        super().server_close()
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+    def serve_forever(self, poll_interval=0.5):
+        if self.backups is not None:
+            self.backups.start()
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            if self.backups is not None:
+                self.backups.stop()
 
     def get_request(self):
         try:
@@ -6961,7 +7507,7 @@ def make_ssl_context(cert, key):
 
 
 # ---------------------------------------------------------------------------
-# Command line: serve, stats, export, import: COMMANDS
+# Command line: serve, stats, export, import, backup, verify, restore: COMMANDS
 # ---------------------------------------------------------------------------
 
 #: Environment variable holding the key the app sends.
@@ -7063,7 +7609,7 @@ def serve(config, out=None, ready=None):
     the exit code.
     """
     out = out or sys.stdout
-    store = Store(config.db, tmp_dir=config.tmp_dir)
+    store = Store(config.db, tmp_dir=config.tmp_dir, backup_dir=config.backup_dir)
     try:
         store.open(report=lambda line: print(line, file=out, flush=True))
         server = HealthReceiverServer(config, store)
@@ -7235,7 +7781,7 @@ def serve_parser():
     parser = argparse.ArgumentParser(
         prog="health_receiver.py [serve]",
         description="Receive Health Export Pro syncs into a SQLite database.",
-        epilog="Other commands (each with --help): key, stats, export, import, bench. "
+        epilog="Other commands (each with --help): key, stats, export, import, backup, verify, restore, bench. "
                f"The key comes from ${TOKEN_ENV} or --token-file; without one, no auth.")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s; 0 picks one)")
@@ -7270,6 +7816,11 @@ def serve_parser():
     parser.add_argument("--trusted-proxy", metavar="ADDR[,ADDR...]",
                         help="proxies (addresses or networks) whose X-Forwarded-For/Forwarded name the client "
                              f"(default ${TRUSTED_PROXY_ENV}, else none)")
+    parser.add_argument("--backup-dir", metavar="DIR", help="make backups here while serving (with --backup-every)")
+    parser.add_argument("--backup-every", type=_positive_number, metavar="HOURS",
+                        help="hours between backups into --backup-dir (24 is a good choice)")
+    parser.add_argument("--backup-keep", type=int, default=DEFAULT_BACKUP_KEEP, metavar="N",
+                        help="backups kept in --backup-dir, the oldest removed (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="log only errors")
     return parser
 
@@ -7282,6 +7833,12 @@ def config_from_args(args, environ):
         raise UsageError("--tls-key needs --tls-cert")
     if args.tmp_dir and not os.path.isdir(args.tmp_dir):
         raise UsageError(f"--tmp-dir {args.tmp_dir} is not a folder")
+    if bool(args.backup_dir) != bool(args.backup_every):
+        raise UsageError("--backup-dir and --backup-every go together")
+    if args.backup_keep < 1:
+        raise UsageError("--backup-keep must be 1 or more")
+    if args.backup_dir and not os.path.isdir(args.backup_dir):
+        raise UsageError(f"--backup-dir {args.backup_dir} is not a folder")
     RouteTable(ROUTES, endpoint_path(args.path))  # refuses a path another route has
     proxies = TrustedProxies.parse(args.trusted_proxy or environ.get(TRUSTED_PROXY_ENV))
     token, source, generated, warnings = resolve_key(args, environ)  # last: it may create the key file
@@ -7292,7 +7849,9 @@ def config_from_args(args, environ):
                             tls_cert=args.tls_cert, tls_key=args.tls_key, key_source=source,
                             new_key=token if generated else None, no_auth=args.no_auth, warnings=warnings,
                             archive=args.archive, utc=args.utc, trusted_proxies=proxies,
-                            source_priority=args.source_priority)
+                            source_priority=args.source_priority, backup_dir=args.backup_dir,
+                            backup_every=args.backup_every * 3600 if args.backup_every else None,
+                            backup_keep=args.backup_keep)
     if config.archive:
         try:
             os.makedirs(config.archive, exist_ok=True)
@@ -7591,6 +8150,98 @@ def run_import(args, out):
     failed = f", {progress.failed} failed" if progress.failed else ""
     print(f"{progress.done - progress.failed} of {progress.done} files imported{failed}.", file=out)
     return 1 if progress.failed else 0
+
+
+def backup_parser():
+    parser = argparse.ArgumentParser(prog="health_receiver.py backup",
+                                     description="Copy the database into DEST while the receiver runs, verify the "
+                                                 "copy, then give it its name.")
+    parser.add_argument("dest", metavar="DEST", help="the backup file, or a folder: the file is then named "
+                                                     "<database>-<UTC time>.db")
+    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite database file (default %(default)s)")
+    parser.add_argument("--gzip", action="store_true", help="compress the backup (.gz)")
+    parser.add_argument("--keep", type=int, metavar="N", help="with a folder: then remove the oldest backups of this "
+                                                              "database there beyond N (only files backup made)")
+    return parser
+
+
+class _Progress:
+    """A progress line on a terminal: pages, MB and the time left."""
+
+    def __init__(self, out):
+        self.out = out
+        self.started = time.monotonic()
+        self.terminal = hasattr(out, "isatty") and out.isatty()
+
+    def __call__(self, copied, total):
+        if not self.terminal or not total:
+            return
+        spent = time.monotonic() - self.started
+        left = spent * (total - copied) / copied if copied else 0
+        print(f"\r  {copied:,} of {total:,} pages ({copied * PAGE_SIZE / 1e6:,.0f} of {total * PAGE_SIZE / 1e6:,.0f} "
+              f"MB), {left:.0f} s left  ", end="", file=self.out, flush=True)
+
+    def done(self):
+        if self.terminal:
+            print(file=self.out)
+
+
+def run_backup(args, out):
+    if args.keep is not None and args.keep < 1:
+        raise UsageError("--keep must be 1 or more")
+    folder = os.path.isdir(args.dest)
+    if args.keep is not None and not folder:
+        raise UsageError("--keep needs DEST to be a folder")
+    dest = os.path.join(args.dest, backup_name(args.db, compressed=args.gzip)) if folder else args.dest
+    progress = _Progress(out)
+    try:
+        record = backup_database(args.db, dest, compress=args.gzip, progress=progress)
+    finally:
+        progress.done()
+    print(f"Backup {record.path}: {record.rows:,} rows, schema version {record.schema_version}, "
+          f"{_size(record.size)}, verified, in {record.seconds:.1f} s", file=out)
+    if args.keep is not None:
+        for path in remove_old_backups(args.dest, args.db, args.keep):
+            print(f"Removed the older backup {path}", file=out)
+    return 0
+
+
+def verify_parser():
+    parser = argparse.ArgumentParser(prog="health_receiver.py verify",
+                                     description="Check a database or a backup without writing to it: SQLite's "
+                                                 "integrity check, then the totals kept beside the rows against "
+                                                 "the rows. Exit 0 when all holds, 1 otherwise.")
+    parser.add_argument("file", metavar="FILE", nargs="?", help="a backup (.db or .db.gz) or database to check")
+    parser.add_argument("--db", default=DEFAULT_DB, help="the database to check when no FILE is given "
+                                                         "(default %(default)s)")
+    return parser
+
+
+def run_verify(args, out):
+    path = args.file or args.db
+    with readable_copy(path) as readable:
+        verdict = verify_database(readable, path)
+    print(verdict.line(), file=out)
+    return 0 if verdict.ok else 1
+
+
+def restore_parser():
+    parser = argparse.ArgumentParser(prog="health_receiver.py restore",
+                                     description="Put a backup in place of the database (the receiver stopped): "
+                                                 "the backup is verified first, and the database before it is "
+                                                 "kept as <db>.before-restore-<UTC time>.")
+    parser.add_argument("backup", metavar="BACKUP", help="a backup file (.db or .db.gz)")
+    parser.add_argument("--db", default=DEFAULT_DB, help="the database to replace (default %(default)s)")
+    return parser
+
+
+def run_restore(args, out):
+    if not os.path.isfile(args.backup):
+        raise Missing(f"no backup at {args.backup}")
+    restore_database(args.backup, args.db, lambda line: print(line, file=out, flush=True))
+    print(f"Restored {args.backup} as {args.db}. Start the receiver as before (an older schema version is "
+          "upgraded at start); the app's syncs since the backup are stored again when it sends them.", file=out)
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -8029,6 +8680,7 @@ def bench_at_size(millions, mb, runs, out):
             print(f"  {'cold' if cold else 'warm'} {label + ' sync':<12} {at_size:6.2f} s against {empty:6.2f} s: "
                   f"{at_size / empty:.2f}x", file=out)
         time_pages(db, runs, out)
+        bench_backup(db, work_dir, out)
         print("\nWhat this means for a Raspberry Pi: 'cold' is a database larger than the machine's memory, "
               "where every page a sync touches is read from the SD card. A ratio near 1x means a sync costs the "
               "same after years of data as on the first day; multiply the times by the Pi's slowness (3-5x for a "
@@ -8057,6 +8709,80 @@ def time_pages(db, runs, out):
             cold = time.monotonic() - started
         cold_text = "" if cold is None else f", {cold:.3f} s cold"
         print(f"  ?range={choice.name:<4} {statistics.median(times):.3f} s warm{cold_text}", file=out, flush=True)
+
+
+#: How often bench's small syncs come while a backup runs.
+BENCH_SMALL_EVERY = 0.1
+def _small_sync(index):
+    """A small sync of new heart-rate samples, as the app sends every 15 minutes."""
+    start = BENCH_START + datetime.timedelta(days=3650, minutes=index)
+    samples = [{"uuid": f"bench-small-{index}-{i}", "startDate": f"{start:%Y-%m-%dT%H:%M}:{i:02d}.000Z",
+                "endDate": f"{start:%Y-%m-%dT%H:%M}:{i:02d}.000Z", "value": 60 + i, "unit": "count/min",
+                "sourceName": "Apple Watch"} for i in range(20)]
+    return json.dumps({"exportDate": f"{start:%Y-%m-%dT%H:%M}:00.000Z", "syncSource": "background",
+                       "data": {"HKQuantityTypeIdentifierHeartRate": samples}}).encode()
+
+
+def _latencies_while(port, work, first_index):
+    """Post a small sync every BENCH_SMALL_EVERY seconds while ``work()``
+    runs (at least 3 s); return (its result, the answers' seconds)."""
+    seconds, done = [], threading.Event()
+
+    def post():
+        index = first_index
+        while not done.is_set() or len(seconds) < 30:
+            seconds.append(_post(port, _small_sync(index))[0])
+            index += 1
+            time.sleep(BENCH_SMALL_EVERY)
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    try:
+        result = work()
+    finally:
+        done.set()
+        poster.join()
+    return result, seconds
+
+
+
+def _percentile(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def bench_backup(db, work_dir, out):
+    """Back up ``db`` while a receiver on it takes small syncs; report the
+    backup's time and size, plain and compressed, the syncs' answer times
+    with and without it, verify and restore."""
+    proc, port = _start_child_server(db)
+    try:
+        _result, alone = _latencies_while(port, lambda: time.sleep(3), 0)
+        dest = os.path.join(work_dir, "backup.db")
+        record, during = _latencies_while(port, lambda: backup_database(db, dest), 1000)
+    finally:
+        _stop_child_server(proc)
+    started = time.monotonic()
+    packed = backup_database(db, dest + ".gz", compress=True)
+    packed_seconds = time.monotonic() - started
+    started = time.monotonic()
+    verdict = verify_database(dest)
+    verify_seconds = time.monotonic() - started
+    target = os.path.join(work_dir, "restored.db")
+    started = time.monotonic()
+    restore_database(dest, target, lambda line: None)
+    restore_seconds = time.monotonic() - started
+    print(f"\nBackups at this size (database {database_size(db) / 1e9:.2f} GB):", file=out)
+    print(f"  backup      {record.seconds:6.1f} s, {record.size / 1e6:,.0f} MB, verified ({record.rows:,} rows)",
+          file=out)
+    print(f"  --gzip      {packed_seconds:6.1f} s, {packed.size / 1e6:,.0f} MB ({packed.size / record.size:.2f} of "
+          f"the plain copy)", file=out)
+    print(f"  verify      {verify_seconds:6.1f} s: {'OK' if verdict.ok else verdict.line()}", file=out)
+    print(f"  restore     {restore_seconds:6.1f} s", file=out)
+    print(f"  small syncs every {BENCH_SMALL_EVERY:g} s: answered in {_percentile(alone, 0.5):.3f} s (p50), "
+          f"{_percentile(alone, 0.99):.3f} s (p99) alone; {_percentile(during, 0.5):.3f} s (p50), "
+          f"{_percentile(during, 0.99):.3f} s (p99), worst {max(during):.3f} s, during the backup "
+          f"({len(during)} syncs)", file=out)
 
 
 def bench_parser():
@@ -8097,6 +8823,9 @@ COMMANDS = {
     "stats": (stats_parser, run_stats),
     "export": (export_parser, run_export),
     "import": (import_parser, run_import),
+    "backup": (backup_parser, run_backup),
+    "verify": (verify_parser, run_verify),
+    "restore": (restore_parser, run_restore),
     "bench": (bench_parser, run_bench),
 }
 

@@ -24,10 +24,12 @@ import os
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -998,6 +1000,178 @@ class LockedDatabaseTests(ServerTestCase):
         self.assertEqual(self.post(make_payload(tag="E"))[0], 200)
 
 
+class BackupTests(ServerTestCase):
+    """Backups of a database in use, verify and restore."""
+
+    def backups_folder(self):
+        folder = os.path.join(self.tmp.name, "backups")
+        os.makedirs(folder, exist_ok=True)
+        return folder
+
+    def rows_of(self, path):
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return {table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in hr.TABLES}
+
+    def test_a_backup_while_syncs_arrive_holds_whole_syncs_and_verifies(self):
+        self.assertEqual(self.post(make_payload(n=3000, tag="Z"))[0], 200)
+        answers = []
+        posting = [threading.Thread(target=lambda tag=tag: answers.append(self.post(make_payload(n=50, tag=tag))))
+                   for tag in (f"T{i}" for i in range(20))]
+        dest = os.path.join(self.backups_folder(), "copy.db")
+        original = hr.BACKUP_STEP_PAGES
+        hr.BACKUP_STEP_PAGES = 1  # many steps, between which the syncs go on
+        try:
+            for thread in posting:
+                thread.start()
+            record = hr.backup_database(self.db, dest)
+        finally:
+            hr.BACKUP_STEP_PAGES = original
+            for thread in posting:
+                thread.join(30)
+        self.assertEqual(sorted(status for status, _, _ in answers), [200] * 20)
+        self.assertEqual(stat.S_IMODE(os.stat(dest).st_mode), 0o600)
+        code, out, _ = run_main("verify", dest)
+        self.assertEqual(code, 0, out)
+        self.assertTrue(out.startswith(f"OK: {dest}: integrity_check ok; "), out)
+        copied, live = self.rows_of(dest), self.rows_of(self.db)
+        synced = [row[0] for row in copied["syncs"]]
+        # A prefix of the syncs, each with all its rows: a consistent point.
+        self.assertEqual(synced, [row[0] for row in live["syncs"]][:len(synced)])
+        for table in ("samples", "workouts", "workout_route_points"):
+            self.assertEqual(copied[table], [row for row in live[table] if row[-1] in synced], table)
+        with contextlib.closing(sqlite3.connect(dest)) as conn:
+            self.assertEqual(record.rows, sum(hr.table_rows(conn).values()))
+            self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "delete")  # one file
+
+    def test_verify_names_what_disagrees(self):
+        payload = make_payload(n=30)
+        self.assertEqual(self.post(payload)[0], 200)
+        wait_until(lambda: not self.query("SELECT 1 FROM sample_hours_pending"))
+        code, out, _ = run_main("verify", "--db", self.db)
+        self.assertEqual(code, 0, out)
+        self.assertRegex(out, r"^OK: .*61 samples in 2 types agree with sample_types; hourly totals agree "
+                              r"\(\d+ hours checked one by one\); 1 syncs agree with their rows\n$")
+        breakages = [("UPDATE sample_types SET rows = rows + 1 WHERE type LIKE '%Heart%'", "sample_types disagrees"),
+                     ("UPDATE sample_hours SET samples = samples + 1 WHERE hour = (SELECT min(hour) FROM"
+                      " sample_hours)", "hourly totals disagree"),
+                     ("UPDATE workouts SET sync_id = 99", "rows of syncs that are not stored (99)"),
+                     ("UPDATE syncs SET inserted = 3", "more rows than syncs 1 stored")]
+        for sql, said in breakages:
+            with self.subTest(said=said):
+                copy = os.path.join(self.tmp.name, "broken.db")
+                with contextlib.closing(sqlite3.connect(self.db)) as source, \
+                        contextlib.closing(sqlite3.connect(copy)) as target:
+                    source.backup(target)
+                    target.execute(sql)
+                    target.commit()
+                code, out, _ = run_main("verify", copy)
+                self.assertEqual(code, 1, out)
+                self.assertTrue(out.startswith(f"FAILED: {copy}: "), out)
+                self.assertIn(said, out)
+                os.unlink(copy)
+
+    def test_restore_gives_the_backups_rows_and_keeps_the_database_before(self):
+        other = os.path.join(self.tmp.name, "other.db")
+        store = hr.Store(other)
+        store.open()
+        intake = hr.SyncIntake(store)
+        intake.after_answer(intake.ingest([encode(make_payload(n=40, tag="A"))], "test"))
+        backup = os.path.join(self.backups_folder(), "other.db.gz")
+        self.assertEqual(run_main("backup", backup, "--db", other, "--gzip")[0], 0)
+        self.assertEqual(stat.S_IMODE(os.stat(backup).st_mode), 0o600)
+        with gzip.open(backup) as packed:
+            self.assertEqual(packed.read(16), b"SQLite format 3\0")
+        saved = self.rows_of(other)
+        intake.after_answer(intake.ingest([encode(make_payload(n=40, tag="B"))], "test"))
+        store.close()
+        later = self.rows_of(other)
+        self.assertNotEqual(later, saved)
+        code, out, err = run_main("restore", backup, "--db", other)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.rows_of(other), saved)
+        kept, = [name for name in os.listdir(self.tmp.name) if name.startswith("other.db.before-restore-")
+                 and not name.endswith("-wal")]
+        self.assertEqual(self.rows_of(os.path.join(self.tmp.name, kept)), later)
+        self.assertIn(kept, out)
+        self.assertFalse(os.path.exists(other + "-wal"))
+        self.assertEqual(stat.S_IMODE(os.stat(other).st_mode), 0o600)
+        # A backup that does not verify changes nothing.
+        broken = os.path.join(self.tmp.name, "broken.db")
+        with open(broken, "wb") as handle:
+            handle.write(b"not a database" * 1000)
+        code, _out, err = run_main("restore", broken, "--db", other)
+        self.assertNotEqual(code, 0)
+        self.assertIn("nothing was changed", err)
+        self.assertEqual(self.rows_of(other), saved)
+
+    def test_keep_removes_only_the_commands_own_older_backups(self):
+        folder = self.backups_folder()
+        self.assertEqual(self.post(make_payload())[0], 200)
+        strangers = ["notes.txt", "health-20200101T000000Z.db.bak", "other-20200101T000000Z.db",
+                     "health-2020.db"]
+        for name in strangers:
+            with open(os.path.join(folder, name), "w") as handle:
+                handle.write("x")
+        olds = ["health-20200101T000000Z.db", "health-20200102T000000Z.db.gz", "health-20200103T000000Z.db"]
+        for name in olds:
+            with open(os.path.join(folder, name), "w") as handle:
+                handle.write("x")
+        code, out, err = run_main("backup", folder, "--db", self.db, "--keep", "2")
+        self.assertEqual(code, 0, err)
+        made, = [name for name in os.listdir(folder) if name not in strangers + olds]
+        self.assertRegex(made, r"^health-\d{8}T\d{6}Z\.db$")
+        self.assertEqual(sorted(os.listdir(folder)), sorted(strangers + [olds[2], made]))
+        self.assertEqual(out.count("Removed the older backup"), 2)
+        self.assertEqual(run_main("backup", folder, "--db", self.db, "--keep", "0")[0], 2)
+        self.assertEqual(run_main("backup", os.path.join(folder, "x.db"), "--db", self.db, "--keep", "1")[0], 2)
+
+    def test_an_older_version_backup_is_upgraded_at_the_next_start_after_its_restore(self):
+        old = os.path.join(self.tmp.name, "old.db")
+        make_v1_database(old, make_payload())
+        backup = os.path.join(self.backups_folder(), "old-backup.db")
+        self.assertEqual(run_main("backup", backup, "--db", old)[0], 0)
+        target = os.path.join(self.tmp.name, "restored.db")
+        self.assertEqual(run_main("restore", backup, "--db", target)[0], 0)
+        before = self.rows_of(target)
+        store = hr.Store(target)
+        store.open()
+        store.close()
+        with contextlib.closing(sqlite3.connect(target)) as conn:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], hr.SCHEMA_VERSION)
+            self.assertEqual(conn.execute("SELECT count(*) FROM workouts").fetchone()[0], len(before["workouts"]))
+        self.assertEqual(run_main("verify", "--db", target)[0], 0)
+
+
+class ScheduledBackupTests(ServerTestCase):
+
+    def server_options(self):
+        self.folder = os.path.join(self.tmp.name, "backups")
+        os.mkdir(self.folder)
+        return {"backup_dir": self.folder, "backup_every": 0.3, "backup_keep": 2}
+
+    def test_scheduled_backups_happen_keep_their_number_and_show_on_the_page(self):
+        self.assertEqual(self.post(make_payload())[0], 200)
+        wait_until(lambda: any("backup " in line and "verified" in line for line in self.log_lines()))
+        time.sleep(1.5)  # more backups than are kept (names are per second)
+        names = os.listdir(self.folder)
+        self.assertLessEqual(len([name for name in names if not name.startswith(".")]), 2)
+        status, _, answer = self.request("GET")
+        backup = answer["backup"]
+        self.assertEqual((backup["keep"], backup["warning"]), (2, None))
+        self.assertEqual(os.path.dirname(backup["last"]["path"]), self.folder)
+        self.assertTrue(backup["last"]["verified"])
+        self.assertEqual(run_main("verify", backup["last"]["path"])[0], 0)
+        page = self.request("GET", "/")[2].decode()
+        self.assertIn("Backups: last backup", page)
+        self.assertEqual(self.request("GET", hr.SUMMARY_PATH)[2]["backup"]["keep"], 2)
+        # The folder gone: the failure is logged and shown.
+        shutil.rmtree(self.folder)
+        wait_until(lambda: self.request("GET")[2]["backup"]["warning"] is not None)
+        self.assertIn("the last backup failed", self.request("GET")[2]["backup"]["warning"])
+        self.assertIn('class="note">Backups: the last backup failed', self.request("GET", "/")[2].decode())
+        self.assertTrue(any("ERROR backup into" in line for line in self.log_lines()))
+
+
 class RetryTests(ServerTestCase):
     """A byte-identical retry is answered from the record of the sync it
     repeats; anything else is read."""
@@ -1217,14 +1391,32 @@ class ProcessTests(unittest.TestCase):
         for tag in "ABCD":
             self.assertEqual(child.post(encode(make_payload(n=1500, tag=tag)))[0], 200)
         self.assertEqual(child.stop(), 0)
+        backups = os.path.join(self.tmp.name, "backups")
+        os.mkdir(backups)
+        self.assertEqual(run_main("backup", backups, "--db", self.db)[0], 0)
+        backup, = [os.path.join(backups, name) for name in os.listdir(backups)]
+        before = self.query("SELECT count(*) FROM samples")
         size = os.path.getsize(self.db)
         with open(self.db, "r+b") as handle:  # 4 KiB of noise in the middle of a page of samples
             handle.seek(size // 2 // 16384 * 16384 + 2048)
             handle.write(random.Random(7).getrandbits(4096 * 8).to_bytes(4096, "little"))
-        child = self.start()
+        # A backup of it fails and leaves no file.
+        elsewhere = os.path.join(self.tmp.name, "elsewhere")
+        os.mkdir(elsewhere)
+        code, _out, err = run_main("backup", elsewhere, "--db", self.db)
+        self.assertEqual(code, 1)
+        self.assertRegex(err, "does not verify|cannot be copied")
+        self.assertEqual(os.listdir(elsewhere), [])
+        child = self.start(extra=("--backup-dir", backups, "--backup-every", "24"))
         warning = next((line for line in child.output if line.startswith("WARNING: The database")), "")
         self.assertIn("is damaged", warning)
         self.assertIn(".recover", warning)
+        self.assertIn(f"The newest verified backup is {backup}", warning)
+        self.assertIn(f"restore {backup} --db {self.db}", warning)
+        # No restore while the receiver runs, and the process is named.
+        code, _out, err = run_main("restore", backup, "--db", self.db)
+        self.assertEqual(code, 2)
+        self.assertIn(f"a receiver is running on {self.db}: process {child.proc.pid}", err)
         status, retry_after, answer = child.post(encode(make_payload(tag="E")))
         self.assertEqual((status, retry_after), (503, str(hr.RETRY_AFTER)))
         self.assertIn("is damaged", answer["error"])
@@ -1237,8 +1429,49 @@ class ProcessTests(unittest.TestCase):
             conn.request("GET", "/")
             response = conn.getresponse()
             self.assertEqual(response.status, 503)
-            self.assertIn(b"is damaged", response.read())
+            self.assertIn(f"restore {backup} --db".encode(), response.read())
         self.assertEqual(child.stop(), 0)
+        code, out, err = run_main("restore", backup, "--db", self.db)
+        self.assertEqual(code, 0, err)
+        kept = [name for name in os.listdir(self.tmp.name) if ".before-restore-" in name and name.endswith("Z")]
+        self.assertEqual(len(kept), 1, out)
+        self.assertEqual(os.path.getsize(os.path.join(self.tmp.name, kept[0])), size)  # the damaged file, kept
+        self.assertEqual(self.query("SELECT count(*) FROM samples"), before)
+        child = self.start()
+        self.assertFalse(any(line.startswith("WARNING") for line in child.output), child.output)
+        self.assertEqual(child.post(encode(make_payload(tag="E")))[0], 200)
+        self.assertEqual(child.stop(), 0)
+
+    def test_sigkill_during_a_backup_leaves_no_file_under_a_final_name(self):
+        child = self.start()
+        for tag in "ABC":
+            self.assertEqual(child.post(encode(make_payload(n=3000, tag=tag)))[0], 200)
+        self.assertEqual(child.stop(), 0)
+        backups = os.path.join(self.tmp.name, "backups")
+        os.mkdir(backups)
+        self.assertEqual(run_main("backup", backups, "--db", self.db)[0], 0)
+        first, = os.listdir(backups)
+        time.sleep(1.1)  # the next backup's name is of another second
+        # A page at a time, pausing in each step: slow enough to be killed.
+        code = (f"import sys, time; sys.path.insert(0, {os.path.dirname(os.path.abspath(hr.__file__))!r}); "
+                "import health_receiver as hr; hr.BACKUP_STEP_PAGES = 1; "
+                "hr._Progress.__call__ = lambda self, copied, total: time.sleep(0.01); "
+                f"hr.main(['backup', {backups!r}, '--db', {self.db!r}])")
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            wait_until(lambda: any(name.endswith(".backup-tmp") for name in os.listdir(backups)))
+        finally:
+            proc.kill()
+            proc.wait()
+        names = os.listdir(backups)
+        self.assertEqual(len(names), 2, names)
+        self.assertIn(first, names)
+        self.assertEqual(run_main("verify", os.path.join(backups, first))[0], 0)
+        time.sleep(1.1)
+        self.assertEqual(run_main("backup", backups, "--db", self.db, "--keep", "5")[0], 0)
+        names = sorted(os.listdir(backups))
+        self.assertEqual(len(names), 2, names)  # the killed one's temporary file is gone
+        self.assertFalse(any(name.startswith(".") for name in names))
 
     def test_read_only_database_503_then_recovers(self):
         child = self.start(drop_root=True)
