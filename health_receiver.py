@@ -3034,6 +3034,12 @@ _BACKUP_TEMP = re.compile(r"\..+\.(?P<pid>[0-9]+)\.backup-tmp(?:\.gz|-journal)?\
 #: gzip's level for --gzip: the fastest, as a small board needs (health
 #: data compresses well at any level).
 BACKUP_GZIP_LEVEL = 1
+#: Beside a database: the file whose lock says a process writes to it
+#: (the database's own file cannot carry it: closing any handle of it
+#: would drop SQLite's locks on it).
+LOCK_SUFFIX = ".lock"
+#: What SQLite keeps beside a database, which belongs to that file alone.
+DATABASE_SIDE_FILES = ("-wal", "-journal", "-shm")
 #: Hours of the hourly totals that ``verify`` compares with the samples.
 VERIFY_HOURS = 50
 
@@ -3104,17 +3110,35 @@ def remove_old_backups(folder, db_path, keep):
     return removed
 
 
+#: The temporary files of the backups this process is making.
+_BACKUPS_IN_PROGRESS = set()
+
+
 def _remove_stale_backup_temps(folder):
+    """Remove what backups of stopped processes left (a process restarted
+    with the same id, as in a container, counts as stopped)."""
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             match = _BACKUP_TEMP.match(name)
-            if match and not _process_alive(int(match["pid"])):
+            path = os.path.join(folder, name)
+            pid = int(match["pid"]) if match else None
+            if match and (pid == os.getpid() and path.replace("-journal", "") not in _BACKUPS_IN_PROGRESS
+                          or pid != os.getpid() and not _process_alive(pid)):
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
+                    os.unlink(path)
+
+
+class BackupStopped(Exception):
+    """A backup stopped because it was asked to (the receiver stops)."""
 
 
 def _sync_to_disk(path, folder=False):
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:  # Windows cannot open a folder: its renames are durable as they are
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:
@@ -3132,23 +3156,35 @@ def _gzip_into(source, target):
         shutil.copyfileobj(plain, packed, READ_CHUNK)
 
 
-def backup_database(db_path, dest, compress=False, progress=None):
+def backup_database(db_path, dest, compress=False, progress=None, cancelled=None):
     """Copy the database at ``db_path`` into the new file ``dest`` while it
     is in use, verify the copy against the snapshot it was taken from
     (integrity_check, every table's rows, the schema version), and only
     then give it its name; return its BackupRecord.  ``progress(copied,
     total)`` is called with pages after each step.  The copy is a single
     file (no write-ahead log), readable only by its owner.  Raises
-    StorageUnavailable (a damaged database, a copy that does not verify)
-    or OSError (the folder, the disk), leaving no file behind; so does an
-    exception of ``progress`` (which stops it)."""
+    StorageUnavailable (a damaged database, a copy that does not verify),
+    OSError (the folder, the disk), or BackupStopped once ``cancelled()``
+    is true, leaving no file behind."""
     started = time.monotonic()
     folder = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(folder):
         raise Missing(f"no folder {folder} for the backup")
+    database = os.path.realpath(db_path)
+    if os.path.realpath(dest) in [database + suffix for suffix in ("", LOCK_SUFFIX) + DATABASE_SIDE_FILES]:
+        raise UsageError(f"{dest} is the database itself (or a file of it); name another file or a folder")
     _remove_stale_backup_temps(folder)
     temp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.backup-tmp")
     made = [temp, temp + "-journal"]
+    _BACKUPS_IN_PROGRESS.add(temp)
+    cancelled = cancelled or (lambda: False)
+
+    def step(_status, left, total):
+        if cancelled():
+            raise BackupStopped("the backup was stopped")
+        if progress:
+            progress(total - left, total)
+
     try:
         source = _connect_read_only(db_path)
         try:
@@ -3160,9 +3196,9 @@ def backup_database(db_path, dest, compress=False, progress=None):
             copy = sqlite3.connect(temp, isolation_level=None)
             try:
                 copy.execute("PRAGMA journal_mode = OFF")  # a new file: nothing to roll back to
-                source.backup(copy, pages=BACKUP_STEP_PAGES,
-                              progress=(lambda _status, left, total: progress(total - left, total)) if progress
-                              else None)
+                for conn in (source, copy):  # the checks below may take minutes on a small board
+                    conn.set_progress_handler(cancelled, 100000)
+                source.backup(copy, pages=BACKUP_STEP_PAGES, progress=step)
                 copy.execute("PRAGMA journal_mode = DELETE")
                 found = [row[0] for row in copy.execute("PRAGMA integrity_check(5)")]
                 if found != ["ok"]:
@@ -3173,6 +3209,8 @@ def backup_database(db_path, dest, compress=False, progress=None):
             finally:
                 copy.close()
         except sqlite3.DatabaseError as exc:
+            if cancelled():
+                raise BackupStopped("the backup was stopped") from exc
             raise StorageUnavailable(f"The database {db_path} cannot be copied: {exc}. If it is damaged, "
                                      "restore the newest backup (restore --help).") from exc
         finally:
@@ -3190,25 +3228,30 @@ def backup_database(db_path, dest, compress=False, progress=None):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
+    finally:
+        _BACKUPS_IN_PROGRESS.discard(made[0])
     return BackupRecord(dest, made_at, os.path.getsize(dest), time.monotonic() - started, sum(rows.values()),
                         version)
 
 
 @contextlib.contextmanager
-def readable_copy(path):
+def readable_copy(path, folder=None):
     """``path`` as a database file to read: a .gz backup is unpacked into a
-    private temporary file beside it for the time of the block."""
+    private temporary file in ``folder`` (by default beside it) for the
+    time of the block."""
     if not path.endswith(".gz"):
         yield path
         return
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = folder or os.path.dirname(os.path.abspath(path))
     temp = os.path.join(folder, f".{os.path.basename(path)[:-3]}.{os.getpid()}.backup-tmp")
+    _BACKUPS_IN_PROGRESS.add(temp)
     try:
         create_private(temp)
         with gzip.open(path, "rb") as packed, open(temp, "r+b") as plain:
             shutil.copyfileobj(packed, plain, READ_CHUNK)
         yield temp
     finally:
+        _BACKUPS_IN_PROGRESS.discard(temp)
         with contextlib.suppress(OSError):
             os.unlink(temp)
 
@@ -3246,6 +3289,9 @@ def verify_database(path, name=None):
         conn.execute("BEGIN")
         try:
             found = [row[0] for row in conn.execute("PRAGMA integrity_check(5)")]
+        except sqlite3.OperationalError as exc:  # not a fact about the file: it cannot be read now
+            conn.close()
+            raise StorageUnavailable(f"{name} cannot be read now: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             found = [str(exc)]
         checks.append(("integrity", found == ["ok"], "integrity_check ok" if found == ["ok"] else
@@ -3313,10 +3359,41 @@ def _stored_facts_agree(conn, version):
            else "; ".join(problems))
 
 
-def receiver_using(db_path):
-    """A description of a process that has ``db_path`` open (Linux), or
+
+@contextlib.contextmanager
+def database_lock(db_path, exclusive=False):
+    """Hold ``<db>.lock`` while the block runs: shared by every process that
+    writes to the database (serve, import), exclusive for ``restore``.
+    Raises UsageError when a holder stands in the way (naming it where the
+    system tells); nothing is held where the system has no such locks."""
+    if fcntl is None:
+        yield
+        return
+    path = db_path + LOCK_SUFFIX
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError:  # a read-only folder: no one writes there either
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError:
+            who = process_holding(path)
+            if exclusive:
+                raise UsageError(f"a receiver is running on {db_path}" + (f": {who}" if who else "")
+                                 + "; stop it first, nothing was changed") from None
+            raise UsageError(f"{db_path} is being restored" + (f" by {who}" if who else "")
+                             + "; start again once it is done") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def process_holding(path):
+    """A description of another process that has ``path`` open (Linux), or
     None when none is found."""
-    target = os.path.realpath(db_path)
+    target = os.path.realpath(path)
     with contextlib.suppress(OSError):
         for pid in os.listdir("/proc"):
             if not pid.isdigit() or int(pid) == os.getpid():
@@ -3330,72 +3407,65 @@ def receiver_using(db_path):
     return None
 
 
-def hold_database(db_path):
-    """Mark ``db_path`` as served by this process for as long as the
-    returned file stays open (a shared lock that ``restore`` tests); None
-    where the system has no such locks."""
-    if fcntl is None:
-        return None
-    handle = open(db_path, "rb")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        return None
-    return handle
+
+def _free_name(base):
+    """``base``, or ``base-2``, ``base-3``...: the first name that neither
+    it nor a side file of it uses."""
+    number = 1
+    name = base
+    while any(os.path.lexists(name + suffix) for suffix in ("",) + DATABASE_SIDE_FILES):
+        number += 1
+        name = f"{base}-{number}"
+    return name
 
 
-def database_in_use(db_path):
-    """Whether a receiver (or another program holding a lock) has the
-    database open."""
-    if fcntl is None or not os.path.exists(db_path):
-        return False
-    with open(db_path, "rb") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    return False
+def _keep_aside(db_path, kept):
+    """Give the database and its side files the name ``kept`` as well
+    (hard links where the disk allows: ``db_path`` stays whole until it is
+    replaced), then remove the side files at ``db_path``."""
+    for suffix in ("",) + DATABASE_SIDE_FILES[:2]:
+        if os.path.exists(db_path + suffix):
+            try:
+                os.link(db_path + suffix, kept + suffix)
+            except OSError:  # a disk without hard links: copied
+                shutil.copy2(db_path + suffix, kept + suffix)
+    _sync_to_disk(os.path.dirname(os.path.abspath(db_path)), folder=True)
+    # From here ``kept`` holds everything: the side files at db_path would
+    # be read as the restored file's own, and go.
+    for suffix in DATABASE_SIDE_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(db_path + suffix)
 
 
 def restore_database(backup, db_path, report):
     """Put ``backup`` (verified first) in place of the database at
-    ``db_path``, which is kept as <db>.before-restore-<UTC time> with its
-    log; return that name (None when there was no database).  Raises
-    UsageError when the backup does not verify or a receiver runs."""
-    with readable_copy(backup) as readable:
+    ``db_path``; what was there (the database, its log) is kept as
+    <db>.before-restore-<UTC time>, never deleted.  Returns that name, or
+    None when there was nothing.  Raises UsageError when the backup does
+    not verify or a receiver runs on ``db_path``."""
+    folder = os.path.dirname(os.path.abspath(db_path))
+    with readable_copy(backup, folder) as readable:
         verdict = verify_database(readable, backup)
         if not verdict.ok:
             raise UsageError(f"{backup} does not verify, nothing was changed: {verdict.line()}")
         report(verdict.line())
-        if database_in_use(db_path):
-            who = receiver_using(db_path)
-            raise UsageError(f"a receiver is running on {db_path}" + (f": {who}" if who else "") +
-                             "; stop it first, nothing was changed")
-        folder = os.path.dirname(os.path.abspath(db_path))
-        temp = os.path.join(folder, f".{os.path.basename(db_path)}.{os.getpid()}.backup-tmp")
-        try:
-            create_private(temp)
-            with open(readable, "rb") as source, open(temp, "r+b") as target:
-                shutil.copyfileobj(source, target, READ_CHUNK)
-                target.flush()
-                os.fsync(target.fileno())
-            kept = None
-            if os.path.exists(db_path):
-                kept = f"{db_path}.before-restore-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
-                # The log goes with its database: it may hold its last syncs.
-                for suffix in ("-wal", ""):
-                    if os.path.exists(db_path + suffix):
-                        os.replace(db_path + suffix, kept + suffix)
+        with database_lock(db_path, exclusive=True):
+            # SQLite's backup copies the backup with its own log, if it has
+            # one, into one file of the receiver's folder.
+            staged = os.path.join(folder, f".{os.path.basename(db_path)}.restore.{os.getpid()}.backup-tmp")
+            try:
+                backup_database(readable, staged)
+                kept = None
+                if any(os.path.exists(db_path + suffix) for suffix in ("",) + DATABASE_SIDE_FILES[:2]):
+                    stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
+                    kept = _free_name(f"{db_path}.before-restore-{stamp}")
+                    _keep_aside(db_path, kept)
+                    report(f"What was at {db_path} is kept as {kept}")
+                os.replace(staged, db_path)
+                _sync_to_disk(folder, folder=True)
+            finally:
                 with contextlib.suppress(OSError):
-                    os.unlink(db_path + "-shm")
-                report(f"The database before the restore is kept as {kept}")
-            os.replace(temp, db_path)
-            _sync_to_disk(folder, folder=True)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+                    os.unlink(staged)
     return kept
 
 
@@ -5949,14 +6019,13 @@ class BackupSchedule:
         if self._thread.is_alive():
             self._thread.join()
 
-    def _progress(self, _copied, _total):
-        if self._stop.is_set():
-            raise BackupStopped("the receiver is stopping")
 
     def _due_in(self):
         if self.last is None:
             return 0.0
         age = (datetime.datetime.now(datetime.timezone.utc) - _exact_stamp(self.last.made_at)).total_seconds()
+        if age < 0:  # a backup of the future: the clock was wrong then, or is now
+            return 0.0
         return max(0.0, self.every - age)
 
     def _run(self):
@@ -5967,7 +6036,7 @@ class BackupSchedule:
         """Make a backup now; failures are logged and kept, never raised."""
         dest = os.path.join(self.folder, backup_name(self.db_path))
         try:
-            record = backup_database(self.db_path, dest, progress=self._progress)
+            record = backup_database(self.db_path, dest, cancelled=self._stop.is_set)
             removed = remove_old_backups(self.folder, self.db_path, self.keep)
         except BackupStopped:
             return None
@@ -5996,10 +6065,6 @@ class BackupSchedule:
         elif (now - _exact_stamp(last.made_at)).total_seconds() > 2 * self.every:
             answer["warning"] = f"the last backup, of {last.made_at}, is older than twice the interval"
         return answer
-
-
-class BackupStopped(Exception):
-    """A scheduled backup stopped because the receiver stops."""
 
 
 
@@ -7288,7 +7353,6 @@ class HealthReceiverServer(ThreadingHTTPServer):
         self.config = config
         self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
-        self._held = None
         self.backups = None
         if config.backup_dir and config.backup_every:
             self.store.backup_dir = config.backup_dir
@@ -7312,20 +7376,12 @@ class HealthReceiverServer(ThreadingHTTPServer):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), HealthRequestHandler, bind_and_activate)
-        #: Marks the database as served, for ``restore`` (see hold_database).
-        self._held = hold_database(config.db) if os.path.exists(config.db) else None
 
     def server_bind(self):
         # HTTPServer.server_bind would look the address up in DNS (getfqdn):
         # slow or hanging on a machine without a resolver, and never needed.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
-
-    def server_close(self):
-        super().server_close()
-        if self._held is not None:
-            self._held.close()
-            self._held = None
 
     def serve_forever(self, poll_interval=0.5):
         if self.backups is not None:
@@ -7609,6 +7665,15 @@ def serve(config, out=None, ready=None):
     the exit code.
     """
     out = out or sys.stdout
+    try:
+        with database_lock(config.db):  # from before the upgrade to after the last commit
+            return _serve(config, out, ready)
+    except UsageError as exc:
+        print(f"error: {log_safe(exc)}", file=sys.stderr)
+        return exc.exit_status
+
+
+def _serve(config, out, ready):
     store = Store(config.db, tmp_dir=config.tmp_dir, backup_dir=config.backup_dir)
     try:
         store.open(report=lambda line: print(line, file=out, flush=True))
@@ -7929,7 +7994,8 @@ def _print_fields(groups, as_json, out):
 def run_stats(args, out):
     store = _existing_store(args.db)
     if args.recount:
-        store.recount_types()
+        with database_lock(args.db):
+            store.recount_types()
     if args.fields:
         return _print_fields(field_inventory(store), args.json, out)
     stored = store_facts(store, sync_count=10, type_limit=None)
@@ -8113,6 +8179,11 @@ def import_parser():
 
 
 def run_import(args, out):
+    with database_lock(args.db):
+        return _import(args, out)
+
+
+def _import(args, out):
     store = Store(args.db)
     store.open(report=lambda line: print(line, file=sys.stderr, flush=True))
     intake = SyncIntake(store)
@@ -8193,6 +8264,8 @@ def run_backup(args, out):
     if args.keep is not None and not folder:
         raise UsageError("--keep needs DEST to be a folder")
     dest = os.path.join(args.dest, backup_name(args.db, compressed=args.gzip)) if folder else args.dest
+    if not folder and os.path.lexists(dest) and not _BACKUP_NAME.match(os.path.basename(dest)):
+        raise UsageError(f"{dest} exists; name a new file, a backup's (<name>-<UTC time>.db) or a folder")
     progress = _Progress(out)
     try:
         record = backup_database(args.db, dest, compress=args.gzip, progress=progress)

@@ -1024,6 +1024,8 @@ class BackupTests(ServerTestCase):
             for thread in posting:
                 thread.start()
             record = hr.backup_database(self.db, dest)
+            live = run_main("verify", "--db", self.db)  # the live database, syncs arriving
+            self.assertEqual(live[0], 0, live[1])
         finally:
             hr.BACKUP_STEP_PAGES = original
             for thread in posting:
@@ -1103,6 +1105,52 @@ class BackupTests(ServerTestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("nothing was changed", err)
         self.assertEqual(self.rows_of(other), saved)
+
+    def test_restore_takes_a_source_with_its_log_and_never_mixes_in_a_stray_log(self):
+        other = os.path.join(self.tmp.name, "other.db")
+        store = hr.Store(other)
+        store.open()
+        hr.SyncIntake(store).ingest([encode(make_payload(n=40, tag="A"))], "test")
+        # A copy taken while the receiver ran: its last sync is in its log.
+        source = os.path.join(self.tmp.name, "copied.db")
+        for suffix in ("", "-wal"):
+            shutil.copyfile(other + suffix, source + suffix)
+        self.assertGreater(os.path.getsize(source + "-wal"), 0)
+        expected = self.rows_of(other)
+        store.close()
+        target = os.path.join(self.tmp.name, "target.db")
+        # A log left beside the target's name (its database moved away):
+        # never to be read as the restored file's own.
+        shutil.copyfile(source + "-wal", target + "-wal")
+        kept = []
+        for _ in range(2):  # twice in the same second: two names kept
+            code, out, err = run_main("restore", source, "--db", target)
+            self.assertEqual(code, 0, err)
+            self.assertEqual(self.rows_of(target), expected)
+            kept.append(re.search(r"is kept as (\S+)", out).group(1))
+        self.assertEqual(len(set(kept)), 2, kept)
+        self.assertTrue(os.path.exists(kept[0] + "-wal"))  # the stray log, kept
+        self.assertEqual(self.rows_of(kept[1]), expected)  # the first restore's result, kept
+        self.assertFalse(os.path.exists(target + "-wal"))
+        self.assertEqual(run_main("verify", "--db", target)[0], 0)
+        self.assertEqual([name for name in os.listdir(self.tmp.name) if "backup-tmp" in name], [])
+
+    def test_a_backup_never_replaces_the_database_or_another_file(self):
+        self.assertEqual(self.post(make_payload())[0], 200)
+        rows = self.rows_of(self.db)
+        inode = os.stat(self.db).st_ino
+        for dest in (self.db, self.db + "-wal", os.path.join(self.tmp.name, ".", "health.db")):
+            code, _out, err = run_main("backup", dest, "--db", self.db)
+            self.assertEqual(code, 2, err)
+            self.assertIn(" exists; name a new file", err)
+            with self.assertRaisesRegex(hr.UsageError, "is the database itself"):
+                hr.backup_database(self.db, dest)
+        notes = os.path.join(self.tmp.name, "notes.txt")
+        with open(notes, "w") as handle:
+            handle.write("mine")
+        code, _out, err = run_main("backup", notes, "--db", self.db)
+        self.assertEqual((code, open(notes).read()), (2, "mine"))
+        self.assertEqual((os.stat(self.db).st_ino, self.rows_of(self.db)), (inode, rows))
 
     def test_keep_removes_only_the_commands_own_older_backups(self):
         folder = self.backups_folder()
