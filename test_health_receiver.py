@@ -115,6 +115,8 @@ class ServerTestCase(unittest.TestCase):
     timeout = 5.0
     max_tmp = 256 * hr.MIB
     tls = False
+    #: Short: the tests of a locked database wait this long.
+    busy_timeout = 0.5
 
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
@@ -124,7 +126,7 @@ class ServerTestCase(unittest.TestCase):
             host="127.0.0.1", port=0, db=self.db, keys=hr.Keys.single(self.token, self.auth_header),
             max_body=self.max_body, timeout=self.timeout, max_tmp=self.max_tmp, log_stream=self.log,
             **self.server_options())
-        self.store = hr.Store(self.db, busy_timeout=0.5)
+        self.store = hr.Store(self.db, busy_timeout=self.busy_timeout)
         self.store.open()
         self.server = hr.HealthReceiverServer(self.config, self.store)
         self.port = self.server.server_address[1]
@@ -1003,6 +1005,9 @@ class LockedDatabaseTests(ServerTestCase):
 class BackupTests(ServerTestCase):
     """Backups of a database in use, verify and restore."""
 
+    #: Twenty syncs at once queue for the database one after another.
+    busy_timeout = hr.BUSY_TIMEOUT
+
     def backups_folder(self):
         folder = os.path.join(self.tmp.name, "backups")
         os.makedirs(folder, exist_ok=True)
@@ -1142,7 +1147,7 @@ class BackupTests(ServerTestCase):
         for dest in (self.db, self.db + "-wal", os.path.join(self.tmp.name, ".", "health.db")):
             code, _out, err = run_main("backup", dest, "--db", self.db)
             self.assertEqual(code, 2, err)
-            self.assertIn(" exists; name a new file", err)
+            self.assertRegex(err, " exists; name a new file| is the database itself")  # the log may be gone
             with self.assertRaisesRegex(hr.UsageError, "is the database itself"):
                 hr.backup_database(self.db, dest)
         notes = os.path.join(self.tmp.name, "notes.txt")
@@ -1151,6 +1156,22 @@ class BackupTests(ServerTestCase):
         code, _out, err = run_main("backup", notes, "--db", self.db)
         self.assertEqual((code, open(notes).read()), (2, "mine"))
         self.assertEqual((os.stat(self.db).st_ino, self.rows_of(self.db)), (inode, rows))
+
+    def test_progress_on_a_terminal_and_none_elsewhere(self):
+        self.assertEqual(self.post(make_payload(n=500))[0], 200)
+
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        folder = self.backups_folder()
+        for out, shown in ((Terminal(), True), (io.StringIO(), False)):
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.assertEqual(hr.main(["backup", folder, "--db", self.db], out=out), 0)
+            text = out.getvalue()
+            self.assertEqual(bool(re.search(r"\r  (\d+) of \1 pages \(\d+ of \d+ MB\), 0 s left", text)), shown, text)
+            self.assertRegex(text, r"Backup .*verified")
+            time.sleep(1.1)  # a name of another second
 
     def test_keep_removes_only_the_commands_own_older_backups(self):
         folder = self.backups_folder()
