@@ -1853,9 +1853,19 @@ SYNCS = Table("syncs", (
     ("body_sha256", "TEXT"),  # the body's SHA-256 as received (decoded), hex; of stored syncs
     ("same_body_as", "INTEGER"),  # a byte-identical retry: the sync whose record answered it
     ("received_counts", "TEXT"),  # JSON {section name: elements received}: the answer to a retry
+    # Version 7: a body that starts as a stored one but differs is read from
+    # its first differing block on, as it arrives, not after its last byte.
+    ("body_blocks", "TEXT"),  # of each BODY_BLOCK bytes of the body, BLOCK_DIGEST_CHARS of its SHA-256
 ))
 #: The columns version 6 added to SYNCS.
 SYNCS_V6_COLUMNS = ("body_sha256", "same_body_as", "received_counts")
+#: The columns version 7 added to SYNCS.
+SYNCS_V7_COLUMNS = ("body_blocks",)
+#: A body's blocks, each with its own digest in ``body_blocks``.
+BODY_BLOCK = 1024 * 1024
+#: Hex characters kept of a block's SHA-256 (64 bits: the whole body's
+#: digest decides; a block's only says early that a body differs).
+BLOCK_DIGEST_CHARS = 16
 #: Finds the stored syncs a body may repeat, by its envelope (see
 #: Store.same_envelope): syncs without a digest stay out of it.
 SYNCS_BY_EXPORT_INDEX = (f"CREATE INDEX IF NOT EXISTS syncs_by_export ON {SYNCS.name} (export_date)"
@@ -2201,14 +2211,25 @@ def _rederive_columns(conn, report):
         report(f"  {section.table}: {changed:,} of {read:,} rows read again")
 
 
-def _add_body_digests(conn, report):
-    # Adding a column rewrites nothing: the syncs before stay without a
-    # digest (a retry of one of them is read again, as before).
+def _add_sync_columns(conn, names):
+    # Adding a column rewrites nothing: the syncs before have none.
     present = {row[1] for row in conn.execute(f"PRAGMA table_info({SYNCS.name})")}
     for name, kind in SYNCS.columns:
-        if name in SYNCS_V6_COLUMNS and name not in present:
+        if name in names and name not in present:
             conn.execute(f"ALTER TABLE {SYNCS.name} ADD COLUMN {name} {kind}")
+
+
+def _add_body_digests(conn, report):
+    # The syncs before stay without a digest: a retry of one of them is
+    # read again, as before.
+    _add_sync_columns(conn, SYNCS_V6_COLUMNS)
     conn.execute(SYNCS_BY_EXPORT_INDEX)
+
+
+def _add_body_blocks(conn, report):
+    # The syncs before have no blocks: a body starting as one of them is
+    # kept until its end, as in version 6.
+    _add_sync_columns(conn, SYNCS_V7_COLUMNS)
 
 
 #: Every schema change, in order: step N brings a database from version N
@@ -2223,6 +2244,7 @@ MIGRATIONS = (
     Migration("cumulative types' totals spread over the half-hours their samples span", _recount_sample_hours),
     Migration("workouts, doses, medications and route points read again from their records", _rederive_columns),
     Migration("each stored sync's body digest, to answer a byte-identical retry from its record", _add_body_digests),
+    Migration("each stored sync's digests per MiB of its body, to read a differing one as it arrives", _add_body_blocks),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -2246,6 +2268,8 @@ class SyncResult:
     body_sha256: typing.Optional[str] = None
     #: A byte-identical retry: the sync whose record answered it.
     same_body_as: typing.Optional[int] = None
+    #: Digests of the body's blocks (see BODY_BLOCK), as stored.
+    body_blocks: typing.Optional[str] = None
 
     @property
     def records(self):
@@ -2267,7 +2291,8 @@ class SyncResult:
         return Sync(self.sync_id, received_at, self.remote_addr, *envelope_columns(self.envelope),
                     self.body_bytes, self.records, self.new_records, self.duplicates, self.rejected,
                     self.received[routes], self.inserted[routes], self.sections, int(self.duration * 1000),
-                    SyncStatus.OK, None, _envelope_text(envelope_text), self.body_sha256, self.same_body_as, counts)
+                    SyncStatus.OK, None, _envelope_text(envelope_text), self.body_sha256, self.same_body_as, counts,
+                    self.body_blocks)
 
     def response(self):
         """The JSON answer the app reads: ``count`` feeds its Sync Log."""
@@ -2399,7 +2424,8 @@ _NOTE_PENDING_HOURS_SQL = ("INSERT OR IGNORE INTO main.sample_hours_pending (typ
 _UPDATE_SYNC_SQL = SYNCS.update_sql(SYNCS.column_names[1:])
 #: A retry's body is matched against the stored syncs of the same envelope
 #: (whose first fields it finds in its first bytes).
-_SAME_ENVELOPE_SQL = (f"SELECT id, body_sha256, body_bytes FROM main.{SYNCS.name} WHERE export_date = :export_date"
+_SAME_ENVELOPE_SQL = (f"SELECT id, body_sha256, body_bytes, body_blocks FROM main.{SYNCS.name}"
+                      " WHERE export_date = :export_date"
                       " AND body_sha256 IS NOT NULL AND sync_source IS :sync_source AND start_date IS :start_date"
                       f" AND end_date IS :end_date AND status = '{SyncStatus.OK}'"
                       " AND (:body_bytes IS NULL OR body_bytes = :body_bytes) ORDER BY id DESC LIMIT 16")
@@ -2684,7 +2710,7 @@ class Store:
                         with contextlib.suppress(OSError):
                             os.unlink(os.path.join(folder, name))
 
-    def merge(self, stage, payload, remote_addr=None, started=None, body_sha256=None):
+    def merge(self, stage, payload, remote_addr=None, started=None, body_sha256=None, body_blocks=None):
         """Move a complete sync's staged rows into the database in one
         transaction, holding the write lock only for that; return the
         SyncResult once committed.  A database error rolls back and raises
@@ -2692,7 +2718,7 @@ class Store:
         started = time.monotonic() if started is None else started
         result = SyncResult(remote_addr=remote_addr, body_bytes=payload.size, received=dict(stage.received),
                             rejected=stage.rejected, sections=payload.sections, envelope=payload.envelope,
-                            body_sha256=body_sha256)
+                            body_sha256=body_sha256, body_blocks=body_blocks)
         stage.finish()
         with self.writer(keep=True) as conn:
             try:
@@ -2716,7 +2742,7 @@ class Store:
         return result
 
     def same_envelope(self, envelope, body_bytes=None):
-        """{SHA-256: (sync id, body bytes)} of the stored syncs whose
+        """{SHA-256: (sync id, body bytes, block digests)} of the stored syncs whose
         envelope is ``envelope``'s (its exportDate, range and source) and
         whose body was ``body_bytes`` long (when known): those a body that
         starts so may repeat.  Empty without an exportDate, or when the
@@ -2728,7 +2754,8 @@ class Store:
                   "start_date": _storable(start_date), "end_date": _storable(end_date), "body_bytes": body_bytes}
         with contextlib.suppress(StorageUnavailable, sqlite3.Error):
             with self.reader() as conn:
-                return {digest: (sync_id, size) for sync_id, digest, size in conn.execute(_SAME_ENVELOPE_SQL, params)}
+                return {digest: (sync_id, size, blocks)
+                        for sync_id, digest, size, blocks in conn.execute(_SAME_ENVELOPE_SQL, params)}
         return {}
 
     def record_retry(self, same_as, body_sha256, body_bytes, remote_addr=None, envelope=None, started=None):
@@ -5819,6 +5846,9 @@ class BodyDigest:
         self._held = []
         self._sha256 = hashlib.sha256()
         self.size = 0
+        #: The digest of each complete block (BODY_BLOCK bytes) so far.
+        self.blocks = []
+        self._block = hashlib.sha256()
 
     def head(self, size):
         """At least ``size`` first bytes of the body (fewer if it is shorter)."""
@@ -5836,12 +5866,25 @@ class BodyDigest:
         for piece in itertools.chain(self._held, self._pieces):
             self._held = []
             self._sha256.update(piece)
-            self.size += len(piece)
+            at = 0
+            while at < len(piece):  # the piece's part in each block it reaches
+                take = min(len(piece) - at, BODY_BLOCK - self.size % BODY_BLOCK)
+                self._block.update(piece[at:at + take])
+                at += take
+                self.size += take
+                if self.size % BODY_BLOCK == 0:
+                    self.blocks.append(self._block.hexdigest()[:BLOCK_DIGEST_CHARS])
+                    self._block = hashlib.sha256()
             yield piece
 
     def hexdigest(self):
         """The SHA-256 of what was passed on."""
         return self._sha256.hexdigest()
+
+    def block_digests(self):
+        """The blocks' digests as stored, the last (partial) block's included."""
+        tail = [self._block.hexdigest()[:BLOCK_DIGEST_CHARS]] if self.size % BODY_BLOCK else []
+        return "".join(self.blocks + tail)
 
 
 class SyncIntake:
@@ -5890,13 +5933,18 @@ class SyncIntake:
         try:
             try:
                 spool = self.store.spool()
-                for piece in body:
+                pieces, rest = iter(body), None
+                for piece in pieces:
                     spool.write(piece)
                     self._account(spool, spool.size)
+                    stored = self._still_same(stored, body)
+                    if not stored:  # it differs: read it from here on, as it arrives
+                        rest = pieces
+                        break
                 spool.finish()
-                same_as, size = stored.get(body.hexdigest(), (None, None))
+                same_as, size, _blocks = stored.get(body.hexdigest(), (None, None, None))
                 result = None
-                if size == body.size:
+                if rest is None and size == body.size:
                     result = self.store.record_retry(same_as, body.hexdigest(), size, remote_addr, envelope, started)
             except StorageUnavailable as exc:
                 self.store.record_failure(FailedSync(remote_addr, SyncStatus.FAILED, str(exc), body.size,
@@ -5904,14 +5952,23 @@ class SyncIntake:
                 raise
             if result is not None:
                 return result
-            # Read back as any other body; its copy is not counted against
-            # max_tmp, or a body nearly that size would never be stored.
+            # Read back as any other body (then the rest as it arrives); its
+            # copy is not counted against max_tmp, or a body nearly that size
+            # would never be stored.
             self._release(spool)
-            return self._read(spool.pieces(), remote_addr, started, body)
+            return self._read(itertools.chain(spool.pieces(), rest or ()), remote_addr, started, body)
         finally:
             if spool is not None:
                 self._release(spool)
                 spool.close()
+
+    @staticmethod
+    def _still_same(stored, body):
+        """The stored syncs (same_envelope) that the body read so far may
+        still repeat: as long, and block for block the same."""
+        done = len(body.blocks) * BLOCK_DIGEST_CHARS
+        return {digest: sync for digest, sync in stored.items()
+                if body.size <= sync[1] and (sync[2] is None or sync[2][:done] == "".join(body.blocks))}
 
     def _read(self, pieces, remote_addr, started, body):
         """Walk the body arriving as ``pieces`` into a Stage and merge it;
@@ -5932,7 +5989,7 @@ class SyncIntake:
                 if archive:
                     archive.discard()
                 return None
-            result = self.store.merge(stage, payload, remote_addr, started, body.hexdigest())
+            result = self.store.merge(stage, payload, remote_addr, started, body.hexdigest(), body.block_digests())
         except BaseException as exc:
             if isinstance(exc, (PayloadError, StorageUnavailable)):
                 self.store.record_failure(FailedSync(

@@ -911,23 +911,33 @@ class MigrationTests(unittest.TestCase):
                  "workout_route_points": self.query("SELECT * FROM workout_route_points ORDER BY timestamp")}
         self.assertEqual(found, expected)
 
-    def test_version_5_syncs_keep_every_row_and_a_retry_after_the_upgrade_is_answered_from_its_record(self):
+    def test_versions_5_and_6_keep_every_row_and_a_retry_after_the_upgrade_is_answered_from_its_record(self):
+        for version in (5, 6):
+            with self.subTest(version=version):
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.db + suffix)
+                self.upgraded_from(version)
+
+    def upgraded_from(self, version):
         payload = make_payload()
         make_v1_database(self.db, payload)
         original = hr.MIGRATIONS
-        hr.MIGRATIONS, hr.SCHEMA_VERSION = original[:5], 5
+        hr.MIGRATIONS, hr.SCHEMA_VERSION = original[:version], version
         try:
             self.open_store()[0].close()
         finally:
             hr.MIGRATIONS, hr.SCHEMA_VERSION = original, len(original)
-        self.assertEqual(self.query("PRAGMA user_version"), [(5,)])
-        self.assertNotIn("body_sha256", [row[1] for row in self.query("PRAGMA table_info(syncs)")])
+        self.assertEqual(self.query("PRAGMA user_version"), [(version,)])
+        columns = [row[1] for row in self.query("PRAGMA table_info(syncs)")]
+        self.assertNotIn("body_blocks", columns)
         before = {table: self.query(f"SELECT * FROM {table} ORDER BY 1") for table in hr.TABLES}
         store, lines = self.open_store()
-        self.assertTrue(any("schema version 6" in line for line in lines), lines)
+        self.assertTrue(any(f"schema version {version + 1}" in line for line in lines), lines)
         self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
         after = {table: self.query(f"SELECT * FROM {table} ORDER BY 1") for table in hr.TABLES}
-        self.assertEqual(after.pop("syncs"), [row + (None, None, None) for row in before.pop("syncs")])
+        added = (None,) * (len(hr.SYNCS.columns) - len(columns))
+        self.assertEqual(after.pop("syncs"), [row + added for row in before.pop("syncs")])
         self.assertEqual(after, before)
         intake = hr.SyncIntake(store)
         body = encode(payload)
@@ -1245,6 +1255,8 @@ class RetryTests(ServerTestCase):
     """A byte-identical retry is answered from the record of the sync it
     repeats; anything else is read."""
 
+    max_body = 16 * hr.MIB  # bodies of several blocks
+
     def payload_with_a_rejected_element(self, n=20):
         payload = make_payload(n=n)
         payload["data"]["HKQuantityTypeIdentifierHeartRate"].append(sample("A-bad", "yesterday", 70))
@@ -1310,6 +1322,30 @@ class RetryTests(ServerTestCase):
             self.assertEqual(status, 200, answer)
         self.assertEqual(self.query("SELECT same_body_as FROM syncs ORDER BY id"), [(None,), (None,), (2,)])
         self.assertEqual(self.query("SELECT count(*) FROM samples WHERE uuid = 'A-HR-X'"), [(1,)])
+
+    def test_a_body_that_differs_early_is_read_as_it_arrives(self):
+        payload = make_payload(n=12000)
+        body = encode(payload)
+        self.assertGreater(len(body), 3 * hr.BODY_BLOCK)
+        self.assertEqual(self.post(body)[0], 200)
+        self.assertEqual(len(self.query("SELECT body_blocks FROM syncs")[0][0]),
+                         -(-len(body) // hr.BODY_BLOCK) * hr.BLOCK_DIGEST_CHARS)
+        at = body.index(b'"A-HR-7"')
+        self.assertLess(at, hr.BODY_BLOCK)  # in the first block
+        changed = body[:at] + b'"A-HR-X"' + body[at + 8:]
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(post_head(len(changed)) + changed[:2 * hr.BODY_BLOCK])
+            # Its rows are staged before the rest is sent.
+            wait_until(lambda: any(name.endswith(".stage") for name in os.listdir(self.tmp.name)))
+            sock.sendall(changed[2 * hr.BODY_BLOCK:])
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                reply += sock.recv(65536)
+        answer = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual((answer["inserted"]["measurements"], answer["duplicates"]), (1, answer["count"] - 1))
+        self.assertEqual(self.query("SELECT body_sha256 FROM syncs WHERE id = ?", (answer["sync_id"],)),
+                         [(hashlib.sha256(changed).hexdigest(),)])
+        self.assertEqual(self.query("SELECT value FROM samples WHERE uuid = 'A-HR-X'"), [(67,)])
 
     def test_a_retry_while_the_first_is_still_in_flight_is_stored_once(self):
         body = self.payload_with_a_rejected_element(n=2000)  # its half is more than the head the receiver reads
