@@ -1855,7 +1855,7 @@ SYNCS = Table("syncs", (
     ("received_counts", "TEXT"),  # JSON {section name: elements received}: the answer to a retry
     # Version 7: a body that starts as a stored one but differs is read from
     # its first differing block on, as it arrives, not after its last byte.
-    ("body_blocks", "TEXT"),  # of each BODY_BLOCK bytes of the body, BLOCK_DIGEST_CHARS of its SHA-256
+    ("body_blocks", "TEXT"),  # of each BODY_BLOCK bytes of the body, its CRC-32 in hex (BLOCK_DIGEST_CHARS)
 ))
 #: The columns version 6 added to SYNCS.
 SYNCS_V6_COLUMNS = ("body_sha256", "same_body_as", "received_counts")
@@ -1863,9 +1863,10 @@ SYNCS_V6_COLUMNS = ("body_sha256", "same_body_as", "received_counts")
 SYNCS_V7_COLUMNS = ("body_blocks",)
 #: A body's blocks, each with its own digest in ``body_blocks``.
 BODY_BLOCK = 1024 * 1024
-#: Hex characters kept of a block's SHA-256 (64 bits: the whole body's
-#: digest decides; a block's only says early that a body differs).
-BLOCK_DIGEST_CHARS = 16
+#: Hex characters of a block's CRC-32.  A CRC suffices: the whole body's
+#: SHA-256 decides; a block's only says early that a body differs (and is
+#: cheap where SHA-256 is not, on a small board's processor).
+BLOCK_DIGEST_CHARS = 8
 #: Finds the stored syncs a body may repeat, by its envelope (see
 #: Store.same_envelope): syncs without a digest stay out of it.
 SYNCS_BY_EXPORT_INDEX = (f"CREATE INDEX IF NOT EXISTS syncs_by_export ON {SYNCS.name} (export_date)"
@@ -2244,7 +2245,7 @@ MIGRATIONS = (
     Migration("cumulative types' totals spread over the half-hours their samples span", _recount_sample_hours),
     Migration("workouts, doses, medications and route points read again from their records", _rederive_columns),
     Migration("each stored sync's body digest, to answer a byte-identical retry from its record", _add_body_digests),
-    Migration("each stored sync's digests per MiB of its body, to read a differing one as it arrives", _add_body_blocks),
+    Migration("each stored sync's CRC-32 per MiB of its body, to read a differing one as it arrives", _add_body_blocks),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -5846,9 +5847,9 @@ class BodyDigest:
         self._held = []
         self._sha256 = hashlib.sha256()
         self.size = 0
-        #: The digest of each complete block (BODY_BLOCK bytes) so far.
+        #: The CRC-32 of each complete block (BODY_BLOCK bytes) so far.
         self.blocks = []
-        self._block = hashlib.sha256()
+        self._block = 0
 
     def head(self, size):
         """At least ``size`` first bytes of the body (fewer if it is shorter)."""
@@ -5866,15 +5867,20 @@ class BodyDigest:
         for piece in itertools.chain(self._held, self._pieces):
             self._held = []
             self._sha256.update(piece)
-            at = 0
-            while at < len(piece):  # the piece's part in each block it reaches
-                take = min(len(piece) - at, BODY_BLOCK - self.size % BODY_BLOCK)
-                self._block.update(piece[at:at + take])
-                at += take
-                self.size += take
-                if self.size % BODY_BLOCK == 0:
-                    self.blocks.append(self._block.hexdigest()[:BLOCK_DIGEST_CHARS])
-                    self._block = hashlib.sha256()
+            room = BODY_BLOCK - self.size % BODY_BLOCK
+            if len(piece) < room:  # the common case: within one block
+                self._block = zlib.crc32(piece, self._block)
+                self.size += len(piece)
+            else:
+                view, at = memoryview(piece), 0
+                while at < len(piece):  # the piece's part in each block it reaches
+                    take = min(len(piece) - at, BODY_BLOCK - self.size % BODY_BLOCK)
+                    self._block = zlib.crc32(view[at:at + take], self._block)
+                    at += take
+                    self.size += take
+                    if self.size % BODY_BLOCK == 0:
+                        self.blocks.append(f"{self._block:08x}")
+                        self._block = 0
             yield piece
 
     def hexdigest(self):
@@ -5883,7 +5889,7 @@ class BodyDigest:
 
     def block_digests(self):
         """The blocks' digests as stored, the last (partial) block's included."""
-        tail = [self._block.hexdigest()[:BLOCK_DIGEST_CHARS]] if self.size % BODY_BLOCK else []
+        tail = [f"{self._block:08x}"] if self.size % BODY_BLOCK else []
         return "".join(self.blocks + tail)
 
 

@@ -528,6 +528,16 @@ class WalkerTests(unittest.TestCase):
         self.assertEqual(len(hr.leading_members(many)), hr.LEADING_MEMBERS_MAX)
         self.assertEqual(hr.leading_members(b'{"a": 1, "b": "cut'), {"a": 1})
 
+    def test_a_body_digest_is_the_same_however_its_pieces_are_cut(self):
+        data = random.Random(3).getrandbits(8 * (2 * hr.BODY_BLOCK + 999)).to_bytes(2 * hr.BODY_BLOCK + 999, "little")
+        blocks = "".join(f"{zlib.crc32(data[at:at + hr.BODY_BLOCK]):08x}" for at in range(0, len(data), hr.BODY_BLOCK))
+        for cut in (7, 65536, hr.BODY_BLOCK - 1, hr.BODY_BLOCK, 3 * hr.BODY_BLOCK):
+            digest = hr.BodyDigest(data[at:at + cut] for at in range(0, len(data), cut))
+            self.assertEqual(digest.head(100)[:100], data[:100])
+            self.assertEqual(b"".join(digest), data)
+            self.assertEqual((digest.hexdigest(), digest.block_digests(), digest.size),
+                             (hashlib.sha256(data).hexdigest(), blocks, len(data)), cut)
+
     def test_the_window_holds_an_element_not_the_body(self):
         body = encode({"data": {"X": [sample(f"W-{i}", "2026-02-24T00:00:00Z", i) for i in range(3000)]}})
         windows = []
