@@ -2442,6 +2442,38 @@ def _insert_sync(conn, sync):
     return conn.execute(SYNCS.insert_sql(SYNCS.column_names[1:]), _sync_parameters(sync)).lastrowid
 
 
+def _process_alive(pid):
+    """Whether a process of that id runs (POSIX); elsewhere assume it does."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+#: SQLite's logs beside a database (they may hold its last commits).
+DATABASE_LOGS = ("-wal", "-journal")
+#: What SQLite keeps beside a database, which belongs to that file alone.
+DATABASE_SIDE_FILES = DATABASE_LOGS + ("-shm",)
+#: The temporary files this process is using (stages, spools, backups being
+#: made): of the files named with this process's id, only these are its own.
+_LIVE_SCRATCH = set()
+
+
+def _left_behind(path, pid):
+    """Whether the temporary file ``path``, named with process id ``pid``,
+    was left by a process that stopped (a crash, a power cut, a kill).  A
+    process restarted with the same id (as in a container) does not own
+    what its predecessor left."""
+    if pid == os.getpid():
+        return path not in _LIVE_SCRATCH
+    return not _process_alive(pid)
+
+
 class Store:
     """The SQLite database: schema, one writer at a time, short readers.
 
@@ -2707,9 +2739,10 @@ class Store:
             for name in os.listdir(folder):
                 if name.startswith(prefix) and name.endswith((_STAGE_SUFFIX, _SPOOL_SUFFIX)):
                     pid = name[len(prefix):].split(".")[0]
-                    if not pid.isdigit() or not _process_alive(int(pid)):
+                    path = os.path.join(folder, name)
+                    if not pid.isdigit() or _left_behind(path, int(pid)):
                         with contextlib.suppress(OSError):
-                            os.unlink(os.path.join(folder, name))
+                            os.unlink(path)
 
     def merge(self, stage, payload, remote_addr=None, started=None, body_sha256=None, body_blocks=None):
         """Move a complete sync's staged rows into the database in one
@@ -2865,6 +2898,7 @@ class Stage:
         self.runs = {section.name: {} for section in SECTIONS if section.clustered}
         self._last_rowid = dict.fromkeys(SECTIONS_BY_NAME, 0)
         create_private(path)  # raises on a file or link planted at the name
+        _LIVE_SCRATCH.add(path)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             for pragma in ("journal_mode = OFF", "synchronous = OFF", f"page_size = {PAGE_SIZE:d}",
@@ -2944,9 +2978,10 @@ class Stage:
         """Close and remove the file."""
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
-        for suffix in ("", "-journal", "-wal", "-shm"):
+        for suffix in ("",) + DATABASE_SIDE_FILES:
             with contextlib.suppress(OSError):
                 os.unlink(self.path + suffix)
+        _LIVE_SCRATCH.discard(self.path)
 
 
 class Spool:
@@ -2959,6 +2994,7 @@ class Spool:
         self.path = path
         self.size = 0
         self._file = os.fdopen(os.open(path, _NEW_FILE & ~os.O_WRONLY | os.O_RDWR, 0o600), "w+b")
+        _LIVE_SCRATCH.add(path)
 
     def _failed(self, exc):
         return StorageUnavailable(f"The sync's temporary file {self.path} failed ({exc}); free some space "
@@ -2992,6 +3028,7 @@ class Spool:
             self._file.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        _LIVE_SCRATCH.discard(self.path)
 
 
 class StagedRun:
@@ -3033,19 +3070,6 @@ class StagedRun:
             self.ranges.append([first_rowid, last_rowid])
 
 
-def _process_alive(pid):
-    """Whether a process of that id runs (POSIX); elsewhere assume it does."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 # -- backups, verification, restore ------------------------------------------
 
 #: Pages a backup copies per step (16 MiB): between steps a sync's merge
@@ -3066,8 +3090,6 @@ BACKUP_GZIP_LEVEL = 1
 #: (the database's own file cannot carry it: closing any handle of it
 #: would drop SQLite's locks on it).
 LOCK_SUFFIX = ".lock"
-#: What SQLite keeps beside a database, which belongs to that file alone.
-DATABASE_SIDE_FILES = ("-wal", "-journal", "-shm")
 #: Hours of the hourly totals that ``verify`` compares with the samples.
 VERIFY_HOURS = 50
 
@@ -3138,10 +3160,6 @@ def remove_old_backups(folder, db_path, keep):
     return removed
 
 
-#: The temporary files of the backups this process is making.
-_BACKUPS_IN_PROGRESS = set()
-
-
 def _remove_stale_backup_temps(folder):
     """Remove what backups of stopped processes left (a process restarted
     with the same id, as in a container, counts as stopped)."""
@@ -3149,9 +3167,8 @@ def _remove_stale_backup_temps(folder):
         for name in os.listdir(folder):
             match = _BACKUP_TEMP.match(name)
             path = os.path.join(folder, name)
-            pid = int(match["pid"]) if match else None
-            if match and (pid == os.getpid() and path.replace("-journal", "") not in _BACKUPS_IN_PROGRESS
-                          or pid != os.getpid() and not _process_alive(pid)):
+            if match and _left_behind(path[:-len("-journal")] if path.endswith("-journal") else path,
+                                      int(match["pid"])):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
 
@@ -3204,7 +3221,7 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
     _remove_stale_backup_temps(folder)
     temp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.backup-tmp")
     made = [temp, temp + "-journal"]
-    _BACKUPS_IN_PROGRESS.add(temp)
+    _LIVE_SCRATCH.add(temp)
     cancelled = cancelled or (lambda: False)
 
     def step(_status, left, total):
@@ -3257,7 +3274,7 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
                 os.unlink(path)
         raise
     finally:
-        _BACKUPS_IN_PROGRESS.discard(made[0])
+        _LIVE_SCRATCH.discard(made[0])
     return BackupRecord(dest, made_at, os.path.getsize(dest), time.monotonic() - started, sum(rows.values()),
                         version)
 
@@ -3272,14 +3289,14 @@ def readable_copy(path, folder=None):
         return
     folder = folder or os.path.dirname(os.path.abspath(path))
     temp = os.path.join(folder, f".{os.path.basename(path)[:-3]}.{os.getpid()}.backup-tmp")
-    _BACKUPS_IN_PROGRESS.add(temp)
+    _LIVE_SCRATCH.add(temp)
     try:
         create_private(temp)
         with gzip.open(path, "rb") as packed, open(temp, "r+b") as plain:
             shutil.copyfileobj(packed, plain, READ_CHUNK)
         yield temp
     finally:
-        _BACKUPS_IN_PROGRESS.discard(temp)
+        _LIVE_SCRATCH.discard(temp)
         with contextlib.suppress(OSError):
             os.unlink(temp)
 
@@ -3387,7 +3404,6 @@ def _stored_facts_agree(conn, version):
            else "; ".join(problems))
 
 
-
 @contextlib.contextmanager
 def database_lock(db_path, exclusive=False):
     """Hold ``<db>.lock`` while the block runs: shared by every process that
@@ -3435,7 +3451,6 @@ def process_holding(path):
     return None
 
 
-
 def _free_name(base):
     """``base``, or ``base-2``, ``base-3``...: the first name that neither
     it nor a side file of it uses."""
@@ -3451,7 +3466,7 @@ def _keep_aside(db_path, kept):
     """Give the database and its side files the name ``kept`` as well
     (hard links where the disk allows: ``db_path`` stays whole until it is
     replaced), then remove the side files at ``db_path``."""
-    for suffix in ("",) + DATABASE_SIDE_FILES[:2]:
+    for suffix in ("",) + DATABASE_LOGS:
         if os.path.exists(db_path + suffix):
             try:
                 os.link(db_path + suffix, kept + suffix)
@@ -3484,7 +3499,7 @@ def restore_database(backup, db_path, report):
             try:
                 backup_database(readable, staged)
                 kept = None
-                if any(os.path.exists(db_path + suffix) for suffix in ("",) + DATABASE_SIDE_FILES[:2]):
+                if any(os.path.exists(db_path + suffix) for suffix in ("",) + DATABASE_LOGS):
                     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
                     kept = _free_name(f"{db_path}.before-restore-{stamp}")
                     _keep_aside(db_path, kept)
@@ -3764,6 +3779,8 @@ class Aggregate(typing.NamedTuple):
 _HOURS_OF_TYPE_SQL = (
     "SELECT hour, source, category, samples, numbers, total, seconds, low, high"
     " FROM sample_hours WHERE type = ? AND hour >= ? AND hour < ?")
+
+
 def _source_rank(source, total, priority):
     lowered = source.lower()
     rank = next((number for number, word in enumerate(priority) if word in lowered), len(priority))
@@ -5105,6 +5122,8 @@ height:10px;margin-right:3px;vertical-align:-1px}
 svg{width:100%;height:auto;display:block}svg text{font:10px sans-serif;fill:#555}
 .route svg{max-width:640px;max-height:600px}.profile svg{max-width:900px}.narrow{max-width:480px}
 .on-phone{display:none}
+
+
 @media (max-width:600px){.opt,.on-desk{display:none}.on-phone{display:block}body{padding:8px}}
 """
 
@@ -5972,9 +5991,9 @@ class SyncIntake:
     def _still_same(stored, body):
         """The stored syncs (same_envelope) that the body read so far may
         still repeat: as long, and block for block the same."""
-        done = len(body.blocks) * BLOCK_DIGEST_CHARS
+        blocks = "".join(body.blocks)
         return {digest: sync for digest, sync in stored.items()
-                if body.size <= sync[1] and (sync[2] is None or sync[2][:done] == "".join(body.blocks))}
+                if body.size <= sync[1] and (sync[2] is None or sync[2].startswith(blocks))}
 
     def _read(self, pieces, remote_addr, started, body):
         """Walk the body arriving as ``pieces`` into a Stage and merge it;
@@ -6045,6 +6064,8 @@ class SyncIntake:
 #: Seconds before a failed scheduled backup is tried again (at most the
 #: interval).
 BACKUP_RETRY = 3600
+
+
 def _exact_stamp(text):
     """A canonical UTC timestamp, milliseconds included, as an aware datetime."""
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
@@ -6128,7 +6149,6 @@ class BackupSchedule:
         elif (now - _exact_stamp(last.made_at)).total_seconds() > 2 * self.every:
             answer["warning"] = f"the last backup, of {last.made_at}, is older than twice the interval"
         return answer
-
 
 
 #: Lines of an NDJSON export ingested as one sync by ``import``.
@@ -8491,7 +8511,6 @@ def make_bench_payload(target_mb, seed=7, start=BENCH_START, days=30, reordered=
     return body, elements
 
 
-
 def run_baseline(body_file, db_file):
     """The baseline, run in its own process: the usual receiver.  json.loads
     of the whole body, then the samples table's rows (the element kept with
@@ -8849,6 +8868,8 @@ def time_pages(db, runs, out):
 
 #: How often bench's small syncs come while a backup runs.
 BENCH_SMALL_EVERY = 0.1
+
+
 def _small_sync(index):
     """A small sync of new heart-rate samples, as the app sends every 15 minutes."""
     start = BENCH_START + datetime.timedelta(days=3650, minutes=index)
@@ -8879,7 +8900,6 @@ def _latencies_while(port, work, first_index):
         done.set()
         poster.join()
     return result, seconds
-
 
 
 def _percentile(values, share):

@@ -1357,6 +1357,22 @@ class RetryTests(ServerTestCase):
                          [(hashlib.sha256(changed).hexdigest(),)])
         self.assertEqual(self.query("SELECT value FROM samples WHERE uuid = 'A-HR-X'"), [(67,)])
 
+    def test_a_file_left_under_this_process_id_is_removed_and_its_own_kept(self):
+        # A receiver restarted with the id of the one killed (a container).
+        left = os.path.join(self.tmp.name, f".health.db.{os.getpid()}.999.spool")
+        with open(left, "wb") as handle:
+            handle.write(b"{}")
+        spool = self.store.spool()
+        try:
+            other = hr.Store(self.db)
+            other.open()
+            other.close()
+            self.assertFalse(os.path.exists(left))
+            self.assertTrue(os.path.exists(spool.path))
+        finally:
+            spool.close()
+        self.assertFalse(os.path.exists(spool.path))
+
     def test_a_retry_while_the_first_is_still_in_flight_is_stored_once(self):
         body = self.payload_with_a_rejected_element(n=2000)  # its half is more than the head the receiver reads
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
