@@ -3435,6 +3435,22 @@ class ArchiveTests(ServerTestCase):
         with contextlib.closing(sqlite3.connect(fresh)) as conn:
             self.assertEqual(conn.execute(sql).fetchall(), self.query(sql))
 
+    def test_a_retry_is_not_archived_again_and_a_changed_body_is_archived_whole(self):
+        body = encode(make_payload(n=20))
+        first = self.post(body)[2]
+        retry = self.post(body)[2]
+        changed = body.replace(b'"A-HR-7"', b'"A-HR-X"')
+        other = self.post(changed)[2]
+        self.assertEqual(self.query("SELECT id, same_body_as FROM syncs ORDER BY id"),
+                         [(first["sync_id"], None), (retry["sync_id"], first["sync_id"]), (other["sync_id"], None)])
+        wait_until(lambda: len(self.archived()) == 2)
+        names = self.archived()
+        self.assertEqual([int(name.split("-")[1].split(".")[0]) for name in names],
+                         [first["sync_id"], other["sync_id"]])
+        for name, sent in zip(names, (body, changed)):
+            with gzip.open(os.path.join(self.archive, name)) as handle:
+                self.assertEqual(handle.read(), sent)
+
     def test_archive_failure_never_fails_a_stored_sync(self):
         os.rmdir(self.archive)
         with open(self.archive, "w"):
