@@ -2898,8 +2898,8 @@ class Stage:
         self.runs = {section.name: {} for section in SECTIONS if section.clustered}
         self._last_rowid = dict.fromkeys(SECTIONS_BY_NAME, 0)
         create_private(path)  # raises on a file or link planted at the name
-        _LIVE_SCRATCH.add(path)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        _LIVE_SCRATCH.add(path)
         try:
             for pragma in ("journal_mode = OFF", "synchronous = OFF", f"page_size = {PAGE_SIZE:d}",
                            f"cache_size = -{STAGE_CACHE_KIB:d}", "locking_mode = EXCLUSIVE"):
@@ -3167,8 +3167,8 @@ def _remove_stale_backup_temps(folder):
         for name in os.listdir(folder):
             match = _BACKUP_TEMP.match(name)
             path = os.path.join(folder, name)
-            if match and _left_behind(path[:-len("-journal")] if path.endswith("-journal") else path,
-                                      int(match["pid"])):
+            # Its -journal and .gz go with the backup's own temporary file.
+            if match and _left_behind(re.sub(r"(?:-journal|\.gz)\Z", "", path), int(match["pid"])):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
 
