@@ -1517,15 +1517,22 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(log.read().count(b"too many open files"), 1)
         self.assertEqual(child.stop(), 0)
 
-    def test_a_damaged_database_is_said_at_start_and_takes_no_sync(self):
+    def backed_up(self, tags, n):
+        """Syncs of ``tags`` stored by a child receiver, stopped, then a
+        backup into a new folder; return the folder and the backup's name."""
         child = self.start()
-        for tag in "ABCD":
-            self.assertEqual(child.post(encode(make_payload(n=1500, tag=tag)))[0], 200)
+        for tag in tags:
+            self.assertEqual(child.post(encode(make_payload(n=n, tag=tag)))[0], 200)
         self.assertEqual(child.stop(), 0)
         backups = os.path.join(self.tmp.name, "backups")
         os.mkdir(backups)
         self.assertEqual(run_main("backup", backups, "--db", self.db)[0], 0)
-        backup, = [os.path.join(backups, name) for name in os.listdir(backups)]
+        name, = os.listdir(backups)
+        return backups, name
+
+    def test_a_damaged_database_is_said_at_start_and_takes_no_sync(self):
+        backups, name = self.backed_up("ABCD", 1500)
+        backup = os.path.join(backups, name)
         before = self.query("SELECT count(*) FROM samples")
         size = os.path.getsize(self.db)
         with open(self.db, "r+b") as handle:  # 4 KiB of noise in the middle of a page of samples
@@ -1574,14 +1581,7 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(child.stop(), 0)
 
     def test_sigkill_during_a_backup_leaves_no_file_under_a_final_name(self):
-        child = self.start()
-        for tag in "ABC":
-            self.assertEqual(child.post(encode(make_payload(n=3000, tag=tag)))[0], 200)
-        self.assertEqual(child.stop(), 0)
-        backups = os.path.join(self.tmp.name, "backups")
-        os.mkdir(backups)
-        self.assertEqual(run_main("backup", backups, "--db", self.db)[0], 0)
-        first, = os.listdir(backups)
+        backups, first = self.backed_up("ABC", 3000)
         time.sleep(1.1)  # the next backup's name is of another second
         # A page at a time, pausing in each step: slow enough to be killed.
         code = (f"import sys, time; sys.path.insert(0, {os.path.dirname(os.path.abspath(hr.__file__))!r}); "
