@@ -13,6 +13,7 @@ Usage::
     python3 health_receiver.py export --type HeartRate --format csv
     python3 health_receiver.py import export-*.json
     python3 health_receiver.py backup /backups --keep 7   # a verified copy
+    python3 health_receiver.py people add ann  # a second person, with a key of her own
     python3 health_receiver.py bench --mb 50   # can this machine keep up?
 
 Open http://<this machine>:3000/ in a browser for the status page: today's
@@ -33,9 +34,11 @@ Map of this file, each section depending only on those above it:
     Ingest        the health grammar: row functions, the SECTIONS registry,
                   Payload (a sync's body as batches of rows)
     Storage       SQLite connections, schema derived from SECTIONS, the
-                  syncs table (SYNCS), MIGRATIONS, a sync's rows staged in a
-                  temporary file and merged in one transaction, hourly totals;
-                  backups of a database in use, verify, restore
+                  syncs table (SYNCS), PEOPLE (every row is a person's),
+                  MIGRATIONS, a sync's rows staged in a temporary file and
+                  merged in one transaction, hourly totals; PersonStore (the
+                  store as one person sees it); backups of a database in use,
+                  verify, restore
     Reporting     records of what is stored (read only): RANGES, a View and
                   its Window, CHART_KINDS over the hourly totals, today,
                   sleep, workouts and routes, medications; the JSON made
@@ -49,8 +52,8 @@ Map of this file, each section depending only on those above it:
     HTTP          Keys and identities, request checks, the protocol (framing,
                   body, the one answer writer), ROUTES and their actions, the
                   server
-    Command line  serve, key, stats, export, import, backup, verify, restore:
-                  COMMANDS
+    Command line  serve, key, people, stats, export, import, backup, verify,
+                  restore: COMMANDS
     Bench         `bench`: the receiver against a baseline, at any database size
     main          the entry point
 
@@ -1166,6 +1169,14 @@ def _characteristic_row(name, value):
     return (name, _to_sql(value))
 
 
+#: The column of every table of health data that says whose a row is (an
+#: id of ``people``): the first of each stored key, so that a person's rows
+#: are stored together and two people's same element are two rows.  A sync
+#: is one person's: the stage and the row functions know nothing of it, the
+#: merge fills it in.
+PERSON_COLUMN = "person"
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     """Everything the receiver knows about one kind of element.
@@ -1181,7 +1192,8 @@ class Section:
     #: (column, SQL type) in the order ``make_row`` returns them; the sync
     #: column(s) follow.
     columns: typing.Tuple[typing.Tuple[str, str], ...]
-    #: Identity: the primary key.  Rows are stored in this order.
+    #: Identity within one person's rows; the stored key (``stored_key``)
+    #: is the person, then this.  Rows are stored in that order.
     key: typing.Tuple[str, ...]
     #: (element, JSON text, section or workout) -> row tuple, or the reason
     #: it cannot be one; for shape "object", (name, value) -> row tuple.
@@ -1217,7 +1229,12 @@ class Section:
 
     @property
     def column_names(self):
+        """The columns of one person's rows (all but PERSON_COLUMN)."""
         return tuple(name for name, _type in self.columns) + self.sync_columns
+
+    @property
+    def stored_key(self):
+        return (PERSON_COLUMN,) + self.key
 
     @property
     def date_column(self):
@@ -1233,16 +1250,23 @@ class Section:
     def record_position(self):
         return [name for name, _type in self.columns].index("record")
 
+    def table_sql(self, name=None):
+        """CREATE TABLE of the section's table (or of a copy named ``name``)."""
+        columns = [f"{PERSON_COLUMN} INTEGER NOT NULL"] + [f"{name} {kind}".rstrip() for name, kind in self.columns]
+        columns += [f"{name} INTEGER NOT NULL" for name in self.sync_columns]
+        columns.append(f"PRIMARY KEY ({', '.join(self.stored_key)})")
+        return (f"CREATE TABLE IF NOT EXISTS {name or self.table} ({', '.join(columns)})"
+                + (" WITHOUT ROWID" if self.clustered else ""))
+
+    @property
+    def index_sql(self):
+        """Its indexes, each a person's rows together."""
+        return [f"CREATE INDEX IF NOT EXISTS {name} ON {self.table} ({', '.join((PERSON_COLUMN,) + cols)})"
+                for name, cols in self.indexes]
+
     @property
     def create_sql(self):
-        columns = [f"{name} {kind}".rstrip() for name, kind in self.columns]
-        columns += [f"{name} INTEGER NOT NULL" for name in self.sync_columns]
-        columns.append(f"PRIMARY KEY ({', '.join(self.key)})")
-        statements = [f"CREATE TABLE IF NOT EXISTS {self.table} ({', '.join(columns)})"
-                      + (" WITHOUT ROWID" if self.clustered else "")]
-        statements += [f"CREATE INDEX IF NOT EXISTS {name} ON {self.table} ({', '.join(cols)})"
-                       for name, cols in self.indexes]
-        return statements
+        return [self.table_sql()] + self.index_sql
 
     @property
     def run_positions(self):
@@ -1278,24 +1302,27 @@ class Section:
         then arrival order: the database's pages are touched in turn, and of
         the elements of one key the first is kept (the last when the latest
         wins, and the stored row meets ``replaces_if``).  Rows that arrived
-        in key order (``in_order``) are read as they are, without sorting."""
+        in key order (``in_order``) are read as they are, without sorting.
+        Parameter :person says whose they are."""
         names = [name for name, _type in self.columns]
-        source = (f"SELECT {', '.join(names + [':sync_id'] * len(self.sync_columns))} FROM stage.{self.table}"
-                  f"{where or ' WHERE true'}")  # WHERE: see SQLite's "parsing ambiguity" of upsert
+        source = (f"SELECT {', '.join([':person'] + names + [':sync_id'] * len(self.sync_columns))}"
+                  f" FROM stage.{self.table}{where or ' WHERE true'}")  # WHERE: SQLite's "parsing ambiguity" of upsert
         if not in_order:
             source += f" ORDER BY {', '.join(self.key)}, rowid"
-        target = f"main.{self.table} ({', '.join(self.column_names)})"
+        target = f"main.{self.table} ({', '.join((PERSON_COLUMN,) + self.column_names)})"
         if not self.latest_wins:
             return f"INSERT OR IGNORE INTO {target} {source}"
         updated = [name for name in self.column_names if name not in self.key and name not in self.kept_on_update]
-        return (f"INSERT INTO {target} {source} ON CONFLICT ({', '.join(self.key)}) "
+        return (f"INSERT INTO {target} {source} ON CONFLICT ({', '.join(self.stored_key)}) "
                 f"DO UPDATE SET {', '.join(f'{name} = excluded.{name}' for name in updated)} WHERE {replaces_if}")
 
     @property
     def count_new_sql(self):
-        """Keys among the staged rows that the database does not hold yet."""
+        """Keys among the staged rows that the database does not hold yet
+        of the person :person."""
         keys = ", ".join(self.key)
-        match = " AND ".join(f"stored.{name} = staged.{name}" for name in self.key)
+        match = " AND ".join([f"stored.{PERSON_COLUMN} = :person"] + [f"stored.{name} = staged.{name}"
+                                                                        for name in self.key])
         return (f"SELECT count(*) FROM (SELECT DISTINCT {keys} FROM stage.{self.table}) AS staged WHERE NOT EXISTS "
                 f"(SELECT 1 FROM main.{self.table} AS stored WHERE {match})")
 
@@ -1806,15 +1833,27 @@ class Table(typing.NamedTuple):
     """A table the receiver keeps for itself, and the SQL derived from it."""
 
     name: str
-    #: (column, SQL type); the first is the key.
+    #: (column, SQL type); the first is the key, unless ``key`` says.
     columns: typing.Tuple[typing.Tuple[str, str], ...]
+    #: A primary key of several columns, stored in its order (WITHOUT ROWID).
+    key: typing.Tuple[str, ...] = ()
 
     @property
     def column_names(self):
         return tuple(name for name, _type in self.columns)
 
-    def select_sql(self, names=None):
-        return f"SELECT {', '.join(names or self.column_names)} FROM main.{self.name}"
+    def create_sql(self, name=None):
+        """CREATE TABLE of the table (or of a copy named ``name``)."""
+        columns = [f"{column} {kind}" for column, kind in self.columns]
+        if self.key:
+            columns.append(f"PRIMARY KEY ({', '.join(self.key)})")
+        return (f"CREATE TABLE IF NOT EXISTS {name or self.name} ({', '.join(columns)})"
+                + (" WITHOUT ROWID" if self.key else ""))
+
+    def select_sql(self, names=None, schema="main."):
+        """SELECT of ``names``; ``schema`` "" reads what the connection
+        sees under the table's name (one person's rows: PersonStore)."""
+        return f"SELECT {', '.join(names or self.column_names)} FROM {schema}{self.name}"
 
     def insert_sql(self, names):
         return (f"INSERT INTO main.{self.name} ({', '.join(names)}) "
@@ -1856,11 +1895,16 @@ SYNCS = Table("syncs", (
     # Version 7: a body that starts as a stored one but differs is read from
     # its first differing block on, as it arrives, not after its last byte.
     ("body_blocks", "TEXT"),  # of each BODY_BLOCK bytes of the body, its CRC-32 in hex (BLOCK_DIGEST_CHARS)
+    # Version 8: whose sync it was (an id of PEOPLE).  Never left out: the
+    # Sync row's default, None, fails NOT NULL.
+    ("person", "INTEGER NOT NULL DEFAULT 1"),
 ))
 #: The columns version 6 added to SYNCS.
 SYNCS_V6_COLUMNS = ("body_sha256", "same_body_as", "received_counts")
 #: The columns version 7 added to SYNCS.
 SYNCS_V7_COLUMNS = ("body_blocks",)
+#: The column version 8 added to SYNCS: the syncs before it are the first person's.
+SYNCS_V8_COLUMNS = (PERSON_COLUMN,)
 #: A body's blocks, each with its own digest in ``body_blocks``.
 BODY_BLOCK = 1024 * 1024
 #: Hex characters of a block's CRC-32.  A CRC suffices: the whole body's
@@ -1871,6 +1915,8 @@ BLOCK_DIGEST_CHARS = 8
 #: Store.same_envelope): syncs without a digest stay out of it.
 SYNCS_BY_EXPORT_INDEX = (f"CREATE INDEX IF NOT EXISTS syncs_by_export ON {SYNCS.name} (export_date)"
                          " WHERE body_sha256 IS NOT NULL")
+#: A person's latest syncs.
+SYNCS_BY_PERSON_INDEX = f"CREATE INDEX IF NOT EXISTS syncs_by_person ON {SYNCS.name} ({PERSON_COLUMN}, id)"
 
 
 class SyncStatus:
@@ -1895,6 +1941,37 @@ class Sync(collections.namedtuple("Sync", SYNCS.column_names, defaults=tuple(
 
     __slots__ = ()
 
+
+#: The people whose data the receiver keeps (version 8): each with a key of
+#: their own, stored only as its SHA-256 (see hash_key).  The first, made
+#: with the table, owns every row stored before it and the receiver's key
+#: (--token-file, $HEALTH_RECEIVER_TOKEN or <db>.key).
+PEOPLE = Table("people", (
+    ("id", "INTEGER PRIMARY KEY AUTOINCREMENT"),  # a removed person's id is never given again
+    ("name", "TEXT NOT NULL UNIQUE"),
+    ("key_sha256", "TEXT UNIQUE"),  # hex; NULL: no key of its own (the first person, or one imported)
+    ("admin", "INTEGER NOT NULL DEFAULT 0"),  # may read everyone's pages
+    ("created_at", "TEXT NOT NULL"),
+))
+#: The first person's id and name, when nothing names them otherwise.
+FIRST_PERSON = 1
+FIRST_PERSON_NAME = "me"
+#: What the receiver derives from the samples, per person (version 8).
+#: sample_types: rows and first and last date of each type.
+SAMPLE_TYPES = Table("sample_types", (
+    (PERSON_COLUMN, "INTEGER NOT NULL"), ("type", "TEXT NOT NULL"), ("rows", "INTEGER NOT NULL"),
+    ("first_date", "TEXT"), ("last_date", "TEXT")), key=(PERSON_COLUMN, "type"))
+#: sample_hours: totals per type, hour, source and category (see _SAMPLE_HOURS_SQL).
+SAMPLE_HOURS = Table("sample_hours", (
+    (PERSON_COLUMN, "INTEGER NOT NULL"), ("type", "TEXT NOT NULL"), ("hour", "TEXT NOT NULL"),
+    ("source", "TEXT NOT NULL"), ("category", "TEXT NOT NULL"), ("samples", "INTEGER NOT NULL"),
+    ("numbers", "INTEGER NOT NULL"), ("total", "REAL NOT NULL"), ("low", "REAL"), ("high", "REAL"),
+    ("seconds", "REAL NOT NULL")), key=(PERSON_COLUMN, "type", "hour", "source", "category"))
+#: sample_hours_pending: hours syncs brought samples to, not yet totalled.
+SAMPLE_HOURS_PENDING = Table("sample_hours_pending", (
+    (PERSON_COLUMN, "INTEGER NOT NULL"), ("type", "TEXT NOT NULL"), ("hour", "TEXT NOT NULL")),
+    key=(PERSON_COLUMN, "type", "hour"))
+DERIVED_TABLES = (SAMPLE_TYPES, SAMPLE_HOURS, SAMPLE_HOURS_PENDING)
 
 #: The rejected table's name (its columns: SCHEMA_V1).
 REJECTED_TABLE = "rejected"
@@ -2024,13 +2101,16 @@ def _migrate_v2(conn, report):
                  " export_date = coalesce(utc_date(export_date), export_date),"
                  " start_date = coalesce(utc_date(start_date), start_date),"
                  " end_date = coalesce(utc_date(end_date), end_date)")
-    _recount_sample_types(conn)
+    _recount_sample_types(conn, per_person=False)
 
 
-def _recount_sample_types(conn):
+def _recount_sample_types(conn, per_person=True):
+    """Count sample_types again: per person, or (``per_person`` False) as
+    the schema before version 8 kept them, which earlier steps write."""
+    owner = f"{PERSON_COLUMN}, " if per_person else ""
     conn.execute("DELETE FROM sample_types")
-    conn.execute("INSERT INTO sample_types SELECT type, count(*), min(start_date), max(start_date)"
-                 " FROM samples GROUP BY type")
+    conn.execute(f"INSERT INTO sample_types SELECT {owner}type, count(*), min(start_date), max(start_date)"
+                 f" FROM samples GROUP BY {owner}type")
 
 
 _NUMERIC = "typeof(value) IN ('integer', 'real')"
@@ -2059,7 +2139,7 @@ def is_cumulative(type_name):
 #: it starts in and the next); a longer one counts in the half-hour it
 #: starts in.  A walk counted 07:30-08:10 adds to 07:30 and to 08:00.
 SPREAD_MS_MAX = 3600 * 1000
-#: The totals of a type, source and category in each hour chosen by
+#: The totals of a person's type, source and category in each hour chosen by
 #: ``{touched}`` (a query of hours, parameters of hours_parameters()),
 #: recomputed from the samples.  Cumulative types (:spread) are kept per
 #: half-hour (keys YYYY-MM-DDTHH and YYYY-MM-DDTHH:30): ``total`` adds each
@@ -2082,7 +2162,7 @@ _SAMPLE_HOURS_SQL = (
     " spans AS (SELECT bucket, coalesce(s.source_name, '') AS source,"
     " CASE WHEN :timed THEN coalesce(CAST(s.value AS TEXT), '') ELSE '' END AS category, s.value AS value,"
     " s.start_date >= lo_text AS begins, julianday(s.start_date) AS t0, julianday(s.end_date) AS t1, lo, hi"
-    " FROM buckets JOIN main.samples AS s ON s.type = :type"
+    " FROM buckets JOIN main.samples AS s ON {owner_match}s.type = :type"
     " AND s.start_date >= CASE WHEN :spread THEN strftime('%Y-%m-%dT%H:%M', lo, '-1 hour') ELSE lo_text END"
     " AND s.start_date < hi_text AND (s.start_date >= lo_text OR s.end_date > lo_text)),"
     # A sample's share of a bucket: the time it spans there over its
@@ -2091,9 +2171,9 @@ _SAMPLE_HOURS_SQL = (
     " parts AS (SELECT * FROM (SELECT bucket, source, category, value, begins, t0, t1, lo, hi, CASE WHEN :spread"
     " AND t1 > t0 AND round((t1 - t0) * 86400000) <= :longest THEN max(0.0, min(t1, hi) - max(t0, lo)) END"
     " AS covered FROM spans) WHERE begins OR covered > 0)"
-    " INSERT OR REPLACE INTO main.sample_hours (type, hour, source, category, samples, numbers, total, low, high,"
-    " seconds)"
-    f" SELECT :type, bucket, source, category, sum(begins), count(CASE WHEN begins AND {_NUMERIC} THEN 1 END),"
+    " INSERT OR REPLACE INTO main.sample_hours ({owner_column}type, hour, source, category, samples, numbers, total,"
+    " low, high, seconds)"
+    f" SELECT {{owner_value}}:type, bucket, source, category, sum(begins), count(CASE WHEN begins AND {_NUMERIC} THEN 1 END),"
     f" total(CASE WHEN {_NUMERIC} THEN value * CASE WHEN covered IS NULL THEN begins WHEN t1 <= hi AND begins"
     " THEN 1.0 WHEN begins THEN (hi - t0) / (t1 - t0) WHEN t1 > hi THEN (hi - lo) / (t1 - t0)"
     " ELSE 1.0 - (lo - t0) / (t1 - t0) END END),"
@@ -2102,7 +2182,7 @@ _SAMPLE_HOURS_SQL = (
     " FROM parts GROUP BY bucket, source, category")
 #: The hours syncs have brought samples to since sample_hours was last
 #: brought up to date.
-_PENDING_HOURS = "SELECT hour FROM main.sample_hours_pending WHERE type = :type"
+_PENDING_HOURS = f"SELECT hour FROM main.sample_hours_pending WHERE {PERSON_COLUMN} = :person AND type = :type"
 #: The hours a type's samples chosen by ``{where}`` start in, and (:spread)
 #: the next hours those spread over reach.
 _SAMPLE_HOURS_OF = (
@@ -2110,32 +2190,47 @@ _SAMPLE_HOURS_OF = (
     " UNION SELECT substr(end_date, 1, 13) FROM {samples} WHERE {where} AND :spread"
     " AND substr(end_date, 1, 13) > substr(start_date, 1, 13)"
     " AND round((julianday(end_date) - julianday(start_date)) * 86400000) BETWEEN 0 AND :longest")
-#: Every hour of a type.
-_ALL_HOURS = _SAMPLE_HOURS_OF.format(samples="main.samples", where="type = :type")
 
 
-def hours_parameters(type_name):
-    """Parameters of _SAMPLE_HOURS_SQL for one type."""
-    return {"type": type_name, "timed": type_name.startswith(TIMED_TYPE_PREFIX),
+def _hours_sql(touched, per_person=True):
+    """_SAMPLE_HOURS_SQL for the hours of query ``touched``: of one person's
+    type, or (``per_person`` False) of a type as the schema before version 8
+    kept them, which earlier steps of MIGRATIONS write."""
+    owner = PERSON_COLUMN if per_person else ""
+    return _SAMPLE_HOURS_SQL.format(
+        touched=touched, owner_match=f"s.{owner} = :person AND " if owner else "",
+        owner_column=f"{owner}, " if owner else "", owner_value=":person, " if owner else "")
+
+
+def hours_parameters(type_name, person=FIRST_PERSON):
+    """Parameters of _SAMPLE_HOURS_SQL for one person's type."""
+    return {"person": person, "type": type_name, "timed": type_name.startswith(TIMED_TYPE_PREFIX),
             "spread": is_cumulative(type_name), "longest": SPREAD_MS_MAX}
 
 
 def _update_pending_hours(conn):
     """Recompute the hours that syncs noted as pending, then forget them."""
-    sql = _SAMPLE_HOURS_SQL.format(touched=_PENDING_HOURS)
-    for (type_name,) in conn.execute("SELECT DISTINCT type FROM sample_hours_pending").fetchall():
-        conn.execute(sql, hours_parameters(type_name))
+    sql = _hours_sql(_PENDING_HOURS)
+    for person, type_name in conn.execute(
+            f"SELECT DISTINCT {PERSON_COLUMN}, type FROM sample_hours_pending").fetchall():
+        conn.execute(sql, hours_parameters(type_name, person))
     conn.execute("DELETE FROM sample_hours_pending")
 
 
-def _recount_sample_hours(conn, report=None):
+def _recount_sample_hours(conn, report=None, per_person=True):
     conn.execute("DELETE FROM sample_hours")
     conn.execute("DELETE FROM sample_hours_pending")
-    sql = _SAMPLE_HOURS_SQL.format(touched=_ALL_HOURS)
-    for (type_name,) in conn.execute("SELECT type FROM sample_types ORDER BY type").fetchall():
-        conn.execute(sql, hours_parameters(type_name))
+    where = f"{PERSON_COLUMN} = :person AND type = :type" if per_person else "type = :type"
+    sql = _hours_sql(_SAMPLE_HOURS_OF.format(samples="main.samples", where=where), per_person)
+    owner = PERSON_COLUMN if per_person else FIRST_PERSON
+    for person, type_name in conn.execute(f"SELECT {owner}, type FROM sample_types ORDER BY 1, 2").fetchall():
+        conn.execute(sql, hours_parameters(type_name, person))
         if report:
             report(f"  {short_type_name(type_name)}: hourly totals")
+
+
+def _recount_sample_hours_v4(conn, report):
+    _recount_sample_hours(conn, report, per_person=False)
 
 
 def _migrate_v3(conn, report):
@@ -2147,7 +2242,7 @@ def _migrate_v3(conn, report):
                  " WITHOUT ROWID")
     conn.execute("CREATE TABLE sample_hours_pending (type TEXT NOT NULL, hour TEXT NOT NULL,"
                  " PRIMARY KEY (type, hour)) WITHOUT ROWID")
-    _recount_sample_hours(conn, report)
+    _recount_sample_hours(conn, report, per_person=False)
 
 
 #: Errors sqlite3 raises for a value it cannot bind: the row's fault, not the database's.
@@ -2233,6 +2328,69 @@ def _add_body_blocks(conn, report):
     _add_sync_columns(conn, SYNCS_V7_COLUMNS)
 
 
+#: Tables rebuilt in key order a batch of this many rows at a time (with
+#: a progress line each MIGRATION_PROGRESS_ROWS).
+OWNER_BATCH_ROWS = 250000
+
+
+def _own_by_first_person(conn, table, create_sql, key, report):
+    """Rebuild ``table`` with PERSON_COLUMN first (``create_sql(name)``
+    makes the new table), every row the first person's; counts compared.
+    A table stored by ``key`` (WITHOUT ROWID) is copied in key order, a
+    batch at a time, so that the new one is written from front to back."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone():
+        return
+    names = ", ".join(row[1] for row in conn.execute(f"PRAGMA table_info({table})"))
+    copy = f"{table}_v8"
+    conn.execute(create_sql(copy))
+    insert = f"INSERT INTO {copy} ({PERSON_COLUMN}, {names}) SELECT {FIRST_PERSON:d}, {names} FROM {table}"
+    copied = 0
+    if key:
+        keys = ", ".join(key)
+        newest = ", ".join(f"{name} DESC" for name in (PERSON_COLUMN,) + key)
+        last = ()
+        while True:
+            where = f" WHERE ({keys}) > ({', '.join('?' * len(key))})" if last else ""
+            step = conn.execute(f"{insert}{where} ORDER BY {keys} LIMIT ?", (*last, OWNER_BATCH_ROWS)).rowcount
+            copied += step
+            if copied // MIGRATION_PROGRESS_ROWS != (copied - step) // MIGRATION_PROGRESS_ROWS:
+                report(f"  {table}: {copied:,} rows")
+            if step < OWNER_BATCH_ROWS:
+                break
+            last = conn.execute(f"SELECT {keys} FROM {copy} ORDER BY {newest} LIMIT 1").fetchone()
+    else:
+        copied = conn.execute(insert).rowcount
+    stored = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    kept = conn.execute(f"SELECT count(*) FROM {copy}").fetchone()[0]
+    if not copied == kept == stored:
+        raise sqlite3.DatabaseError(f"migration of {table} lost rows ({kept} of {stored})")
+    conn.execute(f"DROP TABLE {table}")
+    conn.execute(f"ALTER TABLE {copy} RENAME TO {table}")
+    report(f"  {table}: {kept:,} rows, the first person's")
+
+
+def _migrate_people(conn, report):
+    """People: every row of health data belongs to one, the first person
+    (named FIRST_PERSON_NAME) owning all rows stored before."""
+    conn.execute(PEOPLE.create_sql())
+    conn.execute(PEOPLE.insert_sql(("id", "name", "admin", "created_at")),
+                 {"id": FIRST_PERSON, "name": FIRST_PERSON_NAME, "admin": 1, "created_at": utc_now()})
+    for section in SECTIONS:
+        _own_by_first_person(conn, section.table, section.table_sql, section.key if section.clustered else (),
+                             report)
+        for statement in section.index_sql:
+            conn.execute(statement)
+    for table in DERIVED_TABLES:
+        old_key = table.key[1:] if table is not SAMPLE_TYPES else ()  # sample_types had a rowid
+        _own_by_first_person(conn, table.name, table.create_sql, old_key, report)
+    _add_sync_columns(conn, SYNCS_V8_COLUMNS)
+    conn.execute(SYNCS_BY_PERSON_INDEX)
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+    if free > 100 * MIB:
+        report(f"  The file keeps {free / 1e6:,.0f} MB of the tables as they were as free space, which later "
+               "syncs fill; to give it back to the disk now, stop the receiver and run: sqlite3 <database> VACUUM")
+
+
 #: Every schema change, in order: step N brings a database from version N
 #: to N + 1, and PRAGMA user_version counts the steps applied.  A new column
 #: or key is a new step at the end; a step once released is never edited.
@@ -2242,13 +2400,16 @@ MIGRATIONS = (
     Migration("the first schema", _create_v1),
     Migration("samples and route points clustered by time, dates in UTC", _migrate_v2, rewrites=True),
     Migration("hourly totals per type and source", _migrate_v3),
-    Migration("cumulative types' totals spread over the half-hours their samples span", _recount_sample_hours),
+    Migration("cumulative types' totals spread over the half-hours their samples span", _recount_sample_hours_v4),
     Migration("workouts, doses, medications and route points read again from their records", _rederive_columns),
     Migration("each stored sync's body digest, to answer a byte-identical retry from its record", _add_body_digests),
     Migration("each stored sync's CRC-32 per MiB of its body, to read a differing one as it arrives", _add_body_blocks),
+    Migration("people: every row belongs to a person, the rows so far to the first", _migrate_people, rewrites=True),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
+#: The version that made PEOPLE.
+PEOPLE_VERSION = next(number + 1 for number, step in enumerate(MIGRATIONS) if step.apply is _migrate_people)
 
 
 @dataclasses.dataclass
@@ -2271,6 +2432,8 @@ class SyncResult:
     same_body_as: typing.Optional[int] = None
     #: Digests of the body's blocks (see BODY_BLOCK), as stored.
     body_blocks: typing.Optional[str] = None
+    #: Whose sync it was (an id of PEOPLE).
+    person: int = FIRST_PERSON
 
     @property
     def records(self):
@@ -2293,7 +2456,7 @@ class SyncResult:
                     self.body_bytes, self.records, self.new_records, self.duplicates, self.rejected,
                     self.received[routes], self.inserted[routes], self.sections, int(self.duration * 1000),
                     SyncStatus.OK, None, _envelope_text(envelope_text), self.body_sha256, self.same_body_as, counts,
-                    self.body_blocks)
+                    self.body_blocks, self.person)
 
     def response(self):
         """The JSON answer the app reads: ``count`` feeds its Sync Log."""
@@ -2322,13 +2485,15 @@ class FailedSync:
     duration: float = 0.0
     envelope_text: typing.Optional[dict] = None
     sync_source: typing.Any = None
+    #: Whose sync it was (an id of PEOPLE).
+    person: int = FIRST_PERSON
 
     def sync(self, received_at):
         """The syncs row that keeps it."""
         envelope = _envelope_text(self.envelope_text) if self.envelope_text else None
         return Sync(received_at=received_at, remote_addr=self.remote_addr, sync_source=self.sync_source,
                     body_bytes=self.body_bytes, duration_ms=int(self.duration * 1000), status=self.status,
-                    error=self.error, envelope=envelope)
+                    error=self.error, envelope=envelope, person=self.person)
 
 
 def envelope_columns(envelope):
@@ -2408,15 +2573,16 @@ def database_size(path):
 #: Keeps sample_types (rows, first and last date per type) current as rows
 #: arrive: counting 5 million samples per type would take a second per page.
 _SAMPLE_TYPES_SQL = (
-    "INSERT INTO sample_types (type, rows, first_date, last_date) VALUES (?1, ?2, ?3, ?4)"
-    " ON CONFLICT (type) DO UPDATE SET rows = rows + excluded.rows,"
+    f"INSERT INTO sample_types ({PERSON_COLUMN}, type, rows, first_date, last_date) VALUES (?5, ?1, ?2, ?3, ?4)"
+    f" ON CONFLICT ({PERSON_COLUMN}, type) DO UPDATE SET rows = rows + excluded.rows,"
     " first_date = min(coalesce(first_date, excluded.first_date), excluded.first_date),"
     " last_date = max(coalesce(last_date, excluded.last_date), excluded.last_date)")
 
 
 #: Notes the hours a sync brought new samples to, in its own transaction;
 #: sample_hours is brought up to date after the answer (update_hours).
-_NOTE_PENDING_HOURS_SQL = ("INSERT OR IGNORE INTO main.sample_hours_pending (type, hour) SELECT :type, * FROM ("
+_NOTE_PENDING_HOURS_SQL = (f"INSERT OR IGNORE INTO main.sample_hours_pending ({PERSON_COLUMN}, type, hour)"
+                           " SELECT :person, :type, * FROM ("
                            + _SAMPLE_HOURS_OF.format(samples="stage.samples", where="rowid BETWEEN :first AND :last")
                            + ")")
 
@@ -2429,7 +2595,8 @@ _SAME_ENVELOPE_SQL = (f"SELECT id, body_sha256, body_bytes, body_blocks FROM mai
                       " WHERE export_date = :export_date"
                       " AND body_sha256 IS NOT NULL AND sync_source IS :sync_source AND start_date IS :start_date"
                       f" AND end_date IS :end_date AND status = '{SyncStatus.OK}'"
-                      " AND (:body_bytes IS NULL OR body_bytes = :body_bytes) ORDER BY id DESC LIMIT 16")
+                      f" AND (:body_bytes IS NULL OR body_bytes = :body_bytes) AND {PERSON_COLUMN} = :person"
+                      " ORDER BY id DESC LIMIT 16")
 
 
 def _sync_parameters(sync):
@@ -2438,8 +2605,72 @@ def _sync_parameters(sync):
 
 
 def _insert_sync(conn, sync):
-    """Insert a syncs row (its id chosen by SQLite); return the id."""
+    """Insert a syncs row (its id chosen by SQLite); return the id.  Raises
+    StorageUnavailable when its person was removed meanwhile (their key
+    then no longer works: the app's next try is refused)."""
+    if (conn.execute("PRAGMA user_version").fetchone()[0] >= PEOPLE_VERSION
+            and not conn.execute("SELECT 1 FROM main.people WHERE id = ?", (sync.person,)).fetchone()):
+        raise StorageUnavailable("The person this sync is from was removed; nothing was stored.")
     return conn.execute(SYNCS.insert_sql(SYNCS.column_names[1:]), _sync_parameters(sync)).lastrowid
+
+
+#: A person's name: in URLs (?person=), file names and CSV cells as it is.
+PERSON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}\Z")
+
+
+def check_person_name(name):
+    if not PERSON_NAME.match(name or ""):
+        raise UsageError(f"a person's name is 1 to 40 letters, digits, '.', '_' or '-', starting with a letter or "
+                         f"digit, not {log_safe(name, 60)!r}")
+
+
+def hash_key(key):
+    """What is stored of a person's key: its SHA-256, in hex.  Keys are
+    random (192 bits), so a fast hash is as safe as a slow one: nobody can
+    try 2^191 keys; slow hashes are for passwords people choose."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class Person(typing.NamedTuple):
+    """One row of PEOPLE."""
+
+    id: int
+    name: str
+    admin: bool
+    created_at: str
+    #: Whether they have a key of their own (only its hash is stored).
+    has_key: bool
+
+
+_PEOPLE_SQL = "SELECT id, name, admin != 0, created_at, key_sha256 IS NOT NULL FROM main.people"
+
+#: The tables of health data and what is derived from it: each row a person's.
+OWNED_TABLES = tuple(section.table for section in SECTIONS) + tuple(table.name for table in DERIVED_TABLES)
+
+
+def person_views(person_id):
+    """The statements that make a connection see the tables of health data
+    (and syncs, rejected) as ``person_id``'s rows alone (None: everyone's,
+    the per-type totals summed over people)."""
+    visible = [(section.table, section.column_names) for section in SECTIONS]
+    visible += [(table.name, table.column_names[1:]) for table in DERIVED_TABLES]
+    visible.append((SYNCS.name, SYNCS.column_names))
+    statements = []
+    for table, columns in visible:
+        names = ", ".join(columns)
+        if person_id is not None:
+            select = f"SELECT {names} FROM main.{table} WHERE {PERSON_COLUMN} = {int(person_id):d}"
+        elif table == SAMPLE_TYPES.name:
+            select = (f"SELECT type, sum(rows) AS rows, min(first_date) AS first_date, max(last_date) AS last_date"
+                      f" FROM main.{table} GROUP BY type")
+        else:
+            select = f"SELECT {names} FROM main.{table}"
+        statements.append(f"CREATE TEMP VIEW IF NOT EXISTS {table} AS {select}")
+    if person_id is not None:
+        statements.append(f"CREATE TEMP VIEW IF NOT EXISTS {REJECTED_TABLE} AS SELECT * FROM main.{REJECTED_TABLE}"
+                          f" WHERE sync_id IN (SELECT id FROM main.{SYNCS.name}"
+                          f" WHERE {PERSON_COLUMN} = {int(person_id):d})")
+    return statements
 
 
 def _process_alive(pid):
@@ -2503,13 +2734,18 @@ class Store:
 
     # -- connections and schema ---------------------------------------------
 
-    def open(self, report=None):
+    def open(self, report=None, first_person=None):
         """Create the database or bring it to SCHEMA_VERSION, each migration
         step in its own transaction (``report(text)`` gets progress lines);
-        raise StorageUnavailable on failure."""
+        raise StorageUnavailable on failure.  When this makes the first
+        person, ``first_person`` (if given) is their name."""
+        if first_person:
+            check_person_name(first_person)
         with self.writer() as conn:
             try:
-                self._migrate(conn, report or (lambda text: None))
+                if self._migrate(conn, report or (lambda text: None)) < PEOPLE_VERSION and first_person:
+                    with _transaction(conn):
+                        conn.execute("UPDATE people SET name = ? WHERE id = ?", (first_person, FIRST_PERSON))
                 with _transaction(conn):
                     _update_pending_hours(conn)  # of a sync whose process stopped after its commit
             except sqlite3.Error as exc:
@@ -2555,6 +2791,7 @@ class Store:
         return StorageUnavailable(self.damage or _describe_db_error(exc, self.path))
 
     def _migrate(self, conn, report):
+        """Bring the database to SCHEMA_VERSION; return its version before."""
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StorageUnavailable(
@@ -2586,6 +2823,7 @@ class Store:
             for section in SECTIONS:
                 for statement in section.create_sql:
                     conn.execute(statement)
+        return version
 
     def free_space(self):
         """Bytes free on the disk that holds the database."""
@@ -2744,15 +2982,16 @@ class Store:
                         with contextlib.suppress(OSError):
                             os.unlink(path)
 
-    def merge(self, stage, payload, remote_addr=None, started=None, body_sha256=None, body_blocks=None):
+    def merge(self, stage, payload, remote_addr=None, started=None, body_sha256=None, body_blocks=None,
+              person=FIRST_PERSON):
         """Move a complete sync's staged rows into the database in one
-        transaction, holding the write lock only for that; return the
-        SyncResult once committed.  A database error rolls back and raises
-        StorageUnavailable."""
+        transaction, as rows of ``person``, holding the write lock only for
+        that; return the SyncResult once committed.  A database error rolls
+        back and raises StorageUnavailable."""
         started = time.monotonic() if started is None else started
         result = SyncResult(remote_addr=remote_addr, body_bytes=payload.size, received=dict(stage.received),
                             rejected=stage.rejected, sections=payload.sections, envelope=payload.envelope,
-                            body_sha256=body_sha256, body_blocks=body_blocks)
+                            body_sha256=body_sha256, body_blocks=body_blocks, person=person)
         stage.finish()
         with self.writer(keep=True) as conn:
             try:
@@ -2761,10 +3000,11 @@ class Store:
                     conn.execute("BEGIN IMMEDIATE")
                     received_at = utc_now()
                     sync_id = result.sync_id = _insert_sync(conn, Sync(
-                        received_at=received_at, remote_addr=remote_addr, body_bytes=payload.size))
+                        received_at=received_at, remote_addr=remote_addr, body_bytes=payload.size, person=person))
                     exported = payload.envelope.get("exportDate")
                     exported = (utc_date(exported) if exported.__class__ is str else None) or received_at
-                    self._merge_rows(conn, stage, {"sync_id": sync_id, "exported": exported}, result)
+                    self._merge_rows(conn, stage, {"sync_id": sync_id, "exported": exported, "person": person},
+                                     result)
                     result.duration = time.monotonic() - started
                     conn.execute(_UPDATE_SYNC_SQL, _sync_parameters(result.sync(received_at, payload.envelope_text)))
                     conn.execute("COMMIT")
@@ -2775,35 +3015,40 @@ class Store:
                 raise self.unavailable(exc) from exc
         return result
 
-    def same_envelope(self, envelope, body_bytes=None):
-        """{SHA-256: (sync id, body bytes, block digests)} of the stored syncs whose
-        envelope is ``envelope``'s (its exportDate, range and source) and
-        whose body was ``body_bytes`` long (when known): those a body that
-        starts so may repeat.  Empty without an exportDate, or when the
-        database cannot be read (the body is then read as any other)."""
+    def same_envelope(self, envelope, body_bytes=None, person=FIRST_PERSON):
+        """{SHA-256: (sync id, body bytes, block digests)} of the stored
+        syncs of ``person`` whose envelope is ``envelope``'s (its
+        exportDate, range and source) and whose body was ``body_bytes``
+        long (when known): those a body that starts so may repeat.  Empty
+        without an exportDate, or when the database cannot be read (the
+        body is then read as any other)."""
         source, export_date, start_date, end_date = envelope_columns(envelope)
         if export_date is None or any(value.__class__ in (dict, list) for value in (source, start_date, end_date)):
             return {}
         params = {"export_date": _storable(export_date), "sync_source": _storable(source),
-                  "start_date": _storable(start_date), "end_date": _storable(end_date), "body_bytes": body_bytes}
+                  "start_date": _storable(start_date), "end_date": _storable(end_date), "body_bytes": body_bytes,
+                  "person": person}
         with contextlib.suppress(StorageUnavailable, sqlite3.Error):
             with self.reader() as conn:
                 return {digest: (sync_id, size, blocks)
                         for sync_id, digest, size, blocks in conn.execute(_SAME_ENVELOPE_SQL, params)}
         return {}
 
-    def record_retry(self, same_as, body_sha256, body_bytes, remote_addr=None, envelope=None, started=None):
+    def record_retry(self, same_as, body_sha256, body_bytes, remote_addr=None, envelope=None, started=None,
+                     person=FIRST_PERSON):
         """Record a body byte for byte that of stored sync ``same_as`` (its
-        SHA-256 ``body_sha256``) as a sync of its elements, all duplicates,
-        and return its SyncResult once committed: the answer that a re-read
-        would give, without reading it.  None when that sync is no longer
-        stored with this digest.  Raises StorageUnavailable."""
+        SHA-256 ``body_sha256``, sent by ``person``) as a sync of its
+        elements, all duplicates, and return its SyncResult once committed:
+        the answer that a re-read would give, without reading it.  None
+        when that sync is no longer stored with this digest.  Raises
+        StorageUnavailable."""
         started = time.monotonic() if started is None else started
         columns = ("envelope", "received_counts", "rejected", "sections", "body_sha256", "body_bytes")
         with self.writer(keep=True) as conn:
             try:
                 with _transaction(conn):
-                    first = conn.execute(SYNCS.select_sql(columns) + " WHERE id = ?", (same_as,)).fetchone()
+                    first = conn.execute(SYNCS.select_sql(columns) + f" WHERE id = ? AND {PERSON_COLUMN} = ?",
+                                         (same_as, person)).fetchone()
                     if first is None or first[4:] != (body_sha256, body_bytes):
                         return None
                     envelope_json, counts, rejected, sections = first[:4]
@@ -2813,7 +3058,7 @@ class Store:
                                         if name in received)
                     result = SyncResult(remote_addr=remote_addr, body_bytes=body_bytes, received=received,
                                         rejected=rejected, sections=sections, envelope=envelope or {},
-                                        same_body_as=same_as)
+                                        same_body_as=same_as, person=person)
                     result.duration = time.monotonic() - started
                     sync = result.sync(utc_now(), {})._replace(envelope=envelope_json)
                     result.sync_id = _insert_sync(conn, sync)
@@ -2844,11 +3089,12 @@ class Store:
                               for first, last in run.ranges)
                     result.inserted[section.name] += new
                     if section is SAMPLES and new:
-                        conn.execute(_SAMPLE_TYPES_SQL, (label, new, run.low, run.high))
+                        conn.execute(_SAMPLE_TYPES_SQL, (label, new, run.low, run.high, params["person"]))
                         for first, last in run.ranges:
-                            conn.execute(_NOTE_PENDING_HOURS_SQL, dict(hours_parameters(label), first=first, last=last))
+                            conn.execute(_NOTE_PENDING_HOURS_SQL, dict(hours_parameters(label, params["person"]),
+                                                                       first=first, last=last))
             elif section.latest_wins:
-                result.inserted[section.name] += conn.execute(section.count_new_sql).fetchone()[0]
+                result.inserted[section.name] += conn.execute(section.count_new_sql, params).fetchone()[0]
                 # Only by this sync's later element, or when its export is
                 # as recent or more as that of the sync that wrote the row.
                 written_by = f"{section.table}.{section.written_by}"
@@ -2880,6 +3126,152 @@ class Store:
         with self.writer() as conn, _transaction(conn):
             _recount_sample_types(conn)
             _recount_sample_hours(conn)
+
+    # -- people ------------------------------------------------------------
+
+    def people(self):
+        """Every Person, the first first.  (A database from before people,
+        read without upgrading it, has the first only.)"""
+        with self.reader() as conn:
+            if conn.execute("PRAGMA user_version").fetchone()[0] < PEOPLE_VERSION:
+                return [Person(FIRST_PERSON, FIRST_PERSON_NAME, True, None, False)]
+            return [Person(*row) for row in conn.execute(_PEOPLE_SQL + " ORDER BY id")]
+
+    def person(self, name=None, person_id=None):
+        """The Person named ``name`` (or of id ``person_id``), or None."""
+        column, value = ("name", name) if person_id is None else ("id", person_id)
+        with self.reader() as conn:
+            if conn.execute("PRAGMA user_version").fetchone()[0] < PEOPLE_VERSION:
+                return next((person for person in self.people() if getattr(person, column) == value), None)
+            row = conn.execute(f"{_PEOPLE_SQL} WHERE {column} = ?", (value,)).fetchone()
+        return None if row is None else Person(*row)
+
+    def first_person(self):
+        """The person added first: the receiver's key and rows stored
+        before there were people are theirs (in a backup of one person's
+        data, that person)."""
+        people = self.people()
+        if not people:
+            raise Missing(f"{self.path} has no people")
+        return people[0]
+
+    def person_of_key(self, key):
+        """The Person whose own key ``key`` is, or None.  Looked up by the
+        key's SHA-256: the comparison's time tells nothing of the key."""
+        with self.reader() as conn:
+            row = conn.execute(f"{_PEOPLE_SQL} WHERE key_sha256 = ?", (hash_key(key),)).fetchone()
+        return None if row is None else Person(*row)
+
+    def _named(self, conn, name):
+        row = conn.execute(f"{_PEOPLE_SQL} WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise Missing(f"no person named {log_safe(name, 60)} (health_receiver.py people list)")
+        return Person(*row)
+
+    def add_people(self, names, keys, admin=False):
+        """Add people named ``names``, with their own ``keys`` (None: none),
+        in one transaction; raises UsageError for a name taken or not
+        allowed."""
+        for name in names:
+            check_person_name(name)
+        with self.writer() as conn, _transaction(conn):
+            taken = [name for name in names if conn.execute(f"{_PEOPLE_SQL} WHERE name = ?", (name,)).fetchone()]
+            if taken or len(set(names)) != len(names):
+                raise UsageError(f"a person named {log_safe((taken or names)[0], 60)} exists already")
+            for name, key in zip(names, keys):
+                conn.execute(PEOPLE.insert_sql(("name", "key_sha256", "admin", "created_at")),
+                             {"name": name, "key_sha256": key and hash_key(key), "admin": int(admin),
+                              "created_at": utc_now()})
+
+    def set_key(self, name, key):
+        """Give the person named ``name`` the key ``key`` in place of their
+        own one (which stops working at once)."""
+        with self.writer() as conn, _transaction(conn):
+            person = self._named(conn, name)
+            conn.execute("UPDATE people SET key_sha256 = ? WHERE id = ?", (hash_key(key), person.id))
+
+    def rename_person(self, name, new_name):
+        check_person_name(new_name)
+        with self.writer() as conn, _transaction(conn):
+            person = self._named(conn, name)
+            if conn.execute(f"{_PEOPLE_SQL} WHERE name = ?", (new_name,)).fetchone():
+                raise UsageError(f"a person named {log_safe(new_name, 60)} exists already")
+            conn.execute("UPDATE people SET name = ? WHERE id = ?", (new_name, person.id))
+
+    def person_rows(self, conn, person_id):
+        """Rows of health data of a person (samples counted by sample_types)."""
+        rows = conn.execute(f"SELECT coalesce(sum(rows), 0) FROM main.{SAMPLE_TYPES.name}"
+                            f" WHERE {PERSON_COLUMN} = ?", (person_id,)).fetchone()[0]
+        for section in SECTIONS:
+            if section is not SAMPLES:
+                rows += conn.execute(f"SELECT count(*) FROM main.{section.table} WHERE {PERSON_COLUMN} = ?",
+                                     (person_id,)).fetchone()[0]
+        return rows
+
+    def remove_person(self, name, delete_data=False):
+        """Remove the person named ``name``; with ``delete_data``, every row
+        of theirs with them, in one transaction (return how many).  Refuses
+        the first person (the receiver's key is theirs), and a person with
+        data without ``delete_data``."""
+        with self.writer() as conn, _transaction(conn):
+            person = self._named(conn, name)
+            if person.id == conn.execute("SELECT min(id) FROM main.people").fetchone()[0]:
+                raise UsageError(f"{log_safe(name, 60)} is the first person: the receiver's key and the rows "
+                                 "stored before there were people are theirs")
+            rows = self.person_rows(conn, person.id)
+            syncs = conn.execute(f"SELECT count(*) FROM main.{SYNCS.name} WHERE {PERSON_COLUMN} = ?",
+                                 (person.id,)).fetchone()[0]
+            if (rows or syncs) and not delete_data:
+                raise UsageError(f"{log_safe(name, 60)} has {rows:,} rows of data from {syncs:,} syncs; "
+                                 "--delete-data deletes them with the person")
+            for table in OWNED_TABLES:
+                conn.execute(f"DELETE FROM main.{table} WHERE {PERSON_COLUMN} = ?", (person.id,))
+            conn.execute(f"DELETE FROM main.{REJECTED_TABLE} WHERE sync_id IN (SELECT id FROM main.{SYNCS.name}"
+                         f" WHERE {PERSON_COLUMN} = ?)", (person.id,))
+            conn.execute(f"DELETE FROM main.{SYNCS.name} WHERE {PERSON_COLUMN} = ?", (person.id,))
+            conn.execute("DELETE FROM people WHERE id = ?", (person.id,))
+            return rows
+
+
+class PersonStore:
+    """The store as one person sees it (``person`` None: everyone): the
+    reporting layer reads through it as through a Store.  Its connections
+    see, under the names of the tables of health data, views of that
+    person's rows only (SQLite finds an unqualified name in ``temp``
+    before ``main``), so no query of a page can read another person's rows;
+    each view's columns are the table's without PERSON_COLUMN, and its
+    rows are read through the key's first column, the person."""
+
+    def __init__(self, store, person=None):
+        self.store = store
+        #: A Person, or None for everyone.
+        self.person = person
+        self.path = store.path
+
+    def __getattr__(self, name):  # damage, unavailable(), ...: the store's own
+        return getattr(self.store, name)
+
+    def open_reader(self):
+        conn = self.store.open_reader()
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] < PEOPLE_VERSION:
+                return conn  # read without upgrading it: all of it is the first person's
+            for statement in person_views(self.person.id if self.person else None):
+                conn.execute(statement)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self.store.unavailable(exc) from exc
+        return conn
+
+    @contextlib.contextmanager
+    def reader(self):
+        conn = self.open_reader()
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            raise self.store.unavailable(exc) from exc
+        finally:
+            conn.close()
 
 
 class Stage:
@@ -3201,7 +3593,33 @@ def _gzip_into(source, target):
         shutil.copyfileobj(plain, packed, READ_CHUNK)
 
 
-def backup_database(db_path, dest, compress=False, progress=None, cancelled=None):
+def _keep_only(conn, person_id):
+    """Delete from a copy every row that is not ``person_id``'s (the other
+    people, their syncs and what these rejected), then VACUUM: the file
+    holds nothing of theirs, not even in free pages."""
+    for table in OWNED_TABLES:
+        conn.execute(f"DELETE FROM {table} WHERE {PERSON_COLUMN} != ?", (person_id,))
+    conn.execute(f"DELETE FROM {REJECTED_TABLE} WHERE sync_id NOT IN (SELECT id FROM {SYNCS.name}"
+                 f" WHERE {PERSON_COLUMN} = ?)", (person_id,))
+    conn.execute(f"DELETE FROM {SYNCS.name} WHERE {PERSON_COLUMN} != ?", (person_id,))
+    conn.execute(f"DELETE FROM {PEOPLE.name} WHERE id != ?", (person_id,))
+    conn.execute("VACUUM")
+
+
+def _rows_of_person(conn, person_id):
+    """table_rows() of a copy that keeps ``person_id``'s rows alone."""
+    rows = table_rows(conn)
+    for table in OWNED_TABLES + (SYNCS.name,):
+        rows[table] = conn.execute(f"SELECT count(*) FROM {table} WHERE {PERSON_COLUMN} = ?",
+                                   (person_id,)).fetchone()[0]
+    rows[REJECTED_TABLE] = conn.execute(f"SELECT count(*) FROM {REJECTED_TABLE} WHERE sync_id IN"
+                                        f" (SELECT id FROM {SYNCS.name} WHERE {PERSON_COLUMN} = ?)",
+                                        (person_id,)).fetchone()[0]
+    rows[PEOPLE.name] = 1
+    return rows
+
+
+def backup_database(db_path, dest, compress=False, progress=None, cancelled=None, person_id=None):
     """Copy the database at ``db_path`` into the new file ``dest`` while it
     is in use, verify the copy against the snapshot it was taken from
     (integrity_check, every table's rows, the schema version), and only
@@ -3210,7 +3628,8 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
     file (no write-ahead log), readable only by its owner.  Raises
     StorageUnavailable (a damaged database, a copy that does not verify),
     OSError (the folder, the disk), or BackupStopped once ``cancelled()``
-    is true, leaving no file behind."""
+    is true, leaving no file behind.  With ``person_id``, the copy then
+    keeps only that person's rows (see _keep_only)."""
     started = time.monotonic()
     folder = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(folder):
@@ -3251,6 +3670,16 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
                 rows = table_rows(copy)
                 if rows != table_rows(source) or copy.execute("PRAGMA user_version").fetchone()[0] != version:
                     raise StorageUnavailable(f"The copy of {db_path} does not hold the rows of the database.")
+                if person_id is not None:
+                    if version < PEOPLE_VERSION:
+                        raise UsageError(f"{db_path} has no people yet (schema version {version}): start the "
+                                         "receiver once to upgrade it")
+                    expected = _rows_of_person(source, person_id)
+                    _keep_only(copy, person_id)
+                    rows = table_rows(copy)
+                    found = [row[0] for row in copy.execute("PRAGMA quick_check(5)")]
+                    if found != ["ok"] or rows != expected:
+                        raise StorageUnavailable(f"The copy of {db_path} with one person's rows does not verify.")
             finally:
                 copy.close()
         except sqlite3.DatabaseError as exc:
@@ -3319,14 +3748,15 @@ class Verdict(typing.NamedTuple):
         return f"OK: {self.path}: " + "; ".join(detail for _what, _holds, detail in self.checks)
 
 
-def verify_database(path, name=None):
+def verify_database(path, name=None, person_id=None):
     """Check the database (or backup) at ``path`` without writing to it:
     SQLite's integrity_check, then facts stored twice that must agree: each
     type's rows and dates in sample_types against the samples, the hourly
     totals' sample counts against the samples (every type, and
     VERIFY_HOURS hours one by one), and that no row names a sync that is
-    not stored or that stored fewer rows.  Returns a Verdict, which names
-    the file ``name`` (by default ``path``)."""
+    not stored or that stored fewer rows: of the person ``person_id``
+    alone, if given.  Returns a Verdict, which names the file ``name`` (by
+    default ``path``)."""
     name = name or path
     conn = _connect_read_only(path)
     checks = []
@@ -3347,6 +3777,9 @@ def verify_database(path, name=None):
         if version < 3 or version > SCHEMA_VERSION:  # the facts below are those of versions 3 on
             checks.append(("schema", 0 < version <= SCHEMA_VERSION, f"schema version {version}"))
             return Verdict(name, tuple(checks))
+        if version >= PEOPLE_VERSION:
+            for statement in person_views(person_id):  # the queries below read what one person (or all) sees
+                conn.execute(statement)
         checks.extend(_stored_facts_agree(conn, version))
     except sqlite3.DatabaseError as exc:
         checks.append(("reading", False, str(exc)[:300]))
@@ -3545,7 +3978,8 @@ def _export_of(section):
 
 #: Export sections: every section by its name, and the syncs.
 EXPORTS = {section.name: _export_of(section) for section in SECTIONS}
-EXPORTS[SYNCS.name] = Export(SYNCS.name, SYNCS.column_names, "received_at", "id")
+EXPORTS[SYNCS.name] = Export(SYNCS.name, tuple(name for name in SYNCS.column_names if name != PERSON_COLUMN),
+                             "received_at", "id")
 
 
 _QUANTITY = TYPE_PREFIXES[0]
@@ -3656,11 +4090,16 @@ class View(typing.NamedTuple):
     #: An aware datetime.
     now: datetime.datetime
     priority: typing.Tuple[str, ...] = SOURCE_PRIORITY
+    #: The name of the person whose data it is.
+    person: str = FIRST_PERSON_NAME
+    #: For a reader who may read everyone's (an admin): every person's name.
+    people: typing.Tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, range_name, zone, now, priority=SOURCE_PRIORITY):
+    def of(cls, range_name, zone, now, priority=SOURCE_PRIORITY, person=FIRST_PERSON_NAME, people=()):
         """The view of a ``?range=`` name (an unknown one: the default range)."""
-        return cls(RANGES_BY_NAME.get(range_name) or RANGES_BY_NAME[DEFAULT_RANGE], zone, now, priority)
+        return cls(RANGES_BY_NAME.get(range_name) or RANGES_BY_NAME[DEFAULT_RANGE], zone, now, priority, person,
+                   people)
 
 
 class Window(typing.NamedTuple):
@@ -4220,7 +4659,8 @@ def latest_syncs(conn, count):
     """The last ``count`` syncs, the latest first, with the fields pages
     show (SYNC_FIELDS; not the envelope, which may be large)."""
     return [Sync(**dict(zip(SYNC_FIELDS, row)))
-            for row in conn.execute(f"{SYNCS.select_sql(SYNC_FIELDS)} ORDER BY id DESC LIMIT ?", (count,))]
+            for row in conn.execute(f"{SYNCS.select_sql(SYNC_FIELDS, schema='')} ORDER BY id DESC LIMIT ?",
+                                    (count,))]
 
 
 def data_span(conn):
@@ -4660,7 +5100,7 @@ def summary_json(report):
     """The JSON of /api/summary: what is stored, then the window as the
     status page shows it."""
     window, now = report.window, report.view.now
-    facts = stats_json(report.stored, now)
+    facts = {"person": report.view.person, **stats_json(report.stored, now)}
     facts["window"] = {"range": window.range.name, "first": window.first.isoformat(),
                        "last": window.last.isoformat(), "days": window.days, "grain": window.grain.name,
                        "shifted": window.shifted, "timezone": window.zone.name(now)}
@@ -5070,16 +5510,17 @@ def _compact(record):
     return record
 
 
-def ndjson_line(name, columns, row):
-    """One exported row; records stay as stored so ``import`` reproduces them."""
+def ndjson_line(name, columns, row, person):
+    """One exported row of the person named ``person``; records stay as
+    stored so ``import`` reproduces them, for the same person."""
     fields = dict(zip(columns, row))
     section = SECTIONS_BY_NAME.get(name)
     if section is None:
-        return json.dumps({"section": name, "row": fields}, ensure_ascii=False)
+        return json.dumps({"section": name, "person": person, "row": fields}, ensure_ascii=False)
     if section.shape == "object":
-        return json.dumps({"section": name, "name": fields["name"], "value": fields["value"]},
+        return json.dumps({"section": name, "person": person, "name": fields["name"], "value": fields["value"]},
                           ensure_ascii=False)
-    head = '{"section":' + json.dumps(name)
+    head = '{"section":' + json.dumps(name) + ',"person":' + json.dumps(person, ensure_ascii=False)
     if name in NDJSON_LABELS:
         field, column = NDJSON_LABELS[name]
         head += f',"{field}":' + json.dumps(fields[column], ensure_ascii=False)
@@ -5104,7 +5545,7 @@ PAGE_CSS = """
 body{font:14px/1.4 -apple-system,system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:12px 16px;color:#222}
 a{color:#0b5cad;text-decoration:none}a:hover{text-decoration:underline}
 h1{font-size:20px;margin:4px 0}h2{font-size:16px;margin:24px 0 8px;border-bottom:1px solid #ddd}
-nav{margin:8px 0;display:flex;flex-wrap:wrap;gap:4px}
+nav{margin:8px 0;display:flex;flex-wrap:wrap;gap:4px;align-items:center}
 nav a,nav b{padding:3px 10px;border:1px solid #ccd;border-radius:12px}
 nav b{background:#0b5cad;color:#fff;border-color:#0b5cad;font-weight:normal}
 .note{background:#fff6dd;border:1px solid #f0d48a;padding:6px 10px;border-radius:6px}
@@ -5413,14 +5854,45 @@ def _document(title, parts):
                     "</body></html>"])
 
 
-def _range_nav(path, current):
+def _href(view, path, range_name=None):
+    """A link of the pages, escaped: ``path``, the range, and (for a reader
+    who may choose, an admin) the person whose data it shows."""
+    query = [f"range={quote(range_name)}"] if range_name else []
+    if len(view.people) > 1:
+        query.append(f"person={quote(view.person, safe='')}")
+    return _esc(path + ("?" + "&".join(query) if query else ""))
+
+
+def _range_nav(view, path, current):
     links = []
     for choice in RANGES:
         if choice.name == current:
             links.append(f"<b>{_esc(choice.label)}</b>")
         else:
-            links.append(f'<a href="{_esc(path)}?range={choice.name}">{_esc(choice.label)}</a>')
+            links.append(f'<a href="{_href(view, path, choice.name)}">{_esc(choice.label)}</a>')
     return f'<nav aria-label="range">{"".join(links)}</nav>'
+
+
+#: People the switcher lists as links; more (a study) get a field to name one.
+PEOPLE_LINKED_MAX = 30
+
+
+def _person_nav(view):
+    """Whose data a page shows; for an admin of several people, links to
+    each one's status page (the person switcher)."""
+    if len(view.people) > PEOPLE_LINKED_MAX:
+        return (f'<form method="get" action="/"><span class="muted">Data of </span>'
+                f'<input name="person" value="{_esc(view.person)}" size="16" aria-label="person">'
+                f'<input type="hidden" name="range" value="{_esc(view.range.name)}"> <button>Show</button>'
+                f'<span class="muted"> (one of {len(view.people):,} people)</span></form>')
+    if len(view.people) > 1:
+        links = [f"<b>{_esc(name)}</b>" if name == view.person else
+                 f'<a href="{_href(view._replace(person=name), "/", view.range.name)}">{_esc(name)}</a>'
+                 for name in view.people]
+        return f'<nav aria-label="person"><span class="muted">Data of</span>{"".join(links)}</nav>'
+    if not view.people:
+        return f'<p class="muted">Data of <b>{_esc(view.person)}</b></p>'
+    return ""
 
 
 def _window_note(window):
@@ -5442,10 +5914,10 @@ def workout_path(uuid):
 WIDE_CHART_SIZE = (900, 240)
 
 
-def _chart_card(chart, range_name, wide=False):
+def _chart_card(chart, view, range_name, wide=False):
     """A type's chart with its title (a link to the type's page) and what a point is."""
     unit = f" ({_esc(chart.unit)})" if chart.unit else ""
-    title = f'<a href="{type_path(chart.type)}?range={range_name}">{_esc(chart.title or chart.name)}{unit}</a>'
+    title = f'<a href="{_href(view, type_path(chart.type), range_name)}">{_esc(chart.title or chart.name)}{unit}</a>'
     label = chart.kind.label.replace("per day", f"per {chart.grain.per_day}")
     legend = _legend(chart.kind.stages) if chart.kind.draw == "stack" else ""
     drawing = svg_chart(chart)
@@ -5461,9 +5933,9 @@ def render_status_page(report):
     view, stored, window = report.view, report.stored, report.window
     zone = "UTC" if view.zone.utc else f"local time ({_esc(view.zone.name(view.now))})"
     range_name = window.range.name
-    out = ["<h1>Health receiver</h1>",
+    out = ["<h1>Health receiver</h1>", _person_nav(view),
            f'<p class="muted">{_esc(stored.path)} &middot; {_esc(_size(stored.size_bytes))} &middot; days in '
-           f'{zone} &middot; version {_esc(__version__)}</p>', _range_nav("/", range_name)]
+           f'{zone} &middot; version {_esc(__version__)}</p>', _range_nav(view, "/", range_name)]
     last_sync = stored.syncs[0] if stored.syncs else None
     if last_sync:
         out.append(f'<p>Last sync {format_ago(last_sync.received_at, view.now)}: '
@@ -5481,12 +5953,12 @@ def render_status_page(report):
     out.append(f"<h2>{_esc(label if window.range.days is None else 'Last ' + label)}</h2>")
     out.append(_window_note(window))
     if report.charts:
-        out.append('<div class="grid">' + "".join(_chart_card(chart, range_name) for chart in report.charts)
+        out.append('<div class="grid">' + "".join(_chart_card(chart, view, range_name) for chart in report.charts)
                    + "</div>")
     else:
         out.append('<p class="muted">No samples yet.</p>')
     out.append("<h2>Workouts</h2>")
-    out.append(_workout_table(report.workouts, view.zone) if report.workouts else
+    out.append(_workout_table(report.workouts, view) if report.workouts else
                '<p class="muted">No workouts in these days.</p>')
     if report.more_workouts:
         out.append(f'<p class="muted">and {report.more_workouts:,} earlier workouts in these days.</p>')
@@ -5503,7 +5975,7 @@ def render_status_page(report):
                '<p class="muted">No sync has arrived yet.</p>')
     out.append("<h2>Types</h2>")
     out.append(_table(("Type", "Last", "Rows", ("opt", "First")), [("", _cells(
-        f'<a href="{type_path(info.type)}?range={range_name}" title="{_esc(info.type)}">'
+        f'<a href="{_href(view, type_path(info.type), range_name)}" title="{_esc(info.type)}">'
         f'{_esc(info.title)}</a>', format_local(info.last, view.zone), _number(info.rows),
         ("opt", format_local(info.first, view.zone)))) for info in stored.types]))
     if stored.more_types:
@@ -5513,8 +5985,8 @@ def render_status_page(report):
     out.append(_table(("Table", "Rows"), [("", _cells(_esc(table), _number(rows)))
                                            for table, rows in stored.totals.items()]))
     out.append(f'<p class="muted">Generated {_local_time(view.now, view.zone)}. The same facts as JSON: '
-               f'<a href="{SUMMARY_PATH}?range={range_name}">{SUMMARY_PATH}</a>. '
-               f'<a href="{FIELDS_PATH}">What the app sends</a>: the fields of its elements.</p>')
+               f'<a href="{_href(view, SUMMARY_PATH, range_name)}">{SUMMARY_PATH}</a>. '
+               f'<a href="{_href(view, FIELDS_PATH)}">What the app sends</a>: the fields of its elements.</p>')
     return _document("Health receiver", out)
 
 
@@ -5530,10 +6002,12 @@ def _backup_line(backup, now):
     return f'<p class="muted">Backups: {made}; {every}.</p>'
 
 
-def render_fields_page(groups, zone):
+def render_fields_page(groups, view):
     """What the app sends: per section and type, its fields and the
     columns the receiver could not fill."""
-    out = ['<p><a href="/">&larr; Health receiver</a></p>', "<h1>What the app sends</h1>",
+    zone = view.zone
+    out = [f'<p><a href="{_href(view, "/")}">&larr; Health receiver</a></p>', "<h1>What the app sends</h1>",
+           _person_nav(view),
            f'<p class="muted">The fields of the latest {FIELDS_ELEMENTS_READ:,} elements of each section and of the '
            f'{FIELDS_TYPES_MAX} largest sample types, with their JSON types, how many of those elements carry '
            "them and the first and last of them. Every element is stored whole in its row's "
@@ -5587,11 +6061,11 @@ def _km(metres):
     return "" if metres is None else f"{metres / 1000:.2f} km"
 
 
-def _workout_table(workouts, zone):
+def _workout_table(workouts, view):
     return _table(("Workout", "Date", "Duration", "Distance", ("opt", "Energy"), ("opt", "Avg heart rate"),
                    ("opt", "Route points")), [("", _cells(
-                       f'<a href="{workout_path(w.uuid)}">{_esc(activity_title(w.activity_type))}</a>',
-                       format_local(w.start_date, zone), _long_duration(w.duration_seconds),
+                       f'<a href="{_href(view, workout_path(w.uuid))}">{_esc(activity_title(w.activity_type))}</a>',
+                       format_local(w.start_date, view.zone), _long_duration(w.duration_seconds),
                        _km(w.distance_m),
                        ("opt", "" if w.energy_kcal is None else f"{w.energy_kcal:,.0f} kcal"),
                        ("opt", "" if w.heart_rate is None else f"{w.heart_rate:.0f} bpm"),
@@ -5610,15 +6084,15 @@ def render_type_page(report):
     zone, range_name = view.zone, window.range.name
     path = type_path(info.type)
     unit = f" ({_esc(report.unit)})" if report.unit else ""
-    out = ['<p><a href="/">&larr; Health receiver</a></p>', f'<h1 title="{_esc(info.type)}">'
-           f'{_esc(info.title)}{unit}</h1>',
+    out = [f'<p><a href="{_href(view, "/", range_name)}">&larr; Health receiver</a></p>',
+           f'<h1 title="{_esc(info.type)}">{_esc(info.title)}{unit}</h1>', _person_nav(view),
            f'<p class="muted">{_number(info.rows)} samples from {format_local(info.first, zone)} to '
-           f'{format_local(info.last, zone)}</p>', _range_nav(path, range_name), _window_note(window)]
+           f'{format_local(info.last, zone)}</p>', _range_nav(view, path, range_name), _window_note(window)]
     if report.chart:
-        out.append(_chart_card(report.chart, range_name, wide=True))
+        out.append(_chart_card(report.chart, view, range_name, wide=True))
     else:
         out.append('<p class="muted">No samples in these days.</p>')
-    out.append(f'<p><a href="{path}.csv?range={range_name}" download>Download these samples as CSV</a></p>')
+    out.append(f'<p><a href="{_href(view, path + ".csv", range_name)}" download>Download these samples as CSV</a></p>')
     out.append(f"<h2>By {window.grain.name}</h2>")
     if report.periods:
         heads = ["Period", *info.kind.columns]
@@ -5693,8 +6167,8 @@ def render_workout_page(report):
     """The page of one workout: its facts, route, elevation and splits."""
     workout, route = report.workout, report.route
     name = activity_title(workout.activity_type)
-    out = ['<p><a href="/">&larr; Health receiver</a></p>', f"<h1>{_esc(name)}</h1>",
-           f'<p class="muted">{format_local(workout.start_date, report.view.zone)}'
+    out = [f'<p><a href="{_href(report.view, "/")}">&larr; Health receiver</a></p>', f"<h1>{_esc(name)}</h1>",
+           _person_nav(report.view), f'<p class="muted">{format_local(workout.start_date, report.view.zone)}'
            f'{" &middot; " + _esc(workout.source) if workout.source else ""}</p>', '<div class="tiles">']
     distance = workout.distance_m if workout.distance_m is not None else (route.distance_m or None)
     for title, value in (("Duration", _long_duration(workout.duration_seconds)), ("Distance", _km(distance)),
@@ -5936,24 +6410,26 @@ class SyncIntake:
         self._tmp_lock = threading.Lock()
         self._tmp_in_use = {}
 
-    def refuse(self, remote_addr, status, message):
+    def refuse(self, remote_addr, status, message, person=FIRST_PERSON):
         """Record a request refused before its body was ingested."""
-        self.store.record_failure(FailedSync(remote_addr, status, message))
+        self.store.record_failure(FailedSync(remote_addr, status, message, person=person))
 
-    def ingest(self, pieces, remote_addr, length=None):
+    def ingest(self, pieces, remote_addr, length=None, person=FIRST_PERSON):
         """Store the body arriving as ``pieces`` (bytes; ``length`` of them
-        in all, when known); return the SyncResult once committed, or None
-        for a body that held nothing (empty, or ``{}``: a connection test),
-        which leaves no trace.  Raises PayloadError or StorageUnavailable
+        in all, when known) as a sync of ``person`` (an id of PEOPLE: the
+        rows are theirs, and a retry repeats one of their own syncs);
+        return the SyncResult once committed, or None for a body that held
+        nothing (empty, or ``{}``: a connection test), which leaves no
+        trace.  Raises PayloadError or StorageUnavailable
         with nothing stored and the failure recorded; an exception of
         ``pieces`` itself (the HTTP layer's ClientError) passes through,
         nothing stored, for the caller to record."""
         started = time.monotonic()
         body = BodyDigest(pieces)
         envelope = leading_members(body.head(ENVELOPE_HEAD))
-        stored = self.store.same_envelope(envelope, length)
+        stored = self.store.same_envelope(envelope, length, person)
         if not stored:
-            return self._read(body, remote_addr, started, body)
+            return self._read(body, remote_addr, started, body, person)
         spool = None
         try:
             try:
@@ -5970,10 +6446,12 @@ class SyncIntake:
                 same_as, size, _blocks = stored.get(body.hexdigest(), (None, None, None))
                 result = None
                 if rest is None and size == body.size:
-                    result = self.store.record_retry(same_as, body.hexdigest(), size, remote_addr, envelope, started)
+                    result = self.store.record_retry(same_as, body.hexdigest(), size, remote_addr, envelope, started,
+                                                     person)
             except StorageUnavailable as exc:
                 self.store.record_failure(FailedSync(remote_addr, SyncStatus.FAILED, str(exc), body.size,
-                                                     time.monotonic() - started, None, envelope.get("syncSource")))
+                                                     time.monotonic() - started, None, envelope.get("syncSource"),
+                                                     person))
                 raise
             if result is not None:
                 return result
@@ -5981,7 +6459,7 @@ class SyncIntake:
             # copy is not counted against max_tmp, or a body nearly that size
             # would never be stored.
             self._release(spool)
-            return self._read(itertools.chain(spool.pieces(), rest or ()), remote_addr, started, body)
+            return self._read(itertools.chain(spool.pieces(), rest or ()), remote_addr, started, body, person)
         finally:
             if spool is not None:
                 self._release(spool)
@@ -5995,7 +6473,7 @@ class SyncIntake:
         return {digest: sync for digest, sync in stored.items()
                 if body.size <= sync[1] and (sync[2] is None or sync[2].startswith(blocks))}
 
-    def _read(self, pieces, remote_addr, started, body):
+    def _read(self, pieces, remote_addr, started, body, person):
         """Walk the body arriving as ``pieces`` into a Stage and merge it;
         ``body`` (a BodyDigest) gives its digest once read."""
         archive = ArchiveWriter(self.archive) if self.archive else None
@@ -6014,13 +6492,14 @@ class SyncIntake:
                 if archive:
                     archive.discard()
                 return None
-            result = self.store.merge(stage, payload, remote_addr, started, body.hexdigest(), body.block_digests())
+            result = self.store.merge(stage, payload, remote_addr, started, body.hexdigest(), body.block_digests(),
+                                      person)
         except BaseException as exc:
             if isinstance(exc, (PayloadError, StorageUnavailable)):
                 self.store.record_failure(FailedSync(
                     remote_addr, SyncStatus.REJECTED if isinstance(exc, PayloadError) else SyncStatus.FAILED,
                     str(exc), payload.size,
-                    time.monotonic() - started, payload.envelope_text, payload.envelope.get("syncSource")))
+                    time.monotonic() - started, payload.envelope_text, payload.envelope.get("syncSource"), person))
             if archive:
                 archive.discard()
             raise
@@ -6176,48 +6655,53 @@ def object_members(line):
 
 
 def _ndjson_entries(lines):
-    """(line number, container, key, JSON text) of each NDJSON export line:
-    where the line's record goes in a payload the app would send."""
+    """(line number, person's name or None, container, key, JSON text) of
+    each NDJSON export line: whose it is, and where the line's record goes
+    in a payload the app would send."""
     for number, line in lines:
         if not line.strip():
             continue
         try:
             members = object_members(line)
             name = json.loads(members["section"])
+            person = json.loads(members["person"]) if "person" in members else None
+            if person is not None and person.__class__ is not str:
+                raise PayloadError("person is not a name")
             section = SECTIONS_BY_NAME.get(name)
             if section is None:
                 if name != "syncs":
                     raise PayloadError(f"unknown section {name!r}")
                 continue
             if section.shape == "object":
-                yield number, section.app_keys[0], json.loads(members["name"]), members["value"]
+                yield number, person, section.app_keys[0], json.loads(members["name"]), members["value"]
                 continue
             label = json.loads(members[NDJSON_LABELS[name][0]]) if name in NDJSON_LABELS else None
             container = section.app_keys[0] if section.shape == "routes" else "data"
-            yield number, container, label or section.app_keys[0], members["record"]
+            yield number, person, container, label or section.app_keys[0], members["record"]
         except (ValueError, KeyError, TypeError, PayloadError) as exc:
             raise PayloadError(f"line {number}: not an export line ({exc})") from None
 
 
 def ndjson_payloads(lines, per_payload):
-    """Turn NDJSON export lines (bytes) into payloads of at most
-    ``per_payload`` lines each, the same shape the app sends.  Each payload
-    is a generator of pieces, made as it is read: consume one before asking
-    for the next.  Lines of one section and label in a row share an array;
-    a section met again later opens another member of the same name, which
-    Payload reads like the first."""
-    entries = _ndjson_entries(enumerate(lines, 1))
-    while True:
-        first = next(entries, None)
-        if first is None:
-            return
-        yield _ndjson_payload(itertools.chain([first], entries), per_payload)
+    """Turn NDJSON export lines (bytes) into (person's name or None,
+    payload) pairs, each payload of at most ``per_payload`` lines of one
+    person, the same shape the app sends.  Each payload is a generator of
+    pieces, made as it is read: consume one before asking for the next.
+    Lines of one section and label in a row share an array; a section met
+    again later opens another member of the same name, which Payload reads
+    like the first."""
+    for person, entries in itertools.groupby(_ndjson_entries(enumerate(lines, 1)), key=operator.itemgetter(1)):
+        while True:
+            first = next(entries, None)
+            if first is None:
+                break
+            yield person, _ndjson_payload(itertools.chain([first], entries), per_payload)
 
 
 def _ndjson_payload(entries, per_payload):
     out, size = ['{"syncSource":"import"'], 0
     container = key = None
-    for count, (_line_number, where, name, text) in enumerate(entries, 1):
+    for count, (_line_number, _person, where, name, text) in enumerate(entries, 1):
         if where != container:
             out.append("]}" if key is not None and container != "characteristics" else "}" if container else "")
             out.append(f",{json.dumps(where)}:{{")
@@ -6296,11 +6780,14 @@ class Identity(typing.NamedTuple):
     """Who a request speaks for: the person its key names."""
 
     name: str
+    #: Their id in PEOPLE.
+    person: int = FIRST_PERSON
 
 
 #: Whom the one key (--token-file, $HEALTH_RECEIVER_TOKEN or <db>.key)
-#: names, and whom a receiver without keys takes every request to be.
-OWNER = Identity("me")
+#: names, unless --person names another, and whom a receiver without keys
+#: takes every request to be.
+OWNER = Identity(FIRST_PERSON_NAME)
 
 
 class Keys:
@@ -6319,9 +6806,15 @@ class Keys:
         self.header = header
 
     @classmethod
-    def single(cls, key, header=None):
-        """The one key of this receiver, naming OWNER; no key: auth is off."""
-        return cls([(key, OWNER)] if key else [], header)
+    def single(cls, key, header=None, owner=OWNER):
+        """The one key of this receiver, naming ``owner``; no key: auth is off."""
+        return cls([(key, owner)] if key else [], header)
+
+    def owned_by(self, owner):
+        """These keys, each naming ``owner``."""
+        keys = Keys(header=self.header)
+        keys._named = [(key, owner) for key, _identity in self._named]
+        return keys
 
     def __repr__(self):
         return f"Keys({len(self._named)} key(s), header={self.header!r})"  # never a key
@@ -6366,11 +6859,14 @@ class Keys:
         """Whether the request carries a key the way identify() reads one."""
         return self._sent_by_app(headers) is not None or (login and self._sent_by_login(headers) is not None)
 
-    def identify(self, headers, login=False):
+    def identify(self, headers, login=False, stored=None):
         """Whom the request's key names, sent the app's way (or, with
-        ``login``, as a browser's login), or None."""
+        ``login``, as a browser's login), or None.  A key none of these
+        names is looked up with ``stored(key)`` (people's own keys)."""
         for sent in (self._sent_by_app(headers), self._sent_by_login(headers) if login else None):
             identity = None if sent is None else self._named_by(sent)
+            if identity is None and sent and stored is not None:
+                identity = stored(sent)
             if identity is not None:
                 return identity
         return None
@@ -6515,6 +7011,8 @@ class ReceiverConfig:
     backup_dir: typing.Optional[str] = None
     backup_every: typing.Optional[float] = None
     backup_keep: int = DEFAULT_BACKUP_KEEP
+    #: The person the key belongs to (--person; None: the first person).
+    person: typing.Optional[str] = None
 
     def __post_init__(self):
         self.path = endpoint_path(self.path)
@@ -6915,6 +7413,9 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     argument = None
     #: Who the request speaks for, once admitted.
     identity = None
+    #: The store as the person whose data a page shows sees it, and the
+    #: caller's Person (see _store).
+    person_store = caller = None
     #: The moment the request is answered at, for everything it shows.
     now = None
     #: Until the headers are parsed (send_error may come first).
@@ -7101,6 +7602,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         """Every method: the answer of the request's route, or of what went
         wrong, sent once; then what comes after it."""
         self.now = datetime.datetime.now(datetime.timezone.utc)
+        self.person_store = self.caller = None
         with self.server.in_flight() if self.command == "POST" else contextlib.nullcontext():
             answer = self._answer()
             try:
@@ -7155,8 +7657,9 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 raise ClientError(HTTPStatus.FORBIDDEN, "This receiver runs without a key (--no-auth), so its pages "
                                   "answer only this machine; start it with a key (the default) to read them from "
                                   "elsewhere.")
-            return OWNER
-        identity = keys.identify(self.headers, access.login)
+            # A person's own key still says whose a sync is.
+            return keys.identify(self.headers, access.login, self.server.identity_of_key) or self.server.owner
+        identity = keys.identify(self.headers, access.login, self.server.identity_of_key)
         if identity is not None:
             # Never refused for what others sent from the same address (all
             # of a proxy's clients share one): the limiter slows wrong keys
@@ -7296,13 +7799,34 @@ def cpu_seconds():
 
 # -- the routes: what the receiver answers, and who may ask ------------------
 
+def _store(request):
+    """The store as the request's person sees it: the caller's own data,
+    or, for an admin, that of the person ``?person=`` names.  Any other
+    person's: 404, the answer for a name nobody has, so names do not leak."""
+    if request.person_store is None:
+        store = request.server.store
+        caller = store.person(person_id=request.identity.person)
+        if caller is None:  # removed while the request was on its way
+            raise ClientError(HTTPStatus.NOT_FOUND, "No such person.")
+        asked = request.query.get("person", [None])[-1]
+        person = caller if asked in (None, caller.name) else store.person(asked) if caller.admin else None
+        if person is None:
+            raise ClientError(HTTPStatus.NOT_FOUND, "No such person.")
+        request.caller = caller
+        request.person_store = PersonStore(store, person)
+    return request.person_store
+
+
 def _view(request):
-    """What a page request looks at: its range, the zone, its one ``now``."""
+    """What a page request looks at: its range, the zone, its one ``now``,
+    whose data (and, for an admin, whose else there is)."""
     asked = request.query.get("range", [DEFAULT_RANGE])[-1]
     if asked not in RANGES_BY_NAME:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"range must be one of {', '.join(RANGES_BY_NAME)}.")
     config = request.server.config
-    return View.of(asked, Zone(config.utc), request.now, config.source_priority)
+    person = _store(request).person
+    people = tuple(other.name for other in request.server.store.people()) if request.caller.admin else ()
+    return View.of(asked, Zone(config.utc), request.now, config.source_priority, person.name, people)
 
 
 #: Seconds a page waits for the writer to bring the hourly totals up to
@@ -7314,10 +7838,9 @@ def _totals(request):
     """The store, its hourly totals brought up to date first: a page opened
     right after a sync's answer shows that sync (the totals are otherwise
     brought up to date just after the answer)."""
-    store = request.server.store
     with contextlib.suppress(StorageUnavailable, sqlite3.Error):
-        store.update_hours(wait=PAGE_HOURS_WAIT)
-    return store
+        request.server.store.update_hours(wait=PAGE_HOURS_WAIT)
+    return _store(request)
 
 
 def _status_report(request):
@@ -7345,7 +7868,7 @@ def type_page(request):
 
 
 def type_csv(request):
-    store = request.server.store
+    store = _store(request)
     found = type_window(store, request.argument, _view(request))
     if found is None:
         raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(request.argument, 80)}.")
@@ -7357,11 +7880,11 @@ def type_csv(request):
 
 
 def fields_page(request):
-    return html_answer(render_fields_page(field_inventory(request.server.store), Zone(request.server.config.utc)))
+    return html_answer(render_fields_page(field_inventory(_store(request)), _view(request)))
 
 
 def workout_page(request):
-    report = workout_report(request.server.store, request.argument, _view(request))
+    report = workout_report(_store(request), request.argument, _view(request))
     if report is None:
         raise ClientError(HTTPStatus.NOT_FOUND, "No such workout.")
     return html_answer(render_workout_page(report))
@@ -7372,8 +7895,8 @@ def connection_check(request):
     server = request.server
     if server.store.damage:
         return failure_answer(request, HTTPStatus.SERVICE_UNAVAILABLE, server.store.damage)
-    answer = {"ok": True, "service": "health_receiver", "version": __version__,
-              **connection_facts(server.store), "ingests_in_progress": server.ingests_in_progress}
+    answer = {"ok": True, "service": "health_receiver", "version": __version__, "person": _store(request).person.name,
+              **connection_facts(_store(request)), "ingests_in_progress": server.ingests_in_progress}
     peak = peak_rss_mb()
     if peak is not None:
         answer["peak_rss_mb"] = round(peak, 1)
@@ -7392,7 +7915,7 @@ def receive_sync(request):
     pieces = request.body_pieces()
     try:
         try:
-            result = intake.ingest(pieces, remote, request.body_length)  # records its own failures
+            result = intake.ingest(pieces, remote, request.body_length, request.identity.person)  # records failures
         except (PayloadError, StorageUnavailable):
             # Read what the client still sends (within the body's limit
             # and deadline), so that it reads the answer, not a reset.
@@ -7400,7 +7923,8 @@ def receive_sync(request):
                 pass
             raise
     except ClientError as exc:  # the body went wrong as it arrived
-        intake.refuse(remote, SyncStatus.FAILED if exc.status >= 500 else SyncStatus.REJECTED, exc.message)
+        intake.refuse(remote, SyncStatus.FAILED if exc.status >= 500 else SyncStatus.REJECTED, exc.message,
+                      request.identity.person)
         raise
     if result is None:  # nothing sent: the app testing the connection
         return connection_check(request)
@@ -7442,6 +7966,8 @@ class HealthReceiverServer(ThreadingHTTPServer):
             self.backups = BackupSchedule(
                 config.db, config.backup_dir, config.backup_every, config.backup_keep,
                 lambda line, error: self.log_error_line(None, line) if error else self.log_request_line(None, line))
+        #: Whom a request is when the receiver runs without a key.
+        self.owner = OWNER
         self.guesses = GuessThrottle()
         self.refusals = RefusalLog()
         #: Accepting failed for want of file descriptors (logged once per episode).
@@ -7459,6 +7985,11 @@ class HealthReceiverServer(ThreadingHTTPServer):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), HealthRequestHandler, bind_and_activate)
+
+    def identity_of_key(self, key):
+        """The Identity of the person whose own key ``key`` is, or None."""
+        person = self.store.person_of_key(key)
+        return None if person is None else Identity(person.name, person.id)
 
     def server_bind(self):
         # HTTPServer.server_bind would look the address up in DNS (getfqdn):
@@ -7759,14 +8290,17 @@ def serve(config, out=None, ready=None):
 def _serve(config, out, ready):
     store = Store(config.db, tmp_dir=config.tmp_dir, backup_dir=config.backup_dir)
     try:
-        store.open(report=lambda line: print(line, file=out, flush=True))
+        store.open(report=lambda line: print(line, file=out, flush=True), first_person=config.person)
+        owner = _person_named(store, config.person) if config.person else store.first_person()
+        config.keys = config.keys.owned_by(Identity(owner.name, owner.id))
         server = HealthReceiverServer(config, store)
+        server.owner = Identity(owner.name, owner.id)
     except StorageUnavailable as exc:
         print(f"error: {log_safe(exc)}", file=sys.stderr)
         return 1
     except UsageError as exc:
         print(f"error: {log_safe(exc)}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except OSError as exc:
         print(f"error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -7929,8 +8463,9 @@ def serve_parser():
     parser = argparse.ArgumentParser(
         prog="health_receiver.py [serve]",
         description="Receive Health Export Pro syncs into a SQLite database.",
-        epilog="Other commands (each with --help): key, stats, export, import, backup, verify, restore, bench. "
-               f"The key comes from ${TOKEN_ENV} or --token-file; without one, no auth.")
+        epilog="Other commands (each with --help): key, people, stats, export, import, backup, verify, restore, "
+               f"bench. The key comes from ${TOKEN_ENV}, --token-file or <db>.key (made for a new database); "
+               "people add NAME gives another person a key of their own.")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s; 0 picks one)")
     parser.add_argument("--path", default=DEFAULT_PATH, help="endpoint path, as set in the app (default %(default)s)")
@@ -7969,6 +8504,9 @@ def serve_parser():
                         help="hours between backups into --backup-dir (24 is a good choice)")
     parser.add_argument("--backup-keep", type=int, default=DEFAULT_BACKUP_KEEP, metavar="N",
                         help="backups kept in --backup-dir, the oldest removed (default %(default)s)")
+    parser.add_argument("--person", metavar="NAME", help="the person the receiver's key belongs to (default: the "
+                                                          "first person; a new database's first person gets this "
+                                                          "name, else me)")
     parser.add_argument("--quiet", action="store_true", help="log only errors")
     return parser
 
@@ -7999,7 +8537,7 @@ def config_from_args(args, environ):
                             archive=args.archive, utc=args.utc, trusted_proxies=proxies,
                             source_priority=args.source_priority, backup_dir=args.backup_dir,
                             backup_every=args.backup_every * 3600 if args.backup_every else None,
-                            backup_keep=args.backup_keep)
+                            backup_keep=args.backup_keep, person=args.person)
     if config.archive:
         try:
             os.makedirs(config.archive, exist_ok=True)
@@ -8042,6 +8580,156 @@ def run_key(args, out):
     return 0
 
 
+def new_key():
+    """A new random key (KEY_BITS of them, URL-safe)."""
+    return secrets.token_urlsafe(KEY_BITS // 8)
+
+
+def people_parser():
+    parser = argparse.ArgumentParser(prog="health_receiver.py people",
+                                     description="The people whose data the receiver keeps apart, each with a key "
+                                                 "of their own (stored only as its SHA-256).")
+    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite database file (default %(default)s)")
+    commands = parser.add_subparsers(dest="action", metavar="ACTION")
+    commands.required = True
+    add = commands.add_parser("add", help="add a person and print their new key (once)")
+    add.add_argument("name", metavar="NAME", nargs="?")
+    add.add_argument("--admin", action="store_true", help="may read everyone's pages")
+    add.add_argument("--many", type=int, metavar="N", help="add N people named PREFIX1.. and print a CSV of "
+                                                           "names and keys to hand out")
+    add.add_argument("--prefix", default="p", help="the names' prefix with --many (default %(default)s)")
+    add.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    listing = commands.add_parser("list", help="name, created, last sync, rows")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    key = commands.add_parser("key", help="issue a new key for a person; the old one stops working")
+    key.add_argument("name", metavar="NAME")
+    key.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    rename = commands.add_parser("rename", help="give a person another name")
+    rename.add_argument("name", metavar="NAME")
+    rename.add_argument("new_name", metavar="NEW_NAME")
+    rename.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    remove = commands.add_parser("remove", help="remove a person (refused while they have data)")
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--delete-data", action="store_true", help="delete their data with them, in one "
+                                                                   "transaction, after a confirmation")
+    remove.add_argument("--yes", action="store_true", help="confirm --delete-data without asking")
+    remove.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _people_store(db):
+    store = Store(db)
+    store.open(report=lambda line: print(line, file=sys.stderr, flush=True))
+    return store
+
+
+def _people_add(store, args, out):
+    if args.many is not None:
+        if args.name or not 1 <= args.many <= 10000:
+            raise UsageError("--many takes a count from 1 to 10000 and no NAME")
+        taken = {person.name for person in store.people()}
+        names, number = [], 0
+        while len(names) < args.many:
+            number += 1
+            if f"{args.prefix}{number}" not in taken:
+                names.append(f"{args.prefix}{number}")
+    elif args.name:
+        names = [args.name]
+    else:
+        raise UsageError("people add needs a NAME (or --many N)")
+    keys = [new_key() for _name in names]
+    store.add_people(names, keys, admin=args.admin)
+    if args.many is not None:
+        writer = csv.writer(out)
+        writer.writerow(("name", "key"))
+        writer.writerows(zip(names, keys))
+        print(f"{len(names)} people added; the keys above are shown only this once: each goes into one phone's "
+              "Health Export Pro (Auth Type Bearer).", file=sys.stderr)
+        return 0
+    print(f"Added {names[0]}{' (admin)' if args.admin else ''}. Their key, shown only this once: enter it in "
+          "their phone's Health Export Pro (Auth Type Bearer) and as the password of the pages:", file=out)
+    print(keys[0], file=out)
+    return 0
+
+
+def _people_list(store, args, out):
+    rows = []
+    with store.reader() as conn:
+        for person in store.people():
+            last = conn.execute(f"SELECT max(received_at) FROM main.{SYNCS.name} WHERE {PERSON_COLUMN} = ?"
+                                f" AND status = '{SyncStatus.OK}'", (person.id,)).fetchone()[0]
+            rows.append((person, last, store.person_rows(conn, person.id)))
+    if args.json:
+        json.dump([{"name": person.name, "admin": bool(person.admin), "has_key": bool(person.has_key),
+                    "created_at": person.created_at, "last_sync": last, "rows": count}
+                   for person, last, count in rows], out, indent=2)
+        out.write("\n")
+        return 0
+    zone = Zone()
+    print(f"{'Name':<24}{'Created':<18}{'Last sync':<18}{'Rows':>12}  Key", file=out)
+    for person, last, count in rows:
+        key = "own" if person.has_key else "the receiver's" if person is rows[0][0] else "none"
+        print(f"{person.name:<24}{format_local(person.created_at, zone):<18}{format_local(last, zone) or '-':<18}"
+              f"{count:>12,}  {key}{', admin' if person.admin else ''}", file=out)
+    return 0
+
+
+def _people_key(store, args, out):
+    key = new_key()
+    store.set_key(args.name, key)
+    person = store.person(args.name)
+    print(f"New key of {args.name}, shown only this once (their old key no longer works):", file=out)
+    print(key, file=out)
+    if person == store.first_person():
+        print(f"The receiver's own key (<db>.key, ${TOKEN_ENV} or --token-file) still works for {args.name} too: "
+              "to stop it, remove it there and restart the receiver.", file=sys.stderr)
+    return 0
+
+
+def _people_rename(store, args, out):
+    store.rename_person(args.name, args.new_name)
+    print(f"{args.name} is now {args.new_name}.", file=out)
+    return 0
+
+
+def _people_remove(store, args, out):
+    if args.delete_data and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("--delete-data deletes every row of theirs: confirm with --yes")
+        answer = input(f"Delete {args.name} and all of their data? Type the name to confirm: ")
+        if answer.strip() != args.name:
+            print("Nothing deleted.", file=out)
+            return 1
+    rows = store.remove_person(args.name, delete_data=args.delete_data)
+    print(f"Removed {args.name}" + (f" and {rows:,} rows of their data." if rows else "."), file=out)
+    return 0
+
+
+#: What ``people ACTION`` does.
+PEOPLE_ACTIONS = {"add": _people_add, "list": _people_list, "key": _people_key, "rename": _people_rename,
+                  "remove": _people_remove}
+
+
+def run_people(args, out):
+    if args.action != "add" and not os.path.exists(args.db):
+        raise Missing(f"no database at {args.db}")
+    with database_lock(args.db):  # not while a restore replaces the file
+        store = _people_store(args.db)
+        try:
+            return PEOPLE_ACTIONS[args.action](store, args, out)
+        finally:
+            store.close()
+
+
+def _person_named(store, name):
+    """The Person named ``name`` in ``store`` (UsageError when none is)."""
+    person = store.person(name)
+    if person is None:
+        raise Missing(f"no person named {log_safe(name, 60)} (health_receiver.py people list)")
+    return person
+
+
 def stats_parser():
     parser = argparse.ArgumentParser(prog="health_receiver.py stats",
                                      description="Totals per table and per type, the last 10 syncs, the "
@@ -8052,6 +8740,7 @@ def stats_parser():
                         help="what the app sends instead: the fields of the latest elements of each section and type")
     parser.add_argument("--recount", action="store_true",
                         help="first rebuild the per-type and hourly totals (after editing samples by hand)")
+    parser.add_argument("--person", metavar="NAME", help="this person's data only (default: everyone's)")
     return parser
 
 
@@ -8079,6 +8768,7 @@ def run_stats(args, out):
     if args.recount:
         with database_lock(args.db):
             store.recount_types()
+    store = PersonStore(store, _person_named(store, args.person) if args.person else None)
     if args.fields:
         return _print_fields(field_inventory(store), args.json, out)
     stored = store_facts(store, sync_count=10, type_limit=None)
@@ -8089,6 +8779,9 @@ def run_stats(args, out):
         return 0
     zone = Zone()
     print(f"Database: {stored.path} ({_size(stored.size_bytes)}), schema version {stored.schema_version}", file=out)
+    print(f"Data of {args.person}" if args.person else
+          f"Data of everyone: {', '.join(person.name for person in store.people())} (--person NAME: one of them)",
+          file=out)
     print(f"\n{'Table':<26}{'Rows':>12}", file=out)
     for table, rows in stored.totals.items():
         print(f"{table:<26}{rows:>12,}", file=out)
@@ -8119,6 +8812,8 @@ def export_parser():
     parser.add_argument("--since", metavar="DATE", help="rows from this UTC date or time on (2026-01-31)")
     parser.add_argument("--until", metavar="DATE", help="rows up to this UTC date (included) or time")
     parser.add_argument("--format", choices=("csv", "ndjson"), default="csv", help="default csv")
+    parser.add_argument("--person", metavar="NAME", help="this person's rows only (default: everyone's; each "
+                                                          "row names its person)")
     parser.add_argument("--output", metavar="FILE", help="write here instead of standard output")
     return parser
 
@@ -8133,23 +8828,30 @@ def run_export(args, out):
         if args.section != SAMPLES.name:
             raise UsageError(f"--type applies to --section {SAMPLES.name}")
         type_name = resolve_type(store, args.type)
-    columns, rows = export_rows(store, args.section, type_name, args.since, args.until)
-    target = open(args.output, "w", encoding="utf-8", newline="") if args.output else out
+    people = [_person_named(store, args.person)] if args.person else store.people()
+    # Health data: a file only its owner reads, as the database.
+    target = (open(os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8",
+                   newline="") if args.output else out)
     count = 0
     try:
-        if args.format == "csv":
-            writer = csv.writer(target)
-            writer.writerow(columns)
-            for row in rows:
-                writer.writerow(csv_cells(row))
-                count += 1
-        else:
-            for row in rows:
-                target.write(ndjson_line(args.section, columns, row))
-                target.write("\n")
-                count += 1
+        writer = csv.writer(target)
+        for number, person in enumerate(people):
+            columns, rows = export_rows(PersonStore(store, person), args.section, type_name, args.since, args.until)
+            try:
+                if args.format == "csv":
+                    if not number:
+                        writer.writerow((PERSON_COLUMN,) + tuple(columns))
+                    for row in rows:
+                        writer.writerow(csv_cells((person.name,) + tuple(row)))
+                        count += 1
+                else:
+                    for row in rows:
+                        target.write(ndjson_line(args.section, columns, row, person.name))
+                        target.write("\n")
+                        count += 1
+            finally:
+                rows.close()
     finally:
-        rows.close()
         if args.output:
             target.close()
     if args.output:
@@ -8258,6 +8960,9 @@ def import_parser():
                                                  "are searched for such files.")
     parser.add_argument("--db", default=DEFAULT_DB, help="SQLite database file (default %(default)s)")
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+    parser.add_argument("--person", metavar="NAME", help="whose data it is (default: the first person; the lines "
+                                                          "of an NDJSON export: the person each names, added if "
+                                                          "missing)")
     return parser
 
 
@@ -8270,6 +8975,21 @@ def _import(args, out):
     store = Store(args.db)
     store.open(report=lambda line: print(line, file=sys.stderr, flush=True))
     intake = SyncIntake(store)
+    chosen = _person_named(store, args.person) if args.person else None
+    first_person = store.first_person()
+    people = {}
+
+    def person_id(name):
+        """The id of the person named ``name`` (None: the first), added if missing."""
+        if chosen is not None or name is None:
+            return (chosen or first_person).id
+        if name not in people:
+            if store.person(name) is None:
+                store.add_people([name], [None])
+                print(f"Added the person {name} (no key of their own yet: people key {name})", file=sys.stderr)
+            people[name] = store.person(name).id
+        return people[name]
+
     paths = import_files(args.paths)
     sizes = {path: os.path.getsize(path) if os.path.isfile(path) else 0 for path in paths}
     progress = ImportProgress(len(paths), sum(sizes.values()), sys.stderr)
@@ -8282,9 +9002,9 @@ def _import(args, out):
             if _is_ndjson(path, first):
                 payloads = ndjson_payloads(_lines(pieces), IMPORT_CHUNK_LINES)
             else:
-                payloads = [pieces]
-            for payload in payloads:
-                result = intake.ingest(payload, "import " + os.path.basename(path))
+                payloads = [(None, pieces)]
+            for person, payload in payloads:
+                result = intake.ingest(payload, "import " + os.path.basename(path), person=person_id(person))
                 if result is None:  # an empty file, or {}
                     continue
                 intake.after_answer(result)
@@ -8316,6 +9036,9 @@ def backup_parser():
     parser.add_argument("--gzip", action="store_true", help="compress the backup (.gz)")
     parser.add_argument("--keep", type=int, metavar="N", help="with a folder: then remove the oldest backups of this "
                                                               "database there beyond N (only files backup made)")
+    parser.add_argument("--person", metavar="NAME", help="a copy of this person's data only, named "
+                                                          "<database>-<NAME>-<UTC time>.db in a folder (default: "
+                                                          "everyone's)")
     return parser
 
 
@@ -8346,18 +9069,22 @@ def run_backup(args, out):
     folder = os.path.isdir(args.dest)
     if args.keep is not None and not folder:
         raise UsageError("--keep needs DEST to be a folder")
-    dest = os.path.join(args.dest, backup_name(args.db, compressed=args.gzip)) if folder else args.dest
+    person = _person_named(_existing_store(args.db), args.person) if args.person else None
+    # A person's backups are named, and kept, apart from the database's.
+    named = f"{os.path.splitext(args.db)[0]}-{person.name}.db" if person else args.db
+    dest = os.path.join(args.dest, backup_name(named, compressed=args.gzip)) if folder else args.dest
     if not folder and os.path.lexists(dest) and not _BACKUP_NAME.match(os.path.basename(dest)):
         raise UsageError(f"{dest} exists; name a new file, a backup's (<name>-<UTC time>.db) or a folder")
     progress = _Progress(out)
     try:
-        record = backup_database(args.db, dest, compress=args.gzip, progress=progress)
+        record = backup_database(args.db, dest, compress=args.gzip, progress=progress,
+                                 person_id=person.id if person else None)
     finally:
         progress.done()
     print(f"Backup {record.path}: {record.rows:,} rows, schema version {record.schema_version}, "
           f"{_size(record.size)}, verified, in {record.seconds:.1f} s", file=out)
     if args.keep is not None:
-        for path in remove_old_backups(args.dest, args.db, args.keep):
+        for path in remove_old_backups(args.dest, named, args.keep):
             print(f"Removed the older backup {path}", file=out)
     return 0
 
@@ -8370,13 +9097,15 @@ def verify_parser():
     parser.add_argument("file", metavar="FILE", nargs="?", help="a backup (.db or .db.gz) or database to check")
     parser.add_argument("--db", default=DEFAULT_DB, help="the database to check when no FILE is given "
                                                          "(default %(default)s)")
+    parser.add_argument("--person", metavar="NAME", help="check this person's totals only (default: everyone's)")
     return parser
 
 
 def run_verify(args, out):
     path = args.file or args.db
     with readable_copy(path) as readable:
-        verdict = verify_database(readable, path)
+        person = _person_named(Store(readable), args.person) if args.person else None
+        verdict = verify_database(readable, path, person.id if person else None)
     print(verdict.line(), file=out)
     return 0 if verdict.ok else 1
 
@@ -8976,6 +9705,7 @@ def run_bench(args, out):
 COMMANDS = {
     "serve": (serve_parser, run_serve),
     "key": (key_parser, run_key),
+    "people": (people_parser, run_people),
     "stats": (stats_parser, run_stats),
     "export": (export_parser, run_export),
     "import": (import_parser, run_import),

@@ -291,11 +291,15 @@ class SectionRegistryTests(unittest.TestCase):
                     conn.execute(section.stage_create_sql.replace("TABLE ", "TABLE stage.", 1))
                     row = tuple(f"v{i}" for i in range(len(section.columns)))
                     conn.execute(section.stage_insert_sql.replace("INTO ", "INTO stage.", 1), row)
-                    self.assertEqual(conn.execute(section.count_new_sql).fetchone(), (1,))
-                    self.assertEqual(conn.execute(section.merge_sql(), {"sync_id": 7}).rowcount, 1)
-                    stored = conn.execute(f"SELECT {', '.join(section.column_names)} FROM {section.table}").fetchall()
-                    self.assertEqual(stored, [row + (7,) * len(section.sync_columns)])
-                    self.assertEqual(conn.execute(section.count_new_sql).fetchone(), (0,))
+                    for person in (1, 2):  # the same element, two people's: a row each
+                        self.assertEqual(conn.execute(section.count_new_sql, {"person": person}).fetchone(), (1,))
+                        self.assertEqual(conn.execute(section.merge_sql(), {"sync_id": 7, "person": person}).rowcount,
+                                         1)
+                        self.assertEqual(conn.execute(section.count_new_sql, {"person": person}).fetchone(), (0,))
+                    stored = conn.execute(f"SELECT {', '.join((hr.PERSON_COLUMN,) + section.column_names)}"
+                                          f" FROM {section.table}").fetchall()
+                    self.assertEqual(stored, [(person,) + row + (7,) * len(section.sync_columns)
+                                              for person in (1, 2)])
 
     def test_derived_lists_follow_the_registry(self):
         self.assertEqual(hr.TABLES[:len(hr.SECTIONS)], tuple(section.table for section in hr.SECTIONS))
@@ -651,6 +655,24 @@ def make_v1_database(path, payload, extra_samples=0):
                          " FROM samples GROUP BY type")
 
 
+def migrate_to(path, version):
+    """Bring a database to ``version`` as the receiver of that version
+    did: its steps of MIGRATIONS, in order, each in its own transaction."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        for step in range(conn.execute("PRAGMA user_version").fetchone()[0], version):
+            conn.execute("BEGIN")
+            hr.MIGRATIONS[step].apply(conn, lambda text: None)
+            conn.execute(f"PRAGMA user_version = {step + 1:d}")
+            conn.execute("COMMIT")
+
+
+def rows_without_person(path, table):
+    """A table's rows, all columns but the person's, in their order."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        names = [row[1] for row in conn.execute(f"PRAGMA table_info({table})") if row[1] != hr.PERSON_COLUMN]
+        return sorted(conn.execute(f"SELECT {', '.join(names)} FROM {table}").fetchall(), key=repr)
+
+
 def v1_payload():
     """A payload with dates in other forms, as a 1.0 receiver kept them."""
     payload = make_payload(n=3, tag="V")
@@ -683,7 +705,7 @@ class StorageLayoutTests(ServerTestCase):
             key = [row[2] for row in conn.execute("PRAGMA index_info(sqlite_autoindex_samples_1)")]
             plain = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'samples'").fetchone()[0]
         self.assertEqual(indexes, ["sqlite_autoindex_samples_1"])
-        self.assertEqual(key, ["type", "start_date", "uuid"])
+        self.assertEqual(key, ["person", "type", "start_date", "uuid"])
         self.assertIn("WITHOUT ROWID", plain)
 
     def test_any_arrival_order_stores_the_same_rows_and_keeps_the_first_of_a_key(self):
@@ -831,11 +853,13 @@ class MigrationTests(unittest.TestCase):
         self.assertEqual(shape(self.db), shape(fresh))
         for section in hr.SECTIONS:
             info = shape(fresh)[section.table][0]
-            self.assertEqual(tuple(row[1] for row in info), section.column_names)
-            self.assertEqual(tuple(row[1] for row in sorted(info, key=lambda r: r[5]) if row[5]), section.key)
+            self.assertEqual(tuple(row[1] for row in info), (hr.PERSON_COLUMN,) + section.column_names)
+            self.assertEqual(tuple(row[1] for row in sorted(info, key=lambda r: r[5]) if row[5]),
+                             section.stored_key)
         syncs = shape(self.db)[hr.SYNCS.name][0]
         self.assertEqual([(row[1], row[2], bool(row[3]), row[4], bool(row[5])) for row in syncs],
-                         [(name, kind.split()[0], "NOT NULL" in kind, "0" if "DEFAULT 0" in kind else None,
+                         [(name, kind.split()[0], "NOT NULL" in kind,
+                           kind.split("DEFAULT ")[1] if "DEFAULT" in kind else None,
                            "PRIMARY KEY" in kind) for name, kind in hr.SYNCS.columns])
         self.assertEqual(hr.Sync()._fields, hr.SYNCS.column_names)
 
@@ -849,7 +873,6 @@ class MigrationTests(unittest.TestCase):
         self.assertIn("upgrade health_receiver.py", err.getvalue())
 
     def test_version_3_hourly_totals_are_rebuilt_spread_over_the_half_hours_and_every_row_kept(self):
-        store, _ = self.open_store()
         watch, phone = "Jane's Apple Watch", "Jane's iPhone"
         steps = [span("w1", "2026-02-24T07:30:00Z", "2026-02-24T08:00:00Z", 3000, "count", watch),
                  span("w2", "2026-02-24T08:00:00Z", "2026-02-24T08:10:00Z", 1000, "count", watch),
@@ -857,19 +880,17 @@ class MigrationTests(unittest.TestCase):
                  span("p2", "2026-02-24T07:58:00Z", "2026-02-24T08:10:00Z", 1150, "count", phone)]
         payload = make_payload(n=3)
         payload["data"]["HKQuantityTypeIdentifierStepCount"] = steps
-        hr.SyncIntake(store).ingest([encode(payload)], "127.0.0.1")
-        store.update_hours()
-        store.close()
-        tables = [name for (name,) in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        before = {table: self.query(f"SELECT * FROM {table} ORDER BY 1, 2") for table in tables
-                  if table != "sample_hours"}
+        make_v1_database(self.db, payload)
+        migrate_to(self.db, 3)
         # Version 3 kept a sample's whole value in the hour it starts in.
         with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
             conn.execute("DELETE FROM sample_hours")
             conn.execute("INSERT INTO sample_hours SELECT type, substr(start_date, 1, 13), coalesce(source_name, ''),"
                          " '', count(*), count(value), total(value), min(value), max(value), 0 FROM samples"
                          " GROUP BY 1, 2, 3")
-            conn.execute("PRAGMA user_version = 3")
+        tables = [name for (name,) in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        before = {table: rows_without_person(self.db, table) for table in tables
+                  if table not in ("sample_hours", "syncs")}
 
         def day_of_steps():
             buckets = {}
@@ -884,7 +905,7 @@ class MigrationTests(unittest.TestCase):
         _, lines = self.open_store()
         self.assertTrue(any("schema version 4" in line for line in lines), lines)
         self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
-        self.assertEqual({table: self.query(f"SELECT * FROM {table} ORDER BY 1, 2") for table in before}, before)
+        self.assertEqual({table: rows_without_person(self.db, table) for table in before}, before)
         hours, total = day_of_steps()
         self.assertEqual((hours, round(total, 9)), (["2026-02-24T07:30", "2026-02-24T08"], 4000))
         self.assertTrue(self.hours_match_samples())
@@ -901,25 +922,59 @@ class MigrationTests(unittest.TestCase):
                                       {"timestamp": "2026-02-24T07:00:06Z", "latitude": 47.3, "longitude": 8.3}]}}
         hr.SyncIntake(store).ingest([encode(payload)], "127.0.0.1")
         store.close()
-        expected = {"workouts": self.query("SELECT * FROM workouts"),
-                    "medication_dose_events": self.query("SELECT * FROM medication_dose_events"),
-                    "workout_route_points": self.query("SELECT * FROM workout_route_points ORDER BY timestamp")}
+        tables = ("workouts", "medication_dose_events", "workout_route_points")
+        expected = {table: rows_without_person(self.db, table) for table in tables}
         self.assertEqual(expected["workouts"][0][1:5:3], ("running", 120.0))
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.db + suffix)
+        make_v1_database(self.db, {"data": {}})
+        migrate_to(self.db, 4)
         # What version 4 made of them (the route point with "time" it did not read at all).
         with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            for table, rows in expected.items():
+                conn.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
             conn.execute("UPDATE workouts SET activity_type = 37, duration_seconds = NULL")
             conn.execute("UPDATE medication_dose_events SET medication = NULL, log_status = 5")
             conn.execute("UPDATE workout_route_points SET latitude = NULL, longitude = NULL"
                          " WHERE timestamp < '2026-02-24T07:00:06'")
-            conn.execute("PRAGMA user_version = 4")
         _, lines = self.open_store()
         self.assertTrue(any("workouts: 1 of 1 rows read again" in line for line in lines), lines)
         self.assertTrue(any("workout_route_points: 1 of 2 rows read again" in line for line in lines), lines)
         self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
-        found = {"workouts": self.query("SELECT * FROM workouts"),
-                 "medication_dose_events": self.query("SELECT * FROM medication_dose_events"),
-                 "workout_route_points": self.query("SELECT * FROM workout_route_points ORDER BY timestamp")}
-        self.assertEqual(found, expected)
+        self.assertEqual({table: rows_without_person(self.db, table) for table in tables}, expected)
+
+    def test_a_version_3_database_becomes_the_first_persons_every_row_kept_and_its_key_works(self):
+        payload = make_payload()
+        make_v1_database(self.db, payload)
+        migrate_to(self.db, 3)
+        before = {table: rows_without_person(self.db, table) for table in hr.TABLES if table != "syncs"}
+        self.assertGreater(sum(map(len, before.values())), 15)
+        store, lines = self.open_store()
+        self.assertIn("  samples: 7 rows, the first person's", lines)
+        self.assertEqual({table: rows_without_person(self.db, table) for table in before}, before)
+        for table in hr.OWNED_TABLES + ("syncs",):
+            self.assertIn(self.query(f"SELECT DISTINCT person FROM {table}"), ([], [(1,)]), table)
+        self.assertEqual(self.query("SELECT id, name, admin, key_sha256 FROM people"), [(1, "me", 1, None)])
+        self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
+        config = hr.ReceiverConfig(host="127.0.0.1", port=0, db=self.db, keys=hr.Keys.single(TOKEN),
+                                   log_stream=io.StringIO())
+        server = hr.HealthReceiverServer(config, store)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+            conn.request("GET", hr.SUMMARY_PATH + "?range=all", headers=login(TOKEN))
+            facts = json.loads(conn.getresponse().read())
+            conn.request("POST", hr.DEFAULT_PATH, body=encode(payload), headers=bearer(TOKEN))
+            answer = json.loads(conn.getresponse().read())
+            conn.close()
+        finally:
+            server.shutdown()
+            thread.join()
+            server.server_close()
+        self.assertEqual((facts["person"], facts["totals"]["samples"]), ("me", len(before["samples"])))
+        self.assertEqual((answer["ok"], answer["inserted"]["measurements"], answer["rejected"]), (True, 0, 0))
 
     def test_versions_5_and_6_keep_every_row_and_a_retry_after_the_upgrade_is_answered_from_its_record(self):
         for version in (5, 6):
@@ -932,22 +987,17 @@ class MigrationTests(unittest.TestCase):
     def upgraded_from(self, version):
         payload = make_payload()
         make_v1_database(self.db, payload)
-        original = hr.MIGRATIONS
-        hr.MIGRATIONS, hr.SCHEMA_VERSION = original[:version], version
-        try:
-            self.open_store()[0].close()
-        finally:
-            hr.MIGRATIONS, hr.SCHEMA_VERSION = original, len(original)
-        self.assertEqual(self.query("PRAGMA user_version"), [(version,)])
+        migrate_to(self.db, version)
         columns = [row[1] for row in self.query("PRAGMA table_info(syncs)")]
         self.assertNotIn("body_blocks", columns)
-        before = {table: self.query(f"SELECT * FROM {table} ORDER BY 1") for table in hr.TABLES}
+        before = {table: rows_without_person(self.db, table) for table in hr.TABLES}
         store, lines = self.open_store()
         self.assertTrue(any(f"schema version {version + 1}" in line for line in lines), lines)
         self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
-        after = {table: self.query(f"SELECT * FROM {table} ORDER BY 1") for table in hr.TABLES}
-        added = (None,) * (len(hr.SYNCS.columns) - len(columns))
-        self.assertEqual(after.pop("syncs"), [row + added for row in before.pop("syncs")])
+        after = {table: rows_without_person(self.db, table) for table in hr.TABLES}
+        added = (None,) * (len(hr.SYNCS.columns) - len(columns) - 1)  # and person, 1
+        self.assertEqual(after.pop("syncs"), sorted((row + added for row in before.pop("syncs")), key=repr))
+        self.assertEqual(self.query("SELECT DISTINCT person FROM syncs"), [(1,)])
         self.assertEqual(after, before)
         intake = hr.SyncIntake(store)
         body = encode(payload)
@@ -1861,7 +1911,8 @@ class ReportingTests(unittest.TestCase):
             with self.subTest(per_payload=per_payload):
                 seen = {}
                 payloads = 0
-                for pieces in hr.ndjson_payloads(lines, per_payload):
+                for person, pieces in hr.ndjson_payloads(lines, per_payload):
+                    self.assertIsNone(person)
                     payloads += 1
                     rows, _ = walk(b"".join(pieces))
                     for name, batch in rows.items():
@@ -1869,7 +1920,7 @@ class ReportingTests(unittest.TestCase):
                 self.assertEqual(seen, {"samples": 7, "routes": 1, "characteristics": 1})
                 self.assertEqual(payloads, -(-9 // per_payload))
         with self.assertRaisesRegex(hr.PayloadError, "line 2: not an export line"):
-            for pieces in hr.ndjson_payloads([lines[0], b'{"section": "moods"}'], 100):
+            for _person, pieces in hr.ndjson_payloads([lines[0], b'{"section": "moods"}'], 100):
                 b"".join(pieces)
 
     def test_export_date_bounds(self):
@@ -1892,9 +1943,9 @@ class ExportDateTests(ServerTestCase):
         self.assertEqual(self.post(payload)[0], 200)
         code, out, _ = run_main("export", "--db", self.db, "--since", "2026-11-25", "--until", "2026-11-25")
         self.assertEqual(code, 0)
-        self.assertEqual([row[0] for row in list(csv.reader(io.StringIO(out)))[1:]], ["D-2"])
+        self.assertEqual([row[1] for row in list(csv.reader(io.StringIO(out)))[1:]], ["D-2"])
         code, out, _ = run_main("export", "--db", self.db, "--until", "2026-11-25T07:00:00Z")
-        self.assertEqual([row[0] for row in list(csv.reader(io.StringIO(out)))[1:]], ["D-1", "D-2"])
+        self.assertEqual([row[1] for row in list(csv.reader(io.StringIO(out)))[1:]], ["D-1", "D-2"])
 
     def test_a_date_that_cannot_be_read_is_a_usage_error(self):
         for value in ("yesterday", "25/02/2026"):
@@ -2438,7 +2489,7 @@ class StatusPageTests(PageTestCase):
         # A row whose text is not UTF-8 (written by another program) fails
         # when it is read, after the first rows have gone out.
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
-            conn.execute("INSERT INTO samples VALUES ('C-99999', 'HKQuantityTypeIdentifierStepCount', ?, NULL, 1,"
+            conn.execute("INSERT INTO samples VALUES (1, 'C-99999', 'HKQuantityTypeIdentifierStepCount', ?, NULL, 1,"
                          " 'count', CAST(X'FF' AS TEXT), '{}', 1)", (utc_at(2),))
             conn.commit()
         answer = self.raw_exchange(b"GET /type/StepCount.csv?range=7d HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -4777,9 +4828,9 @@ class CommandTests(ServerTestCase):
         self.assertEqual(code, 0, err)
         with open(out_file, newline="", encoding="utf-8") as handle:
             rows = list(csv.reader(handle))
-        self.assertEqual(rows[0], list(hr.SECTIONS_BY_NAME["samples"].column_names))
+        self.assertEqual(rows[0], ["person"] + list(hr.SECTIONS_BY_NAME["samples"].column_names))
         self.assertEqual(len(rows) - 1, 3)
-        self.assertTrue(all(row[1] == "HKQuantityTypeIdentifierHeartRate" for row in rows[1:]))
+        self.assertTrue(all(row[:3:2] == ["me", "HKQuantityTypeIdentifierHeartRate"] for row in rows[1:]))
         code, out, _ = run_main("export", "--db", self.db, "--type", "HKQuantityTypeIdentifierHeartRate")
         self.assertEqual(len(out.strip().splitlines()), 14)
         code, _, err = run_main("export", "--db", self.db, "--type", "NoSuchType")
@@ -5066,3 +5117,309 @@ class CommandShapeTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ---------------------------------------------------------------------------
+# A household: people with keys of their own, their data apart
+# ---------------------------------------------------------------------------
+
+ANN_KEY = "ann-" + "Kx9" * 10
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def login(key):
+    return {"Authorization": "Basic " + base64.b64encode(f"anyone:{key}".encode()).decode()}
+
+
+def household_payload(tag, steps, resting, blood, extra_type=None):
+    """Today's steps and resting heart rate, a blood type, a walk at 07:30
+    (the same uuid for the same ``tag``) and a dose without a source."""
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    data = {"HKQuantityTypeIdentifierStepCount": [sample(f"{tag}-S", f"{today}T00:01:00.000Z", steps, "count")],
+            "HKQuantityTypeIdentifierRestingHeartRate": [sample(f"{tag}-R", f"{today}T00:02:00.000Z", resting)],
+            "workouts": [{"uuid": f"{tag}-W", "workoutActivityType": "walking", "startDate": f"{today}T07:30:00Z",
+                          "endDate": f"{today}T08:00:00Z", "durationSeconds": 1800.0}],
+            "medicationDoseEvents": [{"uuid": f"{tag}-D", "medicationConceptIdentifier": "rx-0",
+                                      "startDate": f"{today}T00:03:00.000Z", "logStatus": "taken"}]}
+    if extra_type:
+        data[extra_type] = [sample(f"{tag}-X", f"{today}T00:04:00.000Z", 70.5, "kg")]
+    return {"exportDate": f"{today}T00:05:00.000Z", "syncSource": "background", "data": data,
+            "characteristics": {"bloodType": blood}}
+
+
+class HouseholdTests(PageTestCase):
+    """Two people, each with a key: the first (me, admin) has the
+    receiver's key, ann one of her own."""
+
+    token = TOKEN
+
+    def server_options(self):
+        return {"utc": True}
+
+    def setUp(self):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        to_midnight = 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
+        if to_midnight < MIDNIGHT_MARGIN or now.hour * 60 + now.minute < 6:  # the samples are at 00:01 to 00:05
+            time.sleep(min(to_midnight + 360, 400))
+        super().setUp()
+        self.store.add_people(["ann"], [ANN_KEY])
+
+    def summary_of(self, key, query=""):
+        status, _, facts = self.request("GET", f"{hr.SUMMARY_PATH}?range=7d{query}", headers=login(key))
+        self.assertEqual(status, 200, facts)
+        return facts
+
+    @staticmethod
+    def tiles(facts):
+        return {tile["title"]: tile["value"] for tile in facts["today"]}
+
+    def test_the_same_payload_from_two_people_is_two_complete_sets_and_each_sees_only_their_own(self):
+        first = household_payload("P", 8700, 54, "A+")
+        mine = self.post(first, bearer(TOKEN))[2]
+        hers = self.post(first, bearer(ANN_KEY))[2]
+        self.assertEqual(hers, dict(mine, sync_id=hers["sync_id"]))  # new to her as to me: nothing a duplicate
+        self.assertEqual(mine["duplicates"], 0)
+        for section in hr.SECTIONS:
+            if section.name in ("medications", "routes"):  # not in this payload
+                continue
+            with self.subTest(section=section.name):
+                self.assertEqual(self.query(f"SELECT person, count(*) FROM {section.table} GROUP BY person"),
+                                 [(1, self.count(section.table) // 2), (2, self.count(section.table) // 2)])
+                self.assertGreater(self.count(section.table), 0)
+        self.post(household_payload("Q", 2149, 61, "B-"), bearer(ANN_KEY))
+        me, ann = self.summary_of(TOKEN), self.summary_of(ANN_KEY)
+        self.assertEqual((me["person"], ann["person"]), ("me", "ann"))
+        self.assertEqual(self.tiles(me)["Steps"], 8700)
+        self.assertEqual(self.tiles(ann)["Steps"], 8700 + 2149)
+        self.assertEqual(self.tiles(me)["Resting heart rate"], 54)
+        self.assertEqual(self.tiles(ann)["Resting heart rate"], 57.5)
+        self.assertEqual([workout["uuid"] for workout in me["workouts"]], ["P-W"])
+        self.assertEqual(sorted(workout["uuid"] for workout in ann["workouts"]), ["P-W", "Q-W"])
+        self.assertEqual(([m["taken"] for m in me["medications"]], [m["taken"] for m in ann["medications"]]),
+                         ([1], [2]))
+        self.assertEqual((me["totals"]["syncs"], ann["totals"]["syncs"]), (1, 2))
+        self.assertEqual([sync["id"] for sync in me["syncs"]], [mine["sync_id"]])
+        self.assertEqual(len(ann["syncs"]), 2)
+        self.assertNotIn(mine["sync_id"], [sync["id"] for sync in ann["syncs"]])
+        self.assertEqual(self.request("GET", hr.DEFAULT_PATH, headers=bearer(ANN_KEY))[2]["last_sync"]["id"],
+                         ann["syncs"][0]["id"])
+        for name, blood in (("me", "A+"), ("ann", "B-")):
+            code, out, err = run_main("export", "--db", self.db, "--section", "characteristics", "--person", name,
+                                      "--format", "ndjson")
+            self.assertEqual((code, [json.loads(line)["value"] for line in out.splitlines()]), (0, [blood]), err)
+        # Her retry of her own sync is answered from its record; of mine it is not hers to repeat.
+        body = encode(first)
+        retry = self.request("POST", body=body, headers=bearer(ANN_KEY))[2]
+        self.assertEqual(self.query("SELECT same_body_as FROM syncs WHERE id = ?", (retry["sync_id"],)),
+                         [(hers["sync_id"],)])
+
+    def test_a_person_reads_only_their_own_pages_and_an_admin_everyones_with_the_switcher(self):
+        self.post(household_payload("P", 8700, 54, "A+"), bearer(TOKEN))
+        self.post(household_payload("Q", 2149, 61, "B-", "HKQuantityTypeIdentifierBodyMass"), bearer(ANN_KEY))
+        nobody = self.request("GET", "/?person=nobody", headers=login(ANN_KEY))
+        for path in ("/type/BodyMass", "/type/BodyMass.csv", "/workout/P-W", "/?person=me", "/?person=nobody",
+                     f"{hr.SUMMARY_PATH}?person=me", "/fields?person=me"):
+            with self.subTest(path=path):
+                status, _, answer = self.request("GET", path, headers=login(TOKEN if "BodyMass" in path
+                                                                                 else ANN_KEY))
+                self.assert_error(status, 404, answer)
+                if "person=" in path:  # whether the name is someone's does not show
+                    self.assertEqual(answer, nobody[2])
+        self.assertIn("Body mass", self.request("GET", "/type/BodyMass", headers=login(ANN_KEY))[2].decode())
+        page = self.request("GET", "/", headers=login(ANN_KEY))[2].decode()
+        self.assertIn("Data of <b>ann</b>", page)
+        self.assertNotIn("person=", page)  # nobody else to choose
+        status, _, page = self.request("GET", "/?person=ann&range=7d", headers=login(TOKEN))
+        page = page.decode()
+        self.assertEqual(status, 200)
+        self.assertIn('<nav aria-label="person"><span class="muted">Data of</span><a href="/?range=7d&amp;person=me">'
+                      'me</a><b>ann</b></nav>', page)
+        self.assertIn('href="/workout/Q-W?person=ann"', page)
+        self.assertIn('href="/type/BodyMass?range=7d&amp;person=ann"', page)
+        for path in ("/workout/Q-W?person=ann", "/type/BodyMass?person=ann", "/type/BodyMass.csv?person=ann",
+                     "/fields?person=ann"):
+            with self.subTest(admin=path):
+                self.assertEqual(self.request("GET", path, headers=login(TOKEN))[0], 200)
+        self.assertEqual(self.request("GET", "/workout/Q-W", headers=login(TOKEN))[0], 404)  # not the admin's own
+        csv_text = self.request("GET", "/type/BodyMass.csv?person=ann", headers=login(TOKEN))[2].decode()
+        self.assertIn("Q-X", csv_text)
+
+    def test_a_persons_backup_holds_their_rows_alone_and_verifies(self):
+        self.post(household_payload("P", 8700, 54, "A+"), bearer(TOKEN))
+        self.post(household_payload("Q", 2149, 61, "B-"), bearer(ANN_KEY))
+        folder = os.path.join(self.tmp.name, "backups")
+        os.mkdir(folder)
+        code, out, err = run_main("backup", folder, "--db", self.db, "--person", "ann", "--keep", "1")
+        self.assertEqual(code, 0, err)
+        [name] = os.listdir(folder)
+        self.assertRegex(name, r"^health-ann-[0-9]{8}T[0-9]{6}Z\.db$")
+        path = os.path.join(folder, name)
+        with open(path, "rb") as handle:
+            content = handle.read()
+        self.assertIn(b"Q-S", content)
+        self.assertNotIn(b"P-S", content)  # not even in a free page
+        self.assertNotIn(hashlib.sha256(TOKEN.encode()).hexdigest().encode(), content)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            self.assertEqual(conn.execute("SELECT id, name FROM people").fetchall(), [(2, "ann")])
+            self.assertEqual(conn.execute("SELECT DISTINCT person FROM samples").fetchall(), [(2,)])
+        self.assertEqual(run_main("verify", path, "--person", "ann")[0], 0)
+        # Her copy on its own: she is its first person, whose the key and an import are.
+        self.assertEqual(hr.Store(path).first_person().name, "ann")
+        payload = os.path.join(self.tmp.name, "more.json")
+        with open(payload, "wb") as handle:
+            handle.write(encode(household_payload("R", 1, 50, "B-")))
+        self.assertEqual(run_main("import", "--db", path, payload)[0], 0)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            self.assertEqual(conn.execute("SELECT DISTINCT person FROM samples").fetchall(), [(2,)])
+        self.assertEqual(run_main("verify", "--db", self.db, "--person", "ann")[0], 0)
+        self.assertEqual(run_main("verify", "--db", self.db, "--person", "nobody")[0], 1)
+        code, out, _ = run_main("stats", "--db", self.db, "--person", "ann")
+        self.assertIn("Data of ann", out)
+        self.assertRegex(out, r"(?m)^samples +2$")
+
+    def test_a_revoked_key_is_refused_and_the_new_one_taken(self):
+        self.assertEqual(self.post(household_payload("P", 1, 50, "O+"), bearer(ANN_KEY))[0], 200)
+        code, out, err = run_main("people", "--db", self.db, "key", "ann")
+        self.assertEqual(code, 0, err)
+        new = out.splitlines()[1]
+        for headers in (bearer(ANN_KEY), login(ANN_KEY)):
+            self.assertEqual(self.request("GET", "/" if "Basic" in headers["Authorization"] else hr.DEFAULT_PATH,
+                                          headers=headers)[0], 401)
+        self.assertEqual(self.post(household_payload("Q", 1, 50, "O+"), bearer(ANN_KEY))[0], 401)
+        status, _, answer = self.post(household_payload("Q", 1, 50, "O+"), bearer(new))
+        self.assertEqual((status, answer["inserted"]["measurements"]), (200, 2))
+        self.assertEqual(self.request("GET", hr.DEFAULT_PATH, headers=bearer(new))[2]["person"], "ann")
+
+    def test_an_export_of_everyone_imports_back_into_the_same_people(self):
+        self.post(household_payload("P", 8700, 54, "A+"), bearer(TOKEN))
+        self.post(household_payload("P", 8700, 54, "A+"), bearer(ANN_KEY))
+        self.post(household_payload("Q", 2149, 61, "B-"), bearer(ANN_KEY))
+        copy = os.path.join(self.tmp.name, "copy.db")
+        files = []
+        for section in hr.SECTIONS:
+            files.append(os.path.join(self.tmp.name, f"{section.name}.ndjson"))
+            code, _, err = run_main("export", "--db", self.db, "--section", section.name, "--format", "ndjson",
+                                    "--output", files[-1])
+            self.assertEqual(code, 0, err)
+        with open(files[0], encoding="utf-8") as handle:
+            self.assertEqual({json.loads(line)["person"] for line in handle}, {"me", "ann"})
+        code, _, err = run_main("import", "--db", copy, *files)
+        self.assertEqual(code, 0, err)
+
+        def rows(path):
+            found = {}
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                for section in hr.SECTIONS:
+                    kept = [name for name, _kind in section.columns]
+                    found[section.name] = sorted(conn.execute(
+                        f"SELECT p.name, {', '.join('t.' + name for name in kept)} FROM {section.table} AS t"
+                        " JOIN people AS p ON p.id = t.person"), key=repr)
+            return found
+
+        self.assertEqual(rows(copy), rows(self.db))
+        # me: 2 samples, a workout, a dose, a characteristic; ann: twice that, her later blood type
+        self.assertEqual(sum(len(found) for found in rows(copy).values()), 5 + 9)
+        # ann came back without a key of her own: only her data moved
+        self.assertEqual(hr.Store(copy).person("ann").has_key, False)
+
+
+class KeylessHouseholdTests(ServerTestCase):
+    """A receiver without a key of its own (--no-auth): a person's key
+    still says whose a sync is."""
+
+    def test_a_persons_key_files_their_sync_under_them(self):
+        self.store.add_people(["ann"], [ANN_KEY])
+        self.assertEqual(self.post(make_payload(), bearer(ANN_KEY))[0], 200)
+        self.assertEqual(self.post(make_payload())[0], 200)
+        self.assertEqual(self.query("SELECT person, count(*) FROM samples GROUP BY person"), [(1, 7), (2, 7)])
+
+
+class PeopleCommandTests(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.db = os.path.join(self.tmp.name, "health.db")
+
+    def people(self, *argv):
+        return run_main("people", "--db", self.db, *argv)
+
+    def test_people_are_added_listed_given_keys_renamed_and_removed(self):
+        code, out, err = self.people("add", "bob")
+        self.assertEqual(code, 0, err)
+        key = out.splitlines()[1]
+        self.assertGreaterEqual(len(key), hr.KEY_CHARACTERS_MIN)
+        self.assertEqual(stat.S_IMODE(os.stat(self.db).st_mode), 0o600)
+        with open(self.db, "rb") as handle:
+            stored = handle.read()
+        self.assertNotIn(key.encode(), stored)  # only its hash
+        self.assertIn(hashlib.sha256(key.encode()).hexdigest().encode(), stored)
+        self.assertEqual(hr.Store(self.db).person_of_key(key).name, "bob")
+        self.assertEqual(self.people("add", "bob")[0], 2)
+        self.assertEqual(self.people("add", "no spaces")[0], 2)
+        code, out, err = self.people("add", "--many", "3", "--prefix", "p")
+        self.assertEqual(code, 0, err)
+        table = list(csv.reader(io.StringIO(out)))
+        self.assertEqual([row[0] for row in table], ["name", "p1", "p2", "p3"])
+        self.assertEqual(len({row[1] for row in table[1:]}), 3)
+        self.assertTrue(all(hr.Store(self.db).person_of_key(k).name == n for n, k in table[1:]))
+        code, out, _ = self.people("list", "--json")
+        listed = json.loads(out)
+        self.assertEqual([(p["name"], p["admin"], p["has_key"], p["rows"]) for p in listed],
+                         [("me", True, False, 0), ("bob", False, True, 0)] + [(f"p{i}", False, True, 0)
+                                                                             for i in (1, 2, 3)])
+        code, out, _ = self.people("list")
+        self.assertRegex(out, r"(?m)^bob .* 0  own$")
+        code, out, _ = self.people("key", "bob")
+        self.assertEqual(code, 0)
+        self.assertIsNone(hr.Store(self.db).person_of_key(key))
+        self.assertEqual(hr.Store(self.db).person_of_key(out.splitlines()[1]).name, "bob")
+        self.assertEqual(self.people("key", "nobody")[0], 1)
+        self.assertEqual(self.people("rename", "bob", "robert")[0], 0)
+        self.assertEqual(self.people("rename", "robert", "p1")[0], 2)
+        self.assertEqual(self.people("remove", "me")[0], 2)  # the first person owns the receiver's key
+        self.assertEqual(self.people("remove", "robert")[:2], (0, "Removed robert.\n"))
+        self.assertEqual([p.name for p in hr.Store(self.db).people()], ["me", "p1", "p2", "p3"])
+
+    def test_a_removed_persons_id_is_never_given_again_nor_their_sync_stored(self):
+        store = hr.Store(self.db)
+        store.open()
+        self.addCleanup(store.close)
+        store.add_people(["bob"], [ANN_KEY])
+        bob = store.person("bob").id
+        store.remove_person("bob")
+        store.add_people(["carol"], [None])
+        self.assertGreater(store.person("carol").id, bob)
+        with self.assertRaisesRegex(hr.StorageUnavailable, "removed"):
+            hr.SyncIntake(store).ingest([encode(make_payload())], "test", person=bob)
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM samples").fetchone(), (0,))
+            self.assertEqual(conn.execute("SELECT count(*) FROM syncs").fetchone(), (0,))
+
+    def test_a_person_with_data_is_removed_only_with_it_and_a_confirmation(self):
+        store = hr.Store(self.db)
+        store.open()
+        store.add_people(["bob"], [ANN_KEY])
+        bob = store.person("bob").id
+        intake = hr.SyncIntake(store)
+        intake.ingest([encode(make_payload())], "test", person=bob)
+        mine = intake.ingest([encode(make_payload())], "test")
+        store.close()
+        code, _, err = self.people("remove", "bob")
+        self.assertEqual(code, 2)
+        self.assertIn("--delete-data", err)
+        code, _, err = self.people("remove", "bob", "--delete-data")  # no terminal to confirm on
+        self.assertEqual(code, 2)
+        self.assertIn("--yes", err)
+        code, out, err = self.people("remove", "bob", "--delete-data", "--yes")
+        self.assertEqual(code, 0, err)
+        self.assertIn("rows of their data", out)
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            for table in hr.OWNED_TABLES + ("syncs",):
+                self.assertEqual(conn.execute(f"SELECT count(*) FROM {table} WHERE person = ?", (bob,)).fetchone(),
+                                 (0,), table)
+            self.assertEqual(conn.execute("SELECT count(*) FROM samples").fetchone()[0],
+                             mine.inserted["samples"])
