@@ -4164,11 +4164,12 @@ def make_window(view, first_stamp=None, last_stamp=None):
     return days_window(choice, first, last, zone, shifted)._replace(priority=view.priority)
 
 
-def days_window(choice, first, last, zone, shifted=False):
-    """The Window of the days first..last, at the grain their number calls
-    for.  The first week or month starts at ``first`` (it is named by its
-    own first day): a daily average divides by the days the window holds."""
-    grain = grain_for((last - first).days + 1)
+def days_window(choice, first, last, zone, shifted=False, grain=None):
+    """The Window of the days first..last, at ``grain`` or the one their
+    number calls for.  The first week or month starts at ``first`` (it is
+    named by its own first day): a daily average divides by the days the
+    window holds."""
+    grain = grain or grain_for((last - first).days + 1)
     starts = _period_starts(first, last, grain)
     stamps = [zone.midnight(max(day, first)) for day in starts]
     periods = tuple(Period(day.isoformat(), low, high) for day, low, high in zip(starts, stamps, stamps[1:]))
@@ -5052,6 +5053,120 @@ def medications(conn, window):
     return tuple(listed)
 
 
+#: Types /api/latest and /metrics list per person: the largest, as the
+#: status page charts them (a bound however many types a person has).
+LATEST_TYPES_MAX = PAGE_TYPES_MAX
+#: Gaps: the days looked back on to learn what a person usually sends ...
+GAP_DAYS = 28
+#: ... the days of them with data that make a type (or syncs) usual ...
+GAP_USUAL_DAYS = 7
+#: ... and how long data may stop before it is a gap: GAP_FACTOR times
+#: the usual longest pause of a day (the 90th percentile of each day's
+#: longest interval between hours with data, a night's included), never
+#: less than GAP_MIN_SECONDS.
+GAP_FACTOR = 2
+GAP_MIN_SECONDS = 12 * 3600
+#: Nights of the 7 before last night with sleep that make a missing night a gap.
+GAP_SLEEP_NIGHTS = 5
+#: The most gaps listed.
+GAPS_MAX = 20
+
+
+class Gap(typing.NamedTuple):
+    """Data that stopped arriving: ``kind`` "sync" (no sync), "source" (no
+    data from a device), "type" (one type of a device) or "sleep" (no sleep
+    last night)."""
+
+    kind: str
+    message: str
+    #: The last data (or sync) before the gap, canonical UTC; None for sleep.
+    since: typing.Optional[str] = None
+    type: typing.Optional[str] = None
+    source: typing.Optional[str] = None
+    #: Seconds data may stop before it is a gap (learned; see data_gaps).
+    threshold: float = 0.0
+
+
+def _usual_pause(seconds):
+    """How long data may stop, from the sorted Unix times it arrived at."""
+    longest = {}
+    for earlier, later in zip(seconds, seconds[1:]):
+        day = later // 86400
+        longest[day] = max(longest.get(day, 0), later - earlier)
+    pauses = sorted(longest.values())
+    usual = pauses[math.ceil(len(pauses) * 0.9) - 1] if pauses else 0
+    return max(GAP_MIN_SECONDS, GAP_FACTOR * usual)
+
+
+def data_gaps(conn, view, limit=LATEST_TYPES_MAX):
+    """What stopped arriving, by thresholds learned from the last GAP_DAYS
+    days (see _usual_pause).  Syncs that came on at least GAP_USUAL_DAYS
+    of them are a gap once the last is older than their threshold.  A
+    device's data of one of the largest ``limit`` types, as usual, is a
+    gap once syncs went on arriving for longer than its threshold without
+    it (a phone that does not sync is the sync's gap, not each device's);
+    a device all of whose usual types stopped is one gap.  Sleep is a gap
+    when a sync came after last night ended (noon) without any, and
+    GAP_SLEEP_NIGHTS of the 7 nights before had some."""
+    now, zone = view.now.timestamp(), view.zone
+    since = _canonical(view.now - datetime.timedelta(days=GAP_DAYS))
+    gaps = []
+
+    def when(seconds, hours=False):
+        local = zone.local(datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc))
+        return f"{local:%b %d %H:%M}" if hours else f"{local:%b %d}"
+
+    synced = [seconds for (seconds,) in conn.execute(
+        f"SELECT CAST(strftime('%s', received_at) AS INTEGER) AS t FROM syncs WHERE status = '{SyncStatus.OK}'"
+        " AND received_at >= ? AND t IS NOT NULL ORDER BY t", (since,))]
+    if not synced:
+        return gaps
+    last_sync = synced[-1]
+    if len({seconds // 86400 for seconds in synced}) >= GAP_USUAL_DAYS:
+        threshold = _usual_pause(synced)
+        if now - last_sync > threshold:
+            gaps.append(Gap("sync", f"no sync for {(now - last_sync) / 3600:.0f} hours",
+                            _canonical(datetime.datetime.fromtimestamp(last_sync, datetime.timezone.utc)),
+                            threshold=threshold))
+    stopped, usual = collections.defaultdict(list), collections.Counter()
+    for type_name, _rows, _first, _last in sample_types(conn, limit):
+        if type_name == SLEEP_TYPE:
+            continue
+        hours = collections.defaultdict(list)
+        for source, seconds in conn.execute(
+                "SELECT DISTINCT source, CAST(strftime('%s', substr(hour, 1, 13) || ':00') AS INTEGER) AS t"
+                " FROM sample_hours WHERE type = ? AND hour >= ? AND t IS NOT NULL ORDER BY source, t",
+                (type_name, since[:13])):
+            hours[source].append(seconds)
+        for source, seconds in hours.items():
+            if len({hour // 86400 for hour in seconds}) < GAP_USUAL_DAYS:
+                continue
+            usual[source] += 1
+            threshold = _usual_pause(seconds)
+            if last_sync - (seconds[-1] + 3600) > threshold:
+                stopped[source].append(Gap("type", "", _canonical(datetime.datetime.fromtimestamp(
+                    seconds[-1], datetime.timezone.utc)), type_name, source, threshold))
+    for source, found in sorted(stopped.items()):
+        name = source or "a source without a name"
+        if len(found) == usual[source]:
+            last = max(gap.since for gap in found)
+            gaps.append(Gap("source", f"no data from {name} since {when(parse_stamp(last).timestamp())}", last,
+                            None, source, max(gap.threshold for gap in found)))
+        else:
+            gaps.extend(gap._replace(message=f"no {type_title(gap.type)} from {name} since "
+                                             f"{when(parse_stamp(gap.since).timestamp(), True)}") for gap in found)
+    today = zone.today(view.now)
+    noon = parse_stamp(zone.midnight(today, 12)).timestamp()
+    has_sleep = conn.execute("SELECT 1 FROM sample_types WHERE type = ?", (SLEEP_TYPE,)).fetchone()
+    if has_sleep and last_sync > noon:  # a sync came after last night ended
+        nights = sleep_nights(conn, days_window(RANGES_BY_NAME["7d"], today - datetime.timedelta(days=7), today,
+                                                zone))
+        before = sum(1 for day, stages in nights.items() if day < today.isoformat() and asleep_hours(stages) > 0)
+        if before >= GAP_SLEEP_NIGHTS and not asleep_hours(nights.get(today.isoformat(), {})):
+            gaps.append(Gap("sleep", "no sleep recorded last night", type=SLEEP_TYPE))
+    return gaps[:GAPS_MAX]
+
+
 class StatusReport(typing.NamedTuple):
     """Everything the status page and /api/summary show."""
 
@@ -5068,6 +5183,8 @@ class StatusReport(typing.NamedTuple):
     medications: typing.Tuple[Medication, ...]
     #: Scheduled backups (BackupSchedule.status), when the receiver makes them.
     backup: typing.Optional[dict] = None
+    #: What stopped arriving (data_gaps).
+    gaps: typing.Tuple[Gap, ...] = ()
 
 
 def status_report(store, view, sync_count=20, type_limit=PAGE_TYPES_MAX):
@@ -5082,7 +5199,8 @@ def status_report(store, view, sync_count=20, type_limit=PAGE_TYPES_MAX):
                        if chart)
         workouts, more_workouts = workout_list(conn, window)
         doses = medications(conn, window)
-    return StatusReport(view, stored, window, today, charts, workouts, more_workouts, doses)
+        gaps = tuple(data_gaps(conn, view))
+    return StatusReport(view, stored, window, today, charts, workouts, more_workouts, doses, gaps=gaps)
 
 
 def stats_json(stored, now):
@@ -5114,6 +5232,8 @@ def summary_json(report):
                     for day, _count, doses in medication.chart.points],
          "taken": medication.taken, "skipped": medication.skipped} for medication in report.medications]
     facts["backup"] = report.backup
+    facts["gaps"] = [{"kind": gap.kind, "message": gap.message, "since": gap.since, "type": gap.type,
+                      "source": gap.source} for gap in report.gaps]
     return facts
 
 
@@ -5125,6 +5245,232 @@ def _chart_json(chart):
     if kind.draw == "stack":
         facts["stages"] = [list(stage) for stage in kind.stages]
     return facts
+
+
+# -- what other tools read: the latest values, today, a series, the gaps ------
+
+#: The most points one /api/series answer holds.
+SERIES_POINTS_MAX = 5000
+
+
+class LatestValue(typing.NamedTuple):
+    """A type's latest sample."""
+
+    type: str
+    #: The short name: the type's key in /api/latest.
+    name: str
+    title: str
+    #: A number, or a category type's value name ("asleepCore"); None when
+    #: it is neither.
+    value: typing.Any
+    unit: typing.Optional[str]
+    #: Its start, canonical UTC.
+    time: str
+    source: typing.Optional[str]
+
+
+def latest_values(conn, limit=LATEST_TYPES_MAX):
+    """The LatestValue of each of the largest ``limit`` types: one seek
+    each, at the end of the type's rows."""
+    found = []
+    types = [row[0] for row in sample_types(conn, limit)]
+    # Two types may share a short name (an app's own key beside HealthKit's):
+    # HealthKit's keeps it, the other is named by its full name, or where it
+    # came from ("data.StepCount").
+    claimed = {short_type_name(type_name) for type_name in types if short_type_name(type_name) != type_name}
+    for type_name in types:
+        row = conn.execute("SELECT value, unit, start_date, source_name FROM samples WHERE type = ?"
+                           " ORDER BY start_date DESC LIMIT 1", (type_name,)).fetchone()
+        if row is None:
+            continue
+        value, unit, start, source = row
+        if type_name == SLEEP_TYPE:
+            value = sleep_stage(value)  # the stage keys of the sleep chart: "core", "in_bed"
+        elif category_of(type_name) is not None:
+            value = category_name(type_name, value) or (value if value.__class__ is str else None)
+        elif value.__class__ not in (int, float) or not math.isfinite(value):
+            value = None
+        name = short_type_name(type_name)
+        if name == type_name and name in claimed:
+            name = "data." + type_name
+        found.append(LatestValue(type_name, name, type_title(type_name), value,
+                                 unit if unit.__class__ is str else None, start,
+                                 source if source.__class__ is str else None))
+    return found
+
+
+def _one_day(view, day=None):
+    """The window of one day (today by default), in the view's zone."""
+    day = day or view.zone.today(view.now)
+    return days_window(RANGES_BY_NAME["7d"], day, day, view.zone)._replace(priority=view.priority)
+
+
+class DayTotal(typing.NamedTuple):
+    """Today's total of a type that adds up, counted as the page counts it."""
+
+    type: str
+    name: str
+    title: str
+    value: float
+    unit: typing.Optional[str]
+
+
+def today_totals(conn, view, limit=LATEST_TYPES_MAX):
+    """The DayTotal of each type that adds up among the largest ``limit``
+    (0 when nothing was counted yet today)."""
+    window, totals = _one_day(view), []
+    for row in sample_types(conn, limit):
+        info = type_info(*row)
+        if info.kind.name != "sum":
+            continue
+        chart = chart_data(conn, info, window)
+        unit = (conn.execute("SELECT unit FROM samples WHERE type = ? ORDER BY start_date DESC LIMIT 1",
+                             (info.type,)).fetchone() or (None,))[0]  # as the samples say it: "count", "kcal"
+        totals.append(DayTotal(info.type, info.name, info.title, (chart.points[0][1] if chart else None) or 0.0,
+                               unit if unit.__class__ is str else None))
+    return totals
+
+
+def last_night(conn, view):
+    """{stage: hours} of the night that ended today (noon to noon, as the
+    sleep chart counts it); empty without sleep."""
+    return sleep_nights(conn, _one_day(view)).get(view.zone.today(view.now).isoformat(), {})
+
+
+class Latest(typing.NamedTuple):
+    """What /api/latest and /metrics read of one person."""
+
+    person: str
+    values: typing.Tuple[LatestValue, ...]
+    today: typing.Tuple[DayTotal, ...]
+    #: {sleep stage: hours} of last night.
+    sleep: typing.Dict[str, float]
+    last_sync: typing.Optional[Sync]
+    gaps: typing.Tuple[Gap, ...]
+    #: Types beyond LATEST_TYPES_MAX, not listed.
+    more_types: int = 0
+
+
+def latest_report(store, view):
+    """The Latest of the person ``store`` reads for."""
+    with store.reader() as conn:
+        syncs = [Sync(**dict(zip(SYNC_FIELDS, row))) for row in conn.execute(
+            f"{SYNCS.select_sql(SYNC_FIELDS, schema='')} WHERE status = '{SyncStatus.OK}' ORDER BY id DESC LIMIT 1")]
+        more = conn.execute("SELECT count(*) FROM sample_types").fetchone()[0] - LATEST_TYPES_MAX
+        return Latest(view.person, tuple(latest_values(conn)), tuple(today_totals(conn, view)),
+                      last_night(conn, view), syncs[0] if syncs else None, tuple(data_gaps(conn, view)),
+                      max(0, more))
+
+
+def _stamp_json(text):
+    """A stored timestamp as ISO 8601 with its offset, for tools."""
+    stamp = parse_stamp(text) if text else None
+    return None if stamp is None else stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def latest_json(latest, now):
+    """The JSON of /api/latest: stable keys, types by short name."""
+    sleep = {stage: round(latest.sleep.get(stage, 0.0), 3) for stage, _label, _colour in SLEEP_STAGES}
+    last = latest.last_sync
+    return {
+        "person": latest.person, "generated_at": f"{now:%Y-%m-%dT%H:%M:%SZ}",
+        "latest": {value.name: {"value": value.value, "unit": value.unit, "time": _stamp_json(value.time),
+                                "source": value.source, "title": value.title, "type": value.type}
+                   for value in latest.values},
+        "more_types": latest.more_types,
+        "today": {total.name: {"value": finite(total.value), "unit": total.unit, "title": total.title}
+                  for total in latest.today},
+        "sleep_last_night": dict(sleep, asleep=round(asleep_hours(latest.sleep), 3), unit="h"),
+        "last_sync": None if last is None else {
+            "id": last.id, "time": _stamp_json(last.received_at), "source": last.sync_source,
+            "records": last.received, "new": last.inserted,
+            "age_seconds": round((now - parse_stamp(last.received_at)).total_seconds())},
+        "gaps": [{"kind": gap.kind, "message": gap.message, "since": _stamp_json(gap.since),
+                  "type": gap.type and short_type_name(gap.type), "source": gap.source} for gap in latest.gaps],
+    }
+
+
+#: Upper bounds (seconds) of the sync duration histogram's buckets.
+SYNC_DURATION_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+#: Sync sources /metrics lists per person, the latest first.
+METRIC_SOURCES_MAX = 20
+
+
+class SyncFacts(typing.NamedTuple):
+    """What /metrics says of a person's syncs and rows."""
+
+    #: {status: syncs}
+    by_status: typing.Dict[str, int]
+    #: [(sync source or "", its last stored sync, canonical UTC)], the latest first.
+    last_by_source: typing.List[typing.Tuple[str, str]]
+    totals: typing.Dict[str, int]
+    rejected: int
+    #: Stored syncs per SYNC_DURATION_BUCKETS bound (cumulative), their count and seconds.
+    duration_buckets: typing.Tuple[int, ...]
+    duration_count: int
+    duration_sum: float
+
+
+def sync_facts(conn):
+    """The SyncFacts of what ``conn`` sees (one person)."""
+    by_status = dict(conn.execute("SELECT status, count(*) FROM syncs GROUP BY status"))
+    last = [(source if source.__class__ is str else str(source), when) for source, when in conn.execute(
+        f"SELECT coalesce(sync_source, '') AS source, max(received_at) AS last FROM syncs WHERE status ="
+        f" '{SyncStatus.OK}' GROUP BY source ORDER BY last DESC LIMIT ?", (METRIC_SOURCES_MAX,))]
+    buckets = ", ".join(f"count(CASE WHEN duration_ms <= {bound * 1000:.0f} THEN 1 END)"
+                        for bound in SYNC_DURATION_BUCKETS)
+    *counts, count, total = conn.execute(f"SELECT {buckets}, count(*), total(duration_ms) / 1000.0 FROM syncs"
+                                         f" WHERE status = '{SyncStatus.OK}'").fetchone()
+    return SyncFacts(by_status, last, table_totals(conn), conn.execute("SELECT count(*) FROM rejected").fetchone()[0],
+                     tuple(counts), count, total)
+
+
+#: Grains of /api/series: the page's, and hours (UTC hours, as they are kept).
+SERIES_GRAINS = ("hour",) + tuple(grain.name for grain in GRAINS)
+
+
+def series_points(store, name, view, start, end, grain_name=None):
+    """(TypeInfo, unit, [(period start as canonical UTC, value)]) of a type
+    from ``start`` to ``end`` (canonical UTC, end excluded) at a grain (by
+    default the page's for that many days): the numbers its chart shows.
+    None when the person has no such type; raises ValueError when it
+    would be more than SERIES_POINTS_MAX points."""
+    with store.reader() as conn:
+        row = find_type(conn, name)
+        if row is None:
+            return None
+        info = type_info(*row)
+        unit = display_unit(conn, info.type, info.kind)
+        if grain_name == "hour":
+            if info.kind.name == "sleep":
+                raise ValueError("sleep is counted per night: choose grain day, week or month")
+            first = parse_stamp(start).replace(minute=0, second=0, microsecond=0)
+            count = math.ceil((parse_stamp(end) - first).total_seconds() / 3600)
+            if count > SERIES_POINTS_MAX:
+                raise ValueError(f"{count:,} hours: at most {SERIES_POINTS_MAX:,} points; choose a shorter range "
+                                 "or a coarser grain")
+            stamps = [_canonical(first + datetime.timedelta(hours=i)) for i in range(count + 1)]
+            periods = [Period(low[:10], low, high) for low, high in zip(stamps, stamps[1:])]
+            points = []
+            for index in range(0, len(periods), SQL_PERIODS_MAX):
+                chunk = periods[index:index + SQL_PERIODS_MAX]
+                for period, agg in zip(chunk, type_aggregates(conn, info.type, chunk, view.priority)):
+                    values = info.kind.point(agg, 1) if agg else None
+                    points.append((period.start, finite(values[0] * info.kind.scale) if values else None))
+            return info, unit, points
+        zone = view.zone
+        first, last = zone.day_of(start), zone.day_of(_canonical(parse_stamp(end) - datetime.timedelta(
+            milliseconds=1)))
+        days = (last - first).days + 1
+        grain = next((grain for grain in GRAINS if grain.name == grain_name), None) or grain_for(days)
+        shortest = {"day": 1, "week": 7}.get(grain.name, 31)  # a period's days, at most
+        if days > SERIES_POINTS_MAX * shortest or len(_period_starts(first, last, grain)) - 1 > SERIES_POINTS_MAX:
+            raise ValueError(f"at most {SERIES_POINTS_MAX:,} points; choose a shorter range or a coarser grain")
+        window = days_window(RANGES_BY_NAME["all"], first, last, zone, grain=grain)._replace(priority=view.priority)
+        chart = chart_data(conn, info, window)
+        values = [point[1] for point in chart.points] if chart else [None] * len(window.periods)
+        return info, unit, [(period.start, value) for period, value in zip(window.periods, values)]
+
 
 
 class PeriodRow(typing.NamedTuple):
@@ -5533,6 +5879,10 @@ def ndjson_line(name, columns, row, person):
 
 #: Path of the JSON summary the status page shows.
 SUMMARY_PATH = "/api/summary"
+#: For Prometheus, Home Assistant and Grafana (or pandas): see their routes.
+METRICS_PATH = "/metrics"
+LATEST_PATH = "/api/latest"
+SERIES_PATH = "/api/series"
 #: Pages of one type (/type/HeartRate) and one workout (/workout/UUID).
 TYPE_PAGES = "/type/"
 WORKOUT_PAGES = "/workout/"
@@ -5941,6 +6291,8 @@ def render_status_page(report):
         out.append(f'<p>Last sync {format_ago(last_sync.received_at, view.now)}: '
                    f'{_number(last_sync.received)} records, {_esc(last_sync.status)}.</p>')
     out.append(_backup_line(report.backup, view.now))
+    if report.gaps:
+        out.append('<div class="note"><b>Gaps</b>: ' + "; ".join(_esc(gap.message) for gap in report.gaps) + ".</div>")
     if report.today:
         out.append("<h2>Today</h2><div class=\"tiles\">")
         for tile in report.today:
@@ -6250,6 +6602,138 @@ def svg_profile(profile, distance, size=PROFILE_SIZE):
     parts.append(f'<polygon points="{" ".join(area)}" fill="#c7e9c0" stroke="#31a354" stroke-width="1"/>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+# -- Prometheus: the text exposition format, version 0.0.4 --------------------
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metric(typing.NamedTuple):
+    """One metric of /metrics: its name, TYPE and HELP."""
+
+    name: str
+    kind: str
+    help: str
+
+
+#: Every metric /metrics writes, in this order (a name missing from an
+#: answer has no sample).  Receiver facts first, then health values.
+METRICS = (
+    Metric("health_receiver_build_info", "gauge", "The receiver's version and Python's (the value is 1)."),
+    Metric("health_receiver_syncs_total", "counter", "Syncs received, by status: ok, rejected (the client's fault), "
+                                                     "failed (the receiver's)."),
+    Metric("health_receiver_last_sync_timestamp_seconds", "gauge", "When the last stored sync of a sync source "
+                                                                   "arrived (Unix time)."),
+    Metric("health_receiver_last_sync_age_seconds", "gauge", "Seconds since the last stored sync of a sync source."),
+    Metric("health_receiver_rows", "gauge", "Rows stored, per table."),
+    Metric("health_receiver_rejected_elements_total", "counter", "Elements kept aside in the rejected table."),
+    Metric("health_receiver_sync_duration_seconds", "histogram", "Time from a stored sync's first byte to its "
+                                                                 "commit."),
+    Metric("health_receiver_data_gaps", "gauge", "Data that stopped arriving, 1 per gap (the status page's Gaps): "
+                                                 "kind sync, source, type or sleep."),
+    Metric("health_receiver_database_size_bytes", "gauge", "Size of the database file."),
+    Metric("health_receiver_wal_size_bytes", "gauge", "Size of the database's write-ahead log."),
+    Metric("health_receiver_last_backup_timestamp_seconds", "gauge", "When the last scheduled backup was made "
+                                                                     "(Unix time)."),
+    Metric("health_receiver_last_backup_success", "gauge", "1 if the last scheduled backup attempt made a verified "
+                                                           "copy, 0 if it failed."),
+    Metric("health_latest_value", "gauge", "The latest sample of a type, in its unit (the unit label)."),
+    Metric("health_latest_timestamp_seconds", "gauge", "When the latest sample of a type started (Unix time)."),
+    Metric("health_today_value", "gauge", "Today's total of a type that adds up, counted once where two devices "
+                                          "overlap, as the status page counts it."),
+    Metric("health_sleep_last_night_seconds", "gauge", "Last night's sleep by stage (noon to noon)."),
+)
+METRICS_BY_NAME = {metric.name: metric for metric in METRICS}
+#: Longest label value written (client text: source names).
+LABEL_VALUE_MAX = 200
+
+
+def _label_value(value):
+    text = str(value)[:LABEL_VALUE_MAX]
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _sample_value(value):
+    return repr(float(value)) if value.__class__ is not int else str(value)
+
+
+def exposition(samples):
+    """The text of /metrics from ``samples``: {metric name: [(name suffix,
+    {label: value}, number)]}; non-finite numbers are left out."""
+    lines = []
+    for metric in METRICS:
+        found = [(suffix, labels, value) for suffix, labels, value in samples.get(metric.name, ())
+                 if value is not None and value.__class__ is not bool and math.isfinite(value)]
+        if not found:
+            continue
+        lines.append(f"# HELP {metric.name} {metric.help}")
+        lines.append(f"# TYPE {metric.name} {metric.kind}")
+        written = set()
+        for suffix, labels, value in found:
+            text = ",".join(f'{name}="{_label_value(label)}"' for name, label in labels.items())
+            if (suffix, text) in written:  # labels cut to LABEL_VALUE_MAX may meet: a series is written once
+                continue
+            written.add((suffix, text))
+            lines.append(f"{metric.name}{suffix}{{{text}}} {_sample_value(value)}" if text
+                         else f"{metric.name}{suffix} {_sample_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def person_samples(samples, person, facts, latest, now):
+    """Add one person's samples (SyncFacts ``facts``, Latest ``latest``)."""
+    def add(name, labels, value, suffix=""):
+        samples.setdefault(name, []).append((suffix, dict(person=person, **labels), value))
+
+    for status in (SyncStatus.OK, SyncStatus.REJECTED, SyncStatus.FAILED):
+        add("health_receiver_syncs_total", {"status": status}, facts.by_status.get(status, 0))
+    for source, when in facts.last_by_source:
+        stamp = parse_stamp(when)
+        if stamp is not None:
+            add("health_receiver_last_sync_timestamp_seconds", {"sync_source": source}, stamp.timestamp())
+            add("health_receiver_last_sync_age_seconds", {"sync_source": source}, (now - stamp).total_seconds())
+    for table, rows in facts.totals.items():
+        add("health_receiver_rows", {"table": table}, rows)
+    add("health_receiver_rejected_elements_total", {}, facts.rejected)
+    for bound, count in zip(SYNC_DURATION_BUCKETS, facts.duration_buckets):
+        add("health_receiver_sync_duration_seconds", {"le": repr(bound)}, count, "_bucket")
+    add("health_receiver_sync_duration_seconds", {"le": "+Inf"}, facts.duration_count, "_bucket")
+    add("health_receiver_sync_duration_seconds", {}, facts.duration_sum, "_sum")
+    add("health_receiver_sync_duration_seconds", {}, facts.duration_count, "_count")
+    for gap in latest.gaps:
+        add("health_receiver_data_gaps", {"kind": gap.kind, "type": short_type_name(gap.type or ""),
+                                          "source": gap.source or ""}, 1)
+    for value in latest.values:
+        labels = {"type": value.name, "unit": value.unit or ""}
+        if value.value.__class__ in (int, float):
+            add("health_latest_value", labels, value.value)
+        stamp = parse_stamp(value.time)
+        if stamp is not None:
+            add("health_latest_timestamp_seconds", {"type": value.name}, stamp.timestamp())
+    for total in latest.today:
+        add("health_today_value", {"type": total.name, "unit": total.unit or ""}, total.value)
+    for stage, _label, _colour in SLEEP_STAGES:
+        if stage in latest.sleep:
+            add("health_sleep_last_night_seconds", {"stage": stage}, round(latest.sleep[stage] * 3600, 3))
+
+
+def receiver_samples(samples, db_path, backup):
+    """Add the samples of the receiver itself: its build, its files, its backups."""
+    samples["health_receiver_build_info"] = [("", {"version": __version__,
+                                                  "python": platform_version()}, 1)]
+    sizes = {suffix: os.path.getsize(db_path + suffix) for suffix in ("", "-wal") if os.path.exists(db_path + suffix)}
+    samples["health_receiver_database_size_bytes"] = [("", {}, sizes.get("", 0))]
+    samples["health_receiver_wal_size_bytes"] = [("", {}, sizes.get("-wal", 0))]
+    if backup:
+        last = backup.get("last")
+        stamp = parse_stamp(last["made_at"]) if last else None
+        if stamp is not None:
+            samples["health_receiver_last_backup_timestamp_seconds"] = [("", {}, stamp.timestamp())]
+        samples["health_receiver_last_backup_success"] = [("", {}, 0 if backup.get("failed") else 1)]
+
+
+def platform_version():
+    return ".".join(map(str, sys.version_info[:3]))
 
 
 # ---------------------------------------------------------------------------
@@ -6618,7 +7102,7 @@ class BackupSchedule:
         now = now or datetime.datetime.now(datetime.timezone.utc)
         last = self.last
         answer = {"folder": self.folder, "every_hours": round(self.every / 3600, 3), "keep": self.keep,
-                  "last": None, "warning": None}
+                  "last": None, "warning": None, "failed": self.failure is not None}
         if last is not None:
             answer["last"] = {"path": last.path, "made_at": last.made_at, "bytes": last.size, "verified": True}
         if self.failure is not None:
@@ -7931,6 +8415,92 @@ def receive_sync(request):
     return json_answer(result.response(), log=describe_sync(result), then=lambda: intake.after_answer(result))
 
 
+#: People /metrics lists for an admin (a study has more: ?person= reads one).
+METRICS_PEOPLE_MAX = 50
+
+
+def _everyone(request):
+    """The PersonStores /metrics reads: the caller's; for an admin without
+    ``?person=``, everyone's (the first METRICS_PEOPLE_MAX)."""
+    store = request.server.store
+    _store(request)
+    if request.caller.admin and "person" not in request.query:
+        return [PersonStore(store, person) for person in store.people()[:METRICS_PEOPLE_MAX]]
+    return [_store(request)]
+
+
+def metrics_answer(request):
+    """GET /metrics: the Prometheus text format (receiver facts, then each
+    person's latest values, today's totals, last night and gaps)."""
+    with contextlib.suppress(StorageUnavailable, sqlite3.Error):
+        request.server.store.update_hours(wait=PAGE_HOURS_WAIT)
+    samples, view = {}, _view(request)
+    backups = request.server.backups
+    receiver_samples(samples, request.server.store.path, backups.status() if backups is not None else None)
+    for reading in _everyone(request):
+        person_view = view._replace(person=reading.person.name)
+        with reading.reader() as conn:
+            facts = sync_facts(conn)
+        person_samples(samples, reading.person.name, facts, latest_report(reading, person_view), request.now)
+    return Answer(METRICS_TYPE, exposition(samples).encode("utf-8", "replace"))
+
+
+def latest_answer(request):
+    """GET /api/latest: one JSON object for Home Assistant's RESTful sensor."""
+    return json_answer(latest_json(latest_report(_totals(request), _view(request)), request.now))
+
+
+def _instant(text, name, zone):
+    """A bound of /api/series as a stored timestamp: Unix time in
+    milliseconds (Grafana's ${__from}), a date (its first instant in the
+    receiver's days, as the pages count them) or a time (ISO 8601; UTC
+    without an offset)."""
+    stamp = None
+    if text.isdigit() and len(text) >= 10:
+        with contextlib.suppress(OverflowError, OSError, ValueError):
+            stamp = utc_date(_canonical(datetime.datetime.fromtimestamp(int(text) / 1000, datetime.timezone.utc)))
+    elif re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text) and utc_date(text):
+        stamp = zone.midnight(datetime.date.fromisoformat(text))
+    else:
+        stamp = utc_date(text)
+    if stamp is None:
+        raise ClientError(HTTPStatus.BAD_REQUEST, f"{name} must be a date, a time (ISO 8601) or Unix time in "
+                                                  "milliseconds.")
+    return stamp
+
+
+def series_answer(request):
+    """GET /api/series?type=...: a type's numbers as its chart counts them,
+    a row per period, as JSON rows or CSV (format=csv)."""
+    query = {name: values[-1] for name, values in request.query.items()}
+    if not query.get("type"):
+        raise ClientError(HTTPStatus.BAD_REQUEST, "type is missing: /api/series?type=StepCount")
+    grain = query.get("grain") or None
+    if grain is not None and grain not in SERIES_GRAINS:
+        raise ClientError(HTTPStatus.BAD_REQUEST, f"grain must be one of {', '.join(SERIES_GRAINS)}.")
+    if query.get("format", "json") not in ("json", "csv"):
+        raise ClientError(HTTPStatus.BAD_REQUEST, "format must be json or csv.")
+    view = _view(request)
+    end = _instant(query["to"], "to", view.zone) if query.get("to") else _canonical(request.now)
+    # By default the status page's 30 days: today and the 29 before.
+    start = (_instant(query["from"], "from", view.zone) if query.get("from") else view.zone.midnight(
+        view.zone.today(request.now) - datetime.timedelta(days=29)))
+    if start >= end:
+        raise ClientError(HTTPStatus.BAD_REQUEST, "from must be before to.")
+    try:
+        found = series_points(_totals(request), query["type"], view, start, end, grain)
+    except ValueError as exc:
+        raise ClientError(HTTPStatus.BAD_REQUEST, f"{exc}.") from None
+    if found is None:
+        raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(query['type'], 80)}.")
+    info, unit, points = found
+    if query.get("format") == "csv":
+        return Answer("text/csv; charset=utf-8", csv_pieces(("time", "value"), points),
+                      headers=(("Content-Disposition", f'attachment; filename="{quote(info.name)}.csv"'),))
+    return json_answer([{"time": time_, "value": value} for time_, value in points],
+                       headers=(("X-Health-Type", quote(info.type)), ("X-Health-Unit", quote(unit or ""))))
+
+
 #: Everything the receiver answers.  A pattern's ``<name>`` is the rest of
 #: the path; patterns are tried in this order, after exact paths.
 ROUTES = (
@@ -7940,6 +8510,9 @@ ROUTES = (
     Route("GET", TYPE_PAGES + "<name>", PAGE_LOGIN, type_page, "the type pages"),
     Route("GET", WORKOUT_PAGES + "<uuid>", PAGE_LOGIN, workout_page, "the workout pages"),
     Route("GET", FIELDS_PATH, PAGE_LOGIN, fields_page, "what the app sends"),
+    Route("GET", METRICS_PATH, PAGE_LOGIN, metrics_answer, "metrics for Prometheus"),
+    Route("GET", LATEST_PATH, PAGE_LOGIN, latest_answer, "the latest values, for Home Assistant"),
+    Route("GET", SERIES_PATH, PAGE_LOGIN, series_answer, "a type's numbers per period, for Grafana"),
     Route("GET", ENDPOINT, APP_KEY, connection_check, "the app's Test Connection"),
     Route("POST", ENDPOINT, APP_KEY, receive_sync, "the app's syncs"),
 )
@@ -8465,7 +9038,8 @@ def serve_parser():
         description="Receive Health Export Pro syncs into a SQLite database.",
         epilog="Other commands (each with --help): key, people, stats, export, import, backup, verify, restore, "
                f"bench. The key comes from ${TOKEN_ENV}, --token-file or <db>.key (made for a new database); "
-               "people add NAME gives another person a key of their own.")
+               "people add NAME gives another person a key of their own. With the key: "
+               + "; ".join(f"{route.path} ({route.title})" for route in ROUTES if route.path != ENDPOINT) + ".")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s; 0 picks one)")
     parser.add_argument("--path", default=DEFAULT_PATH, help="endpoint path, as set in the app (default %(default)s)")

@@ -39,6 +39,8 @@ import unittest
 import unittest.mock
 import urllib.error
 import urllib.request
+from urllib.parse import quote
+from urllib.parse import unquote
 import zlib
 
 import health_receiver as hr
@@ -5423,3 +5425,200 @@ class PeopleCommandTests(unittest.TestCase):
                                  (0,), table)
             self.assertEqual(conn.execute("SELECT count(*) FROM samples").fetchone()[0],
                              mine.inserted["samples"])
+
+
+# ---------------------------------------------------------------------------
+# Other tools: Prometheus, Home Assistant, Grafana, and gaps
+# ---------------------------------------------------------------------------
+
+_METRIC_LINE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*)\})?'
+                          r" (-?[0-9.e+-]+|[+-]Inf|NaN)\Z")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+
+
+def parse_exposition(text):
+    """The Prometheus text format (0.0.4) read back strictly: {family:
+    (type, help, [(name, {label: value}, number)])}; raises AssertionError
+    on any line that is not valid, a family without HELP and TYPE before
+    its samples, a family met twice or a value that is not finite."""
+    families, current = {}, None
+    assert text.endswith("\n"), "the text ends with a line feed"
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            _hash, word, name, rest = line.split(" ", 3)
+            if word == "HELP":
+                assert name not in families, f"{name} twice"
+                families[name] = [None, rest, []]
+                current = name
+            else:
+                assert current == name and families[name][0] is None, line
+                assert rest in ("counter", "gauge", "histogram", "summary", "untyped"), line
+                families[name][0] = rest
+            continue
+        match = _METRIC_LINE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        name, labels, value = match.groups()
+        assert current is not None and families[current][0] is not None, line
+        kind = families[current][0]
+        suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        assert any(name == current + suffix for suffix in suffixes), f"{name} outside its family {current}"
+        number = float(value)
+        assert math.isfinite(number), line
+        parsed = {key: raw.replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
+                  for key, raw in _LABEL.findall(labels or "")}
+        families[current][2].append((name, parsed, number))
+    return {name: tuple(family) for name, family in families.items()}
+
+
+class OtherToolsTests(StepsTestCase):
+    """/metrics, /api/latest and /api/series on a walk two devices counted."""
+
+    token = TOKEN
+
+    def setUp(self):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if 86400 - (now.hour * 3600 + now.minute * 60 + now.second) < MIDNIGHT_MARGIN:
+            time.sleep(MIDNIGHT_MARGIN + 1)
+        super().setUp()
+        self.store.add_people(["ann"], [ANN_KEY])
+
+    def request(self, method, path=hr.DEFAULT_PATH, body=None, headers=None, conn=None):
+        """As the first person unless ``headers`` says otherwise ({}: no key)."""
+        return super().request(method, path, body, bearer(TOKEN) if headers is None else headers, conn)
+
+    def get(self, path, key=TOKEN):
+        return self.request("GET", path, headers=bearer(key))
+
+    def test_metrics_are_valid_exposition_with_each_persons_values(self):
+        day = self.post_walk()
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        hostile = 'Jane "quoted" \\ back\nslash'
+        self.post({"syncSource": hostile, "data": {"HKQuantityTypeIdentifierStepCount": [
+            span("T-1", f"{today}T00:10:00Z", f"{today}T00:20:00Z", 1234, "count", source="Jane's Apple Watch")],
+            "HKQuantityTypeIdentifierHeartRate": [sample("H-1", f"{today}T00:30:00Z", 61)]}})
+        self.post({"data": {"HKQuantityTypeIdentifierHeartRate": [sample("H-2", f"{today}T00:30:00Z", 70)]}},
+                  bearer(ANN_KEY))
+        # A sync without a source and one with an empty one; a type whose short name is another's.
+        self.post({"syncSource": "", "data": {"StepCount": [sample("X-1", f"{today}T00:40:00Z", 5, "count")]}})
+        status, response, body = self.get(hr.METRICS_PATH)
+        self.assertEqual(status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/plain; version=0.0.4; charset=utf-8")
+        self.assertEqual(response.getheader("Cache-Control"), "no-store")
+        families = parse_exposition(body.decode("utf-8"))
+        self.assertEqual(set(families) - set(hr.METRICS_BY_NAME), set())
+        for name, (kind, _help, samples) in families.items():
+            self.assertEqual(kind, hr.METRICS_BY_NAME[name].kind)
+            keys = [(sample_name, tuple(sorted(labels.items()))) for sample_name, labels, _value in samples]
+            self.assertEqual(len(keys), len(set(keys)), name)
+
+        def value(name, **labels):
+            return [number for _name, found, number in families[name][2] if labels.items() <= found.items()]
+
+        self.assertEqual(value("health_today_value", person="me", type="StepCount"), [1234])
+        self.assertEqual(value("health_latest_value", person="me", type="HeartRate"), [61])
+        self.assertEqual(value("health_latest_value", person="ann", type="HeartRate"), [70])
+        self.assertEqual(value("health_receiver_syncs_total", person="me", status="ok"), [3])
+        self.assertEqual(len(value("health_latest_value", person="me", type="StepCount")), 1)
+        self.assertEqual(value("health_latest_value", person="me", type="data.StepCount"), [5])
+        self.assertEqual(value("health_receiver_last_sync_timestamp_seconds", person="me", sync_source=hostile)[0] > 0,
+                         True)
+        buckets = [number for name, labels, number in families["health_receiver_sync_duration_seconds"][2]
+                   if name.endswith("_bucket") and labels["person"] == "me"]
+        self.assertEqual(buckets, sorted(buckets))
+        self.assertEqual(buckets[-1], value("health_receiver_sync_duration_seconds", person="me")[-1])  # _count
+        # ann reads hers alone; another's is 404, no key 401
+        families = parse_exposition(self.get(hr.METRICS_PATH, ANN_KEY)[2].decode())
+        self.assertEqual({labels["person"] for _n, labels, _v in families["health_receiver_rows"][2]}, {"ann"})
+        self.assertEqual(self.get(hr.METRICS_PATH + "?person=me", ANN_KEY)[0], 404)
+        self.assertEqual(self.request("GET", hr.METRICS_PATH, headers={})[0], 401)
+        self.assertEqual({labels["person"] for _n, labels, _v in parse_exposition(self.get(
+            hr.METRICS_PATH + "?person=ann")[2].decode())["health_receiver_rows"][2]}, {"ann"})
+        self.assertEqual(day < datetime.date.today() + datetime.timedelta(days=1), True)
+
+    def test_latest_and_series_give_the_numbers_of_the_page(self):
+        day = self.post_walk()
+        status, _, latest = self.get(hr.LATEST_PATH)
+        self.assertEqual(status, 200)
+        self.assertEqual(latest["person"], "me")
+        self.assertNotIn("SleepAnalysis", latest["latest"])
+        steps = latest["latest"]["StepCount"]
+        self.assertEqual((steps["value"], steps["unit"], steps["source"]), (1000, "count", "Jane's Apple Watch"))
+        self.assertEqual(latest["today"]["StepCount"]["value"], 0)  # the walk was two days ago
+        self.assertEqual(latest["last_sync"]["records"], 4)
+        for _ in range(21):  # failed syncs after it do not hide it
+            self.post(b"{broken")
+        self.assertEqual(self.get(hr.LATEST_PATH)[2]["last_sync"]["id"], latest["last_sync"]["id"])
+        page_total = self.day_totals()[day.isoformat()]
+        status, _, rows = self.get(f"{hr.SERIES_PATH}?type=StepCount&from={day}&to={day + datetime.timedelta(days=1)}")
+        self.assertEqual((status, rows), (200, [{"time": f"{day}T00:00:00.000Z", "value": 4000.0}]))
+        self.assertEqual(round(page_total, 6), 4000)
+        start = int(datetime.datetime(day.year, day.month, day.day, 7, tzinfo=datetime.timezone.utc).timestamp() * 1000)
+        status, response, text = self.get(f"{hr.SERIES_PATH}?type=stepcount&grain=hour&format=csv"
+                                          f"&from={start}&to={start + 2 * 3600 * 1000}")
+        self.assertEqual(status, 200)
+        self.assertTrue(response.getheader("Content-Type").startswith("text/csv"))
+        rows = list(csv.reader(io.StringIO(text.decode())))
+        self.assertEqual(rows[0], ["time", "value"])
+        self.assertEqual([row[0] for row in rows[1:]], [f"{day}T07:00:00.000Z", f"{day}T08:00:00.000Z"])
+        self.assertAlmostEqual(sum(float(row[1]) for row in rows[1:]), 4000)
+        for query, code in (("type=StepCount&grain=minute", 400), ("type=StepCount&from=yesterday", 400),
+                            ("grain=day", 400), ("type=NoSuchType", 404),
+                            ("type=StepCount&grain=hour&from=2000-01-01", 400),
+                            ("type=StepCount&to=253402300799999", 400),
+                            ("type=StepCount&grain=day&from=0000000000000&to=253370764800000", 400),
+                            ("type=StepCount&from=2026-02-02&to=2026-02-01", 400)):
+            with self.subTest(query=query):
+                status, _, answer = self.get(f"{hr.SERIES_PATH}?{query}")
+                self.assert_error(status, code, answer)
+        self.assertEqual(self.get(f"{hr.SERIES_PATH}?type=StepCount", ANN_KEY)[0], 404)  # not hers
+        # A type named with a line break and a header, and one not in Latin-1: the header stays one header.
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        for name in ("Bad\r\nX-Injected: 1", "\u6b65\u6570"):
+            self.post({"data": {name: [sample(None, f"{today}T00:00:00Z", 1, "count")]}})
+            status, response, _ = self.get(f"{hr.SERIES_PATH}?type={quote(name, safe='')}")
+            self.assertEqual((status, response.getheader("X-Injected")), (200, None))
+            self.assertEqual(unquote(response.getheader("X-Health-Type")), name)
+        self.assertEqual(self.get(f"{hr.LATEST_PATH}?person=me", ANN_KEY)[0], 404)
+        self.assertEqual(self.request("GET", hr.LATEST_PATH, headers={})[0], 401)
+
+    def test_a_gap_appears_when_a_type_stops_and_goes_when_it_arrives(self):
+        now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+        def hourly(type_name, tag, first, last, value):
+            return [sample(f"{tag}-{hours}", (now - datetime.timedelta(hours=hours)).strftime(
+                "%Y-%m-%dT%H:%M:%S.000Z"), value) for hours in range(last, first + 1, 3)]
+
+        data = {"HKQuantityTypeIdentifierHeartRate": hourly("HeartRate", "H", 20 * 24, 1, 60),
+                "HKQuantityTypeIdentifierRespiratoryRate": hourly("RespiratoryRate", "R", 20 * 24, 4 * 24, 15)}
+        self.post({"data": data})
+        gaps = self.get(hr.LATEST_PATH)[2]["gaps"]
+        self.assertEqual([(gap["kind"], gap["type"], gap["source"]) for gap in gaps],
+                         [("type", "RespiratoryRate", "Watch")])
+        self.assertRegex(gaps[0]["message"], r"^no Respiratory rate from Watch since [A-Z][a-z]{2} [0-9]{2} ")
+        self.assertIn("<b>Gaps</b>: no Respiratory rate from Watch since", self.page("/"))
+        families = parse_exposition(self.get(hr.METRICS_PATH)[2].decode())
+        self.assertEqual([labels["type"] for _n, labels, _v in families["health_receiver_data_gaps"][2]],
+                         ["RespiratoryRate"])
+        self.post({"data": {"HKQuantityTypeIdentifierRespiratoryRate": hourly("RespiratoryRate", "R2", 1, 1, 15)}})
+        self.assertEqual(self.get(hr.LATEST_PATH)[2]["gaps"], [])
+        self.assertNotIn("<b>Gaps</b>", self.page("/"))
+        # Both of the Watch's types stop: one gap, the device's.
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            conn.execute("DELETE FROM sample_hours WHERE hour >= ?", ((now - datetime.timedelta(days=2)).strftime(
+                "%Y-%m-%dT%H"),))
+        self.assertEqual([gap["kind"] for gap in self.get(hr.LATEST_PATH)[2]["gaps"]], ["source"])
+
+    def test_answers_stay_small_with_50000_types(self):
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            conn.executemany("INSERT INTO samples VALUES (1, ?, ?, ?, ?, 1, 'count', 'Watch', '{}', 1)",
+                             ((f"U-{i}", f"HKQuantityTypeIdentifierType{i}", f"{today}T00:00:00.000Z",
+                               f"{today}T00:00:00.000Z") for i in range(50000)))
+            conn.execute("INSERT INTO sample_types SELECT person, type, count(*), min(start_date), max(start_date)"
+                         " FROM samples GROUP BY person, type")
+        for path in (hr.METRICS_PATH, hr.LATEST_PATH, "/api/summary"):
+            with self.subTest(path=path):
+                status, _, body = self.get(path)
+                self.assertEqual(status, 200)
+                self.assertLess(len(body if isinstance(body, bytes) else json.dumps(body)), 64 * 1024)
+        self.assertEqual(self.get(hr.LATEST_PATH)[2]["more_types"], 50000 - hr.LATEST_TYPES_MAX)
