@@ -118,6 +118,10 @@ try:
 except ImportError:  # Windows has no resource module; peak RSS is then unknown.
     resource = None
 try:
+    import ctypes
+except ImportError:  # a Python built without libffi: memory is then not handed back early
+    ctypes = None
+try:
     import fcntl
 except ImportError:  # Windows: restore cannot tell whether a receiver runs
     fcntl = None
@@ -2585,6 +2589,28 @@ _NOTE_PENDING_HOURS_SQL = (f"INSERT OR IGNORE INTO main.sample_hours_pending ({P
                            " SELECT :person, :type, * FROM ("
                            + _SAMPLE_HOURS_OF.format(samples="stage.samples", where="rowid BETWEEN :first AND :last")
                            + ")")
+_NOTE_PENDING_HOUR_SQL = (f"INSERT OR IGNORE INTO main.sample_hours_pending ({PERSON_COLUMN}, type, hour)"
+                          " VALUES (?, ?, ?)")
+#: A run of samples whose hours, first to last, are at most this many per
+#: row (a type measured every few minutes or hours) has every hour between
+#: noted, without reading its rows: an hour noted without samples is only
+#: totalled again for nothing (bench: 0.05 s less of a 50 MB sync's 1.5 s).
+DENSE_RUN_HOURS_PER_ROW = 2
+
+
+def _dense_run_hours(run, spread):
+    """The hour keys from a StagedRun's first to its last (and the hour
+    after, where samples spread into it), or None when they are more than
+    DENSE_RUN_HOURS_PER_ROW per row (or its dates are not canonical)."""
+    try:  # canonical UTC text: its hour, read without strptime (the hot path of every sync)
+        first, last = (datetime.datetime(int(text[:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]),
+                                         tzinfo=datetime.timezone.utc) for text in (run.low, run.high))
+    except (TypeError, ValueError):
+        return None
+    count = int((last - first).total_seconds() // 3600) + 1 + bool(spread)
+    if count > DENSE_RUN_HOURS_PER_ROW * sum(high - low + 1 for low, high in run.ranges):
+        return None
+    return [f"{first + datetime.timedelta(hours=hour):%Y-%m-%dT%H}" for hour in range(count)]
 
 
 #: Brings a stored sync's pending row up to what it stored.
@@ -3090,6 +3116,10 @@ class Store:
                     result.inserted[section.name] += new
                     if section is SAMPLES and new:
                         conn.execute(_SAMPLE_TYPES_SQL, (label, new, run.low, run.high, params["person"]))
+                        hours = _dense_run_hours(run, is_cumulative(label))
+                        if hours is not None:
+                            conn.executemany(_NOTE_PENDING_HOUR_SQL, ((params["person"], label, hour) for hour in hours))
+                            continue
                         for first, last in run.ranges:
                             conn.execute(_NOTE_PENDING_HOURS_SQL, dict(hours_parameters(label, params["person"]),
                                                                        first=first, last=last))
@@ -6870,6 +6900,27 @@ class BodyDigest:
         return "".join(self.blocks + tail)
 
 
+def _find_malloc_trim():
+    """glibc's malloc_trim, or None (musl, macOS, Windows: nothing to call)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim if ctypes is not None else None
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def give_back_memory():
+    """Hand the memory the C allocator keeps free back to the system: after
+    each sync, what reading it took, and at start what compiling this file
+    took (18 MB here when it is imported or run with -m; run as a script,
+    CPython holds the file's syntax tree until the script ends).  On a
+    small board it is then free for the page cache instead of held."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class SyncIntake:
     """The one way a sync is stored, for the HTTP handler and ``import``:
     walk the body as it arrives into a Stage, merge it into the database in
@@ -7022,6 +7073,7 @@ class SyncIntake:
         except (StorageUnavailable, sqlite3.Error) as exc:
             self.log_error(result.remote_addr, f"sync {result.sync_id}: hourly totals left for the next sync: {exc}")
         self.store.checkpoint()
+        give_back_memory()
 
 
 #: Seconds before a failed scheduled backup is tried again (at most the
@@ -8903,6 +8955,7 @@ def _serve(config, out, ready):
         out.flush()
         if ready is not None:
             ready(server)
+        give_back_memory()  # what compiling this file and opening the database took
         server.serve_forever(poll_interval=0.25)
     finally:
         try:

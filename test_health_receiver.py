@@ -2126,6 +2126,12 @@ class CumulativeMergeTests(StepsTestCase):
         self.assertEqual(re.findall(r"<td>([^<]*)</td>", sources),
                          ["Jane&#x27;s Apple Watch", "2", "50%", "4,000", "Jane&#x27;s iPhone", "2", "50%", "3,850"])
 
+    def test_the_last_sample_of_a_sync_spreads_into_the_next_hour(self):
+        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        self.post_steps(day, {"Jane's Apple Watch": [(9 * 3600 + 50 * 60, 10 * 3600 + 10 * 60, 1200)]})
+        self.assertEqual(self.query("SELECT hour, total FROM sample_hours ORDER BY hour"),
+                         [(f"{day}T09:30", 600.0), (f"{day}T10", 600.0)])
+
     def test_a_sample_too_long_to_spread_takes_nothing_from_another_source(self):
         day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
         hours = 3600
