@@ -5392,19 +5392,13 @@ def latest_report(store, view):
                       max(0, more))
 
 
-def _stamp_json(text):
-    """A stored timestamp as ISO 8601 with its offset, for tools."""
-    stamp = parse_stamp(text) if text else None
-    return None if stamp is None else stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
-
-
 def latest_json(latest, now):
     """The JSON of /api/latest: stable keys, types by short name."""
     sleep = {stage: round(latest.sleep.get(stage, 0.0), 3) for stage, _label, _colour in SLEEP_STAGES}
     last = latest.last_sync
     return {
         "person": latest.person, "generated_at": f"{now:%Y-%m-%dT%H:%M:%SZ}",
-        "latest": {value.name: {"value": value.value, "unit": value.unit, "time": _stamp_json(value.time),
+        "latest": {value.name: {"value": value.value, "unit": value.unit, "time": value.time,
                                 "source": value.source, "title": value.title, "type": value.type}
                    for value in latest.values},
         "more_types": latest.more_types,
@@ -5412,10 +5406,10 @@ def latest_json(latest, now):
                   for total in latest.today},
         "sleep_last_night": dict(sleep, asleep=round(asleep_hours(latest.sleep), 3), unit="h"),
         "last_sync": None if last is None else {
-            "id": last.id, "time": _stamp_json(last.received_at), "source": last.sync_source,
+            "id": last.id, "time": last.received_at, "source": last.sync_source,
             "records": last.received, "new": last.inserted,
             "age_seconds": round((now - parse_stamp(last.received_at)).total_seconds())},
-        "gaps": [{"kind": gap.kind, "message": gap.message, "since": _stamp_json(gap.since),
+        "gaps": [{"kind": gap.kind, "message": gap.message, "since": gap.since,
                   "type": gap.type and short_type_name(gap.type), "source": gap.source} for gap in latest.gaps],
     }
 
@@ -6750,7 +6744,7 @@ def person_samples(samples, person, facts, latest, now):
 def receiver_samples(samples, db_path, backup):
     """Add the samples of the receiver itself: its build, its files, its backups."""
     samples["health_receiver_build_info"] = [("", {"version": __version__,
-                                                  "python": platform_version()}, 1)]
+                                                  "python": ".".join(map(str, sys.version_info[:3]))}, 1)]
     sizes = {suffix: os.path.getsize(db_path + suffix) for suffix in ("", "-wal") if os.path.exists(db_path + suffix)}
     samples["health_receiver_database_size_bytes"] = [("", {}, sizes.get("", 0))]
     samples["health_receiver_wal_size_bytes"] = [("", {}, sizes.get("-wal", 0))]
@@ -6761,9 +6755,6 @@ def receiver_samples(samples, db_path, backup):
             samples["health_receiver_last_backup_timestamp_seconds"] = [("", {}, stamp.timestamp())]
         samples["health_receiver_last_backup_success"] = [("", {}, 0 if backup.get("failed") else 1)]
 
-
-def platform_version():
-    return ".".join(map(str, sys.version_info[:3]))
 
 
 # ---------------------------------------------------------------------------
@@ -8484,8 +8475,7 @@ def _everyone(request):
 def metrics_answer(request):
     """GET /metrics: the Prometheus text format (receiver facts, then each
     person's latest values, today's totals, last night and gaps)."""
-    with contextlib.suppress(StorageUnavailable, sqlite3.Error):
-        request.server.store.update_hours(wait=PAGE_HOURS_WAIT)
+    _totals(request)  # the hourly totals brought up to date first, as for a page
     samples, view = {}, _view(request)
     backups = request.server.backups
     receiver_samples(samples, request.server.store.path, backups.status() if backups is not None else None)
