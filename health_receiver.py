@@ -9215,6 +9215,8 @@ def people_parser():
     add.add_argument("--many", type=int, metavar="N", help="add N people named PREFIX1.. and print a CSV of "
                                                            "names and keys to hand out")
     add.add_argument("--prefix", default="p", help="the names' prefix with --many (default %(default)s)")
+    add.add_argument("--output", metavar="FILE", help="with --many: write the CSV into this new file, readable "
+                                                       "only by you, instead of standard output")
     add.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     listing = commands.add_parser("list", help="name, created, last sync, rows")
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -9255,14 +9257,31 @@ def _people_add(store, args, out):
         names = [args.name]
     else:
         raise UsageError("people add needs a NAME (or --many N)")
+    if args.output and args.many is None:
+        raise UsageError("--output goes with --many")
+    target = None
+    if args.output:  # created before anyone is added: a file that exists is refused, nothing done
+        try:
+            target = open(os.open(args.output, _NEW_FILE, 0o600), "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise UsageError(f"cannot create {args.output}: {exc.strerror}") from None
     keys = [new_key() for _name in names]
-    store.add_people(names, keys, admin=args.admin)
+    try:
+        store.add_people(names, keys, admin=args.admin)
+    except BaseException:
+        if target is not None:
+            target.close()
+            os.unlink(args.output)
+        raise
     if args.many is not None:
-        writer = csv.writer(out)
-        writer.writerow(("name", "key"))
-        writer.writerows(zip(names, keys))
-        print(f"{len(names)} people added; the keys above are shown only this once: each goes into one phone's "
-              "Health Export Pro (Auth Type Bearer).", file=sys.stderr)
+        with target or contextlib.nullcontext(out) as written:
+            writer = csv.writer(written)
+            writer.writerow(("name", "key"))
+            writer.writerows(zip(names, keys))
+        where = f"in {args.output} (readable only by you; delete it once they are handed out)" if args.output \
+            else "above, shown only this once"
+        print(f"{len(names)} people added; their keys are {where}: each goes into one phone's Health Export Pro "
+              "(Auth Type Bearer).", file=sys.stderr)
         return 0
     print(f"Added {names[0]}{' (admin)' if args.admin else ''}. Their key, shown only this once: enter it in "
           "their phone's Health Export Pro (Auth Type Bearer) and as the password of the pages:", file=out)

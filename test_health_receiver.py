@@ -5374,6 +5374,16 @@ class PeopleCommandTests(unittest.TestCase):
         self.assertEqual([row[0] for row in table], ["name", "p1", "p2", "p3"])
         self.assertEqual(len({row[1] for row in table[1:]}), 3)
         self.assertTrue(all(hr.Store(self.db).person_of_key(k).name == n for n, k in table[1:]))
+        keys_file = os.path.join(self.tmp.name, "keys.csv")
+        code, out, err = self.people("add", "--many", "2", "--prefix", "q", "--output", keys_file)
+        self.assertEqual((code, out), (0, ""), err)
+        self.assertEqual(stat.S_IMODE(os.stat(keys_file).st_mode), 0o600)
+        with open(keys_file, encoding="utf-8") as handle:
+            self.assertEqual([row[0] for row in csv.reader(handle)], ["name", "q1", "q2"])
+        self.assertEqual(self.people("add", "--many", "2", "--prefix", "r", "--output", keys_file)[0], 2)  # exists
+        self.assertIsNone(hr.Store(self.db).person("r1"))
+        for name in ("q1", "q2"):
+            hr.Store(self.db).remove_person(name)
         code, out, _ = self.people("list", "--json")
         listed = json.loads(out)
         self.assertEqual([(p["name"], p["admin"], p["has_key"], p["rows"]) for p in listed],
