@@ -2674,6 +2674,18 @@ _PEOPLE_SQL = "SELECT id, name, admin != 0, created_at, key_sha256 IS NOT NULL F
 OWNED_TABLES = tuple(section.table for section in SECTIONS) + tuple(table.name for table in DERIVED_TABLES)
 
 
+def delete_people(conn, person_id, others=False):
+    """Delete the person ``person_id`` and all that is theirs (their rows,
+    syncs and what these rejected), or (``others``) everyone else and all
+    that is not theirs, rejected rows of no stored sync included."""
+    match = "!=" if others else "="
+    conn.execute(f"DELETE FROM main.{REJECTED_TABLE} WHERE sync_id {'NOT IN' if others else 'IN'}"
+                 f" (SELECT id FROM main.{SYNCS.name} WHERE {PERSON_COLUMN} = ?)", (person_id,))
+    for table in OWNED_TABLES + (SYNCS.name,):
+        conn.execute(f"DELETE FROM main.{table} WHERE {PERSON_COLUMN} {match} ?", (person_id,))
+    conn.execute(f"DELETE FROM main.{PEOPLE.name} WHERE id {match} ?", (person_id,))
+
+
 def person_views(person_id):
     """The statements that make a connection see the tables of health data
     (and syncs, rejected) as ``person_id``'s rows alone (None: everyone's,
@@ -3254,12 +3266,7 @@ class Store:
             if (rows or syncs) and not delete_data:
                 raise UsageError(f"{log_safe(name, 60)} has {rows:,} rows of data from {syncs:,} syncs; "
                                  "--delete-data deletes them with the person")
-            for table in OWNED_TABLES:
-                conn.execute(f"DELETE FROM main.{table} WHERE {PERSON_COLUMN} = ?", (person.id,))
-            conn.execute(f"DELETE FROM main.{REJECTED_TABLE} WHERE sync_id IN (SELECT id FROM main.{SYNCS.name}"
-                         f" WHERE {PERSON_COLUMN} = ?)", (person.id,))
-            conn.execute(f"DELETE FROM main.{SYNCS.name} WHERE {PERSON_COLUMN} = ?", (person.id,))
-            conn.execute("DELETE FROM people WHERE id = ?", (person.id,))
+            delete_people(conn, person.id)
             return rows
 
 
@@ -3627,12 +3634,7 @@ def _keep_only(conn, person_id):
     """Delete from a copy every row that is not ``person_id``'s (the other
     people, their syncs and what these rejected), then VACUUM: the file
     holds nothing of theirs, not even in free pages."""
-    for table in OWNED_TABLES:
-        conn.execute(f"DELETE FROM {table} WHERE {PERSON_COLUMN} != ?", (person_id,))
-    conn.execute(f"DELETE FROM {REJECTED_TABLE} WHERE sync_id NOT IN (SELECT id FROM {SYNCS.name}"
-                 f" WHERE {PERSON_COLUMN} = ?)", (person_id,))
-    conn.execute(f"DELETE FROM {SYNCS.name} WHERE {PERSON_COLUMN} != ?", (person_id,))
-    conn.execute(f"DELETE FROM {PEOPLE.name} WHERE id != ?", (person_id,))
+    delete_people(conn, person_id, others=True)
     conn.execute("VACUUM")
 
 

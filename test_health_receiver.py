@@ -5423,7 +5423,9 @@ class PeopleCommandTests(unittest.TestCase):
         store.add_people(["bob"], [ANN_KEY])
         bob = store.person("bob").id
         intake = hr.SyncIntake(store)
-        intake.ingest([encode(make_payload())], "test", person=bob)
+        theirs = make_payload()
+        theirs["data"]["HKQuantityTypeIdentifierHeartRate"].append(sample("B-bad", "yesterday", 1))
+        self.assertEqual(intake.ingest([encode(theirs)], "test", person=bob).rejected, 1)
         mine = intake.ingest([encode(make_payload())], "test")
         store.close()
         code, _, err = self.people("remove", "bob")
@@ -5441,6 +5443,7 @@ class PeopleCommandTests(unittest.TestCase):
                                  (0,), table)
             self.assertEqual(conn.execute("SELECT count(*) FROM samples").fetchone()[0],
                              mine.inserted["samples"])
+            self.assertEqual(conn.execute("SELECT count(*) FROM rejected").fetchone(), (0,))  # theirs went too
 
 
 # ---------------------------------------------------------------------------
