@@ -4688,12 +4688,14 @@ def connection_facts(store):
                 "last_sync": {key: getattr(last[0], key) for key in keys} if last else None}
 
 
-def latest_syncs(conn, count):
-    """The last ``count`` syncs, the latest first, with the fields pages
-    show (SYNC_FIELDS; not the envelope, which may be large)."""
+def latest_syncs(conn, count, status=None):
+    """The last ``count`` syncs (of ``status``, if given), the latest first,
+    with the fields pages show (SYNC_FIELDS; not the envelope, which may be
+    large)."""
+    where, params = (" WHERE status = ?", (status, count)) if status else ("", (count,))
     return [Sync(**dict(zip(SYNC_FIELDS, row)))
-            for row in conn.execute(f"{SYNCS.select_sql(SYNC_FIELDS, schema='')} ORDER BY id DESC LIMIT ?",
-                                    (count,))]
+            for row in conn.execute(f"{SYNCS.select_sql(SYNC_FIELDS, schema='')}{where} ORDER BY id DESC LIMIT ?",
+                                    params)]
 
 
 def data_span(conn):
@@ -4776,14 +4778,20 @@ def chart_data(conn, info, window):
     return Chart(info.type, info.name, info.title, kind, window.grain, display_unit(conn, info.type, kind), points)
 
 
+def stored_unit(conn, type_name):
+    """The unit of a type's latest sample as the app sent it ("count",
+    "count/min"), or None."""
+    row = conn.execute("SELECT unit FROM samples WHERE type = ? ORDER BY start_date DESC LIMIT 1",
+                       (type_name,)).fetchone()
+    return row[0] if row and isinstance(row[0], str) else None
+
+
 def display_unit(conn, type_name, kind):
     """The unit a type's values are shown in (None: none)."""
     if kind.unit is not None:
         return kind.unit or None
-    row = conn.execute("SELECT unit FROM samples WHERE type = ? ORDER BY start_date DESC LIMIT 1",
-                       (type_name,)).fetchone()
-    unit = row[0] if row else None
-    return UNIT_TITLES.get(unit, unit) if isinstance(unit, str) else None
+    unit = stored_unit(conn, type_name)
+    return UNIT_TITLES.get(unit, unit) if unit is not None else None
 
 
 #: The tiles of "Today", like the Health app's summary: (type, title).
@@ -5356,10 +5364,9 @@ def today_totals(conn, view, limit=LATEST_TYPES_MAX):
         if info.kind.name != "sum":
             continue
         chart = chart_data(conn, info, window)
-        unit = (conn.execute("SELECT unit FROM samples WHERE type = ? ORDER BY start_date DESC LIMIT 1",
-                             (info.type,)).fetchone() or (None,))[0]  # as the samples say it: "count", "kcal"
+        unit = stored_unit(conn, info.type)  # as the samples say it: "count", "kcal"
         totals.append(DayTotal(info.type, info.name, info.title, (chart.points[0][1] if chart else None) or 0.0,
-                               unit if unit.__class__ is str else None))
+                               unit))
     return totals
 
 
@@ -5386,8 +5393,7 @@ class Latest(typing.NamedTuple):
 def latest_report(store, view):
     """The Latest of the person ``store`` reads for."""
     with store.reader() as conn:
-        syncs = [Sync(**dict(zip(SYNC_FIELDS, row))) for row in conn.execute(
-            f"{SYNCS.select_sql(SYNC_FIELDS, schema='')} WHERE status = '{SyncStatus.OK}' ORDER BY id DESC LIMIT 1")]
+        syncs = latest_syncs(conn, 1, SyncStatus.OK)
         more = conn.execute("SELECT count(*) FROM sample_types").fetchone()[0] - LATEST_TYPES_MAX
         return Latest(view.person, tuple(latest_values(conn)), tuple(today_totals(conn, view)),
                       last_night(conn, view), syncs[0] if syncs else None, tuple(data_gaps(conn, view)),
