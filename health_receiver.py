@@ -1715,9 +1715,10 @@ PAGE_SIZE = 16384
 #: SQLite page cache of the writer in KiB.  Rows go in in key order, so few
 #: pages are hot at a time (bench: 2 MB merges as fast as 8 MB).
 CACHE_KIB = 2000
-#: SQLite page cache of a sync's temporary file in KiB: its rows are
-#: appended, so one page is hot at a time.
-STAGE_CACHE_KIB = 2000
+#: SQLite page cache of a sync's temporary file in KiB, as it is written
+#: and as the merge reads it: its rows are appended, then read in runs, so
+#: one page is hot at a time (bench: 500 KiB stages as fast as 2 MB).
+STAGE_CACHE_KIB = 500
 #: Seconds a failed sync's row may wait for the database (its answer waits too).
 FAILURE_WAIT = 1.0
 #: Seconds the check of the database at start may take; a larger file is
@@ -2187,6 +2188,14 @@ _SAMPLE_HOURS_SQL = (
 #: The hours syncs have brought samples to since sample_hours was last
 #: brought up to date.
 _PENDING_HOURS = f"SELECT hour FROM main.sample_hours_pending WHERE {PERSON_COLUMN} = :person AND type = :type"
+#: Pending hours of a type totalled by one statement.  Its GROUP BY sorts
+#: the samples of its hours in memory (4 MB and more at this page size):
+#: a week at a time holds a week's.  Bench, the hours of a 50 MB sync:
+#: the statements' peak memory 7 MB -> 4 MB, and 5% less processor time.
+HOURS_PER_STATEMENT = 168
+#: The first pending hour of each HOURS_PER_STATEMENT, in order.
+_PENDING_HOURS_FROM = (f"SELECT hour FROM (SELECT hour, row_number() OVER (ORDER BY hour) AS number"
+                       f" FROM ({_PENDING_HOURS})) WHERE number % {HOURS_PER_STATEMENT:d} = 1 ORDER BY hour")
 #: The hours a type's samples chosen by ``{where}`` start in, and (:spread)
 #: the next hours those spread over reach.
 _SAMPLE_HOURS_OF = (
@@ -2213,11 +2222,15 @@ def hours_parameters(type_name, person=FIRST_PERSON):
 
 
 def _update_pending_hours(conn):
-    """Recompute the hours that syncs noted as pending, then forget them."""
-    sql = _hours_sql(_PENDING_HOURS)
+    """Recompute the hours that syncs noted as pending, a week of a type's
+    at a time (HOURS_PER_STATEMENT), then forget them."""
+    sql = _hours_sql(_PENDING_HOURS + " AND hour >= :from AND (:until IS NULL OR hour < :until)")
     for person, type_name in conn.execute(
             f"SELECT DISTINCT {PERSON_COLUMN}, type FROM sample_hours_pending").fetchall():
-        conn.execute(sql, hours_parameters(type_name, person))
+        parameters = hours_parameters(type_name, person)
+        starts = [hour for (hour,) in conn.execute(_PENDING_HOURS_FROM, parameters)]
+        for start, until in zip(starts, starts[1:] + [None]):
+            conn.execute(sql, dict(parameters, until=until, **{"from": start}))
     conn.execute("DELETE FROM sample_hours_pending")
 
 
@@ -3034,6 +3047,7 @@ class Store:
         with self.writer(keep=True) as conn:
             try:
                 conn.execute("ATTACH DATABASE ? AS stage", (stage.path,))
+                conn.execute(f"PRAGMA stage.cache_size = -{STAGE_CACHE_KIB:d}")
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                     received_at = utc_now()
@@ -7066,7 +7080,10 @@ class SyncIntake:
 
     def after_answer(self, result):
         """What the app need not wait for: the hourly totals of the rows it
-        brought, and folding the log into the database."""
+        brought, and folding the log into the database.  What reading the
+        body took is handed back first, so that the totals' own memory
+        comes on top of less."""
+        give_back_memory()
         try:
             self.store.update_hours()
         except (StorageUnavailable, sqlite3.Error) as exc:

@@ -1226,7 +1226,8 @@ class BackupTests(ServerTestCase):
         with open(notes, "w") as handle:
             handle.write("mine")
         code, _out, err = run_main("backup", notes, "--db", self.db)
-        self.assertEqual((code, open(notes).read()), (2, "mine"))
+        with open(notes) as handle:
+            self.assertEqual((code, handle.read()), (2, "mine"))
         self.assertEqual((os.stat(self.db).st_ino, self.rows_of(self.db)), (inode, rows))
 
     def test_progress_on_a_terminal_and_none_elsewhere(self):
@@ -1560,12 +1561,17 @@ class ProcessTests(unittest.TestCase):
         try:
             for _ in range(100):  # more than the child may hold open
                 idle.append(socket.create_connection(("127.0.0.1", child.port), timeout=10))
-            wait_until(lambda: b"too many open files" in open(os.path.join(self.tmp.name, "stderr.log"), "rb").read())
+            log_path = os.path.join(self.tmp.name, "stderr.log")
+
+            def logged():
+                with open(log_path, "rb") as handle:
+                    return b"too many open files" in handle.read()
+            wait_until(logged)
         finally:
             for sock in idle:
                 sock.close()
         self.assertEqual(child.post(encode(make_payload(tag="N")))[0], 200)  # accepting again
-        with open(os.path.join(self.tmp.name, "stderr.log"), "rb") as log:
+        with open(log_path, "rb") as log:
             self.assertEqual(log.read().count(b"too many open files"), 1)
         self.assertEqual(child.stop(), 0)
 
@@ -2131,6 +2137,17 @@ class CumulativeMergeTests(StepsTestCase):
         self.post_steps(day, {"Jane's Apple Watch": [(9 * 3600 + 50 * 60, 10 * 3600 + 10 * 60, 1200)]})
         self.assertEqual(self.query("SELECT hour, total FROM sample_hours ORDER BY hour"),
                          [(f"{day}T09:30", 600.0), (f"{day}T10", 600.0)])
+
+    def test_a_sync_of_weeks_has_every_hour_totalled(self):
+        # More hours than one statement totals (HOURS_PER_STATEMENT): every
+        # week's hours are totalled, those where two statements meet too.
+        hours = 3 * hr.HOURS_PER_STATEMENT + 5
+        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=hours // 24 + 2)
+        self.post_steps(day, {"Watch": [(n * 3600 + 600, n * 3600 + 1200, n + 1) for n in range(hours)]})
+        found = self.query("SELECT hour, total FROM sample_hours ORDER BY hour")
+        self.assertEqual(len(found), hours)
+        self.assertEqual([total for _hour, total in found], [float(n + 1) for n in range(hours)])
+        self.assertEqual(self.query("SELECT count(*) FROM sample_hours_pending"), [(0,)])
 
     def test_a_sample_too_long_to_spread_takes_nothing_from_another_source(self):
         day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
