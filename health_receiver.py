@@ -300,8 +300,8 @@ MIB = 1024 * 1024
 READ_CHUNK = 256 * 1024
 #: Bytes the JSON reader reads ahead at least when its window runs out.
 WINDOW_MIN = 64 * 1024
-#: Bytes of JSON text of the largest value a sync's reader decodes.  A
-#: larger one is handed out as text, in parts, as it arrives: decoded, a
+#: Bytes of JSON text (UTF-8) of the largest value a sync's reader decodes.
+#: A larger one is handed out as text, in parts, as it arrives: decoded, a
 #: value costs up to 13 times its text in memory (a 100 MiB object of small
 #: members took 1.3 GB), and no health record comes near (a sample is
 #: under 2 KiB).
@@ -452,10 +452,10 @@ TOO_DEEP = _TooDeep()
 class Oversized:
     """A value whose text is larger than its reader's ``value_max``: never
     decoded nor held whole.  parts() hands its text out as it arrives, in
-    parts of the reader's ``part_bytes`` (a character cut by a part's end
-    goes with the next part) (the real text, checked as UTF-8), and must
-    be read to its end before anything after the value; then ``size`` is
-    the text's length in bytes and ``end`` the position after it."""
+    parts of the reader's ``part_bytes`` bytes of UTF-8 (a character cut by
+    a part's end goes with the next part), and must be read to its end
+    before anything after the value; then ``size`` is the text's length in
+    bytes and ``end`` the position after it."""
 
     def __init__(self, reader, pos):
         self.pos = pos
@@ -477,28 +477,30 @@ class Oversized:
             pass
 
 
+def _utf8_length(text):
+    """The bytes of ``text`` in UTF-8."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 class JsonReader:
     """Reads one JSON document from ``pieces`` (any iterable of bytes:
     socket reads, decompressed data, a file) as they arrive, one value at a
     time, so that the document is never whole in memory.
 
-    The reader holds a window of the document: ``text`` is the latin-1 view
-    of the bytes from ``base`` on, from the value being read to the end of
-    the last piece.  It reads the next piece when a value, key or gap runs
-    past the window, and drops what lies before the value being read, so
-    the window grows only as large as the largest value (and the last
-    piece).  Positions are offsets in the whole document, so an error names
-    the byte wherever it is.
+    The reader holds a window of the document's text: ``text`` is the text
+    from the character ``base`` on, from the value being read to the end of
+    the last piece (decoded as UTF-8, which also checks it, as it arrives;
+    a character cut by a piece's end waits for the next).  It reads the
+    next piece when a value, key or gap runs past the window, and drops
+    what lies before the value being read, so the window grows only as
+    large as the largest value (and the last piece).  Positions are
+    offsets in the whole document's text; an error names the byte
+    (byte_offset) wherever it is.
 
-    Latin-1 makes every byte one character: positions are byte offsets and
-    memory is one byte per byte whatever the content.  UTF-8 never uses
-    bytes below 0x80 inside a multi-byte character, so JSON structure reads
-    the same; a value's text that is not ASCII is decoded as UTF-8 (which
-    also checks it) before it is handed out.
-
-    With ``value_max``, a value or key whose text is longer is handed out
-    as an Oversized instead, its text in parts, so that the window stays
-    within about ``value_max`` plus a piece whatever the document holds.
+    With ``value_max``, a value or key whose text is longer (in bytes) is
+    handed out as an Oversized instead, its text in parts, so that the
+    window stays within about ``value_max`` plus a piece whatever the
+    document holds.
 
     Errors raise PayloadError naming the byte.
     """
@@ -511,7 +513,7 @@ class JsonReader:
         self.value_max = value_max
         #: Bytes of text in each part of an Oversized value.
         self.part_bytes = PART_BYTES
-        #: The window: the latin-1 view of the document[base:base + len(text)].
+        #: The window: the document's text[base:base + len(text)].
         self.text = ""
         self.base = 0
         #: The last piece has been read.
@@ -520,6 +522,8 @@ class JsonReader:
         self.size = 0
         #: The position after the array that elements() last finished.
         self.end = 0
+        #: The bytes of a character that the last piece cut, not yet decoded.
+        self._pending = b""
 
     @classmethod
     def from_bytes(cls, document):
@@ -549,11 +553,30 @@ class JsonReader:
         else:
             self.eof = True
         if not size:
+            if self._pending:  # the body ends inside a character
+                self._not_utf8(len(self._pending))
             return False
         self.size += size
-        self.text = self.text[keep - self.base:] + b"".join(gathered).decode("latin-1")
+        data = self._pending + b"".join(gathered) if self._pending else b"".join(gathered)
+        try:
+            decoded, used = codecs.utf_8_decode(data, "strict", self.eof)
+        except UnicodeDecodeError as exc:
+            self._not_utf8(len(data) - exc.start)
+        self._pending = data[used:]
+        self.text = self.text[keep - self.base:] + decoded
         self.base = keep
         return True
+
+    def _not_utf8(self, back):
+        """Raise for the byte ``back`` bytes before the end of what was read."""
+        raise PayloadError(f"The body is not valid UTF-8 (byte {self.size - back}).")
+
+    def byte_offset(self, pos):
+        """The byte of the document where the character at ``pos`` (in the
+        window, or just past it) starts."""
+        text, at = self.text, max(0, pos - self.base)
+        window_start = self.size - len(self._pending) - _utf8_length(text)
+        return window_start + _utf8_length(text[:at]) + max(0, at - len(text))
 
     def char(self, pos):
         """The character at ``pos``, or "" at the end of the document."""
@@ -572,15 +595,18 @@ class JsonReader:
             pos = end
 
     def start(self):
-        """The position of the document's first value (after a UTF-8 byte
-        order mark and white space)."""
-        while len(self.text) < 3 and self.extend(0):
+        """The position of the document's first value (after a byte order
+        mark and white space)."""
+        while not self.text and self.extend(0):
             pass
-        return self.skip(3 if self.text.startswith("\xef\xbb\xbf") else 0)
+        return self.skip(1 if self.text.startswith("\ufeff") else 0)
 
     def _over_max(self, pos, end):
-        """Whether the text from ``pos`` to ``end`` is longer than ``value_max``."""
-        return self.value_max is not None and end - pos > self.value_max
+        """Whether the text from ``pos`` to ``end`` (in the window) is
+        longer than ``value_max`` bytes."""
+        if self.value_max is None or end - pos <= self.value_max // 4:  # 4 bytes a character at most
+            return False
+        return end - pos > self.value_max or _utf8_length(self.text[pos - self.base:end - self.base]) > self.value_max
 
     def _too_large(self, pos):
         """Whether the value at ``pos``, which runs past the window, is
@@ -600,9 +626,8 @@ class JsonReader:
 
     # -- errors --------------------------------------------------------------
 
-    @staticmethod
-    def fail(message, pos):
-        raise PayloadError(f"Invalid JSON at byte {pos}: {message}.")
+    def fail(self, message, pos):
+        raise PayloadError(f"Invalid JSON at byte {self.byte_offset(pos)}: {message}.")
 
     def _scan_error(self, exc, pos):
         """Turn an exception of the scanner at ``pos`` into a PayloadError
@@ -625,16 +650,9 @@ class JsonReader:
             return False
         return at >= len(self.text) - 8  # "false" cut short is 8 characters from the end at most
 
-    def utf8(self, raw, pos):
-        """The real text of the latin-1 view ``raw`` found at ``pos``."""
-        try:
-            return raw.encode("latin-1").decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PayloadError(f"The body is not valid UTF-8 (byte {pos + exc.start}).") from None
-
     # -- values --------------------------------------------------------------
 
-    def _scan_latin(self, pos):
+    def _scan(self, pos):
         """(value, end) of the value at ``pos`` read from the window, more
         of the document read as needed.  The value is TOO_DEEP when it is
         nested too deeply for the scanner (``end`` is then found by
@@ -689,19 +707,14 @@ class JsonReader:
     def value(self, pos):
         """The value at ``pos``: (value, its JSON text, its end); or
         (an Oversized, None, None) for a value longer than ``value_max``."""
-        value, end = self._scan_latin(pos)
+        value, end = self._scan(pos)
         if end is None:
             return value, None, None
-        raw = self.text[pos - self.base:end - self.base]
-        if not raw.isascii():
-            raw = self.utf8(raw, pos)
-            if value is not TOO_DEEP:
-                value = self.decode(raw)
-        return value, raw, end
+        return value, self.text[pos - self.base:end - self.base], end
 
     @staticmethod
     def decode(raw):
-        """The value of a JSON text handed out as not ``exact`` by elements()."""
+        """The value of a JSON text (a stored record, say)."""
         try:
             return _scan_value(raw, 0)[0]
         except ValueError:
@@ -709,48 +722,46 @@ class JsonReader:
 
     def _spill(self, value):
         """Yield the text of the value that ``value`` (an Oversized) stands
-        for, in parts of ``part_bytes``, as the document arrives; set
-        its ``size``, ``head`` and ``end``.
+        for, in parts of ``part_bytes`` bytes of UTF-8, as the document
+        arrives; set its ``size``, ``head`` and ``end``.
 
         Its end is found by counting brackets outside strings (a string or
         a number at its own closing quote or last character); the text is
-        not otherwise checked as JSON, but checked as UTF-8.  The window
-        keeps only what is not yet handed out.
+        not otherwise checked as JSON.  The window keeps only what is not
+        yet scanned; what is scanned but not yet handed out is held as
+        UTF-8, less than a part.
         """
-        start = out = at = value.pos
+        start = at = value.pos
         part_bytes = self.part_bytes
         depth, in_string, end = 0, False, None
         scalar = self.char(start) not in '"[{'
-        decoder = codecs.getincrementaldecoder("utf-8")()
+        held, decoder = b"", codecs.getincrementaldecoder("utf-8")()
         while True:
             text, base = self.text, self.base
-            if end is None and scalar:
+            if scalar:
                 i = _SCALAR_TEXT(text, at - base).end()
                 if i < len(text):
                     end = base + i
-            elif end is None:
+            else:
                 i, depth, in_string = _follow_nesting(text, at - base, depth, in_string)
                 if not depth and not in_string and base + i > start:
                     end = base + i
+            held += text[at - base:i].encode("utf-8")
             at = base + i
             # Whole parts are handed out as soon as they are scanned, and
             # the rest when the end is found.
-            stop = end if end is not None else out + (at - out) // part_bytes * part_bytes
-            while out < stop:
-                cut = min(stop, out + part_bytes)
-                try:
-                    part = decoder.decode(text[out - base:cut - base].encode("latin-1"), cut == end)
-                except UnicodeDecodeError as exc:
-                    raise PayloadError(f"The body is not valid UTF-8 (byte {out + exc.start}).") from None
+            while len(held) >= part_bytes or (end is not None and held):
+                piece, held = held[:part_bytes], held[part_bytes:]
+                part = decoder.decode(piece, end is not None and not held)
+                value.size += len(piece)
                 if len(value.head) < OVERSIZED_HEAD:
                     value.head += part[:OVERSIZED_HEAD - len(value.head)]
-                out = cut
                 if part:
                     yield part
             if end is not None:
-                value.size, value.end = end - start, end
+                value.end = end
                 return
-            if not self.extend(out):
+            if not self.extend(at):
                 if not scalar:
                     self.fail("unexpected end of the body", at)
                 end = at  # a number that ends the document (not an object: refused after)
@@ -772,8 +783,6 @@ class JsonReader:
                 return Oversized(self, pos), None
         if self._over_max(pos, end + base):
             return Oversized(self, pos), None
-        if not key.isascii():
-            key = _scan_string(self.utf8(text[pos - base:end], pos), 1, True)[0]
         return key, self.after_key(end + base)
 
     def after_key(self, end):
@@ -805,15 +814,9 @@ class JsonReader:
                 self.fail("expected ',' or '}' after an object member", pos)
 
     def elements(self, pos):
-        """Yield ``(value, JSON text, exact)`` for each element of the array
-        at ``pos``; then ``end`` is the position after the array.
-
-        The text is always the element's real text.  ``exact`` is False
-        when that text is not ASCII: ``value`` was then read from the
-        latin-1 view (its strings hold UTF-8 bytes as latin-1 characters),
-        and decode(text) gives the real one.  A caller that needs only some
-        of its strings decodes those and skips a second scan.  An element
-        longer than ``value_max`` is ``(an Oversized, None, False)``.
+        """Yield ``(value, JSON text)`` for each element of the array at
+        ``pos``; then ``end`` is the position after the array.  An element
+        longer than ``value_max`` is ``(an Oversized, None)``.
 
         This is the hot loop of a large document: the window is touched
         only when an element runs past it, and the next piece is read
@@ -821,59 +824,64 @@ class JsonReader:
         after the scanner fails there (the scanner's JSONDecodeError counts
         the window's lines, which costs as much as scanning it).
         """
-        scan, tail = _scan_value, _NUMBER_TAIL
-        value_max = self.value_max or sys.maxsize
+        scan, margin = _scan_value, self.read_ahead
+        # An element of up to a quarter of value_max characters is within
+        # it whatever they are; a longer one is measured the careful way.
+        long = sys.maxsize if self.value_max is None else self.value_max // 4
         pos = self.skip(pos + 1)
         if self.char(pos) == "]":
             self.end = pos + 1
             return
-        text, base = self.text, self.base
-        margin = self.read_ahead
+        text = None
         while True:
-            start = pos - base
-            if len(text) - start < margin and not self.eof:
-                self.extend(pos)
+            if text is not self.text:  # the window moved: where to read on, and where a value may go on
                 text, base = self.text, self.base
-                start = pos - base
+                refill, ragged = self._edges(margin)
+            start = pos - base
+            if start > refill:
+                self.extend(pos)
+                text = None
+                continue
             try:
                 value, end = scan(text, start)
-                edge = (end + tail >= len(text) and not self.eof) or end - start > value_max
+                edge = end >= ragged or end - start > long
             except (StopIteration, ValueError, RecursionError):
                 edge = True
-            if edge:  # past the window, an error, or too deep: the careful way
-                value, end = self._scan_latin(pos)
+            if edge:  # near the window's end, long, an error, or too deep: the careful way
+                value, end = self._scan(pos)
                 if end is None:
-                    yield value, None, False
+                    yield value, None
                     value.drain()
                     end = value.end
-                text, base = self.text, self.base
-                start, end = pos - base, end - base
-            if value.__class__ is not Oversized:
-                raw = text[start:end]
-                if raw.isascii():
-                    yield value, raw, True
                 else:
-                    try:
-                        raw = raw.encode("latin-1").decode("utf-8")
-                    except UnicodeDecodeError:
-                        raw = self.utf8(raw, pos)  # raises with the offset
-                    yield value, raw, value is TOO_DEEP
-            char = text[end:end + 1]
-            if char != "," and char != "]":
-                end = self.skip(base + end)
+                    yield value, self.text[pos - self.base:end - self.base]
                 text, base = self.text, self.base
+                refill, ragged = self._edges(margin)
                 end -= base
-                char = text[end:end + 1]
-            if char == ",":
-                pos = base + end + 1
-                if text[end + 1:end + 2] not in '{["' or end + 2 > len(text):
-                    pos = self.skip(pos)
-                    text, base = self.text, self.base
-            elif char == "]":
-                self.end = base + end + 1
-                return
             else:
-                self.fail("expected ',' or ']' in an array", base + end)
+                yield value, text[start:end]
+            if text.startswith(",{", end):  # the next element at once: the common case
+                pos = base + end + 1
+            elif text.startswith(",", end):
+                pos = self.skip(base + end + 1)
+            else:
+                end = self.skip(base + end)
+                char = self.char(end)
+                if char == ",":
+                    pos = self.skip(end + 1)
+                elif char == "]":
+                    self.end = end + 1
+                    return
+                else:
+                    self.fail("expected ',' or ']' in an array", end)
+
+    def _edges(self, margin):
+        """For elements(): (the position in the window past which the next
+        piece is read before an element, the one from which a value that
+        ends there may go on past the window)."""
+        if self.eof:
+            return sys.maxsize, sys.maxsize
+        return len(self.text) - margin, len(self.text) - _NUMBER_TAIL
 
 
 # ---------------------------------------------------------------------------
@@ -1022,29 +1030,6 @@ def _sample_row(obj, raw, section):
     source = get("sourceName")
     if source.__class__ is not str:
         source = _to_sql(source)
-    return (uuid, section, start, end, value, unit, source, raw)
-
-
-def _sample_row_latin(obj, raw, section):
-    """_sample_row for an element read from the latin-1 view (see Payload)."""
-    row = _sample_row(obj, raw, section)
-    if row.__class__ is str:
-        return row
-    uuid, section, start, end, value, unit, source, raw = row
-    # Checked inline (no call per field): this runs for most samples of a
-    # sync whose device name has a curly apostrophe.
-    if not uuid.isascii():
-        uuid = uuid.encode("latin-1").decode("utf-8")
-    if not start.isascii():
-        start = start.encode("latin-1").decode("utf-8")
-    if end.__class__ is str and not end.isascii():
-        end = end.encode("latin-1").decode("utf-8")
-    if value.__class__ is str and not value.isascii():
-        value = value.encode("latin-1").decode("utf-8")
-    if unit.__class__ is str and not unit.isascii():
-        unit = unit.encode("latin-1").decode("utf-8")
-    if source.__class__ is str and not source.isascii():
-        source = source.encode("latin-1").decode("utf-8")
     return (uuid, section, start, end, value, unit, source, raw)
 
 
@@ -1560,8 +1545,6 @@ class Payload:
         never per element.
         """
         where = where or label
-        make_row = section.make_row
-        latin_row = _sample_row_latin if make_row is _sample_row else None
         refusal = None
         if section.clustered:
             self._arrays[section.name] += 1
@@ -1572,8 +1555,7 @@ class Payload:
             # its elements are kept aside, under the name's beginning.
             refusal = f"type name of {len(label):,} characters, more than {TYPE_NAME_MAX}"
             where = label[:TYPE_NAME_MAX] + "\u2026"
-        if refusal is not None:
-            make_row, latin_row = (lambda obj, raw, label: refusal), None
+        make_row = section.make_row if refusal is None else (lambda obj, raw, label: refusal)
         reader = self.reader
         batch = []
         scalars = {}  # reason -> [elements, text of the last one not kept]
@@ -1582,7 +1564,7 @@ class Payload:
         # looked for in each.  (Judging each element costs a compact sync
         # 12% when most of its strings hold a space.)
         spaced = None
-        for obj, raw, exact in reader.elements(pos):
+        for obj, raw in reader.elements(pos):
             if raw is None:  # too long to read: kept in parts
                 yield from self._keep_oversized(obj, where)
                 continue
@@ -1606,15 +1588,7 @@ class Payload:
                         if seen[0] > SCALARS_KEPT:
                             seen[1] = raw
                             continue
-            elif exact:
-                row = make_row(obj, raw, label)
-            # Scanning the real text again costs as much as the first scan;
-            # a sample's own strings can instead be re-decoded one by one,
-            # unless \u escapes (or a content key) need the real value.
-            elif latin_row is not None and "\\u" not in raw and obj.get("uuid").__class__ is str:
-                row = latin_row(obj, raw, label)
             else:
-                obj = reader.decode(raw)
                 row = make_row(obj, raw, label)
             if row.__class__ is str:
                 yield None, [(where, row, raw)]
