@@ -338,6 +338,8 @@ _skip_ws = re.compile(r"[ \t\n\r]*").match
 #: Characters a number cut at the window's end may lack after what scans
 #: as a whole number: "e-" of "1e-5".
 _NUMBER_TAIL = 2
+#: The characters a JSON number starts with.
+_NUMBER_START = frozenset("-0123456789")
 #: Characters that open, close or quote in JSON, to skip a nested value.
 _STRUCTURE = re.compile(r'["\[\]{}]')
 #: Characters that open or close in JSON.
@@ -350,7 +352,8 @@ def _closing_quote(text, at):
     """The position of the quote that closes the string whose characters
     start at ``at``; or, when ``text`` ends first, -1 - the position to
     read on from (a backslash at the end waits for the character it
-    escapes).  Found with str.find, not a regular expression: one that
+    escapes; the pairs before it are whole, so a run of them is not read
+    again).  Found with str.find, not a regular expression: one that
     repeats over escapes keeps state for each (60 bytes a byte of a string
     of escapes)."""
     start = at
@@ -360,7 +363,7 @@ def _closing_quote(text, at):
             end = len(text)
             while end > start and text[end - 1] == "\\":
                 end -= 1
-            return -1 - (end if (len(text) - end) % 2 else len(text))
+            return -1 - (len(text) - 1 if (len(text) - end) % 2 else len(text))
         back = quote
         while back > start and text[back - 1] == "\\":
             back -= 1
@@ -500,7 +503,8 @@ class JsonReader:
     With ``value_max``, a value or key whose text is longer (in bytes) is
     handed out as an Oversized instead, its text in parts, so that the
     window stays within about ``value_max`` plus a piece whatever the
-    document holds.
+    document holds (a str: 1, 2 or 4 bytes of memory a character, after
+    the widest it holds).
 
     Errors raise PayloadError naming the byte.
     """
@@ -541,6 +545,8 @@ class JsonReader:
         # that a value arriving in tiny pieces is not copied once per piece.
         keep = min(keep, self.base + len(self.text))
         kept = len(self.text) - (keep - self.base)
+        if self.value_max is not None:
+            kept = _utf8_length(self.text[keep - self.base:])  # in bytes, as value_max is
         wanted = max(kept, self.read_ahead)
         if self.value_max is not None:  # not far past value_max: a value is scanned at that length at most
             wanted = max(min(wanted, self.value_max + 1 - kept), self.read_ahead)
@@ -680,9 +686,9 @@ class JsonReader:
                 return Oversized(self, pos), None
             if self._over_max(pos, end + base):
                 return Oversized(self, pos), None
-            # A value that ends near the window's end may go on: a number
-            # cut after its "." or "e" (or "e-") scans as a shorter one.
-            if end + _NUMBER_TAIL < len(text):
+            # A number that ends near the window's end may go on: cut after
+            # its "." or "e" (or "e-") it scans as a shorter one.
+            if end + _NUMBER_TAIL < len(text) or text[pos - base] not in _NUMBER_START:
                 return value, end + base
             if self._too_large(pos):
                 return Oversized(self, pos), None
@@ -728,8 +734,8 @@ class JsonReader:
         Its end is found by counting brackets outside strings (a string or
         a number at its own closing quote or last character); the text is
         not otherwise checked as JSON.  The window keeps only what is not
-        yet scanned; what is scanned but not yet handed out is held as
-        UTF-8, less than a part.
+        yet scanned; what is scanned is held as UTF-8 until it is handed
+        out (less than a part, once the whole parts are).
         """
         start = at = value.pos
         part_bytes = self.part_bytes

@@ -390,6 +390,28 @@ class JsonReaderTests(unittest.TestCase):
                     self.assertEqual(reader.end, len(document.decode()))
                     self.assertLess(len(reader.text), 40 + 2 * 64 + 1000)  # never the whole value
 
+    def test_a_value_within_value_max_is_read_wherever_a_piece_ends(self):
+        # The string ends a character before the window does: not a number,
+        # it cannot go on, so the window after it does not count.
+        reader = hr.JsonReader([b'["abcdef",', b' 1]'], read_ahead=1, value_max=8)
+        self.assertEqual([(value, raw) for value, raw in reader.elements(reader.start())],
+                         [("abcdef", '"abcdef"'), (1, "1")])
+
+    def test_a_run_of_backslashes_in_an_oversized_string_is_read_once(self):
+        text = '"a' + "\\" * 4000 + '"'  # 2,000 escaped backslashes; each piece ends after an odd number
+        document = ("[" + text + "]").encode()
+        reader = hr.JsonReader([document[i:i + 8] for i in range(0, len(document), 8)], read_ahead=8, value_max=40)
+        elements = reader.elements(reader.start())
+        value, raw = next(elements)
+        self.assertIsNone(raw)
+        parts, widest = [], 0
+        for part in value.parts():
+            parts.append(part)
+            widest = max(widest, len(reader.text))
+        self.assertEqual(list(elements), [])
+        self.assertEqual("".join(parts), text)
+        self.assertLess(widest, 100)  # the window holds what is not yet scanned, not the run so far
+
     def test_an_oversized_value_is_still_checked_as_utf8_and_for_its_end(self):
         for document, what in ((b'["' + b"x" * 50 + b'\xff"]', "not valid UTF-8 \\(byte 52\\)"),
                                (b'["' + b"x" * 50, "unexpected end of the body"),
