@@ -2204,13 +2204,13 @@ def hours_parameters(type_name, person=FIRST_PERSON):
 def _update_pending_hours(conn):
     """Recompute the hours that syncs noted as pending, a week of a type's
     at a time (HOURS_PER_STATEMENT), then forget them."""
-    sql = _hours_sql(_PENDING_HOURS + " AND hour >= :from AND (:until IS NULL OR hour < :until)")
+    sql = _hours_sql(_PENDING_HOURS + " AND hour >= :since AND (:until IS NULL OR hour < :until)")
     for person, type_name in conn.execute(
             f"SELECT DISTINCT {PERSON_COLUMN}, type FROM sample_hours_pending").fetchall():
         parameters = hours_parameters(type_name, person)
         starts = [hour for (hour,) in conn.execute(_PENDING_HOURS_FROM, parameters)]
-        for start, until in zip(starts, starts[1:] + [None]):
-            conn.execute(sql, dict(parameters, until=until, **{"from": start}))
+        for since, until in zip(starts, starts[1:] + [None]):
+            conn.execute(sql, dict(parameters, since=since, until=until))
     conn.execute("DELETE FROM sample_hours_pending")
 
 
