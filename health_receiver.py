@@ -6686,7 +6686,12 @@ def _sample_value(value):
 
 def exposition(samples):
     """The text of /metrics from ``samples``: {metric name: [(name suffix,
-    {label: value}, number)]}; non-finite numbers are left out."""
+    {label: value}, number)]}; non-finite numbers are left out.  A name
+    METRICS does not declare is an error here, not a metric silently
+    missing."""
+    undeclared = samples.keys() - METRICS_BY_NAME.keys()
+    if undeclared:
+        raise ValueError(f"metrics not declared in METRICS: {', '.join(sorted(undeclared))}")
     lines = []
     for metric in METRICS:
         found = [(suffix, labels, value) for suffix, labels, value in samples.get(metric.name, ())

@@ -5547,6 +5547,13 @@ class OtherToolsTests(StepsTestCase):
     def get(self, path, key=TOKEN):
         return self.request("GET", path, headers=bearer(key))
 
+    def test_a_metric_not_declared_is_an_error_not_a_missing_series(self):
+        self.assertEqual(hr.exposition({"health_today_value": [("", {"type": "Steps"}, 5)]}),
+                         "# HELP health_today_value " + hr.METRICS_BY_NAME["health_today_value"].help
+                         + '\n# TYPE health_today_value gauge\nhealth_today_value{type="Steps"} 5\n')
+        with self.assertRaisesRegex(ValueError, "health_today_valu$"):
+            hr.exposition({"health_today_valu": [("", {}, 5)]})
+
     def test_metrics_are_valid_exposition_with_each_persons_values(self):
         day = self.post_walk()
         today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
