@@ -260,6 +260,16 @@ def parse_stamp(text):
     return stamp.replace(tzinfo=datetime.timezone.utc)
 
 
+def parse_instant(text):
+    """A stored timestamp (canonical UTC) as an aware datetime, to the
+    millisecond, or None."""
+    if text.__class__ is not str or not _is_canonical_date(text):
+        return None
+    with contextlib.suppress(ValueError):
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+    return None
+
+
 class Zone(typing.NamedTuple):
     """The days a person lives in: this machine's local time, daylight
     saving included, or UTC (``--utc``).  Stored timestamps are UTC; pages
@@ -1943,9 +1953,12 @@ FIRST_PERSON = 1
 FIRST_PERSON_NAME = "me"
 #: What the receiver derives from the samples, per person (version 8).
 #: sample_types: rows and first and last date of each type.
+#: ``longest``: the longest duration (ms) of its samples that spread over
+#: time (at most LONGEST_SPREAD_MS), so the merge reads back that far.
 SAMPLE_TYPES = Table("sample_types", (
     (PERSON_COLUMN, "INTEGER NOT NULL"), ("type", "TEXT NOT NULL"), ("rows", "INTEGER NOT NULL"),
-    ("first_date", "TEXT"), ("last_date", "TEXT")), key=(PERSON_COLUMN, "type"))
+    ("first_date", "TEXT"), ("last_date", "TEXT"), ("longest", "INTEGER NOT NULL DEFAULT 0")),
+    key=(PERSON_COLUMN, "type"))
 #: sample_hours: totals per type, hour, source and category (see _SAMPLE_HOURS_SQL).
 SAMPLE_HOURS = Table("sample_hours", (
     (PERSON_COLUMN, "INTEGER NOT NULL"), ("type", "TEXT NOT NULL"), ("hour", "TEXT NOT NULL"),
@@ -1956,7 +1969,16 @@ SAMPLE_HOURS = Table("sample_hours", (
 SAMPLE_HOURS_PENDING = Table("sample_hours_pending", (
     (PERSON_COLUMN, "INTEGER NOT NULL"), ("type", "TEXT NOT NULL"), ("hour", "TEXT NOT NULL")),
     key=(PERSON_COLUMN, "type", "hour"))
-DERIVED_TABLES = (SAMPLE_TYPES, SAMPLE_HOURS, SAMPLE_HOURS_PENDING)
+#: sample_sources: the order in which the person's sources were first
+#: stored (``seen``), the Health app's default order among sources that no
+#: priority word names (version 9).
+SAMPLE_SOURCES = Table("sample_sources", (
+    (PERSON_COLUMN, "INTEGER NOT NULL"), ("source", "TEXT NOT NULL"), ("seen", "INTEGER NOT NULL")),
+    key=(PERSON_COLUMN, "source"))
+DERIVED_TABLES = (SAMPLE_TYPES, SAMPLE_HOURS, SAMPLE_HOURS_PENDING, SAMPLE_SOURCES)
+#: settings: the receiver's own choices that stored totals depend on
+#: (version 9): ``source_priority``, the words the totals were merged by.
+SETTINGS = Table("settings", (("name", "TEXT NOT NULL"), ("value", "TEXT")), key=("name",))
 
 #: The rejected table's name (its columns: SCHEMA_V1).
 REJECTED_TABLE = "rejected"
@@ -2094,8 +2116,8 @@ def _recount_sample_types(conn, per_person=True):
     the schema before version 8 kept them, which earlier steps write."""
     owner = f"{PERSON_COLUMN}, " if per_person else ""
     conn.execute("DELETE FROM sample_types")
-    conn.execute(f"INSERT INTO sample_types SELECT {owner}type, count(*), min(start_date), max(start_date)"
-                 f" FROM samples GROUP BY {owner}type")
+    conn.execute(f"INSERT INTO sample_types ({owner}type, rows, first_date, last_date) SELECT {owner}type, count(*),"
+                 f" min(start_date), max(start_date) FROM samples GROUP BY {owner}type")
 
 
 _NUMERIC = "typeof(value) IN ('integer', 'real')"
@@ -2201,13 +2223,294 @@ def hours_parameters(type_name, person=FIRST_PERSON):
             "spread": is_cumulative(type_name), "longest": SPREAD_MS_MAX}
 
 
+# -- The merge by source priority: cumulative types' half-hours, exactly ----
+
+#: A cumulative type's hours are kept per half-hour: a sample's value is
+#: split over the half-hours it spans in proportion to time, so a day cut at
+#: any whole or half hour (every zone's midnight but a few) gets its share.
+BUCKET_MS = 1800 * 1000
+#: A cumulative sample longer than this (a week) counts whole at its start,
+#: as a sample without a duration does: the merge reads a type's samples
+#: back as far as its longest (sample_types.longest), and one sample dated
+#: over years must not make every sync read years.
+LONGEST_SPREAD_MS = 7 * 86400 * 1000
+#: Sources counted first where several counted the same time: those whose
+#: name holds one of these words (in any case), in this order (HealthKit
+#: names a source after its device: "Jane's Apple Watch", "Jane's
+#: iPhone").  Data entered by hand comes before them, the other sources
+#: after them in the order they were first stored: the Health app's default
+#: order.  --source-priority changes the words.
+SOURCE_PRIORITY = ("watch", "iphone")
+#: The metadata key that marks a sample entered by hand in the Health app.
+USER_ENTERED_KEY = "HKWasUserEntered"
+
+
+def user_entered(record):
+    """Whether a sample's record (its JSON text) says it was entered by
+    hand: metadata HKWasUserEntered true or 1."""
+    if record.__class__ is not str or USER_ENTERED_KEY not in record:
+        return False
+    try:
+        metadata = json.loads(record).get("metadata")
+        flag = metadata.get(USER_ENTERED_KEY) if metadata.__class__ is dict else None
+    except (ValueError, AttributeError, RecursionError):
+        return False
+    if flag.__class__ is str:
+        return flag.strip().lower() in ("1", "true", "yes")
+    return flag.__class__ in (bool, int, float) and flag == 1
+
+
+class SourceRanks:
+    """The order in which one person's sources count where they overlap:
+    ``key(source, by_hand)`` sorts first the source that counts first."""
+
+    def __init__(self, words, seen):
+        #: The priority words, in order.
+        self.words = tuple(words)
+        #: {source: the order it was first stored in}
+        self.seen = seen
+        self._keys = {}
+
+    @classmethod
+    def of(cls, conn, person, words):
+        """The ranks of ``person``'s sources (None: the sources of whoever
+        ``conn`` reads, as person_views shows them)."""
+        where, params = ("", ()) if person is None else (f" WHERE {PERSON_COLUMN} = ?", (person,))
+        table = SAMPLE_SOURCES.name if person is None else f"main.{SAMPLE_SOURCES.name}"
+        return cls(words, dict(conn.execute(f"SELECT source, seen FROM {table}{where}", params)))
+
+    def key(self, source, by_hand=False):
+        found = self._keys.get((source, by_hand))
+        if found is None:
+            lowered = source.lower()
+            word = next((number for number, word in enumerate(self.words) if word in lowered), len(self.words))
+            found = self._keys[(source, by_hand)] = (not by_hand, word, self.seen.get(source, math.inf), source)
+        return found
+
+
+def _uncovered(starts, ends, low, high):
+    """The parts of [low, high) outside the disjoint, sorted intervals
+    [starts[i], ends[i])."""
+    index = bisect.bisect_right(ends, low)
+    at = low
+    while index < len(starts) and starts[index] < high:
+        if starts[index] > at:
+            yield at, starts[index]
+        at = max(at, ends[index])
+        index += 1
+    if at < high:
+        yield at, high
+
+
+def _union(intervals):
+    """Disjoint sorted (starts, ends) of the union of (start, end) pairs."""
+    starts, ends = [], []
+    for low, high in sorted(intervals):
+        if ends and low <= ends[-1]:
+            ends[-1] = max(ends[-1], high)
+        else:
+            starts.append(low)
+            ends.append(high)
+    return starts, ends
+
+
+def merge_by_priority(samples, bucket_ms=BUCKET_MS):
+    """The Health app's merge of a cumulative type: {(bucket, source):
+    [value counted, milliseconds counted]} from samples (start ms, end ms or
+    None, value, rank key, source), rank keys sorting first what counts
+    first.  Each stretch of time counts the samples of the first source
+    that has one covering it, each its value's share for the time it
+    counts, split over buckets (``start // bucket_ms``) in proportion to
+    time.  A sample without a duration (or longer than LONGEST_SPREAD_MS)
+    counts whole at its start unless a source before its own covers that
+    instant.  Samples of one source never hide each other."""
+    by_rank = {}
+    for sample in samples:
+        by_rank.setdefault(sample[3], []).append(sample)
+    shares = {}
+    starts, ends = [], []  # what the sources before have covered
+
+    def add(bucket, source, value, milliseconds):
+        cell = shares.get((bucket, source))
+        if cell is None:
+            shares[(bucket, source)] = [value, milliseconds]
+        else:
+            cell[0] += value
+            cell[1] += milliseconds
+
+    for rank in sorted(by_rank):
+        mine = []
+        for start, end, value, _rank, source in by_rank[rank]:
+            length = None if end is None else end - start
+            if length is None or length <= 0 or length > LONGEST_SPREAD_MS:
+                index = bisect.bisect_right(starts, start) - 1
+                if index < 0 or ends[index] <= start:
+                    add(start // bucket_ms, source, value, 0)
+                continue
+            mine.append((start, end))
+            for low, high in (((start, end),) if not starts else _uncovered(starts, ends, start, end)):
+                first, last = low // bucket_ms, (high - 1) // bucket_ms
+                if first == last:
+                    add(first, source, value if high - low == length else value * (high - low) / length, high - low)
+                    continue
+                for bucket in range(first, last + 1):
+                    part = min(high, (bucket + 1) * bucket_ms) - max(low, bucket * bucket_ms)
+                    add(bucket, source, value * part / length, part)
+        if mine:
+            starts, ends = _union(list(zip(starts, ends)) + mine)
+    return shares
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def bucket_key(bucket, bucket_ms=BUCKET_MS):
+    """The sample_hours key of a bucket: YYYY-MM-DDTHH, or YYYY-MM-DDTHH:30
+    for the second half-hour."""
+    stamp = _EPOCH + datetime.timedelta(milliseconds=bucket * bucket_ms)
+    return f"{stamp:%Y-%m-%dT%H}" + (f":{stamp.minute:02d}" if stamp.minute else "")
+
+
+def hour_milliseconds(hour):
+    """Milliseconds since 1970 of an hour key's start (YYYY-MM-DDTHH)."""
+    stamp = datetime.datetime(int(hour[:4]), int(hour[5:7]), int(hour[8:10]), int(hour[11:13]),
+                              tzinfo=datetime.timezone.utc)
+    return round((stamp - _EPOCH).total_seconds() * 1000)
+
+
+def _milliseconds_sql(column):
+    """SQL of a canonical UTC column as milliseconds since 1970."""
+    return f"CAST(strftime('%s', {column}) AS INTEGER) * 1000 + CAST(substr({column}, 21, 3) AS INTEGER)"
+
+
+#: A person's cumulative samples that count in [:low, :high) (milliseconds,
+#: and their canonical texts :low_text and :high_text): those starting
+#: there, and those starting up to :back before that last into it.  One
+#: range of the samples' key; records are read only where they may say
+#: "entered by hand".
+_MERGE_SAMPLES_SQL = (
+    f"SELECT {_milliseconds_sql('start_date')}, CASE WHEN end_date IS NOT NULL THEN"
+    f" {_milliseconds_sql('end_date')} END, value, coalesce(source_name, ''),"
+    f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END"
+    f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
+    " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)")
+#: A cumulative type's half-hours from :low to :high, rewritten.
+_MERGE_DELETE_SQL = (f"DELETE FROM main.sample_hours WHERE {PERSON_COLUMN} = ? AND type = ? AND hour >= ?"
+                     " AND hour < ?")
+_MERGE_INSERT_SQL = (f"INSERT INTO main.sample_hours ({PERSON_COLUMN}, type, hour, source, category, samples,"
+                     " numbers, total, low, high, seconds) VALUES (?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)")
+
+
+def _stamp_text(milliseconds):
+    return _canonical(_EPOCH + datetime.timedelta(milliseconds=milliseconds))
+
+
+def merge_hours(conn, person, type_name, low, high, ranks, back):
+    """Rewrite the half-hours of a person's cumulative type from ``low`` to
+    ``high`` (milliseconds, whole hours) from its samples: per source, the
+    value it counts there (merge_by_priority), the samples that start
+    there, their numeric values' count, least and greatest, and the
+    milliseconds it counts (as seconds)."""
+    parameters = {"person": person, "type": type_name, "low_text": _stamp_text(low),
+                  "high_text": _stamp_text(high), "back_text": _stamp_text(low - back)}
+    counted, begun = [], {}
+    for start, end, value, source, record in conn.execute(_MERGE_SAMPLES_SQL, parameters):
+        numeric = value.__class__ in (int, float) and math.isfinite(value)
+        if start >= low:
+            cell = begun.get((start // BUCKET_MS, source))
+            if cell is None:
+                cell = begun[(start // BUCKET_MS, source)] = [0, 0, None, None]
+            cell[0] += 1
+            if numeric:
+                cell[1] += 1
+                cell[2] = value if cell[2] is None or value < cell[2] else cell[2]
+                cell[3] = value if cell[3] is None or value > cell[3] else cell[3]
+        if numeric:
+            counted.append((start, end, value, ranks.key(source, record is not None and user_entered(record)),
+                            source))
+    shares = merge_by_priority(counted)
+    first, last = low // BUCKET_MS, high // BUCKET_MS
+    rows = []
+    for key in sorted(set(shares) | set(begun)):
+        bucket, source = key
+        if first <= bucket < last:
+            value, milliseconds = shares.get(key, (0.0, 0))
+            samples, numbers, least, most = begun.get(key, (0, 0, None, None))
+            rows.append((person, type_name, bucket_key(bucket), source, samples, numbers, float(value), least, most,
+                         round(milliseconds / 1000, 3)))
+    conn.execute(_MERGE_DELETE_SQL, (person, type_name, bucket_key(first), bucket_key(last)))
+    conn.executemany(_MERGE_INSERT_SQL, rows)
+
+
+def source_priority_words(conn):
+    """The priority words the stored totals were merged by."""
+    row = conn.execute(f"SELECT value FROM main.{SETTINGS.name} WHERE name = 'source_priority'").fetchone()
+    return tuple(word for word in row[0].split(",") if word) if row and row[0] else SOURCE_PRIORITY
+
+
+def _longest_spread(conn, person, type_name):
+    row = conn.execute(f"SELECT longest FROM main.sample_types WHERE {PERSON_COLUMN} = ? AND type = ?",
+                       (person, type_name)).fetchone()
+    return min(row[0] if row and row[0] else 0, LONGEST_SPREAD_MS)
+
+
+def merge_pending_hours(conn, person, type_name, hours, words):
+    """Rewrite the half-hours of ``hours`` (sorted hour keys) of a person's
+    cumulative type: runs of hours a week long at most, each one range of
+    samples read back as far as the type's longest sample."""
+    ranks = SourceRanks.of(conn, person, words)
+    back = _longest_spread(conn, person, type_name)
+    run_start = previous = None
+    for hour in hours + [None]:
+        at = None if hour is None else hour_milliseconds(hour)
+        if run_start is not None and (at is None or at - previous > 3600 * 1000
+                                      or at - run_start >= HOURS_PER_STATEMENT * 3600 * 1000):
+            merge_hours(conn, person, type_name, run_start, previous + 3600 * 1000, ranks, back)
+            run_start = None
+        if at is not None:
+            run_start = at if run_start is None else run_start
+            previous = at
+
+
+def merge_all_hours(conn, person, type_name, words, report=None):
+    """Rewrite every half-hour of a person's cumulative type, a week at a
+    time, and find its longest sample again."""
+    longest = conn.execute(
+        f"SELECT max(round((julianday(end_date) - julianday(start_date)) * 86400000)) FROM main.samples"
+        f" WHERE {PERSON_COLUMN} = ? AND type = ? AND end_date > start_date"
+        f" AND julianday(end_date) - julianday(start_date) <= {LONGEST_SPREAD_MS / 86400000!r}",
+        (person, type_name)).fetchone()[0] or 0
+    conn.execute(f"UPDATE main.sample_types SET longest = ? WHERE {PERSON_COLUMN} = ? AND type = ?",
+                 (int(longest), person, type_name))
+    first, last = conn.execute(f"SELECT min(start_date), max(start_date) FROM main.samples WHERE"
+                               f" {PERSON_COLUMN} = ? AND type = ?", (person, type_name)).fetchone()
+    if first is None:
+        return
+    low = hour_milliseconds(first[:13])
+    high = hour_milliseconds(last[:13]) + 3600 * 1000 + -(-int(longest) // 3600000) * 3600 * 1000
+    conn.execute(f"DELETE FROM main.sample_hours WHERE {PERSON_COLUMN} = ? AND type = ?", (person, type_name))
+    ranks = SourceRanks.of(conn, person, words)
+    week = HOURS_PER_STATEMENT * 3600 * 1000
+    for start in range(low, high, week):
+        merge_hours(conn, person, type_name, start, min(start + week, high), ranks, int(longest))
+    if report:
+        report(f"  {short_type_name(type_name)}: hourly totals merged by source priority")
+
+
 def _update_pending_hours(conn):
     """Recompute the hours that syncs noted as pending, a week of a type's
-    at a time (HOURS_PER_STATEMENT), then forget them."""
+    at a time (HOURS_PER_STATEMENT), then forget them: a cumulative type's
+    merged by source priority (merge_pending_hours), the others' by SQL."""
     sql = _hours_sql(_PENDING_HOURS + " AND hour >= :since AND (:until IS NULL OR hour < :until)")
+    words = None
     for person, type_name in conn.execute(
             f"SELECT DISTINCT {PERSON_COLUMN}, type FROM sample_hours_pending").fetchall():
         parameters = hours_parameters(type_name, person)
+        if parameters["spread"]:
+            words = words or source_priority_words(conn)
+            merge_pending_hours(conn, person, type_name, [hour for (hour,) in conn.execute(
+                _PENDING_HOURS + " ORDER BY hour", parameters)], words)
+            continue
         starts = [hour for (hour,) in conn.execute(_PENDING_HOURS_FROM, parameters)]
         for since, until in zip(starts, starts[1:] + [None]):
             conn.execute(sql, dict(parameters, since=since, until=until))
@@ -2215,13 +2518,20 @@ def _update_pending_hours(conn):
 
 
 def _recount_sample_hours(conn, report=None, per_person=True):
+    """Rebuild sample_hours from the samples: as the current schema keeps
+    them, or (``per_person`` False) as earlier steps of MIGRATIONS did."""
     conn.execute("DELETE FROM sample_hours")
     conn.execute("DELETE FROM sample_hours_pending")
     where = f"{PERSON_COLUMN} = :person AND type = :type" if per_person else "type = :type"
     sql = _hours_sql(_SAMPLE_HOURS_OF.format(samples="main.samples", where=where), per_person)
     owner = PERSON_COLUMN if per_person else FIRST_PERSON
+    words = source_priority_words(conn) if per_person else None
     for person, type_name in conn.execute(f"SELECT {owner}, type FROM sample_types ORDER BY 1, 2").fetchall():
-        conn.execute(sql, hours_parameters(type_name, person))
+        if per_person and is_cumulative(type_name):
+            merge_all_hours(conn, person, type_name, words, report)
+            continue
+        conn.execute(sql, dict(hours_parameters(type_name, person), spread=per_person is False and is_cumulative(
+            type_name)))
         if report:
             report(f"  {short_type_name(type_name)}: hourly totals")
 
@@ -2388,6 +2698,27 @@ def _migrate_people(conn, report):
                "syncs fill; to give it back to the disk now, stop the receiver and run: sqlite3 <database> VACUUM")
 
 
+def _merge_by_source_priority(conn, report):
+    """Version 9: cumulative types' half-hours merged by source priority over
+    time (merge_by_priority), from the samples; each type's longest sample;
+    the order sources were first stored (taken from the hourly totals: the
+    first hour each source has), and the settings the totals depend on."""
+    if "longest" not in {row[1] for row in conn.execute(f"PRAGMA table_info({SAMPLE_TYPES.name})")}:
+        conn.execute(f"ALTER TABLE {SAMPLE_TYPES.name} ADD COLUMN longest INTEGER NOT NULL DEFAULT 0")
+    for table in (SAMPLE_SOURCES, SETTINGS):
+        conn.execute(table.create_sql())
+    conn.execute(f"INSERT INTO {SAMPLE_SOURCES.name} ({PERSON_COLUMN}, source, seen) SELECT {PERSON_COLUMN}, source,"
+                 f" row_number() OVER (PARTITION BY {PERSON_COLUMN} ORDER BY min(hour), source)"
+                 f" FROM sample_hours GROUP BY {PERSON_COLUMN}, source")
+    words = source_priority_words(conn)
+    for person, type_name in conn.execute(f"SELECT {PERSON_COLUMN}, type FROM {SAMPLE_TYPES.name}"
+                                          f" ORDER BY 1, 2").fetchall():
+        if is_cumulative(type_name):
+            conn.execute(f"DELETE FROM sample_hours_pending WHERE {PERSON_COLUMN} = ? AND type = ?",
+                         (person, type_name))
+            merge_all_hours(conn, person, type_name, words, report)
+
+
 #: Every schema change, in order: step N brings a database from version N
 #: to N + 1, and PRAGMA user_version counts the steps applied.  A new column
 #: or key is a new step at the end; a step once released is never edited.
@@ -2402,6 +2733,7 @@ MIGRATIONS = (
     Migration("each stored sync's body digest, to answer a byte-identical retry from its record", _add_body_digests),
     Migration("each stored sync's CRC-32 per MiB of its body, to read a differing one as it arrives", _add_body_blocks),
     Migration("people: every row belongs to a person, the rows so far to the first", _migrate_people, rewrites=True),
+    Migration("cumulative types merged by source priority over time, exactly", _merge_by_source_priority),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -2570,8 +2902,10 @@ def database_size(path):
 #: Keeps sample_types (rows, first and last date per type) current as rows
 #: arrive: counting 5 million samples per type would take a second per page.
 _SAMPLE_TYPES_SQL = (
-    f"INSERT INTO sample_types ({PERSON_COLUMN}, type, rows, first_date, last_date) VALUES (?5, ?1, ?2, ?3, ?4)"
+    f"INSERT INTO sample_types ({PERSON_COLUMN}, type, rows, first_date, last_date, longest)"
+    " VALUES (?5, ?1, ?2, ?3, ?4, ?6)"
     f" ON CONFLICT ({PERSON_COLUMN}, type) DO UPDATE SET rows = rows + excluded.rows,"
+    " longest = max(longest, excluded.longest),"
     " first_date = min(coalesce(first_date, excluded.first_date), excluded.first_date),"
     " last_date = max(coalesce(last_date, excluded.last_date), excluded.last_date)")
 
@@ -2584,11 +2918,54 @@ _NOTE_PENDING_HOURS_SQL = (f"INSERT OR IGNORE INTO main.sample_hours_pending ({P
                            + ")")
 _NOTE_PENDING_HOUR_SQL = (f"INSERT OR IGNORE INTO main.sample_hours_pending ({PERSON_COLUMN}, type, hour)"
                           " VALUES (?, ?, ?)")
+#: A cumulative type's staged samples (rowids :first to :last) that last
+#: into a later hour than the next: every hour they span is noted, and
+#: the longest (at most LONGEST_SPREAD_MS) is returned for sample_types.
+_LONG_SAMPLES_SQL = (
+    "SELECT substr(start_date, 1, 13), substr(end_date, 1, 13),"
+    " round((julianday(end_date) - julianday(start_date)) * 86400000) AS length FROM stage.samples"
+    " WHERE rowid BETWEEN :first AND :last AND end_date > start_date AND length <= :longest")
+#: The sources a sync brought, in the order their first samples start:
+#: those not yet known are numbered after the person's others.
+_NEW_SOURCES_SQL = "SELECT DISTINCT coalesce(source_name, '') FROM stage.samples"
+_FIRST_SAMPLE_OF_SOURCE_SQL = "SELECT min(start_date) FROM stage.samples WHERE coalesce(source_name, '') = ?"
 #: A run of samples whose hours, first to last, are at most this many per
 #: row (a type measured every few minutes or hours) has every hour between
 #: noted, without reading its rows: an hour noted without samples is only
 #: totalled again for nothing (bench: 0.05 s less of a 50 MB sync's 1.5 s).
 DENSE_RUN_HOURS_PER_ROW = 2
+
+
+def _note_long_samples(conn, run, type_name, person):
+    """Note every hour that a cumulative type's staged samples of ``run``
+    span past the next (a sample's value is split over them all); return
+    the longest sample's milliseconds (at most LONGEST_SPREAD_MS)."""
+    longest, hours = 0, set()
+    for first, last in run.ranges:
+        for start_hour, end_hour, length in conn.execute(_LONG_SAMPLES_SQL, {
+                "first": first, "last": last, "longest": LONGEST_SPREAD_MS}):
+            longest = max(longest, int(length))
+            if end_hour > start_hour:
+                at, stop = hour_milliseconds(start_hour), hour_milliseconds(end_hour)
+                hours.update(bucket_key(hour, 3600 * 1000) for hour in range(at // 3600000, stop // 3600000 + 1))
+    conn.executemany(_NOTE_PENDING_HOUR_SQL, ((person, type_name, hour) for hour in sorted(hours)))
+    return longest
+
+
+def _note_sources(conn, person):
+    """Number the sources a sync brought that the person had not sent
+    before, in the order their first samples start (then by name)."""
+    known = {source for (source,) in conn.execute(
+        f"SELECT source FROM main.{SAMPLE_SOURCES.name} WHERE {PERSON_COLUMN} = ?", (person,))}
+    new = [source for (source,) in conn.execute(_NEW_SOURCES_SQL) if source not in known]
+    if not new:
+        return
+    first = {source: conn.execute(_FIRST_SAMPLE_OF_SOURCE_SQL, (source,)).fetchone()[0] or "" for source in new}
+    seen = conn.execute(f"SELECT coalesce(max(seen), 0) FROM main.{SAMPLE_SOURCES.name} WHERE {PERSON_COLUMN} = ?",
+                        (person,)).fetchone()[0]
+    conn.executemany(SAMPLE_SOURCES.insert_sql(SAMPLE_SOURCES.column_names),
+                     [{PERSON_COLUMN: person, "source": source, "seen": seen + number}
+                      for number, source in enumerate(sorted(new, key=lambda name: (first[name], name)), 1)])
 
 
 def _dense_run_hours(run, spread):
@@ -2692,8 +3069,8 @@ def person_views(person_id):
         if person_id is not None:
             select = f"SELECT {names} FROM main.{table} WHERE {PERSON_COLUMN} = {int(person_id):d}"
         elif table == SAMPLE_TYPES.name:
-            select = (f"SELECT type, sum(rows) AS rows, min(first_date) AS first_date, max(last_date) AS last_date"
-                      f" FROM main.{table} GROUP BY type")
+            select = (f"SELECT type, sum(rows) AS rows, min(first_date) AS first_date, max(last_date) AS last_date,"
+                      f" max(longest) AS longest FROM main.{table} GROUP BY type")
         else:  # each person's rows in turn: a query by type or date still seeks within each person's
             select = f"SELECT {names} FROM main.{table} WHERE {PERSON_COLUMN} IN (SELECT id FROM main.people)"
         statements.append(f"CREATE TEMP VIEW IF NOT EXISTS {table} AS {select}")
@@ -2759,6 +3136,9 @@ class Store:
         self._kept = None
         self._stage_lock = threading.Lock()
         self._stages = 0
+        #: The words cumulative totals are merged by (source_priority_words),
+        #: as the database keeps them once opened.
+        self.priority = SOURCE_PRIORITY
         #: Once the database is found damaged: what to say, and to do.
         #: Nothing more is written to it (a damaged file only gets worse).
         self.damage = None
@@ -2779,6 +3159,7 @@ class Store:
                         conn.execute("UPDATE people SET name = ? WHERE id = ?", (first_person, FIRST_PERSON))
                 with _transaction(conn):
                     _update_pending_hours(conn)  # of a sync whose process stopped after its commit
+                self.priority = source_priority_words(conn)
             except sqlite3.Error as exc:
                 raise self.unavailable(exc) from exc
         self.remove_stale_stages()
@@ -3121,7 +3502,9 @@ class Store:
                               for first, last in run.ranges)
                     result.inserted[section.name] += new
                     if section is SAMPLES and new:
-                        conn.execute(_SAMPLE_TYPES_SQL, (label, new, run.low, run.high, params["person"]))
+                        longest = _note_long_samples(conn, run, label, params["person"]) if is_cumulative(
+                            label) else 0
+                        conn.execute(_SAMPLE_TYPES_SQL, (label, new, run.low, run.high, params["person"], longest))
                         hours = _dense_run_hours(run, is_cumulative(label))
                         if hours is not None:
                             conn.executemany(_NOTE_PENDING_HOUR_SQL, ((params["person"], label, hour) for hour in hours))
@@ -3129,6 +3512,8 @@ class Store:
                         for first, last in run.ranges:
                             conn.execute(_NOTE_PENDING_HOURS_SQL, dict(hours_parameters(label, params["person"]),
                                                                        first=first, last=last))
+                if section is SAMPLES:
+                    _note_sources(conn, params["person"])
             elif section.latest_wins:
                 result.inserted[section.name] += conn.execute(section.count_new_sql, params).fetchone()[0]
                 # Only by this sync's later element, or when its export is
@@ -3155,6 +3540,22 @@ class Store:
                 return
         with self.writer(keep=True, wait=wait) as conn, _transaction(conn):
             _update_pending_hours(conn)
+
+    def use_source_priority(self, words, report=None):
+        """Merge cumulative types by the priority ``words`` from now on
+        (--source-priority): totals merged by other words are merged again
+        (``report(text)`` gets a line per type)."""
+        words = tuple(words)
+        with self.writer() as conn:
+            if source_priority_words(conn) != words:
+                with _transaction(conn):
+                    conn.execute(f"INSERT OR REPLACE INTO main.{SETTINGS.name} (name, value)"
+                                 " VALUES ('source_priority', ?)", (",".join(words),))
+                    for person, type_name in conn.execute(
+                            f"SELECT {PERSON_COLUMN}, type FROM main.{SAMPLE_TYPES.name} ORDER BY 1, 2").fetchall():
+                        if is_cumulative(type_name):
+                            merge_all_hours(conn, person, type_name, words, report)
+        self.priority = words
 
     def recount_types(self):
         """Rebuild sample_types and sample_hours from the samples (after
@@ -4098,13 +4499,6 @@ class Period(typing.NamedTuple):
         return datetime.date.fromisoformat(self.day)
 
 
-#: Sources counted first where two devices counted the same time: those
-#: whose name holds one of these words (in any case), in this order
-#: (HealthKit names a source after its device: "Jane's Apple Watch",
-#: "Jane's iPhone"); the others after them, the larger first.  The Health
-#: app prefers the Watch too.  --source-priority changes it.
-SOURCE_PRIORITY = ("watch",)
-
 
 class View(typing.NamedTuple):
     """What one request asks to see: a range of days, in a zone, as of
@@ -4219,18 +4613,19 @@ class Aggregate(typing.NamedTuple):
 
     samples: int
     numbers: int
-    #: Sum over the hours of the sources' totals merged (merged_total) for
-    #: a cumulative type, else of the largest single-source total: a walk
-    #: that an iPhone and a Watch both counted counts once.
+    #: A cumulative type: the sum of what its sources count, merged by
+    #: source priority over time when they are kept (merge_by_priority); a
+    #: walk that an iPhone and a Watch both counted counts once.  Another
+    #: type: the sum over the hours of the largest single-source total.
     best: float
     #: Sum over the hours of the longest single-source duration (seconds).
     seconds: float
     low: typing.Optional[float]
     high: typing.Optional[float]
-    #: Mean of the hourly means: every hour counts once, however many
-    #: samples it holds (a workout records heart rate every few seconds).
+    #: The mean of the samples (every source's), as the Health app averages.
     mean: typing.Optional[float]
-    #: 10th and 90th percentile of the hourly means (nearest rank).
+    #: 10th and 90th percentile of the hours' means (nearest rank): the
+    #: band a chart draws around the mean.
     p10: typing.Optional[float]
     p90: typing.Optional[float]
     #: Of a category type: samples whose value its CategoryType counts (a
@@ -4238,6 +4633,9 @@ class Aggregate(typing.NamedTuple):
     #: value, in the order of its names.
     counted: int = 0
     values: typing.Tuple[typing.Tuple[str, int], ...] = ()
+    #: The days of the period that have data (a daily average's divisor),
+    #: when type_aggregates was given the days.
+    days: int = 0
 
 
 #: A type's hours in a window, a row per hour, source and category, in key
@@ -4245,32 +4643,6 @@ class Aggregate(typing.NamedTuple):
 _HOURS_OF_TYPE_SQL = (
     "SELECT hour, source, category, samples, numbers, total, seconds, low, high"
     " FROM sample_hours WHERE type = ? AND hour >= ? AND hour < ?")
-
-
-def _source_rank(source, total, priority):
-    lowered = source.lower()
-    rank = next((number for number, word in enumerate(priority) if word in lowered), len(priority))
-    return rank, -total
-
-
-def merged_total(sources, priority=SOURCE_PRIORITY):
-    """One half-hour of a cumulative type from each source's (name, total,
-    seconds its samples cover): the first source's total (SOURCE_PRIORITY,
-    then the largest), then each next one's for the share of its time that
-    the sources before it did not cover.  A walk that a phone and a Watch
-    both counted counts once, as the Watch counted it; a stretch that only
-    one of them counted (the Watch charging) counts too.  Against a
-    second-by-second Watch-first merge of 200 generated two-device days,
-    the day's total is off by 0.06% on average and 0.4% at worst (taking
-    the larger source per hour, as before: 0.9% and 5.5%)."""
-    merged = covered = 0.0
-    for _name, total, seconds in sorted(sources, key=lambda source: _source_rank(source[0], source[1], priority)):
-        if seconds <= 0:  # samples without a duration: counted only when first, as covering it all
-            merged, covered = (merged + total, math.inf) if not covered else (merged, covered)
-        elif seconds > covered:
-            merged += total * (seconds - covered) / seconds
-            covered = seconds
-    return merged
 
 
 def _accumulate(sums, samples, numbers, total, seconds, low, high):
@@ -4286,11 +4658,14 @@ def _accumulate(sums, samples, numbers, total, seconds, low, high):
         sums[5] = high
 
 
-def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
+def type_aggregates(conn, type_name, periods, day_starts=()):
     """[Aggregate or None] per period (None: no samples), from the hourly
     totals: grouped here in one pass, which reads them in key order (SQL
-    grouping by period would sort every hour of the window)."""
+    grouping by period would sort every hour of the window).  With
+    ``day_starts`` (the stored timestamps of the periods' local midnights,
+    in order) each Aggregate counts its days with data."""
     starts = [period.start[:13] for period in periods]
+    day_hours = [stamp[:13] for stamp in day_starts]
     sums = [None] * len(periods)
     index = 0
     cumulative = is_cumulative(type_name)
@@ -4305,7 +4680,7 @@ def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
             index += 1
         found = sums[index]
         if found is None:
-            found = sums[index] = [0, 0, 0.0, 0.0, None, None, [], collections.Counter()]
+            found = sums[index] = [0, 0, 0.0, 0.0, None, None, [], collections.Counter(), 0.0, set()]
         if len(sources) == 1:  # the usual bucket: one device
             [(samples, numbers, total, seconds, low, high)] = sources.values()
             best = total
@@ -4318,13 +4693,15 @@ def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
             lows = [cell[4] for cell in cells if cell[4] is not None]
             highs = [cell[5] for cell in cells if cell[5] is not None]
             low, high = min(lows, default=None), max(highs, default=None)
-            best = (merged_total([(source, cell[2], cell[3]) for source, cell in sources.items()], priority)
-                    if cumulative else max(cell[2] for cell in cells))
+            best = total if cumulative else max(cell[2] for cell in cells)
         _accumulate(found, samples, numbers, best, seconds, low, high)
+        found[8] += total
         if numbers:
             found[6].append(total / numbers)
         if values:
             found[7].update(values)
+        if day_hours and (samples or total):
+            found[9].add(bisect.bisect_right(day_hours, hour))
 
     hour, sources, values = None, {}, None
     for bucket, source, kept, samples, numbers, total, seconds, low, high in conn.execute(
@@ -4348,7 +4725,7 @@ def type_aggregates(conn, type_name, periods, priority=SOURCE_PRIORITY):
 
 
 def _aggregate(sums, category=None):
-    samples, numbers, best, seconds, low, high, means, values = sums
+    samples, numbers, best, seconds, low, high, means, values, total, days = sums
     counted, named = samples, ()
     if category is not None:
         if category.counted:
@@ -4357,20 +4734,24 @@ def _aggregate(sums, category=None):
         others = samples - sum(count for _name, count in named)
         named += (("Other", others),) if others else ()
     if not means:
-        return Aggregate(samples, numbers, best, seconds, low, high, None, None, None, counted, named)
+        return Aggregate(samples, numbers, best, seconds, low, high, None, None, None, counted, named, len(days))
     means.sort()
     count = len(means)
     # Nearest rank: the smallest value with at least p of the hours at or below it.
-    return Aggregate(samples, numbers, best, seconds, low, high, sum(means) / count,
-                     means[math.ceil(count * 0.1) - 1], means[math.ceil(count * 0.9) - 1], counted, named)
+    return Aggregate(samples, numbers, best, seconds, low, high, total / numbers, means[math.ceil(count * 0.1) - 1],
+                     means[math.ceil(count * 0.9) - 1], counted, named, len(days))
 
 
-def _period_days(window, index):
-    """Days of a period that fall inside the window (a daily average's divisor)."""
-    periods = window.periods
-    first = max(periods[index].date, window.first)
-    following = periods[index + 1].date if index + 1 < len(periods) else window.last + datetime.timedelta(days=1)
-    return max((min(following, window.last + datetime.timedelta(days=1)) - first).days, 1)
+def window_aggregates(conn, type_name, window):
+    """[(Aggregate or None, days)] per period of a window: ``days`` is a
+    daily average's divisor, the days of the period inside the window that
+    have data (a week of three recorded days is their mean, not a seventh
+    of their sum)."""
+    if window.grain.name == "day":
+        return [(agg, 1) for agg in type_aggregates(conn, type_name, window.periods)]
+    midnights = [window.zone.midnight(window.first + datetime.timedelta(days=day)) for day in range(window.days)]
+    return [(agg, max(agg.days, 1) if agg else 1) for agg in type_aggregates(conn, type_name, window.periods,
+                                                                             midnights)]
 
 
 #: Sleep stages as stored (HKCategoryValueSleepAnalysis numbers and names)
@@ -4488,14 +4869,11 @@ def sleep_stage(value):
     return SLEEP_STAGE_VALUES.get(value) if isinstance(value, int) else None
 
 
-#: Seconds per night, stage and source from the hourly totals; a night
-#: runs from noon the day before to noon of its day (local time), so it
-#: holds the evening, and a sample counts in the night it starts in.
-_SLEEP_SQL = """
-{periods}
-SELECT p.i, h.category, h.source, total(h.seconds)
-FROM periods AS p JOIN sample_hours AS h ON h.type = ? AND h.hour >= p.lo AND h.hour < p.hi
-GROUP BY p.i, h.category, h.source"""
+#: A window's sleep samples (start, end, value, source, and the record
+#: where it may say "entered by hand"), in order of start.
+_SLEEP_SAMPLES_SQL = (f"SELECT start_date, end_date, value, coalesce(source_name, ''), CASE WHEN"
+                      f" instr(record, '{USER_ENTERED_KEY}') THEN record END FROM samples"
+                      " WHERE type = ? AND start_date >= ? AND start_date < ? ORDER BY start_date")
 
 
 def _night_periods(window):
@@ -4508,31 +4886,65 @@ def _night_periods(window):
     return nights
 
 
+def _seconds_once(spans):
+    """{stage: seconds} of (start, end, stage) spans sorted by start, each
+    moment counted once (for the first span that covers it)."""
+    seconds, reach = {}, None
+    for start, end, stage in spans:
+        begin = start if reach is None else max(start, reach)
+        if end > begin:
+            seconds[stage] = seconds.get(stage, 0.0) + (end - begin).total_seconds()
+        reach = end if reach is None else max(reach, end)
+    return seconds
+
+
+def _night_hours(spans, key):
+    """{stage: hours} of one night from its spans ({merge source: [(start,
+    end, stage)]}), as the Health app shows a night: asleep and awake from
+    the first source (by ``key``) that recorded sleep, each moment once;
+    in bed from the first that recorded it, less what the stages account
+    for (the chart stacks them)."""
+    asleep = sorted((source for source, found in spans.items()
+                     if any(stage in ASLEEP_STAGES for _s, _e, stage in found)), key=key)
+    hours = {}
+    if asleep:
+        found = _seconds_once([span for span in spans[asleep[0]] if span[2] in ASLEEP_STAGES])
+        awake = _seconds_once([span for span in spans[asleep[0]] if span[2] == "awake"])
+        hours = {stage: seconds / 3600 for stage, seconds in {**found, **awake}.items() if seconds > 0}
+    in_bed = sorted((source for source, found in spans.items() if any(s[2] == "in_bed" for s in found)), key=key)
+    if in_bed:
+        time_in_bed = _seconds_once([span for span in spans[in_bed[0]] if span[2] == "in_bed"]).get("in_bed", 0) / 3600
+        if time_in_bed > sum(hours.values()):
+            hours["in_bed"] = time_in_bed - sum(hours.values())
+    return hours
+
+
 def sleep_nights(conn, window):
-    """{night's day: {stage: hours}}.  Each stage counts the source that
-    recorded the most of it that night (a phone and a watch both record);
-    "in_bed" is the time in bed not otherwise accounted for."""
+    """{night's day: {stage: hours}} of the window's nights, from the sleep
+    samples: a night runs from noon the day before to noon of its day (local
+    time), so it is the day you wake up, and a sample counts in the night it
+    starts in.  Where sources overlap, the night is the first source's
+    (SourceRanks by the window's priority), never a sum."""
     nights = _night_periods(window)
-    per_source = {}
-    for i in range(0, len(nights), SQL_PERIODS_MAX):
-        chunk = nights[i:i + SQL_PERIODS_MAX]
-        cte, params = _hour_periods_cte(chunk)
-        for index, value, source, seconds in conn.execute(_SLEEP_SQL.format(periods=cte), params + [SLEEP_TYPE]):
-            stage = sleep_stage(value)
-            if stage is not None and seconds > 0:
-                stages = per_source.setdefault(chunk[index].day, {})
-                key = (stage, source)
-                stages[key] = stages.get(key, 0) + seconds
+    if not nights:
+        return {}
+    ranks = SourceRanks.of(conn, None, window.priority)
+    bounds = [night.start for night in nights]
+    spans = {}
+    for start, end, value, source, record in conn.execute(_SLEEP_SAMPLES_SQL, (SLEEP_TYPE, bounds[0],
+                                                                              nights[-1].end)):
+        stage = sleep_stage(value)
+        began, ended = parse_instant(start), parse_instant(end)
+        if stage is None or began is None or ended is None or ended <= began:
+            continue
+        night = nights[bisect.bisect_right(bounds, start) - 1].day
+        merge_source = (source, record is not None and user_entered(record))
+        spans.setdefault(night, {}).setdefault(merge_source, []).append((began, ended, stage))
     found = {}
-    for day, stages in per_source.items():
-        hours = {}
-        for (stage, _source), seconds in stages.items():
-            hours[stage] = max(hours.get(stage, 0), seconds / 3600)
-        in_bed = hours.pop("in_bed", 0)
-        accounted = sum(hours.values())
-        if in_bed > accounted:
-            hours["in_bed"] = in_bed - accounted
-        found[day] = hours
+    for day, sources in spans.items():
+        hours = _night_hours(sources, lambda merge_source: ranks.key(*merge_source))
+        if hours:
+            found[day] = hours
     return found
 
 
@@ -4596,7 +5008,9 @@ def _mean_cells(agg, days):
     return (agg.samples, agg.low, agg.mean, agg.high) if agg.numbers else (agg.samples, None, None, None)
 
 
-_DAILY = "total per day; where two devices counted the same time, once (the Watch first)"
+_DAILY = "total per day; where sources counted the same time, once (by source priority, as the Health app)"
+#: What an averaged type's chart says it draws.
+_AVERAGED = "mean of the samples; band from the 10th to the 90th percentile of the hours' means"
 
 
 def _values_text(agg):
@@ -4618,14 +5032,14 @@ CHART_KINDS = (
               lambda type_name, short: type_name == SLEEP_TYPE, unit="h",
               columns=("Asleep",) + tuple(label for _key, label, _colour in SLEEP_STAGES), cells=None,
               stages=SLEEP_STAGES),
-    ChartKind("sum", _DAILY, lambda agg, days: (agg.best / days,) if agg.numbers else None, "bars",
+    ChartKind("sum", _DAILY, lambda agg, days: (agg.best / days,) if agg.numbers or agg.best else None, "bars",
               lambda type_name, short: is_cumulative(type_name),
               columns=("Samples", "Total", "Per day"),
               cells=lambda agg, days: (agg.samples, agg.best, agg.best / days)),
-    ChartKind("percent", "mean of the hours, band from the 10th to the 90th percentile", _mean_point, "line",
+    ChartKind("percent", _AVERAGED, _mean_point, "line",
               lambda type_name, short: type_name.startswith(_QUANTITY) and short in RATIO_TYPES,
               from_zero=False, unit="%", scale=100.0, columns=("Samples", "Min", "Mean", "Max"), cells=_mean_cells),
-    ChartKind("mean", "mean of the hours, band from the 10th to the 90th percentile", _mean_point, "line",
+    ChartKind("mean", _AVERAGED, _mean_point, "line",
               lambda type_name, short: type_name.startswith(_QUANTITY), from_zero=False,
               columns=("Samples", "Min", "Mean", "Max"), cells=_mean_cells),
     ChartKind("minutes", "minutes per day; per hour, the source that recorded most",
@@ -4761,9 +5175,8 @@ def chart_data(conn, info, window):
         points = sleep_points(conn, window)
     else:
         points = []
-        aggregates = type_aggregates(conn, info.type, window.periods, window.priority)
-        for index, (period, agg) in enumerate(zip(window.periods, aggregates)):
-            values = kind.point(agg, _period_days(window, index)) if agg else None
+        for period, (agg, days) in zip(window.periods, window_aggregates(conn, info.type, window)):
+            values = kind.point(agg, days) if agg else None
             points.append((period.date, *(None if v is None else finite(v * kind.scale) for v in values))
                           if values else (period.date, None))
         points = tuple(points)
@@ -5163,6 +5576,7 @@ def data_gaps(conn, view, limit=LATEST_TYPES_MAX):
                             _canonical(datetime.datetime.fromtimestamp(last_sync, datetime.timezone.utc)),
                             threshold=threshold))
     stopped, usual = collections.defaultdict(list), collections.Counter()
+    latest = collections.defaultdict(dict)  # {source: {type: its last hour's seconds}}
     for type_name, _rows, _first, _last in sample_types(conn, limit):
         if type_name == SLEEP_TYPE:
             continue
@@ -5173,6 +5587,7 @@ def data_gaps(conn, view, limit=LATEST_TYPES_MAX):
                 (type_name, since[:13])):
             hours[source].append(seconds)
         for source, seconds in hours.items():
+            latest[source][type_name] = seconds[-1]
             if len({hour // 86400 for hour in seconds}) < GAP_USUAL_DAYS:
                 continue
             usual[source] += 1
@@ -5182,13 +5597,19 @@ def data_gaps(conn, view, limit=LATEST_TYPES_MAX):
                     seconds[-1], datetime.timezone.utc)), type_name, source, threshold))
     for source, found in sorted(stopped.items()):
         name = source or "a source without a name"
-        if len(found) == usual[source]:
-            last = max(gap.since for gap in found)
+        last = max(gap.since for gap in found)
+        # A device that still sends other types has not stopped: its gap
+        # is the types that did.
+        still = sorted(type_title(type_name) for type_name, seconds in latest[source].items()
+                       if seconds > parse_stamp(last).timestamp() and type_name not in {gap.type for gap in found})
+        if len(found) == usual[source] and not still:
             gaps.append(Gap("source", f"no data from {name} since {when(parse_stamp(last).timestamp())}", last,
                             None, source, max(gap.threshold for gap in found)))
         else:
+            sends = f" (it still sends {', '.join(still[:3])}{', ...' if len(still) > 3 else ''})" if still else ""
             gaps.extend(gap._replace(message=f"no {type_title(gap.type)} from {name} since "
-                                             f"{when(parse_stamp(gap.since).timestamp(), True)}") for gap in found)
+                                             f"{when(parse_stamp(gap.since).timestamp(), True)}{sends}")
+                        for gap in found)
     today = zone.today(view.now)
     noon = parse_stamp(zone.midnight(today, 12)).timestamp()
     has_sleep = conn.execute("SELECT 1 FROM sample_types WHERE type = ?", (SLEEP_TYPE,)).fetchone()
@@ -5324,6 +5745,9 @@ def latest_values(conn, limit=LATEST_TYPES_MAX):
             value = category_name(type_name, value) or (value if value.__class__ is str else None)
         elif value.__class__ not in (int, float) or not math.isfinite(value):
             value = None
+        else:  # a fraction in percent, as everywhere else
+            kind = chart_kind(type_name)
+            value, unit = (value * kind.scale, kind.unit) if kind.scale != 1 else (value, unit)
         name = short_type_name(type_name)
         if name == type_name and name in claimed:
             name = "data." + type_name
@@ -5453,22 +5877,53 @@ def sync_facts(conn):
 
 #: Grains of /api/series: the page's, and hours (UTC hours, as they are kept).
 SERIES_GRAINS = ("hour",) + tuple(grain.name for grain in GRAINS)
+#: /api/series?stat= of an averaged type: its Aggregate field per period.
+SERIES_STATS = {"mean": "mean", "min": "low", "max": "high"}
 
 
-def series_points(store, name, view, start, end, grain_name=None):
-    """(TypeInfo, unit, [(period start as canonical UTC, value)]) of a type
-    from ``start`` to ``end`` (canonical UTC, end excluded) at a grain (by
-    default the page's for that many days): the numbers its chart shows.
-    None when the person has no such type; raises ValueError when it
-    would be more than SERIES_POINTS_MAX points."""
+class SeriesPoint(typing.NamedTuple):
+    """One period of /api/series."""
+
+    #: Its start, canonical UTC.
+    time: str
+    value: typing.Optional[float]
+    #: A week's or a month's days inside the range that have data (the
+    #: divisor of a daily mean), and whether the period reaches outside the
+    #: range; None at the grains of an hour and a day.
+    days: typing.Optional[int] = None
+    partial: typing.Optional[bool] = None
+
+
+def _stat_value(kind, agg, days, stat):
+    """A period's value as /api/series gives it: the chart's, or (``stat``
+    min or max of an averaged type) the least or greatest sample."""
+    if agg is None:
+        return None
+    if stat in (None, "mean"):
+        values = kind.point(agg, days)
+        return finite(values[0] * kind.scale) if values and values[0] is not None else None
+    found = getattr(agg, SERIES_STATS[stat])
+    return None if found is None else finite(found * kind.scale)
+
+
+def series_points(store, name, view, start, end, grain_name=None, stat=None):
+    """(TypeInfo, unit, [SeriesPoint]) of a type from ``start`` to ``end``
+    (canonical UTC, end excluded) at a grain (by default the page's for
+    that many days): the numbers its chart shows, or of an averaged type
+    the ``stat`` (SERIES_STATS) of its samples.  None when the person has
+    no such type; raises ValueError when it would be more than
+    SERIES_POINTS_MAX points, or ``stat`` does not apply."""
     with store.reader() as conn:
         row = find_type(conn, name)
         if row is None:
             return None
         info = type_info(*row)
-        unit = display_unit(conn, info.type, info.kind)
+        kind = info.kind
+        if stat not in (None, "mean") and kind.point is not _mean_point:
+            raise ValueError(f"stat applies to averaged types; {info.name} is a {kind.name} type")
+        unit = display_unit(conn, info.type, kind)
         if grain_name == "hour":
-            if info.kind.name == "sleep":
+            if kind.name == "sleep":
                 raise ValueError("sleep is counted per night: choose grain day, week or month")
             first = parse_stamp(start).replace(minute=0, second=0, microsecond=0)
             count = math.ceil((parse_stamp(end) - first).total_seconds() / 3600)
@@ -5480,9 +5935,8 @@ def series_points(store, name, view, start, end, grain_name=None):
             points = []
             for index in range(0, len(periods), SQL_PERIODS_MAX):
                 chunk = periods[index:index + SQL_PERIODS_MAX]
-                for period, agg in zip(chunk, type_aggregates(conn, info.type, chunk, view.priority)):
-                    values = info.kind.point(agg, 1) if agg else None
-                    points.append((period.start, finite(values[0] * info.kind.scale) if values else None))
+                for period, agg in zip(chunk, type_aggregates(conn, info.type, chunk)):
+                    points.append(SeriesPoint(period.start, _stat_value(kind, agg, 1, stat)))
             return info, unit, points
         zone = view.zone
         first, last = zone.day_of(start), zone.day_of(_canonical(parse_stamp(end) - datetime.timedelta(
@@ -5493,10 +5947,21 @@ def series_points(store, name, view, start, end, grain_name=None):
         if days > SERIES_POINTS_MAX * shortest or len(_period_starts(first, last, grain)) - 1 > SERIES_POINTS_MAX:
             raise ValueError(f"at most {SERIES_POINTS_MAX:,} points; choose a shorter range or a coarser grain")
         window = days_window(RANGES_BY_NAME["all"], first, last, zone, grain=grain)._replace(priority=view.priority)
-        chart = chart_data(conn, info, window)
-        values = [point[1] for point in chart.points] if chart else [None] * len(window.periods)
-        return info, unit, [(period.start, value) for period, value in zip(window.periods, values)]
-
+        starts = _period_starts(first, last, grain)
+        partial = [grain.name != "day" and (day < first or following - datetime.timedelta(days=1) > last)
+                   for day, following in zip(starts, starts[1:])]
+        if kind.name == "sleep":
+            chart = chart_data(conn, info, window)
+            values = [point[1] for point in chart.points] if chart else [None] * len(window.periods)
+            counts = [None] * len(values)
+        else:
+            found = window_aggregates(conn, info.type, window)
+            values = [_stat_value(kind, agg, divisor, stat) for agg, divisor in found]
+            counts = [agg.days if agg else 0 for agg, _divisor in found]
+        if grain.name == "day":
+            return info, unit, [SeriesPoint(period.start, value) for period, value in zip(window.periods, values)]
+        return info, unit, [SeriesPoint(period.start, value, count, cut) for period, value, count, cut in zip(
+            window.periods, values, counts, partial)]
 
 
 class PeriodRow(typing.NamedTuple):
@@ -5544,7 +6009,8 @@ class SourceShare(typing.NamedTuple):
     samples: int
     #: Its share of the window's samples (0 to 1).
     share: float
-    #: The sum of its values (of a type that adds up; before merging sources).
+    #: What it adds to the totals (of a type that adds up): its values' shares
+    #: for the time it counts, merged by source priority.
     total: typing.Optional[float]
 
 
@@ -5575,12 +6041,12 @@ def type_report(store, name, view):
                     periods.append(PeriodRow(point[0], (point[1], *(
                         point[2].get(key) for key, _label, _colour in SLEEP_STAGES))))
         else:
-            for index, (period, agg) in reversed(list(enumerate(zip(window.periods, type_aggregates(
-                    conn, info.type, window.periods, window.priority))))):
+            for period, (agg, days) in reversed(list(zip(window.periods, window_aggregates(conn, info.type,
+                                                                                           window)))):
                 if agg is not None:
                     cells = tuple(v if v is None or heading == "Samples" or v.__class__ is str
                                   else finite(v * kind.scale)
-                                  for heading, v in zip(kind.columns, kind.cells(agg, _period_days(window, index))))
+                                  for heading, v in zip(kind.columns, kind.cells(agg, days)))
                     periods.append(PeriodRow(period.date, cells))
         latest = [LatestSample(start, end, finite(value), unit, source) for start, end, value, unit, source in conn.execute(
             "SELECT start_date, end_date, value, unit, source_name FROM samples WHERE type = ?"
@@ -5591,6 +6057,9 @@ def type_report(store, name, view):
         elif category_of(info.type) is not None:
             latest = [sample._replace(value=category_name(info.type, sample.value) or sample.value)
                       for sample in latest]
+        elif kind.scale != 1:  # fractions in percent, as the chart and the table show them
+            latest = [sample._replace(value=finite(sample.value * kind.scale), unit=kind.unit)
+                      if sample.value.__class__ in (int, float) else sample for sample in latest]
         unit = display_unit(conn, info.type, kind)
         sources = source_shares(conn, info.type, window)
     return TypeReport(view, window, info, chart, tuple(periods), tuple(latest), unit, sources)
@@ -6488,7 +6957,12 @@ def render_type_page(report):
     if report.sources:
         out.append("<h2>Sources</h2>")
         adds_up = any(source.total is not None for source in report.sources)
-        out.append('<div class="narrow">' + _table(("Source", "Samples", "Share") + (("Total",) if adds_up else ()), [
+        if adds_up:
+            named = ", then ".join(f"names with &ldquo;{_esc(word)}&rdquo;" for word in report.view.priority)
+            out.append(f'<p class="muted">Counted: what each source adds to the totals. Where sources counted the '
+                       f'same time, only the first by priority counts: data entered by hand, then {named}, then the '
+                       f'others in the order they were first stored.</p>')
+        out.append('<div class="narrow">' + _table(("Source", "Samples", "Share") + (("Counted",) if adds_up else ()), [
             ("", _cells(_esc(source.source), _number(source.samples), f"{source.share:.0%}",
                         *((format_value(source.total),) if adds_up else ()))) for source in report.sources]) + "</div>")
     out.append("<h2>Latest samples</h2>")
@@ -7540,8 +8014,9 @@ class ReceiverConfig:
     warnings: typing.Tuple[str, ...] = ()
     archive: typing.Optional[str] = None
     utc: bool = False
-    #: Words of the source names counted first where devices overlap.
-    source_priority: typing.Tuple[str, ...] = SOURCE_PRIORITY
+    #: Words of the source names counted first where devices overlap (None:
+    #: those the database was last given, by default SOURCE_PRIORITY).
+    source_priority: typing.Optional[typing.Tuple[str, ...]] = None
     #: Proxies whose forwarding headers name the client (--trusted-proxy).
     trusted_proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
     #: Scheduled backups (--backup-dir, --backup-every in seconds, --backup-keep).
@@ -8363,7 +8838,7 @@ def _view(request):
     config = request.server.config
     person = _store(request).person
     people = tuple(other.name for other in request.server.store.people()) if request.caller.admin else ()
-    return View.of(asked, Zone(config.utc), request.now, config.source_priority, person.name, people)
+    return View.of(asked, Zone(config.utc), request.now, request.server.store.priority, person.name, people)
 
 
 #: Seconds a page waits for the writer to bring the hourly totals up to
@@ -8502,17 +8977,21 @@ def latest_answer(request):
     return json_answer(latest_json(latest_report(_totals(request), _view(request)), request.now))
 
 
-def _instant(text, name, zone):
+def _instant(text, name, zone, end=False):
     """A bound of /api/series as a stored timestamp: Unix time in
-    milliseconds (Grafana's ${__from}), a date (its first instant in the
-    receiver's days, as the pages count them) or a time (ISO 8601; UTC
-    without an offset)."""
+    milliseconds (Grafana's ${__from}), a date (in the receiver's days, as
+    the pages count them: as ``from`` its first instant, as ``to`` (``end``)
+    the end of that day, so that a date range holds both its dates, as
+    ``export --since D --until D`` does) or a time (ISO 8601; UTC without
+    an offset)."""
     stamp = None
     if text.isdigit() and len(text) >= 10:
         with contextlib.suppress(OverflowError, OSError, ValueError):
             stamp = utc_date(_canonical(datetime.datetime.fromtimestamp(int(text) / 1000, datetime.timezone.utc)))
     elif re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text) and utc_date(text):
-        stamp = zone.midnight(datetime.date.fromisoformat(text))
+        day = datetime.date.fromisoformat(text)
+        with contextlib.suppress(OverflowError):
+            stamp = zone.midnight(day + datetime.timedelta(days=1) if end else day)
     else:
         stamp = utc_date(text)
     if stamp is None:
@@ -8532,24 +9011,28 @@ def series_answer(request):
         raise ClientError(HTTPStatus.BAD_REQUEST, f"grain must be one of {', '.join(SERIES_GRAINS)}.")
     if query.get("format", "json") not in ("json", "csv"):
         raise ClientError(HTTPStatus.BAD_REQUEST, "format must be json or csv.")
+    stat = query.get("stat") or None
+    if stat is not None and stat not in SERIES_STATS:
+        raise ClientError(HTTPStatus.BAD_REQUEST, f"stat must be one of {', '.join(SERIES_STATS)}.")
     view = _view(request)
-    end = _instant(query["to"], "to", view.zone) if query.get("to") else _canonical(request.now)
+    end = _instant(query["to"], "to", view.zone, end=True) if query.get("to") else _canonical(request.now)
     # By default the status page's 30 days: today and the 29 before.
     start = (_instant(query["from"], "from", view.zone) if query.get("from") else view.zone.midnight(
         view.zone.today(request.now) - datetime.timedelta(days=29)))
     if start >= end:
         raise ClientError(HTTPStatus.BAD_REQUEST, "from must be before to.")
     try:
-        found = series_points(_totals(request), query["type"], view, start, end, grain)
+        found = series_points(_totals(request), query["type"], view, start, end, grain, stat)
     except ValueError as exc:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"{exc}.") from None
     if found is None:
         raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(query['type'], 80)}.")
     info, unit, points = found
     if query.get("format") == "csv":
-        return Answer("text/csv; charset=utf-8", csv_pieces(("time", "value"), points),
+        return Answer("text/csv; charset=utf-8", csv_pieces(("time", "value"), [point[:2] for point in points]),
                       headers=(("Content-Disposition", f'attachment; filename="{quote(info.name)}.csv"'),))
-    return json_answer([{"time": time_, "value": value} for time_, value in points],
+    return json_answer([dict(time=point.time, value=point.value, **({} if point.days is None else {
+        "days": point.days, "partial": point.partial})) for point in points],
                        headers=(("X-Health-Type", quote(info.type)), ("X-Health-Unit", quote(unit or ""))))
 
 
@@ -8584,6 +9067,8 @@ class HealthReceiverServer(ThreadingHTTPServer):
     def __init__(self, config, store=None, bind_and_activate=True, routes=None):
         self.config = config
         self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
+        if config.source_priority:
+            self.store.use_source_priority(config.source_priority)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
         self.backups = None
         if config.backup_dir and config.backup_every:
@@ -8916,6 +9401,8 @@ def _serve(config, out, ready):
     store = Store(config.db, tmp_dir=config.tmp_dir, backup_dir=config.backup_dir)
     try:
         store.open(report=lambda line: print(line, file=out, flush=True), first_person=config.person)
+        if config.source_priority:
+            store.use_source_priority(config.source_priority, lambda line: print(line, file=out, flush=True))
         owner = _person_named(store, config.person) if config.person else store.first_person()
         config.keys = config.keys.owned_by(Identity(owner.name, owner.id))
         server = HealthReceiverServer(config, store)
@@ -9120,9 +9607,11 @@ def serve_parser():
     parser.add_argument("--archive", metavar="DIR",
                         help="also save every accepted body as DIR/<time>-<sync id>.json.gz")
     parser.add_argument("--utc", action="store_true", help="status page days are UTC days, not this machine's")
-    parser.add_argument("--source-priority", metavar="WORDS", type=_source_words, default=SOURCE_PRIORITY,
-                        help="where devices counted the same time (steps, energy...), the sources whose names hold "
-                             "these comma-separated words count first, in this order (default: Watch)")
+    parser.add_argument("--source-priority", metavar="WORDS", type=_source_words, default=None,
+                        help="where sources counted the same time (steps, energy, sleep...), those whose names hold "
+                             "these comma-separated words count first, in this order, after data entered by hand "
+                             "(default: Watch,iPhone; the database keeps the last words given, and the totals are "
+                             "merged again when they change)")
     parser.add_argument("--trusted-proxy", metavar="ADDR[,ADDR...]",
                         help="proxies (addresses or networks) whose X-Forwarded-For/Forwarded name the client "
                              f"(default ${TRUSTED_PROXY_ENV}, else none)")
