@@ -2256,8 +2256,8 @@ def user_entered(record):
     except (ValueError, AttributeError, RecursionError):
         return False
     if flag.__class__ is str:
-        return flag.strip().lower() in ("1", "true", "yes")
-    return flag.__class__ in (bool, int, float) and flag == 1
+        return flag.strip().lower() in ("1", "true")
+    return flag is True or flag.__class__ is int and flag == 1
 
 
 class SourceRanks:
@@ -2326,36 +2326,51 @@ def merge_by_priority(samples, bucket_ms=BUCKET_MS):
     instant.  Samples of one source never hide each other."""
     by_rank = {}
     for sample in samples:
-        by_rank.setdefault(sample[3], []).append(sample)
+        found = by_rank.get(sample[3])
+        if found is None:
+            by_rank[sample[3]] = [sample]
+        else:
+            found.append(sample)
     shares = {}
     starts, ends = [], []  # what the sources before have covered
-
-    def add(bucket, source, value, milliseconds):
-        cell = shares.get((bucket, source))
-        if cell is None:
-            shares[(bucket, source)] = [value, milliseconds]
-        else:
-            cell[0] += value
-            cell[1] += milliseconds
-
-    for rank in sorted(by_rank):
-        mine = []
+    ranks = sorted(by_rank)
+    for rank in ranks:
+        mine = [] if rank is not ranks[-1] else None  # the last covers nothing that counts
         for start, end, value, _rank, source in by_rank[rank]:
-            length = None if end is None else end - start
-            if length is None or length <= 0 or length > LONGEST_SPREAD_MS:
+            length = 0 if end is None else end - start
+            if length <= 0 or length > LONGEST_SPREAD_MS:
                 index = bisect.bisect_right(starts, start) - 1
                 if index < 0 or ends[index] <= start:
-                    add(start // bucket_ms, source, value, 0)
-                continue
-            mine.append((start, end))
-            for low, high in (((start, end),) if not starts else _uncovered(starts, ends, start, end)):
-                first, last = low // bucket_ms, (high - 1) // bucket_ms
-                if first == last:
-                    add(first, source, value if high - low == length else value * (high - low) / length, high - low)
+                    pieces, length = ((start, start),), 0
+                else:
                     continue
-                for bucket in range(first, last + 1):
+            elif starts:
+                pieces = _uncovered(starts, ends, start, end)
+            else:  # the first source: all of it counts, most often in one bucket
+                bucket = start // bucket_ms
+                if bucket == (end - 1) // bucket_ms:
+                    cell = shares.get((bucket, source))
+                    if cell is None:
+                        shares[(bucket, source)] = [value, length]
+                    else:
+                        cell[0] += value
+                        cell[1] += length
+                    if mine is not None:
+                        mine.append((start, end))
+                    continue
+                pieces = ((start, end),)
+            if mine is not None and length:
+                mine.append((start, end))
+            for low, high in pieces:
+                for bucket in range(low // bucket_ms, max(low, high - 1) // bucket_ms + 1):
                     part = min(high, (bucket + 1) * bucket_ms) - max(low, bucket * bucket_ms)
-                    add(bucket, source, value * part / length, part)
+                    counted = value if part == length else value * part / length if length else value
+                    cell = shares.get((bucket, source))
+                    if cell is None:
+                        shares[(bucket, source)] = [counted, part]
+                    else:
+                        cell[0] += counted
+                        cell[1] += part
         if mine:
             starts, ends = _union(list(zip(starts, ends)) + mine)
     return shares
@@ -2383,17 +2398,26 @@ def _milliseconds_sql(column):
     return f"CAST(strftime('%s', {column}) AS INTEGER) * 1000 + CAST(substr({column}, 21, 3) AS INTEGER)"
 
 
-#: A person's cumulative samples that count in [:low, :high) (milliseconds,
-#: and their canonical texts :low_text and :high_text): those starting
-#: there, and those starting up to :back before that last into it.  One
-#: range of the samples' key; records are read only where they may say
-#: "entered by hand".
+#: A person's cumulative samples with a finite number that count in [:low,
+#: :high) (milliseconds, and their canonical texts :low_text and
+#: :high_text): those starting there, and those starting up to :back
+#: before that last into it.  One range of the samples' key; records are
+#: read only where they may say "entered by hand".
 _MERGE_SAMPLES_SQL = (
     f"SELECT {_milliseconds_sql('start_date')}, CASE WHEN end_date IS NOT NULL THEN"
     f" {_milliseconds_sql('end_date')} END, value, coalesce(source_name, ''),"
     f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END"
     f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
-    " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)")
+    " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)"
+    f" AND {_NUMERIC} AND abs(value) <= 1.7976931348623157e308")
+#: Per half-hour from :low to :high and source: the samples that start
+#: there, and their numbers' count, least and greatest.
+_MERGE_BEGUN_SQL = (
+    "SELECT substr(start_date, 1, 13) || CASE WHEN substr(start_date, 15, 2) >= '30' THEN ':30' ELSE '' END"
+    f" AS bucket, coalesce(source_name, '') AS source, count(*), count(CASE WHEN {_NUMERIC} THEN 1 END),"
+    f" min(CASE WHEN {_NUMERIC} THEN value END), max(CASE WHEN {_NUMERIC} THEN value END)"
+    f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type AND start_date >= :low_text"
+    " AND start_date < :high_text GROUP BY bucket, source")
 #: A cumulative type's half-hours from :low to :high, rewritten.
 _MERGE_DELETE_SQL = (f"DELETE FROM main.sample_hours WHERE {PERSON_COLUMN} = ? AND type = ? AND hour >= ?"
                      " AND hour < ?")
@@ -2408,38 +2432,27 @@ def _stamp_text(milliseconds):
 def merge_hours(conn, person, type_name, low, high, ranks, back):
     """Rewrite the half-hours of a person's cumulative type from ``low`` to
     ``high`` (milliseconds, whole hours) from its samples: per source, the
-    value it counts there (merge_by_priority), the samples that start
-    there, their numeric values' count, least and greatest, and the
-    milliseconds it counts (as seconds)."""
+    value it counts there (merge_by_priority) and the milliseconds it
+    counts (as seconds), the samples that start there, their numbers'
+    count, least and greatest."""
     parameters = {"person": person, "type": type_name, "low_text": _stamp_text(low),
                   "high_text": _stamp_text(high), "back_text": _stamp_text(low - back)}
-    counted, begun = [], {}
-    for start, end, value, source, record in conn.execute(_MERGE_SAMPLES_SQL, parameters):
-        numeric = value.__class__ in (int, float) and math.isfinite(value)
-        if start >= low:
-            cell = begun.get((start // BUCKET_MS, source))
-            if cell is None:
-                cell = begun[(start // BUCKET_MS, source)] = [0, 0, None, None]
-            cell[0] += 1
-            if numeric:
-                cell[1] += 1
-                cell[2] = value if cell[2] is None or value < cell[2] else cell[2]
-                cell[3] = value if cell[3] is None or value > cell[3] else cell[3]
-        if numeric:
-            counted.append((start, end, value, ranks.key(source, record is not None and user_entered(record)),
-                            source))
-    shares = merge_by_priority(counted)
+    key = ranks.key
+    shares = merge_by_priority([(start, end, value, key(source, record is not None and user_entered(record)), source)
+                                for start, end, value, source, record in conn.execute(_MERGE_SAMPLES_SQL, parameters)])
     first, last = low // BUCKET_MS, high // BUCKET_MS
-    rows = []
-    for key in sorted(set(shares) | set(begun)):
-        bucket, source = key
+    rows = {}
+    for bucket, source, samples, numbers, least, most in conn.execute(_MERGE_BEGUN_SQL, parameters):
+        rows[(bucket, source)] = [person, type_name, bucket, source, samples, numbers, 0.0, least, most, 0.0]
+    for (bucket, source), (value, milliseconds) in shares.items():
         if first <= bucket < last:
-            value, milliseconds = shares.get(key, (0.0, 0))
-            samples, numbers, least, most = begun.get(key, (0, 0, None, None))
-            rows.append((person, type_name, bucket_key(bucket), source, samples, numbers, float(value), least, most,
-                         round(milliseconds / 1000, 3)))
+            name = bucket_key(bucket)
+            row = rows.get((name, source))
+            if row is None:
+                row = rows[(name, source)] = [person, type_name, name, source, 0, 0, 0.0, None, None, 0.0]
+            row[6], row[9] = float(value), round(milliseconds / 1000, 3)
     conn.execute(_MERGE_DELETE_SQL, (person, type_name, bucket_key(first), bucket_key(last)))
-    conn.executemany(_MERGE_INSERT_SQL, rows)
+    conn.executemany(_MERGE_INSERT_SQL, rows.values())
 
 
 def source_priority_words(conn):
@@ -2921,10 +2934,14 @@ _NOTE_PENDING_HOUR_SQL = (f"INSERT OR IGNORE INTO main.sample_hours_pending ({PE
 #: A cumulative type's staged samples (rowids :first to :last) that last
 #: into a later hour than the next: every hour they span is noted, and
 #: the longest (at most LONGEST_SPREAD_MS) is returned for sample_types.
+_LONGEST_SAMPLE_SQL = (
+    "SELECT max(length) FROM (SELECT round((julianday(end_date) - julianday(start_date)) * 86400000) AS length"
+    " FROM stage.samples WHERE rowid BETWEEN :first AND :last AND end_date > start_date) WHERE length <= :longest")
+#: Of those, the ones longer than an hour (the others' hours are noted
+#: with their start's and end's: _SAMPLE_HOURS_OF).
 _LONG_SAMPLES_SQL = (
-    "SELECT substr(start_date, 1, 13), substr(end_date, 1, 13),"
-    " round((julianday(end_date) - julianday(start_date)) * 86400000) AS length FROM stage.samples"
-    " WHERE rowid BETWEEN :first AND :last AND end_date > start_date AND length <= :longest")
+    "SELECT substr(start_date, 1, 13), substr(end_date, 1, 13) FROM stage.samples WHERE rowid BETWEEN :first AND :last"
+    " AND end_date > start_date AND julianday(end_date) - julianday(start_date) BETWEEN 1 / 24.0 AND :longest_days")
 #: The sources a sync brought, in the order their first samples start:
 #: those not yet known are numbered after the person's others.
 _NEW_SOURCES_SQL = "SELECT DISTINCT coalesce(source_name, '') FROM stage.samples"
@@ -2942,12 +2959,12 @@ def _note_long_samples(conn, run, type_name, person):
     the longest sample's milliseconds (at most LONGEST_SPREAD_MS)."""
     longest, hours = 0, set()
     for first, last in run.ranges:
-        for start_hour, end_hour, length in conn.execute(_LONG_SAMPLES_SQL, {
-                "first": first, "last": last, "longest": LONGEST_SPREAD_MS}):
-            longest = max(longest, int(length))
-            if end_hour > start_hour:
-                at, stop = hour_milliseconds(start_hour), hour_milliseconds(end_hour)
-                hours.update(bucket_key(hour, 3600 * 1000) for hour in range(at // 3600000, stop // 3600000 + 1))
+        bounds = {"first": first, "last": last, "longest": LONGEST_SPREAD_MS,
+                  "longest_days": LONGEST_SPREAD_MS / 86400000}
+        longest = max(longest, int(conn.execute(_LONGEST_SAMPLE_SQL, bounds).fetchone()[0] or 0))
+        for start_hour, end_hour in conn.execute(_LONG_SAMPLES_SQL, bounds):
+            at, stop = hour_milliseconds(start_hour), hour_milliseconds(end_hour)
+            hours.update(bucket_key(hour, 3600 * 1000) for hour in range(at // 3600000, stop // 3600000 + 1))
     conn.executemany(_NOTE_PENDING_HOUR_SQL, ((person, type_name, hour) for hour in sorted(hours)))
     return longest
 

@@ -9,6 +9,8 @@ CPython's test_httpservers does, with no socket and no database.
 """
 
 import base64
+import bisect
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -42,6 +44,11 @@ import urllib.request
 from urllib.parse import quote
 from urllib.parse import unquote
 import zlib
+
+try:
+    import zoneinfo as _oracle_zoneinfo  # novermin: Python 3.9+, optional
+except ImportError:  # Python 3.8: local times from time.mktime under TZ
+    _oracle_zoneinfo = None
 
 import health_receiver as hr
 
@@ -820,7 +827,7 @@ class MigrationTests(unittest.TestCase):
     def hours_match_samples(self):
         """Every sample counted in the hourly totals, and every value of a
         type that is not merged by source priority (cumulative types' totals
-        are: MergeOracleTests checks those)."""
+        are: HealthAppOracleTests checks those)."""
         def value_unless_merged(rows):
             return [(name, count, None if hr.is_cumulative(name) else value) for name, count, value in rows]
 
@@ -2233,6 +2240,837 @@ class SourcePriorityTests(StepsTestCase):
         with contextlib.redirect_stderr(io.StringIO()) as err:
             self.assertEqual(hr.main(["--source-priority", " ,", "--db", self.db]), 2)
         self.assertIn("at least one word", err.getvalue())
+
+
+# ---------------------------------------------------------------------------
+# The Health app's numbers against an independent oracle
+# ---------------------------------------------------------------------------
+#
+# The oracle below restates the rules of cumulative types, sleep and heart
+# rate the dumbest obviously-right way, sharing no code with the receiver:
+# its own ISO 8601 reader, its own local days (the OS's tz database), its
+# own merge.  A seeded generator writes realistic days (a Watch and an
+# iPhone counting the same walks, third-party apps, hand entries, travel
+# days, DST days in two zones); the tests post them to the real receiver and
+# compare its /api/series answers with the oracle's, per day and per hour.
+
+
+ORACLE_MINUTE = 60 * 1000
+ORACLE_HOUR = 60 * ORACLE_MINUTE
+ORACLE_DAY = 24 * ORACLE_HOUR
+ORACLE_EPOCH = datetime.date(1970, 1, 1)
+
+ORACLE_STEPS = "HKQuantityTypeIdentifierStepCount"
+ORACLE_FLIGHTS = "HKQuantityTypeIdentifierFlightsClimbed"
+ORACLE_DISTANCE = "HKQuantityTypeIdentifierDistanceWalkingRunning"
+ORACLE_HEART = "HKQuantityTypeIdentifierHeartRate"
+ORACLE_SLEEP = "HKCategoryTypeIdentifierSleepAnalysis"
+#: Cumulative types and their short names in /api/series.
+ORACLE_CUMULATIVE = {ORACLE_STEPS: "StepCount", ORACLE_FLIGHTS: "FlightsClimbed",
+                     ORACLE_DISTANCE: "DistanceWalkingRunning"}
+ORACLE_HEART_STATS = ("min", "max", "mean")
+#: The receiver's default source words: a source whose lowercased name holds
+#: an earlier word ranks first.
+ORACLE_WORDS = ("watch", "iphone")
+ORACLE_SLEEP_NAMES = {"inBed": 0, "asleepUnspecified": 1, "awake": 2, "asleepCore": 3, "asleepDeep": 4,
+                      "asleepREM": 5}
+ORACLE_ASLEEP = frozenset((1, 3, 4, 5))
+
+
+# -- times ------------------------------------------------------------------
+
+_ORACLE_STAMP = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)\Z")
+
+
+def oracle_ms(text):
+    """Milliseconds since the epoch (UTC) of an ISO 8601 time with "Z" or a
+    ±HH:MM offset; a longer fraction is cut to the millisecond."""
+    match = _ORACLE_STAMP.match(text)
+    if match is None:
+        raise ValueError(f"not an ISO 8601 time with a zone: {text!r}")
+    year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
+    millis = int((match.group(7) or "").ljust(3, "0")[:3])
+    days = (datetime.date(year, month, day) - ORACLE_EPOCH).days
+    ms = (((days * 24 + hour) * 60 + minute) * 60 + second) * 1000 + millis
+    offset = match.group(8)
+    if offset != "Z":
+        sign = 1 if offset[0] == "+" else -1
+        ms -= sign * (int(offset[1:3]) * 60 + int(offset[4:6])) * ORACLE_MINUTE
+    return ms
+
+
+def oracle_text(ms, offset=None, fraction=True):
+    """``ms`` as ISO 8601 written at ``offset`` minutes east of UTC (None:
+    UTC with "Z"); without ``fraction`` a whole second has no ".000"."""
+    days, rest = divmod(ms + (offset or 0) * ORACLE_MINUTE, ORACLE_DAY)
+    seconds, millis = divmod(rest, 1000)
+    text = "%sT%02d:%02d:%02d" % ((ORACLE_EPOCH + datetime.timedelta(days=days)).isoformat(),
+                                  seconds // 3600, seconds // 60 % 60, seconds % 60)
+    if fraction or millis:
+        text += ".%03d" % millis
+    if offset is None:
+        return text + "Z"
+    return text + "%s%02d:%02d" % ("+" if offset >= 0 else "-", abs(offset) // 60, abs(offset) % 60)
+
+
+class OracleZone:
+    """Local days of a time zone as the OS's tz database has them: zoneinfo
+    where there is one (Python 3.9+), else time.mktime under TZ (the test
+    has set TZ to this zone and called tzset)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __str__(self):
+        return self.name
+
+    def at(self, date, hour=0):
+        """Milliseconds (UTC) of ``hour``:00 local time on ``date``; only
+        called for midnight and noon, which exist on every day of the zones
+        the tests use."""
+        if self.name == "UTC":
+            return (date - ORACLE_EPOCH).days * ORACLE_DAY + hour * ORACLE_HOUR
+        if _oracle_zoneinfo is not None:
+            local = datetime.datetime(date.year, date.month, date.day, hour,
+                                      tzinfo=_oracle_zoneinfo.ZoneInfo(self.name))
+            return round(local.timestamp() * 1000)
+        if os.environ.get("TZ") != self.name:
+            raise RuntimeError(f"no zoneinfo: TZ must be {self.name} for time.mktime")
+        return int(time.mktime((date.year, date.month, date.day, hour, 0, 0, 0, 0, -1))) * 1000
+
+
+class OracleBuckets:
+    """Consecutive periods [bounds[i], bounds[i + 1]) named keys[i]."""
+
+    def __init__(self, bounds, keys):
+        assert len(bounds) == len(keys) + 1 and all(a < b for a, b in zip(bounds, bounds[1:]))
+        self.bounds, self.keys = list(bounds), list(keys)
+
+    def index(self, ms):
+        i = bisect.bisect_right(self.bounds, ms) - 1
+        if not 0 <= i < len(self.keys):
+            raise ValueError(f"{oracle_text(ms)} is outside the oracle's periods")
+        return i
+
+    def key_of(self, ms):
+        return self.keys[self.index(ms)]
+
+    def spread(self, start, end, amount, totals):
+        """Add ``amount`` to ``totals`` spread evenly over [start, end)."""
+        i, low = self.index(start), start
+        while low < end:
+            high = min(end, self.bounds[i + 1])
+            totals[self.keys[i]] += amount * (high - low) / (end - start)
+            low, i = high, i + 1
+
+
+# -- the oracle -------------------------------------------------------------
+
+OracleSample = collections.namedtuple("OracleSample", "start end value source hand")
+
+
+def oracle_number(value):
+    """A sample's value if it is a JSON number (not a boolean), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def oracle_hand(element):
+    """Was the sample entered by hand: HKWasUserEntered true, 1, "1" or "true"."""
+    metadata = element.get("metadata")
+    flag = metadata.get("HKWasUserEntered") if isinstance(metadata, dict) else None
+    if flag is True or (type(flag) is int and flag == 1):
+        return True
+    return isinstance(flag, str) and flag.lower() in ("1", "true")
+
+
+def oracle_sleep_stage(value):
+    """0-5 from a number or a name (None: neither)."""
+    if isinstance(value, str):
+        return ORACLE_SLEEP_NAMES.get(value)
+    number = oracle_number(value)
+    return int(number) if number is not None and number == int(number) and 0 <= number <= 5 else None
+
+
+def oracle_union_ms(intervals):
+    """The measure of the union of [start, end) intervals."""
+    total, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total += max(0, end - start)
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
+
+
+def oracle_expectations(body, zone, words=ORACLE_WORDS):
+    """What the receiver must answer for ``body`` (one POST holding all of a
+    person's samples) with days in ``zone``: {(short name, stat, grain):
+    {key: value}}; a key is a local date (grain "day") or a UTC hour's start
+    in ms (grain "hour").  Cumulative types have every period of the span
+    (0.0 when nothing counts); heart rate and sleep only periods with data."""
+    samples, earliest = collections.defaultdict(list), {}
+    for type_name, elements in body["data"].items():
+        for element in elements:
+            start = oracle_ms(element["startDate"])
+            end = oracle_ms(element.get("endDate") or element["startDate"])
+            source = element.get("sourceName") or ""
+            earliest[source] = min(start, earliest.get(source, start))
+            samples[type_name].append(OracleSample(start, end, element.get("value"), source, oracle_hand(element)))
+    # first_seen within one body: by the earliest start of any of a source's samples, ties by name.
+    first_seen = {name: i for i, name in enumerate(sorted(earliest, key=lambda name: (earliest[name], name)))}
+
+    def rank(source, hand):
+        lowered = source.lower()
+        word = next((i for i, w in enumerate(words) if w in lowered), len(words))
+        return (0 if hand else 1, word, first_seen[source])
+
+    # Periods: every local day (and UTC hour) from two days before the
+    # first instant to two days after the last: enough for any zone.
+    instants = [t for kept in samples.values() for sample in kept for t in (sample.start, sample.end)]
+    first = ORACLE_EPOCH + datetime.timedelta(days=min(instants) // ORACLE_DAY - 2)
+    last = ORACLE_EPOCH + datetime.timedelta(days=max(instants) // ORACLE_DAY + 2)
+    dates = [first + datetime.timedelta(days=n) for n in range((last - first).days + 1)]
+    days = OracleBuckets([zone.at(d) for d in dates] + [zone.at(last + datetime.timedelta(days=1))], dates)
+    # The night of day D: samples starting from noon of D - 1 to noon of D.
+    nights = OracleBuckets([zone.at(d - datetime.timedelta(days=1), 12) for d in dates] + [zone.at(last, 12)],
+                           dates)
+    hour_starts = list(range(days.bounds[0] // ORACLE_HOUR * ORACLE_HOUR, days.bounds[-1], ORACLE_HOUR))
+    hours = OracleBuckets(hour_starts + [hour_starts[-1] + ORACLE_HOUR], hour_starts)
+
+    expected = {}
+    for type_name, name in ORACLE_CUMULATIVE.items():
+        by_day, by_hour = oracle_cumulative(samples[type_name], rank, days, hours)
+        expected[(name, None, "day")], expected[(name, None, "hour")] = by_day, by_hour
+    for grain, buckets in (("day", days), ("hour", hours)):
+        for stat, by_key in oracle_heart_rate(samples[ORACLE_HEART], buckets).items():
+            expected[("HeartRate", stat, grain)] = by_key
+    expected[("SleepAnalysis", None, "day")] = oracle_sleep(samples[ORACLE_SLEEP], rank, nights)
+    return expected
+
+
+def oracle_cumulative(samples, rank, days, hours):
+    """({date: total}, {hour: total}) of a cumulative type.
+
+    The instants where any sample runs are cut at every sample's start and
+    end into pieces; a piece goes to the samples of the best rank covering
+    it, each in proportion to its own length."""
+    numeric = [s for s in samples if oracle_number(s.value) is not None]
+    spans = [s for s in numeric if s.end > s.start]
+    bounds = sorted({t for s in spans for t in (s.start, s.end)})
+    winner = [None] * max(len(bounds) - 1, 0)  # per piece: the best rank covering it
+    for s in spans:
+        r = rank(s.source, s.hand)
+        for k in range(bisect.bisect_left(bounds, s.start), bisect.bisect_left(bounds, s.end)):
+            if winner[k] is None or r < winner[k]:
+                winner[k] = r
+    by_day, by_hour = dict.fromkeys(days.keys, 0.0), dict.fromkeys(hours.keys, 0.0)
+    for s in spans:
+        r = rank(s.source, s.hand)
+        for k in range(bisect.bisect_left(bounds, s.start), bisect.bisect_left(bounds, s.end)):
+            if winner[k] == r:
+                share = s.value * (bounds[k + 1] - bounds[k]) / (s.end - s.start)
+                days.spread(bounds[k], bounds[k + 1], share, by_day)
+                hours.spread(bounds[k], bounds[k + 1], share, by_hour)
+    for s in numeric:
+        if s.end > s.start:
+            continue
+        # A point counts at its start unless a strictly better sample runs then.
+        k = bisect.bisect_right(bounds, s.start) - 1
+        if 0 <= k < len(winner) and winner[k] is not None and winner[k] < rank(s.source, s.hand):
+            continue
+        by_day[days.key_of(s.start)] += s.value
+        by_hour[hours.key_of(s.start)] += s.value
+    return by_day, by_hour
+
+
+def oracle_heart_rate(samples, buckets):
+    """{stat: {key: value}}: every source's numbers by the period of their start."""
+    values = collections.defaultdict(list)
+    for s in samples:
+        if oracle_number(s.value) is not None:
+            values[buckets.key_of(s.start)].append(s.value)
+    return {"min": {key: min(found) for key, found in values.items()},
+            "max": {key: max(found) for key, found in values.items()},
+            "mean": {key: math.fsum(found) / len(found) for key, found in values.items()}}
+
+
+def oracle_sleep(samples, rank, nights):
+    """{date: hours asleep}: per night, the best-ranked source with asleep
+    samples, the union of its asleep samples (whole, not clipped)."""
+    asleep = collections.defaultdict(lambda: collections.defaultdict(list))
+    for s in samples:
+        if oracle_sleep_stage(s.value) in ORACLE_ASLEEP:
+            asleep[nights.key_of(s.start)][(s.source, s.hand)].append((s.start, s.end))
+    found = {}
+    for night, by_source in asleep.items():
+        best = min(by_source, key=lambda merge_source: rank(*merge_source))
+        found[night] = oracle_union_ms(by_source[best]) / ORACLE_HOUR
+    return found
+
+
+# -- the generator ----------------------------------------------------------
+
+SCENARIO_WATCH = "Jane\u2019s Apple Watch"
+SCENARIO_IPHONE = "Jane\u2019s iPhone"
+SCENARIO_PEDOMETER = "Pedometer++"
+SCENARIO_STEPS_APP = "StepsApp"
+SCENARIO_HAND = "Health"
+SCENARIO_SLEEP_APP = "AutoSleep"
+#: Runs of consecutive days: New Year, both spring DST changes (US 03-08,
+#: EU 03-29), both autumn ones (EU 10-25, US 11-01).
+SCENARIO_RUNS = ((datetime.date(2025, 12, 28), datetime.date(2026, 1, 3)),
+                 (datetime.date(2026, 2, 1), datetime.date(2026, 4, 30)),
+                 (datetime.date(2026, 9, 15), datetime.date(2026, 11, 30)))
+SCENARIO_SLEEP_STAGE_NAMES = {number: name for name, number in ORACLE_SLEEP_NAMES.items()}
+#: Offsets (minutes east of UTC) a phone abroad writes its times at.
+SCENARIO_TRAVEL_OFFSETS = (540, -420, 330, 60, -180, 0)
+
+
+class ScenarioBody:
+    """One POST body being written: samples by type, each with a unique uuid,
+    times written at the day's offset (``offset``: None is "Z")."""
+
+    def __init__(self, tag):
+        self.tag = tag
+        self.data = collections.OrderedDict()
+        self.count = 0
+        self.offset = None
+        self.fraction = True
+
+    def add(self, type_name, source, start, end, value, unit=None, metadata=None):
+        self.count += 1
+        element = {"uuid": f"{self.tag}-{self.count:06d}", "startDate": oracle_text(start, self.offset, self.fraction),
+                   "endDate": oracle_text(end, self.offset, self.fraction), "sourceName": source, "value": value}
+        if unit is not None:
+            element["unit"] = unit
+        if metadata is not None:
+            element["metadata"] = metadata
+        self.data.setdefault(type_name, []).append(element)
+
+    def payload(self, rng):
+        # The app's order is not the sources' order: shuffled, first_seen must
+        # still come from the earliest start.
+        for elements in self.data.values():
+            rng.shuffle(elements)
+        return {"data": self.data}
+
+
+def scenario_body(seed, zone, runs=SCENARIO_RUNS):
+    """The seeded body of every day of ``runs`` in ``zone``: (payload, days)."""
+    rng = random.Random(seed)
+    body = ScenarioBody(f"{seed}-{zone.name.replace('/', '-')}")
+    days = 0
+    for first, last in runs:
+        day = first
+        while day <= last:
+            scenario_day(rng, body, zone, day)
+            day += datetime.timedelta(days=1)
+            days += 1
+    return body.payload(rng), days
+
+
+def _minutes(rng, low, high):
+    return int(rng.uniform(low, high) * ORACLE_MINUTE)
+
+
+def _without(low, high, away):
+    """[low, high) minus the ``away`` intervals, as a list of pieces."""
+    pieces = [(low, high)]
+    for a, b in away:
+        pieces = [piece for lo, hi in pieces for piece in ((lo, min(hi, a)), (max(lo, b), hi)) if piece[1] > piece[0]]
+    return pieces
+
+
+def _inside(moment, intervals):
+    """Is ``moment`` in one of the intervals (tuples starting (start, end))?"""
+    return any(interval[0] <= moment < interval[1] for interval in intervals)
+
+
+def scenario_day(rng, body, zone, day):
+    """One day: the night before it (sleep), walks counted by the day's step
+    sources, heart rate, and now and then a hand entry, a point sample, a
+    walk across midnight or a day abroad."""
+    midnight, next_midnight = zone.at(day), zone.at(day + datetime.timedelta(days=1))
+    body.offset = rng.choice(SCENARIO_TRAVEL_OFFSETS) if rng.random() < 0.06 else None
+    body.fraction = rng.random() < 0.8
+    wake = scenario_night(rng, body, zone, day, midnight)
+
+    watch, phone = rng.random() < 0.88, rng.random() < 0.93
+    pedometer, steps_app, hand = rng.random() < 0.3, rng.random() < 0.15, rng.random() < 0.15
+    if watch + phone + pedometer + steps_app + hand < 2:
+        watch = phone = True
+    if watch + phone + pedometer + steps_app + hand > 4:
+        steps_app = False
+
+    # Walks: (start, end, steps per second) in ms; on some days one is a run.
+    walks, moment = [], wake + _minutes(rng, 10, 60)
+    while moment < midnight + 22 * ORACLE_HOUR:
+        length = int(rng.choice([60, 120, 300, 600, 900, 1800, 2700]) * rng.uniform(0.5, 1.5) * 1000)
+        walks.append((moment, moment + length, rng.uniform(1.2, 2.0)))
+        moment += length + int(rng.expovariate(1 / 5400) * 1000)
+    run = rng.randrange(len(walks)) if walks and rng.random() < 0.12 else None
+    if run is not None:  # a run instead of one walk (and of the walks it runs into)
+        start = walks[run][0]
+        end = start + _minutes(rng, 20, 50)
+        walks = walks[:run] + [(start, end, rng.uniform(2.6, 3.0))] + [w for w in walks[run + 1:] if w[0] >= end]
+    if rng.random() < 0.08:  # home late: a walk across local midnight
+        start = next_midnight - _minutes(rng, 5, 30)
+        walks.append((start, start + _minutes(rng, 20, 60), rng.uniform(1.2, 1.8)))
+
+    def walked(low, high, bias):
+        """Steps counted from ``low`` to ``high`` by a device counting ``bias`` as many."""
+        total = sum(max(0, min(high, b) - max(low, a)) / 1000 * rate for a, b, rate in walks)
+        return round(total * bias * rng.uniform(0.97, 1.03))
+
+    def add_steps(source, start, end, steps, stride, metadata=None):
+        body.add(ORACLE_STEPS, source, start, end, steps, "count", metadata)
+        if rng.random() < 0.5:  # not every step sample has its distance beside it
+            body.add(ORACLE_DISTANCE, source, start, end, round(steps * stride, 5), "km", metadata)
+        if rng.random() < 0.12:
+            body.add(ORACLE_FLIGHTS, source, start, end, rng.randint(1, 3), "count", metadata)
+
+    def device(source, chunk_seconds, away):
+        """A device's own samples of the walks: its own boundaries, its own
+        count, nothing while it is ``away`` (charging, on a desk)."""
+        bias, stride = rng.uniform(0.92, 1.05), rng.uniform(0.0007, 0.00085)
+        for start, end, _rate in walks:
+            moment = start + int(rng.uniform(-20, 20) * 1000)
+            while moment < end:
+                stop = min(end, moment + int(chunk_seconds * rng.uniform(0.3, 1.7) * 1000))
+                for low, high in _without(moment, stop, away):
+                    if high - low >= 1000:
+                        metadata = ({"HKWasUserEntered": rng.choice([0, False, "0", "false"])}
+                                    if rng.random() < 0.04 else None)
+                        add_steps(source, low, high, walked(low, high, bias), stride, metadata)
+                moment = stop
+
+    watch_away = []
+    if watch:
+        charging = rng.choice([wake + _minutes(rng, 0, 60), midnight + _minutes(rng, 19 * 60, 21 * 60)])
+        watch_away = [(charging, charging + _minutes(rng, 30, 90))]
+        device(SCENARIO_WATCH, rng.choice([120, 180, 300]), watch_away)
+    if phone:
+        desks = [midnight + _minutes(rng, 9 * 60, 16 * 60) for _ in range(rng.randint(1, 2))]
+        device(SCENARIO_IPHONE, rng.choice([300, 600, 900]), [(d, d + _minutes(rng, 60, 180)) for d in desks])
+        if rng.random() < 0.3:  # the phone's long, slow sample of a morning at the office
+            start = midnight + _minutes(rng, 9 * 60, 15 * 60)
+            add_steps(SCENARIO_IPHONE, start, start + _minutes(rng, 60, 180), rng.randint(20, 200), 0.0007)
+    if pedometer:  # an hour's steps per sample
+        bias, hour = rng.uniform(0.9, 1.1), midnight + 7 * ORACLE_HOUR
+        while hour < midnight + 23 * ORACLE_HOUR:
+            steps = walked(hour, hour + ORACLE_HOUR, bias)
+            if steps:
+                add_steps(SCENARIO_PEDOMETER, hour, hour + ORACLE_HOUR, steps, 0.00075)
+            hour += ORACLE_HOUR
+    if steps_app:  # blocks of two to four hours
+        bias, block = rng.uniform(0.9, 1.1), midnight + _minutes(rng, 6 * 60, 9 * 60)
+        while block < midnight + 22 * ORACLE_HOUR:
+            length = rng.randint(2, 4) * ORACLE_HOUR
+            add_steps(SCENARIO_STEPS_APP, block, block + length, walked(block, block + length, bias), 0.0008)
+            block += length
+    if hand:
+        flag = {"HKWasUserEntered": rng.choice([1, True, "1", "true", "TRUE"])}
+        start = (next_midnight - _minutes(rng, 30, 60) if rng.random() < 0.2
+                 else midnight + _minutes(rng, 7 * 60, 21 * 60))
+        length = 0 if rng.random() < 0.15 else 90 * ORACLE_MINUTE  # the Health app's form has one time or two
+        body.add(ORACLE_STEPS, SCENARIO_HAND, start, start + length, rng.randint(20, 60) * 100, "count", flag)
+        if rng.random() < 0.3:
+            body.add(ORACLE_DISTANCE, SCENARIO_HAND, start, start + length, round(rng.uniform(1.5, 4.5), 2), "km",
+                     flag)
+    sources = [name for name, used in ((SCENARIO_WATCH, watch), (SCENARIO_IPHONE, phone),
+                                       (SCENARIO_PEDOMETER, pedometer), (SCENARIO_STEPS_APP, steps_app)) if used]
+    if sources and rng.random() < 0.3:  # points: some at an hour's first instant
+        for _ in range(rng.randint(1, 3)):
+            at = midnight + _minutes(rng, 7 * 60, 22 * 60)
+            if rng.random() < 0.3:
+                at = at // ORACLE_HOUR * ORACLE_HOUR
+            body.add(ORACLE_STEPS, rng.choice(sources), at, at, rng.randint(5, 120), "count")
+
+    # Heart rate: the Watch every 10-25 minutes while worn, every 5 s for the
+    # first ten minutes of a run; the iPhone (a camera app) now and then.
+    if watch:
+        moment = wake + _minutes(rng, 5, 20)
+        while moment < midnight + 22 * ORACLE_HOUR + 30 * ORACLE_MINUTE:
+            if not _inside(moment, watch_away):
+                walking = _inside(moment, walks)
+                value = rng.randint(90, 130) if walking else rng.randint(56, 95)
+                body.add(ORACLE_HEART, SCENARIO_WATCH, moment, moment,
+                         round(value + rng.random(), 1) if rng.random() < 0.1 else value, "count/min")
+            moment += _minutes(rng, 10, 25)
+        if run is not None:
+            start, end, _rate = walks[run]
+            for at in range(start, min(end, start + 10 * ORACLE_MINUTE), 5000):
+                body.add(ORACLE_HEART, SCENARIO_WATCH, at, at, rng.randint(140, 175), "count/min")
+    if phone and rng.random() < 0.3:
+        for _ in range(rng.randint(1, 2)):
+            at = midnight + _minutes(rng, 8 * 60, 21 * 60)
+            body.add(ORACLE_HEART, SCENARIO_IPHONE, at, at + int(rng.uniform(30, 60) * 1000), rng.randint(60, 90),
+                     "count/min")
+
+
+def scenario_night(rng, body, zone, day, midnight):
+    """The night ending on the morning of ``day``: the Watch's stages and
+    sleeping heart rate, a sleep app's "asleep" (beside the Watch, or
+    alone), the iPhone's "in bed", rarely a hand entry; and now and then
+    the sleep app's nap that afternoon (the next night's).  Returns when
+    she got up."""
+    bed = midnight + _minutes(rng, -150, 60)
+    asleep_from = bed + _minutes(rng, 5, 25)
+    asleep_to = asleep_from + _minutes(rng, 5.5 * 60, 8.5 * 60)
+    watch = rng.random() < 0.75
+    app = rng.random() < (0.35 if watch else 0.6)
+
+    def stage_value(stage, style):
+        named = style == "names" or (style == "mixed" and rng.random() < 0.5)
+        return SCENARIO_SLEEP_STAGE_NAMES[stage] if named else stage
+
+    if watch:
+        style, moment, cycle = rng.choice(["numbers", "names", "mixed"]), asleep_from, 0
+        while moment < asleep_to:
+            if rng.random() < 0.12:
+                stage, length = 2, _minutes(rng, 1, 12)
+            else:
+                stage = (3, 4, 3, 5)[cycle % 4]
+                length = _minutes(rng, 10, 45) if stage == 3 else _minutes(rng, 5, 30)
+                cycle += 1
+            end = min(asleep_to, moment + length)
+            # Now and then a stage starts before the last ended: the union counts it once.
+            start = moment - _minutes(rng, 2, 5) if moment > asleep_from and rng.random() < 0.05 else moment
+            body.add(ORACLE_SLEEP, SCENARIO_WATCH, start, end, stage_value(stage, style))
+            moment = end
+        moment = asleep_from + _minutes(rng, 5, 30)
+        while moment < asleep_to:
+            body.add(ORACLE_HEART, SCENARIO_WATCH, moment, moment, rng.randint(46, 64), "count/min")
+            moment += _minutes(rng, 20, 40)
+    if app:
+        low, high = asleep_from + _minutes(rng, -10, 10), asleep_to + _minutes(rng, -10, 10)
+        pieces = [(low, high)]
+        if rng.random() < 0.3:  # woke in the night: two pieces, overlapping or apart
+            cut = low + (high - low) // 2 + _minutes(rng, -60, 60)
+            pieces = [(low, cut + _minutes(rng, 0, 10)), (cut + _minutes(rng, -5, 15), high)]
+        for start, end in pieces:
+            body.add(ORACLE_SLEEP, SCENARIO_SLEEP_APP, start, end, stage_value(1, "mixed"))
+    if rng.random() < 0.5:
+        body.add(ORACLE_SLEEP, SCENARIO_IPHONE, bed - _minutes(rng, 0, 15), asleep_to + _minutes(rng, 0, 20),
+                 stage_value(0, "mixed"))
+    if rng.random() < 0.03:
+        body.add(ORACLE_SLEEP, SCENARIO_HAND, bed, bed + _minutes(rng, 6 * 60, 8 * 60), stage_value(1, "mixed"),
+                 metadata={"HKWasUserEntered": 1})
+    if rng.random() < 0.08:  # an afternoon nap: it belongs to the night ending tomorrow
+        noon = zone.at(day, 12)
+        start = rng.choice([noon, noon - 1, noon + _minutes(rng, 30, 270)])  # noon itself is the next night's
+        body.add(ORACLE_SLEEP, SCENARIO_SLEEP_APP, start, start + _minutes(rng, 20, 90), stage_value(1, "mixed"))
+    return asleep_to + _minutes(rng, 0, 20)
+
+
+# -- the tests --------------------------------------------------------------
+
+def oracle_close(name, stat, expected, found):
+    """Is ``found`` (None: the receiver's null) what the oracle expects?"""
+    if name == "SleepAnalysis":
+        if expected is None:  # a night without asleep samples: null, or 0 hours
+            return found is None or found == 0
+        return found is not None and abs(found - expected) <= 1 / 60
+    if name == "HeartRate":
+        if expected is None or found is None:
+            return expected is None and found is None
+        if stat in ("min", "max"):
+            return abs(found - expected) <= 1e-9
+        return abs(found - expected) <= 0.005 * abs(expected)
+    found = 0.0 if found is None else found  # cumulative: null is nothing counted
+    return abs(found - expected) <= max(0.005 * abs(expected), 1e-6)
+
+
+class OracleSeriesReader:
+    """Reads /api/series as the oracle's keys: a mixin of ServerTestCase.
+    ``where`` (the seed and zone) starts every failure message."""
+
+    where = ""
+
+    def series(self, name, start, end, grain, stat=None):
+        path = f"/api/series?type={name}&from={start}&to={end}&grain={grain}" + (f"&stat={stat}" if stat else "")
+        status, _, points = self.request("GET", path)
+        self.assertEqual(status, 200, f"{self.where} GET {path}: {points!r}"[:500])
+        self.assertIsInstance(points, list, path)
+        return points
+
+    def day_points(self, name, stat, first, last):
+        """[(date, period start as the receiver says it, value)] from ``first`` to ``last``."""
+        points = self.series(name, first.isoformat(), last.isoformat(), "day", stat)
+        dates = [first + datetime.timedelta(days=n) for n in range((last - first).days + 1)]
+        self.assertEqual(len(points), len(dates), f"{self.where} {name}: one point per day from {first} to {last}")
+        return [(date, point["time"], point["value"]) for date, point in zip(dates, points)]
+
+    def hour_points(self, name, stat, start_ms, end_ms, per_request=2400):
+        """[(hour start in ms, value)] of the UTC hours from ``start_ms`` to ``end_ms``."""
+        found = []
+        for low in range(start_ms, end_ms, per_request * ORACLE_HOUR):
+            high = min(end_ms, low + per_request * ORACLE_HOUR)
+            points = self.series(name, oracle_text(low, fraction=False), oracle_text(high, fraction=False), "hour",
+                                 stat)
+            self.assertEqual([oracle_ms(point["time"]) for point in points], list(range(low, high, ORACLE_HOUR)),
+                             f"{self.where} {name}: one point per UTC hour from {oracle_text(low)} to "
+                             f"{oracle_text(high)}")
+            found.extend((oracle_ms(point["time"]), point["value"]) for point in points)
+        return found
+
+
+#: What the oracle reads back: (short name, stat, grain).
+ORACLE_SERIES = ([(name, None, grain) for name in ORACLE_CUMULATIVE.values() for grain in ("day", "hour")]
+                 + [("HeartRate", stat, grain) for stat in ORACLE_HEART_STATS for grain in ("day", "hour")]
+                 + [("SleepAnalysis", None, "day")])
+
+
+class ZoneTestMixin:
+    """Runs the receiver in a process zone (TZ) set before it starts and
+    restored after it stops."""
+
+    process_zone = None
+
+    def setUp(self):
+        if self.process_zone is not None:
+            if not hasattr(time, "tzset"):
+                self.skipTest("needs time.tzset")
+            previous = os.environ.get("TZ")
+            os.environ["TZ"] = self.process_zone
+            time.tzset()
+
+            def restore():  # a cleanup: runs after tearDown, even when setUp failed
+                if previous is None:
+                    os.environ.pop("TZ", None)
+                else:
+                    os.environ["TZ"] = previous
+                time.tzset()
+
+            self.addCleanup(restore)
+        super().setUp()
+
+
+class HealthAppOracleTests(ZoneTestMixin, OracleSeriesReader, PageTestCase):
+    """Generated days posted as one body, read back per day and per hour
+    and compared with the oracle.  ORACLE_SEED=<n> in the environment runs
+    every test with that seed instead of its own."""
+
+    #: Test -> (process TZ, receiver in UTC (ReceiverConfig utc), the days' zone, seed).
+    RUNS = {
+        "test_new_york_days_and_hours_match_the_oracle": ("America/New_York", False, "America/New_York", 20260308),
+        "test_berlin_days_and_hours_match_the_oracle": ("Europe/Berlin", False, "Europe/Berlin", 20260329),
+        # The receiver's own utc option wins over the process's zone.
+        "test_utc_days_and_hours_match_the_oracle": ("America/New_York", True, "UTC", 20261101),
+    }
+    max_body = 64 * hr.MIB
+    timeout = 30.0
+    #: Mismatches shown in a failure (all are counted).
+    shown = 25
+
+    def setUp(self):
+        self.process_zone, self.utc, zone_name, seed = self.RUNS[self._testMethodName]
+        self.zone = OracleZone(zone_name)
+        self.seed = int(os.environ.get("ORACLE_SEED", seed))
+        self.where = f"seed {self.seed}, zone {self.zone}"
+        super().setUp()
+
+    def server_options(self):
+        return {"utc": True} if self.utc else {}
+
+    def check_against_the_oracle(self):
+        payload, days = scenario_body(self.seed, self.zone)
+        expected = oracle_expectations(payload, self.zone)
+        posted = sum(len(elements) for elements in payload["data"].values())
+        status, _, answer = self.post(payload)
+        where = self.where
+        self.assertEqual(status, 200, f"{where}: {answer!r}"[:500])
+        self.assertEqual(self.query("SELECT reason, record FROM rejected LIMIT 3"), [], where)
+        self.assertEqual(self.count("samples"), posted, f"{where}: every sample stored")
+
+        mismatches, compared = [], 0
+        for first, last in SCENARIO_RUNS:
+            # A day on each side: nothing may leak out of the run.
+            first, last = first - datetime.timedelta(days=1), last + datetime.timedelta(days=1)
+            for name, stat, grain in ORACLE_SERIES:
+                wanted = expected[(name, stat, grain)]
+                label = name + (f" {stat}" if stat else "")
+                default = 0.0 if name in ORACLE_CUMULATIVE.values() else None
+                if grain == "day":
+                    for date, period, value in self.day_points(name, stat, first, last):
+                        compared += 1
+                        if period != oracle_text(self.zone.at(date)):
+                            mismatches.append(f"{where}, day {date}, {label}: the day starts at "
+                                              f"{oracle_text(self.zone.at(date))}, found {period}")
+                        if not oracle_close(name, stat, wanted.get(date, default), value):
+                            mismatches.append(f"{where}, day {date}, {label}: expected {wanted.get(date, default)!r},"
+                                              f" found {value!r}")
+                else:
+                    start = (first - ORACLE_EPOCH).days * ORACLE_DAY
+                    end = (last - ORACLE_EPOCH).days * ORACLE_DAY + ORACLE_DAY
+                    for hour, value in self.hour_points(name, stat, start, end):
+                        compared += 1
+                        if not oracle_close(name, stat, wanted.get(hour, default), value):
+                            mismatches.append(f"{where}, hour {oracle_text(hour)}, {label}: expected "
+                                              f"{wanted.get(hour, default)!r}, found {value!r}")
+        if mismatches:
+            self.fail(f"{len(mismatches)} of {compared} points differ from the oracle ({days} days, {posted} samples;"
+                      f" {where}):\n" + "\n".join(mismatches[:self.shown])
+                      + (f"\n... and {len(mismatches) - self.shown} more" if len(mismatches) > self.shown else ""))
+
+    def test_new_york_days_and_hours_match_the_oracle(self):
+        self.check_against_the_oracle()
+
+    def test_berlin_days_and_hours_match_the_oracle(self):
+        self.check_against_the_oracle()
+
+    def test_utc_days_and_hours_match_the_oracle(self):
+        self.check_against_the_oracle()
+
+
+class OracleRegressionCase(ZoneTestMixin, OracleSeriesReader, PageTestCase):
+    """Small bodies with their numbers worked out by hand: the helpers."""
+
+    day = datetime.date(2026, 3, 5)
+
+    def server_options(self):
+        return {} if self.process_zone else {"utc": True}
+
+    def at(self, clock, day=None):
+        """"HH:MM" or "HH:MM:SS" on ``day`` (default: self.day) in UTC, as ISO 8601."""
+        return f"{day or self.day}T{clock if clock.count(':') == 2 else clock + ':00'}.000Z"
+
+    def post_samples(self, *samples):
+        """Post (type, source, start, end, value[, metadata]) tuples in one body."""
+        data = collections.OrderedDict()
+        for number, (type_name, source, start, end, value, *metadata) in enumerate(samples):
+            element = {"uuid": f"R-{number}", "startDate": start, "endDate": end, "sourceName": source, "value": value}
+            if type_name != ORACLE_SLEEP:
+                element["unit"] = {ORACLE_HEART: "count/min", ORACLE_DISTANCE: "km"}.get(type_name, "count")
+            if metadata:
+                element["metadata"] = metadata[0]
+            data.setdefault(type_name, []).append(element)
+        status, _, answer = self.post({"data": data})
+        self.assertEqual(status, 200, answer)
+
+    def day_value(self, name, stat=None, day=None):
+        [(_date, _start, value)] = self.day_points(name, stat, day or self.day, day or self.day)
+        return value
+
+    def steps(self, source, start, end, value, metadata=None):
+        return (ORACLE_STEPS, source, self.at(start), self.at(end), value) + ((metadata,) if metadata else ())
+
+
+class HealthAppRegressionTests(OracleRegressionCase):
+    """The rules one case at a time, days in UTC."""
+
+    def test_a_watch_walk_and_a_later_phone_walk_both_count(self):
+        self.post_samples(self.steps(SCENARIO_WATCH, "10:00", "10:10", 1000),
+                          self.steps(SCENARIO_IPHONE, "10:20", "10:30", 800))
+        self.assertAlmostEqual(self.day_value("StepCount"), 1800, places=6)
+
+    def test_a_hand_entry_ranks_first_and_covers_the_watch(self):
+        self.post_samples(self.steps(SCENARIO_HAND, "14:00", "15:30", 3000, {"HKWasUserEntered": 1}),
+                          self.steps(SCENARIO_WATCH, "14:30", "14:31", 10))
+        self.assertAlmostEqual(self.day_value("StepCount"), 3000, places=6)
+
+    def test_without_the_hand_flag_the_watch_minute_comes_first(self):
+        self.post_samples(self.steps(SCENARIO_PEDOMETER, "14:00", "15:30", 3000),
+                          self.steps(SCENARIO_WATCH, "14:30", "14:31", 10))
+        self.assertAlmostEqual(self.day_value("StepCount"), 3000 * 89 / 90 + 10, places=6)
+
+    def test_a_sample_across_an_hour_is_split_by_time(self):
+        self.post_samples(self.steps(SCENARIO_WATCH, "18:50", "19:10", 1200))
+        hours = self.hour_points("StepCount", None, oracle_ms(self.at("18:00")), oracle_ms(self.at("20:00")))
+        self.assertEqual([(oracle_text(hour), round(value, 6)) for hour, value in hours],
+                         [(self.at("18:00"), 600), (self.at("19:00"), 600)])
+        self.assertAlmostEqual(self.day_value("StepCount"), 1200, places=6)
+
+    def test_points_count_unless_a_better_source_runs_then(self):
+        self.post_samples(self.steps(SCENARIO_IPHONE, "09:00", "09:10", 500),
+                          self.steps(SCENARIO_WATCH, "09:05", "09:05", 7),   # better than the phone: counts
+                          self.steps(SCENARIO_WATCH, "11:00", "11:10", 600),
+                          self.steps(SCENARIO_IPHONE, "11:05", "11:05", 9),  # under the Watch: does not
+                          self.steps(SCENARIO_WATCH, "11:07", "11:07", 3),   # under its own source: counts
+                          self.steps(SCENARIO_IPHONE, "11:10", "11:10", 4))  # at the Watch's end: counts
+        self.assertAlmostEqual(self.day_value("StepCount"), 500 + 7 + 600 + 3 + 4, places=6)
+
+    def test_overlapping_samples_of_one_source_both_count(self):
+        self.post_samples(self.steps(SCENARIO_WATCH, "08:00", "08:10", 300),
+                          self.steps(SCENARIO_WATCH, "08:05", "08:15", 200))
+        self.assertAlmostEqual(self.day_value("StepCount"), 500, places=6)
+
+    def test_between_two_apps_the_earliest_seen_ranks_first(self):
+        # Neither names a word: the one with the earliest sample of any type
+        # wins, whatever the order in the body or the names' order.
+        self.post_samples(self.steps(SCENARIO_PEDOMETER, "10:00", "11:00", 600),
+                          self.steps(SCENARIO_STEPS_APP, "10:30", "11:30", 900),
+                          (ORACLE_HEART, SCENARIO_STEPS_APP, self.at("07:00"), self.at("07:00"), 70))
+        # StepsApp all its 900; Pedometer++ only 10:00-10:30, half of its 600.
+        self.assertAlmostEqual(self.day_value("StepCount"), 900 + 300, places=6)
+
+    def test_the_iphone_ranks_before_an_app_seen_earlier(self):
+        # "iphone" is the second default word: it beats a source naming no word.
+        self.post_samples(self.steps(SCENARIO_PEDOMETER, "09:00", "11:00", 1200),
+                          self.steps(SCENARIO_IPHONE, "10:00", "10:30", 100))
+        self.assertAlmostEqual(self.day_value("StepCount"), 100 + 1200 * 90 / 120, places=6)
+
+    def test_sleep_is_the_best_source_of_the_night_not_the_sum(self):
+        evening = self.day - datetime.timedelta(days=1)
+        watch = [("23:00", "01:00", 3), ("01:00", "02:00", "asleepDeep"), ("02:00", "02:20", 2),
+                 ("02:20", "03:41", "asleepREM"), ("03:41", "05:41", "asleepCore")]  # 2 + 1 + 1.35 + 2 h asleep
+
+        def stamp(clock):
+            return self.at(clock, evening if clock >= "12:00" else self.day)
+
+        self.post_samples(*[(ORACLE_SLEEP, SCENARIO_WATCH, stamp(a), stamp(b), value) for a, b, value in watch],
+                          (ORACLE_SLEEP, SCENARIO_SLEEP_APP, stamp("22:50"), stamp("05:50"), 1),
+                          (ORACLE_SLEEP, SCENARIO_IPHONE, stamp("22:40"), stamp("06:00"), "inBed"))
+        self.assertAlmostEqual(self.day_value("SleepAnalysis"), 6.35, delta=1 / 3600)
+
+    def test_a_nap_from_noon_on_is_the_next_nights(self):
+        self.post_samples((ORACLE_SLEEP, SCENARIO_SLEEP_APP, self.at("11:00"), self.at("11:30"), 1),
+                          (ORACLE_SLEEP, SCENARIO_SLEEP_APP, self.at("12:00"), self.at("13:00"), "asleepUnspecified"))
+        self.assertAlmostEqual(self.day_value("SleepAnalysis"), 0.5, delta=1 / 3600)
+        self.assertAlmostEqual(self.day_value("SleepAnalysis", day=self.day + datetime.timedelta(days=1)), 1.0,
+                               delta=1 / 3600)
+
+    def test_a_day_of_heart_rate_is_the_mean_of_its_samples(self):
+        def beat(clock, value):
+            return (ORACLE_HEART, SCENARIO_WATCH, self.at(clock), self.at(clock), value)
+
+        morning = [beat(f"{7 + n // 3:02d}:{n % 3 * 20:02d}", 60) for n in range(12)]
+        run = [beat(f"17:{n // 12:02d}:{n % 12 * 5:02d}", 150) for n in range(720)]  # every 5 s for an hour
+        self.post_samples(*morning, *run)
+        self.assertAlmostEqual(self.day_value("HeartRate", "mean"), (12 * 60 + 720 * 150) / 732, places=6)
+        self.assertEqual((self.day_value("HeartRate", "min"), self.day_value("HeartRate", "max")), (60, 150))
+        hours = self.hour_points("HeartRate", "mean", oracle_ms(self.at("16:00")), oracle_ms(self.at("18:00")))
+        self.assertEqual(hours, [(oracle_ms(self.at("16:00")), None), (oracle_ms(self.at("17:00")), 150)])
+
+
+class HealthAppDstRegressionTests(OracleRegressionCase):
+    """Days of 23 and 25 hours: the receiver in New York."""
+
+    process_zone = "America/New_York"
+
+    def test_the_spring_forward_day_has_23_hours(self):
+        # 2026-03-08 runs from 05:00Z (EST) to 04:00Z (EDT): half of each hour-long walk falls in it.
+        self.post_samples((ORACLE_STEPS, SCENARIO_WATCH, "2026-03-08T04:30:00.000Z", "2026-03-08T05:30:00.000Z", 600),
+                          (ORACLE_STEPS, SCENARIO_WATCH, "2026-03-09T03:30:00.000Z", "2026-03-09T04:30:00.000Z", 600))
+        found = self.day_points("StepCount", None, datetime.date(2026, 3, 7), datetime.date(2026, 3, 9))
+        self.assertEqual([(start, round(value, 6)) for _date, start, value in found],
+                         [("2026-03-07T05:00:00.000Z", 300), ("2026-03-08T05:00:00.000Z", 600),
+                          ("2026-03-09T04:00:00.000Z", 300)])
+
+    def test_the_fall_back_day_has_25_hours(self):
+        # 2026-11-01 runs from 04:00Z (EDT) to 05:00Z (EST); written in New York's own offsets.
+        self.post_samples((ORACLE_STEPS, SCENARIO_WATCH, "2026-11-01T00:00:00.000-04:00",
+                           "2026-11-02T00:00:00.000-05:00", 2500),
+                          (ORACLE_SLEEP, SCENARIO_WATCH, "2026-10-31T23:00:00.000-04:00",
+                           "2026-11-01T06:00:00.000-05:00", "asleepCore"))
+        found = self.day_points("StepCount", None, datetime.date(2026, 11, 1), datetime.date(2026, 11, 2))
+        self.assertEqual([(start, round(value or 0, 6)) for _date, start, value in found],
+                         [("2026-11-01T04:00:00.000Z", 2500), ("2026-11-02T05:00:00.000Z", 0)])
+        self.assertAlmostEqual(self.day_value("SleepAnalysis", day=datetime.date(2026, 11, 1)), 8, delta=1 / 3600)
 
 
 class CategoryTypeTests(PageTestCase):
