@@ -1976,6 +1976,10 @@ SAMPLE_SOURCES = Table("sample_sources", (
     (PERSON_COLUMN, "INTEGER NOT NULL"), ("source", "TEXT NOT NULL"), ("seen", "INTEGER NOT NULL")),
     key=(PERSON_COLUMN, "source"))
 DERIVED_TABLES = (SAMPLE_TYPES, SAMPLE_HOURS, SAMPLE_HOURS_PENDING, SAMPLE_SOURCES)
+#: The derived tables as version 8 made them (before sample_types.longest
+#: and sample_sources).
+SAMPLE_TYPES_V8 = SAMPLE_TYPES._replace(columns=SAMPLE_TYPES.columns[:-1])
+DERIVED_TABLES_V8 = (SAMPLE_TYPES_V8, SAMPLE_HOURS, SAMPLE_HOURS_PENDING)
 #: settings: the receiver's own choices that stored totals depend on
 #: (version 9): ``source_priority``, the words the totals were merged by.
 SETTINGS = Table("settings", (("name", "TEXT NOT NULL"), ("value", "TEXT")), key=("name",))
@@ -2700,8 +2704,8 @@ def _migrate_people(conn, report):
                              report)
         for statement in section.index_sql:
             conn.execute(statement)
-    for table in DERIVED_TABLES:
-        old_key = table.key[1:] if table is not SAMPLE_TYPES else ()  # sample_types had a rowid
+    for table in DERIVED_TABLES_V8:
+        old_key = table.key[1:] if table is not SAMPLE_TYPES_V8 else ()  # sample_types had a rowid
         _own_by_first_person(conn, table.name, table.create_sql, old_key, report)
     _add_sync_columns(conn, SYNCS_V8_COLUMNS)
     conn.execute(SYNCS_BY_PERSON_INDEX)

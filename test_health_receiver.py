@@ -917,6 +917,36 @@ class MigrationTests(unittest.TestCase):
             self.assertEqual(hr.main(["--host", "127.0.0.1", "--port", "0", "--db", self.db]), 1)
         self.assertIn("upgrade health_receiver.py", err.getvalue())
 
+    def test_version_8_totals_are_merged_by_source_priority_and_every_row_kept(self):
+        watch, phone = "Jane's Apple Watch", "Jane's iPhone"
+        hand = dict(span("h1", "2026-02-24T14:00:00Z", "2026-02-24T15:30:00Z", 3000, "count", "Health"),
+                    metadata={"HKWasUserEntered": 1})
+        payload = make_payload(n=3)
+        payload["data"]["HKQuantityTypeIdentifierStepCount"] = [
+            span("w1", "2026-02-24T10:00:00Z", "2026-02-24T10:10:00Z", 1000, "count", watch),
+            span("p1", "2026-02-24T10:20:00Z", "2026-02-24T10:30:00Z", 800, "count", phone), hand,
+            span("w2", "2026-02-24T14:30:00Z", "2026-02-24T14:31:00Z", 10, "count", watch)]
+        make_v1_database(self.db, payload)
+        migrate_to(self.db, 8)
+        tables = [name for (name,) in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        before = {table: rows_without_person(self.db, table) for table in tables if table != "sample_hours"}
+        columns = {table: columns_without_person(self.db, table) for table in before}
+        self.assertNotIn("sample_sources", tables)
+        _, lines = self.open_store()
+        self.assertTrue(any("schema version 9" in line for line in lines), lines)
+        self.assertTrue(any("StepCount: hourly totals merged by source priority" in line for line in lines), lines)
+        self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
+        self.assertEqual({table: rows_without_person(self.db, table, columns[table]) for table in before}, before)
+        # The phone's walk after the Watch's counts; the hand entry hides the Watch's minute under it.
+        self.assertEqual(self.query("SELECT round(total(total), 6) FROM sample_hours WHERE type = ?",
+                                    ("HKQuantityTypeIdentifierStepCount",)), [(4800.0,)])
+        self.assertEqual(self.query("SELECT longest FROM sample_types WHERE type = ?",
+                                    ("HKQuantityTypeIdentifierStepCount",)), [(90 * 60 * 1000,)])
+        # Sources in the order of their first hour (then by name).
+        self.assertEqual([source for (source,) in self.query("SELECT source FROM sample_sources ORDER BY seen")],
+                         ["Watch", watch, phone, "Health"])
+        self.assertTrue(self.hours_match_samples())
+
     def test_version_3_hourly_totals_are_rebuilt_spread_over_the_half_hours_and_every_row_kept(self):
         watch, phone = "Jane's Apple Watch", "Jane's iPhone"
         steps = [span("w1", "2026-02-24T07:30:00Z", "2026-02-24T08:00:00Z", 3000, "count", watch),
@@ -2234,12 +2264,93 @@ class SourcePriorityTests(StepsTestCase):
         day = self.post_walk()
         self.assertEqual({day: round(total, 6) for day, total in self.day_totals().items()}, {day.isoformat(): 3850})
 
+    def test_the_database_keeps_the_words_and_new_ones_merge_the_totals_again(self):
+        day = self.post_walk()
+        self.assertEqual(self.query("SELECT value FROM settings WHERE name = 'source_priority'"), [("iphone",)])
+        store = hr.Store(self.db)
+        store.open()
+        self.addCleanup(store.close)
+        self.assertEqual(store.priority, ("iphone",))  # kept: a receiver started without the option uses them
+        lines = []
+        store.use_source_priority(("watch", "iphone"), lines.append)
+        self.assertEqual(lines, ["  StepCount: hourly totals merged by source priority"])
+        self.assertEqual({day: round(total, 6) for day, total in self.day_totals().items()}, {day.isoformat(): 4000})
+        store.use_source_priority(("watch", "iphone"), lines.append)  # the same words: nothing to do
+        self.assertEqual(len(lines), 1)
+
     def test_the_option_takes_comma_separated_words(self):
         self.assertEqual(hr.serve_parser().parse_args(["--source-priority", "iPhone, Garmin"]).source_priority,
                          ("iphone", "garmin"))
         with contextlib.redirect_stderr(io.StringIO()) as err:
             self.assertEqual(hr.main(["--source-priority", " ,", "--db", self.db]), 2)
         self.assertIn("at least one word", err.getvalue())
+
+
+class SeriesRuleTests(StepsTestCase):
+    """/api/series: a date range holds both its dates, a week averages over
+    its days with data and says so, averaged types give min and max, and
+    fractions are percent wherever they are shown."""
+
+    def series(self, query):
+        status, _, rows = self.request("GET", f"{hr.SERIES_PATH}?{query}")
+        return status, rows
+
+    def post_days(self):
+        def walk(uuid, day, steps):
+            return span(uuid, f"{day}T10:00:00Z", f"{day}T10:30:00Z", steps, "count", "Jane's Apple Watch")
+
+        # Tuesday to Thursday of the week of Monday 2026-03-02.
+        data = {"HKQuantityTypeIdentifierStepCount": [walk("S1", "2026-03-03", 8000), walk("S2", "2026-03-04", 7000),
+                                                      walk("S3", "2026-03-05", 9000)],
+                "HKQuantityTypeIdentifierHeartRate": [sample(f"H{n}", f"2026-03-04T0{n}:00:00.000Z", value)
+                                                      for n, value in enumerate((60, 100, 80))],
+                "HKQuantityTypeIdentifierOxygenSaturation": [sample("O1", "2026-03-04T01:00:00.000Z", 0.97, "%"),
+                                                             sample("O2", "2026-03-04T02:00:00.000Z", 0.95, "%")]}
+        self.assertEqual(self.post({"data": data})[0], 200)
+
+    def test_a_date_as_to_includes_that_day(self):
+        self.post_days()
+        self.assertEqual(self.series("type=StepCount&from=2026-03-04&to=2026-03-04"),
+                         (200, [{"time": "2026-03-04T00:00:00.000Z", "value": 7000.0}]))
+        self.assertEqual(self.series("type=StepCount&from=2026-03-05&to=2026-03-04")[0], 400)
+
+    def test_a_week_is_the_mean_of_its_days_with_data_and_a_cut_week_says_so(self):
+        self.post_days()
+        self.assertEqual(self.series("type=StepCount&from=2026-03-02&to=2026-03-08&grain=week"), (200, [
+            {"time": "2026-03-02T00:00:00.000Z", "value": 8000.0, "days": 3, "partial": False}]))
+        self.assertEqual(self.series("type=StepCount&from=2026-03-04&to=2026-03-10&grain=week"), (200, [
+            {"time": "2026-03-04T00:00:00.000Z", "value": 8000.0, "days": 2, "partial": True},
+            {"time": "2026-03-09T00:00:00.000Z", "value": None, "days": 0, "partial": True}]))
+        # The page's week agrees: the mean of the recorded days, not a seventh of their sum.
+        window = hr.days_window(hr.RANGES_BY_NAME["all"], datetime.date(2026, 3, 2), datetime.date(2026, 3, 8),
+                                hr.Zone(True), grain=hr.GRAINS[1])
+        with self.store.reader() as conn:
+            info = hr.type_info(*hr.find_type(conn, "StepCount"))
+            self.assertEqual(hr.chart_data(conn, info, window).points, ((datetime.date(2026, 3, 2), 8000.0),))
+
+    def test_averaged_types_give_the_mean_min_and_max_of_their_samples(self):
+        self.post_days()
+        day = "type=HeartRate&from=2026-03-04&to=2026-03-04"
+        self.assertEqual([self.series(f"{day}&stat={stat}")[1][0]["value"] for stat in ("mean", "min", "max")],
+                         [80.0, 60.0, 100.0])
+        self.assertEqual(self.series(day)[1][0]["value"], 80.0)
+        status, answer = self.series("type=StepCount&from=2026-03-04&to=2026-03-04&stat=max")
+        self.assertEqual((status, answer["error"]), (400, "stat applies to averaged types; StepCount is a sum type."))
+        status, answer = self.series(f"{day}&stat=median")
+        self.assertEqual((status, answer["error"]), (400, "stat must be one of mean, min, max."))
+
+    def test_fractions_are_percent_in_the_series_the_latest_values_and_the_metrics(self):
+        self.post_days()
+        [point] = self.series("type=OxygenSaturation&from=2026-03-04&to=2026-03-04")[1]
+        self.assertAlmostEqual(point["value"], 96.0, places=9)
+        latest = self.request("GET", hr.LATEST_PATH)[2]["latest"]["OxygenSaturation"]
+        self.assertEqual(latest["unit"], "%")
+        self.assertAlmostEqual(latest["value"], 95.0, places=9)
+        families = parse_exposition(self.request("GET", hr.METRICS_PATH)[2].decode())
+        [(labels, value)] = [(labels, value) for _n, labels, value in families["health_latest_value"][2]
+                             if labels["type"] == "OxygenSaturation"]
+        self.assertEqual(labels["unit"], "%")
+        self.assertAlmostEqual(value, 95.0, places=9)
 
 
 # ---------------------------------------------------------------------------
@@ -6529,6 +6640,20 @@ class OtherToolsTests(StepsTestCase):
             conn.execute("DELETE FROM sample_hours WHERE hour >= ?", ((now - datetime.timedelta(days=2)).strftime(
                 "%Y-%m-%dT%H"),))
         self.assertEqual([gap["kind"] for gap in self.get(hr.LATEST_PATH)[2]["gaps"]], ["source"])
+
+    def test_a_device_that_still_sends_other_types_is_named_with_the_types_that_stopped(self):
+        now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+        def hours_ago(hours):
+            return (now - datetime.timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+        heart = [sample(f"H-{hours}", hours_ago(hours), 60) for hours in range(4 * 24, 20 * 24, 3)]
+        steps = [span(f"S-{hours}", hours_ago(hours), hours_ago(hours), 100, "count") for hours in (1, 5)]
+        self.post({"data": {"HKQuantityTypeIdentifierHeartRate": heart, "HKQuantityTypeIdentifierStepCount": steps}})
+        gaps = self.get(hr.LATEST_PATH)[2]["gaps"]
+        self.assertEqual([(gap["kind"], gap["type"], gap["source"]) for gap in gaps],
+                         [("type", "HeartRate", "Watch")])
+        self.assertRegex(gaps[0]["message"], r"^no Heart rate from Watch since .* \(it still sends Steps\)$")
 
     def test_answers_stay_small_with_50000_types(self):
         today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
