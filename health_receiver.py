@@ -36,12 +36,16 @@ Map of this file, each section depending only on those above it:
     Storage       SQLite connections, schema derived from SECTIONS, the
                   syncs table (SYNCS), PEOPLE (every row is a person's),
                   MIGRATIONS, a sync's rows staged in a temporary file and
-                  merged in one transaction, hourly totals; PersonStore (the
+                  merged in one transaction, hourly totals (the types that
+                  add up merged by source priority over time, as the Health
+                  app does: SourceRanks, merge_by_priority; sleep counted
+                  once per source; hours_merger); PersonStore (the
                   store as one person sees it); backups of a database in use,
                   verify, restore
     Reporting     records of what is stored (read only): RANGES, a View and
                   its Window, CHART_KINDS over the hourly totals, today,
-                  sleep, workouts and routes, medications; the JSON made
+                  sleep per night, workouts and routes, medications, the
+                  numbers of /api/series, /api/latest and gaps; the JSON made
                   from them; export rows and NDJSON export lines
     Presentation  the pages from those records: status page, a page per
                   type and per workout; HTML with inline SVG charts
@@ -258,16 +262,6 @@ def parse_stamp(text):
     except ValueError:
         return None
     return stamp.replace(tzinfo=datetime.timezone.utc)
-
-
-def parse_instant(text):
-    """A stored timestamp (canonical UTC) as an aware datetime, to the
-    millisecond, or None."""
-    if text.__class__ is not str or not _is_canonical_date(text):
-        return None
-    with contextlib.suppress(ValueError):
-        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
-    return None
 
 
 class Zone(typing.NamedTuple):
@@ -1953,12 +1947,9 @@ FIRST_PERSON = 1
 FIRST_PERSON_NAME = "me"
 #: What the receiver derives from the samples, per person (version 8).
 #: sample_types: rows and first and last date of each type.
-#: ``longest``: the longest duration (ms) of its samples that spread over
-#: time (at most LONGEST_SPREAD_MS), so the merge reads back that far.
 SAMPLE_TYPES = Table("sample_types", (
     (PERSON_COLUMN, "INTEGER NOT NULL"), ("type", "TEXT NOT NULL"), ("rows", "INTEGER NOT NULL"),
-    ("first_date", "TEXT"), ("last_date", "TEXT"), ("longest", "INTEGER NOT NULL DEFAULT 0")),
-    key=(PERSON_COLUMN, "type"))
+    ("first_date", "TEXT"), ("last_date", "TEXT")), key=(PERSON_COLUMN, "type"))
 #: sample_hours: totals per type, hour, source and category (see _SAMPLE_HOURS_SQL).
 SAMPLE_HOURS = Table("sample_hours", (
     (PERSON_COLUMN, "INTEGER NOT NULL"), ("type", "TEXT NOT NULL"), ("hour", "TEXT NOT NULL"),
@@ -1976,10 +1967,8 @@ SAMPLE_SOURCES = Table("sample_sources", (
     (PERSON_COLUMN, "INTEGER NOT NULL"), ("source", "TEXT NOT NULL"), ("seen", "INTEGER NOT NULL")),
     key=(PERSON_COLUMN, "source"))
 DERIVED_TABLES = (SAMPLE_TYPES, SAMPLE_HOURS, SAMPLE_HOURS_PENDING, SAMPLE_SOURCES)
-#: The derived tables as version 8 made them (before sample_types.longest
-#: and sample_sources).
-SAMPLE_TYPES_V8 = SAMPLE_TYPES._replace(columns=SAMPLE_TYPES.columns[:-1])
-DERIVED_TABLES_V8 = (SAMPLE_TYPES_V8, SAMPLE_HOURS, SAMPLE_HOURS_PENDING)
+#: The derived tables as version 8 made them (before sample_sources).
+DERIVED_TABLES_V8 = (SAMPLE_TYPES, SAMPLE_HOURS, SAMPLE_HOURS_PENDING)
 #: settings: the receiver's own choices that stored totals depend on
 #: (version 9): ``source_priority``, the words the totals were merged by.
 SETTINGS = Table("settings", (("name", "TEXT NOT NULL"), ("value", "TEXT")), key=("name",))
@@ -2144,25 +2133,22 @@ def is_cumulative(type_name):
     return type_name.startswith(TYPE_PREFIXES[0]) and (short in CUMULATIVE_TYPES or short.startswith("Dietary"))
 
 
-#: A sample of a cumulative type adds to each half-hour it spans its
-#: share, in proportion to time, when it lasts at most this long (in
-#: milliseconds, compared as whole ones: an hour, so its hours are the one
-#: it starts in and the next); a longer one counts in the half-hour it
-#: starts in.  A walk counted 07:30-08:10 adds to 07:30 and to 08:00.
+#: A sample at most this long (ms: an hour) spans the hour it starts in
+#: and the next at most: a sync notes those two as pending with one query
+#: (_SAMPLE_HOURS_OF), and the longer ones hour by hour
+#: (_note_long_samples).  Before version 9, cumulative samples longer than
+#: this counted in the half-hour they start in.
 SPREAD_MS_MAX = 3600 * 1000
 #: The totals of a person's type, source and category in each hour chosen by
 #: ``{touched}`` (a query of hours, parameters of hours_parameters()),
-#: recomputed from the samples.  Cumulative types (:spread) are kept per
-#: half-hour (keys YYYY-MM-DDTHH and YYYY-MM-DDTHH:30): ``total`` adds each
-#: sample's share of it and ``seconds`` the time the source's samples
-#: cover in it, which the pages need to merge two devices that counted the
-#: same walk (merged_total; against a second-by-second merge of generated
-#: two-device days, half-hours are off by 0.06% on average and 0.4% at
-#: worst, hours by 0.16% and 1.2%).  A sample counts in the bucket it
-#: starts in for ``samples``, ``numbers``, ``low`` and ``high``, and for
-#: ``total`` of other types.  When :timed (category types: sleep, mindful
-#: minutes) ``seconds`` adds durations and the value is the category (a
-#: sleep stage).
+#: recomputed from the samples, of the types hours_merger leaves to SQL (and
+#: of every type in MIGRATIONS' steps before version 9).  A sample counts
+#: in the bucket it starts in for ``samples``, ``numbers``, ``low``,
+#: ``high`` and ``total``.  When :timed (category types: mindful minutes,
+#: stand hours) ``seconds`` adds durations and the value is the category.
+#: :spread (cumulative types before version 9) keeps half-hours (keys
+#: YYYY-MM-DDTHH and YYYY-MM-DDTHH:30) where ``total`` adds each sample's
+#: share of it and ``seconds`` the time the source's samples cover in it.
 _SAMPLE_HOURS_SQL = (
     "WITH touched(hour) AS ({touched}),"
     " buckets AS (SELECT hour AS bucket, julianday(hour || ':00') AS lo, hour || ':00:00.000Z' AS lo_text,"
@@ -2234,9 +2220,9 @@ def hours_parameters(type_name, person=FIRST_PERSON):
 #: any whole or half hour (every zone's midnight but a few) gets its share.
 BUCKET_MS = 1800 * 1000
 #: A cumulative sample longer than this (a week) counts whole at its start,
-#: as a sample without a duration does: the merge reads a type's samples
-#: back as far as its longest (sample_types.longest), and one sample dated
-#: over years must not make every sync read years.
+#: as a sample without a duration does: the merge looks this far back for
+#: samples that last into the hours it counts, and one sample dated over
+#: years must not make every sync read years.
 LONGEST_SPREAD_MS = 7 * 86400 * 1000
 #: Sources counted first where several counted the same time: those whose
 #: name holds one of these words (in any case), in this order (HealthKit
@@ -2338,8 +2324,8 @@ def merge_by_priority(samples, bucket_ms=BUCKET_MS):
     shares = {}
     starts, ends = [], []  # what the sources before have covered
     ranks = sorted(by_rank)
-    for rank in ranks:
-        mine = [] if rank is not ranks[-1] else None  # the last covers nothing that counts
+    for number, rank in enumerate(ranks):
+        mine = [] if number < len(ranks) - 1 else None  # what the last covers hides nothing
         for start, end, value, _rank, source in by_rank[rank]:
             length = 0 if end is None else end - start
             if length <= 0 or length > LONGEST_SPREAD_MS:
@@ -2398,8 +2384,10 @@ def hour_milliseconds(hour):
 
 
 def _milliseconds_sql(column):
-    """SQL of a canonical UTC column as milliseconds since 1970."""
-    return f"CAST(strftime('%s', {column}) AS INTEGER) * 1000 + CAST(substr({column}, 21, 3) AS INTEGER)"
+    """SQL of a canonical UTC column as milliseconds since 1970 (julianday
+    keeps whole milliseconds, so rounding gives them back exactly; faster
+    than strftime)."""
+    return f"CAST(round((julianday({column}) - 2440587.5) * 86400000) AS INTEGER)"
 
 
 #: A person's cumulative samples with a finite number that count in [:low,
@@ -2409,7 +2397,7 @@ def _milliseconds_sql(column):
 #: read only where they may say "entered by hand".
 _MERGE_SAMPLES_SQL = (
     f"SELECT {_milliseconds_sql('start_date')}, CASE WHEN end_date IS NOT NULL THEN"
-    f" {_milliseconds_sql('end_date')} END, value, coalesce(source_name, ''),"
+    f" {_milliseconds_sql('end_date')} END, value, CAST(coalesce(source_name, '') AS TEXT),"
     f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END"
     f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
     " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)"
@@ -2418,45 +2406,180 @@ _MERGE_SAMPLES_SQL = (
 #: there, and their numbers' count, least and greatest.
 _MERGE_BEGUN_SQL = (
     "SELECT substr(start_date, 1, 13) || CASE WHEN substr(start_date, 15, 2) >= '30' THEN ':30' ELSE '' END"
-    f" AS bucket, coalesce(source_name, '') AS source, count(*), count(CASE WHEN {_NUMERIC} THEN 1 END),"
+    f" AS bucket, CAST(coalesce(source_name, '') AS TEXT) AS source, count(*), count(CASE WHEN {_NUMERIC} THEN 1 END),"
     f" min(CASE WHEN {_NUMERIC} THEN value END), max(CASE WHEN {_NUMERIC} THEN value END)"
     f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type AND start_date >= :low_text"
     " AND start_date < :high_text GROUP BY bucket, source")
-#: A cumulative type's half-hours from :low to :high, rewritten.
-_MERGE_DELETE_SQL = (f"DELETE FROM main.sample_hours WHERE {PERSON_COLUMN} = ? AND type = ? AND hour >= ?"
+#: A type's hours from one key to another, rewritten.
+_HOURS_DELETE_SQL = (f"DELETE FROM main.sample_hours WHERE {PERSON_COLUMN} = ? AND type = ? AND hour >= ?"
                      " AND hour < ?")
-_MERGE_INSERT_SQL = (f"INSERT INTO main.sample_hours ({PERSON_COLUMN}, type, hour, source, category, samples,"
-                     " numbers, total, low, high, seconds) VALUES (?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)")
+_HOURS_INSERT_SQL = (f"INSERT INTO main.sample_hours ({PERSON_COLUMN}, type, hour, source, category, samples,"
+                     " numbers, total, low, high, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _stamp_text(milliseconds):
     return _canonical(_EPOCH + datetime.timedelta(milliseconds=milliseconds))
 
 
-def merge_hours(conn, person, type_name, low, high, ranks, back):
+#: The first start of a person's samples of a type that begin up to
+#: LONGEST_SPREAD_MS before :low_text and last into it: how far back the
+#: merge reads (one range of the samples' key, a week at most).
+_MERGE_BACK_SQL = (f"SELECT min(start_date) FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
+                   " AND start_date >= :week_text AND start_date < :low_text AND end_date > :low_text")
+
+
+def _merge_parameters(conn, person, type_name, low, high):
+    """Parameters of the merges' queries of [low, high) (milliseconds):
+    its bounds as text, and :back_text, how far back samples last into it."""
+    parameters = {"person": person, "type": type_name, "low_text": _stamp_text(low), "high_text": _stamp_text(high),
+                  "week_text": _stamp_text(low - LONGEST_SPREAD_MS)}
+    parameters["back_text"] = conn.execute(_MERGE_BACK_SQL, parameters).fetchone()[0] or parameters["low_text"]
+    return parameters
+
+
+def merge_hours(conn, person, type_name, low, high, ranks):
     """Rewrite the half-hours of a person's cumulative type from ``low`` to
     ``high`` (milliseconds, whole hours) from its samples: per source, the
     value it counts there (merge_by_priority) and the milliseconds it
     counts (as seconds), the samples that start there, their numbers'
     count, least and greatest."""
-    parameters = {"person": person, "type": type_name, "low_text": _stamp_text(low),
-                  "high_text": _stamp_text(high), "back_text": _stamp_text(low - back)}
+    parameters = _merge_parameters(conn, person, type_name, low, high)
     key = ranks.key
     shares = merge_by_priority([(start, end, value, key(source, record is not None and user_entered(record)), source)
                                 for start, end, value, source, record in conn.execute(_MERGE_SAMPLES_SQL, parameters)])
     first, last = low // BUCKET_MS, high // BUCKET_MS
     rows = {}
     for bucket, source, samples, numbers, least, most in conn.execute(_MERGE_BEGUN_SQL, parameters):
-        rows[(bucket, source)] = [person, type_name, bucket, source, samples, numbers, 0.0, least, most, 0.0]
+        rows[(bucket, source)] = [person, type_name, bucket, source, "", samples, numbers, 0.0, least, most, 0.0]
     for (bucket, source), (value, milliseconds) in shares.items():
         if first <= bucket < last:
             name = bucket_key(bucket)
             row = rows.get((name, source))
             if row is None:
-                row = rows[(name, source)] = [person, type_name, name, source, 0, 0, 0.0, None, None, 0.0]
-            row[6], row[9] = float(value), round(milliseconds / 1000, 3)
-    conn.execute(_MERGE_DELETE_SQL, (person, type_name, bucket_key(first), bucket_key(last)))
-    conn.executemany(_MERGE_INSERT_SQL, rows.values())
+                row = rows[(name, source)] = [person, type_name, name, source, "", 0, 0, 0.0, None, None, 0.0]
+            row[7], row[10] = float(value), round(milliseconds / 1000, 3)
+    conn.execute(_HOURS_DELETE_SQL, (person, type_name, bucket_key(first), bucket_key(last)))
+    conn.executemany(_HOURS_INSERT_SQL, rows.values())
+
+
+# -- Sleep: the stages, and each night's time counted once per source --------
+
+#: The sleep type (charted per night and stage).
+SLEEP_TYPE = "HKCategoryTypeIdentifierSleepAnalysis"
+#: Sleep stages as stored (HKCategoryValueSleepAnalysis numbers and names)
+#: -> the stage shown.
+SLEEP_STAGE_VALUES = {
+    0: "in_bed", 1: "unspecified", 2: "awake", 3: "core", 4: "deep", 5: "rem",
+    "inbed": "in_bed", "asleep": "unspecified", "asleepunspecified": "unspecified", "awake": "awake",
+    "asleepcore": "core", "core": "core", "asleepdeep": "deep", "deep": "deep", "asleeprem": "rem", "rem": "rem"}
+#: Stages that count as asleep.
+ASLEEP_STAGES = ("deep", "core", "rem", "unspecified")
+
+
+def sleep_stage(value):
+    """The stage of a sleep sample's value, or None."""
+    if isinstance(value, float) and float.is_integer(value):
+        value = int(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for prefix in ("hkcategoryvaluesleepanalysis", "sleepanalysis"):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+        text = text.replace("_", "").replace(" ", "")
+        try:
+            number = float(text)
+        except ValueError:
+            return SLEEP_STAGE_VALUES.get(text)
+        return SLEEP_STAGE_VALUES.get(int(number)) if number.is_integer() else None
+    return SLEEP_STAGE_VALUES.get(value) if isinstance(value, int) else None
+
+
+#: What a sleep source's hours are kept under when its samples were entered
+#: by hand: its name and this (the night's ranking puts them first).
+BY_HAND_SUFFIX = " (entered by hand)"
+
+
+def sleep_source(source, by_hand):
+    """The ``source`` of a sleep sample's hours: its name, marked when the
+    sample was entered by hand."""
+    return source + BY_HAND_SUFFIX if by_hand else source
+
+
+def sleep_source_parts(kept):
+    """(source name, entered by hand) of a sleep hours' ``source``."""
+    return (kept[:-len(BY_HAND_SUFFIX)], True) if kept.endswith(BY_HAND_SUFFIX) else (kept, False)
+
+
+#: Sleep stages whose time a source's samples count once together (one
+#: moment asleep is asleep once, whatever stages overlap there).
+_SLEEP_GROUPS = {stage: "asleep" for stage in ASLEEP_STAGES}
+#: A person's sleep samples that start in [:low, :high), and those starting
+#: up to :back before that last into it (they cover what later ones repeat).
+_SLEEP_MERGE_SQL = (
+    f"SELECT {_milliseconds_sql('start_date')}, CASE WHEN end_date IS NOT NULL THEN"
+    f" {_milliseconds_sql('end_date')} END, value, CAST(coalesce(source_name, '') AS TEXT),"
+    f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END"
+    f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
+    " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)"
+    " ORDER BY start_date")
+
+
+def _category_text(value):
+    """A category sample's value as sample_hours keeps it (SQLite's text of it)."""
+    if value is None:
+        return ""
+    if value.__class__ is float:
+        return repr(value) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def merge_sleep_hours(conn, person, type_name, low, high, ranks):
+    """Rewrite the hours of a person's sleep from ``low`` to ``high``
+    (milliseconds, whole hours): per source (entered by hand apart) and
+    value, the samples that start in each hour and the time they count,
+    each moment once per source among its asleep stages (and among its
+    awake, its in-bed samples): overlapping stages of one source are not
+    counted twice.  A night's figures are then sums of hours."""
+    parameters = _merge_parameters(conn, person, type_name, low, high)
+    reach, rows, stages, hours = {}, {}, {}, {}
+    for start, end, value, source, record in conn.execute(_SLEEP_MERGE_SQL, parameters):
+        kept = source if record is None else sleep_source(source, user_entered(record))
+        stage = stages[value] if value in stages else stages.setdefault(value, sleep_stage(value))
+        counted = 0
+        if end is not None and end > start:
+            group = (kept, _SLEEP_GROUPS.get(stage, stage)) if stage is not None else None
+            begin = start if group is None else max(start, reach.get(group, start))
+            counted = max(0, end - begin)
+            if group is not None:
+                reach[group] = max(end, reach.get(group, end))
+        if start < low:
+            continue
+        hour = hours.get(start // 3600000)
+        if hour is None:
+            hour = hours[start // 3600000] = bucket_key(start // 3600000, 3600000)
+        key = (hour, kept, value, value.__class__)  # 1 and 1.0 are kept apart, as SQLite does
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = [person, type_name, hour, kept, _category_text(value), 0, 0, 0.0, None, None, 0.0]
+        row[5] += 1
+        row[10] += counted / 1000
+        if value.__class__ in (int, float) and math.isfinite(value):
+            row[6] += 1
+            row[7] += value
+            row[8] = value if row[8] is None or value < row[8] else row[8]
+            row[9] = value if row[9] is None or value > row[9] else row[9]
+    conn.execute(_HOURS_DELETE_SQL, (person, type_name, bucket_key(low // 3600000, 3600000),
+                                     bucket_key(high // 3600000, 3600000)))
+    conn.executemany(_HOURS_INSERT_SQL, rows.values())
+
+
+def hours_merger(type_name):
+    """How a type's hours are made in Python, or None (in SQL,
+    _SAMPLE_HOURS_SQL): a type that adds up is merged by source priority
+    over time, sleep counted once per source."""
+    if is_cumulative(type_name):
+        return merge_hours
+    return merge_sleep_hours if type_name == SLEEP_TYPE else None
 
 
 def source_priority_words(conn):
@@ -2465,24 +2588,18 @@ def source_priority_words(conn):
     return tuple(word for word in row[0].split(",") if word) if row and row[0] else SOURCE_PRIORITY
 
 
-def _longest_spread(conn, person, type_name):
-    row = conn.execute(f"SELECT longest FROM main.sample_types WHERE {PERSON_COLUMN} = ? AND type = ?",
-                       (person, type_name)).fetchone()
-    return min(row[0] if row and row[0] else 0, LONGEST_SPREAD_MS)
-
-
 def merge_pending_hours(conn, person, type_name, hours, words):
-    """Rewrite the half-hours of ``hours`` (sorted hour keys) of a person's
-    cumulative type: runs of hours a week long at most, each one range of
-    samples read back as far as the type's longest sample."""
+    """Rewrite ``hours`` (sorted hour keys) of a person's type that
+    hours_merger makes: runs of hours a week long at most, each one range
+    of samples read back as far as samples last into it."""
+    merge = hours_merger(type_name)
     ranks = SourceRanks.of(conn, person, words)
-    back = _longest_spread(conn, person, type_name)
     run_start = previous = None
     for hour in hours + [None]:
         at = None if hour is None else hour_milliseconds(hour)
         if run_start is not None and (at is None or at - previous > 3600 * 1000
                                       or at - run_start >= HOURS_PER_STATEMENT * 3600 * 1000):
-            merge_hours(conn, person, type_name, run_start, previous + 3600 * 1000, ranks, back)
+            merge(conn, person, type_name, run_start, previous + 3600 * 1000, ranks)
             run_start = None
         if at is not None:
             run_start = at if run_start is None else run_start
@@ -2490,28 +2607,22 @@ def merge_pending_hours(conn, person, type_name, hours, words):
 
 
 def merge_all_hours(conn, person, type_name, words, report=None):
-    """Rewrite every half-hour of a person's cumulative type, a week at a
-    time, and find its longest sample again."""
-    longest = conn.execute(
-        f"SELECT max(round((julianday(end_date) - julianday(start_date)) * 86400000)) FROM main.samples"
-        f" WHERE {PERSON_COLUMN} = ? AND type = ? AND end_date > start_date"
-        f" AND julianday(end_date) - julianday(start_date) <= {LONGEST_SPREAD_MS / 86400000!r}",
-        (person, type_name)).fetchone()[0] or 0
-    conn.execute(f"UPDATE main.sample_types SET longest = ? WHERE {PERSON_COLUMN} = ? AND type = ?",
-                 (int(longest), person, type_name))
+    """Rewrite every hour of a person's type that hours_merger makes, a
+    week at a time."""
     first, last = conn.execute(f"SELECT min(start_date), max(start_date) FROM main.samples WHERE"
                                f" {PERSON_COLUMN} = ? AND type = ?", (person, type_name)).fetchone()
     if first is None:
         return
     low = hour_milliseconds(first[:13])
-    high = hour_milliseconds(last[:13]) + 3600 * 1000 + -(-int(longest) // 3600000) * 3600 * 1000
+    high = hour_milliseconds(last[:13]) + 3600 * 1000 + LONGEST_SPREAD_MS  # what its last samples span
     conn.execute(f"DELETE FROM main.sample_hours WHERE {PERSON_COLUMN} = ? AND type = ?", (person, type_name))
     ranks = SourceRanks.of(conn, person, words)
     week = HOURS_PER_STATEMENT * 3600 * 1000
     for start in range(low, high, week):
-        merge_hours(conn, person, type_name, start, min(start + week, high), ranks, int(longest))
+        hours_merger(type_name)(conn, person, type_name, start, min(start + week, high), ranks)
     if report:
-        report(f"  {short_type_name(type_name)}: hourly totals merged by source priority")
+        how = "merged by source priority" if is_cumulative(type_name) else "counted once per source"
+        report(f"  {short_type_name(type_name)}: hourly totals {how}")
 
 
 def _update_pending_hours(conn):
@@ -2523,7 +2634,7 @@ def _update_pending_hours(conn):
     for person, type_name in conn.execute(
             f"SELECT DISTINCT {PERSON_COLUMN}, type FROM sample_hours_pending").fetchall():
         parameters = hours_parameters(type_name, person)
-        if parameters["spread"]:
+        if hours_merger(type_name):
             words = words or source_priority_words(conn)
             merge_pending_hours(conn, person, type_name, [hour for (hour,) in conn.execute(
                 _PENDING_HOURS + " ORDER BY hour", parameters)], words)
@@ -2544,7 +2655,7 @@ def _recount_sample_hours(conn, report=None, per_person=True):
     owner = PERSON_COLUMN if per_person else FIRST_PERSON
     words = source_priority_words(conn) if per_person else None
     for person, type_name in conn.execute(f"SELECT {owner}, type FROM sample_types ORDER BY 1, 2").fetchall():
-        if per_person and is_cumulative(type_name):
+        if per_person and hours_merger(type_name):
             merge_all_hours(conn, person, type_name, words, report)
             continue
         conn.execute(sql, dict(hours_parameters(type_name, person), spread=per_person is False and is_cumulative(
@@ -2705,7 +2816,7 @@ def _migrate_people(conn, report):
         for statement in section.index_sql:
             conn.execute(statement)
     for table in DERIVED_TABLES_V8:
-        old_key = table.key[1:] if table is not SAMPLE_TYPES_V8 else ()  # sample_types had a rowid
+        old_key = table.key[1:] if table is not SAMPLE_TYPES else ()  # sample_types had a rowid
         _own_by_first_person(conn, table.name, table.create_sql, old_key, report)
     _add_sync_columns(conn, SYNCS_V8_COLUMNS)
     conn.execute(SYNCS_BY_PERSON_INDEX)
@@ -2717,11 +2828,9 @@ def _migrate_people(conn, report):
 
 def _merge_by_source_priority(conn, report):
     """Version 9: cumulative types' half-hours merged by source priority over
-    time (merge_by_priority), from the samples; each type's longest sample;
+    time (merge_by_priority), from the samples; sleep counted once per source;
     the order sources were first stored (taken from the hourly totals: the
     first hour each source has), and the settings the totals depend on."""
-    if "longest" not in {row[1] for row in conn.execute(f"PRAGMA table_info({SAMPLE_TYPES.name})")}:
-        conn.execute(f"ALTER TABLE {SAMPLE_TYPES.name} ADD COLUMN longest INTEGER NOT NULL DEFAULT 0")
     for table in (SAMPLE_SOURCES, SETTINGS):
         conn.execute(table.create_sql())
     conn.execute(f"INSERT INTO {SAMPLE_SOURCES.name} ({PERSON_COLUMN}, source, seen) SELECT {PERSON_COLUMN}, source,"
@@ -2730,7 +2839,7 @@ def _merge_by_source_priority(conn, report):
     words = source_priority_words(conn)
     for person, type_name in conn.execute(f"SELECT {PERSON_COLUMN}, type FROM {SAMPLE_TYPES.name}"
                                           f" ORDER BY 1, 2").fetchall():
-        if is_cumulative(type_name):
+        if hours_merger(type_name):
             conn.execute(f"DELETE FROM sample_hours_pending WHERE {PERSON_COLUMN} = ? AND type = ?",
                          (person, type_name))
             merge_all_hours(conn, person, type_name, words, report)
@@ -2919,10 +3028,9 @@ def database_size(path):
 #: Keeps sample_types (rows, first and last date per type) current as rows
 #: arrive: counting 5 million samples per type would take a second per page.
 _SAMPLE_TYPES_SQL = (
-    f"INSERT INTO sample_types ({PERSON_COLUMN}, type, rows, first_date, last_date, longest)"
-    " VALUES (?5, ?1, ?2, ?3, ?4, ?6)"
+    f"INSERT INTO sample_types ({PERSON_COLUMN}, type, rows, first_date, last_date) VALUES (?5, ?1, ?2, ?3, ?4)"
     f" ON CONFLICT ({PERSON_COLUMN}, type) DO UPDATE SET rows = rows + excluded.rows,"
-    " longest = max(longest, excluded.longest),"
+
     " first_date = min(coalesce(first_date, excluded.first_date), excluded.first_date),"
     " last_date = max(coalesce(last_date, excluded.last_date), excluded.last_date)")
 
@@ -2935,21 +3043,22 @@ _NOTE_PENDING_HOURS_SQL = (f"INSERT OR IGNORE INTO main.sample_hours_pending ({P
                            + ")")
 _NOTE_PENDING_HOUR_SQL = (f"INSERT OR IGNORE INTO main.sample_hours_pending ({PERSON_COLUMN}, type, hour)"
                           " VALUES (?, ?, ?)")
-#: A cumulative type's staged samples (rowids :first to :last) that last
-#: into a later hour than the next: every hour they span is noted, and
-#: the longest (at most LONGEST_SPREAD_MS) is returned for sample_types.
-_LONGEST_SAMPLE_SQL = (
-    "SELECT max(length) FROM (SELECT round((julianday(end_date) - julianday(start_date)) * 86400000) AS length"
-    " FROM stage.samples WHERE rowid BETWEEN :first AND :last AND end_date > start_date) WHERE length <= :longest")
-#: Of those, the ones longer than an hour (the others' hours are noted
-#: with their start's and end's: _SAMPLE_HOURS_OF).
+#: The staged samples (rowids :first to :last) longer than an hour and at
+#: most LONGEST_SPREAD_MS, whose every hour is noted (the shorter ones' are
+#: their start's and their end's: _SAMPLE_HOURS_OF); the text comparison
+#: leaves out cheaply those that end in the hour they start in.
 _LONG_SAMPLES_SQL = (
     "SELECT substr(start_date, 1, 13), substr(end_date, 1, 13) FROM stage.samples WHERE rowid BETWEEN :first AND :last"
-    " AND end_date > start_date AND julianday(end_date) - julianday(start_date) BETWEEN 1 / 24.0 AND :longest_days")
-#: The sources a sync brought, in the order their first samples start:
-#: those not yet known are numbered after the person's others.
-_NEW_SOURCES_SQL = "SELECT DISTINCT coalesce(source_name, '') FROM stage.samples"
-_FIRST_SAMPLE_OF_SOURCE_SQL = "SELECT min(start_date) FROM stage.samples WHERE coalesce(source_name, '') = ?"
+    " AND substr(end_date, 1, 13) > substr(start_date, 1, 13)"
+    " AND julianday(end_date) - julianday(start_date) BETWEEN 1 / 24.0 AND :longest_days")
+#: The first sample's start of each staged source among those of ``{names}``
+#: (parameters; "" for none): one reading of the stage.
+_FIRST_SAMPLE_OF_SOURCES_SQL = ("SELECT CAST(coalesce(source_name, '') AS TEXT) AS source, min(start_date)"
+                                " FROM stage.samples WHERE source IN ({names}) GROUP BY source")
+#: Names bound per query (old SQLite allows 999 parameters).
+SQL_NAMES_MAX = 500
+#: A staged sample's source (its position in a row of SAMPLES).
+_SOURCE_OF_SAMPLE = operator.itemgetter(SAMPLES.column_names.index("source_name"))
 #: A run of samples whose hours, first to last, are at most this many per
 #: row (a type measured every few minutes or hours) has every hour between
 #: noted, without reading its rows: an hour noted without samples is only
@@ -2958,35 +3067,38 @@ DENSE_RUN_HOURS_PER_ROW = 2
 
 
 def _note_long_samples(conn, run, type_name, person):
-    """Note every hour that a cumulative type's staged samples of ``run``
-    span past the next (a sample's value is split over them all); return
-    the longest sample's milliseconds (at most LONGEST_SPREAD_MS)."""
-    longest, hours = 0, set()
+    """Note every hour that the staged samples of ``run`` (of a type that
+    hours_merger makes) span past the next: a sample changes what the
+    samples under it count there."""
+    hours = set()
     for first, last in run.ranges:
-        bounds = {"first": first, "last": last, "longest": LONGEST_SPREAD_MS,
-                  "longest_days": LONGEST_SPREAD_MS / 86400000}
-        longest = max(longest, int(conn.execute(_LONGEST_SAMPLE_SQL, bounds).fetchone()[0] or 0))
+        bounds = {"first": first, "last": last, "longest_days": LONGEST_SPREAD_MS / 86400000}
         for start_hour, end_hour in conn.execute(_LONG_SAMPLES_SQL, bounds):
             at, stop = hour_milliseconds(start_hour), hour_milliseconds(end_hour)
             hours.update(bucket_key(hour, 3600 * 1000) for hour in range(at // 3600000, stop // 3600000 + 1))
     conn.executemany(_NOTE_PENDING_HOUR_SQL, ((person, type_name, hour) for hour in sorted(hours)))
-    return longest
 
 
-def _note_sources(conn, person):
-    """Number the sources a sync brought that the person had not sent
-    before, in the order their first samples start (then by name)."""
+def _note_sources(conn, person, staged):
+    """Number the sources a sync brought (``staged``: their names as sent)
+    that the person had not sent before, in the order their first samples
+    start (then by name)."""
     known = {source for (source,) in conn.execute(
         f"SELECT source FROM main.{SAMPLE_SOURCES.name} WHERE {PERSON_COLUMN} = ?", (person,))}
-    new = [source for (source,) in conn.execute(_NEW_SOURCES_SQL) if source not in known]
+    # Each as SQLite's text of it, as the hourly totals name it ("1" for true).
+    new = sorted({"" if source is None else str(int(source) if source.__class__ is bool else source)
+                  for source in staged} - known)
     if not new:
         return
-    first = {source: conn.execute(_FIRST_SAMPLE_OF_SOURCE_SQL, (source,)).fetchone()[0] or "" for source in new}
+    first = {}
+    for index in range(0, len(new), SQL_NAMES_MAX):
+        names = new[index:index + SQL_NAMES_MAX]
+        first.update(conn.execute(_FIRST_SAMPLE_OF_SOURCES_SQL.format(names=", ".join("?" * len(names))), names))
     seen = conn.execute(f"SELECT coalesce(max(seen), 0) FROM main.{SAMPLE_SOURCES.name} WHERE {PERSON_COLUMN} = ?",
                         (person,)).fetchone()[0]
     conn.executemany(SAMPLE_SOURCES.insert_sql(SAMPLE_SOURCES.column_names),
                      [{PERSON_COLUMN: person, "source": source, "seen": seen + number}
-                      for number, source in enumerate(sorted(new, key=lambda name: (first[name], name)), 1)])
+                      for number, source in enumerate(sorted(new, key=lambda name: (first.get(name, ""), name)), 1)])
 
 
 def _dense_run_hours(run, spread):
@@ -3090,8 +3202,8 @@ def person_views(person_id):
         if person_id is not None:
             select = f"SELECT {names} FROM main.{table} WHERE {PERSON_COLUMN} = {int(person_id):d}"
         elif table == SAMPLE_TYPES.name:
-            select = (f"SELECT type, sum(rows) AS rows, min(first_date) AS first_date, max(last_date) AS last_date,"
-                      f" max(longest) AS longest FROM main.{table} GROUP BY type")
+            select = (f"SELECT type, sum(rows) AS rows, min(first_date) AS first_date, max(last_date) AS last_date"
+                      f" FROM main.{table} GROUP BY type")
         else:  # each person's rows in turn: a query by type or date still seeks within each person's
             select = f"SELECT {names} FROM main.{table} WHERE {PERSON_COLUMN} IN (SELECT id FROM main.people)"
         statements.append(f"CREATE TEMP VIEW IF NOT EXISTS {table} AS {select}")
@@ -3523,18 +3635,19 @@ class Store:
                               for first, last in run.ranges)
                     result.inserted[section.name] += new
                     if section is SAMPLES and new:
-                        longest = _note_long_samples(conn, run, label, params["person"]) if is_cumulative(
-                            label) else 0
-                        conn.execute(_SAMPLE_TYPES_SQL, (label, new, run.low, run.high, params["person"], longest))
-                        hours = _dense_run_hours(run, is_cumulative(label))
+                        spans = hours_merger(label) is not None  # its samples change every hour they span
+                        if spans:
+                            _note_long_samples(conn, run, label, params["person"])
+                        conn.execute(_SAMPLE_TYPES_SQL, (label, new, run.low, run.high, params["person"]))
+                        hours = _dense_run_hours(run, spans)
                         if hours is not None:
                             conn.executemany(_NOTE_PENDING_HOUR_SQL, ((params["person"], label, hour) for hour in hours))
                             continue
                         for first, last in run.ranges:
                             conn.execute(_NOTE_PENDING_HOURS_SQL, dict(hours_parameters(label, params["person"]),
-                                                                       first=first, last=last))
+                                                                       first=first, last=last, spread=spans))
                 if section is SAMPLES:
-                    _note_sources(conn, params["person"])
+                    _note_sources(conn, params["person"], stage.sources)
             elif section.latest_wins:
                 result.inserted[section.name] += conn.execute(section.count_new_sql, params).fetchone()[0]
                 # Only by this sync's later element, or when its export is
@@ -3741,6 +3854,8 @@ class Stage:
         #: {section name: {first key column's value: StagedRun}}, of the
         #: clustered sections.
         self.runs = {section.name: {} for section in SECTIONS if section.clustered}
+        #: The sources of the staged samples (their names as sent).
+        self.sources = set()
         self._last_rowid = dict.fromkeys(SECTIONS_BY_NAME, 0)
         create_private(path)  # raises on a file or link planted at the name
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -3794,6 +3909,8 @@ class Stage:
             raise StorageUnavailable("The temporary file of a sync lost track of its rows.")
         if section.clustered and stored:
             self._note_runs(section, stored, first)
+        if section is SAMPLES:
+            self.sources.update(map(_SOURCE_OF_SAMPLE, stored))
 
     def _note_runs(self, section, stored, rowid):
         """Add the rows just stored, from ``rowid`` on, to their runs."""
@@ -4460,8 +4577,6 @@ def type_title(type_name):
 RATIO_TYPES = frozenset((
     "OxygenSaturation", "BodyFatPercentage", "WalkingAsymmetryPercentage", "WalkingDoubleSupportPercentage",
     "AppleWalkingSteadiness", "BloodAlcoholContent", "PeripheralPerfusionIndex", "AtrialFibrillationBurden"))
-#: The sleep type (charted per night and stage, from its samples).
-SLEEP_TYPE = "HKCategoryTypeIdentifierSleepAnalysis"
 
 
 class Range(typing.NamedTuple):
@@ -4775,18 +4890,10 @@ def window_aggregates(conn, type_name, window):
                                                                              midnights)]
 
 
-#: Sleep stages as stored (HKCategoryValueSleepAnalysis numbers and names)
-#: -> the stage shown.
-SLEEP_STAGE_VALUES = {
-    0: "in_bed", 1: "unspecified", 2: "awake", 3: "core", 4: "deep", 5: "rem",
-    "inbed": "in_bed", "asleep": "unspecified", "asleepunspecified": "unspecified", "awake": "awake",
-    "asleepcore": "core", "core": "core", "asleepdeep": "deep", "deep": "deep", "asleeprem": "rem", "rem": "rem"}
 #: Sleep stages in stacking order (bottom first), with their labels and colours.
 SLEEP_STAGES = (("deep", "Deep", "#1c3f94"), ("core", "Core", "#3a7bd5"), ("rem", "REM", "#7fb3f5"),
                 ("unspecified", "Asleep, unspecified", "#6a8caf"), ("awake", "Awake", "#f2a65a"),
                 ("in_bed", "In bed", "#c9d6e3"))
-#: Stages that count as asleep.
-ASLEEP_STAGES = ("deep", "core", "rem", "unspecified")
 
 
 class CategoryType(typing.NamedTuple):
@@ -4872,29 +4979,8 @@ def category_name(type_name, value):
     return None if category is None else category.names.get(category_value(category, value))
 
 
-def sleep_stage(value):
-    """The stage of a sleep sample's value, or None."""
-    if isinstance(value, float) and float.is_integer(value):
-        value = int(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        for prefix in ("hkcategoryvaluesleepanalysis", "sleepanalysis"):
-            if text.startswith(prefix):
-                text = text[len(prefix):]
-        text = text.replace("_", "").replace(" ", "")
-        try:
-            number = float(text)
-        except ValueError:
-            return SLEEP_STAGE_VALUES.get(text)
-        return SLEEP_STAGE_VALUES.get(int(number)) if number.is_integer() else None
-    return SLEEP_STAGE_VALUES.get(value) if isinstance(value, int) else None
-
-
-#: A window's sleep samples (start, end, value, source, and the record
-#: where it may say "entered by hand"), in order of start.
-_SLEEP_SAMPLES_SQL = (f"SELECT start_date, end_date, value, coalesce(source_name, ''), CASE WHEN"
-                      f" instr(record, '{USER_ENTERED_KEY}') THEN record END FROM samples"
-                      " WHERE type = ? AND start_date >= ? AND start_date < ? ORDER BY start_date")
+#: A window's sleep hours: per hour, source and value, the time counted.
+_SLEEP_HOURS_SQL = "SELECT hour, source, category, seconds FROM sample_hours WHERE type = ? AND hour >= ? AND hour < ?"
 
 
 def _night_periods(window):
@@ -4907,66 +4993,51 @@ def _night_periods(window):
     return nights
 
 
-def _seconds_once(spans):
-    """{stage: seconds} of (start, end, stage) spans sorted by start, each
-    moment counted once (for the first span that covers it)."""
-    seconds, reach = {}, None
-    for start, end, stage in spans:
-        begin = start if reach is None else max(start, reach)
-        if end > begin:
-            seconds[stage] = seconds.get(stage, 0.0) + (end - begin).total_seconds()
-        reach = end if reach is None else max(reach, end)
-    return seconds
+def _night_hours(seconds, key):
+    """{stage: hours} of one night from {source kept: {stage: seconds}}, as
+    the Health app shows a night: asleep and awake from the first source (by
+    ``key``) that recorded sleep; in bed from the first that recorded it,
+    less what the stages account for (the chart stacks them)."""
+    def first_with(stages):
+        found = [source for source, counted in seconds.items() if any(counted.get(stage) for stage in stages)]
+        return min(found, key=key) if found else None
 
-
-def _night_hours(spans, key):
-    """{stage: hours} of one night from its spans ({merge source: [(start,
-    end, stage)]}), as the Health app shows a night: asleep and awake from
-    the first source (by ``key``) that recorded sleep, each moment once;
-    in bed from the first that recorded it, less what the stages account
-    for (the chart stacks them)."""
-    asleep = sorted((source for source, found in spans.items()
-                     if any(stage in ASLEEP_STAGES for _s, _e, stage in found)), key=key)
-    hours = {}
-    if asleep:
-        found = _seconds_once([span for span in spans[asleep[0]] if span[2] in ASLEEP_STAGES])
-        awake = _seconds_once([span for span in spans[asleep[0]] if span[2] == "awake"])
-        hours = {stage: seconds / 3600 for stage, seconds in {**found, **awake}.items() if seconds > 0}
-    in_bed = sorted((source for source, found in spans.items() if any(s[2] == "in_bed" for s in found)), key=key)
-    if in_bed:
-        time_in_bed = _seconds_once([span for span in spans[in_bed[0]] if span[2] == "in_bed"]).get("in_bed", 0) / 3600
-        if time_in_bed > sum(hours.values()):
-            hours["in_bed"] = time_in_bed - sum(hours.values())
+    hours, asleep = {}, first_with(ASLEEP_STAGES)
+    if asleep is not None:
+        hours = {stage: counted / 3600 for stage, counted in seconds[asleep].items()
+                 if counted > 0 and (stage in ASLEEP_STAGES or stage == "awake")}
+    in_bed = first_with(("in_bed",))
+    if in_bed is not None and seconds[in_bed]["in_bed"] / 3600 > sum(hours.values()):
+        hours["in_bed"] = seconds[in_bed]["in_bed"] / 3600 - sum(hours.values())
     return hours
 
 
 def sleep_nights(conn, window):
-    """{night's day: {stage: hours}} of the window's nights, from the sleep
-    samples: a night runs from noon the day before to noon of its day (local
-    time), so it is the day you wake up, and a sample counts in the night it
-    starts in.  Where sources overlap, the night is the first source's
-    (SourceRanks by the window's priority), never a sum."""
+    """{night's day: {stage: hours}} of the window's nights: a night runs
+    from noon the day before to noon of its day (local time), so it is the
+    day you wake up, and a sample counts in the night it starts in.  Where
+    sources overlap, the night is the first source's (SourceRanks by the
+    window's priority, entered by hand first), never a sum; a source's
+    overlapping stages count once (merge_sleep_hours)."""
     nights = _night_periods(window)
     if not nights:
         return {}
     ranks = SourceRanks.of(conn, None, window.priority)
-    bounds = [night.start for night in nights]
-    spans = {}
-    for start, end, value, source, record in conn.execute(_SLEEP_SAMPLES_SQL, (SLEEP_TYPE, bounds[0],
-                                                                              nights[-1].end)):
-        stage = sleep_stage(value)
-        began, ended = parse_instant(start), parse_instant(end)
-        if stage is None or began is None or ended is None or ended <= began:
-            continue
-        night = nights[bisect.bisect_right(bounds, start) - 1].day
-        merge_source = (source, record is not None and user_entered(record))
-        spans.setdefault(night, {}).setdefault(merge_source, []).append((began, ended, stage))
+    bounds = [night.start[:13] for night in nights]
     found = {}
-    for day, sources in spans.items():
-        hours = _night_hours(sources, lambda merge_source: ranks.key(*merge_source))
+    for hour, kept, category, seconds in conn.execute(_SLEEP_HOURS_SQL, (SLEEP_TYPE, bounds[0],
+                                                                         nights[-1].end[:13])):
+        stage = sleep_stage(category)
+        if stage is not None and seconds > 0:
+            night = found.setdefault(nights[bisect.bisect_right(bounds, hour) - 1].day, {})
+            stages = night.setdefault(kept, {})
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    nights_hours = {}
+    for day, seconds in found.items():
+        hours = _night_hours(seconds, lambda kept: ranks.key(*sleep_source_parts(kept)))
         if hours:
-            found[day] = hours
-    return found
+            nights_hours[day] = hours
+    return nights_hours
 
 
 def asleep_hours(stages):
@@ -5250,7 +5321,7 @@ def today_tiles(conn, known, view):
     were recorded in the last TODAY_AVERAGE_DAYS days."""
     today = view.zone.today(view.now)
     window = days_window(RANGES_BY_NAME["30d"], today - datetime.timedelta(days=TODAY_AVERAGE_DAYS), today,
-                         view.zone)
+                         view.zone)._replace(priority=view.priority)
     tiles = []
     for type_name, title in TODAY_TYPES:
         if type_name not in known:
@@ -5636,7 +5707,7 @@ def data_gaps(conn, view, limit=LATEST_TYPES_MAX):
     has_sleep = conn.execute("SELECT 1 FROM sample_types WHERE type = ?", (SLEEP_TYPE,)).fetchone()
     if has_sleep and last_sync > noon:  # a sync came after last night ended
         nights = sleep_nights(conn, days_window(RANGES_BY_NAME["7d"], today - datetime.timedelta(days=7), today,
-                                                zone))
+                                                zone)._replace(priority=view.priority))
         before = sum(1 for day, stages in nights.items() if day < today.isoformat() and asleep_hours(stages) > 0)
         if before >= GAP_SLEEP_NIGHTS and not asleep_hours(nights.get(today.isoformat(), {})):
             gaps.append(Gap("sleep", "no sleep recorded last night", type=SLEEP_TYPE))

@@ -940,8 +940,6 @@ class MigrationTests(unittest.TestCase):
         # The phone's walk after the Watch's counts; the hand entry hides the Watch's minute under it.
         self.assertEqual(self.query("SELECT round(total(total), 6) FROM sample_hours WHERE type = ?",
                                     ("HKQuantityTypeIdentifierStepCount",)), [(4800.0,)])
-        self.assertEqual(self.query("SELECT longest FROM sample_types WHERE type = ?",
-                                    ("HKQuantityTypeIdentifierStepCount",)), [(90 * 60 * 1000,)])
         # Sources in the order of their first hour (then by name).
         self.assertEqual([source for (source,) in self.query("SELECT source FROM sample_sources ORDER BY seen")],
                          ["Watch", watch, phone, "Health"])
@@ -2233,6 +2231,20 @@ class CumulativeMergeTests(StepsTestCase):
             "SELECT hour, sum(total) FROM sample_hours GROUP BY hour ORDER BY hour")],
             [("05", 500.0), ("05:30", 750.0), ("06", 750.0), ("06:30", 750.0), ("07", 250.0)])
 
+    def test_sources_that_are_not_text_are_ranked_as_their_text_and_merged(self):
+        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        midnight = f"{day}T10:"
+        steps = [span("N1", midnight + "00:00Z", midnight + "10:00Z", 100, "count", source=5),
+                 span("N2", midnight + "05:00Z", midnight + "15:00Z", 200, "count", source={"name": "x"}),
+                 span("N3", midnight + "20:00Z", midnight + "30:00Z", 50, "count", source=None),
+                 span("N4", midnight + "40:00Z", midnight + "50:00Z", 70, "count", source=True)]
+        self.assertEqual(self.post({"data": {"HKQuantityTypeIdentifierStepCount": steps}})[0], 200)
+        # Ranked in the order they came (by their first sample): 5 first, then {"name": "x"} for its last half.
+        self.assertEqual({day: round(total, 6) for day, total in self.day_totals().items()},
+                         {day.isoformat(): 100 + 100 + 50 + 70})
+        self.assertEqual(sorted(self.query("SELECT source FROM sample_sources")), [("",), ("1",), ("5",),
+                                                                                  ('{"name":"x"}',)])
+
     def test_generated_two_device_days_are_within_one_percent_of_a_watch_first_merge(self):
         rng = random.Random(11)
         today = datetime.datetime.now(datetime.timezone.utc).date()
@@ -3095,6 +3107,20 @@ class HealthAppRegressionTests(OracleRegressionCase):
         self.assertEqual([(oracle_text(hour), round(value, 6)) for hour, value in hours],
                          [(self.at("18:00"), 600), (self.at("19:00"), 600)])
         self.assertAlmostEqual(self.day_value("StepCount"), 1200, places=6)
+
+    def test_a_later_sync_under_a_sample_of_days_merges_the_hours_it_covers(self):
+        # Two days of the phone (100 steps an hour), then a sync of a Watch walk in the middle of it.
+        self.post_samples((ORACLE_STEPS, SCENARIO_IPHONE, self.at("00:00"),
+                           self.at("00:00", self.day + datetime.timedelta(days=2)), 4800))
+        self.post_samples(self.steps(SCENARIO_WATCH, "12:00", "12:30", 1000)[:2]
+                          + (self.at("12:00", self.day + datetime.timedelta(days=1)),
+                             self.at("12:30", self.day + datetime.timedelta(days=1)), 1000))
+        found = self.day_points("StepCount", None, self.day, self.day + datetime.timedelta(days=1))
+        self.assertEqual([round(value, 6) for _date, _start, value in found], [2400, 2400 - 50 + 1000])
+        noon = oracle_ms(self.at("12:00", self.day + datetime.timedelta(days=1)))
+        self.assertEqual([round(value, 6) for _hour, value in self.hour_points("StepCount", None, noon - ORACLE_HOUR,
+                                                                                noon + 2 * ORACLE_HOUR)],
+                         [100, 50 + 1000, 100])
 
     def test_points_count_unless_a_better_source_runs_then(self):
         self.post_samples(self.steps(SCENARIO_IPHONE, "09:00", "09:10", 500),
