@@ -4670,6 +4670,10 @@ class Window(typing.NamedTuple):
     shifted: bool = False
     zone: Zone = Zone()
     priority: typing.Tuple[str, ...] = SOURCE_PRIORITY
+    #: At the grain of a week or a month: the stored timestamp of each day's
+    #: local midnight, first to last (a period's days with data are counted
+    #: between them); at a day's, the periods' starts are these.
+    midnights: typing.Tuple[str, ...] = ()
 
     @property
     def start(self):
@@ -4723,13 +4727,14 @@ def make_window(view, first_stamp=None, last_stamp=None):
 def days_window(choice, first, last, zone, shifted=False, grain=None):
     """The Window of the days first..last, at ``grain`` or the one their
     number calls for.  The first week or month starts at ``first`` (it is
-    named by its own first day): a daily average divides by the days the
-    window holds."""
+    named by its own first day)."""
     grain = grain or grain_for((last - first).days + 1)
     starts = _period_starts(first, last, grain)
     stamps = [zone.midnight(max(day, first)) for day in starts]
     periods = tuple(Period(day.isoformat(), low, high) for day, low, high in zip(starts, stamps, stamps[1:]))
-    return Window(choice, grain, first, last, periods, shifted, zone)
+    midnights = () if grain.name == "day" else tuple(
+        zone.midnight(first + datetime.timedelta(days=day)) for day in range((last - first).days + 1))
+    return Window(choice, grain, first, last, periods, shifted, zone, midnights=midnights)
 
 
 #: The most periods one query binds (old SQLite allows 999 parameters).
@@ -4883,11 +4888,10 @@ def window_aggregates(conn, type_name, window):
     daily average's divisor, the days of the period inside the window that
     have data (a week of three recorded days is their mean, not a seventh
     of their sum)."""
-    if window.grain.name == "day":
+    if not window.midnights:
         return [(agg, 1) for agg in type_aggregates(conn, type_name, window.periods)]
-    midnights = [window.zone.midnight(window.first + datetime.timedelta(days=day)) for day in range(window.days)]
     return [(agg, max(agg.days, 1) if agg else 1) for agg in type_aggregates(conn, type_name, window.periods,
-                                                                             midnights)]
+                                                                             window.midnights)]
 
 
 #: Sleep stages in stacking order (bottom first), with their labels and colours.
@@ -5024,14 +5028,14 @@ def sleep_nights(conn, window):
         return {}
     ranks = SourceRanks.of(conn, None, window.priority)
     bounds = [night.start[:13] for night in nights]
-    found = {}
+    found, stages = {}, {}
     for hour, kept, category, seconds in conn.execute(_SLEEP_HOURS_SQL, (SLEEP_TYPE, bounds[0],
                                                                          nights[-1].end[:13])):
-        stage = sleep_stage(category)
+        stage = stages[category] if category in stages else stages.setdefault(category, sleep_stage(category))
         if stage is not None and seconds > 0:
             night = found.setdefault(nights[bisect.bisect_right(bounds, hour) - 1].day, {})
-            stages = night.setdefault(kept, {})
-            stages[stage] = stages.get(stage, 0.0) + seconds
+            counted = night.setdefault(kept, {})
+            counted[stage] = counted.get(stage, 0.0) + seconds
     nights_hours = {}
     for day, seconds in found.items():
         hours = _night_hours(seconds, lambda kept: ranks.key(*sleep_source_parts(kept)))
@@ -7232,7 +7236,7 @@ METRICS = (
                                                            "copy, 0 if it failed."),
     Metric("health_latest_value", "gauge", "The latest sample of a type, in its unit (the unit label)."),
     Metric("health_latest_timestamp_seconds", "gauge", "When the latest sample of a type started (Unix time)."),
-    Metric("health_today_value", "gauge", "Today's total of a type that adds up, counted once where two devices "
+    Metric("health_today_value", "gauge", "Today's total of a type that adds up, counted once where sources "
                                           "overlap, as the status page counts it."),
     Metric("health_sleep_last_night_seconds", "gauge", "Last night's sleep by stage (noon to noon)."),
 )
