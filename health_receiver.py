@@ -2306,7 +2306,7 @@ def _union(intervals):
 
 def merge_by_priority(samples, bucket_ms=BUCKET_MS):
     """The Health app's merge of a cumulative type: {(bucket, source):
-    [value counted, milliseconds counted]} from samples (start ms, end ms or
+    (value counted, milliseconds counted)} from samples (start ms, end ms or
     None, value, rank key, source), rank keys sorting first what counts
     first.  Each stretch of time counts the samples of the first source
     that has one covering it, each its value's share for the time it
@@ -2321,7 +2321,7 @@ def merge_by_priority(samples, bucket_ms=BUCKET_MS):
             by_rank[sample[3]] = [sample]
         else:
             found.append(sample)
-    shares = {}
+    counted, spans = collections.defaultdict(float), collections.defaultdict(int)
     starts, ends = [], []  # what the sources before have covered
     ranks = sorted(by_rank)
     for number, rank in enumerate(ranks):
@@ -2339,12 +2339,8 @@ def merge_by_priority(samples, bucket_ms=BUCKET_MS):
             else:  # the first source: all of it counts, most often in one bucket
                 bucket = start // bucket_ms
                 if bucket == (end - 1) // bucket_ms:
-                    cell = shares.get((bucket, source))
-                    if cell is None:
-                        shares[(bucket, source)] = [value, length]
-                    else:
-                        cell[0] += value
-                        cell[1] += length
+                    counted[(bucket, source)] += value
+                    spans[(bucket, source)] += length
                     if mine is not None:
                         mine.append((start, end))
                     continue
@@ -2354,16 +2350,11 @@ def merge_by_priority(samples, bucket_ms=BUCKET_MS):
             for low, high in pieces:
                 for bucket in range(low // bucket_ms, max(low, high - 1) // bucket_ms + 1):
                     part = min(high, (bucket + 1) * bucket_ms) - max(low, bucket * bucket_ms)
-                    counted = value if part == length else value * part / length if length else value
-                    cell = shares.get((bucket, source))
-                    if cell is None:
-                        shares[(bucket, source)] = [counted, part]
-                    else:
-                        cell[0] += counted
-                        cell[1] += part
+                    counted[(bucket, source)] += value if part == length else value * part / length if length else value
+                    spans[(bucket, source)] += part
         if mine:
             starts, ends = _union(list(zip(starts, ends)) + mine)
-    return shares
+    return {key: (value, spans[key]) for key, value in counted.items()}
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)

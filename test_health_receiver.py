@@ -3863,25 +3863,10 @@ class StatusPageAuthTests(ServerTestCase):
         self.assertEqual(self.post(make_payload(), headers={"Authorization": "Basic " + good})[0], 401)
 
 
-class LocalDayTests(PageTestCase):
+class LocalDayTests(ZoneTestMixin, PageTestCase):
     """Days on the status page are the machine's local days."""
 
-    def setUp(self):
-        if not hasattr(time, "tzset"):
-            self.skipTest("needs time.tzset")
-        previous = os.environ.get("TZ")
-        os.environ["TZ"] = "Europe/Berlin"
-        time.tzset()
-
-        def restore():
-            if previous is None:
-                os.environ.pop("TZ", None)
-            else:
-                os.environ["TZ"] = previous
-            time.tzset()
-
-        self.addCleanup(restore)
-        super().setUp()
+    process_zone = "Europe/Berlin"
 
     def test_offsets_land_on_the_right_local_day(self):
         today = datetime.datetime.now().astimezone()
