@@ -2579,17 +2579,23 @@ def source_priority_words(conn):
     return tuple(word for word in row[0].split(",") if word) if row and row[0] else SOURCE_PRIORITY
 
 
+#: Hours a merge in Python reads the samples of at a time: it holds them
+#: all (a day of a type sampled each minute is 1,440 of them; a week's
+#: held a 50 MB sync's receiver 5 MB higher).
+MERGE_HOURS_MAX = 24
+
+
 def merge_pending_hours(conn, person, type_name, hours, words):
     """Rewrite ``hours`` (sorted hour keys) of a person's type that
-    hours_merger makes: runs of hours a week long at most, each one range
-    of samples read back as far as samples last into it."""
+    hours_merger makes: runs of hours a day long at most (MERGE_HOURS_MAX),
+    each one range of samples read back as far as samples last into it."""
     merge = hours_merger(type_name)
     ranks = SourceRanks.of(conn, person, words)
     run_start = previous = None
     for hour in hours + [None]:
         at = None if hour is None else hour_milliseconds(hour)
         if run_start is not None and (at is None or at - previous > 3600 * 1000
-                                      or at - run_start >= HOURS_PER_STATEMENT * 3600 * 1000):
+                                      or at - run_start >= MERGE_HOURS_MAX * 3600 * 1000):
             merge(conn, person, type_name, run_start, previous + 3600 * 1000, ranks)
             run_start = None
         if at is not None:
@@ -2598,8 +2604,8 @@ def merge_pending_hours(conn, person, type_name, hours, words):
 
 
 def merge_all_hours(conn, person, type_name, words, report=None):
-    """Rewrite every hour of a person's type that hours_merger makes, a
-    week at a time."""
+    """Rewrite every hour of a person's type that hours_merger makes,
+    MERGE_HOURS_MAX at a time."""
     first, last = conn.execute(f"SELECT min(start_date), max(start_date) FROM main.samples WHERE"
                                f" {PERSON_COLUMN} = ? AND type = ?", (person, type_name)).fetchone()
     if first is None:
@@ -2608,9 +2614,9 @@ def merge_all_hours(conn, person, type_name, words, report=None):
     high = hour_milliseconds(last[:13]) + 3600 * 1000 + LONGEST_SPREAD_MS  # what its last samples span
     conn.execute(f"DELETE FROM main.sample_hours WHERE {PERSON_COLUMN} = ? AND type = ?", (person, type_name))
     ranks = SourceRanks.of(conn, person, words)
-    week = HOURS_PER_STATEMENT * 3600 * 1000
-    for start in range(low, high, week):
-        hours_merger(type_name)(conn, person, type_name, start, min(start + week, high), ranks)
+    step = MERGE_HOURS_MAX * 3600 * 1000
+    for start in range(low, high, step):
+        hours_merger(type_name)(conn, person, type_name, start, min(start + step, high), ranks)
     if report:
         how = "merged by source priority" if is_cumulative(type_name) else "counted once per source"
         report(f"  {short_type_name(type_name)}: hourly totals {how}")
@@ -3042,12 +3048,15 @@ _LONG_SAMPLES_SQL = (
     "SELECT substr(start_date, 1, 13), substr(end_date, 1, 13) FROM stage.samples WHERE rowid BETWEEN :first AND :last"
     " AND substr(end_date, 1, 13) > substr(start_date, 1, 13)"
     " AND julianday(end_date) - julianday(start_date) BETWEEN 1 / 24.0 AND :longest_days")
-#: The first sample's start of each staged source among those of ``{names}``
-#: (parameters; "" for none): one reading of the stage.
-_FIRST_SAMPLE_OF_SOURCES_SQL = ("SELECT CAST(coalesce(source_name, '') AS TEXT) AS source, min(start_date)"
-                                " FROM stage.samples WHERE source IN ({names}) GROUP BY source")
-#: Names bound per query (old SQLite allows 999 parameters).
-SQL_NAMES_MAX = 500
+#: The first sample's start of a staged source ("" for none): a reading of
+#: the stage without a sort (a GROUP BY of a 50 MB sync's samples held the
+#: receiver's memory 2 MB higher), made for each source not seen before...
+_FIRST_SAMPLE_OF_SOURCE_SQL = ("SELECT min(start_date) FROM stage.samples"
+                               " WHERE CAST(coalesce(source_name, '') AS TEXT) = ?")
+#: ... unless there are more than this many: then one sorted reading.
+FIRST_SAMPLE_SCANS_MAX = 8
+_FIRST_SAMPLES_SQL = ("SELECT CAST(coalesce(source_name, '') AS TEXT) AS source, min(start_date)"
+                      " FROM stage.samples GROUP BY source")
 #: A staged sample's source (its position in a row of SAMPLES).
 _SOURCE_OF_SAMPLE = operator.itemgetter(SAMPLES.column_names.index("source_name"))
 #: A run of samples whose hours, first to last, are at most this many per
@@ -3081,15 +3090,15 @@ def _note_sources(conn, person, staged):
                   for source in staged} - known)
     if not new:
         return
-    first = {}
-    for index in range(0, len(new), SQL_NAMES_MAX):
-        names = new[index:index + SQL_NAMES_MAX]
-        first.update(conn.execute(_FIRST_SAMPLE_OF_SOURCES_SQL.format(names=", ".join("?" * len(names))), names))
+    if len(new) <= FIRST_SAMPLE_SCANS_MAX:
+        first = {source: conn.execute(_FIRST_SAMPLE_OF_SOURCE_SQL, (source,)).fetchone()[0] for source in new}
+    else:
+        first = dict(conn.execute(_FIRST_SAMPLES_SQL))
     seen = conn.execute(f"SELECT coalesce(max(seen), 0) FROM main.{SAMPLE_SOURCES.name} WHERE {PERSON_COLUMN} = ?",
                         (person,)).fetchone()[0]
     conn.executemany(SAMPLE_SOURCES.insert_sql(SAMPLE_SOURCES.column_names),
                      [{PERSON_COLUMN: person, "source": source, "seen": seen + number}
-                      for number, source in enumerate(sorted(new, key=lambda name: (first.get(name, ""), name)), 1)])
+                      for number, source in enumerate(sorted(new, key=lambda name: (first.get(name) or "", name)), 1)])
 
 
 def _dense_run_hours(run, spread):

@@ -2245,6 +2245,23 @@ class CumulativeMergeTests(StepsTestCase):
         self.assertEqual(sorted(self.query("SELECT source FROM sample_sources")), [("",), ("1",), ("5",),
                                                                                   ('{"name":"x"}',)])
 
+    def test_sources_first_seen_in_one_sync_are_numbered_by_their_first_sample(self):
+        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        for count in (3, hr.FIRST_SAMPLE_SCANS_MAX + 2):  # a reading per source, then one sorted reading
+            with self.subTest(count=count):
+                apps = [f"App{count}-{number}" for number in range(count)]
+                # The last app named has the earliest sample; each has a later one too.
+                def at(number, late, minutes=0):
+                    return f"{day}T{10 - number // 2 + late:02d}:{number % 2 * 30 + minutes:02d}:00Z"
+
+                steps = [span(f"F{count}-{number}-{late}", at(number, late), at(number, late, 5), 10, "count",
+                              source=app) for number, app in enumerate(apps) for late in (0, 3)]
+                self.assertEqual(self.post({"data": {"HKQuantityTypeIdentifierStepCount": steps[::-1]}})[0], 200)
+                seen = [source for (source,) in self.query("SELECT source FROM sample_sources WHERE source LIKE ?"
+                                                           " ORDER BY seen", (f"App{count}-%",))]
+                self.assertEqual(seen, sorted(apps, key=lambda app: (10 - apps.index(app) // 2,
+                                                                     apps.index(app) % 2, app)))
+
     def test_generated_two_device_days_are_within_one_percent_of_a_watch_first_merge(self):
         rng = random.Random(11)
         today = datetime.datetime.now(datetime.timezone.utc).date()
