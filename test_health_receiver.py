@@ -2405,6 +2405,7 @@ ORACLE_FLIGHTS = "HKQuantityTypeIdentifierFlightsClimbed"
 ORACLE_DISTANCE = "HKQuantityTypeIdentifierDistanceWalkingRunning"
 ORACLE_HEART = "HKQuantityTypeIdentifierHeartRate"
 ORACLE_SLEEP = "HKCategoryTypeIdentifierSleepAnalysis"
+ORACLE_STAND = "HKCategoryTypeIdentifierAppleStandHour"
 #: Cumulative types and their short names in /api/series.
 ORACLE_CUMULATIVE = {ORACLE_STEPS: "StepCount", ORACLE_FLIGHTS: "FlightsClimbed",
                      ORACLE_DISTANCE: "DistanceWalkingRunning"}
@@ -2589,7 +2590,19 @@ def oracle_expectations(body, zone, words=ORACLE_WORDS):
         for stat, by_key in oracle_heart_rate(samples[ORACLE_HEART], buckets).items():
             expected[("HeartRate", stat, grain)] = by_key
     expected[("SleepAnalysis", None, "day")] = oracle_sleep(samples[ORACLE_SLEEP], rank, nights)
+    for grain, buckets in (("day", days), ("hour", hours)):
+        expected[("AppleStandHour", None, grain)] = oracle_stand_hours(samples[ORACLE_STAND], buckets)
     return expected
+
+
+def oracle_stand_hours(samples, buckets):
+    """{key: hours stood}: the Watch's "stood" samples (0, or a name ending
+    in "stood") by the period of their start; every period, 0.0 without."""
+    stood = dict.fromkeys(buckets.keys, 0.0)
+    for s in samples:
+        if s.value == 0 and s.value is not False or str(s.value).lower().endswith("stood"):
+            stood[buckets.key_of(s.start)] += 1
+    return stood
 
 
 def oracle_cumulative(samples, rank, days, hours):
@@ -2845,6 +2858,11 @@ def scenario_day(rng, body, zone, day):
             start, end, _rate = walks[run]
             for at in range(start, min(end, start + 10 * ORACLE_MINUTE), 5000):
                 body.add(ORACLE_HEART, SCENARIO_WATCH, at, at, rng.randint(140, 175), "count/min")
+    if watch:  # stand hours: one sample an hour while awake, stood or idle, as a number or a name
+        for hour in range((wake - midnight) // ORACLE_HOUR + 1, 23):
+            value = rng.choice([0, 0, "stood", "HKCategoryValueAppleStandHourStood", 1, "idle"])
+            body.add(ORACLE_STAND, SCENARIO_WATCH, midnight + hour * ORACLE_HOUR,
+                     midnight + (hour + 1) * ORACLE_HOUR, value)
     if phone and rng.random() < 0.3:
         for _ in range(rng.randint(1, 2)):
             at = midnight + _minutes(rng, 8 * 60, 21 * 60)
@@ -2921,7 +2939,9 @@ def oracle_close(name, stat, expected, found):
         if stat in ("min", "max"):
             return abs(found - expected) <= 1e-9
         return abs(found - expected) <= 0.005 * abs(expected)
-    found = 0.0 if found is None else found  # cumulative: null is nothing counted
+    found = 0.0 if found is None else found  # cumulative and stand hours: null is nothing counted
+    if name == "AppleStandHour":
+        return abs(found - expected) <= 1e-9
     return abs(found - expected) <= max(0.005 * abs(expected), 1e-6)
 
 
@@ -2962,7 +2982,8 @@ class OracleSeriesReader:
 #: What the oracle reads back: (short name, stat, grain).
 ORACLE_SERIES = ([(name, None, grain) for name in ORACLE_CUMULATIVE.values() for grain in ("day", "hour")]
                  + [("HeartRate", stat, grain) for stat in ORACLE_HEART_STATS for grain in ("day", "hour")]
-                 + [("SleepAnalysis", None, "day")])
+                 + [("SleepAnalysis", None, "day")]
+                 + [("AppleStandHour", None, grain) for grain in ("day", "hour")])
 
 
 class ZoneTestMixin:
@@ -3034,7 +3055,7 @@ class HealthAppOracleTests(ZoneTestMixin, OracleSeriesReader, PageTestCase):
             for name, stat, grain in ORACLE_SERIES:
                 wanted = expected[(name, stat, grain)]
                 label = name + (f" {stat}" if stat else "")
-                default = 0.0 if name in ORACLE_CUMULATIVE.values() else None
+                default = 0.0 if name in ORACLE_CUMULATIVE.values() or name == "AppleStandHour" else None
                 if grain == "day":
                     for date, period, value in self.day_points(name, stat, first, last):
                         compared += 1
