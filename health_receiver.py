@@ -52,12 +52,13 @@ Map of this file, each section depending only on those above it:
     Sync workflow one sync from arriving bytes to stored rows, shared by HTTP
                   and import (a byte-identical retry answered from its
                   record); the archive; NDJSON lines made payloads again;
-                  scheduled backups
+                  scheduled backups; notices when data stops or comes back
+                  (NOTICE_FORMATS, Notifier, GapWatch)
     HTTP          Keys and identities, request checks, the protocol (framing,
                   body, the one answer writer), ROUTES and their actions, the
                   server
     Command line  serve, key, people, stats, export, import, backup, verify,
-                  restore: COMMANDS
+                  restore, notify: COMMANDS
     Bench         `bench`: the receiver against a baseline, at any database size
     main          the entry point
 
@@ -246,6 +247,12 @@ def _canonical(stamp):
     if stamp.tzinfo is not None:
         stamp = stamp.astimezone(datetime.timezone.utc)
     return f"{stamp:%Y-%m-%dT%H:%M:%S}.{stamp.microsecond // 1000:03d}Z"
+
+
+def utc_clock():
+    """Now, as an aware datetime: the receiver's clock unless its
+    configuration is given another (a test's)."""
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def utc_now():
@@ -2573,6 +2580,10 @@ def hours_merger(type_name):
     return merge_sleep_hours if type_name == SLEEP_TYPE else None
 
 
+def _put_setting(conn, name, value):
+    conn.execute(f"INSERT OR REPLACE INTO main.{SETTINGS.name} (name, value) VALUES (?, ?)", (name, value))
+
+
 def source_priority_words(conn):
     """The priority words the stored totals were merged by."""
     row = conn.execute(f"SELECT value FROM main.{SETTINGS.name} WHERE name = 'source_priority'").fetchone()
@@ -3675,6 +3686,16 @@ class Store:
         with self.writer(keep=True, wait=wait) as conn, _transaction(conn):
             _update_pending_hours(conn)
 
+    def setting(self, name):
+        """A value of the settings table, or None."""
+        with self.reader() as conn:
+            row = conn.execute(f"SELECT value FROM main.{SETTINGS.name} WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def put_setting(self, name, value):
+        with self.writer() as conn, _transaction(conn):
+            _put_setting(conn, name, value)
+
     def use_source_priority(self, words, report=None):
         """Merge cumulative types by the priority ``words`` from now on
         (--source-priority): totals merged by other words are merged again
@@ -3683,8 +3704,7 @@ class Store:
         with self.writer() as conn:
             if source_priority_words(conn) != words:
                 with _transaction(conn):
-                    conn.execute(f"INSERT OR REPLACE INTO main.{SETTINGS.name} (name, value)"
-                                 " VALUES ('source_priority', ?)", (",".join(words),))
+                    _put_setting(conn, "source_priority", ",".join(words))
                     for person, type_name in conn.execute(
                             f"SELECT {PERSON_COLUMN}, type FROM main.{SAMPLE_TYPES.name} ORDER BY 1, 2").fetchall():
                         if is_cumulative(type_name):
@@ -5736,6 +5756,8 @@ class StatusReport(typing.NamedTuple):
     backup: typing.Optional[dict] = None
     #: What stopped arriving (data_gaps).
     gaps: typing.Tuple[Gap, ...] = ()
+    #: Notices (Notifier.status), to an admin, when the receiver sends them.
+    notice: typing.Optional[dict] = None
 
 
 def status_report(store, view, sync_count=20, type_limit=PAGE_TYPES_MAX):
@@ -6882,6 +6904,7 @@ def render_status_page(report):
         out.append(f'<p>Last sync {format_ago(last_sync.received_at, view.now)}: '
                    f'{_number(last_sync.received)} records, {_esc(last_sync.status)}.</p>')
     out.append(_backup_line(report.backup, view.now))
+    out.append(_notice_line(report.notice, view.now))
     if report.gaps:
         out.append('<div class="note"><b>Gaps</b>: ' + "; ".join(_esc(gap.message) for gap in report.gaps) + ".</div>")
     if report.today:
@@ -6943,6 +6966,19 @@ def _backup_line(backup, now):
     if backup["warning"]:
         return f'<p class="note">Backups: {_esc(backup["warning"])}; {made}; {every}.</p>'
     return f'<p class="muted">Backups: {made}; {every}.</p>'
+
+
+def _notice_line(notice, now):
+    if notice is None:
+        return ""
+    where = f"to {_esc(notice['destination'])} ({_esc(notice['format'])})"
+    last = notice["last"]
+    if last is None:
+        return f'<p class="muted">Notices: {where}; none sent yet.</p>'
+    told = f"the last, {format_ago(last['time'], now)}: {_esc(last['title'])}"
+    if last["delivered"]:
+        return f'<p class="muted">Notices: {where}; {told}, delivered.</p>'
+    return f'<p class="note">Notices: {where}; {told}, not delivered ({_esc(last["error"])}).</p>'
 
 
 def render_fields_page(groups, view):
@@ -7663,9 +7699,11 @@ class BackupSchedule:
     backup reads a snapshot beside the syncs and never delays one (see
     backup_database).  ``log(line, error)`` writes the log."""
 
-    def __init__(self, db_path, folder, every, keep, log):
+    def __init__(self, db_path, folder, every, keep, log, on_failure=None):
         self.db_path, self.folder, self.every, self.keep = db_path, folder, every, keep
         self.log = log
+        #: ``on_failure(reason)``: told of each failed backup (a notice).
+        self.on_failure = on_failure
         #: The last backup made (a BackupRecord), or found in the folder at
         #: start (its time from its name).
         self.last = None
@@ -7713,6 +7751,8 @@ class BackupSchedule:
         except (OSError, sqlite3.Error, StorageUnavailable, UsageError) as exc:
             self.failure = (utc_now(), str(exc))
             self.log(f"backup into {self.folder} failed: {exc}", True)
+            if self.on_failure is not None:
+                self.on_failure(str(exc))
             return None
         self.last, self.failure = record, None
         self.log(f"backup {record.path}: {record.rows:,} rows, {record.size / 1e6:.1f} MB, verified, in "
@@ -7735,6 +7775,280 @@ class BackupSchedule:
         elif (now - _exact_stamp(last.made_at)).total_seconds() > 2 * self.every:
             answer["warning"] = f"the last backup, of {last.made_at}, is older than twice the interval"
         return answer
+
+
+# -- Notices: a message when data stops or comes back, or a backup fails -----
+
+#: A notice is tried this many times, this many seconds apart, then given up
+#: (logged); each try waits at most NOTICE_TIMEOUT for the destination.
+NOTICE_ATTEMPTS = 3
+NOTICE_RETRY_SECONDS = 30.0
+NOTICE_TIMEOUT = 10.0
+#: Notices waiting to be sent at most (the oldest are dropped, and logged).
+NOTICES_QUEUED = 100
+#: Seconds between two looks for gaps while nothing else prompts one (a
+#: sync that never comes is a gap that no sync reveals).
+GAP_CHECK_SECONDS = 600.0
+#: Notice titles and messages are cut to this many characters.
+NOTICE_TEXT_MAX = 300
+
+
+class Notice(typing.NamedTuple):
+    """One message for the person who runs the receiver."""
+
+    #: "gap_opened", "gap_closed", "backup_failed" or "test".
+    event: str
+    title: str
+    message: str
+    #: Canonical UTC.
+    time: str
+    person: str = ""
+    #: Of a gap: its kind, type and source (Gap), and since when.
+    kind: typing.Optional[str] = None
+    type: typing.Optional[str] = None
+    source: typing.Optional[str] = None
+    since: typing.Optional[str] = None
+
+
+#: How loud each event is (ntfy's priority names; Gotify's numbers).
+_NOTICE_LOUDNESS = {"gap_opened": ("high", 8), "backup_failed": ("high", 8), "gap_closed": ("default", 4),
+                    "test": ("default", 4)}
+#: ntfy's tags (shown as emoji) per event.
+_NOTICE_TAGS = {"gap_opened": "warning", "gap_closed": "white_check_mark", "backup_failed": "floppy_disk",
+                "test": "bell"}
+
+
+def _header_text(text):
+    """Client text (a source's name) as an HTTP header value: one line, and
+    outside ASCII as an RFC 2047 word (which ntfy reads)."""
+    text = " ".join(str(text).split())[:NOTICE_TEXT_MAX]
+    if text.isascii() and text.isprintable():
+        return text
+    return "=?UTF-8?B?" + base64.b64encode(text.encode("utf-8", "replace")).decode("ascii") + "?="
+
+
+def _ntfy_request(notice):
+    return ({"Title": _header_text(notice.title), "Priority": _NOTICE_LOUDNESS[notice.event][0],
+             "Tags": _NOTICE_TAGS[notice.event], "Content-Type": "text/plain; charset=utf-8"},
+            notice.message[:NOTICE_TEXT_MAX].encode("utf-8"))
+
+
+def _gotify_request(notice):
+    return ({"Content-Type": "application/json"},
+            json.dumps({"title": notice.title[:NOTICE_TEXT_MAX], "message": notice.message[:NOTICE_TEXT_MAX],
+                        "priority": _NOTICE_LOUDNESS[notice.event][1]}).encode("utf-8"))
+
+
+def _webhook_request(notice):
+    return ({"Content-Type": "application/json"},
+            json.dumps({name: value[:NOTICE_TEXT_MAX] if value.__class__ is str else value
+                        for name, value in notice._asdict().items()}).encode("utf-8"))
+
+
+class NoticeFormat(typing.NamedTuple):
+    """How one kind of destination takes a notice: ``request(notice)`` ->
+    (headers, body) of the POST to its URL."""
+
+    name: str
+    request: typing.Callable
+    #: What its URL is, for --help.
+    url: str
+
+
+#: Every destination --notify can post to, the default first.
+NOTICE_FORMATS = (
+    NoticeFormat("ntfy", _ntfy_request, "a topic: https://ntfy.sh/<topic> (title, priority and tags as headers)"),
+    NoticeFormat("gotify", _gotify_request, "https://<server>/message?token=<app token>"),
+    NoticeFormat("webhook", _webhook_request, "any URL taking a JSON object (Home Assistant: "
+                                              "http://<ha>:8123/api/webhook/<id>)"),
+)
+NOTICE_FORMATS_BY_NAME = {kind.name: kind for kind in NOTICE_FORMATS}
+
+
+def notice_destination(url):
+    """What a log line may say of a notice URL: its scheme and host (its
+    path and query may be a secret: an ntfy topic, a Gotify token)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}" + (f":{parts.port}" if parts.port else "")
+
+
+def post_notice(url, kind, notice, timeout=NOTICE_TIMEOUT):
+    """Post ``notice`` to ``url`` as ``kind`` (a NoticeFormat) once;
+    return None, or why it was not delivered."""
+    parts = urlsplit(url)
+    headers, body = kind.request(notice)
+    connection = (http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection)(
+        parts.hostname, parts.port, timeout=timeout)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request("POST", target, body=body, headers=dict(headers, **{"User-Agent": f"health_receiver/"
+                                                                                             f"{__version__}"}))
+        response = connection.getresponse()
+        response.read(64 * 1024)
+        return None if 200 <= response.status < 300 else f"{notice_destination(url)} answered {response.status}"
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        return f"{notice_destination(url)}: {log_safe(exc, 200)}"
+    finally:
+        connection.close()
+
+
+class Worker:
+    """A background thread of the receiver's (its ``_run``), woken through
+    ``_wake`` and stopped with ``stop()``."""
+
+    def __init__(self, name):
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self):
+        raise NotImplementedError
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class Notifier(Worker):
+    """Sends notices from a background thread, so that none ever delays a
+    sync: each is tried NOTICE_ATTEMPTS times, and what failed is logged.
+    ``log(line, error)`` writes the log; ``last`` is the last notice tried
+    and how it went (the status page shows it)."""
+
+    def __init__(self, url, kind, log, pause=NOTICE_RETRY_SECONDS):
+        super().__init__("notices")
+        self.url, self.kind, self.log, self.pause = url, kind, log, pause
+        self.queue = collections.deque()
+        self.last = None
+        self._sending = False
+
+    def send(self, notice):
+        """Queue ``notice``; never waits."""
+        with self._wake:
+            if len(self.queue) >= NOTICES_QUEUED:
+                dropped = self.queue.popleft()
+                self.log(f"notice dropped, {NOTICES_QUEUED} waiting: {log_safe(dropped.title, 100)}", True)
+            self.queue.append(notice)
+            self._wake.notify_all()
+
+    def _run(self):
+        while True:
+            with self._wake:
+                while not self.queue and not self._stop:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                notice = self.queue.popleft()
+                self._sending = True
+            try:
+                self._deliver(notice)
+            finally:
+                with self._wake:
+                    self._sending = False
+
+    def idle(self):
+        """Whether no notice waits or is being sent."""
+        with self._wake:
+            return not self.queue and not self._sending
+
+    def _deliver(self, notice):
+        for attempt in range(1, NOTICE_ATTEMPTS + 1):
+            error = post_notice(self.url, self.kind, notice)
+            self.last = {"time": notice.time, "title": notice.title, "delivered": error is None, "error": error,
+                         "attempts": attempt}
+            if error is None:
+                self.log(f"notice sent to {notice_destination(self.url)}: {log_safe(notice.title, 100)}", False)
+                return
+            self.log(f"notice not delivered (try {attempt} of {NOTICE_ATTEMPTS}): {error}", True)
+            with self._wake:
+                if self._wake.wait_for(lambda: self._stop, self.pause if attempt < NOTICE_ATTEMPTS else 0):
+                    return
+
+    def status(self):
+        """The status page's line: where notices go and the last one."""
+        return {"destination": notice_destination(self.url), "format": self.kind.name, "last": self.last}
+
+
+def _gap_key(gap):
+    return "|".join((gap.kind, gap.type or "", gap.source or ""))
+
+
+class GapWatch(Worker):
+    """Notices of gaps (data_gaps) as they open and close, once each: the
+    gaps already told are kept in the database's settings, so a restart
+    does not tell them again.  ``check()`` looks now; the thread looks every
+    GAP_CHECK_SECONDS, and at once after ``poke()`` (a sync came)."""
+
+    SETTING = "notified_gaps"
+
+    def __init__(self, store, notifier, zone, clock, log, every=GAP_CHECK_SECONDS):
+        super().__init__("gaps")
+        self.store, self.notifier, self.zone, self.clock, self.log = store, notifier, zone, clock, log
+        self.every = every
+        self._poked = False
+        self._checking = threading.Lock()  # one look at a time: each gap is told once
+
+    def poke(self):
+        with self._wake:
+            self._poked = True
+            self._wake.notify_all()
+
+    def _run(self):
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._poked or self._stop, self.every)
+                if self._stop:
+                    return
+                self._poked = False
+            try:
+                self.check()
+            except (StorageUnavailable, sqlite3.Error) as exc:
+                self.log(f"gaps not checked: {exc}", True)
+
+    def current(self, now):
+        """{person: {gap key: Gap}} of everyone, as of ``now``."""
+        found = {}
+        for person in self.store.people():
+            view = View.of("7d", self.zone, now, self.store.priority, person.name)
+            with PersonStore(self.store, person).reader() as conn:
+                found[person.name] = {_gap_key(gap): gap for gap in data_gaps(conn, view)}
+        return found
+
+    def check(self):
+        """Send a notice for each gap opened or closed since the last look."""
+        with self._checking:
+            self._check()
+
+    def _check(self):
+        now = self.clock()
+        told = json.loads(self.store.setting(self.SETTING) or "{}")
+        current = self.current(now)
+        stamp = _canonical(now)
+        for person, gaps in current.items():
+            before = told.get(person, {})
+            for key, gap in gaps.items():
+                if key not in before:
+                    self.notifier.send(Notice("gap_opened", f"{person}: {gap.message}", _gap_text(gap), stamp,
+                                              person, gap.kind, gap.type, gap.source, gap.since))
+            for key, message in before.items():
+                if key not in gaps:
+                    kind, type_name, source = key.split("|", 2)
+                    self.notifier.send(Notice("gap_closed", f"{person}: data again", f"Closed: {message}.", stamp,
+                                              person, kind, type_name or None, source or None))
+        self.store.put_setting(self.SETTING, json.dumps(
+            {person: {key: gap.message for key, gap in gaps.items()} for person, gaps in current.items() if gaps},
+            sort_keys=True))
+
+
+def _gap_text(gap):
+    since = f" (since {gap.since})" if gap.since else ""
+    return f"{gap.message}{since}. The receiver tells you again when it ends."
 
 
 #: Lines of an NDJSON export ingested as one sync by ``import``.
@@ -8121,6 +8435,13 @@ class ReceiverConfig:
     backup_keep: int = DEFAULT_BACKUP_KEEP
     #: The person the key belongs to (--person; None: the first person).
     person: typing.Optional[str] = None
+    #: Where notices go (--notify: a URL that may hold a secret) and as what
+    #: (a name of NOTICE_FORMATS).
+    notify_url: typing.Optional[str] = dataclasses.field(default=None, repr=False)
+    notify_format: str = NOTICE_FORMATS[0].name
+    #: The receiver's time (now, as an aware datetime): the wall clock, or a
+    #: test's.
+    clock: typing.Callable = utc_clock
 
     def __post_init__(self):
         self.path = endpoint_path(self.path)
@@ -8952,9 +9273,10 @@ def _totals(request):
 
 
 def _status_report(request):
-    backups = request.server.backups
+    backups, notifier = request.server.backups, request.server.notifier
     return status_report(_totals(request), _view(request))._replace(
-        backup=backups.status() if backups is not None else None)
+        backup=backups.status() if backups is not None else None,
+        notice=notifier.status() if notifier is not None and request.caller.admin else None)
 
 
 def status_page(request):
@@ -9036,7 +9358,15 @@ def receive_sync(request):
         raise
     if result is None:  # nothing sent: the app testing the connection
         return connection_check(request)
-    return json_answer(result.response(), log=describe_sync(result), then=lambda: intake.after_answer(result))
+    return json_answer(result.response(), log=describe_sync(result), then=lambda: after_sync(request, result))
+
+
+def after_sync(request, result):
+    """What follows a stored sync's answer: its hourly totals, then a look
+    for gaps that opened or closed (by the gaps' own thread)."""
+    request.server.intake.after_answer(result)
+    if request.server.gaps is not None:
+        request.server.gaps.poke()
 
 
 #: People /metrics lists for an admin (a study has more: ?person= reads one).
@@ -9166,12 +9496,15 @@ class HealthReceiverServer(ThreadingHTTPServer):
         if config.source_priority:
             self.store.use_source_priority(config.source_priority)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
+        self.notifier = self.gaps = None
+        if config.notify_url:
+            self.notifier = Notifier(config.notify_url, NOTICE_FORMATS_BY_NAME[config.notify_format], self.log_line)
+            self.gaps = GapWatch(self.store, self.notifier, Zone(config.utc), config.clock, self.log_line)
         self.backups = None
         if config.backup_dir and config.backup_every:
             self.store.backup_dir = config.backup_dir
-            self.backups = BackupSchedule(
-                config.db, config.backup_dir, config.backup_every, config.backup_keep,
-                lambda line, error: self.log_error_line(None, line) if error else self.log_request_line(None, line))
+            self.backups = BackupSchedule(config.db, config.backup_dir, config.backup_every, config.backup_keep,
+                                          self.log_line, self.notice_backup_failed)
         #: Whom a request is when the receiver runs without a key.
         self.owner = OWNER
         self.guesses = GuessThrottle()
@@ -9204,13 +9537,26 @@ class HealthReceiverServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def serve_forever(self, poll_interval=0.5):
-        if self.backups is not None:
-            self.backups.start()
+        services = [service for service in (self.backups, self.notifier, self.gaps) if service is not None]
+        for service in services:
+            service.start()
         try:
             super().serve_forever(poll_interval)
         finally:
-            if self.backups is not None:
-                self.backups.stop()
+            for service in reversed(services):
+                service.stop()
+
+    def log_line(self, line, error):
+        """A line of the receiver's own (no request): an error, or news."""
+        if error:
+            self.log_error_line(None, line)
+        else:
+            self.log_request_line(None, line)
+
+    def notice_backup_failed(self, reason):
+        if self.notifier is not None:
+            self.notifier.send(Notice("backup_failed", "A backup failed", f"The backup into "
+                                      f"{self.config.backup_dir} failed: {reason}", _canonical(self.config.clock())))
 
     def get_request(self):
         try:
@@ -9390,6 +9736,9 @@ def make_ssl_context(cert, key):
 TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
 #: Environment variable naming the trusted proxies (as --trusted-proxy).
 TRUSTED_PROXY_ENV = "HEALTH_RECEIVER_TRUSTED_PROXY"
+#: Where notices go, when --notify is not given (a URL may hold a secret:
+#: in the environment it stays out of `ps`).
+NOTIFY_ENV = "HEALTH_RECEIVER_NOTIFY"
 #: Suffix of the key file created beside a new database.
 KEY_FILE_SUFFIX = ".key"
 #: Bits of a generated key.
@@ -9673,7 +10022,7 @@ def serve_parser():
         prog="health_receiver.py [serve]",
         description="Receive Health Export Pro syncs into a SQLite database.",
         epilog="Other commands (each with --help): key, people, stats, export, import, backup, verify, restore, "
-               f"bench. The key comes from ${TOKEN_ENV}, --token-file or <db>.key (made for a new database); "
+               f"notify, bench. The key comes from ${TOKEN_ENV}, --token-file or <db>.key (made for a new database); "
                "people add NAME gives another person a key of their own. With the key: "
                + "; ".join(f"{route.path} ({route.title})" for route in ROUTES if route.path != ENDPOINT) + ".")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
@@ -9719,8 +10068,31 @@ def serve_parser():
     parser.add_argument("--person", metavar="NAME", help="the person the receiver's key belongs to (default: the "
                                                           "first person; a new database's first person gets this "
                                                           "name, else me)")
+    _add_notify_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="log only errors")
     return parser
+
+
+def _add_notify_arguments(parser):
+    parser.add_argument("--notify", metavar="URL", help="send a notice here when data stops arriving (no sync, a "
+                                                        "device or a type stopped, last night's sleep missing), when "
+                                                        "it comes back, and when a backup fails (default "
+                                                        f"${NOTIFY_ENV}, which keeps a secret URL out of ps)")
+    parser.add_argument("--notify-format", choices=[kind.name for kind in NOTICE_FORMATS],
+                        default=NOTICE_FORMATS[0].name,
+                        help="what --notify's URL is: " + "; ".join(f"{kind.name}, {kind.url}"
+                                                                     for kind in NOTICE_FORMATS)
+                             + " (default %(default)s)")
+
+
+def notify_url(args, environ):
+    """--notify's URL (or the environment's), checked; None when neither."""
+    url = args.notify or environ.get(NOTIFY_ENV) or None
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError("--notify takes an http:// or https:// URL with a host")  # not echoed: it may be secret
+    return url
 
 
 def config_from_args(args, environ):
@@ -9749,7 +10121,8 @@ def config_from_args(args, environ):
                             archive=args.archive, utc=args.utc, trusted_proxies=proxies,
                             source_priority=args.source_priority, backup_dir=args.backup_dir,
                             backup_every=args.backup_every * 3600 if args.backup_every else None,
-                            backup_keep=args.backup_keep, person=args.person)
+                            backup_keep=args.backup_keep, person=args.person,
+                            notify_url=notify_url(args, environ), notify_format=args.notify_format)
     if config.archive:
         try:
             os.makedirs(config.archive, exist_ok=True)
@@ -9789,6 +10162,30 @@ def run_key(args, out):
         raise Missing(f"no key: neither ${TOKEN_ENV} nor {args.db + KEY_FILE_SUFFIX} holds one (the receiver "
                       "runs without a key)")
     print(token, file=out)
+    return 0
+
+
+def notify_parser():
+    parser = argparse.ArgumentParser(prog="health_receiver.py notify",
+                                     description="Send a test notice where the receiver sends them (--notify, or "
+                                                 f"${NOTIFY_ENV}), and say whether it arrived.")
+    parser.add_argument("action", choices=["test"], help="test: send one notice now")
+    _add_notify_arguments(parser)
+    return parser
+
+
+def run_notify(args, out):
+    url = notify_url(args, args.environ)
+    if url is None:
+        raise UsageError(f"where to? give --notify URL or set ${NOTIFY_ENV}")
+    notice = Notice("test", "Health receiver: a test notice",
+                    "Notices from the health receiver arrive here: when data stops, when it comes back, and when "
+                    "a backup fails.", utc_now())
+    error = post_notice(url, NOTICE_FORMATS_BY_NAME[args.notify_format], notice)
+    if error is not None:
+        print(f"FAILED: the notice was not delivered: {error}", file=out)
+        return 1
+    print(f"Sent to {notice_destination(url)} ({args.notify_format}).", file=out)
     return 0
 
 
@@ -10944,6 +11341,7 @@ COMMANDS = {
     "backup": (backup_parser, run_backup),
     "verify": (verify_parser, run_verify),
     "restore": (restore_parser, run_restore),
+    "notify": (notify_parser, run_notify),
     "bench": (bench_parser, run_bench),
 }
 

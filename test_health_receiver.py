@@ -18,6 +18,7 @@ import datetime
 import gzip
 import hashlib
 import http.client
+import http.server
 import io
 import ipaddress
 import json
@@ -6543,6 +6544,213 @@ def parse_exposition(text):
                   for key, raw in _LABEL.findall(labels or "")}
         families[current][2].append((name, parsed, number))
     return {name: tuple(family) for name, family in families.items()}
+
+
+class NoticeDestination:
+    """A local HTTP server standing in for ntfy, Gotify or a webhook: it
+    records each POST (path, headers, body); while ``gate`` is clear it
+    holds every request (a destination that hangs)."""
+
+    def __init__(self, status=200):
+        self.received = []
+        self.gate = threading.Event()
+        self.gate.set()
+        destination = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                destination.gate.wait(30)
+                destination.received.append((self.path, dict(self.headers), body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self.thread.start()
+
+    def url(self, path="/topic-secret"):
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def close(self):
+        self.gate.set()
+        self.server.shutdown()
+        self.thread.join()
+        self.server.server_close()
+
+
+class NoticeFormatTests(unittest.TestCase):
+    """Each kind of destination gets a notice in its own form."""
+
+    def setUp(self):
+        self.destination = NoticeDestination()
+        self.addCleanup(self.destination.close)
+        self.notice = hr.Notice("gap_opened", "me: no Heart rate from Jane\u2019s Apple Watch since Dec 02 09:00",
+                                "no Heart rate from Jane\u2019s Apple Watch", "2026-12-07T10:00:00.000Z", "me",
+                                "type", "HKQuantityTypeIdentifierHeartRate", "Jane\u2019s Apple Watch",
+                                "2026-12-02T09:00:00.000Z")
+
+    def post(self, kind, path="/topic-secret?token=abc"):
+        self.assertIsNone(hr.post_notice(self.destination.url(path), hr.NOTICE_FORMATS_BY_NAME[kind], self.notice))
+        return self.destination.received[-1]
+
+    def test_ntfy_gets_the_message_as_text_and_the_rest_as_headers(self):
+        path, headers, body = self.post("ntfy")
+        self.assertEqual(path, "/topic-secret?token=abc")
+        self.assertEqual(body.decode("utf-8"), self.notice.message)
+        self.assertEqual((headers["Priority"], headers["Tags"]), ("high", "warning"))
+        title = headers["Title"]  # not ASCII: an RFC 2047 word, as ntfy reads it
+        self.assertTrue(title.startswith("=?UTF-8?B?") and title.endswith("?="), title)
+        self.assertEqual(base64.b64decode(title[10:-2]).decode("utf-8"), self.notice.title)
+
+    def test_gotify_and_webhooks_get_json(self):
+        _path, headers, body = self.post("gotify")
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual(json.loads(body), {"title": self.notice.title, "message": self.notice.message,
+                                            "priority": 8})
+        _path, _headers, body = self.post("webhook")
+        self.assertEqual(json.loads(body), self.notice._asdict())
+
+    def test_client_text_cannot_add_a_header_line(self):
+        self.notice = self.notice._replace(title="me: no data from Evil\r\nX-Injected: 1")
+        _path, headers, _body = self.post("ntfy")
+        self.assertNotIn("X-Injected", headers)
+        self.assertEqual(headers["Title"], "me: no data from Evil X-Injected: 1")
+
+    def test_a_destination_that_fails_says_where_but_not_its_secret(self):
+        error = hr.post_notice(self.destination.url("/topic-secret").replace(
+            str(self.destination.server.server_address[1]), "1"), hr.NOTICE_FORMATS[0], self.notice)
+        self.assertIn("http://127.0.0.1:1", error)
+        self.assertNotIn("topic-secret", error)
+
+
+class GapNoticeTests(PageTestCase):
+    """--notify: a notice when a gap opens, once, and when it closes; a
+    destination that hangs never delays a sync."""
+
+    def setUp(self):
+        self.destination = NoticeDestination()
+        self.addCleanup(self.destination.close)
+        self.now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+        super().setUp()
+
+    def server_options(self):
+        return {"notify_url": self.destination.url(), "notify_format": "webhook", "clock": lambda: self.now}
+
+    def hourly(self, type_name, tag, first, last):
+        return {type_name: [sample(f"{tag}-{hours}", (self.now - datetime.timedelta(hours=hours)).strftime(
+            "%Y-%m-%dT%H:%M:%S.000Z"), 60) for hours in range(last, first + 1, 3)]}
+
+    def notices(self):
+        wait_until(self.server.notifier.idle)
+        return [json.loads(body) for _path, _headers, body in self.destination.received]
+
+    def test_a_gap_is_told_once_when_it_opens_and_once_when_it_closes(self):
+        data = dict(self.hourly("HKQuantityTypeIdentifierHeartRate", "H", 20 * 24, 1),
+                    **self.hourly("HKQuantityTypeIdentifierRespiratoryRate", "R", 20 * 24, 4 * 24))
+        self.assertEqual(self.post({"data": data})[0], 200)
+        self.server.gaps.check()
+        self.server.gaps.check()  # the same gap again: told once
+        [opened] = self.notices()
+        self.assertEqual((opened["event"], opened["person"], opened["kind"], opened["type"], opened["source"]),
+                         ("gap_opened", "me", "type", "HKQuantityTypeIdentifierRespiratoryRate", "Watch"))
+        self.assertRegex(opened["title"], r"^me: no Respiratory rate from Watch since ")
+        # A receiver started again does not tell it again: what was told is in the database.
+        self.assertIn("RespiratoryRate", self.query("SELECT value FROM settings WHERE name = 'notified_gaps'")[0][0])
+        self.assertEqual(self.post({"data": self.hourly("HKQuantityTypeIdentifierRespiratoryRate", "R2", 1, 1)})[0],
+                         200)
+        self.server.gaps.check()
+        opened, closed = self.notices()
+        self.assertEqual((closed["event"], closed["type"]), ("gap_closed", "HKQuantityTypeIdentifierRespiratoryRate"))
+        self.assertIn("Respiratory rate", closed["message"])
+        # The status page (an admin's) names the last notice.
+        page = self.request("GET", "/")[2].decode()
+        self.assertIn("Notices: to http://127.0.0.1:", page)
+        self.assertIn("me: data again, delivered", page)
+        self.assertNotIn("topic-secret", page)
+
+    def test_no_sync_for_long_is_told_as_time_passes(self):
+        for days in range(10):  # a sync a day for ten days, the last one now
+            with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+                conn.execute("INSERT INTO syncs (received_at, status, person) VALUES (?, 'ok', 1)",
+                             ((self.now - datetime.timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%S.000Z"),))
+        self.server.gaps.check()
+        self.assertEqual(self.notices(), [])
+        self.now += datetime.timedelta(days=3)  # the clock the receiver reads, moved on
+        self.server.gaps.check()
+        [opened] = self.notices()
+        self.assertEqual((opened["event"], opened["kind"]), ("gap_opened", "sync"))
+
+    def test_a_destination_that_hangs_never_delays_a_sync(self):
+        self.destination.gate.clear()  # every notice waits until the test lets it go
+        data = dict(self.hourly("HKQuantityTypeIdentifierHeartRate", "H", 20 * 24, 1),
+                    **self.hourly("HKQuantityTypeIdentifierRespiratoryRate", "R", 20 * 24, 4 * 24))
+        self.assertEqual(self.post({"data": data})[0], 200)
+        self.server.gaps.check()
+        wait_until(lambda: not self.server.notifier.queue)  # the notifier sends it, waiting for an answer
+        for number in range(3):  # syncs go on, answered, while it waits
+            status, _, answer = self.post({"data": self.hourly("HKQuantityTypeIdentifierHeartRate", f"N{number}",
+                                                                 0, 0)})
+            self.assertEqual((status, answer["inserted"]["measurements"]), (200, 1))
+        self.assertEqual(self.destination.received, [])
+        self.destination.gate.set()
+        self.assertEqual([notice["event"] for notice in self.notices()], ["gap_opened"])
+
+
+class NoticeDeliveryTests(unittest.TestCase):
+    """A notice that cannot be delivered is tried again a bounded number of
+    times, logged, and the status says so; backups that fail are told."""
+
+    def test_an_undeliverable_notice_is_tried_three_times_then_logged(self):
+        lines = []
+        notifier = hr.Notifier("http://127.0.0.1:1/topic-secret", hr.NOTICE_FORMATS[0],
+                               lambda line, error: lines.append((line, error)), pause=0.01)
+        notifier.start()
+        self.addCleanup(notifier.stop)
+        notifier.send(hr.Notice("test", "a title", "a message", "2026-12-07T10:00:00.000Z"))
+        wait_until(lambda: len(lines) == hr.NOTICE_ATTEMPTS)
+        self.assertEqual([error for _line, error in lines], [True] * hr.NOTICE_ATTEMPTS)
+        self.assertIn(f"(try {hr.NOTICE_ATTEMPTS} of {hr.NOTICE_ATTEMPTS})", lines[-1][0])
+        self.assertFalse(any("topic-secret" in line for line, _error in lines))
+        self.assertEqual((notifier.status()["last"]["delivered"], notifier.status()["last"]["attempts"]),
+                         (False, hr.NOTICE_ATTEMPTS))
+
+    def test_a_failed_backup_is_told(self):
+        destination = NoticeDestination()
+        self.addCleanup(destination.close)
+        with tempfile.TemporaryDirectory() as folder:
+            db = os.path.join(folder, "health.db")
+            hr.Store(db).open()
+            notifier = hr.Notifier(destination.url(), hr.NOTICE_FORMATS_BY_NAME["webhook"], lambda *args: None)
+            notifier.start()
+            self.addCleanup(notifier.stop)
+            backups = os.path.join(folder, "backups")
+            os.mkdir(backups)
+            schedule = hr.BackupSchedule(db, backups, 3600, 2, lambda *args: None, lambda reason: notifier.send(
+                hr.Notice("backup_failed", "A backup failed", reason, "2026-12-07T10:00:00.000Z")))
+            os.rmdir(backups)  # the folder went away (a disk unplugged)
+            self.assertIsNone(schedule.run_once())
+            wait_until(lambda: destination.received)
+            self.assertEqual(json.loads(destination.received[0][2])["event"], "backup_failed")
+
+    def test_notify_test_says_whether_the_notice_arrived(self):
+        destination = NoticeDestination()
+        self.addCleanup(destination.close)
+        code, out, _err = run_main("notify", "test", "--notify", destination.url(), "--notify-format", "gotify")
+        self.assertEqual((code, out), (0, f"Sent to http://127.0.0.1:{destination.server.server_address[1]} "
+                                          "(gotify).\n"))
+        self.assertEqual(json.loads(destination.received[0][2])["title"], "Health receiver: a test notice")
+        code, out, _err = run_main("notify", "test", "--notify", "http://127.0.0.1:1/topic-secret")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.startswith("FAILED: the notice was not delivered: http://127.0.0.1:1"), out)
+        self.assertNotIn("topic-secret", out)
+        code, _out, err = run_main("notify", "test", "--notify", "ftp://secret@host/x")
+        self.assertEqual(code, 2)
+        self.assertNotIn("secret", err)
 
 
 class OtherToolsTests(StepsTestCase):
