@@ -8896,6 +8896,9 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         self.body_length = None
         self._linger = 0
         try:
+            if not self._next_request_arrives():
+                self.close_connection = True
+                return
             super().handle_one_request()
             if self._linger:
                 self._lingering_close(self._linger)
@@ -8904,6 +8907,17 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             self.log_error(f"connection lost: {exc}")
         except socket.timeout:
             self.close_connection = True
+
+    def _next_request_arrives(self):
+        """Wait, at most the idle timeout, for a request's first byte.  A
+        keep-alive connection left idle (Home Assistant and Prometheus leave
+        one after each poll) is then closed without a word: the standard
+        library would log each as an error, drowning the real ones."""
+        peek = getattr(self.rfile, "peek", None)  # a BytesIO (tests without a socket) has it all already
+        try:
+            return peek is None or bool(peek(1))
+        except socket.timeout:
+            return False
 
     def _lingering_close(self, most):
         """After an early answer to a POST, stop sending and read (and

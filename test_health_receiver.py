@@ -4898,6 +4898,32 @@ class QuietTests(ServerTestCase):
         self.assertIn("404", lines[0])
 
 
+class IdleConnectionTests(ServerTestCase):
+    """A keep-alive connection left idle is closed at the timeout without
+    an error line (one per Home Assistant poll and Prometheus scrape)."""
+
+    timeout = 0.3
+
+    def test_an_idle_keep_alive_is_closed_quietly(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(f"GET {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536)
+            self.assertTrue(received.startswith(b"HTTP/1.1 200"), received[:100])
+            while sock.recv(65536):  # the rest of the answer, then the server's close
+                pass
+        wait_until(lambda: self.log_lines())  # the request's own line
+        self.assertEqual([line for line in self.log_lines() if "ERROR" in line], [])
+
+    def test_a_request_cut_half_way_is_still_an_error(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: localhost\r\n".encode())
+            while sock.recv(65536):
+                pass
+        wait_until(lambda: any("ERROR" in line for line in self.log_lines()))
+
+
 class MalformedRequestTests(ServerTestCase):
     """Framing a proxy could read otherwise, and the load of many requests."""
 
