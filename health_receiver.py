@@ -8442,6 +8442,9 @@ class ReceiverConfig:
     #: The receiver's time (now, as an aware datetime): the wall clock, or a
     #: test's.
     clock: typing.Callable = utc_clock
+    #: The URL the phone reaches the receiver at, behind a proxy or a
+    #: tunnel (--public-url): the banner gives it as the app's Server URL.
+    public_url: typing.Optional[str] = None
 
     def __post_init__(self):
         self.path = endpoint_path(self.path)
@@ -9811,6 +9814,9 @@ def banner_lines(config, port, terminal=False):
             urls = usable
         lines.append(f"Certificate made for: {', '.join(names) if names else 'no name found in ' + config.tls_cert}"
                      + ("" if usable else " (the app accepts only a URL with one of its names)"))
+    if config.public_url:
+        lines.append(f"Behind a proxy or tunnel: the app reaches this receiver at {config.public_url}")
+        urls = [config.public_url]
     lines.append("Server URL for Health Export Pro: " + "  or  ".join(urls))
     lines.append(f"Endpoint Path: {config.path}")
     if config.keys.required:
@@ -9836,6 +9842,16 @@ def banner_lines(config, port, terminal=False):
     if config.path != "/":
         lines.append(f"Status page: {urls[0]}/ (in a browser)")
     lines.append(f"Database: {os.path.abspath(config.db)}")
+    if config.trusted_proxies:
+        lines.append("Trusted proxies (their forwarding headers name the client): "
+                     + ", ".join(str(network) for network in config.trusted_proxies.networks))
+    if config.backup_dir:
+        key_file = (f"; keep the key file {config.key_source[len('file '):]} as well"
+                    if (config.key_source or "").startswith("file ") else "")
+        lines.append(f"Backups: every {config.backup_every / 3600:g} h into {os.path.abspath(config.backup_dir)}, "
+                     f"the newest {config.backup_keep} kept{key_file}")
+    if config.notify_url:
+        lines.append(f"Notices: to {notice_destination(config.notify_url)} ({config.notify_format})")
     if config.archive:
         lines.append(f"Archive: {os.path.abspath(config.archive)}")
     return lines
@@ -10083,8 +10099,19 @@ def serve_parser():
                                                           "first person; a new database's first person gets this "
                                                           "name, else me)")
     _add_notify_arguments(parser)
+    parser.add_argument("--public-url", metavar="URL", type=_public_url,
+                        help="the URL the phone reaches this receiver at, behind a proxy or tunnel "
+                             "(https://health.example.com): the banner gives it as the app's Server URL")
     parser.add_argument("--quiet", action="store_true", help="log only errors")
     return parser
+
+
+def _public_url(text):
+    """--public-url: an http(s) URL with a host, without query; no trailing /."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError("give the URL the app uses, such as https://health.example.com")
+    return text.strip().rstrip("/")
 
 
 def _add_notify_arguments(parser):
@@ -10136,7 +10163,8 @@ def config_from_args(args, environ):
                             source_priority=args.source_priority, backup_dir=args.backup_dir,
                             backup_every=args.backup_every * 3600 if args.backup_every else None,
                             backup_keep=args.backup_keep, person=args.person,
-                            notify_url=notify_url(args, environ), notify_format=args.notify_format)
+                            notify_url=notify_url(args, environ), notify_format=args.notify_format,
+                            public_url=args.public_url)
     if config.archive:
         try:
             os.makedirs(config.archive, exist_ok=True)

@@ -4898,6 +4898,31 @@ class QuietTests(ServerTestCase):
         self.assertIn("404", lines[0])
 
 
+class DeploymentBannerTests(unittest.TestCase):
+    """The banner fits a receiver behind a proxy: the app's Server URL, the
+    proxies trusted, the backups, where notices go."""
+
+    def test_the_banner_gives_the_public_url_the_proxies_the_backups_and_the_notices(self):
+        with tempfile.TemporaryDirectory() as folder:
+            db, backups = os.path.join(folder, "health.db"), os.path.join(folder, "backups")
+            os.mkdir(backups)
+            args = hr.serve_parser().parse_args([
+                "--db", db, "--host", "127.0.0.1", "--public-url", "https://health.example.com/",
+                "--trusted-proxy", "127.0.0.1,10.0.0.0/8", "--backup-dir", backups, "--backup-every", "24",
+                "--notify", "https://ntfy.sh/secret-topic"])
+            lines = hr.banner_lines(hr.config_from_args(args, {}), 3000)
+        self.assertIn("Server URL for Health Export Pro: https://health.example.com", lines)
+        self.assertIn("Behind a proxy or tunnel: the app reaches this receiver at https://health.example.com", lines)
+        self.assertIn("Trusted proxies (their forwarding headers name the client): 127.0.0.1/32, 10.0.0.0/8", lines)
+        self.assertIn(f"Backups: every 24 h into {backups}, the newest 7 kept; keep the key file {db}.key as well",
+                      lines)
+        self.assertIn("Notices: to https://ntfy.sh (ntfy)", lines)
+        self.assertNotIn("secret-topic", "\n".join(lines))
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(hr.main(["--public-url", "ftp://example.com", "--db", db]), 2)
+        self.assertIn("give the URL the app uses", err.getvalue())
+
+
 class IdleConnectionTests(ServerTestCase):
     """A keep-alive connection left idle is closed at the timeout without
     an error line (one per Home Assistant poll and Prometheus scrape)."""
