@@ -149,6 +149,11 @@ _CONTROL_CHARS.update({c: f"\\u{c:04x}" for c in itertools.chain(
 _CONTROL_CHARS[ord("\\")] = r"\\"
 
 
+def counted(number, noun):
+    """ "1 record", "2 records", "1,000 records"."""
+    return f"{number:,} {noun}" + ("" if number == 1 else "s")
+
+
 def log_safe(text, limit=None):
     """Client text for a log line or a terminal: what could forge a line,
     move the cursor or reorder the text escaped, cut to ``limit`` characters."""
@@ -6183,10 +6188,22 @@ def type_report(store, name, view):
     return TypeReport(view, window, info, chart, tuple(periods), tuple(latest), unit, sources)
 
 
+#: Types whose titles a name is compared with (the largest): a database of
+#: 50,000 types is not read whole for a name that is none of them.
+TITLED_TYPES_MAX = 1000
+
+
+def _title_key(text):
+    """A type's title as looked up: letters and digits, in lower case
+    ("Resting heart rate", "resting-heart-rate" and "RestingHeartRate" meet)."""
+    return "".join(char for char in text.lower() if char.isalnum())
+
+
 def find_type(conn, name):
-    """(type, rows, first, last) of a type named in full or by its short
-    name in any case, or None.  The name as written is looked up in the
-    index (the pages link types so); only other cases read every type."""
+    """(type, rows, first, last) of a type named in full, by its short name
+    in any case, or by the title the pages give it ("Steps", "Resting heart
+    rate"), or None.  The name as written is looked up in the index (the
+    pages link types so); only other cases read every type."""
     names = [name] + [prefix + name for prefix in TYPE_PREFIXES]
     marks = ", ".join("?" * len(names))
     for column in ("type", "lower(type)"):
@@ -6194,7 +6211,21 @@ def find_type(conn, name):
                              names if column == "type" else [candidate.lower() for candidate in names]).fetchall()
         if found:
             return min(found, key=lambda row: (names.index(row[0]) if row[0] in names else len(names), row[0]))
-    return None
+    wanted = _title_key(name)
+    return next((row for row in sample_types(conn, TITLED_TYPES_MAX)
+                 if wanted and _title_key(type_title(row[0])) == wanted), None)
+
+
+#: Type names a "no such type" answer lists (the largest types first).
+TYPE_NAMES_LISTED = 20
+
+
+def known_type_names(conn):
+    """What a "no such type" answer says is there: the short names of the
+    largest TYPE_NAMES_LISTED types, and how many more there are."""
+    rows = sample_types(conn, TYPE_NAMES_LISTED + 1)
+    names = ", ".join(short_type_name(row[0]) for row in rows[:TYPE_NAMES_LISTED]) or "none"
+    return names + (", and more" if len(rows) > TYPE_NAMES_LISTED else "")
 
 
 def _type_and_window(conn, name, view):
@@ -6840,17 +6871,18 @@ def _range_nav(view, path, current):
 PEOPLE_LINKED_MAX = 30
 
 
-def _person_nav(view):
+def _person_nav(view, path="/"):
     """Whose data a page shows; for an admin of several people, links to
-    each one's status page (the person switcher)."""
+    each one's page at ``path`` (the person switcher: a type's page leads to
+    the same type's page of another person)."""
     if len(view.people) > PEOPLE_LINKED_MAX:
-        return (f'<form method="get" action="/"><span class="muted">Data of </span>'
+        return (f'<form method="get" action="{_esc(path)}"><span class="muted">Data of </span>'
                 f'<input name="person" value="{_esc(view.person)}" size="16" aria-label="person">'
                 f'<input type="hidden" name="range" value="{_esc(view.range.name)}"> <button>Show</button>'
                 f'<span class="muted"> (one of {len(view.people):,} people)</span></form>')
     if len(view.people) > 1:
         links = [f"<b>{_esc(name)}</b>" if name == view.person else
-                 f'<a href="{_href(view._replace(person=name), "/", view.range.name)}">{_esc(name)}</a>'
+                 f'<a href="{_href(view._replace(person=name), path, view.range.name)}">{_esc(name)}</a>'
                  for name in view.people]
         return f'<nav aria-label="person"><span class="muted">Data of</span>{"".join(links)}</nav>'
     if not view.people:
@@ -6986,7 +7018,7 @@ def render_fields_page(groups, view):
     columns the receiver could not fill."""
     zone = view.zone
     out = [f'<p><a href="{_href(view, "/")}">&larr; Health receiver</a></p>', "<h1>What the app sends</h1>",
-           _person_nav(view),
+           _person_nav(view, FIELDS_PATH),
            f'<p class="muted">The fields of the latest {FIELDS_ELEMENTS_READ:,} elements of each section and of the '
            f'{FIELDS_TYPES_MAX} largest sample types, with their JSON types, how many of those elements carry '
            "them and the first and last of them. Every element is stored whole in its row's "
@@ -7064,7 +7096,7 @@ def render_type_page(report):
     path = type_path(info.type)
     unit = f" ({_esc(report.unit)})" if report.unit else ""
     out = [f'<p><a href="{_href(view, "/", range_name)}">&larr; Health receiver</a></p>',
-           f'<h1 title="{_esc(info.type)}">{_esc(info.title)}{unit}</h1>', _person_nav(view),
+           f'<h1 title="{_esc(info.type)}">{_esc(info.title)}{unit}</h1>', _person_nav(view, path),
            f'<p class="muted">{_number(info.rows)} samples from {format_local(info.first, zone)} to '
            f'{format_local(info.last, zone)}</p>', _range_nav(view, path, range_name), _window_note(window)]
     if report.chart:
@@ -7444,9 +7476,10 @@ def describe_sync(result):
         span = f", {start[:10]} -> {end[:10]}"
     retry = f", byte for byte sync {result.same_body_as}: not read again" if result.same_body_as else ""
     return log_safe(
-        f"{result.remote_addr} {source} {result.records} records ({result.new_records} new, {result.duplicates} "
-        f"dup, {result.rejected} rejected) in {result.sections} sections, {result.received[ROUTE_POINTS.name]} route "
-        f"points{span}, {result.body_bytes / 1e6:.1f} MB in {result.duration:.2f} s{retry}")
+        f"{result.remote_addr} {source} {counted(result.records, 'record')} ({result.new_records} new, "
+        f"{result.duplicates} dup, {result.rejected} rejected) in {counted(result.sections, 'section')}, "
+        f"{counted(result.received[ROUTE_POINTS.name], 'route point')}{span}, {result.body_bytes / 1e6:.1f} MB in "
+        f"{result.duration:.2f} s{retry}")
 
 
 class BodyDigest:
@@ -9469,7 +9502,10 @@ def series_answer(request):
     except ValueError as exc:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"{exc}.") from None
     if found is None:
-        raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(query['type'], 80)}.")
+        with _store(request).reader() as conn:
+            known = known_type_names(conn)
+        raise ClientError(HTTPStatus.NOT_FOUND, f"No samples of type {log_safe(query['type'], 80)}; the types "
+                                                f"stored: {log_safe(known, 1000)}.")
     info, unit, points = found
     if query.get("format") == "csv":
         return Answer("text/csv; charset=utf-8", csv_pieces(("time", "value"), [point[:2] for point in points]),
@@ -10323,6 +10359,11 @@ def _people_add(store, args, out):
     return 0
 
 
+def _times_note(zone):
+    """What the commands' times are: this machine's local time, named."""
+    return f"Times in this machine's time zone ({zone.name(datetime.datetime.now(datetime.timezone.utc))})."
+
+
 def _people_list(store, args, out):
     rows = []
     with store.reader() as conn:
@@ -10337,6 +10378,7 @@ def _people_list(store, args, out):
         out.write("\n")
         return 0
     zone = Zone()
+    print(_times_note(zone), file=out)
     print(f"{'Name':<24}{'Created':<18}{'Last sync':<18}{'Rows':>12}  Key", file=out)
     for person, last, count in rows:
         key = "own" if person.has_key else "the receiver's" if person is rows[0][0] else "none"
@@ -10449,6 +10491,7 @@ def run_stats(args, out):
         return 0
     zone = Zone()
     print(f"Database: {stored.path} ({_size(stored.size_bytes)}), schema version {stored.schema_version}", file=out)
+    print(_times_note(zone), file=out)
     print(f"Data of {args.person}" if args.person else
           f"Data of everyone: {', '.join(person.name for person in store.people())} (--person NAME: one of them)",
           file=out)

@@ -2369,6 +2369,16 @@ class SeriesRuleTests(StepsTestCase):
         status, answer = self.series(f"{day}&stat=median")
         self.assertEqual((status, answer["error"]), (400, "stat must be one of mean, min, max."))
 
+    def test_a_type_is_found_by_the_title_the_pages_give_it_and_an_unknown_one_lists_the_types(self):
+        self.post_days()
+        for name in ("Steps", "steps", "Blood%20oxygen", "blood-oxygen", "HKQuantityTypeIdentifierStepCount"):
+            with self.subTest(name=name):
+                status, rows = self.series(f"type={name}&from=2026-03-04&to=2026-03-04")
+                self.assertEqual((status, len(rows)), (200, 1))
+        status, answer = self.series("type=Stepz&from=2026-03-04&to=2026-03-04")
+        self.assertEqual((status, answer["error"]), (404, "No samples of type Stepz; the types stored: HeartRate, "
+                                                          "StepCount, OxygenSaturation."))
+
     def test_fractions_are_percent_in_the_series_the_latest_values_and_the_metrics(self):
         self.post_days()
         [point] = self.series("type=OxygenSaturation&from=2026-03-04&to=2026-03-04")[1]
@@ -4874,6 +4884,8 @@ class HttpTests(ServerTestCase):
         self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z 127\.0\.0\.1 manual-upload 11 records "
                                r"\(11 new, 0 dup, 0 rejected\) in 5 sections, 4 route points, "
                                r"2026-02-24 -> 2026-02-26, 0\.0 MB in \d+\.\d\d s$")
+        self.post({"data": {"HKQuantityTypeIdentifierHeartRate": [sample("ONE", "2026-02-24T00:00:00.000Z", 60)]}})
+        self.assertIn(" 1 record (1 new, 0 dup, 0 rejected) in 1 section, 0 route points, ", self.log_lines()[-1])
 
     def test_error_log_line_escapes_control_characters(self):
         self.request("GET", "/x%0Ay\x1b[31m".replace("\x1b", "%1B"))
@@ -5911,6 +5923,7 @@ class CommandTests(ServerTestCase):
         code, out, _ = run_main("stats", "--db", self.db)
         self.assertEqual(code, 0)
         self.assertIn("Database: " + os.path.abspath(self.db), out)
+        self.assertRegex(out, r"\nTimes in this machine's time zone \([^)]+\)\.\n")
         self.assertRegex(out, r"samples\s+32\n")
         self.assertRegex(out, r"HeartRate\s+13\s+2026-02-24")
         self.assertIn("rejected: The body must be a JSON object", out)
@@ -6355,6 +6368,9 @@ class HouseholdTests(PageTestCase):
                       'me</a><b>ann</b></nav>', page)
         self.assertIn('href="/workout/Q-W?person=ann"', page)
         self.assertIn('href="/type/BodyMass?range=7d&amp;person=ann"', page)
+        # A type's page switches to the same type's page of another person.
+        page = self.request("GET", "/type/BodyMass?person=ann&range=7d", headers=login(TOKEN))[2].decode()
+        self.assertIn('<a href="/type/BodyMass?range=7d&amp;person=me">me</a><b>ann</b>', page)
         for path in ("/workout/Q-W?person=ann", "/type/BodyMass?person=ann", "/type/BodyMass.csv?person=ann",
                      "/fields?person=ann"):
             with self.subTest(admin=path):
@@ -6498,6 +6514,7 @@ class PeopleCommandTests(unittest.TestCase):
                          [("me", True, False, 0), ("bob", False, True, 0)] + [(f"p{i}", False, True, 0)
                                                                              for i in (1, 2, 3)])
         code, out, _ = self.people("list")
+        self.assertRegex(out, r"^Times in this machine's time zone \([^)]+\)\.\n")
         self.assertRegex(out, r"(?m)^bob .* 0  own$")
         code, out, _ = self.people("key", "bob")
         self.assertEqual(code, 0)
