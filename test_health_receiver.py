@@ -6209,6 +6209,17 @@ class KeyTests(unittest.TestCase):
         self.assertNotIn(TOKEN, banner)
 
 
+class TestFileShapeTests(unittest.TestCase):
+
+    def test_running_the_file_runs_every_test(self):
+        # unittest.main() runs the classes defined before it: it must come last.
+        import ast
+        with open(__file__, encoding="utf-8") as handle:
+            last = ast.parse(handle.read()).body[-1]
+        self.assertIsInstance(last, ast.If)
+        self.assertEqual(ast.dump(last.test), ast.dump(ast.parse('__name__ == "__main__"').body[0].value))
+
+
 class CommandShapeTests(unittest.TestCase):
     """Every command: 0 done, 1 failed, 2 usage."""
 
@@ -6243,9 +6254,6 @@ class CommandShapeTests(unittest.TestCase):
                         self.assertEqual(hr.main([name, "--help"]), 0)
                     self.assertIn("usage:", out.getvalue())
 
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 # ---------------------------------------------------------------------------
@@ -6994,3 +7002,7 @@ class OtherToolsTests(StepsTestCase):
                 self.assertEqual(status, 200)
                 self.assertLess(len(body if isinstance(body, bytes) else json.dumps(body)), 64 * 1024)
         self.assertEqual(self.get(hr.LATEST_PATH)[2]["more_types"], 50000 - hr.LATEST_TYPES_MAX)
+
+
+if __name__ == "__main__":
+    unittest.main()
