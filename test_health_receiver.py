@@ -8,6 +8,7 @@ files; the protocol's own tests drive the real handler through BytesIO, as
 CPython's test_httpservers does, with no socket and no database.
 """
 
+import ast
 import base64
 import bisect
 import collections
@@ -6213,7 +6214,6 @@ class TestFileShapeTests(unittest.TestCase):
 
     def test_running_the_file_runs_every_test(self):
         # unittest.main() runs the classes defined before it: it must come last.
-        import ast
         with open(__file__, encoding="utf-8") as handle:
             last = ast.parse(handle.read()).body[-1]
         self.assertIsInstance(last, ast.If)
