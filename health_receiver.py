@@ -10087,8 +10087,8 @@ def serve_parser():
     parser = argparse.ArgumentParser(
         prog="health_receiver.py [serve]",
         description="Receive Health Export Pro syncs into a SQLite database.",
-        epilog="Other commands (each with --help): key, people, stats, export, import, backup, verify, restore, "
-               f"notify, bench. The key comes from ${TOKEN_ENV}, --token-file or <db>.key (made for a new database); "
+        epilog="Other commands (each with --help): " + ", ".join(name for name in COMMANDS if name != "serve")
+               + f". The key comes from ${TOKEN_ENV}, --token-file or <db>.key (made for a new database); "
                "people add NAME gives another person a key of their own. With the key: "
                + "; ".join(f"{route.path} ({route.title})" for route in ROUTES if route.path != ENDPOINT) + ".")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")

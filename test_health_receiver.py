@@ -8,6 +8,7 @@ files; the protocol's own tests drive the real handler through BytesIO, as
 CPython's test_httpservers does, with no socket and no database.
 """
 
+import argparse
 import ast
 import base64
 import bisect
@@ -6208,6 +6209,39 @@ class KeyTests(unittest.TestCase):
         _server, banner = self.start()
         self.assertIn(f"WARNING: {key_file} can be read by other users", banner)
         self.assertNotIn(TOKEN, banner)
+
+
+class DocumentedEverywhereTests(unittest.TestCase):
+    """Every command, every flag of serve and every route is in the README
+    and in --help, so that neither drifts from the code."""
+
+    def setUp(self):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as handle:
+            self.readme = handle.read()
+        self.help = hr.serve_parser().format_help()
+
+    def test_commands(self):
+        for name in hr.COMMANDS:
+            with self.subTest(command=name):
+                if name != "serve":
+                    self.assertIn(f"health_receiver.py {name}", self.readme)
+                    self.assertRegex(" ".join(self.help.split()), rf"Other commands \(each with --help\):[^.]*\b{name}\b")
+
+    def test_serve_flags(self):
+        for action in hr.serve_parser()._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and action.help != argparse.SUPPRESS:
+                    with self.subTest(flag=option):
+                        self.assertIn(f"`{option}", self.readme)
+                        self.assertIn(option, self.help)
+
+    def test_routes(self):
+        for route in hr.ROUTES:
+            path = route.path.split("<")[0]
+            with self.subTest(route=route.path):
+                self.assertIn(path, self.readme)
+                if route.path != hr.ENDPOINT:
+                    self.assertIn(path, " ".join(self.help.split()))
 
 
 class TestFileShapeTests(unittest.TestCase):
