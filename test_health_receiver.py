@@ -278,6 +278,25 @@ class DateTests(unittest.TestCase):
             with self.subTest(value=value):
                 self.assertIsNone(hr.utc_date(value))
 
+    def test_a_date_in_the_stored_form_is_one_that_exists(self):
+        impossible = ["0000-00-00T00:00:00.000Z", "2026-02-30T08:00:00.000Z", "2026-13-01T08:00:00.000Z",
+                      "2026-04-31T08:00:00.000Z", "2026-00-10T08:00:00.000Z", "2026-01-00T08:00:00.000Z",
+                      "2026-02-24T24:00:00.000Z", "2026-02-24T08:60:00.000Z", "2026-02-24T08:00:60.000Z",
+                      "2025-02-29T08:00:00.000Z", "2100-02-29T08:00:00.000Z", "1899-12-31T23:59:59.000Z",
+                      "2200-01-01T00:00:00.000Z",
+                      "\uff12\uff10\uff12\uff16-02-24T08:00:00.000Z",  # fullwidth digits
+                      "\u0662\u0660\u0662\u0666-02-24T08:00:00.000Z",  # Arabic-Indic digits
+                      "2026-02-24T08:00:00.\u0661\u0662\u0663Z", "\u0662\u0660\u0662\u0666-02-24"]
+        for text in impossible:
+            with self.subTest(text=text):
+                self.assertIsNone(hr.utc_date(text))
+                self.assertFalse(hr.are_canonical_dates(hr.CANONICAL_FILLER + text + hr.CANONICAL_FILLER))
+        for text in ("2024-02-29T08:00:00.000Z", "2000-02-29T23:59:59.999Z", "2026-12-31T00:00:00.000Z",
+                     "1900-01-01T00:00:00.000Z", "2199-12-31T23:59:59.999Z"):
+            with self.subTest(text=text):
+                self.assertEqual(hr.utc_date(text), text)
+                self.assertTrue(hr.are_canonical_dates(hr.CANONICAL_FILLER + text) or "-02-29T" in text)
+
     def test_years_at_the_limits(self):
         first, last = hr.DATE_YEARS
         self.assertEqual(hr.utc_date(f"{first}-01-01"), f"{first}-01-01T00:00:00.000Z")
@@ -804,6 +823,24 @@ class StorageLayoutTests(ServerTestCase):
         reasons = sorted(reason for (reason,) in self.query("SELECT reason FROM rejected"))
         self.assertEqual(reasons, ["startDate is not a date"] * 3 + ["startDate missing or not a string"] * 2)
         self.assertEqual(self.query("SELECT count(*) FROM sample_types"), [(0,)])
+
+    def test_dates_in_the_stored_form_that_do_not_exist_are_rejected_in_a_batch_of_good_ones(self):
+        impossible = ["0000-00-00T00:00:00.000Z", "2026-02-30T08:00:00.000Z", "2026-13-01T08:00:00.000Z",
+                      "2026-02-24T24:00:00.000Z", "2026-02-24T08:00:60.000Z",
+                      "\uff12\uff10\uff12\uff16-02-24T08:00:00.000Z", "\u0662\u0660\u0662\u0666-02-24T08:00:00.000Z"]
+        good = [sample(f"G-{i}", f"2026-02-24T0{i}:00:00.000Z", 60 + i) for i in range(5)]
+        bad = [sample(f"B-{i}", text, 1) for i, text in enumerate(impossible)]
+        ended = sample("E-1", "2026-02-24T07:00:00.000Z", 70, endDate="2026-02-24T07:00:60.000Z")
+        status, _, answer = self.post({"data": {"HKQuantityTypeIdentifierHeartRate": good + bad + [ended]}})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual((answer["inserted"]["measurements"], answer["rejected"]), (6, len(impossible)))
+        self.assertEqual(self.query("SELECT DISTINCT reason FROM rejected"), [("startDate is not a date",)])
+        self.assertEqual(sorted(uuid for (uuid,) in self.query("SELECT json_extract(record, '$.uuid') FROM rejected")),
+                         sorted(element["uuid"] for element in bad))
+        self.assertEqual(self.query("SELECT end_date FROM samples WHERE uuid = 'E-1'"), [(None,)])  # kept, no end
+        self.assertEqual(self.query("SELECT rows, first_date, last_date FROM sample_types"),
+                         [(6, "2026-02-24T00:00:00.000Z", "2026-02-24T07:00:00.000Z")])
+        self.assertTrue(run_main("verify", "--db", self.db)[1].startswith("OK: "))
 
 
 class MigrationTests(unittest.TestCase):
