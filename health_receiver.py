@@ -5685,6 +5685,11 @@ GAP_MIN_SECONDS = 12 * 3600
 GAP_SLEEP_NIGHTS = 5
 #: The most gaps listed.
 GAPS_MAX = 20
+#: How far after its sync arrived a sample may be dated and still be a
+#: type's latest at once (a date sent without its offset, taken as UTC, is
+#: up to 14 hours ahead).  One dated later (a clock set a year ahead) is
+#: kept, but is neither the latest nor counted for gaps until its time.
+ARRIVAL_LEAD = "+1 day"
 
 
 class Gap(typing.NamedTuple):
@@ -5731,6 +5736,8 @@ def data_gaps(conn, view, limit=LATEST_TYPES_MAX):
         local = zone.local(datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc))
         return f"{local:%b %d %H:%M}" if hours else f"{local:%b %d}"
 
+    # Hours after this one (samples dated ahead) do not count: not yet.
+    until = _canonical(view.now + datetime.timedelta(hours=1))[:13]
     synced = [seconds for (seconds,) in conn.execute(
         f"SELECT CAST(strftime('%s', received_at) AS INTEGER) AS t FROM syncs WHERE status = '{SyncStatus.OK}'"
         " AND received_at >= ? AND t IS NOT NULL ORDER BY t", (since,))]
@@ -5751,8 +5758,8 @@ def data_gaps(conn, view, limit=LATEST_TYPES_MAX):
         hours = collections.defaultdict(list)
         for source, seconds in conn.execute(
                 "SELECT DISTINCT source, CAST(strftime('%s', substr(hour, 1, 13) || ':00') AS INTEGER) AS t"
-                " FROM sample_hours WHERE type = ? AND hour >= ? AND t IS NOT NULL ORDER BY source, t",
-                (type_name, since[:13])):
+                " FROM sample_hours WHERE type = ? AND hour >= ? AND hour < ? AND t IS NOT NULL ORDER BY source, t",
+                (type_name, since[:13], until)):
             hours[source].append(seconds)
         for source, seconds in hours.items():
             latest[source][type_name] = seconds[-1]
@@ -5892,9 +5899,19 @@ class LatestValue(typing.NamedTuple):
     source: typing.Optional[str]
 
 
-def latest_values(conn, limit=LATEST_TYPES_MAX):
-    """The LatestValue of each of the largest ``limit`` types: one seek
-    each, at the end of the type's rows."""
+#: A type's latest sample as of :now: dated then or before, or at most
+#: ARRIVAL_LEAD after its sync arrived.  Read from the end of the type's
+#: rows, so only samples dated ahead of now are looked at twice.
+_LATEST_SAMPLE_SQL = (
+    "SELECT value, unit, start_date, source_name FROM samples WHERE type = :type AND (start_date <= :now"
+    f" OR start_date <= (SELECT strftime('%Y-%m-%dT%H:%M:%fZ', received_at, '{ARRIVAL_LEAD}') FROM syncs"
+    " WHERE syncs.id = samples.sync_id)) ORDER BY start_date DESC LIMIT 1")
+
+
+def latest_values(conn, now, limit=LATEST_TYPES_MAX):
+    """The LatestValue of each of the largest ``limit`` types as of
+    ``now`` (an aware datetime): one seek each, at the end of the type's
+    rows."""
     found = []
     types = [row[0] for row in sample_types(conn, limit)]
     # Two types may share a short name (an app's own key beside HealthKit's):
@@ -5902,8 +5919,7 @@ def latest_values(conn, limit=LATEST_TYPES_MAX):
     # came from ("data.StepCount").
     claimed = {short_type_name(type_name) for type_name in types if short_type_name(type_name) != type_name}
     for type_name in types:
-        row = conn.execute("SELECT value, unit, start_date, source_name FROM samples WHERE type = ?"
-                           " ORDER BY start_date DESC LIMIT 1", (type_name,)).fetchone()
+        row = conn.execute(_LATEST_SAMPLE_SQL, {"type": type_name, "now": _canonical(now)}).fetchone()
         if row is None:
             continue
         value, unit, start, source = row
@@ -5981,7 +5997,7 @@ def latest_report(store, view):
     with store.reader() as conn:
         syncs = latest_syncs(conn, 1, SyncStatus.OK)
         more = conn.execute("SELECT count(*) FROM sample_types").fetchone()[0] - LATEST_TYPES_MAX
-        return Latest(view.person, tuple(latest_values(conn)), tuple(today_totals(conn, view)),
+        return Latest(view.person, tuple(latest_values(conn, view.now)), tuple(today_totals(conn, view)),
                       last_night(conn, view), syncs[0] if syncs else None, tuple(data_gaps(conn, view)),
                       max(0, more))
 

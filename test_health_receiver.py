@@ -6704,6 +6704,31 @@ class OtherToolsTests(StepsTestCase):
                 "%Y-%m-%dT%H"),))
         self.assertEqual([gap["kind"] for gap in self.get(hr.LATEST_PATH)[2]["gaps"]], ["source"])
 
+    def test_a_sample_dated_ahead_of_its_sync_is_kept_but_neither_latest_nor_hiding_a_gap(self):
+        now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+        def hours_from_now(hours):
+            return (now + datetime.timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+        heart = [sample(f"H-{hours}", hours_from_now(-hours), 60) for hours in range(4 * 24, 20 * 24, 3)]
+        heart.append(sample("H-ahead", "2199-01-01T00:00:00.000Z", 99))  # a clock set far ahead
+        breathing = [sample(f"R-{hours}", hours_from_now(-hours), 15) for hours in range(1, 20 * 24, 3)]
+        mass = [sample("M-1", hours_from_now(-30), 70, "kg"), sample("M-2", hours_from_now(2), 71, "kg")]
+        self.post({"data": {"HKQuantityTypeIdentifierHeartRate": heart,
+                            "HKQuantityTypeIdentifierRespiratoryRate": breathing,
+                            "HKQuantityTypeIdentifierBodyMass": mass}})
+        self.assertEqual(self.query("SELECT count(*) FROM samples WHERE uuid = 'H-ahead'"), [(1,)])  # kept
+        latest = self.get(hr.LATEST_PATH)[2]
+        self.assertEqual((latest["latest"]["HeartRate"]["value"], latest["latest"]["HeartRate"]["time"]),
+                         (60, hours_from_now(-4 * 24)))
+        self.assertEqual(latest["latest"]["BodyMass"]["value"], 71)  # two hours ahead: within a day of arrival
+        self.assertEqual([(gap["kind"], gap["type"]) for gap in latest["gaps"]], [("type", "HeartRate")])
+        families = parse_exposition(self.get(hr.METRICS_PATH)[2].decode())
+        self.assertEqual([number for _name, labels, number in families["health_latest_value"][2]
+                          if labels["type"] == "HeartRate" and labels["person"] == "me"], [60])
+        self.assertEqual([labels["type"] for _n, labels, _v in families["health_receiver_data_gaps"][2]],
+                         ["HeartRate"])
+
     def test_a_device_that_still_sends_other_types_is_named_with_the_types_that_stopped(self):
         now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
 
