@@ -8112,34 +8112,50 @@ def _address(text):
     return getattr(address, "ipv4_mapped", None) or address  # a dual-stack socket's IPv4 client
 
 
-def forwarded_hops(headers):
-    """The addresses a request passed through, the client first, from
-    ``Forwarded`` (RFC 7239) or else ``X-Forwarded-For``; unreadable ones
-    are None."""
-    forwarded = headers.get_all("Forwarded") or ()
-    if forwarded:
-        hops = []
-        for value in forwarded:
-            for element in value.split(","):
-                pairs = dict(pair.strip().partition("=")[::2] for pair in element.split(";"))
-                hops.append(_address(pairs.get("for", pairs.get("For", ""))))
-        return hops
-    return [_address(hop) for value in headers.get_all("X-Forwarded-For") or () for hop in value.split(",")]
+#: The header a trusted proxy names the client in, unless --proxy-header
+#: says another: what nginx's $proxy_add_x_forwarded_for and Caddy set.
+DEFAULT_PROXY_HEADER = "X-Forwarded-For"
+#: The client of a request whose proxy named it unreadably ("unknown",
+#: "_hidden", garbage): someone, never this machine.
+UNKNOWN_CLIENT = "unknown"
+
+
+def _forwarded_for(element):
+    """The ``for`` parameter of one element of a Forwarded header (RFC
+    7239: parameter names in any case), or ""."""
+    for pair in element.split(";"):
+        name, _, value = pair.partition("=")
+        if name.strip().lower() == "for":
+            return value
+    return ""
+
+
+def forwarded_hops(headers, name=DEFAULT_PROXY_HEADER):
+    """The addresses a request passed through, the client first, from the
+    header ``name`` alone (``Forwarded``: its ``for`` parameters; any other:
+    a list of addresses, as X-Forwarded-For); unreadable ones are None."""
+    values = headers.get_all(name) or ()
+    if name.lower() == "forwarded":
+        return [_address(_forwarded_for(element)) for value in values for element in value.split(",")]
+    return [_address(hop) for value in values for hop in value.split(",")]
 
 
 class TrustedProxies:
-    """The proxies whose word on the client (Forwarded, X-Forwarded-For) is
-    taken: --trusted-proxy.  From any other peer those headers are ignored,
-    and a request that carries them is never "this machine"."""
+    """The proxies whose word on the client is taken (--trusted-proxy), in
+    the one header they set (--proxy-header): a proxy passes the client's
+    own forwarding headers on untouched (nginx and Caddy pass Forwarded),
+    so any other is the client's word.  From any other peer those headers
+    are ignored, and a request that carries them is never "this machine"."""
 
-    def __init__(self, networks=()):
+    def __init__(self, networks=(), header=DEFAULT_PROXY_HEADER):
         self.networks = tuple(ipaddress.ip_network(network, strict=False) for network in networks)
+        self.header = header
 
     @classmethod
-    def parse(cls, text):
+    def parse(cls, text, header=DEFAULT_PROXY_HEADER):
         """From "127.0.0.1,10.0.0.0/8"; raises UsageError."""
         try:
-            return cls(part.strip() for part in (text or "").split(",") if part.strip())
+            return cls((part.strip() for part in (text or "").split(",") if part.strip()), header)
         except ValueError as exc:
             raise UsageError(f"--trusted-proxy: {exc}") from None
 
@@ -8151,15 +8167,16 @@ class TrustedProxies:
 
     def client(self, peer, headers):
         """The client a request comes from: the peer, or behind a trusted
-        proxy the rightmost hop it does not trust (a client can write any
-        hops of its own in front of the real ones, never after them)."""
+        proxy the last hop of its header that no trusted proxy is (a client
+        can write any hops of its own in front of the real ones, never
+        after them); UNKNOWN_CLIENT when that hop is unreadable."""
         peer_address = _address(peer)
         if headers is None or not self.trusts(peer_address):
             return peer
-        hops = forwarded_hops(headers)
+        hops = forwarded_hops(headers, self.header)
         for hop in reversed(hops):
             if hop is None:
-                return peer  # unreadable: nothing it says can be taken
+                return UNKNOWN_CLIENT
             if not self.trusts(hop):
                 return str(hop)
         return str(hops[0]) if hops else peer
@@ -8891,10 +8908,10 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def _forwarded_by_a_stranger(self):
         """Whether forwarding headers came from a peer not trusted to send
         them (then the peer is a proxy, and the client anyone)."""
-        headers = self.headers
-        if headers is None or not (headers.get("Forwarded") or headers.get("X-Forwarded-For")):
+        headers, proxies = self.headers, self.server.config.trusted_proxies
+        if headers is None or not any(headers.get(name) for name in ("Forwarded", "X-Forwarded-For", proxies.header)):
             return False
-        return not self.server.config.trusted_proxies.trusts(_address(self.client_address[0]))
+        return not proxies.trusts(_address(self.client_address[0]))
 
     @property
     def logged_path(self):
@@ -9797,8 +9814,12 @@ def serve_parser():
                              "(default: Watch,iPhone; the database keeps the last words given, and the totals are "
                              "merged again when they change)")
     parser.add_argument("--trusted-proxy", metavar="ADDR[,ADDR...]",
-                        help="proxies (addresses or networks) whose X-Forwarded-For/Forwarded name the client "
+                        help="proxies (addresses or networks) whose --proxy-header names the client "
                              f"(default ${TRUSTED_PROXY_ENV}, else none)")
+    parser.add_argument("--proxy-header", metavar="NAME", type=_header_name, default=DEFAULT_PROXY_HEADER,
+                        help="the one header the trusted proxy sets to the client's address, its last hop that "
+                             "no trusted proxy is counting (default %(default)s; Forwarded reads RFC 7239's for=); "
+                             "any other forwarding header is the client's own word, ignored")
     parser.add_argument("--backup-dir", metavar="DIR", help="make backups here while serving (with --backup-every)")
     parser.add_argument("--backup-every", type=_positive_number, metavar="HOURS",
                         help="hours between backups into --backup-dir (24 is a good choice)")
@@ -9826,7 +9847,7 @@ def config_from_args(args, environ):
     if args.backup_dir and not os.path.isdir(args.backup_dir):
         raise UsageError(f"--backup-dir {args.backup_dir} is not a folder")
     RouteTable(ROUTES, endpoint_path(args.path))  # refuses a path another route has
-    proxies = TrustedProxies.parse(args.trusted_proxy or environ.get(TRUSTED_PROXY_ENV))
+    proxies = TrustedProxies.parse(args.trusted_proxy or environ.get(TRUSTED_PROXY_ENV), args.proxy_header)
     token, source, generated, warnings = resolve_key(args, environ)  # last: it may create the key file
     config = ReceiverConfig(host=args.host, port=args.port, path=args.path, db=args.db,
                             keys=Keys.single(token, args.auth_header), max_body=int(args.max_body_mb * MIB),

@@ -4993,16 +4993,25 @@ class ProxyTests(ServerTestCase):
         return {"trusted_proxies": hr.TrustedProxies.parse("127.0.0.1, 10.0.0.0/8")}
 
     def test_the_rightmost_hop_the_proxies_do_not_trust_is_the_client(self):
-        proxies = hr.TrustedProxies.parse("127.0.0.1,10.0.0.0/8")
         message = http.client.HTTPMessage
-        cases = [({"X-Forwarded-For": "203.0.113.7"}, "203.0.113.7"),
-                 ({"X-Forwarded-For": "6.6.6.6, 203.0.113.7, 10.1.2.3"}, "203.0.113.7"),  # a forged first hop
-                 ({"Forwarded": 'for=6.6.6.6, for="[2001:db8::1]:4711";proto=https'}, "2001:db8::1"),
-                 ({"Forwarded": "for=198.51.100.4:5000", "X-Forwarded-For": "6.6.6.6"}, "198.51.100.4"),
-                 ({"X-Forwarded-For": "10.0.0.1, 127.0.0.1"}, "10.0.0.1"),  # all trusted: the first
-                 ({"X-Forwarded-For": "unknown"}, "127.0.0.1"), ({}, "127.0.0.1")]
-        for fields, client in cases:
-            with self.subTest(fields=fields):
+        # The proxy's own header alone counts: a client's Forwarded passes a proxy untouched.
+        cases = [("X-Forwarded-For", {"X-Forwarded-For": "203.0.113.7"}, "203.0.113.7"),
+                 ("X-Forwarded-For", {"X-Forwarded-For": "6.6.6.6, 203.0.113.7, 10.1.2.3"}, "203.0.113.7"),
+                 ("X-Forwarded-For", {"Forwarded": "for=198.51.100.4:5000", "X-Forwarded-For": "6.6.6.6"}, "6.6.6.6"),
+                 ("X-Forwarded-For", {"Forwarded": "for=127.0.0.1"}, "127.0.0.1"),  # no proxy's header: the peer
+                 ("X-Forwarded-For", {"X-Forwarded-For": "10.0.0.1, 127.0.0.1"}, "10.0.0.1"),  # all trusted: the first
+                 ("X-Forwarded-For", {"X-Forwarded-For": "unknown"}, hr.UNKNOWN_CLIENT),  # never this machine
+                 ("X-Forwarded-For", {"X-Forwarded-For": "127.0.0.1, _hidden"}, hr.UNKNOWN_CLIENT),
+                 ("X-Forwarded-For", {}, "127.0.0.1"),
+                 ("Forwarded", {"Forwarded": 'for=6.6.6.6, for="[2001:db8::1]:4711";proto=https'}, "2001:db8::1"),
+                 ("Forwarded", {"Forwarded": "For=198.51.100.4:5000", "X-Forwarded-For": "6.6.6.6"}, "198.51.100.4"),
+                 ("Forwarded", {"Forwarded": "proto=https;FOR=198.51.100.5"}, "198.51.100.5"),
+                 ("Forwarded", {"Forwarded": "for=203.0.113.9, for=unknown"}, hr.UNKNOWN_CLIENT),
+                 ("Forwarded", {"Forwarded": "for=203.0.113.9, FOR="}, hr.UNKNOWN_CLIENT),
+                 ("X-Real-IP", {"X-Real-IP": "203.0.113.8", "X-Forwarded-For": "127.0.0.1"}, "203.0.113.8")]
+        for header, fields, client in cases:
+            with self.subTest(header=header, fields=fields):
+                proxies = hr.TrustedProxies.parse("127.0.0.1,10.0.0.0/8", header)
                 headers = message()
                 for name, value in fields.items():
                     headers[name] = value
@@ -5010,6 +5019,31 @@ class ProxyTests(ServerTestCase):
                 self.assertEqual(proxies.client("192.0.2.1", headers), "192.0.2.1")  # not a trusted peer
         with self.assertRaises(hr.UsageError):
             hr.TrustedProxies.parse("127.0.0.1,not-an-address")
+
+    def test_what_a_client_writes_behind_the_proxy_never_makes_it_this_machine_nor_another_address(self):
+        self.server.config.keys = hr.Keys()
+        self.server.config.trusted_proxies = hr.TrustedProxies.parse("127.0.0.1")
+        # As nginx forwards with the README's configuration: the client's headers, then its address added.
+        for forged in ({"Forwarded": "for=127.0.0.1"}, {"Forwarded": "for=unknown"}, {"Forwarded": "for=_hidden"},
+                       {"Forwarded": "FOR="}, {"X-Forwarded-For": "127.0.0.1, unknown"},
+                       {"X-Forwarded-For": "127.0.0.1, 127.0.0.1, _hidden"}):
+            for path in (hr.LATEST_PATH, hr.SUMMARY_PATH, "/"):
+                with self.subTest(forged=forged, path=path):
+                    headers = dict(forged)
+                    headers["X-Forwarded-For"] = ", ".join(
+                        filter(None, (forged.get("X-Forwarded-For"), "" if "X-Forwarded-For" in forged
+                                      else "203.0.113.50")))
+                    self.assertEqual(self.request("GET", path, headers=headers)[0], 403)
+        # With a key, a rotating Forwarded does not spread the guesses over made-up addresses.
+        self.server.config.keys = hr.Keys.single(TOKEN)
+        statuses = [self.request("GET", headers={"Authorization": "Bearer nope", "Forwarded": f"for=198.51.100.{i}",
+                                                 "X-Forwarded-For": "203.0.113.51"})[0] for i in range(15)]
+        self.assertEqual(statuses[hr.GUESS_LIMIT:], [429] * (15 - hr.GUESS_LIMIT))
+        self.assertEqual(self.post(make_payload(), headers={"Authorization": "Bearer " + TOKEN,
+                                                            "Forwarded": "for=198.51.100.99",
+                                                            "X-Forwarded-For": "203.0.113.52"})[0], 200)
+        self.assertEqual(self.query("SELECT remote_addr FROM syncs"), [("203.0.113.52",)])
+        self.assertNotIn("198.51.100.", self.log.getvalue())
 
     def test_a_stranger_behind_the_proxy_cannot_lock_the_owner_out(self):
         for _ in range(hr.GUESS_LIMIT):
@@ -5036,6 +5070,11 @@ class ProxyTests(ServerTestCase):
         args = hr.serve_parser().parse_args(["--no-auth", "--db", os.path.join(self.tmp.name, "x.db")])
         config = hr.config_from_args(args, {hr.TRUSTED_PROXY_ENV: "::1, 127.0.0.1"})
         self.assertTrue(config.trusted_proxies.trusts(ipaddress.ip_address("::1")))
+        self.assertEqual(config.trusted_proxies.header, "X-Forwarded-For")
+        args = hr.serve_parser().parse_args(["--no-auth", "--db", os.path.join(self.tmp.name, "x.db"),
+                                             "--trusted-proxy", "127.0.0.1", "--proxy-header", "Forwarded"])
+        self.assertEqual(hr.config_from_args(args, {}).trusted_proxies.header, "Forwarded")
+        self.assertEqual(run_main("--proxy-header", "X Bad", "--no-auth")[0], 2)
         code, _, err = run_main("--trusted-proxy", "nope", "--no-auth", "--db", os.path.join(self.tmp.name, "y.db"))
         self.assertEqual(code, 2)
         self.assertIn("--trusted-proxy", err)
