@@ -8220,6 +8220,9 @@ class ReceiverConfig:
     source_priority: typing.Optional[typing.Tuple[str, ...]] = None
     #: Proxies whose forwarding headers name the client (--trusted-proxy).
     trusted_proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
+    #: Without keys, the Host names (besides this machine's own) whose
+    #: requests may read the pages (--allowed-host), as host_name() gives them.
+    allowed_hosts: typing.Tuple[str, ...] = ()
     #: Scheduled backups (--backup-dir, --backup-every in seconds, --backup-keep).
     backup_dir: typing.Optional[str] = None
     backup_every: typing.Optional[float] = None
@@ -8268,6 +8271,23 @@ def is_loopback(host):
         return True
     address = _address(host)  # a dual-stack socket's IPv4 client included
     return address is not None and address.is_loopback
+
+
+def host_name(value):
+    """The name or address a Host header names, without its port, in lower
+    case and without a trailing dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def is_loopback_name(name):
+    """Whether a host_name() is this machine's own: localhost (and the names
+    under it, which resolve to it), or a loopback address."""
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
 
 
 class GuessThrottle:
@@ -8870,6 +8890,8 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 raise ClientError(HTTPStatus.FORBIDDEN, "This receiver runs without a key (--no-auth), so its pages "
                                   "answer only this machine; start it with a key (the default) to read them from "
                                   "elsewhere.")
+            if access.loopback_without_keys:
+                self._check_host()
             # A person's own key still says whose a sync is.
             return keys.identify(self.headers, access.login, self.server.identity_of_key) or self.server.owner
         identity = keys.identify(self.headers, access.login, self.server.identity_of_key)
@@ -8889,6 +8911,22 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             if guesses.failed(self.client):
                 self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for {GUESS_BLOCK} s")
         raise keys.login_refusal() if access.login else keys.app_refusal(self.headers)
+
+    def _check_host(self):
+        """Without keys, a page answers only under this machine's own names
+        (or --allowed-host): a web page opened on this machine may reach it
+        under a name of its own that resolves here (DNS rebinding), and its
+        browser would then read the answer.  No browser sends a request
+        without a Host (HTTP/1.0 allows it)."""
+        host = self.headers.get("Host")
+        if host is None:
+            return
+        name = host_name(host)
+        if not (is_loopback_name(name) or name in self.server.config.allowed_hosts):
+            raise ClientError(HTTPStatus.FORBIDDEN, f"This receiver runs without a key (--no-auth), so its pages "
+                              f"answer only to this machine's own names (localhost, 127.0.0.1, ::1), not to "
+                              f"{log_safe(name, 60)!r}: a web page could use such a name to read them. If the "
+                              f"name is yours, start with --allowed-host {log_safe(name, 60)}.")
 
     def _has_body(self):
         """Whether the headers announce a body (a Content-Length of 0 does not)."""
@@ -9765,6 +9803,11 @@ def _header_name(text):
     return text
 
 
+def _host_names(text):
+    """--allowed-host: comma-separated names, as the Host header names them."""
+    return tuple(host_name(name) for name in text.split(",") if name.strip())
+
+
 def _source_words(text):
     """--source-priority: comma-separated words, matched in any case."""
     words = tuple(word.strip().lower() for word in text.split(",") if word.strip())
@@ -9820,6 +9863,9 @@ def serve_parser():
                         help="the one header the trusted proxy sets to the client's address, its last hop that "
                              "no trusted proxy is counting (default %(default)s; Forwarded reads RFC 7239's for=); "
                              "any other forwarding header is the client's own word, ignored")
+    parser.add_argument("--allowed-host", metavar="NAME[,NAME...]", type=_host_names, default=(),
+                        help="with --no-auth, names (Host) besides localhost and the loopback addresses that the "
+                             "pages answer to (default: none)")
     parser.add_argument("--backup-dir", metavar="DIR", help="make backups here while serving (with --backup-every)")
     parser.add_argument("--backup-every", type=_positive_number, metavar="HOURS",
                         help="hours between backups into --backup-dir (24 is a good choice)")
@@ -9856,6 +9902,7 @@ def config_from_args(args, environ):
                             tls_cert=args.tls_cert, tls_key=args.tls_key, key_source=source,
                             new_key=token if generated else None, no_auth=args.no_auth, warnings=warnings,
                             archive=args.archive, utc=args.utc, trusted_proxies=proxies,
+                            allowed_hosts=args.allowed_host,
                             source_priority=args.source_priority, backup_dir=args.backup_dir,
                             backup_every=args.backup_every * 3600 if args.backup_every else None,
                             backup_keep=args.backup_keep, person=args.person)

@@ -3570,7 +3570,7 @@ class StatusPageTests(PageTestCase):
             conn.execute("INSERT INTO samples VALUES (1, 'C-99999', 'HKQuantityTypeIdentifierStepCount', ?, NULL, 1,"
                          " 'count', CAST(X'FF' AS TEXT), '{}', 1)", (utc_at(2),))
             conn.commit()
-        answer = self.raw_exchange(b"GET /type/StepCount.csv?range=7d HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = self.raw_exchange(b"GET /type/StepCount.csv?range=7d HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:200])
         self.assertIn(b"C-00000", answer)
         self.assertFalse(answer.endswith(b"0\r\n\r\n"))  # no last chunk: the client sees it incomplete
@@ -4670,7 +4670,8 @@ class ProtocolTests(unittest.TestCase):
         return answers(drive(self.server, data, client))
 
     def get(self, path, headers="", client="127.0.0.1", version="HTTP/1.1"):
-        [(status, head, body)] = self.exchange(f"GET {path} {version}\r\nHost: x\r\n{headers}\r\n".encode(), client)
+        [(status, head, body)] = self.exchange(f"GET {path} {version}\r\nHost: localhost\r\n{headers}\r\n".encode(),
+                                               client)
         return status, head, body
 
     def test_malformed_request_lines_get_json_and_one_log_line(self):
@@ -5244,6 +5245,28 @@ class ReadsWithoutAKeyTests(ServerTestCase):
                 self.assertIn(b"without a key", answer)
         answer = self.exchange_from("192.0.2.10", f"GET {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])  # the app's Test Connection
+
+    def test_pages_answer_only_under_this_machines_own_names(self):
+        self.post(make_payload())
+        reads = ("/", hr.SUMMARY_PATH, hr.LATEST_PATH, hr.METRICS_PATH, "/type/HeartRate.csv?range=all",
+                 f"{hr.SERIES_PATH}?type=HeartRate")
+        for path in reads:
+            for host, status in (("attacker.example", 403), ("attacker.example:3000", 403), ("127.0.0.1.nip.io", 403),
+                                 (f"localhost:{self.port}", 200), ("127.0.0.1", 200), ("[::1]:3000", 200),
+                                 ("app.localhost", 200), ("LOCALHOST.", 200)):
+                with self.subTest(path=path, host=host):
+                    answered, _, body = self.request("GET", path, headers={"Host": host})
+                    self.assertEqual(answered, status, body)
+                    if status == 403:
+                        self.assertIn("own names", body["error"])
+        self.assertNotIn("HKQuantity", self.raw_exchange(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n").decode())
+        for method, body in (("GET", None), ("POST", make_payload())):  # the app is no page: any name
+            self.assertEqual(self.request(method, headers={"Host": "health.example"}, body=body)[0], 200)
+        self.server.config.allowed_hosts = ("health.example",)
+        self.assertEqual(self.request("GET", "/", headers={"Host": "Health.Example:3000"})[0], 200)
+        self.assertEqual(self.request("GET", "/", headers={"Host": "other.example"})[0], 403)
+        args = hr.serve_parser().parse_args(["--no-auth", "--allowed-host", "Health.Example., b.example"])
+        self.assertEqual(args.allowed_host, ("health.example", "b.example"))
 
     def test_loopback_addresses(self):
         for address in ("127.0.0.1", "127.8.9.10", "::1", "localhost", "::ffff:127.0.0.1"):
