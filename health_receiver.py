@@ -3209,13 +3209,19 @@ def _sync_parameters(sync):
     return {name: _storable(value) for name, value in zip(sync._fields, sync)}
 
 
-def _insert_sync(conn, sync):
+def _insert_sync(conn, sync, key_sha256=None):
     """Insert a syncs row (its id chosen by SQLite); return the id.  Raises
-    StorageUnavailable when its person was removed meanwhile (their key
-    then no longer works: the app's next try is refused)."""
-    if (conn.execute("PRAGMA user_version").fetchone()[0] >= PEOPLE_VERSION
-            and not conn.execute("SELECT 1 FROM main.people WHERE id = ?", (sync.person,)).fetchone()):
-        raise StorageUnavailable("The person this sync is from was removed; nothing was stored.")
+    StorageUnavailable when its person was removed meanwhile, or when the
+    person's own key that sent it (``key_sha256``, its hash) was replaced
+    meanwhile (people key): that key then no longer works, and the app's
+    next try is refused."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= PEOPLE_VERSION:
+        row = conn.execute("SELECT key_sha256 FROM main.people WHERE id = ?", (sync.person,)).fetchone()
+        if row is None:
+            raise StorageUnavailable("The person this sync is from was removed; nothing was stored.")
+        if key_sha256 is not None and row[0] != key_sha256:
+            raise StorageUnavailable("The key this sync was sent with was replaced while it arrived (people key); "
+                                     "nothing was stored.")
     return conn.execute(SYNCS.insert_sql(SYNCS.column_names[1:]), _sync_parameters(sync)).lastrowid
 
 
@@ -3604,11 +3610,12 @@ class Store:
                             os.unlink(path)
 
     def merge(self, stage, payload, remote_addr=None, started=None, body_sha256=None, body_blocks=None,
-              person=FIRST_PERSON):
+              person=FIRST_PERSON, key_sha256=None):
         """Move a complete sync's staged rows into the database in one
-        transaction, as rows of ``person``, holding the write lock only for
-        that; return the SyncResult once committed.  A database error rolls
-        back and raises StorageUnavailable."""
+        transaction, as rows of ``person`` (sent with their own key of hash
+        ``key_sha256``, if not None: see _insert_sync), holding the write
+        lock only for that; return the SyncResult once committed.  A
+        database error rolls back and raises StorageUnavailable."""
         started = time.monotonic() if started is None else started
         result = SyncResult(remote_addr=remote_addr, body_bytes=payload.size, received=dict(stage.received),
                             rejected=stage.rejected, sections=payload.sections, envelope=payload.envelope,
@@ -3622,7 +3629,8 @@ class Store:
                     conn.execute("BEGIN IMMEDIATE")
                     received_at = utc_now()
                     sync_id = result.sync_id = _insert_sync(conn, Sync(
-                        received_at=received_at, remote_addr=remote_addr, body_bytes=payload.size, person=person))
+                        received_at=received_at, remote_addr=remote_addr, body_bytes=payload.size, person=person),
+                        key_sha256)
                     exported = payload.envelope.get("exportDate")
                     exported = (utc_date(exported) if exported.__class__ is str else None) or received_at
                     self._merge_rows(conn, stage, {"sync_id": sync_id, "exported": exported, "person": person},
@@ -3657,7 +3665,7 @@ class Store:
         return {}
 
     def record_retry(self, same_as, body_sha256, body_bytes, remote_addr=None, envelope=None, started=None,
-                     person=FIRST_PERSON):
+                     person=FIRST_PERSON, key_sha256=None):
         """Record a body byte for byte that of stored sync ``same_as`` (its
         SHA-256 ``body_sha256``, sent by ``person``) as a sync of its
         elements, all duplicates, and return its SyncResult once committed:
@@ -3683,7 +3691,7 @@ class Store:
                                         same_body_as=same_as, person=person)
                     result.duration = time.monotonic() - started
                     sync = result.sync(utc_now(), {})._replace(envelope=envelope_json)
-                    result.sync_id = _insert_sync(conn, sync)
+                    result.sync_id = _insert_sync(conn, sync, key_sha256)
             except sqlite3.Error as exc:
                 raise self.unavailable(exc) from exc
         return result
@@ -7605,10 +7613,12 @@ class SyncIntake:
         """Record a request refused before its body was ingested."""
         self.store.record_failure(FailedSync(remote_addr, status, message, person=person))
 
-    def ingest(self, pieces, remote_addr, length=None, person=FIRST_PERSON):
+    def ingest(self, pieces, remote_addr, length=None, person=FIRST_PERSON, key_sha256=None):
         """Store the body arriving as ``pieces`` (bytes; ``length`` of them
         in all, when known) as a sync of ``person`` (an id of PEOPLE: the
-        rows are theirs, and a retry repeats one of their own syncs);
+        rows are theirs, and a retry repeats one of their own syncs), sent
+        with their own key of hash ``key_sha256`` (None: the receiver's key,
+        or none), which must still be theirs when it is stored;
         return the SyncResult once committed, or None for a body that held
         nothing (empty, or ``{}``: a connection test), which leaves no
         trace.  Raises PayloadError or StorageUnavailable
@@ -7620,7 +7630,7 @@ class SyncIntake:
         envelope = leading_members(body.head(ENVELOPE_HEAD))
         stored = self.store.same_envelope(envelope, length, person)
         if not stored:
-            return self._read(body, remote_addr, started, body, person)
+            return self._read(body, remote_addr, started, body, person, key_sha256)
         spool = None
         try:
             try:
@@ -7638,7 +7648,7 @@ class SyncIntake:
                 result = None
                 if rest is None and size == body.size:
                     result = self.store.record_retry(same_as, body.hexdigest(), size, remote_addr, envelope, started,
-                                                     person)
+                                                     person, key_sha256)
             except StorageUnavailable as exc:
                 self.store.record_failure(FailedSync(remote_addr, SyncStatus.FAILED, str(exc), body.size,
                                                      time.monotonic() - started, None, envelope.get("syncSource"),
@@ -7650,7 +7660,8 @@ class SyncIntake:
             # copy is not counted against max_tmp, or a body nearly that size
             # would never be stored.
             self._release(spool)
-            return self._read(itertools.chain(spool.pieces(), rest or ()), remote_addr, started, body, person)
+            return self._read(itertools.chain(spool.pieces(), rest or ()), remote_addr, started, body, person,
+                              key_sha256)
         finally:
             if spool is not None:
                 self._release(spool)
@@ -7664,7 +7675,7 @@ class SyncIntake:
         return {digest: sync for digest, sync in stored.items()
                 if body.size <= sync[1] and (sync[2] is None or sync[2].startswith(blocks))}
 
-    def _read(self, pieces, remote_addr, started, body, person):
+    def _read(self, pieces, remote_addr, started, body, person, key_sha256):
         """Walk the body arriving as ``pieces`` into a Stage and merge it;
         ``body`` (a BodyDigest) gives its digest once read."""
         archive = ArchiveWriter(self.archive) if self.archive else None
@@ -7684,7 +7695,7 @@ class SyncIntake:
                     archive.discard()
                 return None
             result = self.store.merge(stage, payload, remote_addr, started, body.hexdigest(), body.block_digests(),
-                                      person)
+                                      person, key_sha256)
         except BaseException as exc:
             if isinstance(exc, (PayloadError, StorageUnavailable)):
                 self.store.record_failure(FailedSync(
@@ -7977,6 +7988,9 @@ class Identity(typing.NamedTuple):
     name: str
     #: Their id in PEOPLE.
     person: int = FIRST_PERSON
+    #: The SHA-256 of the person's own key it was sent with (None: the
+    #: receiver's key, or none): a sync is stored only while it is theirs.
+    key_sha256: typing.Optional[str] = None
 
 
 #: Whom the one key (--token-file, $HEALTH_RECEIVER_TOKEN or <db>.key)
@@ -9166,7 +9180,9 @@ def receive_sync(request):
     pieces = request.body_pieces()
     try:
         try:
-            result = intake.ingest(pieces, remote, request.body_length, request.identity.person)  # records failures
+            identity = request.identity
+            result = intake.ingest(pieces, remote, request.body_length, identity.person,  # records failures
+                                   identity.key_sha256)
         except (PayloadError, StorageUnavailable):
             # Read what the client still sends (within the body's limit
             # and deadline), so that it reads the answer, not a reset.
@@ -9338,7 +9354,7 @@ class HealthReceiverServer(ThreadingHTTPServer):
     def identity_of_key(self, key):
         """The Identity of the person whose own key ``key`` is, or None."""
         person = self.store.person_of_key(key)
-        return None if person is None else Identity(person.name, person.id)
+        return None if person is None else Identity(person.name, person.id, hash_key(key))
 
     def server_bind(self):
         # HTTPServer.server_bind would look the address up in DNS (getfqdn):

@@ -6477,6 +6477,31 @@ class KeylessHouseholdTests(ServerTestCase):
         self.assertEqual(self.query("SELECT person, count(*) FROM samples GROUP BY person"), [(1, 7), (2, 7)])
 
 
+class KeyReplacedMidSyncTests(ServerTestCase):
+    """A person's key replaced (people key) while a sync of theirs arrives."""
+
+    token = TOKEN
+
+    def test_a_sync_whose_key_was_replaced_before_its_body_was_complete_stores_nothing(self):
+        self.store.add_people(["ann"], [ANN_KEY])
+        body = encode(make_payload(n=2000, tag="K"))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ANN_KEY}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                         "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+            self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 "))  # admitted with her key
+            self.store.set_key("ann", "ann-new-" + "Qz7" * 10)
+            sock.sendall(body)
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        [(status, _head, text)] = answers(answer)
+        self.assertEqual(status, 503)
+        self.assertIn("replaced", json.loads(text)["error"])
+        self.assertEqual(self.count("samples"), 0)
+        self.assertEqual(self.query("SELECT status, person FROM syncs"), [("failed", 2)])
+        self.assertEqual(self.post(make_payload(tag="K"), bearer(ANN_KEY))[0], 401)  # and its retry is refused
+        self.assertEqual(self.post(make_payload(tag="K"), bearer("ann-new-" + "Qz7" * 10))[0], 200)
+
+
 class PeopleCommandTests(unittest.TestCase):
 
     def setUp(self):
