@@ -2941,6 +2941,12 @@ MIGRATIONS = (
 SCHEMA_VERSION = len(MIGRATIONS)
 #: The version that made PEOPLE.
 PEOPLE_VERSION = next(number + 1 for number, step in enumerate(MIGRATIONS) if step.apply is _migrate_people)
+#: The version that made SETTINGS.
+SETTINGS_VERSION = next(number + 1 for number, step in enumerate(MIGRATIONS)
+                        if step.apply is _merge_by_source_priority)
+#: The setting that says the receiver has run with a key of its own
+#: (never the key): a start without it then refuses to run without one.
+RECEIVER_KEY_SETTING = "receiver_key"
 
 
 @dataclasses.dataclass
@@ -3782,19 +3788,43 @@ class Store:
             _recount_sample_types(conn)
             _recount_sample_hours(conn)
 
+    # -- settings ------------------------------------------------------------
+
+    def setting(self, name):
+        """The value the database keeps for the setting ``name`` (SETTINGS),
+        or None."""
+        with self.reader() as conn:
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SETTINGS_VERSION:
+                return None
+            row = conn.execute(f"SELECT value FROM main.{SETTINGS.name} WHERE name = ?", (name,)).fetchone()
+        return row and row[0]
+
+    def keep_setting(self, name, value):
+        """Keep ``value`` as the setting ``name`` (None: forget it)."""
+        with self.writer() as conn, _transaction(conn):
+            conn.execute(f"DELETE FROM main.{SETTINGS.name} WHERE name = ?", (name,))
+            if value is not None:
+                conn.execute(f"INSERT INTO main.{SETTINGS.name} (name, value) VALUES (?, ?)", (name, value))
+
     # -- people ------------------------------------------------------------
 
     def people(self):
         """Every Person, the first first.  (A database from before people,
-        read without upgrading it, has the first only.)"""
+        read without upgrading it, and one not made yet, have the first
+        only, without a key.)"""
+        first_only = [Person(FIRST_PERSON, FIRST_PERSON_NAME, True, None, False)]
+        if not os.path.exists(self.path):
+            return first_only
         with self.reader() as conn:
             if conn.execute("PRAGMA user_version").fetchone()[0] < PEOPLE_VERSION:
-                return [Person(FIRST_PERSON, FIRST_PERSON_NAME, True, None, False)]
+                return first_only
             return [Person(*row) for row in conn.execute(_PEOPLE_SQL + " ORDER BY id")]
 
     def person(self, name=None, person_id=None):
         """The Person named ``name`` (or of id ``person_id``), or None."""
         column, value = ("name", name) if person_id is None else ("id", person_id)
+        if not os.path.exists(self.path):
+            return next((person for person in self.people() if getattr(person, column) == value), None)
         with self.reader() as conn:
             if conn.execute("PRAGMA user_version").fetchone()[0] < PEOPLE_VERSION:
                 return next((person for person in self.people() if getattr(person, column) == value), None)
@@ -8225,6 +8255,9 @@ class ReceiverConfig:
     new_key: typing.Optional[str] = dataclasses.field(default=None, repr=False)
     #: Running without a key was asked for (--no-auth).
     no_auth: bool = False
+    #: No key of the receiver's own, but the owner has one: each person's
+    #: own key lets them in (see keyless_refusal).
+    own_keys_only: bool = False
     #: Warnings for the banner, decided with the configuration.
     warnings: typing.Tuple[str, ...] = ()
     archive: typing.Optional[str] = None
@@ -8899,7 +8932,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def _admit(self, access):
         """Who the request speaks for; raises ClientError 401 or 403."""
         keys = self.server.config.keys
-        if not keys.required:
+        if self.server.keyless():
             if access.loopback_without_keys and (not is_loopback(self.client) or self._forwarded_by_a_stranger()):
                 raise ClientError(HTTPStatus.FORBIDDEN, "This receiver runs without a key (--no-auth), so its pages "
                                   "answer only this machine; start it with a key (the default) to read them from "
@@ -9351,6 +9384,16 @@ class HealthReceiverServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), HealthRequestHandler, bind_and_activate)
 
+    def keyless(self):
+        """Whether requests need no key: the receiver has none of its own
+        and its owner (whom a request without a key is taken to be) has
+        none either.  Read at each request: once people key gives the owner
+        a key, even while the receiver runs, their key is needed."""
+        if self.config.keys.required:
+            return False
+        owner = self.store.person(person_id=self.owner.person)
+        return owner is not None and not owner.has_key
+
     def identity_of_key(self, key):
         """The Identity of the person whose own key ``key`` is, or None."""
         person = self.store.person_of_key(key)
@@ -9623,6 +9666,8 @@ def banner_lines(config, port, terminal=False):
             lines.append(f"  A new key was made and saved in {config.key_source[len('file '):]} (readable only by "
                          f"you); `health_receiver.py key --db {config.db}` prints it. In the app choose Auth Type "
                          "Bearer and enter it.")
+    elif config.own_keys_only:
+        lines.append("Auth Type: Bearer (each person's own key; this receiver has no key of its own)")
     else:
         lines.append("Auth Type: None" + (" (--no-auth)" if config.no_auth else ""))
         if not is_loopback(host):
@@ -9659,6 +9704,13 @@ def _serve(config, out, ready):
         if config.source_priority:
             store.use_source_priority(config.source_priority, lambda line: print(line, file=out, flush=True))
         owner = _person_named(store, config.person) if config.person else store.first_person()
+        if config.keys.required:
+            store.keep_setting(RECEIVER_KEY_SETTING, "used")
+        else:
+            refusal = keyless_refusal(store, config, owner)
+            if refusal:
+                raise Missing(refusal)
+            config.own_keys_only = owner.has_key
         config.keys = config.keys.owned_by(Identity(owner.name, owner.id))
         server = HealthReceiverServer(config, store)
         server.owner = Identity(owner.name, owner.id)
@@ -9801,6 +9853,28 @@ def resolve_key(args, environ):
                         f"{KEY_CHARACTERS_MIN} characters long (as a new one is: python3 -c 'import secrets; "
                         "print(secrets.token_urlsafe(24))'), or guessing it is only slow, not hopeless.")
     return token, source, generated, tuple(warning for warning in warnings if warning)
+
+
+def keyless_refusal(store, config, owner):
+    """Why the receiver, which found no key of its own, must not run
+    without one, or None: its database has people with keys, or ran with
+    a key of the receiver's (a backup restored without its key file), and
+    ``owner``, whom a request without a key would be, has none of their
+    own (with one, each person's own key lets them in).  --no-auth is
+    refused too where people have keys: anyone could post as ``owner``."""
+    if owner.has_key:
+        return None
+    keyed = [person.name for person in store.people() if person.has_key]
+    if not keyed and (config.no_auth or not store.setting(RECEIVER_KEY_SETTING)):
+        return None
+    used = (f"people with keys of their own: {', '.join(keyed[:5])}{', ...' if len(keyed) > 5 else ''}" if keyed
+            else "a key of the receiver's")
+    key_path = config.db + KEY_FILE_SUFFIX
+    return (f"{config.db} has been used with keys ({used}), but no key of the receiver's was found for "
+            f"{owner.name} (in --token-file, ${TOKEN_ENV} or {key_path}), and such a database never runs without "
+            f"one (anyone could post as {owner.name}). Put the key the app sends into {key_path} (chmod 600; the "
+            f"app's REST API settings show it), or give {owner.name} a new key to enter in the app: "
+            f"python3 health_receiver.py people key {owner.name} --db {config.db}")
 
 
 def _positive_number(text):

@@ -6183,6 +6183,76 @@ class KeyTests(unittest.TestCase):
         self.assertIn("used without a key", banner)
         self.assertEqual(self.post(server), 200)
 
+    def refused(self, *flags, db=None):
+        """serve() as main() runs it on ``db`` (by default this test's),
+        with no key anywhere: (exit status, stderr).  Should it start, it
+        is stopped at once."""
+        args = hr.serve_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--db", db or self.db, *flags])
+        config = hr.config_from_args(args, {})
+        config.log_stream = io.StringIO()
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            code = hr.serve(config, io.StringIO(), ready=lambda server: threading.Thread(target=server.shutdown).start())
+        return code, err.getvalue()
+
+    def restored_on_a_new_card(self):
+        """A backup of this test's database restored into another folder,
+        without its key file: the new database's path."""
+        backups, card = os.path.join(self.tmp.name, "backups"), os.path.join(self.tmp.name, "card")
+        os.mkdir(backups)
+        os.mkdir(card)
+        self.assertEqual(run_main("backup", backups, "--db", self.db)[0], 0)
+        restored = os.path.join(card, "health.db")
+        self.assertEqual(run_main("restore", os.path.join(backups, os.listdir(backups)[0]), "--db", restored)[0], 0)
+        self.assertFalse(os.path.exists(restored + ".key"))
+        return restored
+
+    def test_a_database_used_with_keys_never_starts_without_one(self):
+        server, _banner = self.start()  # a new database: the receiver's key, in its file
+        hr.Store(self.db).add_people(["ann"], [ANN_KEY])
+        server.shutdown()
+        restored = self.restored_on_a_new_card()
+        for flags in ((), ("--no-auth",)):
+            with self.subTest(flags=flags):
+                code, err = self.refused(*flags, db=restored)
+                self.assertEqual(code, 1)
+                self.assertIn("people with keys of their own: ann", err)
+                self.assertIn(f"people key me --db {restored}", err)
+                self.assertIn(restored + ".key", err)
+        hr.Store(restored).set_key("me", TOKEN)  # people key me
+        self.db = restored
+        server, banner = self.start()
+        self.assertIn("Auth Type: Bearer (each person's own key", banner)
+        self.assertEqual(self.post(server), 401)
+        self.assertEqual(self.post(server, bearer("nope")), 401)
+        self.assertEqual(self.post(server, bearer(ANN_KEY)), 200)
+        self.assertEqual(self.post(server, bearer(TOKEN)), 200)
+        with contextlib.closing(sqlite3.connect(restored)) as conn:
+            self.assertEqual(conn.execute("SELECT person, count(*) FROM syncs GROUP BY person").fetchall(),
+                             [(1, 1), (2, 1)])
+
+    def test_a_backup_of_a_receiver_with_its_own_key_alone_is_refused_without_it(self):
+        server, _banner = self.start()
+        server.shutdown()
+        restored = self.restored_on_a_new_card()
+        code, err = self.refused(db=restored)
+        self.assertEqual(code, 1)
+        self.assertIn("a key of the receiver's", err)
+        with open(restored + ".key", "w") as handle:  # the key file kept with the backups
+            handle.write(TOKEN)
+        os.chmod(restored + ".key", 0o600)
+        self.db = restored
+        server, banner = self.start()
+        self.assertIn("Auth Type: Bearer (key from file", banner)
+        self.assertEqual(self.post(server, bearer(TOKEN)), 200)
+
+    def test_without_a_key_a_request_without_one_is_refused_once_the_owner_has_a_key(self):
+        server, banner = self.start("--no-auth")
+        self.assertEqual(self.post(server), 200)
+        hr.Store(self.db).set_key("me", TOKEN)  # people key me, while it runs
+        self.assertEqual(self.post(server), 401)
+        self.assertEqual(self.post(server, bearer("nope")), 401)
+        self.assertEqual(self.post(server, bearer(TOKEN)), 200)
+
     def test_a_short_key_chosen_by_hand_is_warned_about(self):
         args = hr.serve_parser().parse_args(["--db", self.db])
         warnings = hr.config_from_args(args, {hr.TOKEN_ENV: "hunter2"}).warnings
