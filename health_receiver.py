@@ -2921,6 +2921,14 @@ def _merge_by_source_priority(conn, report):
             merge_all_hours(conn, person, type_name, words, report)
 
 
+def _give_an_id(conn, report):
+    """Version 10: the database's own id, random, in its header's
+    application_id (PRAGMA): every copy of it keeps it, so a backup says
+    whose it is (see backups_of), and it is read from a .gz backup's first
+    bytes without unpacking the rest."""
+    conn.execute(f"PRAGMA application_id = {secrets.randbelow(2 ** 31 - 1) + 1:d}")
+
+
 #: Every schema change, in order: step N brings a database from version N
 #: to N + 1, and PRAGMA user_version counts the steps applied.  A new column
 #: or key is a new step at the end; a step once released is never edited.
@@ -2936,6 +2944,7 @@ MIGRATIONS = (
     Migration("each stored sync's CRC-32 per MiB of its body, to read a differing one as it arrives", _add_body_blocks),
     Migration("people: every row belongs to a person, the rows so far to the first", _migrate_people, rewrites=True),
     Migration("cumulative types merged by source priority over time, exactly", _merge_by_source_priority),
+    Migration("the database's own id, which its backups keep", _give_an_id),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -3412,9 +3421,9 @@ class Store:
             self.damage = DAMAGED.format(path=self.path, detail=log_safe(detail, LOG_TEXT_MAX))
             newest = newest_backup(self.backup_dir, self.path) if self.backup_dir else None
             if newest is not None:
-                self.damage += (f" The newest verified backup is {newest}: to put it in place, stop the receiver "
-                                f"and run: python3 {os.path.basename(sys.argv[0] or 'health_receiver.py')} restore "
-                                f"{newest} --db {self.path}")
+                self.damage += (f" The newest verified backup is {newest.path}: to put it in place, stop the "
+                                f"receiver and run: python3 {os.path.basename(sys.argv[0] or 'health_receiver.py')} "
+                                f"restore {newest.path} --db {self.path}")
 
     def unavailable(self, exc):
         """The StorageUnavailable of a database error; a sign of damage
@@ -3603,7 +3612,9 @@ class Store:
 
     def remove_stale_stages(self):
         """Remove the temporary files of syncs that a stopped process left
-        (a crash, a power cut); those of running processes stay."""
+        (a crash, a power cut), and of a restore killed beside the database;
+        those of running processes stay."""
+        _remove_stale_backup_temps(os.path.dirname(os.path.abspath(self.path)))
         folder = self.tmp_dir
         prefix = f"{_STAGE_PREFIX}{os.path.basename(self.path)}."
         with contextlib.suppress(OSError):
@@ -4154,8 +4165,9 @@ class StagedRun:
 #: meanwhile is not in it and never makes it start again.
 BACKUP_STEP_PAGES = 1024
 #: Names of the backups this receiver makes: <database name>-<UTC time>.db,
-#: and .db.gz when compressed.  Only such files are ever removed (--keep).
-_BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<time>[0-9]{8}T[0-9]{6}Z)\.db(?:\.gz)?\Z")
+#: and .db.gz when compressed (-2, -3... after the time for a second backup
+#: in the same second).  Only such files are ever removed (--keep).
+_BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<time>[0-9]{8}T[0-9]{6}Z)(?:-[0-9]+)?\.db(?:\.gz)?\Z")
 #: A backup being made: .<final name>.<pid>.backup-tmp (removed once the
 #: process is gone).
 _BACKUP_TEMP = re.compile(r"\..+\.(?P<pid>[0-9]+)\.backup-tmp(?:\.gz|-journal)?\Z")
@@ -4168,6 +4180,13 @@ BACKUP_GZIP_LEVEL = 1
 LOCK_SUFFIX = ".lock"
 #: Hours of the hourly totals that ``verify`` compares with the samples.
 VERIFY_HOURS = 50
+#: The setting a backup keeps of itself, in its copy of SETTINGS: when its
+#: snapshot was taken (canonical UTC).  A .gz backup's gzip header holds
+#: the same time (whole seconds), read without unpacking it.
+BACKUP_MADE_AT_SETTING = "backup_made_at"
+#: A SQLite file's header: its length, and how it starts.
+SQLITE_HEADER_BYTES = 100
+SQLITE_MAGIC = b"SQLite format 3\0"
 
 
 class BackupRecord(typing.NamedTuple):
@@ -4198,39 +4217,143 @@ def table_rows(conn):
     return {name: conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] for name in names}
 
 
-def backup_name(db_path, now=None, compressed=False):
-    """The file name of a backup of ``db_path`` made ``now`` (UTC)."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+def _backup_stem(db_path, person=None):
+    """What the names of a database's backups start with: its file name
+    without ``.db`` (then ``-NAME`` for the backups of ``person``'s rows
+    alone, kept apart)."""
     stem = os.path.basename(db_path)
     stem = stem[:-3] if stem.endswith(".db") and len(stem) > 3 else stem
-    return f"{stem}-{now:%Y%m%dT%H%M%SZ}.db" + (".gz" if compressed else "")
+    return f"{stem}-{person}" if person else stem
 
 
-def backups_of(folder, db_path):
-    """Paths of the backups of ``db_path`` in ``folder`` made by this
-    receiver, the oldest first."""
-    stem = backup_name(db_path).rsplit("-", 1)[0]
+def backup_name(db_path, now=None, compressed=False, person=None):
+    """The file name of a backup of ``db_path`` (of ``person``'s rows
+    alone, if given) made ``now`` (UTC)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return f"{_backup_stem(db_path, person)}-{now:%Y%m%dT%H%M%SZ}.db" + (".gz" if compressed else "")
+
+
+def new_backup_path(folder, db_path, compressed=False, person=None):
+    """Where a backup of ``db_path`` made now goes in ``folder``: its
+    backup_name, numbered when a backup (of another database of that name,
+    say) took it in the same second."""
+    suffix = ".db.gz" if compressed else ".db"
+    name = backup_name(db_path, compressed=compressed, person=person)[:-len(suffix)]
+    path, number = os.path.join(folder, name + suffix), 1
+    while os.path.lexists(path):
+        number += 1
+        path = os.path.join(folder, f"{name}-{number}{suffix}")
+    return path
+
+
+class Backup(typing.NamedTuple):
+    """A file under a backup's name in a folder, as it records itself."""
+
+    path: str
+    #: The id of the database it is a copy of (database_id); 0 for one
+    #: made before databases had ids, or a file that is not a database.
+    database_id: int
+    #: When its snapshot was taken, canonical UTC (of one without an id,
+    #: the time its name says); None when unknown.
+    made_at: typing.Optional[str]
+
+
+def database_id(path):
+    """The id of the database at ``path`` (its application_id, which
+    MIGRATIONS' step 10 gives it and every copy keeps), as SQLite reads it
+    (a write-ahead log's last commits included); 0 without one, or when
+    it cannot be read."""
+    with contextlib.suppress(sqlite3.Error, Missing):
+        conn = _connect_read_only(path)
+        try:
+            return conn.execute("PRAGMA application_id").fetchone()[0]
+        finally:
+            conn.close()
+    return 0
+
+
+def _backup_header(path):
+    """(the header of the database in the backup at ``path``, the Unix time
+    its gzip header holds or None): of a .gz, only its first block is
+    unpacked.  A backup is one file (no log), so its header is its own.
+    Raises OSError, EOFError or zlib.error."""
+    with open(path, "rb") as raw:
+        if not path.endswith(".gz"):
+            return raw.read(SQLITE_HEADER_BYTES), None
+        stamp = int.from_bytes(raw.read(8)[4:], "little")  # RFC 1952: magic, method, flags, then MTIME
+        raw.seek(0)
+        with gzip.GzipFile(fileobj=raw, mode="rb") as packed:
+            return packed.read(SQLITE_HEADER_BYTES), stamp
+
+
+def _recorded_time(path):
+    """The time a .db backup records of itself (BACKUP_MADE_AT_SETTING), or None."""
+    with contextlib.suppress(sqlite3.Error, Missing):
+        conn = _connect_read_only(path)
+        try:
+            row = conn.execute(f"SELECT value FROM {SETTINGS.name} WHERE name = ?",
+                               (BACKUP_MADE_AT_SETTING,)).fetchone()
+        finally:
+            conn.close()
+        return utc_date(row[0]) if row else None
+    return None
+
+
+def read_backup(path, named_time):
+    """The Backup at ``path``, whose name says ``named_time``
+    (YYYYMMDDTHHMMSSZ, which may not be a time at all)."""
+    try:
+        header, stamp = _backup_header(path)
+    except (OSError, EOFError, zlib.error):
+        header, stamp = b"", None
+    own_id = int.from_bytes(header[68:72], "big", signed=True) if header.startswith(SQLITE_MAGIC) else 0
+    if not own_id:  # made before ids: only its name says when
+        t = named_time
+        return Backup(path, 0, utc_date(f"{t[:4]}-{t[4:6]}-{t[6:8]}T{t[9:11]}:{t[11:13]}:{t[13:15]}Z"))
+    if stamp is not None:
+        made_at = _canonical(datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc))
+    else:
+        made_at = _recorded_time(path)
+    return Backup(path, own_id, made_at)
+
+
+def backups_of(folder, db_path, person=None, now=None):
+    """The Backups of the database at ``db_path`` in ``folder`` (those of
+    ``person``'s rows alone, with ``person``), the newest first by the time
+    each records, as of ``now`` (by default now).  Whose a backup is, its
+    id says: a database of the same file name elsewhere, backed up into the
+    same folder, has its own; a backup made before ids (0) goes by its
+    name, as it did.  A time after ``now`` is a clock that was wrong: such
+    a backup counts as older than any other."""
+    own = database_id(db_path)
+    stem = _backup_stem(db_path, person)
     found = []
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             match = _BACKUP_NAME.match(name)
             if match and match["stem"] == stem:
-                found.append((match["time"], name))
-    return [os.path.join(folder, name) for _time, name in sorted(found)]
+                backup = read_backup(os.path.join(folder, name), match["time"])
+                if backup.database_id in (own, 0):
+                    found.append(backup)
+    now = _canonical(now or datetime.datetime.now(datetime.timezone.utc))
+    return sorted(found, key=lambda backup: (backup.made_at is not None and backup.made_at <= now,
+                                             backup.made_at or ""), reverse=True)
 
 
 def newest_backup(folder, db_path):
-    """The newest backup of ``db_path`` in ``folder``, or None.  A file under
-    a backup's name was verified before it was given that name."""
+    """The newest Backup of ``db_path`` in ``folder``, or None.  A file
+    under a backup's name was verified before it was given that name."""
     found = backups_of(folder, db_path)
-    return found[-1] if found else None
+    return found[0] if found else None
 
 
-def remove_old_backups(folder, db_path, keep):
-    """Remove the oldest backups of ``db_path`` in ``folder`` beyond
-    ``keep``; return their paths."""
-    found = backups_of(folder, db_path)
-    removed = found[:max(0, len(found) - keep)]
+def remove_old_backups(folder, db_path, keep, made=None, person=None):
+    """Remove the backups of ``db_path`` (of ``person``'s rows, if given)
+    in ``folder`` beyond the newest ``keep`` (see backups_of); the one just
+    ``made`` (its path) is the newest whatever the others say.  Return the
+    paths removed."""
+    found = sorted(backups_of(folder, db_path, person), key=lambda backup: backup.path != made)
+    removed = [backup.path for backup in found[keep:]]
     for path in removed:
         os.unlink(path)
     return removed
@@ -4269,11 +4392,13 @@ def _sync_to_disk(path, folder=False):
         os.close(fd)
 
 
-def _gzip_into(source, target):
-    """Compress the file ``source`` into a new private file ``target``."""
+def _gzip_into(source, target, made_at):
+    """Compress the file ``source`` into a new private file ``target``,
+    whose gzip header says it was made at ``made_at`` (canonical UTC)."""
     create_private(target)
+    seconds = int(parse_stamp(made_at).timestamp())
     with open(source, "rb") as plain, open(target, "r+b") as handle, \
-            gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=BACKUP_GZIP_LEVEL) as packed:
+            gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=BACKUP_GZIP_LEVEL, mtime=seconds) as packed:
         shutil.copyfileobj(plain, packed, READ_CHUNK)
 
 
@@ -4296,6 +4421,48 @@ def _rows_of_person(conn, person_id):
                                         (person_id,)).fetchone()[0]
     rows[PEOPLE.name] = 1
     return rows
+
+
+def _checked_copy(source, copy, db_path, version, person_id):
+    """Check a backup's ``copy`` against the snapshot ``source`` it was
+    taken from (integrity_check, every table's rows, the schema version);
+    with ``person_id``, then keep that person's rows alone in it (see
+    _keep_only) and check them.  Return its table_rows()."""
+    found = [row[0] for row in copy.execute("PRAGMA integrity_check(5)")]
+    if found != ["ok"]:
+        raise StorageUnavailable(f"The copy of {db_path} does not verify ({'; '.join(found)[:300]}).")
+    rows = table_rows(copy)
+    if rows != table_rows(source) or copy.execute("PRAGMA user_version").fetchone()[0] != version:
+        raise StorageUnavailable(f"The copy of {db_path} does not hold the rows of the database.")
+    if person_id is None:
+        return rows
+    if version < PEOPLE_VERSION:
+        raise UsageError(f"{db_path} has no people yet (schema version {version}): start the receiver once to "
+                         "upgrade it")
+    expected = _rows_of_person(source, person_id)
+    _keep_only(copy, person_id)
+    rows = table_rows(copy)
+    found = [row[0] for row in copy.execute("PRAGMA quick_check(5)")]
+    if found != ["ok"] or rows != expected:
+        raise StorageUnavailable(f"The copy of {db_path} with one person's rows does not verify.")
+    return rows
+
+
+def _copy_failure(exc, db_path, folder):
+    """The StorageUnavailable of a backup that failed with the SQLite error
+    ``exc``: a damaged database (restore a backup), or a disk that could not
+    take the copy (make room), in words that do not confuse the two."""
+    text = str(exc).rstrip(".")
+    lowered = text.lower()
+    if any(sign in lowered for sign in ("malformed", "not a database", "corrupt")):
+        advice = "If it is damaged, restore the newest backup (restore --help)."
+    elif "full" in lowered or "i/o" in lowered:
+        advice = (f"The copy could not be written in {folder}: make room there (the copy takes about "
+                  f"{database_size(db_path) / 1e6:,.0f} MB before any --gzip), then try again; should it fail "
+                  "again, check the disks (verify --db).")
+    else:
+        advice = "Try again; should it fail again, check it with verify --db."
+    return StorageUnavailable(f"The database {db_path} cannot be copied: {text}. {advice}")
 
 
 def backup_database(db_path, dest, compress=False, progress=None, cancelled=None, person_id=None):
@@ -4343,34 +4510,22 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
                     conn.set_progress_handler(cancelled, 100000)
                 source.backup(copy, pages=BACKUP_STEP_PAGES, progress=step)
                 copy.execute("PRAGMA journal_mode = DELETE")
-                found = [row[0] for row in copy.execute("PRAGMA integrity_check(5)")]
-                if found != ["ok"]:
-                    raise StorageUnavailable(f"The copy of {db_path} does not verify ({'; '.join(found)[:300]}).")
-                rows = table_rows(copy)
-                if rows != table_rows(source) or copy.execute("PRAGMA user_version").fetchone()[0] != version:
-                    raise StorageUnavailable(f"The copy of {db_path} does not hold the rows of the database.")
-                if person_id is not None:
-                    if version < PEOPLE_VERSION:
-                        raise UsageError(f"{db_path} has no people yet (schema version {version}): start the "
-                                         "receiver once to upgrade it")
-                    expected = _rows_of_person(source, person_id)
-                    _keep_only(copy, person_id)
-                    rows = table_rows(copy)
-                    found = [row[0] for row in copy.execute("PRAGMA quick_check(5)")]
-                    if found != ["ok"] or rows != expected:
-                        raise StorageUnavailable(f"The copy of {db_path} with one person's rows does not verify.")
+                rows = _checked_copy(source, copy, db_path, version, person_id)
+                if version >= SETTINGS_VERSION:  # when it was made, kept in it
+                    copy.execute(f"INSERT OR REPLACE INTO {SETTINGS.name} (name, value) VALUES (?, ?)",
+                                 (BACKUP_MADE_AT_SETTING, made_at))
+                    rows[SETTINGS.name] = copy.execute(f"SELECT count(*) FROM {SETTINGS.name}").fetchone()[0]
             finally:
                 copy.close()
         except sqlite3.DatabaseError as exc:
             if cancelled():
                 raise BackupStopped("the backup was stopped") from exc
-            raise StorageUnavailable(f"The database {db_path} cannot be copied: {exc}. If it is damaged, "
-                                     "restore the newest backup (restore --help).") from exc
+            raise _copy_failure(exc, db_path, folder) from exc
         finally:
             source.close()
         if compress:
             made.append(temp + ".gz")
-            _gzip_into(temp, temp + ".gz")
+            _gzip_into(temp, temp + ".gz", made_at)
             os.unlink(temp)
             temp = temp + ".gz"
         _sync_to_disk(temp)
@@ -4387,11 +4542,36 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
                         version)
 
 
+class Unpackable(Exception):
+    """A .gz backup that cannot be unpacked (truncated, corrupt): its
+    ``verdict`` says so, as verify's other checks say theirs."""
+
+    def __init__(self, path, exc):
+        super().__init__(str(exc))
+        self.verdict = Verdict(path, (("unpacking", False, f"the gzip file cannot be unpacked ({exc or 'corrupt'}): "
+                                                           "truncated or damaged"),))
+
+
+def _unpack(path, target):
+    """Write the content of the .gz backup ``path`` into the file ``target``;
+    raises Unpackable when it cannot be read (a full disk under ``target``
+    is OSError, as any)."""
+    with gzip.open(path, "rb") as packed, open(target, "r+b") as plain:
+        while True:
+            try:
+                piece = packed.read(READ_CHUNK)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                raise Unpackable(path, exc) from None
+            if not piece:
+                return
+            plain.write(piece)
+
+
 @contextlib.contextmanager
 def readable_copy(path, folder=None):
     """``path`` as a database file to read: a .gz backup is unpacked into a
     private temporary file in ``folder`` (by default beside it) for the
-    time of the block."""
+    time of the block.  Raises Unpackable."""
     if not path.endswith(".gz"):
         yield path
         return
@@ -4400,8 +4580,7 @@ def readable_copy(path, folder=None):
     _LIVE_SCRATCH.add(temp)
     try:
         create_private(temp)
-        with gzip.open(path, "rb") as packed, open(temp, "r+b") as plain:
-            shutil.copyfileobj(packed, plain, READ_CHUNK)
+        _unpack(path, temp)
         yield temp
     finally:
         _LIVE_SCRATCH.discard(temp)
@@ -4599,28 +4778,38 @@ def restore_database(backup, db_path, report):
     None when there was nothing.  Raises UsageError when the backup does
     not verify or a receiver runs on ``db_path``."""
     folder = os.path.dirname(os.path.abspath(db_path))
-    with readable_copy(backup, folder) as readable:
-        verdict = verify_database(readable, backup)
-        if not verdict.ok:
-            raise UsageError(f"{backup} does not verify, nothing was changed: {verdict.line()}")
-        report(verdict.line())
-        with database_lock(db_path, exclusive=True):
-            # SQLite's backup copies the backup with its own log, if it has
-            # one, into one file of the receiver's folder.
-            staged = os.path.join(folder, f".{os.path.basename(db_path)}.restore.{os.getpid()}.backup-tmp")
-            try:
-                backup_database(readable, staged)
-                kept = None
-                if any(os.path.exists(db_path + suffix) for suffix in ("",) + DATABASE_LOGS):
-                    stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
-                    kept = _free_name(f"{db_path}.before-restore-{stamp}")
-                    _keep_aside(db_path, kept)
-                    report(f"What was at {db_path} is kept as {kept}")
-                os.replace(staged, db_path)
-                _sync_to_disk(folder, folder=True)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(staged)
+    _remove_stale_backup_temps(folder)  # what a restore killed here left
+    try:
+        with readable_copy(backup, folder) as readable:
+            verdict = verify_database(readable, backup)
+            if not verdict.ok:
+                raise UsageError(f"{backup} does not verify, nothing was changed: {verdict.line()}")
+            report(verdict.line())
+            with database_lock(db_path, exclusive=True):
+                return _put_in_place(readable, db_path, folder, report)
+    except Unpackable as exc:
+        raise UsageError(f"{backup} does not verify, nothing was changed: {exc.verdict.line()}") from None
+
+
+def _put_in_place(readable, db_path, folder, report):
+    """restore_database's copy of the verified backup ``readable`` put at
+    ``db_path``: the name kept of what was there, or None."""
+    # SQLite's backup copies the backup with its own log, if it has one,
+    # into one file of the receiver's folder.
+    staged = os.path.join(folder, f".{os.path.basename(db_path)}.restore.{os.getpid()}.backup-tmp")
+    try:
+        backup_database(readable, staged)
+        kept = None
+        if any(os.path.exists(db_path + suffix) for suffix in ("",) + DATABASE_LOGS):
+            stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
+            kept = _free_name(f"{db_path}.before-restore-{stamp}")
+            _keep_aside(db_path, kept)
+            report(f"What was at {db_path} is kept as {kept}")
+        os.replace(staged, db_path)
+        _sync_to_disk(folder, folder=True)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(staged)
     return kept
 
 
@@ -7801,11 +7990,9 @@ class BackupSchedule:
         #: (UTC time, reason) of the last attempt, when it failed.
         self.failure = None
         newest = newest_backup(folder, db_path)
-        if newest is not None:
-            stamp = datetime.datetime.strptime(_BACKUP_NAME.match(os.path.basename(newest))["time"],
-                                               "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+        if newest is not None and newest.made_at is not None:
             with contextlib.suppress(OSError):
-                self.last = BackupRecord(newest, _canonical(stamp), os.path.getsize(newest), 0.0, 0, 0)
+                self.last = BackupRecord(newest.path, newest.made_at, os.path.getsize(newest.path), 0.0, 0, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="backups", daemon=True)
 
@@ -7833,10 +8020,10 @@ class BackupSchedule:
 
     def run_once(self):
         """Make a backup now; failures are logged and kept, never raised."""
-        dest = os.path.join(self.folder, backup_name(self.db_path))
+        dest = new_backup_path(self.folder, self.db_path)
         try:
             record = backup_database(self.db_path, dest, cancelled=self._stop.is_set)
-            removed = remove_old_backups(self.folder, self.db_path, self.keep)
+            removed = remove_old_backups(self.folder, self.db_path, self.keep, made=record.path)
         except BackupStopped:
             return None
         except (OSError, sqlite3.Error, StorageUnavailable, UsageError) as exc:
@@ -10548,8 +10735,8 @@ def run_backup(args, out):
         raise UsageError("--keep needs DEST to be a folder")
     person = _person_named(_existing_store(args.db), args.person) if args.person else None
     # A person's backups are named, and kept, apart from the database's.
-    named = f"{os.path.splitext(args.db)[0]}-{person.name}.db" if person else args.db
-    dest = os.path.join(args.dest, backup_name(named, compressed=args.gzip)) if folder else args.dest
+    series = person.name if person else None
+    dest = new_backup_path(args.dest, args.db, args.gzip, series) if folder else args.dest
     if not folder and os.path.lexists(dest) and not _BACKUP_NAME.match(os.path.basename(dest)):
         raise UsageError(f"{dest} exists; name a new file, a backup's (<name>-<UTC time>.db) or a folder")
     progress = _Progress(out)
@@ -10561,7 +10748,7 @@ def run_backup(args, out):
     print(f"Backup {record.path}: {record.rows:,} rows, schema version {record.schema_version}, "
           f"{_size(record.size)}, verified, in {record.seconds:.1f} s", file=out)
     if args.keep is not None:
-        for path in remove_old_backups(args.dest, named, args.keep):
+        for path in remove_old_backups(args.dest, args.db, args.keep, made=record.path, person=series):
             print(f"Removed the older backup {path}", file=out)
     return 0
 
@@ -10580,9 +10767,12 @@ def verify_parser():
 
 def run_verify(args, out):
     path = args.file or args.db
-    with readable_copy(path) as readable:
-        person = _person_named(Store(readable), args.person) if args.person else None
-        verdict = verify_database(readable, path, person.id if person else None)
+    try:
+        with readable_copy(path) as readable:
+            person = _person_named(Store(readable), args.person) if args.person else None
+            verdict = verify_database(readable, path, person.id if person else None)
+    except Unpackable as exc:
+        verdict = exc.verdict
     print(verdict.line(), file=out)
     return 0 if verdict.ok else 1
 

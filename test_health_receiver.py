@@ -1119,6 +1119,28 @@ class MigrationTests(unittest.TestCase):
         self.assertEqual(retry.response(), dict(read.response(), sync_id=retry.sync_id))
         self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
 
+    def test_a_version_9_database_gets_an_id_of_its_own_every_row_kept(self):
+        make_v1_database(self.db, make_payload())
+        migrate_to(self.db, 9)
+        tables = [name for (name,) in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        before = {table: self.query(f"SELECT * FROM {table} ORDER BY 1, 2") for table in tables}
+        self.assertEqual(self.query("PRAGMA application_id"), [(0,)])
+        _, lines = self.open_store()
+        self.assertTrue(any("schema version 10: the database's own id" in line for line in lines), lines)
+        self.assertEqual({table: self.query(f"SELECT * FROM {table} ORDER BY 1, 2") for table in tables}, before)
+        own = self.query("PRAGMA application_id")[0][0]
+        self.assertNotEqual(own, 0)
+        self.assertEqual(hr.database_id(self.db), own)
+        folder = os.path.join(self.tmp.name, "backups")
+        os.mkdir(folder)
+        self.assertEqual(run_main("backup", folder, "--db", self.db, "--gzip")[0], 0)
+        backup, = os.listdir(folder)
+        found = hr.newest_backup(folder, self.db)
+        self.assertEqual((found.path, found.database_id), (os.path.join(folder, backup), own))
+        other = os.path.join(self.tmp.name, "other.db")
+        hr.Store(other).open()
+        self.assertNotIn(hr.database_id(other), (0, own))
+
     def test_each_step_is_its_own_transaction(self):
         make_v1_database(self.db, make_payload())
         failing = hr.Migration("a step that fails", lambda conn, report: conn.execute("SELECT * FROM nowhere"))
@@ -1375,6 +1397,117 @@ class BackupTests(ServerTestCase):
         self.assertEqual(out.count("Removed the older backup"), 2)
         self.assertEqual(run_main("backup", folder, "--db", self.db, "--keep", "0")[0], 2)
         self.assertEqual(run_main("backup", os.path.join(folder, "x.db"), "--db", self.db, "--keep", "1")[0], 2)
+
+    def database_elsewhere(self, folder, tag):
+        """A database named health.db in its own ``folder`` (made), with a sync."""
+        os.makedirs(os.path.join(self.tmp.name, folder))
+        path = os.path.join(self.tmp.name, folder, "health.db")
+        store = hr.Store(path)
+        store.open()
+        hr.SyncIntake(store).ingest([encode(make_payload(tag=tag))], "test")
+        store.close()
+        return path
+
+    def test_two_databases_of_one_name_backed_up_into_one_folder_keep_their_own_backups(self):
+        folder = self.backups_folder()
+        first, second = self.database_elsewhere("a", "A"), self.database_elsewhere("b", "B")
+        self.assertEqual(run_main("backup", folder, "--db", first, "--gzip")[0], 0)
+        theirs, = os.listdir(folder)
+        schedule = hr.BackupSchedule(second, folder, 3600, 1, lambda line, error: None)
+        self.assertIsNone(schedule.last)  # the other's backup is not its own: one is made at once
+        self.assertEqual(schedule._due_in(), 0)
+        record = schedule.run_once()
+        self.assertIsNotNone(record)
+        self.assertEqual(sorted(os.listdir(folder)), sorted([theirs, os.path.basename(record.path)]))
+        code, out, err = run_main("backup", folder, "--db", second, "--keep", "1")
+        self.assertEqual(code, 0, err)
+        self.assertIn(theirs, os.listdir(folder))  # never pruned by the other database
+        self.assertEqual(out.count("Removed the older backup"), 1)
+        self.assertEqual(hr.newest_backup(folder, first).path, os.path.join(folder, theirs))
+        self.assertNotEqual(hr.database_id(first), hr.database_id(second))
+
+    def test_keep_keeps_the_newest_by_the_time_each_backup_records_when_a_clock_was_ahead(self):
+        folder = self.backups_folder()
+        self.assertEqual(self.post(make_payload())[0], 200)
+        for compressed in (False, True):
+            with self.subTest(compressed=compressed):
+                for name in os.listdir(folder):
+                    os.unlink(os.path.join(folder, name))
+                flags = ["--gzip"] if compressed else []
+                self.assertEqual(run_main("backup", folder, "--db", self.db, *flags)[0], 0)
+                made, = os.listdir(folder)
+                # Made while the clock was years ahead: its name and its record say 2099.
+                ahead = os.path.join(folder, "health-20990101T000000Z.db" + (".gz" if compressed else ""))
+                if compressed:
+                    with gzip.open(os.path.join(folder, made)) as packed, open(ahead, "wb") as raw, \
+                            gzip.GzipFile(fileobj=raw, mode="wb", mtime=4070908800) as repacked:
+                        repacked.write(packed.read())
+                else:
+                    shutil.copyfile(os.path.join(folder, made), ahead)
+                    with contextlib.closing(sqlite3.connect(ahead)) as conn, conn:
+                        conn.execute("UPDATE settings SET value = '2099-01-01T00:00:00.000Z'"
+                                     " WHERE name = 'backup_made_at'")
+                os.unlink(os.path.join(folder, made))
+                schedule = hr.BackupSchedule(self.db, folder, 3600, 1, lambda line, error: None)
+                record = schedule.run_once()
+                self.assertEqual(os.listdir(folder), [os.path.basename(record.path)])  # the new one kept
+                self.assertTrue(os.path.exists(schedule.status()["last"]["path"]))
+                code, out, err = run_main("backup", folder, "--db", self.db, *flags, "--keep", "2")
+                self.assertEqual((code, out.count("Removed")), (0, 0), err)
+                self.assertEqual(len(os.listdir(folder)), 2)
+
+    def test_a_name_like_a_backups_with_a_date_that_is_none_stops_nothing(self):
+        folder = self.backups_folder()
+        self.assertEqual(self.post(make_payload())[0], 200)
+        for name in ("health-20261399T999999Z.db", "health-00000000T000000Z.db.gz"):
+            with open(os.path.join(folder, name), "wb") as handle:
+                handle.write(b"\x1f\x8b junk")
+        schedule = hr.BackupSchedule(self.db, folder, 3600, 7, lambda line, error: None)
+        self.assertIsNone(schedule.last)
+        self.assertIsNotNone(schedule.run_once())
+        self.assertEqual(hr.newest_backup(folder, self.db).path, schedule.last.path)
+
+    def test_a_truncated_or_corrupt_gzip_backup_is_a_failed_verdict_not_a_traceback(self):
+        self.assertEqual(self.post(make_payload(n=300))[0], 200)
+        folder = self.backups_folder()
+        self.assertEqual(run_main("backup", folder, "--db", self.db, "--gzip")[0], 0)
+        good, = os.listdir(folder)
+        with open(os.path.join(folder, good), "rb") as handle:
+            packed = handle.read()
+        for name, damaged in (("truncated.db.gz", packed[:len(packed) // 2]),
+                              ("corrupt.db.gz", packed[:40] + bytes(len(packed) - 40)),
+                              ("not-gzip.db.gz", b"plain text, no gzip at all" * 100)):
+            with self.subTest(name=name):
+                path = os.path.join(self.tmp.name, name)
+                with open(path, "wb") as handle:
+                    handle.write(damaged)
+                code, out, err = run_main("verify", path)
+                self.assertEqual(code, 1, err)
+                self.assertTrue(out.startswith(f"FAILED: {path}: unpacking: the gzip file cannot be unpacked"), out)
+                target = os.path.join(self.tmp.name, "restored.db")
+                code, out, err = run_main("restore", path, "--db", target)
+                self.assertEqual(code, 2)
+                self.assertIn("does not verify, nothing was changed: FAILED", err)
+                self.assertNotIn("Traceback", err)
+                self.assertFalse(os.path.exists(target))
+                self.assertEqual([name for name in os.listdir(self.tmp.name) if "backup-tmp" in name], [])
+
+    def test_what_a_killed_restore_left_beside_the_database_goes_at_the_next_start(self):
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()  # a restore that stopped: its process is gone
+        left = [os.path.join(self.tmp.name, f".health.db.restore.{child.pid}.backup-tmp"),
+                os.path.join(self.tmp.name, f".health-20260101T000000Z.db.{child.pid}.backup-tmp")]
+        for path in left:
+            with open(path, "wb") as handle:
+                handle.write(b"\0" * 100000)
+        running = os.path.join(self.tmp.name, f".health.db.restore.{os.getppid()}.backup-tmp")  # a live process's
+        with open(running, "wb") as handle:
+            handle.write(b"\0")
+        store = hr.Store(self.db)
+        store.open()
+        store.close()
+        self.assertEqual([path for path in left if os.path.exists(path)], [])
+        self.assertTrue(os.path.exists(running))
 
     def test_an_older_version_backup_is_upgraded_at_the_next_start_after_its_restore(self):
         old = os.path.join(self.tmp.name, "old.db")
@@ -1663,6 +1796,25 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(self.stage_files(), [])
         self.assertEqual(child.post(encode(make_payload(tag="G")))[0], 200)  # and it goes on
         self.assertEqual(self.tagged("F")[0], 0)
+
+    def test_a_backup_onto_a_full_disk_says_so_and_not_that_the_database_is_damaged(self):
+        store = hr.Store(self.db)
+        store.open()
+        hr.SyncIntake(store).ingest([encode(make_payload(n=5000, tag="D"))], "test")
+        store.close()
+        self.assertGreater(os.path.getsize(self.db), 2 * hr.MIB)
+        folder = os.path.join(self.tmp.name, "backups")
+        os.mkdir(folder)
+        code = ("import resource, signal, sys; sys.path.insert(0, {0!r}); import health_receiver; "
+                "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, "
+                "({1}, {1})); sys.exit(health_receiver.main(['backup', {2!r}, '--db', {3!r}]))").format(
+                    os.path.dirname(os.path.abspath(hr.__file__)), hr.MIB, folder, self.db)  # a full disk, as seen
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn(f"could not be written in {folder}: make room there", done.stderr)
+        self.assertNotIn("damaged", done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertEqual(os.listdir(folder), [])  # nothing half made
 
     def test_out_of_file_descriptors_pauses_accepting_and_logs_once(self):
         child = self.start(open_files=48)
