@@ -2956,6 +2956,9 @@ SETTINGS_VERSION = next(number + 1 for number, step in enumerate(MIGRATIONS)
 #: The setting that says the receiver has run with a key of its own
 #: (never the key): a start without it then refuses to run without one.
 RECEIVER_KEY_SETTING = "receiver_key"
+#: The setting that names the folder the receiver last archived bodies in
+#: (--archive): a person's deletion removes theirs there too.
+ARCHIVE_SETTING = "archive"
 
 
 @dataclasses.dataclass
@@ -3893,6 +3896,13 @@ class Store:
             if conn.execute(f"{_PEOPLE_SQL} WHERE name = ?", (new_name,)).fetchone():
                 raise UsageError(f"a person named {log_safe(new_name, 60)} exists already")
             conn.execute("UPDATE people SET name = ? WHERE id = ?", (new_name, person.id))
+
+    def syncs_of(self, name):
+        """The ids of the syncs of the person named ``name``."""
+        with self.reader() as conn:
+            return [sync_id for (sync_id,) in conn.execute(
+                f"SELECT id FROM main.{SYNCS.name} WHERE {PERSON_COLUMN} = (SELECT id FROM main.people"
+                f" WHERE name = ?)", (name,))]
 
     def person_rows(self, conn, person_id):
         """Rows of health data of a person (samples counted by sample_types)."""
@@ -7653,9 +7663,55 @@ def receiver_samples(samples, db_path, backup):
 # Sync workflow: one sync from bytes to stored rows (HTTP and import); NDJSON import; scheduled backups
 # ---------------------------------------------------------------------------
 
-def _archive_path(directory, sync_id, now=None):
+#: An archived body: <UTC time>-<sync id>.json.gz, the first person's, or
+#: <UTC time>-<sync id>-<name>.json.gz, another person's (so that import
+#: stores it as theirs, in any database).
+_ARCHIVE_NAME = re.compile(r"[0-9]{8}T[0-9]{6}Z-(?P<sync>[0-9]+)(?:-(?P<person>[A-Za-z0-9][A-Za-z0-9._-]{0,39}))?"
+                           r"\.json\.gz\Z")
+
+
+def _archive_path(directory, sync_id, person=None, now=None):
+    """Where the body of sync ``sync_id`` of ``person`` (a name; None: the
+    first person) is archived."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    return os.path.join(directory, f"{now:%Y%m%dT%H%M%SZ}-{sync_id}.json.gz")
+    return os.path.join(directory, f"{now:%Y%m%dT%H%M%SZ}-{sync_id}{'-' + person if person else ''}.json.gz")
+
+
+def archived_person(path):
+    """Whose body the archive file ``path`` holds, by its name: another
+    person's name, or None (the first person's, or not an archive file)."""
+    match = _ARCHIVE_NAME.match(os.path.basename(path))
+    return match["person"] if match else None
+
+
+def archived_bodies(directory, sync_ids):
+    """The paths of the archive files in ``directory`` of the syncs ``sync_ids``."""
+    wanted = {str(sync_id) for sync_id in sync_ids}
+    found = []
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(directory)):
+            match = _ARCHIVE_NAME.match(name)
+            if match and match["sync"] in wanted:
+                found.append(os.path.join(directory, name))
+    return found
+
+
+def remove_archived(directory, sync_ids):
+    """Remove the archived bodies of the syncs ``sync_ids`` from
+    ``directory`` (a person's data deleted); return how many."""
+    paths = archived_bodies(directory, sync_ids)
+    for path in paths:
+        os.unlink(path)
+    return len(paths)
+
+
+def rename_archived(directory, sync_ids, person):
+    """Give the archived bodies of the syncs ``sync_ids`` the name of
+    ``person`` (renamed; None: the first person's form)."""
+    for path in archived_bodies(directory, sync_ids):
+        match = _ARCHIVE_NAME.match(os.path.basename(path))
+        stamp = os.path.basename(path)[:16]
+        os.replace(path, os.path.join(directory, f"{stamp}-{match['sync']}{'-' + person if person else ''}.json.gz"))
 
 
 class ArchiveWriter:
@@ -7687,13 +7743,14 @@ class ArchiveWriter:
                     self.error = exc
             yield piece
 
-    def keep(self, sync_id):
-        """Complete the file and give it its final name; return that."""
+    def keep(self, sync_id, person=None):
+        """Complete the file and give it its final name (see _archive_path);
+        return that."""
         if self.error is None:
             try:
                 self._gzip.close()
                 self._handle.close()
-                final = _archive_path(self.directory, sync_id)
+                final = _archive_path(self.directory, sync_id, person)
                 os.replace(self.path, final)
                 return final
             except OSError as exc:
@@ -7930,11 +7987,19 @@ class SyncIntake:
                 stage.close()
         if archive:
             try:
-                archive.keep(result.sync_id)
-            except OSError as exc:
+                archive.keep(result.sync_id, self._archive_name(result.person))
+            except (OSError, StorageUnavailable) as exc:
                 self.log_error(remote_addr, f"sync {result.sync_id} is stored but could not be archived in "
                                             f"{self.archive}: {exc}")
         return result
+
+    def _archive_name(self, person_id):
+        """The name an archived body of ``person_id`` carries: None for the
+        first person's (named as before there were people)."""
+        if person_id == self.store.first_person().id:
+            return None
+        person = self.store.person(person_id=person_id)
+        return person.name if person else None
 
     def _account(self, scratch, size):
         """Check the temporary disk in use, with ``scratch`` (a Stage or a
@@ -9891,6 +9956,8 @@ def _serve(config, out, ready):
         if config.source_priority:
             store.use_source_priority(config.source_priority, lambda line: print(line, file=out, flush=True))
         owner = _person_named(store, config.person) if config.person else store.first_person()
+        if config.archive:
+            store.keep_setting(ARCHIVE_SETTING, os.path.abspath(config.archive))
         if config.keys.required:
             store.keep_setting(RECEIVER_KEY_SETTING, "used")
         else:
@@ -10352,7 +10419,11 @@ def _people_key(store, args, out):
 
 
 def _people_rename(store, args, out):
+    archive = store.setting(ARCHIVE_SETTING)
+    syncs = store.syncs_of(args.name) if archive else ()
     store.rename_person(args.name, args.new_name)
+    if syncs and store.first_person().name != args.new_name:  # the first person's bodies carry no name
+        rename_archived(archive, syncs, args.new_name)
     print(f"{args.name} is now {args.new_name}.", file=out)
     return 0
 
@@ -10365,8 +10436,13 @@ def _people_remove(store, args, out):
         if answer.strip() != args.name:
             print("Nothing deleted.", file=out)
             return 1
+    archive = store.setting(ARCHIVE_SETTING) if args.delete_data else None
+    syncs = store.syncs_of(args.name) if archive else ()
     rows = store.remove_person(args.name, delete_data=args.delete_data)
     print(f"Removed {args.name}" + (f" and {rows:,} rows of their data." if rows else "."), file=out)
+    if syncs:
+        print(f"Removed {remove_archived(archive, syncs):,} bodies of their syncs from the archive {archive}.",
+              file=out)
     return 0
 
 
@@ -10666,7 +10742,7 @@ def _import(args, out):
             if _is_ndjson(path, first):
                 payloads = ndjson_payloads(_lines(pieces), IMPORT_CHUNK_LINES)
             else:
-                payloads = [(None, pieces)]
+                payloads = [(archived_person(path), pieces)]
             for person, payload in payloads:
                 result = intake.ingest(payload, "import " + os.path.basename(path), person=person_id(person))
                 if result is None:  # an empty file, or {}

@@ -4732,6 +4732,42 @@ class ArchiveTests(ServerTestCase):
             with gzip.open(os.path.join(self.archive, name)) as handle:
                 self.assertEqual(handle.read(), sent)
 
+    def test_a_persons_bodies_are_archived_as_theirs_imported_as_theirs_and_deleted_with_them(self):
+        self.store.add_people(["ann"], [ANN_KEY])
+        mine = self.post(make_payload(tag="M"))[2]
+        hers = self.post(make_payload(tag="H"), headers={"Authorization": "Bearer " + ANN_KEY})[2]
+        wait_until(lambda: len(self.archived()) == 2)
+        names = self.archived()
+        self.assertRegex(names[0], r"^\d{8}T\d{6}Z-%d\.json\.gz$" % mine["sync_id"])
+        self.assertRegex(names[1], r"^\d{8}T\d{6}Z-%d-ann\.json\.gz$" % hers["sync_id"])
+        fresh = os.path.join(self.tmp.name, "fresh.db")
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(hr.main(["import", "--db", fresh, self.archive], out=io.StringIO()), 0)
+        with contextlib.closing(sqlite3.connect(fresh)) as conn:
+            self.assertEqual(conn.execute("SELECT p.name, substr(s.uuid, 1, 1), count(*) FROM samples s JOIN people p"
+                                          " ON p.id = s.person GROUP BY 1, 2 ORDER BY 1").fetchall(),
+                             [("ann", "H", 6), ("ann", "s", 1), ("me", "M", 6), ("me", "s", 1)])  # s: sha256:
+        # A receiver started with --archive records the folder; a person's deletion then reaches it.
+        args = hr.serve_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--db", self.db,
+                                             "--archive", self.archive])
+        config = hr.config_from_args(args, {hr.TOKEN_ENV: TOKEN})
+        config.log_stream = io.StringIO()
+        self.server.shutdown()
+        self.thread.join()
+        self.server.server_close()
+        self.assertEqual(hr.serve(config, io.StringIO(), ready=lambda server: threading.Thread(
+            target=server.shutdown).start()), 0)
+        self.assertEqual(self.store.setting(hr.ARCHIVE_SETTING), os.path.abspath(self.archive))
+        self.assertEqual(run_main("people", "--db", self.db, "rename", "ann", "anna")[0], 0)
+        self.assertEqual(self.archived(), [names[0], names[1].replace("-ann.", "-anna.")])
+        code, out, err = run_main("people", "--db", self.db, "remove", "anna", "--delete-data", "--yes")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Removed 1 bodies of their syncs from the archive", out)
+        self.assertEqual(self.archived(), [names[0]])
+        self.server = hr.HealthReceiverServer(self.config, self.store)  # for tearDown
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self.thread.start()
+
     def test_archive_failure_never_fails_a_stored_sync(self):
         os.rmdir(self.archive)
         with open(self.archive, "w"):
