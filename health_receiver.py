@@ -3210,6 +3210,11 @@ def _dense_run_hours(run, spread):
     return [f"{first + datetime.timedelta(hours=hour):%Y-%m-%dT%H}" for hour in range(count)]
 
 
+#: When a stored sync's export was made: its exportDate, or (without a
+#: readable one) when it arrived.  A value sent again replaces one that a
+#: sync of an export as recent or older wrote (SECTIONS' latest_wins).
+SYNC_EXPORTED_SQL = ("CASE WHEN export_date GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T*' THEN export_date"
+                     " ELSE received_at END")
 #: Brings a stored sync's pending row up to what it stored.
 _UPDATE_SYNC_SQL = SYNCS.update_sql(SYNCS.column_names[1:])
 #: A retry's body is matched against the stored syncs of the same envelope
@@ -3757,8 +3762,7 @@ class Store:
                 # Only by this sync's later element, or when its export is
                 # as recent or more as that of the sync that wrote the row.
                 written_by = f"{section.table}.{section.written_by}"
-                newer = (f"{written_by} = :sync_id OR :exported >= coalesce((SELECT CASE WHEN export_date GLOB"
-                         f" '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T*' THEN export_date ELSE received_at END"
+                newer = (f"{written_by} = :sync_id OR :exported >= coalesce((SELECT {SYNC_EXPORTED_SQL}"
                          f" FROM main.{SYNCS.name} WHERE id = {written_by}), '')")
                 conn.execute(section.merge_sql(replaces_if=newer), params)
             else:
@@ -6772,20 +6776,36 @@ def _compact(record):
     return record
 
 
-def ndjson_line(name, columns, row, person):
+def export_dates(store):
+    """{sync id: when its export was made (SYNC_EXPORTED_SQL)} of the
+    stored syncs ``store`` reads: what an NDJSON line of a section whose
+    newest export wins carries, so that an import of an older export does
+    not replace newer values."""
+    with store.reader() as conn:
+        return dict(conn.execute(f"SELECT id, {SYNC_EXPORTED_SQL} FROM {SYNCS.name} WHERE status = ?",
+                                 (SyncStatus.OK,)))
+
+
+def ndjson_line(name, columns, row, person, exported=None):
     """One exported row of the person named ``person``; records stay as
-    stored so ``import`` reproduces them, for the same person."""
+    stored so ``import`` reproduces them, for the same person.  Of a
+    section whose newest export wins, the line says when the export that
+    wrote it was made (``exported``: export_dates())."""
     fields = dict(zip(columns, row))
     section = SECTIONS_BY_NAME.get(name)
     if section is None:
         return json.dumps({"section": name, "person": person, "row": fields}, ensure_ascii=False)
+    written_by = fields[section.written_by] if section.latest_wins else None
+    dated = {"exported": exported[written_by]} if exported and written_by in exported else {}
     if section.shape == "object":
-        return json.dumps({"section": name, "person": person, "name": fields["name"], "value": fields["value"]},
-                          ensure_ascii=False)
+        return json.dumps({"section": name, "person": person, "name": fields["name"], "value": fields["value"],
+                           **dated}, ensure_ascii=False)
     head = '{"section":' + json.dumps(name) + ',"person":' + json.dumps(person, ensure_ascii=False)
     if name in NDJSON_LABELS:
         field, column = NDJSON_LABELS[name]
         head += f',"{field}":' + json.dumps(fields[column], ensure_ascii=False)
+    if dated:
+        head += ',"exported":' + json.dumps(dated["exported"])
     return head + ',"record":' + _compact(fields["record"]) + "}"
 
 
@@ -8120,6 +8140,49 @@ class BackupSchedule:
 
 #: Lines of an NDJSON export ingested as one sync by ``import``.
 IMPORT_CHUNK_LINES = 100000
+#: Bytes of the longest NDJSON line ``import`` reads: an exported line is
+#: a record (never over VALUE_TEXT_MAX: a sync keeps a longer value aside,
+#: and export writes none) and a few short fields.  A longer line is read
+#: through without being held, and skipped.
+NDJSON_LINE_MAX = VALUE_TEXT_MAX + 64 * 1024
+#: The export date an NDJSON line of a section whose newest export wins
+#: counts as when it carries none (an export of an earlier version): older
+#: than any stored, so that it never replaces a value, only adds one.
+UNDATED_EXPORT = f"{DATE_YEARS[0]}-01-01T00:00:00.000Z"
+
+
+class LongLine(typing.NamedTuple):
+    """A line longer than ndjson_lines() holds: only its length is kept."""
+
+    size: int
+
+
+def ndjson_lines(pieces, longest=NDJSON_LINE_MAX):
+    """The lines (bytes, without their end) of a stream of pieces; a line
+    longer than ``longest`` bytes is read through and given as a LongLine
+    instead, so that memory holds ``longest`` bytes and a piece at most."""
+    held, dropped = [], None  # the line so far (pieces), or the length of one too long
+    size = 0
+    for piece in pieces:
+        start = 0
+        while True:
+            end = piece.find(b"\n", start)
+            part = piece[start:] if end < 0 else piece[start:end]
+            if dropped is not None:
+                dropped += len(part)
+            elif size + len(part) > longest:
+                dropped, held, size = size + len(part), [], 0
+            else:
+                held.append(part)
+                size += len(part)
+            if end < 0:
+                break
+            yield LongLine(dropped) if dropped is not None else b"".join(held)
+            held, dropped, size, start = [], None, 0, end + 1
+    if dropped is not None:
+        yield LongLine(dropped)
+    elif size:
+        yield b"".join(held)
 
 
 def object_members(line):
@@ -8142,54 +8205,113 @@ def object_members(line):
     return members
 
 
-def _ndjson_entries(lines):
-    """(line number, person's name or None, container, key, JSON text) of
-    each NDJSON export line: whose it is, and where the line's record goes
-    in a payload the app would send."""
+class NdjsonEntry(typing.NamedTuple):
+    """What one NDJSON export line brings: whose it is, and where its
+    record goes in a payload the app would send."""
+
+    line: int
+    #: The person's name, or None (whoever import stores it for).
+    person: typing.Optional[str]
+    #: The payload's member it goes in ("data", "workoutRoutes", ...) ...
+    container: str
+    #: ... and the key there (a type, a workout, a characteristic's name).
+    key: str
+    #: The record's JSON text.
+    text: str
+    #: Of a section whose newest export wins, the export it was last
+    #: written by (canonical UTC; UNDATED_EXPORT when the line says none);
+    #: of the others, None.
+    exported: typing.Optional[str] = None
+
+
+def _text_member(members, name, what):
+    """The member ``name`` of a line, which must be a non-empty string."""
+    value = json.loads(members[name])
+    if value.__class__ is not str or not value:
+        raise PayloadError(f"{name} is {_json_kind(value) if value != '' else 'empty'}, not {what}")
+    return value
+
+
+def ndjson_entry(number, line):
+    """The NdjsonEntry of line ``number`` (bytes), or None for a line that
+    brings nothing (empty, a syncs row); raises PayloadError, KeyError or
+    ValueError for a line that is not an export line."""
+    if not line.strip():
+        return None
+    members = object_members(line)
+    name = json.loads(members["section"])
+    person = json.loads(members["person"]) if "person" in members else None
+    if person is not None and (person.__class__ is not str or not PERSON_NAME.match(person)):
+        raise PayloadError(f"person {log_safe(person, 60)!r} is not a name people may have")
+    section = SECTIONS_BY_NAME.get(name if name.__class__ is str else None)
+    if section is None:
+        if name != "syncs":
+            raise PayloadError(f"unknown section {log_safe(name, 60)!r}")
+        return None
+    exported = None
+    if section.latest_wins:
+        exported = utc_date(json.loads(members["exported"])) if "exported" in members else None
+        exported = exported or UNDATED_EXPORT
+    if section.shape == "object":
+        return NdjsonEntry(number, person, section.app_keys[0], _text_member(members, "name", "a name"),
+                           members["value"], exported)
+    label = _text_member(members, NDJSON_LABELS[name][0], "a name") if name in NDJSON_LABELS else section.app_keys[0]
+    container = section.app_keys[0] if section.shape == "routes" else "data"
+    return NdjsonEntry(number, person, container, label, members["record"], exported)
+
+
+def _ndjson_entries(lines, on_bad_line):
+    """The NdjsonEntry of each line of ``lines`` ((number, line) pairs); a
+    line that is not an export line raises PayloadError naming it, or
+    with ``on_bad_line(number, reason)`` is skipped."""
     for number, line in lines:
-        if not line.strip():
-            continue
         try:
-            members = object_members(line)
-            name = json.loads(members["section"])
-            person = json.loads(members["person"]) if "person" in members else None
-            if person is not None and person.__class__ is not str:
-                raise PayloadError("person is not a name")
-            section = SECTIONS_BY_NAME.get(name)
-            if section is None:
-                if name != "syncs":
-                    raise PayloadError(f"unknown section {name!r}")
-                continue
-            if section.shape == "object":
-                yield number, person, section.app_keys[0], json.loads(members["name"]), members["value"]
-                continue
-            label = json.loads(members[NDJSON_LABELS[name][0]]) if name in NDJSON_LABELS else None
-            container = section.app_keys[0] if section.shape == "routes" else "data"
-            yield number, person, container, label or section.app_keys[0], members["record"]
+            if line.__class__ is LongLine:
+                raise PayloadError(f"{line.size:,} bytes, longer than an export line ({NDJSON_LINE_MAX:,})")
+            entry = ndjson_entry(number, line)
         except (ValueError, KeyError, TypeError, PayloadError) as exc:
-            raise PayloadError(f"line {number}: not an export line ({exc})") from None
+            reason = f"line {number}: not an export line ({exc})"
+            if on_bad_line is None:
+                raise PayloadError(reason) from None
+            on_bad_line(number, reason)
+            continue
+        if entry is not None:
+            yield entry
 
 
-def ndjson_payloads(lines, per_payload):
-    """Turn NDJSON export lines (bytes) into (person's name or None,
-    payload) pairs, each payload of at most ``per_payload`` lines of one
-    person, the same shape the app sends.  Each payload is a generator of
-    pieces, made as it is read: consume one before asking for the next.
-    Lines of one section and label in a row share an array; a section met
-    again later opens another member of the same name, which Payload reads
-    like the first."""
-    for person, entries in itertools.groupby(_ndjson_entries(enumerate(lines, 1)), key=operator.itemgetter(1)):
+def ndjson_payloads(lines, per_payload, on_bad_line=None):
+    """Turn NDJSON export lines (bytes, or LongLine) into (person's name or
+    None, payload) pairs, each payload of at most ``per_payload`` lines of
+    one person, and of lines of one export date where that matters (see
+    NdjsonEntry.exported), the same shape the app sends.  Each payload is
+    a generator of pieces, made as it is read: consume one before asking
+    for the next.  Lines of one section and label in a row share an array;
+    a section met again later opens another member of the same name, which
+    Payload reads like the first.  A bad line raises PayloadError, or
+    with ``on_bad_line(number, reason)`` is skipped."""
+    every_entry = _ndjson_entries(enumerate(lines, 1), on_bad_line)
+    for person, entries in itertools.groupby(every_entry, key=operator.attrgetter("person")):
+        held = []  # an entry a payload left for the next (another export date)
         while True:
-            first = next(entries, None)
+            first = held.pop() if held else next(entries, None)
             if first is None:
                 break
-            yield person, _ndjson_payload(itertools.chain([first], entries), per_payload)
+            yield person, _ndjson_payload(itertools.chain([first], entries), per_payload, held)
 
 
-def _ndjson_payload(entries, per_payload):
-    out, size = ['{"syncSource":"import"'], 0
+def _ndjson_payload(entries, per_payload, held):
+    """The pieces of one payload of ``entries``: at most ``per_payload``,
+    and of one export date (the first that says one); the entry of another
+    date is left in ``held``.  The date goes at the end (``exportDate``,
+    which a sync's merge reads once the body is whole)."""
+    out, size, exported = ['{"syncSource":"import"'], 0, None
     container = key = None
-    for count, (_line_number, _person, where, name, text) in enumerate(entries, 1):
+    for count, entry in enumerate(entries, 1):
+        if entry.exported is not None and exported not in (None, entry.exported):
+            held.append(entry)
+            break
+        exported = exported or entry.exported
+        where, name, text = entry.container, entry.key, entry.text
         if where != container:
             out.append("]}" if key is not None and container != "characteristics" else "}" if container else "")
             out.append(f",{json.dumps(where)}:{{")
@@ -8210,7 +8332,7 @@ def _ndjson_payload(entries, per_payload):
             break
     if container is not None:
         out.append("}" if container == "characteristics" or key is None else "]}")
-    out.append("}")
+    out.append(f',"exportDate":{json.dumps(exported)}}}' if exported else "}")
     yield "".join(out).encode("utf-8", "surrogatepass")
 
 
@@ -10576,7 +10698,10 @@ def run_export(args, out):
     try:
         writer = csv.writer(target)
         for number, person in enumerate(people):
-            columns, rows = export_rows(PersonStore(store, person), args.section, type_name, args.since, args.until)
+            reading = PersonStore(store, person)
+            section = SECTIONS_BY_NAME.get(args.section)
+            dates = export_dates(reading) if args.format == "ndjson" and section and section.latest_wins else None
+            columns, rows = export_rows(reading, args.section, type_name, args.since, args.until)
             try:
                 if args.format == "csv":
                     if not number:
@@ -10586,7 +10711,7 @@ def run_export(args, out):
                         count += 1
                 else:
                     for row in rows:
-                        target.write(ndjson_line(args.section, columns, row, person.name))
+                        target.write(ndjson_line(args.section, columns, row, person.name, dates))
                         target.write("\n")
                         count += 1
             finally:
@@ -10627,17 +10752,6 @@ def file_pieces(path, progress=None):
             yield piece
 
 
-def _lines(pieces):
-    """Lines (bytes, without their end) of a stream of pieces."""
-    rest = b""
-    for piece in pieces:
-        lines = (rest + piece).split(b"\n")
-        rest = lines.pop()
-        yield from lines
-    if rest:
-        yield rest
-
-
 def _is_ndjson(path, first_piece):
     name = path[:-3] if path.endswith(".gz") else path
     if name.endswith((".ndjson", ".jsonl")):
@@ -10656,6 +10770,8 @@ class ImportProgress:
         self.files, self.total_bytes, self.stream = files, total_bytes, stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.done = self.bytes = self.records = self.failed = 0
+        #: Lines of NDJSON files skipped as not export lines.
+        self.bad_lines = 0
         self.file_bytes = 0
         self.started = time.monotonic()
         self._shown = 0.0
@@ -10675,6 +10791,13 @@ class ImportProgress:
             self._shown = time.monotonic()
             self.stream.write("\r\x1b[K" + self.status())
             self.stream.flush()
+
+    def bad_line(self, path, reason):
+        """Say that a line of ``path`` was skipped, and why, at once."""
+        self.bad_lines += 1
+        clear = "\r\x1b[K" if self.tty else ""
+        self.stream.write(f"{clear}{path}: {log_safe(reason)}: skipped\n")
+        self.stream.flush()
 
     def file_done(self, path, size, message, failed=False):
         self.done += 1
@@ -10734,36 +10857,49 @@ def _import(args, out):
     sizes = {path: os.path.getsize(path) if os.path.isfile(path) else 0 for path in paths}
     progress = ImportProgress(len(paths), sum(sizes.values()), sys.stderr)
     for path in paths:
-        counts = dict.fromkeys(("records", "new", "dup", "rejected"), 0)
         try:
-            pieces = file_pieces(path, progress.advance)
-            first = next(pieces, b"")
-            pieces = itertools.chain([first], pieces)
-            if _is_ndjson(path, first):
-                payloads = ndjson_payloads(_lines(pieces), IMPORT_CHUNK_LINES)
-            else:
-                payloads = [(archived_person(path), pieces)]
-            for person, payload in payloads:
-                result = intake.ingest(payload, "import " + os.path.basename(path), person=person_id(person))
-                if result is None:  # an empty file, or {}
-                    continue
-                intake.after_answer(result)
-                points, new_points = result.received[ROUTE_POINTS.name], result.inserted[ROUTE_POINTS.name]
-                counts["records"] += result.records + points
-                counts["new"] += result.new_records + new_points
-                counts["dup"] += result.duplicates + points - new_points
-                counts["rejected"] += result.rejected
-                progress.records += result.records + points
+            bad_before = progress.bad_lines
+            counts = _import_file(path, intake, person_id, progress)
+            bad = progress.bad_lines - bad_before
             progress.file_done(path, sizes[path], f"{counts['records']:,} records ({counts['new']:,} new, "
-                                                  f"{counts['dup']:,} dup, {counts['rejected']:,} rejected)")
+                                                  f"{counts['dup']:,} dup, {counts['rejected']:,} rejected)"
+                                                  + (f", {bad:,} bad lines skipped" if bad else ""))
         except (OSError, EOFError, zlib.error, PayloadError) as exc:
             progress.file_done(path, sizes[path], f"skipped: {exc}", failed=True)
         except StorageUnavailable as exc:
             progress.file_done(path, sizes[path], f"not imported: {exc}", failed=True)
     store.close()
     failed = f", {progress.failed} failed" if progress.failed else ""
-    print(f"{progress.done - progress.failed} of {progress.done} files imported{failed}.", file=out)
-    return 1 if progress.failed else 0
+    skipped = f"; {progress.bad_lines:,} bad lines skipped" if progress.bad_lines else ""
+    print(f"{progress.done - progress.failed} of {progress.done} files imported{failed}{skipped}.", file=out)
+    return 1 if progress.failed or progress.bad_lines else 0
+
+
+def _import_file(path, intake, person_id, progress):
+    """Import one file (see run_import), a sync per payload it holds;
+    ``person_id(name)`` says whose (None: the default person's).  Return
+    its counts; a bad NDJSON line is told to ``progress`` and skipped."""
+    counts = dict.fromkeys(("records", "new", "dup", "rejected"), 0)
+    pieces = file_pieces(path, progress.advance)
+    first = next(pieces, b"")
+    pieces = itertools.chain([first], pieces)
+    if _is_ndjson(path, first):
+        payloads = ndjson_payloads(ndjson_lines(pieces), IMPORT_CHUNK_LINES,
+                                   lambda _number, reason: progress.bad_line(path, reason))
+    else:
+        payloads = [(archived_person(path), pieces)]
+    for person, payload in payloads:
+        result = intake.ingest(payload, "import " + os.path.basename(path), person=person_id(person))
+        if result is None:  # an empty file, or {}
+            continue
+        intake.after_answer(result)
+        points, new_points = result.received[ROUTE_POINTS.name], result.inserted[ROUTE_POINTS.name]
+        counts["records"] += result.records + points
+        counts["new"] += result.new_records + new_points
+        counts["dup"] += result.duplicates + points - new_points
+        counts["rejected"] += result.rejected
+        progress.records += result.records + points
+    return counts
 
 
 def backup_parser():

@@ -6191,6 +6191,77 @@ class CommandTests(ServerTestCase):
         code, out, _ = run_main("import", "--db", fresh, folder)
         self.assertEqual(self.table_rows(fresh, "SELECT count(*) FROM samples"), [(32,)])
 
+    def test_an_older_ndjson_export_imported_later_never_reverts_newer_values(self):
+        def characteristics(exported, blood):
+            return {"exportDate": exported, "characteristics": {"bloodType": blood},
+                    "data": {"medications": [{"conceptIdentifier": "rx-1", "displayText": blood + " pills"}]}}
+
+        self.assertEqual(self.post(characteristics("2026-01-01T00:00:00Z", "A+"))[0], 200)
+        old = {}
+        for section in ("characteristics", "medications"):
+            old[section] = os.path.join(self.tmp.name, f"old-{section}.ndjson")
+            self.assertEqual(run_main("export", "--db", self.db, "--section", section, "--format", "ndjson",
+                                      "--output", old[section])[0], 0)
+        # An export of an earlier version: its lines say no date.
+        undated = os.path.join(self.tmp.name, "undated.ndjson")
+        with open(undated, "w", encoding="utf-8") as handle:
+            handle.write('{"section":"characteristics","person":"me","name":"bloodType","value":"O-"}\n')
+        self.assertEqual(self.post(characteristics("2026-02-01T00:00:00Z", "B+"))[0], 200)
+        code, out, err = run_main("import", "--db", self.db, old["characteristics"], old["medications"], undated)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.query("SELECT value FROM characteristics"), [("B+",)])
+        self.assertEqual(self.query("SELECT display_text FROM medications"), [("B+ pills",)])
+        fresh = os.path.join(self.tmp.name, "fresh.db")  # where nothing is stored, the old values come in
+        self.assertEqual(run_main("import", "--db", fresh, old["characteristics"], old["medications"])[0], 0)
+        self.assertEqual(self.table_rows(fresh, "SELECT value FROM characteristics"), [("A+",)])
+        with open(old["characteristics"], encoding="utf-8") as handle:
+            self.assertEqual(json.loads(handle.readline())["exported"], "2026-01-01T00:00:00.000Z")
+
+    def test_import_skips_a_bad_line_names_it_and_goes_on_to_the_end(self):
+        good = [json.dumps({"section": "samples", "person": "me", "type": "HKQuantityTypeIdentifierHeartRate",
+                            "record": sample(f"G-{i}", "2026-02-24T08:00:00Z", 60 + i)}) for i in range(4)]
+        bad = ['{"section": "samples", "type": null, "record": {"uuid": "B-1"}}',
+               '{"section": "samples", "type": "", "record": {"uuid": "B-2"}}',
+               '{"section": "samples", "person": "bad name!", "type": "T", "record": {"uuid": "B-3"}}',
+               '{"section": "routes", "workout": 7, "record": {}}', '{"section": "samples", "type": "T"',
+               '{"section": "moods"}', "[1]", '{"section": ["samples"], "type": "T", "record": {}}']
+        first = os.path.join(self.tmp.name, "first.ndjson")
+        with open(first, "w", encoding="utf-8") as handle:
+            handle.write("\n".join([good[0]] + bad + [good[1]]) + "\n")
+        second = os.path.join(self.tmp.name, "second.ndjson")
+        with open(second, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(good[2:]) + "\n")
+        code, out, err = run_main("import", "--db", self.db, first, second)
+        self.assertEqual(code, 1, err)
+        self.assertNotIn("Traceback", err)
+        for number in range(2, 2 + len(bad)):
+            self.assertRegex(err, rf"first\.ndjson: line {number}: not an export line \(.+\): skipped")
+        self.assertIn(f"{len(bad)} bad lines skipped", out)
+        self.assertIn("2 of 2 files imported", out)
+        self.assertEqual(self.query("SELECT uuid FROM samples ORDER BY uuid"), [(f"G-{i}",) for i in range(4)])
+        self.assertEqual([person.name for person in self.store.people()], ["me"])
+
+    @unittest.skipUnless(os.path.exists("/proc/self/status"), "reads the peak memory of a child on Linux")
+    def test_import_holds_a_bounded_part_of_a_long_ndjson_line(self):
+        path = os.path.join(self.tmp.name, "long.ndjson")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"section": "samples", "type": "T", "record": sample("S-1", "2026-02-24", 1)}))
+            handle.write('\n{"section": "samples", "type": "T", "record": {"uuid": "L-1", "note": "')
+            for _ in range(40):  # 40 MiB in one line
+                handle.write("x" * hr.MIB)
+            handle.write('"}}\n')
+            handle.write(json.dumps({"section": "samples", "type": "T", "record": sample("S-2", "2026-02-25", 2)}))
+        code = ("import sys; sys.path.insert(0, {0!r}); import health_receiver as hr; "
+                "status = hr.main(['import', '--db', {1!r}, {2!r}]); "
+                "print([line for line in open('/proc/self/status') if line.startswith('VmHWM')][0]); "
+                "sys.exit(status)").format(os.path.dirname(os.path.abspath(hr.__file__)), self.db, path)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        self.assertEqual(done.returncode, 1, done.stderr)  # the long line is skipped, and said so
+        self.assertIn("long.ndjson: line 2: not an export line (", done.stderr)
+        peak_mb = int(done.stdout.split()[-2]) / 1024
+        self.assertLess(peak_mb, 100, done.stdout)  # the line alone is 40 MiB
+        self.assertEqual(self.query("SELECT uuid FROM samples ORDER BY uuid"), [("S-1",), ("S-2",)])
+
     def test_import_of_files_larger_than_the_walkers_window(self):
         folder = os.path.join(self.tmp.name, "large")
         os.mkdir(folder)
