@@ -8873,19 +8873,28 @@ class BodyReader:
 def decompress(chunks, encoding, limit):
     """Inflate gzip/deflate pieces as they arrive, at most ``limit`` bytes.
 
-    Stops at limit + 1 decoded bytes, so a small bomb costs little.
+    Stops at limit + 1 decoded bytes, so a small bomb costs little.  A gzip
+    body may hold several members one after another (RFC 1952; gunzip reads
+    them as one file); anything after a deflate body, or bytes after a gzip
+    member that are not another, is an error, never dropped unread.
     """
-    wbits = 16 + zlib.MAX_WBITS if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+    several = encoding in ("gzip", "x-gzip")
+    wbits = 16 + zlib.MAX_WBITS if several else zlib.MAX_WBITS
     inflater = zlib.decompressobj(wbits)
     total = 0
     first = True
     try:
         for piece in chunks:
             if first and encoding == "deflate" and piece[:1] and (piece[0] & 0x0F) != 8:
-                inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some clients send
+                wbits = -zlib.MAX_WBITS  # raw deflate, as some clients send
+                inflater = zlib.decompressobj(wbits)
             first = False
             data = piece
             while data:
+                if inflater.eof:
+                    if not several:
+                        raise ClientError(HTTPStatus.BAD_REQUEST, f"The {encoding} body has bytes after its end.")
+                    inflater = zlib.decompressobj(wbits)  # the next member
                 out = inflater.decompress(data, min(READ_CHUNK, limit + 1 - total))
                 total += len(out)
                 if total > limit:
@@ -8894,7 +8903,7 @@ def decompress(chunks, encoding, limit):
                                       f"{_mib(limit)} MB (--max-body-mb).")
                 if out:
                     yield out
-                data = inflater.unconsumed_tail
+                data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
         out = inflater.flush()
     except zlib.error:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"The {encoding} body is corrupt.") from None

@@ -5844,6 +5844,22 @@ class BodyEncodingTests(ServerTestCase):
                 self.assert_error(status, 400, answer, "gzip")
         self.assert_nothing_stored()
 
+    def test_a_gzip_body_of_several_members_is_read_whole_and_bytes_after_a_body_are_an_error(self):
+        body = encode(make_payload(n=30, tag="M"))
+        cut = body.index(b'"HKQuantityTypeIdentifierStepCount"')
+        members = gzip.compress(body[:cut]) + gzip.compress(body[cut:])
+        status, _, answer = self.post(members, headers={"Content-Encoding": "gzip"})
+        self.assertEqual((status, answer.get("count")), (200, 65), answer)
+        self.assertEqual(self.count("samples"), 61)
+        tagged = encode(make_payload(n=3, tag="N"))
+        for encoding, data, said in (("gzip", gzip.compress(tagged) + b"garbage after the member", "corrupt"),
+                                     ("deflate", zlib.compress(tagged) + b"X", "after its end"),
+                                     ("deflate", raw_deflate(tagged) + zlib.compress(b"more"), "after its end")):
+            with self.subTest(encoding=encoding, data=data[-10:]):
+                status, _, answer = self.post(data, headers={"Content-Encoding": encoding})
+                self.assert_error(status, 400, answer, said)
+        self.assertEqual(self.query("SELECT count(*) FROM samples WHERE uuid LIKE 'N-%'"), [(0,)])
+
     def test_unknown_encoding_415(self):
         status, _, answer = self.post(b"{}", headers={"Content-Encoding": "br"})
         self.assert_error(status, 415, answer, "br")
