@@ -5766,8 +5766,9 @@ class StoreFacts(typing.NamedTuple):
     """What is stored: what ``stats`` shows, and the status page besides
     its window."""
 
-    #: The database file (absolute), and its size with the write-ahead log.
-    path: str
+    #: The database file (absolute; None where the reader is not an
+    #: admin), and its size with the write-ahead log.
+    path: typing.Optional[str]
     size_bytes: int
     schema_version: int
     #: Rows per table, in the order of TABLES.
@@ -7103,8 +7104,17 @@ def format_measure(value, unit):
     return format_value(value) + (f" {_esc(unit)}" if unit else "")
 
 
+#: The slowest pace shown, in seconds per km: slower is a distance of
+#: almost nothing (a workout of 5e-324 m), not a pace.
+PACE_SECONDS_MAX = 24 * 3600
+
+
 def _pace(seconds):
-    return f"{int(seconds // 60)}:{int(round(seconds % 60)):02d} /km" if seconds else ""
+    """5:07 /km; nothing for a pace that is not one (infinite, NaN, absurd)."""
+    if not isinstance(seconds, (int, float)) or not 0 < seconds <= PACE_SECONDS_MAX:
+        return ""
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{seconds:02d} /km"
 
 
 def _cells(*cells):
@@ -7219,8 +7229,9 @@ def render_status_page(report):
     view, stored, window = report.view, report.stored, report.window
     zone = "UTC" if view.zone.utc else f"local time ({_esc(view.zone.name(view.now))})"
     range_name = window.range.name
+    where = f"{_esc(stored.path)} &middot; " if stored.path else ""  # shown to an admin
     out = ["<h1>Health receiver</h1>", _person_nav(view),
-           f'<p class="muted">{_esc(stored.path)} &middot; {_esc(_size(stored.size_bytes))} &middot; days in '
+           f'<p class="muted">{where}{_esc(_size(stored.size_bytes))} &middot; days in '
            f'{zone} &middot; version {_esc(__version__)}</p>', _range_nav(view, "/", range_name)]
     last_sync = stored.syncs[0] if stored.syncs else None
     if last_sync:
@@ -7284,7 +7295,8 @@ def _backup_line(backup, now):
     last = backup["last"]
     made = (f"last backup {format_ago(last['made_at'], now)} ({_esc(_size(last['bytes']))}, verified)" if last
             else "no backup yet")
-    every = f"every {backup['every_hours']:g} h into {_esc(backup['folder'])}, {backup['keep']} kept"
+    into = f" into {_esc(backup['folder'])}" if backup["folder"] else ""  # shown to an admin
+    every = f"every {backup['every_hours']:g} h{into}, {backup['keep']} kept"
     if backup["warning"]:
         return f'<p class="note">Backups: {_esc(backup["warning"])}; {made}; {every}.</p>'
     return f'<p class="muted">Backups: {made}; {every}.</p>'
@@ -9524,10 +9536,24 @@ def _totals(request):
     return _store(request)
 
 
-def _status_report(request):
+def _backups_seen(request):
+    """The scheduled backups' status (BackupSchedule.status) as the caller
+    may see it: where the files are is an admin's to know."""
     backups = request.server.backups
-    return status_report(_totals(request), _view(request))._replace(
-        backup=backups.status() if backups is not None else None)
+    if backups is None:
+        return None
+    status = backups.status()
+    _store(request)  # sets request.caller
+    if request.caller.admin:
+        return status
+    return dict(status, folder=None, last=status["last"] and dict(status["last"], path=None))
+
+
+def _status_report(request):
+    report = status_report(_totals(request), _view(request))._replace(backup=_backups_seen(request))
+    if not request.caller.admin:  # the database's path too
+        report = report._replace(stored=report.stored._replace(path=None))
+    return report
 
 
 def status_page(request):
@@ -9583,7 +9609,7 @@ def connection_check(request):
         answer["peak_rss_mb"] = round(peak, 1)
     answer["cpu_seconds"] = round(cpu_seconds(), 3)
     if server.backups is not None:
-        answer["backup"] = server.backups.status()
+        answer["backup"] = _backups_seen(request)
     return json_answer(answer)
 
 

@@ -1533,6 +1533,23 @@ class ScheduledBackupTests(ServerTestCase):
         os.mkdir(self.folder)
         return {"backup_dir": self.folder, "backup_every": 0.3, "backup_keep": 2}
 
+    def test_where_the_database_and_its_backups_are_is_shown_to_an_admin_only(self):
+        self.store.add_people(["ann"], [ANN_KEY])
+        self.assertEqual(self.post(make_payload(), bearer(ANN_KEY))[0], 200)
+        wait_until(lambda: self.request("GET")[2]["backup"]["last"] is not None)
+        folder, database = os.path.abspath(self.folder), os.path.abspath(self.db)
+        for headers, admin in (({}, True), (login(ANN_KEY), False)):
+            with self.subTest(admin=admin):
+                page = self.request("GET", "/", headers=headers)[2].decode()
+                summary = self.request("GET", hr.SUMMARY_PATH, headers=headers)[2]
+                endpoint = self.request("GET", headers=bearer(ANN_KEY) if headers else {})[2]
+                self.assertEqual((folder in page, database in page), (admin, admin))
+                self.assertEqual(summary["database"]["path"] == database, admin)
+                for backup in (summary["backup"], endpoint["backup"]):
+                    self.assertEqual(backup["folder"] == self.folder, admin)
+                    self.assertEqual(backup["last"]["path"] is not None, admin)
+                    self.assertEqual(backup["last"]["verified"], True)
+
     def test_scheduled_backups_happen_keep_their_number_and_show_on_the_page(self):
         self.assertEqual(self.post(make_payload())[0], 200)
         wait_until(lambda: any("backup " in line and "verified" in line for line in self.log_lines()))
@@ -3986,6 +4003,17 @@ class ExtremeValueTests(PageTestCase):
         code, out, _ = run_main("stats", "--db", self.db, "--json")
         json.loads(out, parse_constant=strict)
         self.assertEqual(code, 0)
+
+    def test_a_workout_of_almost_no_distance_has_a_page_without_a_pace(self):
+        start, end = utc_at(1), utc_at(2)
+        for n, distance in enumerate(("5e-324", "1e-300", "0.0001", "5000")):
+            body = ('{"data": {"workouts": [{"uuid": "TINY-%d", "workoutActivityType": "running", "startDate": "%s",'
+                    ' "endDate": "%s", "durationSeconds": 2135, "totalDistance": %s}]}}' % (n, start, end, distance))
+            self.assertEqual(self.post(body.encode())[0], 200)
+            with self.subTest(distance=distance):
+                page = self.page(f"/workout/TINY-{n}")
+                self.assertNotIn("nan", page.lower())
+                self.assertEqual("7:07 /km" in page, distance == "5000")
 
 
 class HostileTextTests(PageTestCase):
