@@ -6150,16 +6150,46 @@ _LATEST_SAMPLE_SQL = (
     " WHERE syncs.id = samples.sync_id)) ORDER BY start_date DESC LIMIT 1")
 
 
+def type_keys(type_names):
+    """{type: its key in /api/latest and /metrics}, each key another,
+    whatever the order of ``type_names``: a HealthKit type's is its short
+    name (StepCount), unless a HealthKit type of a prefix before its own
+    has it (HKCategoryTypeIdentifierStepCount beside the quantity): its
+    full name then; any other type's is its own name, unless that is taken
+    (the app's own key StepCount beside HealthKit's): then where it came
+    from, data.StepCount, and data. again while that is taken too (beside
+    a type named data.StepCount)."""
+    def prefix_rank(type_name):
+        return next(rank for rank, prefix in enumerate(TYPE_PREFIXES) if type_name.startswith(prefix))
+
+    healthkit = sorted((name for name in type_names if short_type_name(name) != name), key=prefix_rank)
+    others = [name for name in type_names if short_type_name(name) == name]
+    keys, taken = {}, set()
+    for type_name in healthkit:
+        short = short_type_name(type_name)
+        keys[type_name] = short if short not in taken else type_name
+        taken.add(keys[type_name])
+    for type_name in others:
+        if type_name not in taken:
+            keys[type_name] = type_name
+            taken.add(type_name)
+    for type_name in others:
+        if type_name not in keys:
+            key = "data." + type_name
+            while key in taken:
+                key = "data." + key
+            keys[type_name] = key
+            taken.add(key)
+    return keys
+
+
 def latest_values(conn, now, limit=LATEST_TYPES_MAX):
     """The LatestValue of each of the largest ``limit`` types as of
     ``now`` (an aware datetime): one seek each, at the end of the type's
     rows."""
     found = []
     types = [row[0] for row in sample_types(conn, limit)]
-    # Two types may share a short name (an app's own key beside HealthKit's):
-    # HealthKit's keeps it, the other is named by its full name, or where it
-    # came from ("data.StepCount").
-    claimed = {short_type_name(type_name) for type_name in types if short_type_name(type_name) != type_name}
+    keys = type_keys(types)
     for type_name in types:
         row = conn.execute(_LATEST_SAMPLE_SQL, {"type": type_name, "now": _canonical(now)}).fetchone()
         if row is None:
@@ -6174,10 +6204,7 @@ def latest_values(conn, now, limit=LATEST_TYPES_MAX):
         else:  # a fraction in percent, as everywhere else
             kind = chart_kind(type_name)
             value, unit = (value * kind.scale, kind.unit) if kind.scale != 1 else (value, unit)
-        name = short_type_name(type_name)
-        if name == type_name and name in claimed:
-            name = "data." + type_name
-        found.append(LatestValue(type_name, name, type_title(type_name), value,
+        found.append(LatestValue(type_name, keys[type_name], type_title(type_name), value,
                                  unit if unit.__class__ is str else None, start,
                                  source if source.__class__ is str else None))
     return found
@@ -6232,6 +6259,12 @@ class Latest(typing.NamedTuple):
     gaps: typing.Tuple[Gap, ...]
     #: Types beyond LATEST_TYPES_MAX, not listed.
     more_types: int = 0
+    #: {type: its key} (type_keys) of the types listed.
+    keys: typing.Dict[str, str] = {}
+
+    def key(self, type_name):
+        """The key of a type (of a gap, say) in /api/latest and /metrics."""
+        return self.keys.get(type_name) or short_type_name(type_name)
 
 
 def latest_report(store, view):
@@ -6239,9 +6272,10 @@ def latest_report(store, view):
     with store.reader() as conn:
         syncs = latest_syncs(conn, 1, SyncStatus.OK)
         more = conn.execute("SELECT count(*) FROM sample_types").fetchone()[0] - LATEST_TYPES_MAX
-        return Latest(view.person, tuple(latest_values(conn, view.now)), tuple(today_totals(conn, view)),
-                      last_night(conn, view), syncs[0] if syncs else None, tuple(data_gaps(conn, view)),
-                      max(0, more))
+        values = tuple(latest_values(conn, view.now))
+        return Latest(view.person, values, tuple(today_totals(conn, view)), last_night(conn, view),
+                      syncs[0] if syncs else None, tuple(data_gaps(conn, view)), max(0, more),
+                      {value.type: value.name for value in values})
 
 
 def latest_json(latest, now):
@@ -6262,7 +6296,7 @@ def latest_json(latest, now):
             "records": last.received, "new": last.inserted,
             "age_seconds": round((now - parse_stamp(last.received_at)).total_seconds())},
         "gaps": [{"kind": gap.kind, "message": gap.message, "since": gap.since,
-                  "type": gap.type and short_type_name(gap.type), "source": gap.source} for gap in latest.gaps],
+                  "type": gap.type and latest.key(gap.type), "source": gap.source} for gap in latest.gaps],
     }
 
 
@@ -7659,7 +7693,7 @@ def person_samples(samples, person, facts, latest, now):
     add("health_receiver_sync_duration_seconds", {}, facts.duration_sum, "_sum")
     add("health_receiver_sync_duration_seconds", {}, facts.duration_count, "_count")
     for gap in latest.gaps:
-        add("health_receiver_data_gaps", {"kind": gap.kind, "type": short_type_name(gap.type or ""),
+        add("health_receiver_data_gaps", {"kind": gap.kind, "type": latest.key(gap.type or ""),
                                           "source": gap.source or ""}, 1)
     for value in latest.values:
         labels = {"type": value.name, "unit": value.unit or ""}
@@ -8667,6 +8701,12 @@ class ReceiverConfig:
         self.path = endpoint_path(self.path)
 
 
+#: White space a header value may hold around its parts (RFC 9110's OWS):
+#: space and tab, nothing else (str.strip() would take a vertical tab or
+#: a form feed too, so that "\x0bchunked" passed for chunked).
+OWS = " \t"
+
+
 def check_content_length(values, limit):
     """Return the body length from the Content-Length header values.
 
@@ -8677,7 +8717,7 @@ def check_content_length(values, limit):
     lengths = set()
     for value in values:
         for part in value.split(","):
-            part = part.strip()
+            part = part.strip(OWS)
             if not part.isdigit() or not part.isascii():
                 raise ClientError(HTTPStatus.BAD_REQUEST, "The Content-Length header is not a valid length.")
             lengths.add(int(part))
@@ -9126,11 +9166,12 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         if any(not line.endswith(b"\r\n") or b"\0" in line for line in lines):
             self.send_error(HTTPStatus.BAD_REQUEST, "Malformed request: a line that does not end in CRLF, or a NUL.")
             return False
-        if self.request_version == "HTTP/1.1" and len(self.headers.get_all("Host") or ()) != 1:
+        major, minor = map(int, self.request_version[len("HTTP/"):].split("."))  # checked by the standard library
+        if (major, minor) >= (1, 1) and len(self.headers.get_all("Host") or ()) != 1:
             self.send_error(HTTPStatus.BAD_REQUEST, "An HTTP/1.1 request needs exactly one Host header.")
             return False
         expect = self.headers.get("Expect")
-        if expect is not None and expect.strip().lower() != "100-continue":
+        if expect is not None and expect.strip(OWS).lower() != "100-continue":
             self.send_error(HTTPStatus.EXPECTATION_FAILED, "Only 'Expect: 100-continue' is understood.")
             return False
         return True
@@ -9374,7 +9415,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         """Whether the headers announce a body (a Content-Length of 0 does not)."""
         headers = self.headers
         return headers is not None and (headers.get("Transfer-Encoding") is not None or any(
-            value.strip() != "0" for value in headers.get_all("Content-Length") or ()))
+            value.strip(OWS) != "0" for value in headers.get_all("Content-Length") or ()))
 
     @property
     def client(self):
@@ -9419,12 +9460,12 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
         before 100 Continue)."""
         config = self.server.config
         check_content_type(self.headers.get("Content-Type"))
-        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip(OWS).lower()
         if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             raise ClientError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                               f"Content-Encoding {encoding[:40]} is not supported; use gzip or deflate.")
         transfers = self.headers.get_all("Transfer-Encoding") or []
-        codings = [coding.strip().lower() for value in transfers for coding in value.split(",")]
+        codings = [coding.strip(OWS).lower() for value in transfers for coding in value.split(",")]
         if codings and codings != ["chunked"]:
             if "chunked" in codings or len(transfers) > 1:
                 raise ClientError(HTTPStatus.BAD_REQUEST, "Transfer-Encoding must be chunked alone, in one header.")
@@ -9674,17 +9715,26 @@ def latest_answer(request):
     return json_answer(latest_json(latest_report(_totals(request), _view(request)), request.now))
 
 
+#: Digits of the shortest Unix time in milliseconds /api/series reads as
+#: one (1973 on); fewer, from SERIES_SECONDS_DIGITS on, are seconds.
+SERIES_MILLISECONDS_DIGITS = 12
+SERIES_SECONDS_DIGITS = 9
+
+
 def _instant(text, name, zone, end=False):
     """A bound of /api/series as a stored timestamp: Unix time in
-    milliseconds (Grafana's ${__from}), a date (in the receiver's days, as
+    milliseconds (Grafana's ${__from}) or seconds, told apart by their
+    digits (a time in seconds has 12 digits from the year 33658 on,
+    in milliseconds fewer only before 1973), a date (in the receiver's days, as
     the pages count them: as ``from`` its first instant, as ``to`` (``end``)
     the end of that day, so that a date range holds both its dates, as
     ``export --since D --until D`` does) or a time (ISO 8601; UTC without
     an offset)."""
     stamp = None
-    if text.isdigit() and len(text) >= 10:
+    if text.isascii() and text.isdigit() and len(text) >= SERIES_SECONDS_DIGITS:
+        seconds = int(text) / 1000 if len(text) >= SERIES_MILLISECONDS_DIGITS else int(text)
         with contextlib.suppress(OverflowError, OSError, ValueError):
-            stamp = utc_date(_canonical(datetime.datetime.fromtimestamp(int(text) / 1000, datetime.timezone.utc)))
+            stamp = utc_date(_canonical(datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)))
     elif re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text) and utc_date(text):
         day = datetime.date.fromisoformat(text)
         with contextlib.suppress(OverflowError):
@@ -9693,7 +9743,7 @@ def _instant(text, name, zone, end=False):
         stamp = utc_date(text)
     if stamp is None:
         raise ClientError(HTTPStatus.BAD_REQUEST, f"{name} must be a date, a time (ISO 8601) or Unix time in "
-                                                  "milliseconds.")
+                                                  "seconds or milliseconds.")
     return stamp
 
 

@@ -5336,6 +5336,32 @@ class StrictRequestTests(ServerTestCase):
         self.assertTrue(self.raw_exchange(b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 "))
         self.assertEqual(self.count("syncs"), 0)
 
+    def test_only_spaces_and_tabs_are_white_space_around_framing_values(self):
+        body = b"5\r\n{\"a\"}\r\n0\r\n\r\n"
+        for value in ("\x0bchunked", "\x0cchunked", "chunked\x0b", "\x85chunked"):
+            with self.subTest(value=value):
+                request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           f"Transfer-Encoding: {value}\r\n\r\n").encode("latin-1") + body
+                status, error = self.one_answer(request)
+                self.assertIn(status, (400, 501))
+                self.assertIn("Transfer-Encoding", error)
+        request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: \x0c2\r\n\r\n{{}}").encode("latin-1")
+        self.assertEqual(self.one_answer(request), (400, "The Content-Length header is not a valid length."))
+        self.assertEqual(self.count("syncs"), 0)
+        request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   "Transfer-Encoding: \tchunked \r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
+        self.assertTrue(self.raw_exchange(request).startswith(b"HTTP/1.1 200 "))  # a tab and a space are white space
+
+    def test_a_request_of_any_version_after_1_0_needs_a_host(self):
+        for version in ("HTTP/1.1", "HTTP/1.2", "HTTP/1.9"):
+            with self.subTest(version=version):
+                status, error = self.one_answer(f"GET / {version}\r\n\r\n".encode())
+                self.assertEqual(status, 400)
+                self.assertIn("exactly one Host", error)
+        self.assertTrue(self.raw_exchange(b"GET / HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .startswith(b"HTTP/1.1 "))
+
     def test_the_log_never_shows_a_key_in_a_query(self):
         self.request("GET", hr.DEFAULT_PATH + "?key=k1&Access-Token=k2&api_key&x=visible&token=k3")
         self.request("GET", "/nope?password=k4")
@@ -7136,6 +7162,34 @@ class OtherToolsTests(StepsTestCase):
             self.assertEqual(unquote(response.getheader("X-Health-Type")), name)
         self.assertEqual(self.get(f"{hr.LATEST_PATH}?person=me", ANN_KEY)[0], 404)
         self.assertEqual(self.request("GET", hr.LATEST_PATH, headers={})[0], 401)
+
+    def test_series_bounds_in_unix_seconds_or_milliseconds(self):
+        day = self.post_walk()
+        start = int(datetime.datetime(day.year, day.month, day.day, 7, tzinfo=datetime.timezone.utc).timestamp())
+        in_ms = self.get(f"{hr.SERIES_PATH}?type=StepCount&grain=hour&from={start * 1000}&to={(start + 7200) * 1000}")
+        in_s = self.get(f"{hr.SERIES_PATH}?type=StepCount&grain=hour&from={start}&to={start + 7200}")
+        self.assertEqual((in_s[0], in_s[2]), (200, in_ms[2]))
+        self.assertEqual([row["time"] for row in in_s[2]], [f"{day}T07:00:00.000Z", f"{day}T08:00:00.000Z"])
+        for bound in ("\u0661" * 10, "2026"):  # digits that are not ASCII's; a year alone
+            with self.subTest(bound=bound):
+                status, _, answer = self.get(f"{hr.SERIES_PATH}?type=StepCount&from={quote(bound)}")
+                self.assert_error(status, 400, answer, "seconds or milliseconds")
+
+    def test_every_type_has_a_key_of_its_own_in_latest_and_metrics(self):
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        names = ("HKQuantityTypeIdentifierStepCount", "StepCount", "data.StepCount",
+                 "HKCategoryTypeIdentifierStepCount")
+        self.post({"data": {name: [sample(f"K-{n}", f"{today}T00:0{n}:00Z", n + 1, "count")]
+                            for n, name in enumerate(names)}})
+        latest = self.get(hr.LATEST_PATH)[2]["latest"]
+        self.assertEqual({key: value["type"] for key, value in latest.items()},
+                         {"StepCount": names[0], "HKCategoryTypeIdentifierStepCount": names[3],
+                          "data.StepCount": names[2], "data.data.StepCount": names[1]})
+        families = parse_exposition(self.get(hr.METRICS_PATH)[2].decode())
+        keys = [labels["type"] for _name, labels, _value in families["health_latest_timestamp_seconds"][2]
+                if labels["person"] == "me"]
+        self.assertEqual(sorted(keys), sorted(latest))
+        self.assertEqual(hr.type_keys(["StepCount", names[0]]), {names[0]: "StepCount", "StepCount": "data.StepCount"})
 
     def test_a_gap_appears_when_a_type_stops_and_goes_when_it_arrives(self):
         now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
