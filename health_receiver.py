@@ -2726,18 +2726,25 @@ def _recount_sample_hours(conn, report=None, per_person=True):
     them, or (``per_person`` False) as earlier steps of MIGRATIONS did."""
     conn.execute("DELETE FROM sample_hours")
     conn.execute("DELETE FROM sample_hours_pending")
-    where = f"{PERSON_COLUMN} = :person AND type = :type" if per_person else "type = :type"
-    sql = _hours_sql(_SAMPLE_HOURS_OF.format(samples="main.samples", where=where), per_person)
     owner = PERSON_COLUMN if per_person else FIRST_PERSON
     words = source_priority_words(conn) if per_person else None
     for person, type_name in conn.execute(f"SELECT {owner}, type FROM sample_types ORDER BY 1, 2").fetchall():
-        if per_person and hours_merger(type_name):
-            merge_all_hours(conn, person, type_name, words, report)
-            continue
-        conn.execute(sql, dict(hours_parameters(type_name, person), spread=per_person is False and is_cumulative(
-            type_name)))
-        if report:
-            report(f"  {short_type_name(type_name)}: hourly totals")
+        _count_hours_of(conn, person, type_name, words, report, per_person)
+
+
+def _count_hours_of(conn, person, type_name, words, report=None, per_person=True):
+    """Count the hourly totals of a person's type from its samples (none
+    are kept for it: see _recount_sample_hours), as _recount_sample_hours
+    does; ``words``: source_priority_words()."""
+    if per_person and hours_merger(type_name):
+        merge_all_hours(conn, person, type_name, words, report)
+        return
+    where = f"{PERSON_COLUMN} = :person AND type = :type" if per_person else "type = :type"
+    sql = _hours_sql(_SAMPLE_HOURS_OF.format(samples="main.samples", where=where), per_person)
+    conn.execute(sql, dict(hours_parameters(type_name, person), spread=per_person is False and is_cumulative(
+        type_name)))
+    if report:
+        report(f"  {short_type_name(type_name)}: hourly totals")
 
 
 def _recount_sample_hours_v4(conn, report):
@@ -2929,6 +2936,59 @@ def _give_an_id(conn, report):
     conn.execute(f"PRAGMA application_id = {secrets.randbelow(2 ** 31 - 1) + 1:d}")
 
 
+#: Where a stored date may not exist (SQL of a column): the rows that
+#: is_canonical_date then looks at one by one (a day from the 29th on, or
+#: anything but the canonical form in ASCII digits in range).
+_DATE_TO_LOOK_AT = ("NOT ({column} GLOB '[12][0-9][0-9][0-9]-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9]"
+                    ".[0-9][0-9][0-9]Z' AND substr({column}, 1, 4) BETWEEN '1900' AND '2199'"
+                    " AND substr({column}, 6, 2) BETWEEN '01' AND '12' AND substr({column}, 9, 2) BETWEEN '01' AND '28'"
+                    " AND substr({column}, 12, 2) <= '23') AND NOT is_date({column})")
+
+
+def _rejected_where(section):
+    """SQL of the ``rejected`` row's section of a row of ``section``, as a sync names it."""
+    if section is SAMPLES:
+        return "type"
+    if section.shape == "routes":
+        return "'workoutRoutes/' || workout_uuid"
+    return "'" + section.app_keys[0] + "'"
+
+
+def _move_dates_that_are_none(conn, report):
+    """Version 11: rows stored before a date was checked to exist
+    (2026-02-30, hour 24, second 60, digits other than ASCII's: version 10
+    checked only the shape) go to ``rejected`` with the reason, as a sync
+    now sends them there, and such an end date becomes NULL; the totals of
+    the types they were in are counted again (they never reached the hourly
+    totals, and verify, then restore, refused the database)."""
+    conn.create_function("is_date", 1, lambda text: text.__class__ is str and is_canonical_date(text))
+    touched = set()
+    for section in SECTIONS:
+        if not section.dates:
+            continue
+        (first, field), *others = section.dates
+        where = _DATE_TO_LOOK_AT.format(column=first)
+        if section is SAMPLES:
+            touched.update(conn.execute(f"SELECT DISTINCT {PERSON_COLUMN}, type FROM samples WHERE {where}"))
+        moved = conn.execute(f"INSERT INTO {REJECTED_TABLE} (sync_id, section, reason, record) SELECT"
+                             f" {section.sync_columns[0]}, {_rejected_where(section)}, ?, record FROM {section.table}"
+                             f" WHERE {where}", (f"{field} is not a date (migration to version 11)",)).rowcount
+        conn.execute(f"DELETE FROM {section.table} WHERE {where}")
+        for column, _field in others:
+            conn.execute(f"UPDATE {section.table} SET {column} = NULL WHERE {column} IS NOT NULL AND "
+                         + _DATE_TO_LOOK_AT.format(column=column))
+        if moved:
+            report(f"  {section.table}: {moved:,} rows whose dates do not exist are kept in the rejected table")
+    words = source_priority_words(conn)
+    for person, type_name in sorted(touched):
+        for table in (SAMPLE_TYPES, SAMPLE_HOURS, SAMPLE_HOURS_PENDING):
+            conn.execute(f"DELETE FROM {table.name} WHERE {PERSON_COLUMN} = ? AND type = ?", (person, type_name))
+        conn.execute(f"INSERT INTO {SAMPLE_TYPES.name} ({PERSON_COLUMN}, type, rows, first_date, last_date)"
+                     f" SELECT {PERSON_COLUMN}, type, count(*), min(start_date), max(start_date) FROM samples"
+                     f" WHERE {PERSON_COLUMN} = ? AND type = ? GROUP BY {PERSON_COLUMN}, type", (person, type_name))
+        _count_hours_of(conn, person, type_name, words, report)
+
+
 #: Every schema change, in order: step N brings a database from version N
 #: to N + 1, and PRAGMA user_version counts the steps applied.  A new column
 #: or key is a new step at the end; a step once released is never edited.
@@ -2945,6 +3005,7 @@ MIGRATIONS = (
     Migration("people: every row belongs to a person, the rows so far to the first", _migrate_people, rewrites=True),
     Migration("cumulative types merged by source priority over time, exactly", _merge_by_source_priority),
     Migration("the database's own id, which its backups keep", _give_an_id),
+    Migration("stored dates that do not exist kept aside, as syncs now keep them", _move_dates_that_are_none),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1141,6 +1141,45 @@ class MigrationTests(unittest.TestCase):
         hr.Store(other).open()
         self.assertNotIn(hr.database_id(other), (0, own))
 
+    def test_version_10_rows_whose_dates_do_not_exist_are_kept_aside_and_the_database_verifies(self):
+        make_v1_database(self.db, make_payload())
+        migrate_to(self.db, 10)
+        heart, steps = "HKQuantityTypeIdentifierHeartRate", "HKQuantityTypeIdentifierStepCount"
+        bad = [(heart, "2026-02-30T08:00:00.000Z"), (heart, "0000-00-00T00:00:00.000Z"),
+               (steps, "2026-02-30T08:00:00.000Z"), (steps, "2026-02-24T24:00:00.000Z"),
+               (heart, "\uff12\uff10\uff12\uff16-02-24T08:00:00.000Z"), (heart, "2025-02-29T08:00:00.000Z")]
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:  # as version 10 stored them
+            conn.executemany("INSERT INTO samples VALUES (1, ?, ?, ?, ?, 61, 'count', 'Watch', ?, 1)",
+                             [(f"BAD-{n}", type_name, date, date, json.dumps({"uuid": f"BAD-{n}", "startDate": date}))
+                              for n, (type_name, date) in enumerate(bad)])
+            conn.execute("UPDATE samples SET end_date = '2026-02-24T08:00:60.000Z' WHERE uuid = 'V-HR-1'"
+                         " OR uuid = 'A-HR-1'")
+            conn.execute("INSERT INTO workouts VALUES (1, 'W-BAD', 'running', '2026-13-01T00:00:00.000Z', NULL, 60,"
+                         " '{}', 1)")
+            conn.execute("INSERT INTO workout_route_points VALUES (1, 'W-BAD', '2024-02-29T08:00:00.000Z', 1, 2, 3,"
+                         " '{}', 1), (1, 'W-BAD', '2026-04-31T08:00:00.000Z', 1, 2, 3, '{}', 1)")
+            hr._recount_sample_types(conn)  # they never reached the hourly totals
+        code, out, _ = run_main("verify", "--db", self.db)
+        self.assertEqual(code, 1, out)
+        self.assertIn("hourly totals disagree", out)
+        kept = self.query("SELECT count(*) FROM samples")[0][0] - len(bad)
+        _, lines = self.open_store()
+        self.assertIn("  samples: 6 rows whose dates do not exist are kept in the rejected table", lines)
+        self.assertEqual(self.query("SELECT count(*) FROM samples"), [(kept,)])
+        self.assertEqual(self.query("SELECT count(*) FROM samples WHERE uuid LIKE 'BAD-%'"), [(0,)])
+        self.assertEqual(self.query("SELECT section, reason FROM rejected WHERE reason LIKE '%version 11%'"
+                                    " ORDER BY 1, 2"),
+                         [(heart, "startDate is not a date (migration to version 11)")] * 4
+                         + [(steps, "startDate is not a date (migration to version 11)")] * 2
+                         + [("workoutRoutes/W-BAD", "timestamp is not a date (migration to version 11)"),
+                            ("workouts", "startDate is not a date (migration to version 11)")])
+        self.assertEqual(self.query("SELECT timestamp FROM workout_route_points WHERE workout_uuid = 'W-BAD'"),
+                         [("2024-02-29T08:00:00.000Z",)])  # a leap day that exists stays
+        self.assertEqual(self.query("SELECT count(*) FROM samples WHERE end_date LIKE '%:60.000Z'"), [(0,)])
+        self.assertTrue(self.hours_match_samples())
+        code, out, _ = run_main("verify", "--db", self.db)
+        self.assertEqual(code, 0, out)
+
     def test_each_step_is_its_own_transaction(self):
         make_v1_database(self.db, make_payload())
         failing = hr.Migration("a step that fails", lambda conn, report: conn.execute("SELECT * FROM nowhere"))
