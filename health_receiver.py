@@ -2954,7 +2954,7 @@ def _rejected_where(section):
     return "'" + section.app_keys[0] + "'"
 
 
-def _move_dates_that_are_none(conn, report):
+def _keep_aside_dates_that_do_not_exist(conn, report):
     """Version 11: rows stored before a date was checked to exist
     (2026-02-30, hour 24, second 60, digits other than ASCII's: version 10
     checked only the shape) go to ``rejected`` with the reason, as a sync
@@ -3005,7 +3005,7 @@ MIGRATIONS = (
     Migration("people: every row belongs to a person, the rows so far to the first", _migrate_people, rewrites=True),
     Migration("cumulative types merged by source priority over time, exactly", _merge_by_source_priority),
     Migration("the database's own id, which its backups keep", _give_an_id),
-    Migration("stored dates that do not exist kept aside, as syncs now keep them", _move_dates_that_are_none),
+    Migration("stored dates that do not exist kept aside, as syncs now keep them", _keep_aside_dates_that_do_not_exist),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -4617,7 +4617,7 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
                         version)
 
 
-class Unpackable(Exception):
+class UnreadableBackup(Exception):
     """A .gz backup that cannot be unpacked (truncated, corrupt): its
     ``verdict`` says so, as verify's other checks say theirs."""
 
@@ -4629,14 +4629,14 @@ class Unpackable(Exception):
 
 def _unpack(path, target):
     """Write the content of the .gz backup ``path`` into the file ``target``;
-    raises Unpackable when it cannot be read (a full disk under ``target``
+    raises UnreadableBackup when it cannot be read (a full disk under ``target``
     is OSError, as any)."""
     with gzip.open(path, "rb") as packed, open(target, "r+b") as plain:
         while True:
             try:
                 piece = packed.read(READ_CHUNK)
             except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-                raise Unpackable(path, exc) from None
+                raise UnreadableBackup(path, exc) from None
             if not piece:
                 return
             plain.write(piece)
@@ -4646,7 +4646,7 @@ def _unpack(path, target):
 def readable_copy(path, folder=None):
     """``path`` as a database file to read: a .gz backup is unpacked into a
     private temporary file in ``folder`` (by default beside it) for the
-    time of the block.  Raises Unpackable."""
+    time of the block.  Raises UnreadableBackup."""
     if not path.endswith(".gz"):
         yield path
         return
@@ -4862,7 +4862,7 @@ def restore_database(backup, db_path, report):
             report(verdict.line())
             with database_lock(db_path, exclusive=True):
                 return _put_in_place(readable, db_path, folder, report)
-    except Unpackable as exc:
+    except UnreadableBackup as exc:
         raise UsageError(f"{backup} does not verify, nothing was changed: {exc.verdict.line()}") from None
 
 
@@ -10224,15 +10224,12 @@ def _serve(config, out, ready):
         if config.source_priority:
             store.use_source_priority(config.source_priority, lambda line: print(line, file=out, flush=True))
         owner = _person_named(store, config.person) if config.person else store.first_person()
-        if config.archive:
-            store.keep_setting(ARCHIVE_SETTING, os.path.abspath(config.archive))
-        if config.keys.required:
-            store.keep_setting(RECEIVER_KEY_SETTING, "used")
-        else:
+        if not config.keys.required:
             refusal = keyless_refusal(store, config, owner)
             if refusal:
                 raise Missing(refusal)
             config.own_keys_only = owner.has_key
+        _keep_what_this_start_uses(store, config)
         config.keys = config.keys.owned_by(Identity(owner.name, owner.id))
         server = HealthReceiverServer(config, store)
         server.owner = Identity(owner.name, owner.id)
@@ -10399,6 +10396,17 @@ def keyless_refusal(store, config, owner):
             f"python3 health_receiver.py people key {owner.name} --db {config.db}")
 
 
+def _keep_what_this_start_uses(store, config):
+    """Keep in the database that the receiver runs with a key of its own
+    (see keyless_refusal) and where it archives (people remove finds the
+    bodies there); not in a damaged one, which takes no more writes."""
+    with contextlib.suppress(StorageUnavailable):
+        if config.archive:
+            store.keep_setting(ARCHIVE_SETTING, os.path.abspath(config.archive))
+        if config.keys.required:
+            store.keep_setting(RECEIVER_KEY_SETTING, "used")
+
+
 def _positive_number(text):
     try:
         value = float(text)
@@ -10472,8 +10480,8 @@ def serve_parser():
                         help="proxies (addresses or networks) whose --proxy-header names the client "
                              f"(default ${TRUSTED_PROXY_ENV}, else none)")
     parser.add_argument("--proxy-header", metavar="NAME", type=_header_name, default=DEFAULT_PROXY_HEADER,
-                        help="the one header the trusted proxy sets to the client's address, its last hop that "
-                             "no trusted proxy is counting (default %(default)s; Forwarded reads RFC 7239's for=); "
+                        help="the one header the trusted proxy sets to the client's address, whose last hop that "
+                             "is no trusted proxy is the client (default %(default)s; Forwarded: RFC 7239's for=); "
                              "any other forwarding header is the client's own word, ignored")
     parser.add_argument("--allowed-host", metavar="NAME[,NAME...]", type=_host_names, default=(),
                         help="with --no-auth, names (Host) besides localhost and the loopback addresses that the "
@@ -11129,7 +11137,7 @@ def run_verify(args, out):
         with readable_copy(path) as readable:
             person = _person_named(Store(readable), args.person) if args.person else None
             verdict = verify_database(readable, path, person.id if person else None)
-    except Unpackable as exc:
+    except UnreadableBackup as exc:
         verdict = exc.verdict
     print(verdict.line(), file=out)
     return 0 if verdict.ok else 1
