@@ -281,6 +281,25 @@ class DateTests(unittest.TestCase):
             with self.subTest(value=value):
                 self.assertIsNone(hr.utc_date(value))
 
+    def test_a_date_in_the_stored_form_is_one_that_exists(self):
+        impossible = ["0000-00-00T00:00:00.000Z", "2026-02-30T08:00:00.000Z", "2026-13-01T08:00:00.000Z",
+                      "2026-04-31T08:00:00.000Z", "2026-00-10T08:00:00.000Z", "2026-01-00T08:00:00.000Z",
+                      "2026-02-24T24:00:00.000Z", "2026-02-24T08:60:00.000Z", "2026-02-24T08:00:60.000Z",
+                      "2025-02-29T08:00:00.000Z", "2100-02-29T08:00:00.000Z", "1899-12-31T23:59:59.000Z",
+                      "2200-01-01T00:00:00.000Z",
+                      "\uff12\uff10\uff12\uff16-02-24T08:00:00.000Z",  # fullwidth digits
+                      "\u0662\u0660\u0662\u0666-02-24T08:00:00.000Z",  # Arabic-Indic digits
+                      "2026-02-24T08:00:00.\u0661\u0662\u0663Z", "\u0662\u0660\u0662\u0666-02-24"]
+        for text in impossible:
+            with self.subTest(text=text):
+                self.assertIsNone(hr.utc_date(text))
+                self.assertFalse(hr.are_canonical_dates(hr.CANONICAL_FILLER + text + hr.CANONICAL_FILLER))
+        for text in ("2024-02-29T08:00:00.000Z", "2000-02-29T23:59:59.999Z", "2026-12-31T00:00:00.000Z",
+                     "1900-01-01T00:00:00.000Z", "2199-12-31T23:59:59.999Z"):
+            with self.subTest(text=text):
+                self.assertEqual(hr.utc_date(text), text)
+                self.assertTrue(hr.are_canonical_dates(hr.CANONICAL_FILLER + text) or "-02-29T" in text)
+
     def test_years_at_the_limits(self):
         first, last = hr.DATE_YEARS
         self.assertEqual(hr.utc_date(f"{first}-01-01"), f"{first}-01-01T00:00:00.000Z")
@@ -808,6 +827,24 @@ class StorageLayoutTests(ServerTestCase):
         self.assertEqual(reasons, ["startDate is not a date"] * 3 + ["startDate missing or not a string"] * 2)
         self.assertEqual(self.query("SELECT count(*) FROM sample_types"), [(0,)])
 
+    def test_dates_in_the_stored_form_that_do_not_exist_are_rejected_in_a_batch_of_good_ones(self):
+        impossible = ["0000-00-00T00:00:00.000Z", "2026-02-30T08:00:00.000Z", "2026-13-01T08:00:00.000Z",
+                      "2026-02-24T24:00:00.000Z", "2026-02-24T08:00:60.000Z",
+                      "\uff12\uff10\uff12\uff16-02-24T08:00:00.000Z", "\u0662\u0660\u0662\u0666-02-24T08:00:00.000Z"]
+        good = [sample(f"G-{i}", f"2026-02-24T0{i}:00:00.000Z", 60 + i) for i in range(5)]
+        bad = [sample(f"B-{i}", text, 1) for i, text in enumerate(impossible)]
+        ended = sample("E-1", "2026-02-24T07:00:00.000Z", 70, endDate="2026-02-24T07:00:60.000Z")
+        status, _, answer = self.post({"data": {"HKQuantityTypeIdentifierHeartRate": good + bad + [ended]}})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual((answer["inserted"]["measurements"], answer["rejected"]), (6, len(impossible)))
+        self.assertEqual(self.query("SELECT DISTINCT reason FROM rejected"), [("startDate is not a date",)])
+        self.assertEqual(sorted(uuid for (uuid,) in self.query("SELECT json_extract(record, '$.uuid') FROM rejected")),
+                         sorted(element["uuid"] for element in bad))
+        self.assertEqual(self.query("SELECT end_date FROM samples WHERE uuid = 'E-1'"), [(None,)])  # kept, no end
+        self.assertEqual(self.query("SELECT rows, first_date, last_date FROM sample_types"),
+                         [(6, "2026-02-24T00:00:00.000Z", "2026-02-24T07:00:00.000Z")])
+        self.assertTrue(run_main("verify", "--db", self.db)[1].startswith("OK: "))
+
 
 class MigrationTests(unittest.TestCase):
 
@@ -1085,6 +1122,67 @@ class MigrationTests(unittest.TestCase):
         self.assertEqual(retry.response(), dict(read.response(), sync_id=retry.sync_id))
         self.assertEqual(self.query("PRAGMA integrity_check"), [("ok",)])
 
+    def test_a_version_9_database_gets_an_id_of_its_own_every_row_kept(self):
+        make_v1_database(self.db, make_payload())
+        migrate_to(self.db, 9)
+        tables = [name for (name,) in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        before = {table: self.query(f"SELECT * FROM {table} ORDER BY 1, 2") for table in tables}
+        self.assertEqual(self.query("PRAGMA application_id"), [(0,)])
+        _, lines = self.open_store()
+        self.assertTrue(any("schema version 10: the database's own id" in line for line in lines), lines)
+        self.assertEqual({table: self.query(f"SELECT * FROM {table} ORDER BY 1, 2") for table in tables}, before)
+        own = self.query("PRAGMA application_id")[0][0]
+        self.assertNotEqual(own, 0)
+        self.assertEqual(hr.database_id(self.db), own)
+        folder = os.path.join(self.tmp.name, "backups")
+        os.mkdir(folder)
+        self.assertEqual(run_main("backup", folder, "--db", self.db, "--gzip")[0], 0)
+        backup, = os.listdir(folder)
+        found = hr.newest_backup(folder, self.db)
+        self.assertEqual((found.path, found.database_id), (os.path.join(folder, backup), own))
+        other = os.path.join(self.tmp.name, "other.db")
+        hr.Store(other).open()
+        self.assertNotIn(hr.database_id(other), (0, own))
+
+    def test_version_10_rows_whose_dates_do_not_exist_are_kept_aside_and_the_database_verifies(self):
+        make_v1_database(self.db, make_payload())
+        migrate_to(self.db, 10)
+        heart, steps = "HKQuantityTypeIdentifierHeartRate", "HKQuantityTypeIdentifierStepCount"
+        bad = [(heart, "2026-02-30T08:00:00.000Z"), (heart, "0000-00-00T00:00:00.000Z"),
+               (steps, "2026-02-30T08:00:00.000Z"), (steps, "2026-02-24T24:00:00.000Z"),
+               (heart, "\uff12\uff10\uff12\uff16-02-24T08:00:00.000Z"), (heart, "2025-02-29T08:00:00.000Z")]
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:  # as version 10 stored them
+            conn.executemany("INSERT INTO samples VALUES (1, ?, ?, ?, ?, 61, 'count', 'Watch', ?, 1)",
+                             [(f"BAD-{n}", type_name, date, date, json.dumps({"uuid": f"BAD-{n}", "startDate": date}))
+                              for n, (type_name, date) in enumerate(bad)])
+            conn.execute("UPDATE samples SET end_date = '2026-02-24T08:00:60.000Z' WHERE uuid = 'V-HR-1'"
+                         " OR uuid = 'A-HR-1'")
+            conn.execute("INSERT INTO workouts VALUES (1, 'W-BAD', 'running', '2026-13-01T00:00:00.000Z', NULL, 60,"
+                         " '{}', 1)")
+            conn.execute("INSERT INTO workout_route_points VALUES (1, 'W-BAD', '2024-02-29T08:00:00.000Z', 1, 2, 3,"
+                         " '{}', 1), (1, 'W-BAD', '2026-04-31T08:00:00.000Z', 1, 2, 3, '{}', 1)")
+            hr._recount_sample_types(conn)  # they never reached the hourly totals
+        code, out, _ = run_main("verify", "--db", self.db)
+        self.assertEqual(code, 1, out)
+        self.assertIn("hourly totals disagree", out)
+        kept = self.query("SELECT count(*) FROM samples")[0][0] - len(bad)
+        _, lines = self.open_store()
+        self.assertIn("  samples: 6 rows whose dates do not exist are kept in the rejected table", lines)
+        self.assertEqual(self.query("SELECT count(*) FROM samples"), [(kept,)])
+        self.assertEqual(self.query("SELECT count(*) FROM samples WHERE uuid LIKE 'BAD-%'"), [(0,)])
+        self.assertEqual(self.query("SELECT section, reason FROM rejected WHERE reason LIKE '%version 11%'"
+                                    " ORDER BY 1, 2"),
+                         [(heart, "startDate is not a date (migration to version 11)")] * 4
+                         + [(steps, "startDate is not a date (migration to version 11)")] * 2
+                         + [("workoutRoutes/W-BAD", "timestamp is not a date (migration to version 11)"),
+                            ("workouts", "startDate is not a date (migration to version 11)")])
+        self.assertEqual(self.query("SELECT timestamp FROM workout_route_points WHERE workout_uuid = 'W-BAD'"),
+                         [("2024-02-29T08:00:00.000Z",)])  # a leap day that exists stays
+        self.assertEqual(self.query("SELECT count(*) FROM samples WHERE end_date LIKE '%:60.000Z'"), [(0,)])
+        self.assertTrue(self.hours_match_samples())
+        code, out, _ = run_main("verify", "--db", self.db)
+        self.assertEqual(code, 0, out)
+
     def test_each_step_is_its_own_transaction(self):
         make_v1_database(self.db, make_payload())
         failing = hr.Migration("a step that fails", lambda conn, report: conn.execute("SELECT * FROM nowhere"))
@@ -1342,6 +1440,117 @@ class BackupTests(ServerTestCase):
         self.assertEqual(run_main("backup", folder, "--db", self.db, "--keep", "0")[0], 2)
         self.assertEqual(run_main("backup", os.path.join(folder, "x.db"), "--db", self.db, "--keep", "1")[0], 2)
 
+    def database_elsewhere(self, folder, tag):
+        """A database named health.db in its own ``folder`` (made), with a sync."""
+        os.makedirs(os.path.join(self.tmp.name, folder))
+        path = os.path.join(self.tmp.name, folder, "health.db")
+        store = hr.Store(path)
+        store.open()
+        hr.SyncIntake(store).ingest([encode(make_payload(tag=tag))], "test")
+        store.close()
+        return path
+
+    def test_two_databases_of_one_name_backed_up_into_one_folder_keep_their_own_backups(self):
+        folder = self.backups_folder()
+        first, second = self.database_elsewhere("a", "A"), self.database_elsewhere("b", "B")
+        self.assertEqual(run_main("backup", folder, "--db", first, "--gzip")[0], 0)
+        theirs, = os.listdir(folder)
+        schedule = hr.BackupSchedule(second, folder, 3600, 1, lambda line, error: None)
+        self.assertIsNone(schedule.last)  # the other's backup is not its own: one is made at once
+        self.assertEqual(schedule._due_in(), 0)
+        record = schedule.run_once()
+        self.assertIsNotNone(record)
+        self.assertEqual(sorted(os.listdir(folder)), sorted([theirs, os.path.basename(record.path)]))
+        code, out, err = run_main("backup", folder, "--db", second, "--keep", "1")
+        self.assertEqual(code, 0, err)
+        self.assertIn(theirs, os.listdir(folder))  # never pruned by the other database
+        self.assertEqual(out.count("Removed the older backup"), 1)
+        self.assertEqual(hr.newest_backup(folder, first).path, os.path.join(folder, theirs))
+        self.assertNotEqual(hr.database_id(first), hr.database_id(second))
+
+    def test_keep_keeps_the_newest_by_the_time_each_backup_records_when_a_clock_was_ahead(self):
+        folder = self.backups_folder()
+        self.assertEqual(self.post(make_payload())[0], 200)
+        for compressed in (False, True):
+            with self.subTest(compressed=compressed):
+                for name in os.listdir(folder):
+                    os.unlink(os.path.join(folder, name))
+                flags = ["--gzip"] if compressed else []
+                self.assertEqual(run_main("backup", folder, "--db", self.db, *flags)[0], 0)
+                made, = os.listdir(folder)
+                # Made while the clock was years ahead: its name and its record say 2099.
+                ahead = os.path.join(folder, "health-20990101T000000Z.db" + (".gz" if compressed else ""))
+                if compressed:
+                    with gzip.open(os.path.join(folder, made)) as packed, open(ahead, "wb") as raw, \
+                            gzip.GzipFile(fileobj=raw, mode="wb", mtime=4070908800) as repacked:
+                        repacked.write(packed.read())
+                else:
+                    shutil.copyfile(os.path.join(folder, made), ahead)
+                    with contextlib.closing(sqlite3.connect(ahead)) as conn, conn:
+                        conn.execute("UPDATE settings SET value = '2099-01-01T00:00:00.000Z'"
+                                     " WHERE name = 'backup_made_at'")
+                os.unlink(os.path.join(folder, made))
+                schedule = hr.BackupSchedule(self.db, folder, 3600, 1, lambda line, error: None)
+                record = schedule.run_once()
+                self.assertEqual(os.listdir(folder), [os.path.basename(record.path)])  # the new one kept
+                self.assertTrue(os.path.exists(schedule.status()["last"]["path"]))
+                code, out, err = run_main("backup", folder, "--db", self.db, *flags, "--keep", "2")
+                self.assertEqual((code, out.count("Removed")), (0, 0), err)
+                self.assertEqual(len(os.listdir(folder)), 2)
+
+    def test_a_name_like_a_backups_with_a_date_that_is_none_stops_nothing(self):
+        folder = self.backups_folder()
+        self.assertEqual(self.post(make_payload())[0], 200)
+        for name in ("health-20261399T999999Z.db", "health-00000000T000000Z.db.gz"):
+            with open(os.path.join(folder, name), "wb") as handle:
+                handle.write(b"\x1f\x8b junk")
+        schedule = hr.BackupSchedule(self.db, folder, 3600, 7, lambda line, error: None)
+        self.assertIsNone(schedule.last)
+        self.assertIsNotNone(schedule.run_once())
+        self.assertEqual(hr.newest_backup(folder, self.db).path, schedule.last.path)
+
+    def test_a_truncated_or_corrupt_gzip_backup_is_a_failed_verdict_not_a_traceback(self):
+        self.assertEqual(self.post(make_payload(n=300))[0], 200)
+        folder = self.backups_folder()
+        self.assertEqual(run_main("backup", folder, "--db", self.db, "--gzip")[0], 0)
+        good, = os.listdir(folder)
+        with open(os.path.join(folder, good), "rb") as handle:
+            packed = handle.read()
+        for name, damaged in (("truncated.db.gz", packed[:len(packed) // 2]),
+                              ("corrupt.db.gz", packed[:40] + bytes(len(packed) - 40)),
+                              ("not-gzip.db.gz", b"plain text, no gzip at all" * 100)):
+            with self.subTest(name=name):
+                path = os.path.join(self.tmp.name, name)
+                with open(path, "wb") as handle:
+                    handle.write(damaged)
+                code, out, err = run_main("verify", path)
+                self.assertEqual(code, 1, err)
+                self.assertTrue(out.startswith(f"FAILED: {path}: unpacking: the gzip file cannot be unpacked"), out)
+                target = os.path.join(self.tmp.name, "restored.db")
+                code, out, err = run_main("restore", path, "--db", target)
+                self.assertEqual(code, 2)
+                self.assertIn("does not verify, nothing was changed: FAILED", err)
+                self.assertNotIn("Traceback", err)
+                self.assertFalse(os.path.exists(target))
+                self.assertEqual([name for name in os.listdir(self.tmp.name) if "backup-tmp" in name], [])
+
+    def test_what_a_killed_restore_left_beside_the_database_goes_at_the_next_start(self):
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()  # a restore that stopped: its process is gone
+        left = [os.path.join(self.tmp.name, f".health.db.restore.{child.pid}.backup-tmp"),
+                os.path.join(self.tmp.name, f".health-20260101T000000Z.db.{child.pid}.backup-tmp")]
+        for path in left:
+            with open(path, "wb") as handle:
+                handle.write(b"\0" * 100000)
+        running = os.path.join(self.tmp.name, f".health.db.restore.{os.getppid()}.backup-tmp")  # a live process's
+        with open(running, "wb") as handle:
+            handle.write(b"\0")
+        store = hr.Store(self.db)
+        store.open()
+        store.close()
+        self.assertEqual([path for path in left if os.path.exists(path)], [])
+        self.assertTrue(os.path.exists(running))
+
     def test_an_older_version_backup_is_upgraded_at_the_next_start_after_its_restore(self):
         old = os.path.join(self.tmp.name, "old.db")
         make_v1_database(old, make_payload())
@@ -1365,6 +1574,23 @@ class ScheduledBackupTests(ServerTestCase):
         self.folder = os.path.join(self.tmp.name, "backups")
         os.mkdir(self.folder)
         return {"backup_dir": self.folder, "backup_every": 0.3, "backup_keep": 2}
+
+    def test_where_the_database_and_its_backups_are_is_shown_to_an_admin_only(self):
+        self.store.add_people(["ann"], [ANN_KEY])
+        self.assertEqual(self.post(make_payload(), bearer(ANN_KEY))[0], 200)
+        wait_until(lambda: self.request("GET")[2]["backup"]["last"] is not None)
+        folder, database = os.path.abspath(self.folder), os.path.abspath(self.db)
+        for headers, admin in (({}, True), (login(ANN_KEY), False)):
+            with self.subTest(admin=admin):
+                page = self.request("GET", "/", headers=headers)[2].decode()
+                summary = self.request("GET", hr.SUMMARY_PATH, headers=headers)[2]
+                endpoint = self.request("GET", headers=bearer(ANN_KEY) if headers else {})[2]
+                self.assertEqual((folder in page, database in page), (admin, admin))
+                self.assertEqual(summary["database"]["path"] == database, admin)
+                for backup in (summary["backup"], endpoint["backup"]):
+                    self.assertEqual(backup["folder"] == self.folder, admin)
+                    self.assertEqual(backup["last"]["path"] is not None, admin)
+                    self.assertEqual(backup["last"]["verified"], True)
 
     def test_scheduled_backups_happen_keep_their_number_and_show_on_the_page(self):
         self.assertEqual(self.post(make_payload())[0], 200)
@@ -1629,6 +1855,25 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(self.stage_files(), [])
         self.assertEqual(child.post(encode(make_payload(tag="G")))[0], 200)  # and it goes on
         self.assertEqual(self.tagged("F")[0], 0)
+
+    def test_a_backup_onto_a_full_disk_says_so_and_not_that_the_database_is_damaged(self):
+        store = hr.Store(self.db)
+        store.open()
+        hr.SyncIntake(store).ingest([encode(make_payload(n=5000, tag="D"))], "test")
+        store.close()
+        self.assertGreater(os.path.getsize(self.db), 2 * hr.MIB)
+        folder = os.path.join(self.tmp.name, "backups")
+        os.mkdir(folder)
+        code = ("import resource, signal, sys; sys.path.insert(0, {0!r}); import health_receiver; "
+                "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, "
+                "({1}, {1})); sys.exit(health_receiver.main(['backup', {2!r}, '--db', {3!r}]))").format(
+                    os.path.dirname(os.path.abspath(hr.__file__)), hr.MIB, folder, self.db)  # a full disk, as seen
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn(f"could not be written in {folder}: make room there", done.stderr)
+        self.assertNotIn("damaged", done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertEqual(os.listdir(folder), [])  # nothing half made
 
     def test_out_of_file_descriptors_pauses_accepting_and_logs_once(self):
         child = self.start(open_files=48)
@@ -3584,7 +3829,7 @@ class StatusPageTests(PageTestCase):
             conn.execute("INSERT INTO samples VALUES (1, 'C-99999', 'HKQuantityTypeIdentifierStepCount', ?, NULL, 1,"
                          " 'count', CAST(X'FF' AS TEXT), '{}', 1)", (utc_at(2),))
             conn.commit()
-        answer = self.raw_exchange(b"GET /type/StepCount.csv?range=7d HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = self.raw_exchange(b"GET /type/StepCount.csv?range=7d HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:200])
         self.assertIn(b"C-00000", answer)
         self.assertFalse(answer.endswith(b"0\r\n\r\n"))  # no last chunk: the client sees it incomplete
@@ -3848,6 +4093,17 @@ class ExtremeValueTests(PageTestCase):
         code, out, _ = run_main("stats", "--db", self.db, "--json")
         json.loads(out, parse_constant=strict)
         self.assertEqual(code, 0)
+
+    def test_a_workout_of_almost_no_distance_has_a_page_without_a_pace(self):
+        start, end = utc_at(1), utc_at(2)
+        for n, distance in enumerate(("5e-324", "1e-300", "0.0001", "5000")):
+            body = ('{"data": {"workouts": [{"uuid": "TINY-%d", "workoutActivityType": "running", "startDate": "%s",'
+                    ' "endDate": "%s", "durationSeconds": 2135, "totalDistance": %s}]}}' % (n, start, end, distance))
+            self.assertEqual(self.post(body.encode())[0], 200)
+            with self.subTest(distance=distance):
+                page = self.page(f"/workout/TINY-{n}")
+                self.assertNotIn("nan", page.lower())
+                self.assertEqual("7:07 /km" in page, distance == "5000")
 
 
 class HostileTextTests(PageTestCase):
@@ -4579,6 +4835,42 @@ class ArchiveTests(ServerTestCase):
             with gzip.open(os.path.join(self.archive, name)) as handle:
                 self.assertEqual(handle.read(), sent)
 
+    def test_a_persons_bodies_are_archived_as_theirs_imported_as_theirs_and_deleted_with_them(self):
+        self.store.add_people(["ann"], [ANN_KEY])
+        mine = self.post(make_payload(tag="M"))[2]
+        hers = self.post(make_payload(tag="H"), headers={"Authorization": "Bearer " + ANN_KEY})[2]
+        wait_until(lambda: len(self.archived()) == 2)
+        names = self.archived()
+        self.assertRegex(names[0], r"^\d{8}T\d{6}Z-%d\.json\.gz$" % mine["sync_id"])
+        self.assertRegex(names[1], r"^\d{8}T\d{6}Z-%d-ann\.json\.gz$" % hers["sync_id"])
+        fresh = os.path.join(self.tmp.name, "fresh.db")
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(hr.main(["import", "--db", fresh, self.archive], out=io.StringIO()), 0)
+        with contextlib.closing(sqlite3.connect(fresh)) as conn:
+            self.assertEqual(conn.execute("SELECT p.name, substr(s.uuid, 1, 1), count(*) FROM samples s JOIN people p"
+                                          " ON p.id = s.person GROUP BY 1, 2 ORDER BY 1").fetchall(),
+                             [("ann", "H", 6), ("ann", "s", 1), ("me", "M", 6), ("me", "s", 1)])  # s: sha256:
+        # A receiver started with --archive records the folder; a person's deletion then reaches it.
+        args = hr.serve_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--db", self.db,
+                                             "--archive", self.archive])
+        config = hr.config_from_args(args, {hr.TOKEN_ENV: TOKEN})
+        config.log_stream = io.StringIO()
+        self.server.shutdown()
+        self.thread.join()
+        self.server.server_close()
+        self.assertEqual(hr.serve(config, io.StringIO(), ready=lambda server: threading.Thread(
+            target=server.shutdown).start()), 0)
+        self.assertEqual(self.store.setting(hr.ARCHIVE_SETTING), os.path.abspath(self.archive))
+        self.assertEqual(run_main("people", "--db", self.db, "rename", "ann", "anna")[0], 0)
+        self.assertEqual(self.archived(), [names[0], names[1].replace("-ann.", "-anna.")])
+        code, out, err = run_main("people", "--db", self.db, "remove", "anna", "--delete-data", "--yes")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Removed 1 bodies of their syncs from the archive", out)
+        self.assertEqual(self.archived(), [names[0]])
+        self.server = hr.HealthReceiverServer(self.config, self.store)  # for tearDown
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self.thread.start()
+
     def test_archive_failure_never_fails_a_stored_sync(self):
         os.rmdir(self.archive)
         with open(self.archive, "w"):
@@ -4669,7 +4961,8 @@ class ProtocolTests(unittest.TestCase):
         return answers(drive(self.server, data, client))
 
     def get(self, path, headers="", client="127.0.0.1", version="HTTP/1.1"):
-        [(status, head, body)] = self.exchange(f"GET {path} {version}\r\nHost: x\r\n{headers}\r\n".encode(), client)
+        [(status, head, body)] = self.exchange(f"GET {path} {version}\r\nHost: localhost\r\n{headers}\r\n".encode(),
+                                               client)
         return status, head, body
 
     def test_malformed_request_lines_get_json_and_one_log_line(self):
@@ -5045,16 +5338,25 @@ class ProxyTests(ServerTestCase):
         return {"trusted_proxies": hr.TrustedProxies.parse("127.0.0.1, 10.0.0.0/8")}
 
     def test_the_rightmost_hop_the_proxies_do_not_trust_is_the_client(self):
-        proxies = hr.TrustedProxies.parse("127.0.0.1,10.0.0.0/8")
         message = http.client.HTTPMessage
-        cases = [({"X-Forwarded-For": "203.0.113.7"}, "203.0.113.7"),
-                 ({"X-Forwarded-For": "6.6.6.6, 203.0.113.7, 10.1.2.3"}, "203.0.113.7"),  # a forged first hop
-                 ({"Forwarded": 'for=6.6.6.6, for="[2001:db8::1]:4711";proto=https'}, "2001:db8::1"),
-                 ({"Forwarded": "for=198.51.100.4:5000", "X-Forwarded-For": "6.6.6.6"}, "198.51.100.4"),
-                 ({"X-Forwarded-For": "10.0.0.1, 127.0.0.1"}, "10.0.0.1"),  # all trusted: the first
-                 ({"X-Forwarded-For": "unknown"}, "127.0.0.1"), ({}, "127.0.0.1")]
-        for fields, client in cases:
-            with self.subTest(fields=fields):
+        # The proxy's own header alone counts: a client's Forwarded passes a proxy untouched.
+        cases = [("X-Forwarded-For", {"X-Forwarded-For": "203.0.113.7"}, "203.0.113.7"),
+                 ("X-Forwarded-For", {"X-Forwarded-For": "6.6.6.6, 203.0.113.7, 10.1.2.3"}, "203.0.113.7"),
+                 ("X-Forwarded-For", {"Forwarded": "for=198.51.100.4:5000", "X-Forwarded-For": "6.6.6.6"}, "6.6.6.6"),
+                 ("X-Forwarded-For", {"Forwarded": "for=127.0.0.1"}, "127.0.0.1"),  # no proxy's header: the peer
+                 ("X-Forwarded-For", {"X-Forwarded-For": "10.0.0.1, 127.0.0.1"}, "10.0.0.1"),  # all trusted: the first
+                 ("X-Forwarded-For", {"X-Forwarded-For": "unknown"}, hr.UNKNOWN_CLIENT),  # never this machine
+                 ("X-Forwarded-For", {"X-Forwarded-For": "127.0.0.1, _hidden"}, hr.UNKNOWN_CLIENT),
+                 ("X-Forwarded-For", {}, "127.0.0.1"),
+                 ("Forwarded", {"Forwarded": 'for=6.6.6.6, for="[2001:db8::1]:4711";proto=https'}, "2001:db8::1"),
+                 ("Forwarded", {"Forwarded": "For=198.51.100.4:5000", "X-Forwarded-For": "6.6.6.6"}, "198.51.100.4"),
+                 ("Forwarded", {"Forwarded": "proto=https;FOR=198.51.100.5"}, "198.51.100.5"),
+                 ("Forwarded", {"Forwarded": "for=203.0.113.9, for=unknown"}, hr.UNKNOWN_CLIENT),
+                 ("Forwarded", {"Forwarded": "for=203.0.113.9, FOR="}, hr.UNKNOWN_CLIENT),
+                 ("X-Real-IP", {"X-Real-IP": "203.0.113.8", "X-Forwarded-For": "127.0.0.1"}, "203.0.113.8")]
+        for header, fields, client in cases:
+            with self.subTest(header=header, fields=fields):
+                proxies = hr.TrustedProxies.parse("127.0.0.1,10.0.0.0/8", header)
                 headers = message()
                 for name, value in fields.items():
                     headers[name] = value
@@ -5062,6 +5364,31 @@ class ProxyTests(ServerTestCase):
                 self.assertEqual(proxies.client("192.0.2.1", headers), "192.0.2.1")  # not a trusted peer
         with self.assertRaises(hr.UsageError):
             hr.TrustedProxies.parse("127.0.0.1,not-an-address")
+
+    def test_what_a_client_writes_behind_the_proxy_never_makes_it_this_machine_nor_another_address(self):
+        self.server.config.keys = hr.Keys()
+        self.server.config.trusted_proxies = hr.TrustedProxies.parse("127.0.0.1")
+        # As nginx forwards with the README's configuration: the client's headers, then its address added.
+        for forged in ({"Forwarded": "for=127.0.0.1"}, {"Forwarded": "for=unknown"}, {"Forwarded": "for=_hidden"},
+                       {"Forwarded": "FOR="}, {"X-Forwarded-For": "127.0.0.1, unknown"},
+                       {"X-Forwarded-For": "127.0.0.1, 127.0.0.1, _hidden"}):
+            for path in (hr.LATEST_PATH, hr.SUMMARY_PATH, "/"):
+                with self.subTest(forged=forged, path=path):
+                    headers = dict(forged)
+                    headers["X-Forwarded-For"] = ", ".join(
+                        filter(None, (forged.get("X-Forwarded-For"), "" if "X-Forwarded-For" in forged
+                                      else "203.0.113.50")))
+                    self.assertEqual(self.request("GET", path, headers=headers)[0], 403)
+        # With a key, a rotating Forwarded does not spread the guesses over made-up addresses.
+        self.server.config.keys = hr.Keys.single(TOKEN)
+        statuses = [self.request("GET", headers={"Authorization": "Bearer nope", "Forwarded": f"for=198.51.100.{i}",
+                                                 "X-Forwarded-For": "203.0.113.51"})[0] for i in range(15)]
+        self.assertEqual(statuses[hr.GUESS_LIMIT:], [429] * (15 - hr.GUESS_LIMIT))
+        self.assertEqual(self.post(make_payload(), headers={"Authorization": "Bearer " + TOKEN,
+                                                            "Forwarded": "for=198.51.100.99",
+                                                            "X-Forwarded-For": "203.0.113.52"})[0], 200)
+        self.assertEqual(self.query("SELECT remote_addr FROM syncs"), [("203.0.113.52",)])
+        self.assertNotIn("198.51.100.", self.log.getvalue())
 
     def test_a_stranger_behind_the_proxy_cannot_lock_the_owner_out(self):
         for _ in range(hr.GUESS_LIMIT):
@@ -5088,6 +5415,11 @@ class ProxyTests(ServerTestCase):
         args = hr.serve_parser().parse_args(["--no-auth", "--db", os.path.join(self.tmp.name, "x.db")])
         config = hr.config_from_args(args, {hr.TRUSTED_PROXY_ENV: "::1, 127.0.0.1"})
         self.assertTrue(config.trusted_proxies.trusts(ipaddress.ip_address("::1")))
+        self.assertEqual(config.trusted_proxies.header, "X-Forwarded-For")
+        args = hr.serve_parser().parse_args(["--no-auth", "--db", os.path.join(self.tmp.name, "x.db"),
+                                             "--trusted-proxy", "127.0.0.1", "--proxy-header", "Forwarded"])
+        self.assertEqual(hr.config_from_args(args, {}).trusted_proxies.header, "Forwarded")
+        self.assertEqual(run_main("--proxy-header", "X Bad", "--no-auth")[0], 2)
         code, _, err = run_main("--trusted-proxy", "nope", "--no-auth", "--db", os.path.join(self.tmp.name, "y.db"))
         self.assertEqual(code, 2)
         self.assertIn("--trusted-proxy", err)
@@ -5131,6 +5463,32 @@ class StrictRequestTests(ServerTestCase):
         self.assertEqual(self.one_answer(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 999-foo\r\n\r\n")[0], 417)
         self.assertTrue(self.raw_exchange(b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 "))
         self.assertEqual(self.count("syncs"), 0)
+
+    def test_only_spaces_and_tabs_are_white_space_around_framing_values(self):
+        body = b"5\r\n{\"a\"}\r\n0\r\n\r\n"
+        for value in ("\x0bchunked", "\x0cchunked", "chunked\x0b", "\x85chunked"):
+            with self.subTest(value=value):
+                request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           f"Transfer-Encoding: {value}\r\n\r\n").encode("latin-1") + body
+                status, error = self.one_answer(request)
+                self.assertIn(status, (400, 501))
+                self.assertIn("Transfer-Encoding", error)
+        request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: \x0c2\r\n\r\n{{}}").encode("latin-1")
+        self.assertEqual(self.one_answer(request), (400, "The Content-Length header is not a valid length."))
+        self.assertEqual(self.count("syncs"), 0)
+        request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   "Transfer-Encoding: \tchunked \r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
+        self.assertTrue(self.raw_exchange(request).startswith(b"HTTP/1.1 200 "))  # a tab and a space are white space
+
+    def test_a_request_of_any_version_after_1_0_needs_a_host(self):
+        for version in ("HTTP/1.1", "HTTP/1.2", "HTTP/1.9"):
+            with self.subTest(version=version):
+                status, error = self.one_answer(f"GET / {version}\r\n\r\n".encode())
+                self.assertEqual(status, 400)
+                self.assertIn("exactly one Host", error)
+        self.assertTrue(self.raw_exchange(b"GET / HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .startswith(b"HTTP/1.1 "))
 
     def test_the_log_never_shows_a_key_in_a_query(self):
         self.request("GET", hr.DEFAULT_PATH + "?key=k1&Access-Token=k2&api_key&x=visible&token=k3")
@@ -5257,6 +5615,28 @@ class ReadsWithoutAKeyTests(ServerTestCase):
                 self.assertIn(b"without a key", answer)
         answer = self.exchange_from("192.0.2.10", f"GET {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])  # the app's Test Connection
+
+    def test_pages_answer_only_under_this_machines_own_names(self):
+        self.post(make_payload())
+        reads = ("/", hr.SUMMARY_PATH, hr.LATEST_PATH, hr.METRICS_PATH, "/type/HeartRate.csv?range=all",
+                 f"{hr.SERIES_PATH}?type=HeartRate")
+        for path in reads:
+            for host, status in (("attacker.example", 403), ("attacker.example:3000", 403), ("127.0.0.1.nip.io", 403),
+                                 (f"localhost:{self.port}", 200), ("127.0.0.1", 200), ("[::1]:3000", 200),
+                                 ("app.localhost", 200), ("LOCALHOST.", 200)):
+                with self.subTest(path=path, host=host):
+                    answered, _, body = self.request("GET", path, headers={"Host": host})
+                    self.assertEqual(answered, status, body)
+                    if status == 403:
+                        self.assertIn("own names", body["error"])
+        self.assertNotIn("HKQuantity", self.raw_exchange(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n").decode())
+        for method, body in (("GET", None), ("POST", make_payload())):  # the app is no page: any name
+            self.assertEqual(self.request(method, headers={"Host": "health.example"}, body=body)[0], 200)
+        self.server.config.allowed_hosts = ("health.example",)
+        self.assertEqual(self.request("GET", "/", headers={"Host": "Health.Example:3000"})[0], 200)
+        self.assertEqual(self.request("GET", "/", headers={"Host": "other.example"})[0], 403)
+        args = hr.serve_parser().parse_args(["--no-auth", "--allowed-host", "Health.Example., b.example"])
+        self.assertEqual(args.allowed_host, ("health.example", "b.example"))
 
     def test_loopback_addresses(self):
         for address in ("127.0.0.1", "127.8.9.10", "::1", "localhost", "::ffff:127.0.0.1"):
@@ -5646,6 +6026,22 @@ class BodyEncodingTests(ServerTestCase):
                 self.assert_error(status, 400, answer, "gzip")
         self.assert_nothing_stored()
 
+    def test_a_gzip_body_of_several_members_is_read_whole_and_bytes_after_a_body_are_an_error(self):
+        body = encode(make_payload(n=30, tag="M"))
+        cut = body.index(b'"HKQuantityTypeIdentifierStepCount"')
+        members = gzip.compress(body[:cut]) + gzip.compress(body[cut:])
+        status, _, answer = self.post(members, headers={"Content-Encoding": "gzip"})
+        self.assertEqual((status, answer.get("count")), (200, 65), answer)
+        self.assertEqual(self.count("samples"), 61)
+        tagged = encode(make_payload(n=3, tag="N"))
+        for encoding, data, said in (("gzip", gzip.compress(tagged) + b"garbage after the member", "corrupt"),
+                                     ("deflate", zlib.compress(tagged) + b"X", "after its end"),
+                                     ("deflate", raw_deflate(tagged) + zlib.compress(b"more"), "after its end")):
+            with self.subTest(encoding=encoding, data=data[-10:]):
+                status, _, answer = self.post(data, headers={"Content-Encoding": encoding})
+                self.assert_error(status, 400, answer, said)
+        self.assertEqual(self.query("SELECT count(*) FROM samples WHERE uuid LIKE 'N-%'"), [(0,)])
+
     def test_unknown_encoding_415(self):
         status, _, answer = self.post(b"{}", headers={"Content-Encoding": "br"})
         self.assert_error(status, 415, answer, "br")
@@ -5994,6 +6390,77 @@ class CommandTests(ServerTestCase):
         code, out, _ = run_main("import", "--db", fresh, folder)
         self.assertEqual(self.table_rows(fresh, "SELECT count(*) FROM samples"), [(32,)])
 
+    def test_an_older_ndjson_export_imported_later_never_reverts_newer_values(self):
+        def characteristics(exported, blood):
+            return {"exportDate": exported, "characteristics": {"bloodType": blood},
+                    "data": {"medications": [{"conceptIdentifier": "rx-1", "displayText": blood + " pills"}]}}
+
+        self.assertEqual(self.post(characteristics("2026-01-01T00:00:00Z", "A+"))[0], 200)
+        old = {}
+        for section in ("characteristics", "medications"):
+            old[section] = os.path.join(self.tmp.name, f"old-{section}.ndjson")
+            self.assertEqual(run_main("export", "--db", self.db, "--section", section, "--format", "ndjson",
+                                      "--output", old[section])[0], 0)
+        # An export of an earlier version: its lines say no date.
+        undated = os.path.join(self.tmp.name, "undated.ndjson")
+        with open(undated, "w", encoding="utf-8") as handle:
+            handle.write('{"section":"characteristics","person":"me","name":"bloodType","value":"O-"}\n')
+        self.assertEqual(self.post(characteristics("2026-02-01T00:00:00Z", "B+"))[0], 200)
+        code, out, err = run_main("import", "--db", self.db, old["characteristics"], old["medications"], undated)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.query("SELECT value FROM characteristics"), [("B+",)])
+        self.assertEqual(self.query("SELECT display_text FROM medications"), [("B+ pills",)])
+        fresh = os.path.join(self.tmp.name, "fresh.db")  # where nothing is stored, the old values come in
+        self.assertEqual(run_main("import", "--db", fresh, old["characteristics"], old["medications"])[0], 0)
+        self.assertEqual(self.table_rows(fresh, "SELECT value FROM characteristics"), [("A+",)])
+        with open(old["characteristics"], encoding="utf-8") as handle:
+            self.assertEqual(json.loads(handle.readline())["exported"], "2026-01-01T00:00:00.000Z")
+
+    def test_import_skips_a_bad_line_names_it_and_goes_on_to_the_end(self):
+        good = [json.dumps({"section": "samples", "person": "me", "type": "HKQuantityTypeIdentifierHeartRate",
+                            "record": sample(f"G-{i}", "2026-02-24T08:00:00Z", 60 + i)}) for i in range(4)]
+        bad = ['{"section": "samples", "type": null, "record": {"uuid": "B-1"}}',
+               '{"section": "samples", "type": "", "record": {"uuid": "B-2"}}',
+               '{"section": "samples", "person": "bad name!", "type": "T", "record": {"uuid": "B-3"}}',
+               '{"section": "routes", "workout": 7, "record": {}}', '{"section": "samples", "type": "T"',
+               '{"section": "moods"}', "[1]", '{"section": ["samples"], "type": "T", "record": {}}']
+        first = os.path.join(self.tmp.name, "first.ndjson")
+        with open(first, "w", encoding="utf-8") as handle:
+            handle.write("\n".join([good[0]] + bad + [good[1]]) + "\n")
+        second = os.path.join(self.tmp.name, "second.ndjson")
+        with open(second, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(good[2:]) + "\n")
+        code, out, err = run_main("import", "--db", self.db, first, second)
+        self.assertEqual(code, 1, err)
+        self.assertNotIn("Traceback", err)
+        for number in range(2, 2 + len(bad)):
+            self.assertRegex(err, rf"first\.ndjson: line {number}: not an export line \(.+\): skipped")
+        self.assertIn(f"{len(bad)} bad lines skipped", out)
+        self.assertIn("2 of 2 files imported", out)
+        self.assertEqual(self.query("SELECT uuid FROM samples ORDER BY uuid"), [(f"G-{i}",) for i in range(4)])
+        self.assertEqual([person.name for person in self.store.people()], ["me"])
+
+    @unittest.skipUnless(os.path.exists("/proc/self/status"), "reads the peak memory of a child on Linux")
+    def test_import_holds_a_bounded_part_of_a_long_ndjson_line(self):
+        path = os.path.join(self.tmp.name, "long.ndjson")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"section": "samples", "type": "T", "record": sample("S-1", "2026-02-24", 1)}))
+            handle.write('\n{"section": "samples", "type": "T", "record": {"uuid": "L-1", "note": "')
+            for _ in range(40):  # 40 MiB in one line
+                handle.write("x" * hr.MIB)
+            handle.write('"}}\n')
+            handle.write(json.dumps({"section": "samples", "type": "T", "record": sample("S-2", "2026-02-25", 2)}))
+        code = ("import sys; sys.path.insert(0, {0!r}); import health_receiver as hr; "
+                "status = hr.main(['import', '--db', {1!r}, {2!r}]); "
+                "print([line for line in open('/proc/self/status') if line.startswith('VmHWM')][0]); "
+                "sys.exit(status)").format(os.path.dirname(os.path.abspath(hr.__file__)), self.db, path)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        self.assertEqual(done.returncode, 1, done.stderr)  # the long line is skipped, and said so
+        self.assertIn("long.ndjson: line 2: not an export line (", done.stderr)
+        peak_mb = int(done.stdout.split()[-2]) / 1024
+        self.assertLess(peak_mb, 100, done.stdout)  # the line alone is 40 MiB
+        self.assertEqual(self.query("SELECT uuid FROM samples ORDER BY uuid"), [("S-1",), ("S-2",)])
+
     def test_import_of_files_larger_than_the_walkers_window(self):
         folder = os.path.join(self.tmp.name, "large")
         os.mkdir(folder)
@@ -6173,6 +6640,76 @@ class KeyTests(unittest.TestCase):
         self.assertIn("Auth Type: None", banner)
         self.assertIn("used without a key", banner)
         self.assertEqual(self.post(server), 200)
+
+    def refused(self, *flags, db=None):
+        """serve() as main() runs it on ``db`` (by default this test's),
+        with no key anywhere: (exit status, stderr).  Should it start, it
+        is stopped at once."""
+        args = hr.serve_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--db", db or self.db, *flags])
+        config = hr.config_from_args(args, {})
+        config.log_stream = io.StringIO()
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            code = hr.serve(config, io.StringIO(), ready=lambda server: threading.Thread(target=server.shutdown).start())
+        return code, err.getvalue()
+
+    def restored_on_a_new_card(self):
+        """A backup of this test's database restored into another folder,
+        without its key file: the new database's path."""
+        backups, card = os.path.join(self.tmp.name, "backups"), os.path.join(self.tmp.name, "card")
+        os.mkdir(backups)
+        os.mkdir(card)
+        self.assertEqual(run_main("backup", backups, "--db", self.db)[0], 0)
+        restored = os.path.join(card, "health.db")
+        self.assertEqual(run_main("restore", os.path.join(backups, os.listdir(backups)[0]), "--db", restored)[0], 0)
+        self.assertFalse(os.path.exists(restored + ".key"))
+        return restored
+
+    def test_a_database_used_with_keys_never_starts_without_one(self):
+        server, _banner = self.start()  # a new database: the receiver's key, in its file
+        hr.Store(self.db).add_people(["ann"], [ANN_KEY])
+        server.shutdown()
+        restored = self.restored_on_a_new_card()
+        for flags in ((), ("--no-auth",)):
+            with self.subTest(flags=flags):
+                code, err = self.refused(*flags, db=restored)
+                self.assertEqual(code, 1)
+                self.assertIn("people with keys of their own: ann", err)
+                self.assertIn(f"people key me --db {restored}", err)
+                self.assertIn(restored + ".key", err)
+        hr.Store(restored).set_key("me", TOKEN)  # people key me
+        self.db = restored
+        server, banner = self.start()
+        self.assertIn("Auth Type: Bearer (each person's own key", banner)
+        self.assertEqual(self.post(server), 401)
+        self.assertEqual(self.post(server, bearer("nope")), 401)
+        self.assertEqual(self.post(server, bearer(ANN_KEY)), 200)
+        self.assertEqual(self.post(server, bearer(TOKEN)), 200)
+        with contextlib.closing(sqlite3.connect(restored)) as conn:
+            self.assertEqual(conn.execute("SELECT person, count(*) FROM syncs GROUP BY person").fetchall(),
+                             [(1, 1), (2, 1)])
+
+    def test_a_backup_of_a_receiver_with_its_own_key_alone_is_refused_without_it(self):
+        server, _banner = self.start()
+        server.shutdown()
+        restored = self.restored_on_a_new_card()
+        code, err = self.refused(db=restored)
+        self.assertEqual(code, 1)
+        self.assertIn("a key of the receiver's", err)
+        with open(restored + ".key", "w") as handle:  # the key file kept with the backups
+            handle.write(TOKEN)
+        os.chmod(restored + ".key", 0o600)
+        self.db = restored
+        server, banner = self.start()
+        self.assertIn("Auth Type: Bearer (key from file", banner)
+        self.assertEqual(self.post(server, bearer(TOKEN)), 200)
+
+    def test_without_a_key_a_request_without_one_is_refused_once_the_owner_has_a_key(self):
+        server, banner = self.start("--no-auth")
+        self.assertEqual(self.post(server), 200)
+        hr.Store(self.db).set_key("me", TOKEN)  # people key me, while it runs
+        self.assertEqual(self.post(server), 401)
+        self.assertEqual(self.post(server, bearer("nope")), 401)
+        self.assertEqual(self.post(server, bearer(TOKEN)), 200)
 
     def test_a_short_key_chosen_by_hand_is_warned_about(self):
         args = hr.serve_parser().parse_args(["--db", self.db])
@@ -6509,6 +7046,31 @@ class KeylessHouseholdTests(ServerTestCase):
         self.assertEqual(self.post(make_payload(), bearer(ANN_KEY))[0], 200)
         self.assertEqual(self.post(make_payload())[0], 200)
         self.assertEqual(self.query("SELECT person, count(*) FROM samples GROUP BY person"), [(1, 7), (2, 7)])
+
+
+class KeyReplacedMidSyncTests(ServerTestCase):
+    """A person's key replaced (people key) while a sync of theirs arrives."""
+
+    token = TOKEN
+
+    def test_a_sync_whose_key_was_replaced_before_its_body_was_complete_stores_nothing(self):
+        self.store.add_people(["ann"], [ANN_KEY])
+        body = encode(make_payload(n=2000, tag="K"))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ANN_KEY}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                         "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+            self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 "))  # admitted with her key
+            self.store.set_key("ann", "ann-new-" + "Qz7" * 10)
+            sock.sendall(body)
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        [(status, _head, text)] = answers(answer)
+        self.assertEqual(status, 503)
+        self.assertIn("replaced", json.loads(text)["error"])
+        self.assertEqual(self.count("samples"), 0)
+        self.assertEqual(self.query("SELECT status, person FROM syncs"), [("failed", 2)])
+        self.assertEqual(self.post(make_payload(tag="K"), bearer(ANN_KEY))[0], 401)  # and its retry is refused
+        self.assertEqual(self.post(make_payload(tag="K"), bearer("ann-new-" + "Qz7" * 10))[0], 200)
 
 
 class PeopleCommandTests(unittest.TestCase):
@@ -6981,6 +7543,34 @@ class OtherToolsTests(StepsTestCase):
         self.assertEqual(self.get(f"{hr.LATEST_PATH}?person=me", ANN_KEY)[0], 404)
         self.assertEqual(self.request("GET", hr.LATEST_PATH, headers={})[0], 401)
 
+    def test_series_bounds_in_unix_seconds_or_milliseconds(self):
+        day = self.post_walk()
+        start = int(datetime.datetime(day.year, day.month, day.day, 7, tzinfo=datetime.timezone.utc).timestamp())
+        in_ms = self.get(f"{hr.SERIES_PATH}?type=StepCount&grain=hour&from={start * 1000}&to={(start + 7200) * 1000}")
+        in_s = self.get(f"{hr.SERIES_PATH}?type=StepCount&grain=hour&from={start}&to={start + 7200}")
+        self.assertEqual((in_s[0], in_s[2]), (200, in_ms[2]))
+        self.assertEqual([row["time"] for row in in_s[2]], [f"{day}T07:00:00.000Z", f"{day}T08:00:00.000Z"])
+        for bound in ("\u0661" * 10, "2026"):  # digits that are not ASCII's; a year alone
+            with self.subTest(bound=bound):
+                status, _, answer = self.get(f"{hr.SERIES_PATH}?type=StepCount&from={quote(bound)}")
+                self.assert_error(status, 400, answer, "seconds or milliseconds")
+
+    def test_every_type_has_a_key_of_its_own_in_latest_and_metrics(self):
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        names = ("HKQuantityTypeIdentifierStepCount", "StepCount", "data.StepCount",
+                 "HKCategoryTypeIdentifierStepCount")
+        self.post({"data": {name: [sample(f"K-{n}", f"{today}T00:0{n}:00Z", n + 1, "count")]
+                            for n, name in enumerate(names)}})
+        latest = self.get(hr.LATEST_PATH)[2]["latest"]
+        self.assertEqual({key: value["type"] for key, value in latest.items()},
+                         {"StepCount": names[0], "HKCategoryTypeIdentifierStepCount": names[3],
+                          "data.StepCount": names[2], "data.data.StepCount": names[1]})
+        families = parse_exposition(self.get(hr.METRICS_PATH)[2].decode())
+        keys = [labels["type"] for _name, labels, _value in families["health_latest_timestamp_seconds"][2]
+                if labels["person"] == "me"]
+        self.assertEqual(sorted(keys), sorted(latest))
+        self.assertEqual(hr.type_keys(["StepCount", names[0]]), {names[0]: "StepCount", "StepCount": "data.StepCount"})
+
     def test_a_gap_appears_when_a_type_stops_and_goes_when_it_arrives(self):
         now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
 
@@ -7007,6 +7597,31 @@ class OtherToolsTests(StepsTestCase):
             conn.execute("DELETE FROM sample_hours WHERE hour >= ?", ((now - datetime.timedelta(days=2)).strftime(
                 "%Y-%m-%dT%H"),))
         self.assertEqual([gap["kind"] for gap in self.get(hr.LATEST_PATH)[2]["gaps"]], ["source"])
+
+    def test_a_sample_dated_ahead_of_its_sync_is_kept_but_neither_latest_nor_hiding_a_gap(self):
+        now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+        def hours_from_now(hours):
+            return (now + datetime.timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+        heart = [sample(f"H-{hours}", hours_from_now(-hours), 60) for hours in range(4 * 24, 20 * 24, 3)]
+        heart.append(sample("H-ahead", "2199-01-01T00:00:00.000Z", 99))  # a clock set far ahead
+        breathing = [sample(f"R-{hours}", hours_from_now(-hours), 15) for hours in range(1, 20 * 24, 3)]
+        mass = [sample("M-1", hours_from_now(-30), 70, "kg"), sample("M-2", hours_from_now(2), 71, "kg")]
+        self.post({"data": {"HKQuantityTypeIdentifierHeartRate": heart,
+                            "HKQuantityTypeIdentifierRespiratoryRate": breathing,
+                            "HKQuantityTypeIdentifierBodyMass": mass}})
+        self.assertEqual(self.query("SELECT count(*) FROM samples WHERE uuid = 'H-ahead'"), [(1,)])  # kept
+        latest = self.get(hr.LATEST_PATH)[2]
+        self.assertEqual((latest["latest"]["HeartRate"]["value"], latest["latest"]["HeartRate"]["time"]),
+                         (60, hours_from_now(-4 * 24)))
+        self.assertEqual(latest["latest"]["BodyMass"]["value"], 71)  # two hours ahead: within a day of arrival
+        self.assertEqual([(gap["kind"], gap["type"]) for gap in latest["gaps"]], [("type", "HeartRate")])
+        families = parse_exposition(self.get(hr.METRICS_PATH)[2].decode())
+        self.assertEqual([number for _name, labels, number in families["health_latest_value"][2]
+                          if labels["type"] == "HeartRate" and labels["person"] == "me"], [60])
+        self.assertEqual([labels["type"] for _n, labels, _v in families["health_receiver_data_gaps"][2]],
+                         ["HeartRate"])
 
     def test_a_device_that_still_sends_other_types_is_named_with_the_types_that_stopped(self):
         now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
