@@ -189,6 +189,13 @@ class Missing(UsageError):
     exit_status = 1
 
 
+class Busy(UsageError):
+    """A command cannot run now (a receiver runs on the database): it
+    failed, and was not misused."""
+
+    exit_status = 1
+
+
 class ClientError(Exception):
     """A request the client got wrong: answered with ``status`` and ``message``."""
 
@@ -4816,10 +4823,10 @@ def database_lock(db_path, exclusive=False):
         except OSError:
             who = process_holding(path)
             if exclusive:
-                raise UsageError(f"a receiver is running on {db_path}" + (f": {who}" if who else "")
-                                 + "; stop it first, nothing was changed") from None
-            raise UsageError(f"{db_path} is being restored" + (f" by {who}" if who else "")
-                             + "; start again once it is done") from None
+                raise Busy(f"a receiver is running on {db_path}" + (f": {who}" if who else "")
+                           + "; stop it first, nothing was changed") from None
+            raise Busy(f"{db_path} is being restored" + (f" by {who}" if who else "")
+                       + "; start again once it is done") from None
         yield
     finally:
         os.close(fd)
@@ -7261,12 +7268,42 @@ def format_measure(value, unit):
 PACE_SECONDS_MAX = 24 * 3600
 
 
-def _pace(seconds):
+def _pace(seconds, per="/km"):
     """5:07 /km; nothing for a pace that is not one (infinite, NaN, absurd)."""
     if not isinstance(seconds, (int, float)) or not 0 < seconds <= PACE_SECONDS_MAX:
         return ""
     minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes}:{seconds:02d} /km"
+    return f"{minutes}:{seconds:02d} {per}"
+
+
+class SpeedStyle(typing.NamedTuple):
+    """How people read a sport's speed: a pace (time per ``metres``) or,
+    when ``metres`` is None, a speed in km/h."""
+
+    title: str
+    metres: typing.Optional[float] = None
+    per: str = "km/h"
+
+    def shown(self, seconds, metres):
+        """``metres`` in ``seconds`` as this style writes it ("" when none)."""
+        if not seconds or not metres or not math.isfinite(seconds / metres):
+            return ""
+        if self.metres is None:
+            speed = metres / seconds * 3.6
+            return f"{speed:.1f} {self.per}" if 0 < speed < 1e6 else ""
+        return _pace(seconds / metres * self.metres, self.per)
+
+
+#: A pace per kilometre: running, walking, hiking and any sport not below.
+PACE_PER_KM = SpeedStyle("Pace", 1000.0, "/km")
+_SPEED = SpeedStyle("Speed")
+#: Sports whose speed people read otherwise (HealthKit's activity names).
+SPEED_STYLES = {
+    "cycling": _SPEED, "handCycling": _SPEED, "downhillSkiing": _SPEED, "snowboarding": _SPEED,
+    "snowSports": _SPEED, "skatingSports": _SPEED, "sailing": _SPEED, "paddleSports": _SPEED,
+    "wheelchairRunPace": _SPEED, "wheelchairWalkPace": _SPEED, "swimBikeRun": _SPEED,
+    "swimming": SpeedStyle("Pace", 100.0, "/100 m"), "rowing": SpeedStyle("Pace", 500.0, "/500 m"),
+}
 
 
 def _cells(*cells):
@@ -7639,6 +7676,7 @@ def render_workout_page(report):
     """The page of one workout: its facts, route, elevation and splits."""
     workout, route = report.workout, report.route
     name = activity_title(workout.activity_type)
+    style = SPEED_STYLES.get(workout.activity_type, PACE_PER_KM)
     out = [f'<p><a href="{_href(report.view, "/")}">&larr; Health receiver</a></p>', f"<h1>{_esc(name)}</h1>",
            _person_nav(report.view), f'<p class="muted">{format_local(workout.start_date, report.view.zone)}'
            f'{" &middot; " + _esc(workout.source) if workout.source else ""}</p>', '<div class="tiles">']
@@ -7647,8 +7685,7 @@ def render_workout_page(report):
                          ("Energy", "" if workout.energy_kcal is None else f"{workout.energy_kcal:,.0f} kcal"),
                          ("Average heart rate", "" if workout.heart_rate is None else
                           f"{workout.heart_rate:.0f} bpm"),
-                         ("Pace", _pace(workout.duration_seconds / distance * 1000)
-                          if distance and workout.duration_seconds else "")):
+                         (style.title, style.shown(workout.duration_seconds, distance))):
         if value:
             out.append(f'<div class="tile"><span>{title}</span><b>{value}</b></div>')
     out.append("</div>")
@@ -7677,9 +7714,9 @@ def render_workout_page(report):
                         f"{seconds / (sum(heart.zone_seconds) or 1):.0%}"))
             for (_share, name), seconds in zip(HEART_ZONES, heart.zone_seconds)]) + "</div>")
     if route.splits:
-        out.append("<h2>Pace per kilometre</h2>")
-        out.append('<div class="narrow">' + _table(("Km", "Pace"), [
-            ("", _cells(str(split.km), _pace(split.seconds))) for split in route.splits]) + "</div>")
+        out.append(f"<h2>{style.title} per kilometre</h2>")
+        out.append('<div class="narrow">' + _table(("Km", style.title), [
+            ("", _cells(str(split.km), style.shown(split.seconds, 1000.0))) for split in route.splits]) + "</div>")
     return _document(f"{name} - Health receiver", out)
 
 

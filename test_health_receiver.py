@@ -1931,7 +1931,7 @@ class ProcessTests(unittest.TestCase):
         self.assertIn(f"restore {backup} --db {self.db}", warning)
         # No restore while the receiver runs, and the process is named.
         code, _out, err = run_main("restore", backup, "--db", self.db)
-        self.assertEqual(code, 2)
+        self.assertEqual(code, 1)  # a refusal, not a usage error
         self.assertIn(f"a receiver is running on {self.db}: process {child.proc.pid}", err)
         status, retry_after, answer = child.post(encode(make_payload(tag="E")))
         self.assertEqual((status, retry_after), (503, str(hr.RETRY_AFTER)))
@@ -4032,6 +4032,20 @@ class HandMadeRecordsTests(unittest.TestCase):
         self.assertIn("<td>1</td><td>5:00 /km</td>", page)
         self.assertIn('aria-label="route"', page)
         self.assertIn('aria-label="elevation"', page)
+        self.assertIn("<span>Pace</span><b>6:00 /km</b>", page)
+
+    def test_a_workout_shows_its_speed_as_people_of_its_sport_read_it(self):
+        route = hr.Track(((47.0, 8.0), (47.009, 8.0)), 1000.0, (), (hr.Split(1, 120.0),))
+        for sport, distance, tile, split in (
+                ("cycling", 20000.0, "<span>Speed</span><b>40.0 km/h</b>", "<td>1</td><td>30.0 km/h</td>"),
+                ("swimming", 1500.0, "<span>Pace</span><b>2:00 /100 m</b>", "<td>1</td><td>0:12 /100 m</td>"),
+                ("rowing", 6000.0, "<span>Pace</span><b>2:30 /500 m</b>", "<td>1</td><td>1:00 /500 m</td>"),
+                ("hiking", 6000.0, "<span>Pace</span><b>5:00 /km</b>", "<td>1</td><td>2:00 /km</td>")):
+            with self.subTest(sport=sport):
+                workout = self.workout._replace(activity_type=sport, distance_m=distance)
+                page = hr.render_workout_page(hr.WorkoutReport(self.view, workout, route))
+                self.assertIn(tile, page)
+                self.assertIn(split, page)
 
 
 #: Numbers at the edges of what JSON can say, as the app could send them.
