@@ -6762,6 +6762,36 @@ class KeyTests(unittest.TestCase):
         self.assertNotIn(TOKEN, banner)
 
 
+class QuickStartTests(ServerTestCase):
+    """The README's quick start works as written: its sample body is a sync
+    whose day reads as the README says."""
+
+    token = TOKEN
+
+    def server_options(self):
+        return {"utc": True}
+
+    def test_the_sample_body_of_the_readme(self):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as handle:
+            readme = handle.read()
+        marker = "<!-- sample body: a test posts it as it is written here -->\n```json\n"
+        body = readme[readme.index(marker) + len(marker):]
+        body = body[:body.index("```")]
+        self.assertLessEqual(len(body.splitlines()), 15)
+        status, _, answer = self.post(body.encode("utf-8"), headers=bearer(TOKEN))
+        self.assertEqual((status, answer["ok"], answer["count"]), (200, True, 4))
+        wait_until(lambda: not self.query("SELECT 1 FROM sample_hours_pending LIMIT 1"))
+
+        def day(name):
+            status, _, rows = self.request("GET", f"{hr.SERIES_PATH}?type={name}&from=2026-03-01&to=2026-03-01",
+                                           headers=bearer(TOKEN))
+            self.assertEqual(status, 200, rows)
+            return rows[0]["value"]
+
+        self.assertEqual((day("Steps"), day("HeartRate"), day("Sleep")), (1800.0, 72.0, 7.5))
+        self.assertIn("1,800 steps, a heart rate of 72, 7.5 hours of sleep", " ".join(readme.split()))
+
+
 class DocumentedEverywhereTests(unittest.TestCase):
     """Every command, every flag of serve and every route is in the README
     and in --help, so that neither drifts from the code."""
