@@ -7920,34 +7920,40 @@ def archived_person(path):
     return match["person"] if match else None
 
 
-def archived_bodies(directory, sync_ids):
-    """The paths of the archive files in ``directory`` of the syncs ``sync_ids``."""
+def archived_bodies(directory, sync_ids, person=None):
+    """The paths of the archive files in ``directory`` of the syncs
+    ``sync_ids`` of ``person`` (a name; None: the first person).  A file is
+    theirs only when both its sync id and its name part are: ids repeat (a
+    restore rewinds them, a folder may be shared), so an id alone would
+    reach another person's bodies."""
     wanted = {str(sync_id) for sync_id in sync_ids}
     found = []
     with contextlib.suppress(OSError):
         for name in sorted(os.listdir(directory)):
             match = _ARCHIVE_NAME.match(name)
-            if match and match["sync"] in wanted:
+            if match and match["sync"] in wanted and match["person"] == (person or None):
                 found.append(os.path.join(directory, name))
     return found
 
 
-def remove_archived(directory, sync_ids):
-    """Remove the archived bodies of the syncs ``sync_ids`` from
-    ``directory`` (a person's data deleted); return how many."""
-    paths = archived_bodies(directory, sync_ids)
+def remove_archived(directory, sync_ids, person=None):
+    """Remove the archived bodies of the syncs ``sync_ids`` of ``person``
+    (see archived_bodies) from ``directory`` (a person's data deleted);
+    return how many."""
+    paths = archived_bodies(directory, sync_ids, person)
     for path in paths:
         os.unlink(path)
     return len(paths)
 
 
-def rename_archived(directory, sync_ids, person):
-    """Give the archived bodies of the syncs ``sync_ids`` the name of
-    ``person`` (renamed; None: the first person's form)."""
-    for path in archived_bodies(directory, sync_ids):
+def rename_archived(directory, sync_ids, person, new_person):
+    """Give the archived bodies of the syncs ``sync_ids`` of ``person`` the
+    name of ``new_person`` (renamed; None: the first person's form)."""
+    for path in archived_bodies(directory, sync_ids, person):
         match = _ARCHIVE_NAME.match(os.path.basename(path))
         stamp = os.path.basename(path)[:16]
-        os.replace(path, os.path.join(directory, f"{stamp}-{match['sync']}{'-' + person if person else ''}.json.gz"))
+        os.replace(path, os.path.join(directory, f"{stamp}-{match['sync']}{'-' + new_person if new_person else ''}"
+                                                 ".json.gz"))
 
 
 class ArchiveWriter:
@@ -11223,7 +11229,7 @@ def _people_rename(store, args, out):
     syncs = store.syncs_of(args.name) if archive else ()
     store.rename_person(args.name, args.new_name)
     if syncs and store.first_person().name != args.new_name:  # the first person's bodies carry no name
-        rename_archived(archive, syncs, args.new_name)
+        rename_archived(archive, syncs, args.name, args.new_name)
     print(f"{args.name} is now {args.new_name}.", file=out)
     return 0
 
@@ -11241,8 +11247,8 @@ def _people_remove(store, args, out):
     rows = store.remove_person(args.name, delete_data=args.delete_data)
     print(f"Removed {args.name}" + (f" and {rows:,} rows of their data." if rows else "."), file=out)
     if syncs:
-        print(f"Removed {remove_archived(archive, syncs):,} bodies of their syncs from the archive {archive}.",
-              file=out)
+        removed = remove_archived(archive, syncs, args.name)
+        print(f"Removed {removed:,} bodies of their syncs from the archive {archive}.", file=out)
     return 0
 
 

@@ -4885,6 +4885,27 @@ class ArchiveTests(ServerTestCase):
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
         self.thread.start()
 
+    def test_renaming_and_removing_a_person_leave_anothers_body_of_the_same_sync_id(self):
+        # me's sync 2 was archived, then a restore rewound the ids: ann's sync is 2 again.
+        self.assertEqual(self.post(make_payload(tag="M"))[0], 200)
+        self.store.add_people(["ann"], [ANN_KEY])
+        hers = self.post(make_payload(tag="H"), headers={"Authorization": "Bearer " + ANN_KEY})[2]
+        wait_until(lambda: len(self.archived()) == 2)
+        mine_before = "20200101T000000Z-%d.json.gz" % hers["sync_id"]
+        with gzip.open(os.path.join(self.archive, mine_before), "wb") as handle:
+            handle.write(encode(make_payload(tag="O")))
+        self.store.keep_setting(hr.ARCHIVE_SETTING, os.path.abspath(self.archive))
+        self.assertEqual(run_main("people", "--db", self.db, "rename", "ann", "anna")[0], 0)
+        names = self.archived()
+        self.assertIn(mine_before, names)
+        self.assertEqual(len([name for name in names if name.endswith("Z-%d-anna.json.gz" % hers["sync_id"])]), 1)
+        self.assertEqual(len(names), 3, names)
+        code, out, err = run_main("people", "--db", self.db, "remove", "anna", "--delete-data", "--yes")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Removed 1 bodies", out)
+        self.assertEqual(len(self.archived()), 2)
+        self.assertIn(mine_before, self.archived())
+
     def test_archive_failure_never_fails_a_stored_sync(self):
         os.rmdir(self.archive)
         with open(self.archive, "w"):
