@@ -9852,8 +9852,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 raise ClientError(HTTPStatus.FORBIDDEN, "This receiver runs without a key (--no-auth), so its pages "
                                   "answer only this machine; start it with a key (the default) to read them from "
                                   "elsewhere.")
-            if access.loopback_without_keys:
-                self._check_host()
+            self._check_host(page=access.loopback_without_keys)
             # A person's own key still says whose a sync is.
             return keys.identify(self.headers, access.login, self.server.identity_of_key) or self.server.owner
         identity = keys.identify(self.headers, access.login, self.server.identity_of_key)
@@ -9874,21 +9873,32 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for {GUESS_BLOCK} s")
         raise keys.login_refusal() if access.login else keys.app_refusal(self.headers)
 
-    def _check_host(self):
+    def _check_host(self, page=True):
         """Without keys, a page answers only under this machine's own names
-        (or --allowed-host): a web page opened on this machine may reach it
-        under a name of its own that resolves here (DNS rebinding), and its
-        browser would then read the answer.  No browser sends a request
+        (or --allowed-host), and the app's endpoint (``page`` False) also
+        under an IP address, as the app on the local network calls it: a
+        web page opened on this machine may reach the receiver under a name
+        of its own that resolves here (DNS rebinding), and its browser would
+        then read the answer or send it forged syncs.  A .local or DNS name
+        of the app's needs --allowed-host.  No browser sends a request
         without a Host (HTTP/1.0 allows it)."""
         host = self.headers.get("Host")
         if host is None:
             return
         name = host_name(host)
-        if not (is_loopback_name(name) or name in self.server.config.allowed_hosts):
+        if is_loopback_name(name) or name in self.server.config.allowed_hosts:
+            return
+        if not page and _address(name) is not None:
+            return
+        if page:
             raise ClientError(HTTPStatus.FORBIDDEN, f"This receiver runs without a key (--no-auth), so its pages "
                               f"answer only to this machine's own names (localhost, 127.0.0.1, ::1), not to "
                               f"{log_safe(name, 60)!r}: a web page could use such a name to read them. If the "
                               f"name is yours, start with --allowed-host {log_safe(name, 60)}.")
+        raise ClientError(HTTPStatus.FORBIDDEN, f"This receiver runs without a key (--no-auth), so it takes syncs "
+                          f"only under an IP address or this machine's own names, not under "
+                          f"{log_safe(name, 60)!r}: a web page could use such a name to send or read them. If the "
+                          f"name is yours (a .local or DNS name), start with --allowed-host {log_safe(name, 60)}.")
 
     def _has_body(self):
         """Whether the headers announce a body (a Content-Length of 0 does not)."""
@@ -10949,7 +10959,8 @@ def serve_parser():
                              "any other forwarding header is the client's own word, ignored")
     parser.add_argument("--allowed-host", metavar="NAME[,NAME...]", type=_host_names, default=(),
                         help="with --no-auth, names (Host) besides localhost and the loopback addresses that the "
-                             "pages answer to (default: none)")
+                             "pages and the app's endpoint answer to (the endpoint also to any IP address: a .local "
+                             "or DNS name of the app's needs this; default: none)")
     parser.add_argument("--backup-dir", metavar="DIR", help="make backups here while serving (with --backup-every)")
     parser.add_argument("--backup-every", type=_positive_number, metavar="HOURS",
                         help="hours between backups into --backup-dir (24 is a good choice)")
