@@ -3994,6 +3994,11 @@ class Store:
                 raise UsageError(f"a person named {log_safe(new_name, 60)} exists already")
             conn.execute("UPDATE people SET name = ? WHERE id = ?", (new_name, person.id))
 
+    def holds_syncs(self):
+        """Whether any sync was ever recorded (stored or refused)."""
+        with self.reader() as conn:
+            return conn.execute(f"SELECT 1 FROM main.{SYNCS.name} LIMIT 1").fetchone() is not None
+
     def syncs_of(self, name):
         """The ids of the syncs of the person named ``name``."""
         with self.reader() as conn:
@@ -10703,6 +10708,9 @@ def _serve(config, out, ready):
             if refusal:
                 raise Missing(refusal)
             config.own_keys_only = owner.has_key
+            warning = keyless_warning(config, owner)
+            if warning:
+                config.warnings = (*config.warnings, warning)
         _keep_what_this_start_uses(store, config)
         config.keys = config.keys.owned_by(Identity(owner.name, owner.id))
         server = HealthReceiverServer(config, store)
@@ -10817,8 +10825,8 @@ def resolve_key(args, environ):
 
     The key comes from --token-file, then $HEALTH_RECEIVER_TOKEN, then
     <db>.key.  A new database gets a random key, saved there (mode 0600).
-    A database used before without a key keeps working without one, with a
-    warning; --no-auth runs without a key on purpose.
+    Without one, an existing database starts only if it holds no syncs yet
+    (see keyless_refusal); --no-auth runs without a key on purpose.
     """
     if args.no_auth:
         return None, None, False, ()
@@ -10834,11 +10842,8 @@ def resolve_key(args, environ):
         except OSError as exc:
             raise UsageError(f"cannot save a new key in {key_path}: {exc.strerror}") from None
         source, generated = f"file {key_path}", True
-    if token is None:
-        return None, None, False, (
-            f"WARNING: this database has been used without a key, so it still takes syncs without one. To "
-            f"require a key: put one in {key_path} (chmod 600) or in ${TOKEN_ENV}, then set Auth Type Bearer "
-            f"in the app.",)
+    if token is None:  # keyless_refusal and keyless_warning decide, knowing the database
+        return None, None, False, ()
     check_key(token)
     warnings = [key_file_warning(args.token_file or key_path) if source.startswith("file") else None]
     if len(token) < KEY_CHARACTERS_MIN:
@@ -10850,24 +10855,47 @@ def resolve_key(args, environ):
 
 def keyless_refusal(store, config, owner):
     """Why the receiver, which found no key of its own, must not run
-    without one, or None: its database has people with keys, or ran with
-    a key of the receiver's (a backup restored without its key file), and
-    ``owner``, whom a request without a key would be, has none of their
-    own (with one, each person's own key lets them in).  --no-auth is
-    refused too where people have keys: anyone could post as ``owner``."""
+    without one, or None.  When ``owner``, whom a request without a key
+    would be, has a key of their own, each person's own key lets them in:
+    None.  Otherwise refused: a database whose people have keys, --no-auth
+    or not (anyone could post as ``owner``); and without --no-auth, one
+    that ran with a key of the receiver's or already holds syncs (a backup
+    restored without its key file: a version before the mark of a key kept
+    none, so syncs are the sign that it was in use)."""
     if owner.has_key:
         return None
     keyed = [person.name for person in store.people() if person.has_key]
-    if not keyed and (config.no_auth or not store.setting(RECEIVER_KEY_SETTING)):
-        return None
-    used = (f"people with keys of their own: {', '.join(keyed[:5])}{', ...' if len(keyed) > 5 else ''}" if keyed
-            else "a key of the receiver's")
     key_path = config.db + KEY_FILE_SUFFIX
-    return (f"{config.db} has been used with keys ({used}), but no key of the receiver's was found for "
-            f"{owner.name} (in --token-file, ${TOKEN_ENV} or {key_path}), and such a database never runs without "
-            f"one (anyone could post as {owner.name}). Put the key the app sends into {key_path} (chmod 600; the "
-            f"app's REST API settings show it), or give {owner.name} a new key to enter in the app: "
-            f"python3 health_receiver.py people key {owner.name} --db {config.db}")
+    if keyed:
+        used = f"people with keys of their own: {', '.join(keyed[:5])}{', ...' if len(keyed) > 5 else ''}"
+        return (f"{config.db} has been used with keys ({used}), but no key of the receiver's was found for "
+                f"{owner.name} (in --token-file, ${TOKEN_ENV} or {key_path}), and such a database never runs "
+                f"without one, --no-auth or not (anyone could post as {owner.name}). Put the key the app sends "
+                f"into {key_path} (chmod 600; the app's REST API settings show it), or give {owner.name} a new key "
+                f"to enter in the app: python3 health_receiver.py people key {owner.name} --db {config.db}")
+    if config.no_auth:
+        return None
+    if store.setting(RECEIVER_KEY_SETTING):
+        used = "it has run with a key of the receiver's"
+    elif store.holds_syncs():
+        used = "it holds syncs already"
+    else:
+        return None
+    return (f"{config.db} was in use ({used}), but no key was found (in --token-file, ${TOKEN_ENV} or "
+            f"{key_path}), so the receiver does not start: it would take syncs from anyone. Put the key file back "
+            f"as {key_path} (chmod 600; the app's REST API settings show the key) or set ${TOKEN_ENV}; or start "
+            f"with --no-auth to run without a key on purpose.")
+
+
+def keyless_warning(config, owner):
+    """The banner's warning for a start without a key of the receiver's
+    that takes syncs without any key (not --no-auth, which says so, nor
+    one whose owner has a key of their own, where requests need one), or
+    None."""
+    if config.keys.required or config.no_auth or owner.has_key:
+        return None
+    return (f"WARNING: no key was found, so this receiver takes syncs without one. To require a key: put one in "
+            f"{config.db + KEY_FILE_SUFFIX} (chmod 600) or in ${TOKEN_ENV}, then set Auth Type Bearer in the app.")
 
 
 def _keep_what_this_start_uses(store, config):

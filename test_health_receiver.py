@@ -6681,15 +6681,42 @@ class KeyTests(unittest.TestCase):
         self.assertIn("key from file " + key_file, banner)
         self.assertEqual(self.post(server, {"Authorization": "Bearer " + key}), 200)
 
-    def test_a_database_used_without_a_key_keeps_working_without_one(self):
+    def test_a_database_without_syncs_starts_without_a_key_with_a_warning(self):
         store = hr.Store(self.db)
         store.open()
         store.close()
         server, banner = self.start()
         self.assertFalse(os.path.exists(self.db + ".key"))
         self.assertIn("Auth Type: None", banner)
-        self.assertIn("used without a key", banner)
+        self.assertIn("takes syncs without one", banner)
         self.assertEqual(self.post(server), 200)
+
+    def test_a_database_holding_syncs_starts_without_a_key_only_with_no_auth(self):
+        # As a database of a release before the mark of a key, restored without its key file.
+        server, _banner = self.start("--no-auth")
+        self.assertEqual(self.post(server), 200)
+        server.shutdown()
+        self.assertIsNone(hr.Store(self.db).setting(hr.RECEIVER_KEY_SETTING))
+        code, err = self.refused()
+        self.assertEqual(code, 1)
+        self.assertIn("holds syncs", err)
+        self.assertIn(self.db + ".key", err)
+        self.assertIn(hr.TOKEN_ENV, err)
+        self.assertIn("--no-auth", err)
+        self.assertEqual(self.refused("--no-auth")[0], 0)
+        server, banner = self.start(environ={hr.TOKEN_ENV: TOKEN})
+        self.assertEqual(self.post(server), 401)
+
+    def test_with_the_first_persons_own_key_alone_the_banner_does_not_warn_of_syncs_without_a_key(self):
+        server, _banner = self.start("--no-auth")
+        server.shutdown()
+        hr.Store(self.db).set_key("me", TOKEN)  # people key me; no key file
+        server, banner = self.start()
+        self.assertIn("Auth Type: Bearer (each person's own key", banner)
+        self.assertNotIn("without one", banner)
+        self.assertNotIn("WARNING", banner)
+        self.assertEqual(self.post(server), 401)
+        self.assertEqual(self.post(server, bearer(TOKEN)), 200)
 
     def refused(self, *flags, db=None):
         """serve() as main() runs it on ``db`` (by default this test's),
