@@ -1807,6 +1807,9 @@ QUICK_CHECK_SECONDS = 10
 DAMAGED = ("The database {path} is damaged ({detail}); nothing more is written to it, and syncs are refused "
            "(the app keeps them and retries). Stop the receiver, keep a copy of the file, then run: "
            "sqlite3 {path} .recover | sqlite3 recovered.db, and start with --db recovered.db (or restore a backup).")
+#: DAMAGED as a person who is not an admin reads it: without paths.
+DAMAGED_SEEN = ("The database is damaged; nothing more is written to it, and syncs are refused (the app keeps them "
+                "and retries). The receiver's log says how to recover it.")
 #: SQLite page cache of a migration in KiB: it rewrites whole tables.
 MIGRATION_CACHE_KIB = 64000
 #: Rows a migration copies between two progress lines.
@@ -8363,6 +8366,7 @@ class BackupSchedule:
             answer["last"] = {"path": last.path, "made_at": last.made_at, "bytes": last.size, "verified": True}
         if self.failure is not None:
             answer["warning"] = f"the last backup failed at {self.failure[0]}: {self.failure[1]}"
+            answer["warning_without_paths"] = f"the last backup failed at {self.failure[0]}"
         elif last is None:
             answer["warning"] = "no backup made yet"
         elif (now - _exact_stamp(last.made_at)).total_seconds() > 2 * self.every:
@@ -10079,9 +10083,22 @@ def _backups_seen(request):
         return None
     status = backups.status()
     _store(request)  # sets request.caller
+    seen = status.pop("warning_without_paths", None) or status["warning"]  # a failure's text may name paths
     if request.caller.admin:
         return status
-    return dict(status, folder=None, last=status["last"] and dict(status["last"], path=None))
+    return dict(status, folder=None, last=status["last"] and dict(status["last"], path=None), warning=seen)
+
+
+def _damage_seen(request):
+    """The damaged database's text as the caller may see it: its paths and
+    the command to recover it are an admin's (or, while the people cannot
+    be read, the log's) to know."""
+    damage = request.server.store.damage
+    try:
+        admin = _store(request) is not None and request.caller.admin
+    except (StorageUnavailable, sqlite3.Error, ClientError):
+        admin = False
+    return damage if admin else DAMAGED_SEEN
 
 
 def _status_report(request):
@@ -10097,7 +10114,7 @@ def _status_report(request):
 def status_page(request):
     damage = request.server.store.damage
     if damage:
-        return html_answer(render_damaged_page(damage))._replace(status=HTTPStatus.SERVICE_UNAVAILABLE)
+        return html_answer(render_damaged_page(_damage_seen(request)))._replace(status=HTTPStatus.SERVICE_UNAVAILABLE)
     return html_answer(render_status_page(_status_report(request)))
 
 
@@ -10139,7 +10156,7 @@ def connection_check(request):
     """GET on the endpoint: the app's "Test Connection"."""
     server = request.server
     if server.store.damage:
-        return failure_answer(request, HTTPStatus.SERVICE_UNAVAILABLE, server.store.damage)
+        return failure_answer(request, HTTPStatus.SERVICE_UNAVAILABLE, _damage_seen(request))
     answer = {"ok": True, "service": "health_receiver", "version": __version__, "person": _store(request).person.name,
               **connection_facts(_store(request)), "ingests_in_progress": server.ingests_in_progress}
     peak = peak_rss_mb()

@@ -1592,6 +1592,29 @@ class ScheduledBackupTests(ServerTestCase):
                     self.assertEqual(backup["last"]["path"] is not None, admin)
                     self.assertEqual(backup["last"]["verified"], True)
 
+    def test_a_failed_backups_paths_and_a_damaged_databases_are_shown_to_an_admin_only(self):
+        self.store.add_people(["ann"], [ANN_KEY])
+        shutil.rmtree(self.folder)
+        wait_until(lambda: self.request("GET")[2]["backup"]["failed"])
+        mine, hers = self.request("GET")[2]["backup"], self.request("GET", headers=bearer(ANN_KEY))[2]["backup"]
+        self.assertIn(self.tmp.name, mine["warning"])
+        self.assertIn("the last backup failed at", hers["warning"])
+        self.assertNotIn(self.tmp.name, hers["warning"])
+        self.assertNotIn(self.tmp.name, self.request("GET", "/", headers=login(ANN_KEY))[2].decode())
+        self.assertNotIn(self.tmp.name, json.dumps(self.request("GET", hr.SUMMARY_PATH, headers=login(ANN_KEY))[2]))
+        self.server.store.damage = hr.DAMAGED.format(path=os.path.abspath(self.db), detail="test")
+        try:
+            for headers, admin in (({}, True), (login(ANN_KEY), False)):
+                with self.subTest(admin=admin):
+                    page = self.request("GET", "/", headers=headers)[2].decode()
+                    endpoint = self.request("GET", headers=bearer(ANN_KEY) if headers else {})[2]
+                    self.assertIn("damaged", page)
+                    self.assertIn("damaged", endpoint["error"])
+                    self.assertEqual(os.path.abspath(self.db) in page, admin)
+                    self.assertEqual(os.path.abspath(self.db) in endpoint["error"], admin)
+        finally:
+            self.server.store.damage = None
+
     def test_scheduled_backups_happen_keep_their_number_and_show_on_the_page(self):
         self.assertEqual(self.post(make_payload())[0], 200)
         wait_until(lambda: any("backup " in line and "verified" in line for line in self.log_lines()))
