@@ -1807,6 +1807,9 @@ QUICK_CHECK_SECONDS = 10
 DAMAGED = ("The database {path} is damaged ({detail}); nothing more is written to it, and syncs are refused "
            "(the app keeps them and retries). Stop the receiver, keep a copy of the file, then run: "
            "sqlite3 {path} .recover | sqlite3 recovered.db, and start with --db recovered.db (or restore a backup).")
+#: DAMAGED as a person who is not an admin reads it: without paths.
+DAMAGED_SEEN = ("The database is damaged; nothing more is written to it, and syncs are refused (the app keeps them "
+                "and retries). The receiver's log says how to recover it.")
 #: SQLite page cache of a migration in KiB: it rewrites whole tables.
 MIGRATION_CACHE_KIB = 64000
 #: Rows a migration copies between two progress lines.
@@ -3993,6 +3996,11 @@ class Store:
             if conn.execute(f"{_PEOPLE_SQL} WHERE name = ?", (new_name,)).fetchone():
                 raise UsageError(f"a person named {log_safe(new_name, 60)} exists already")
             conn.execute("UPDATE people SET name = ? WHERE id = ?", (new_name, person.id))
+
+    def holds_syncs(self):
+        """Whether any sync was ever recorded (stored or refused)."""
+        with self.reader() as conn:
+            return conn.execute(f"SELECT 1 FROM main.{SYNCS.name} LIMIT 1").fetchone() is not None
 
     def syncs_of(self, name):
         """The ids of the syncs of the person named ``name``."""
@@ -7920,34 +7928,40 @@ def archived_person(path):
     return match["person"] if match else None
 
 
-def archived_bodies(directory, sync_ids):
-    """The paths of the archive files in ``directory`` of the syncs ``sync_ids``."""
+def archived_bodies(directory, sync_ids, person=None):
+    """The paths of the archive files in ``directory`` of the syncs
+    ``sync_ids`` of ``person`` (a name; None: the first person).  A file is
+    theirs only when both its sync id and its name part are: ids repeat (a
+    restore rewinds them, a folder may be shared), so an id alone would
+    reach another person's bodies."""
     wanted = {str(sync_id) for sync_id in sync_ids}
     found = []
     with contextlib.suppress(OSError):
         for name in sorted(os.listdir(directory)):
             match = _ARCHIVE_NAME.match(name)
-            if match and match["sync"] in wanted:
+            if match and match["sync"] in wanted and match["person"] == (person or None):
                 found.append(os.path.join(directory, name))
     return found
 
 
-def remove_archived(directory, sync_ids):
-    """Remove the archived bodies of the syncs ``sync_ids`` from
-    ``directory`` (a person's data deleted); return how many."""
-    paths = archived_bodies(directory, sync_ids)
+def remove_archived(directory, sync_ids, person=None):
+    """Remove the archived bodies of the syncs ``sync_ids`` of ``person``
+    (see archived_bodies) from ``directory`` (a person's data deleted);
+    return how many."""
+    paths = archived_bodies(directory, sync_ids, person)
     for path in paths:
         os.unlink(path)
     return len(paths)
 
 
-def rename_archived(directory, sync_ids, person):
-    """Give the archived bodies of the syncs ``sync_ids`` the name of
-    ``person`` (renamed; None: the first person's form)."""
-    for path in archived_bodies(directory, sync_ids):
+def rename_archived(directory, sync_ids, person, new_person):
+    """Give the archived bodies of the syncs ``sync_ids`` of ``person`` the
+    name of ``new_person`` (renamed; None: the first person's form)."""
+    for path in archived_bodies(directory, sync_ids, person):
         match = _ARCHIVE_NAME.match(os.path.basename(path))
         stamp = os.path.basename(path)[:16]
-        os.replace(path, os.path.join(directory, f"{stamp}-{match['sync']}{'-' + person if person else ''}.json.gz"))
+        os.replace(path, os.path.join(directory, f"{stamp}-{match['sync']}{'-' + new_person if new_person else ''}"
+                                                 ".json.gz"))
 
 
 class ArchiveWriter:
@@ -8352,6 +8366,7 @@ class BackupSchedule:
             answer["last"] = {"path": last.path, "made_at": last.made_at, "bytes": last.size, "verified": True}
         if self.failure is not None:
             answer["warning"] = f"the last backup failed at {self.failure[0]}: {self.failure[1]}"
+            answer["warning_without_paths"] = f"the last backup failed at {self.failure[0]}"
         elif last is None:
             answer["warning"] = "no backup made yet"
         elif (now - _exact_stamp(last.made_at)).total_seconds() > 2 * self.every:
@@ -9846,8 +9861,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 raise ClientError(HTTPStatus.FORBIDDEN, "This receiver runs without a key (--no-auth), so its pages "
                                   "answer only this machine; start it with a key (the default) to read them from "
                                   "elsewhere.")
-            if access.loopback_without_keys:
-                self._check_host()
+            self._check_host(page=access.loopback_without_keys)
             # A person's own key still says whose a sync is.
             return keys.identify(self.headers, access.login, self.server.identity_of_key) or self.server.owner
         identity = keys.identify(self.headers, access.login, self.server.identity_of_key)
@@ -9868,21 +9882,32 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
                 self.log_error(f"{GUESS_LIMIT} wrong keys within {GUESS_WINDOW:.0f} s: refused for {GUESS_BLOCK} s")
         raise keys.login_refusal() if access.login else keys.app_refusal(self.headers)
 
-    def _check_host(self):
+    def _check_host(self, page=True):
         """Without keys, a page answers only under this machine's own names
-        (or --allowed-host): a web page opened on this machine may reach it
-        under a name of its own that resolves here (DNS rebinding), and its
-        browser would then read the answer.  No browser sends a request
+        (or --allowed-host), and the app's endpoint (``page`` False) also
+        under an IP address, as the app on the local network calls it: a
+        web page opened on this machine may reach the receiver under a name
+        of its own that resolves here (DNS rebinding), and its browser would
+        then read the answer or send it forged syncs.  A .local or DNS name
+        of the app's needs --allowed-host.  No browser sends a request
         without a Host (HTTP/1.0 allows it)."""
         host = self.headers.get("Host")
         if host is None:
             return
         name = host_name(host)
-        if not (is_loopback_name(name) or name in self.server.config.allowed_hosts):
+        if is_loopback_name(name) or name in self.server.config.allowed_hosts:
+            return
+        if not page and _address(name) is not None:
+            return
+        if page:
             raise ClientError(HTTPStatus.FORBIDDEN, f"This receiver runs without a key (--no-auth), so its pages "
                               f"answer only to this machine's own names (localhost, 127.0.0.1, ::1), not to "
                               f"{log_safe(name, 60)!r}: a web page could use such a name to read them. If the "
                               f"name is yours, start with --allowed-host {log_safe(name, 60)}.")
+        raise ClientError(HTTPStatus.FORBIDDEN, f"This receiver runs without a key (--no-auth), so it takes syncs "
+                          f"only under an IP address or this machine's own names, not under "
+                          f"{log_safe(name, 60)!r}: a web page could use such a name to send or read them. If the "
+                          f"name is yours (a .local or DNS name), start with --allowed-host {log_safe(name, 60)}.")
 
     def _has_body(self):
         """Whether the headers announce a body (a Content-Length of 0 does not)."""
@@ -10058,9 +10083,22 @@ def _backups_seen(request):
         return None
     status = backups.status()
     _store(request)  # sets request.caller
+    seen = status.pop("warning_without_paths", None) or status["warning"]  # a failure's text may name paths
     if request.caller.admin:
         return status
-    return dict(status, folder=None, last=status["last"] and dict(status["last"], path=None))
+    return dict(status, folder=None, last=status["last"] and dict(status["last"], path=None), warning=seen)
+
+
+def _damage_seen(request):
+    """The damaged database's text as the caller may see it: its paths and
+    the command to recover it are an admin's (or, while the people cannot
+    be read, the log's) to know."""
+    damage = request.server.store.damage
+    try:
+        admin = _store(request) is not None and request.caller.admin
+    except (StorageUnavailable, sqlite3.Error, ClientError):
+        admin = False
+    return damage if admin else DAMAGED_SEEN
 
 
 def _status_report(request):
@@ -10076,7 +10114,7 @@ def _status_report(request):
 def status_page(request):
     damage = request.server.store.damage
     if damage:
-        return html_answer(render_damaged_page(damage))._replace(status=HTTPStatus.SERVICE_UNAVAILABLE)
+        return html_answer(render_damaged_page(_damage_seen(request)))._replace(status=HTTPStatus.SERVICE_UNAVAILABLE)
     return html_answer(render_status_page(_status_report(request)))
 
 
@@ -10118,7 +10156,7 @@ def connection_check(request):
     """GET on the endpoint: the app's "Test Connection"."""
     server = request.server
     if server.store.damage:
-        return failure_answer(request, HTTPStatus.SERVICE_UNAVAILABLE, server.store.damage)
+        return failure_answer(request, HTTPStatus.SERVICE_UNAVAILABLE, _damage_seen(request))
     answer = {"ok": True, "service": "health_receiver", "version": __version__, "person": _store(request).person.name,
               **connection_facts(_store(request)), "ingests_in_progress": server.ingests_in_progress}
     peak = peak_rss_mb()
@@ -10687,6 +10725,9 @@ def _serve(config, out, ready):
             if refusal:
                 raise Missing(refusal)
             config.own_keys_only = owner.has_key
+            warning = keyless_warning(config, owner)
+            if warning:
+                config.warnings = (*config.warnings, warning)
         _keep_what_this_start_uses(store, config)
         config.keys = config.keys.owned_by(Identity(owner.name, owner.id))
         server = HealthReceiverServer(config, store)
@@ -10801,8 +10842,8 @@ def resolve_key(args, environ):
 
     The key comes from --token-file, then $HEALTH_RECEIVER_TOKEN, then
     <db>.key.  A new database gets a random key, saved there (mode 0600).
-    A database used before without a key keeps working without one, with a
-    warning; --no-auth runs without a key on purpose.
+    Without one, an existing database starts only if it holds no syncs yet
+    (see keyless_refusal); --no-auth runs without a key on purpose.
     """
     if args.no_auth:
         return None, None, False, ()
@@ -10818,11 +10859,8 @@ def resolve_key(args, environ):
         except OSError as exc:
             raise UsageError(f"cannot save a new key in {key_path}: {exc.strerror}") from None
         source, generated = f"file {key_path}", True
-    if token is None:
-        return None, None, False, (
-            f"WARNING: this database has been used without a key, so it still takes syncs without one. To "
-            f"require a key: put one in {key_path} (chmod 600) or in ${TOKEN_ENV}, then set Auth Type Bearer "
-            f"in the app.",)
+    if token is None:  # keyless_refusal and keyless_warning decide, knowing the database
+        return None, None, False, ()
     check_key(token)
     warnings = [key_file_warning(args.token_file or key_path) if source.startswith("file") else None]
     if len(token) < KEY_CHARACTERS_MIN:
@@ -10834,24 +10872,47 @@ def resolve_key(args, environ):
 
 def keyless_refusal(store, config, owner):
     """Why the receiver, which found no key of its own, must not run
-    without one, or None: its database has people with keys, or ran with
-    a key of the receiver's (a backup restored without its key file), and
-    ``owner``, whom a request without a key would be, has none of their
-    own (with one, each person's own key lets them in).  --no-auth is
-    refused too where people have keys: anyone could post as ``owner``."""
+    without one, or None.  When ``owner``, whom a request without a key
+    would be, has a key of their own, each person's own key lets them in:
+    None.  Otherwise refused: a database whose people have keys, --no-auth
+    or not (anyone could post as ``owner``); and without --no-auth, one
+    that ran with a key of the receiver's or already holds syncs (a backup
+    restored without its key file: a version before the mark of a key kept
+    none, so syncs are the sign that it was in use)."""
     if owner.has_key:
         return None
     keyed = [person.name for person in store.people() if person.has_key]
-    if not keyed and (config.no_auth or not store.setting(RECEIVER_KEY_SETTING)):
-        return None
-    used = (f"people with keys of their own: {', '.join(keyed[:5])}{', ...' if len(keyed) > 5 else ''}" if keyed
-            else "a key of the receiver's")
     key_path = config.db + KEY_FILE_SUFFIX
-    return (f"{config.db} has been used with keys ({used}), but no key of the receiver's was found for "
-            f"{owner.name} (in --token-file, ${TOKEN_ENV} or {key_path}), and such a database never runs without "
-            f"one (anyone could post as {owner.name}). Put the key the app sends into {key_path} (chmod 600; the "
-            f"app's REST API settings show it), or give {owner.name} a new key to enter in the app: "
-            f"python3 health_receiver.py people key {owner.name} --db {config.db}")
+    if keyed:
+        used = f"people with keys of their own: {', '.join(keyed[:5])}{', ...' if len(keyed) > 5 else ''}"
+        return (f"{config.db} has been used with keys ({used}), but no key of the receiver's was found for "
+                f"{owner.name} (in --token-file, ${TOKEN_ENV} or {key_path}), and such a database never runs "
+                f"without one, --no-auth or not (anyone could post as {owner.name}). Put the key the app sends "
+                f"into {key_path} (chmod 600; the app's REST API settings show it), or give {owner.name} a new key "
+                f"to enter in the app: python3 health_receiver.py people key {owner.name} --db {config.db}")
+    if config.no_auth:
+        return None
+    if store.setting(RECEIVER_KEY_SETTING):
+        used = "it has run with a key of the receiver's"
+    elif store.holds_syncs():
+        used = "it holds syncs already"
+    else:
+        return None
+    return (f"{config.db} was in use ({used}), but no key was found (in --token-file, ${TOKEN_ENV} or "
+            f"{key_path}), so the receiver does not start: it would take syncs from anyone. Put the key file back "
+            f"as {key_path} (chmod 600; the app's REST API settings show the key) or set ${TOKEN_ENV}; or start "
+            f"with --no-auth to run without a key on purpose.")
+
+
+def keyless_warning(config, owner):
+    """The banner's warning for a start without a key of the receiver's
+    that takes syncs without any key (not --no-auth, which says so, nor
+    one whose owner has a key of their own, where requests need one), or
+    None."""
+    if config.keys.required or config.no_auth or owner.has_key:
+        return None
+    return (f"WARNING: no key was found, so this receiver takes syncs without one. To require a key: put one in "
+            f"{config.db + KEY_FILE_SUFFIX} (chmod 600) or in ${TOKEN_ENV}, then set Auth Type Bearer in the app.")
 
 
 def _keep_what_this_start_uses(store, config):
@@ -10943,7 +11004,8 @@ def serve_parser():
                              "any other forwarding header is the client's own word, ignored")
     parser.add_argument("--allowed-host", metavar="NAME[,NAME...]", type=_host_names, default=(),
                         help="with --no-auth, names (Host) besides localhost and the loopback addresses that the "
-                             "pages answer to (default: none)")
+                             "pages and the app's endpoint answer to (the endpoint also to any IP address: a .local "
+                             "or DNS name of the app's needs this; default: none)")
     parser.add_argument("--backup-dir", metavar="DIR", help="make backups here while serving (with --backup-every)")
     parser.add_argument("--backup-every", type=_positive_number, metavar="HOURS",
                         help="hours between backups into --backup-dir (24 is a good choice)")
@@ -11223,7 +11285,7 @@ def _people_rename(store, args, out):
     syncs = store.syncs_of(args.name) if archive else ()
     store.rename_person(args.name, args.new_name)
     if syncs and store.first_person().name != args.new_name:  # the first person's bodies carry no name
-        rename_archived(archive, syncs, args.new_name)
+        rename_archived(archive, syncs, args.name, args.new_name)
     print(f"{args.name} is now {args.new_name}.", file=out)
     return 0
 
@@ -11241,8 +11303,8 @@ def _people_remove(store, args, out):
     rows = store.remove_person(args.name, delete_data=args.delete_data)
     print(f"Removed {args.name}" + (f" and {rows:,} rows of their data." if rows else "."), file=out)
     if syncs:
-        print(f"Removed {remove_archived(archive, syncs):,} bodies of their syncs from the archive {archive}.",
-              file=out)
+        removed = remove_archived(archive, syncs, args.name)
+        print(f"Removed {removed:,} bodies of their syncs from the archive {archive}.", file=out)
     return 0
 
 

@@ -1592,6 +1592,29 @@ class ScheduledBackupTests(ServerTestCase):
                     self.assertEqual(backup["last"]["path"] is not None, admin)
                     self.assertEqual(backup["last"]["verified"], True)
 
+    def test_a_failed_backups_paths_and_a_damaged_databases_are_shown_to_an_admin_only(self):
+        self.store.add_people(["ann"], [ANN_KEY])
+        shutil.rmtree(self.folder)
+        wait_until(lambda: self.request("GET")[2]["backup"]["failed"])
+        mine, hers = self.request("GET")[2]["backup"], self.request("GET", headers=bearer(ANN_KEY))[2]["backup"]
+        self.assertIn(self.tmp.name, mine["warning"])
+        self.assertIn("the last backup failed at", hers["warning"])
+        self.assertNotIn(self.tmp.name, hers["warning"])
+        self.assertNotIn(self.tmp.name, self.request("GET", "/", headers=login(ANN_KEY))[2].decode())
+        self.assertNotIn(self.tmp.name, json.dumps(self.request("GET", hr.SUMMARY_PATH, headers=login(ANN_KEY))[2]))
+        self.server.store.damage = hr.DAMAGED.format(path=os.path.abspath(self.db), detail="test")
+        try:
+            for headers, admin in (({}, True), (login(ANN_KEY), False)):
+                with self.subTest(admin=admin):
+                    page = self.request("GET", "/", headers=headers)[2].decode()
+                    endpoint = self.request("GET", headers=bearer(ANN_KEY) if headers else {})[2]
+                    self.assertIn("damaged", page)
+                    self.assertIn("damaged", endpoint["error"])
+                    self.assertEqual(os.path.abspath(self.db) in page, admin)
+                    self.assertEqual(os.path.abspath(self.db) in endpoint["error"], admin)
+        finally:
+            self.server.store.damage = None
+
     def test_scheduled_backups_happen_keep_their_number_and_show_on_the_page(self):
         self.assertEqual(self.post(make_payload())[0], 200)
         wait_until(lambda: any("backup " in line and "verified" in line for line in self.log_lines()))
@@ -4885,6 +4908,27 @@ class ArchiveTests(ServerTestCase):
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
         self.thread.start()
 
+    def test_renaming_and_removing_a_person_leave_anothers_body_of_the_same_sync_id(self):
+        # me's sync 2 was archived, then a restore rewound the ids: ann's sync is 2 again.
+        self.assertEqual(self.post(make_payload(tag="M"))[0], 200)
+        self.store.add_people(["ann"], [ANN_KEY])
+        hers = self.post(make_payload(tag="H"), headers={"Authorization": "Bearer " + ANN_KEY})[2]
+        wait_until(lambda: len(self.archived()) == 2)
+        mine_before = "20200101T000000Z-%d.json.gz" % hers["sync_id"]
+        with gzip.open(os.path.join(self.archive, mine_before), "wb") as handle:
+            handle.write(encode(make_payload(tag="O")))
+        self.store.keep_setting(hr.ARCHIVE_SETTING, os.path.abspath(self.archive))
+        self.assertEqual(run_main("people", "--db", self.db, "rename", "ann", "anna")[0], 0)
+        names = self.archived()
+        self.assertIn(mine_before, names)
+        self.assertEqual(len([name for name in names if name.endswith("Z-%d-anna.json.gz" % hers["sync_id"])]), 1)
+        self.assertEqual(len(names), 3, names)
+        code, out, err = run_main("people", "--db", self.db, "remove", "anna", "--delete-data", "--yes")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Removed 1 bodies", out)
+        self.assertEqual(len(self.archived()), 2)
+        self.assertIn(mine_before, self.archived())
+
     def test_archive_failure_never_fails_a_stored_sync(self):
         os.rmdir(self.archive)
         with open(self.archive, "w"):
@@ -4999,11 +5043,11 @@ class ProtocolTests(unittest.TestCase):
         status, head, body = self.get("/items/", key)
         self.assertEqual((status, json.loads(body)["error"]), (404, "Nothing here; the endpoint is "
                                                                      f"{hr.DEFAULT_PATH}."))
-        [(status, head, body)] = self.exchange(b"DELETE /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        [(status, head, body)] = self.exchange(b"DELETE /items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertEqual((status, head["Allow"]), (405, "GET, HEAD"))
-        [(status, head, body)] = self.exchange(b"GET /api/health-data/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        [(status, head, body)] = self.exchange(b"GET /api/health-data/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertEqual((status, head["Allow"]), (405, "POST"))
-        [(status, head, body)] = self.exchange(f"HEAD /items/1 HTTP/1.1\r\nHost: x\r\n{key}\r\n".encode())
+        [(status, head, body)] = self.exchange(f"HEAD /items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}\r\n".encode())
         self.assertEqual((status, body), (200, b""))
         self.assertGreater(int(head["Content-Length"]), 0)
 
@@ -5038,7 +5082,7 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual((status, head["Transfer-Encoding"], body), (200, "chunked", b"abc"))
         status, head, body = self.get("/stream", key, version="HTTP/1.0")
         self.assertEqual((status, head["Connection"], body), (200, "close", b"abc"))
-        raw = drive(self.server, f"GET /broken HTTP/1.1\r\nHost: x\r\n{key}\r\n".encode())
+        raw = drive(self.server, f"GET /broken HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}\r\n".encode())
         self.assertIn(b"first piece,", raw)
         self.assertFalse(raw.endswith(b"0\r\n\r\n"))  # never complete-looking
         self.assertIn("download stopped half way", self.log.getvalue())
@@ -5052,7 +5096,7 @@ class ProtocolTests(unittest.TestCase):
 
     def test_bodies_are_read_within_limits_and_answers_logged_once(self):
         body = b'{"a": 1}'
-        head = f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        head = f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
         sent = (f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
                 + f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + b"3\r\n{}\n\r\n0\r\n\r\n")
         self.assertEqual([(status, json.loads(text)) for status, _, text in self.exchange(sent)],
@@ -5136,8 +5180,8 @@ class HttpTests(ServerTestCase):
     def test_a_post_with_nothing_in_it_is_a_connection_test(self):
         self.post(make_payload(n=1))
         close = "Connection: close\r\n"  # the others keep the connection open, as they may
-        requests = {"no length": b"POST /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n",
-                    "no length, bytes after": b"POST /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n{}",
+        requests = {"no length": b"POST /api/health-data HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                    "no length, bytes after": b"POST /api/health-data HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n{}",
                     "empty": post_head(0, close), "{}": post_head(2, close) + b"{}",
                     "spaced": post_head(7, close) + b" {\n }\n ",
                     "chunked {}": post_head(extra="Transfer-Encoding: chunked\r\n" + close) + b"2\r\n{}\r\n0\r\n\r\n"}
@@ -5159,7 +5203,7 @@ class HttpTests(ServerTestCase):
 
     def test_oversize_413_answered_before_the_body_is_sent(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall("POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall("POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          "Content-Length: {}\r\n\r\n".format(hr.DEFAULT_PATH, 50 * hr.MIB).encode())
             answer = b""
             with contextlib.suppress(ConnectionError):
@@ -5183,7 +5227,7 @@ class HttpTests(ServerTestCase):
         self.assertEqual(self.count("workouts"), 3)
 
     def test_unknown_method_gets_json_error(self):
-        answer = self.raw_exchange(b"BREW /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = self.raw_exchange(b"BREW /api/health-data HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 501 "), answer)
         self.assertIn(b'{"ok": false', answer)
 
@@ -5198,7 +5242,7 @@ class HttpTests(ServerTestCase):
 
     def test_error_log_line_escapes_control_characters(self):
         self.request("GET", "/x%0Ay\x1b[31m".replace("\x1b", "%1B"))
-        raw = self.raw_exchange(b"GET /evil\x1b[2J HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = self.raw_exchange(b"GET /evil\x1b[2J HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertTrue(raw.startswith(b"HTTP/1.1 404"))
         errors = [l for l in self.log_lines() if " ERROR " in l]
         self.assertTrue(any("\\x1b[2J" in l and "404" in l for l in errors), errors)
@@ -5450,13 +5494,13 @@ class StrictRequestTests(ServerTestCase):
         return status, json.loads(body)["error"] if body else None  # HEAD: no body
 
     def test_a_body_on_a_request_that_takes_none_is_never_a_second_request(self):
-        smuggled = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        smuggled = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         for head, status in ((f"GET {hr.DEFAULT_PATH}", 400), ("GET /", 400), (f"HEAD {hr.DEFAULT_PATH}", 400),
                              ("GET /nope", 404), (f"DELETE {hr.DEFAULT_PATH}", 405)):
             with self.subTest(head=head):
-                request = f"{head} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+                request = f"{head} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
                 self.assertEqual(self.one_answer(request + smuggled)[0], status)
-        both = (f"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        both = (f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
                 f"0\r\n\r\n").encode() + smuggled
         self.assertEqual(self.one_answer(both), (400, "A GET request cannot have a body."))
         status, _, _ = self.request("GET", headers={"Content-Length": "0"})  # no body: answered, kept open
@@ -5466,15 +5510,15 @@ class StrictRequestTests(ServerTestCase):
         cases = {b"GET /\r\n": "HTTP/0.9",
                  b"GET / HTTP/1.1\r\n\r\n": "exactly one Host",
                  b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n": "exactly one Host",
-                 b"GET / HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n": "CRLF",
-                 b"GET / HTTP/1.1\nHost: x\r\n\r\n": "CRLF",
-                 b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n": "NUL"}
+                 b"GET / HTTP/1.1\r\nHost: 127.0.0.1\nX-A: 1\r\n\r\n": "CRLF",
+                 b"GET / HTTP/1.1\nHost: 127.0.0.1\r\n\r\n": "CRLF",
+                 b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\0b\r\n\r\n": "NUL"}
         for request, fragment in cases.items():
             with self.subTest(request=request):
                 status, error = self.one_answer(request)  # at once: the server does not wait for more
                 self.assertEqual(status, 400)
                 self.assertIn(fragment, error)
-        self.assertEqual(self.one_answer(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 999-foo\r\n\r\n")[0], 417)
+        self.assertEqual(self.one_answer(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 999-foo\r\n\r\n")[0], 417)
         self.assertTrue(self.raw_exchange(b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 "))
         self.assertEqual(self.count("syncs"), 0)
 
@@ -5482,16 +5526,16 @@ class StrictRequestTests(ServerTestCase):
         body = b"5\r\n{\"a\"}\r\n0\r\n\r\n"
         for value in ("\x0bchunked", "\x0cchunked", "chunked\x0b", "\x85chunked"):
             with self.subTest(value=value):
-                request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            f"Transfer-Encoding: {value}\r\n\r\n").encode("latin-1") + body
                 status, error = self.one_answer(request)
                 self.assertIn(status, (400, 501))
                 self.assertIn("Transfer-Encoding", error)
-        request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    f"Content-Length: \x0c2\r\n\r\n{{}}").encode("latin-1")
         self.assertEqual(self.one_answer(request), (400, "The Content-Length header is not a valid length."))
         self.assertEqual(self.count("syncs"), 0)
-        request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        request = (f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    "Transfer-Encoding: \tchunked \r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
         self.assertTrue(self.raw_exchange(request).startswith(b"HTTP/1.1 200 "))  # a tab and a space are white space
 
@@ -5501,7 +5545,7 @@ class StrictRequestTests(ServerTestCase):
                 status, error = self.one_answer(f"GET / {version}\r\n\r\n".encode())
                 self.assertEqual(status, 400)
                 self.assertIn("exactly one Host", error)
-        self.assertTrue(self.raw_exchange(b"GET / HTTP/1.2\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(self.raw_exchange(b"GET / HTTP/1.2\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
                         .startswith(b"HTTP/1.1 "))
 
     def test_the_log_never_shows_a_key_in_a_query(self):
@@ -5624,10 +5668,11 @@ class ReadsWithoutAKeyTests(ServerTestCase):
         for path in ("/", hr.SUMMARY_PATH):
             with self.subTest(path=path):
                 self.assertEqual(self.request("GET", path)[0], 200)
-                answer = self.exchange_from("192.0.2.10", f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                answer = self.exchange_from("192.0.2.10", f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
                 self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer[:100])
                 self.assertIn(b"without a key", answer)
-        answer = self.exchange_from("192.0.2.10", f"GET {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        answer = self.exchange_from("192.0.2.10", f"GET {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: 192.0.2.1:3000\r\n\r\n"
+                                    .encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])  # the app's Test Connection
 
     def test_pages_answer_only_under_this_machines_own_names(self):
@@ -5644,13 +5689,27 @@ class ReadsWithoutAKeyTests(ServerTestCase):
                     if status == 403:
                         self.assertIn("own names", body["error"])
         self.assertNotIn("HKQuantity", self.raw_exchange(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n").decode())
-        for method, body in (("GET", None), ("POST", make_payload())):  # the app is no page: any name
-            self.assertEqual(self.request(method, headers={"Host": "health.example"}, body=body)[0], 200)
         self.server.config.allowed_hosts = ("health.example",)
         self.assertEqual(self.request("GET", "/", headers={"Host": "Health.Example:3000"})[0], 200)
         self.assertEqual(self.request("GET", "/", headers={"Host": "other.example"})[0], 403)
         args = hr.serve_parser().parse_args(["--no-auth", "--allowed-host", "Health.Example., b.example"])
         self.assertEqual(args.allowed_host, ("health.example", "b.example"))
+
+    def test_the_apps_endpoint_answers_under_an_ip_address_or_this_machines_names_only(self):
+        syncs = self.count("syncs")
+        for method, body in (("GET", None), ("POST", make_payload())):
+            for host in ("attacker.example", f"attacker.example:{self.port}", "127.0.0.1.nip.io", "phone.local"):
+                with self.subTest(method=method, host=host):
+                    answered, _, answer = self.request(method, headers={"Host": host}, body=body)
+                    self.assert_error(answered, 403, answer, "--allowed-host")
+                    self.assertNotIn("totals", answer)
+            self.assertEqual(self.count("syncs"), syncs)  # nothing forged was stored
+            for host in ("192.168.1.20", f"192.168.1.20:{self.port}", "[fe80::1]:3000", "fe80::1", "10.0.0.5.",
+                         "localhost", f"127.0.0.1:{self.port}", "[::1]"):
+                with self.subTest(method=method, host=host):
+                    self.assertEqual(self.request(method, headers={"Host": host}, body=body)[0], 200)
+        self.server.config.allowed_hosts = ("phone.local",)
+        self.assertEqual(self.request("POST", headers={"Host": "Phone.Local:3000"}, body=make_payload())[0], 200)
 
     def test_loopback_addresses(self):
         for address in ("127.0.0.1", "127.8.9.10", "::1", "localhost", "::ffff:127.0.0.1"):
@@ -5700,7 +5759,7 @@ class BearerAuthTests(ServerTestCase):
 
     def test_wrong_key_is_refused_before_the_body_is_read(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall("POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n"
+            sock.sendall("POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer nope\r\n"
                          "Content-Length: 10000000\r\n\r\n".format(hr.DEFAULT_PATH).encode())
             self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 401 "))
 
@@ -5893,7 +5952,7 @@ class TlsTests(ServerTestCase):
         self.assertEqual(self.count("workouts"), 1)
 
     def test_plain_http_on_the_tls_port_gets_an_answer_a_person_reads(self):
-        [(status, head, body)] = answers(self.raw_exchange(b"GET /api/health-data HTTP/1.1\r\nHost: x\r\n\r\n"))
+        [(status, head, body)] = answers(self.raw_exchange(b"GET /api/health-data HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
         self.assertEqual((status, head["Connection"]), (400, "close"))
         self.assertIn("use https://", json.loads(body)["error"])
         self.assertEqual(self.request("GET")[0], 200)
@@ -5946,7 +6005,7 @@ def chunked(body, size=1000):
 
 
 def post_head(length=None, extra=""):
-    head = f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     if length is not None:
         head += f"Content-Length: {length}\r\n"
     return (head + extra + "\r\n").encode()
@@ -6157,7 +6216,7 @@ class HeaderDeadlineTests(ServerTestCase):
 
     def test_headers_dripping_in_are_cut_off(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             for number in range(40):  # a line every 0.3 s: each within the timeout, all of them not
                 time.sleep(0.3)
                 if select.select([sock], [], [], 0)[0] and not sock.recv(100):
@@ -6645,15 +6704,42 @@ class KeyTests(unittest.TestCase):
         self.assertIn("key from file " + key_file, banner)
         self.assertEqual(self.post(server, {"Authorization": "Bearer " + key}), 200)
 
-    def test_a_database_used_without_a_key_keeps_working_without_one(self):
+    def test_a_database_without_syncs_starts_without_a_key_with_a_warning(self):
         store = hr.Store(self.db)
         store.open()
         store.close()
         server, banner = self.start()
         self.assertFalse(os.path.exists(self.db + ".key"))
         self.assertIn("Auth Type: None", banner)
-        self.assertIn("used without a key", banner)
+        self.assertIn("takes syncs without one", banner)
         self.assertEqual(self.post(server), 200)
+
+    def test_a_database_holding_syncs_starts_without_a_key_only_with_no_auth(self):
+        # As a database of a release before the mark of a key, restored without its key file.
+        server, _banner = self.start("--no-auth")
+        self.assertEqual(self.post(server), 200)
+        server.shutdown()
+        self.assertIsNone(hr.Store(self.db).setting(hr.RECEIVER_KEY_SETTING))
+        code, err = self.refused()
+        self.assertEqual(code, 1)
+        self.assertIn("holds syncs", err)
+        self.assertIn(self.db + ".key", err)
+        self.assertIn(hr.TOKEN_ENV, err)
+        self.assertIn("--no-auth", err)
+        self.assertEqual(self.refused("--no-auth")[0], 0)
+        server, banner = self.start(environ={hr.TOKEN_ENV: TOKEN})
+        self.assertEqual(self.post(server), 401)
+
+    def test_with_the_first_persons_own_key_alone_the_banner_does_not_warn_of_syncs_without_a_key(self):
+        server, _banner = self.start("--no-auth")
+        server.shutdown()
+        hr.Store(self.db).set_key("me", TOKEN)  # people key me; no key file
+        server, banner = self.start()
+        self.assertIn("Auth Type: Bearer (each person's own key", banner)
+        self.assertNotIn("without one", banner)
+        self.assertNotIn("WARNING", banner)
+        self.assertEqual(self.post(server), 401)
+        self.assertEqual(self.post(server, bearer(TOKEN)), 200)
 
     def refused(self, *flags, db=None):
         """serve() as main() runs it on ``db`` (by default this test's),
@@ -7101,7 +7187,7 @@ class KeyReplacedMidSyncTests(ServerTestCase):
         self.store.add_people(["ann"], [ANN_KEY])
         body = encode(make_payload(n=2000, tag="K"))
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-            sock.sendall(f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ANN_KEY}\r\n"
+            sock.sendall(f"POST {hr.DEFAULT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ANN_KEY}\r\n"
                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                          "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
             self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 "))  # admitted with her key
