@@ -2466,9 +2466,14 @@ def bucket_key(bucket, bucket_ms=BUCKET_MS):
 
 
 def hour_milliseconds(hour):
-    """Milliseconds since 1970 of an hour key's start (YYYY-MM-DDTHH)."""
-    stamp = datetime.datetime(int(hour[:4]), int(hour[5:7]), int(hour[8:10]), int(hour[11:13]),
-                              tzinfo=datetime.timezone.utc)
+    """Milliseconds since 1970 of an hour key's start (YYYY-MM-DDTHH), or
+    None for one that is no hour (2026-02-30T08, kept by a version that
+    checked only the shape of dates, until version 11 put them aside)."""
+    try:
+        stamp = datetime.datetime(int(hour[:4]), int(hour[5:7]), int(hour[8:10]), int(hour[11:13]),
+                                  tzinfo=datetime.timezone.utc)
+    except (ValueError, TypeError):
+        return None
     return round((stamp - _EPOCH).total_seconds() * 1000)
 
 
@@ -2694,8 +2699,7 @@ def merge_pending_hours(conn, person, type_name, hours, words):
     merge = hours_merger(type_name)
     ranks = SourceRanks.of(conn, person, words)
     run_start = previous = None
-    for hour in hours + [None]:
-        at = None if hour is None else hour_milliseconds(hour)
+    for at in [at for at in map(hour_milliseconds, hours) if at is not None] + [None]:
         if run_start is not None and (at is None or at - previous > 3600 * 1000
                                       or at - run_start >= MERGE_HOURS_MAX * 3600 * 1000):
             merge(conn, person, type_name, run_start, previous + 3600 * 1000, ranks)
@@ -2708,12 +2712,18 @@ def merge_pending_hours(conn, person, type_name, hours, words):
 def merge_all_hours(conn, person, type_name, words, report=None):
     """Rewrite every hour of a person's type that hours_merger makes,
     MERGE_HOURS_MAX at a time."""
-    first, last = conn.execute(f"SELECT min(start_date), max(start_date) FROM main.samples WHERE"
-                               f" {PERSON_COLUMN} = ? AND type = ?", (person, type_name)).fetchone()
+    # The first and last samples' hours; a date that is no date (kept by a
+    # version before 11, which puts them aside after this step) is read
+    # as SQLite reads it, or not at all.
+    first, last = conn.execute(f"SELECT min(ms), max(ms) FROM (SELECT {_milliseconds_sql('start_date')} AS ms"
+                               f" FROM main.samples WHERE {PERSON_COLUMN} = ? AND type = ? AND start_date IN"
+                               f" ((SELECT min(start_date) FROM main.samples WHERE {PERSON_COLUMN} = ?1 AND type = ?2),"
+                               f" (SELECT max(start_date) FROM main.samples WHERE {PERSON_COLUMN} = ?1 AND type = ?2)))",
+                               (person, type_name)).fetchone()
     if first is None:
         return
-    low = hour_milliseconds(first[:13])
-    high = hour_milliseconds(last[:13]) + 3600 * 1000 + LONGEST_SPREAD_MS  # what its last samples span
+    low = first // 3600000 * 3600000
+    high = last // 3600000 * 3600000 + 3600 * 1000 + LONGEST_SPREAD_MS  # what its last samples span
     conn.execute(f"DELETE FROM main.sample_hours WHERE {PERSON_COLUMN} = ? AND type = ?", (person, type_name))
     ranks = SourceRanks.of(conn, person, words)
     step = MERGE_HOURS_MAX * 3600 * 1000
@@ -2986,13 +2996,17 @@ def _keep_aside_dates_that_do_not_exist(conn, report):
     totals, and verify, then restore, refused the database)."""
     conn.create_function("is_date", 1, lambda text: text.__class__ is str and is_canonical_date(text))
     touched = set()
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     for section in SECTIONS:
-        if not section.dates:
+        if not section.dates or section.table not in tables:  # a section newer than version 10: made at start
             continue
         (first, field), *others = section.dates
         where = _DATE_TO_LOOK_AT.format(column=first)
-        if section is SAMPLES:
+        if section is SAMPLES:  # their types' totals, of rows moved away or whose end goes
             touched.update(conn.execute(f"SELECT DISTINCT {PERSON_COLUMN}, type FROM samples WHERE {where}"))
+            for column, _field in others:
+                touched.update(conn.execute(f"SELECT DISTINCT {PERSON_COLUMN}, type FROM samples WHERE {column}"
+                                            f" IS NOT NULL AND " + _DATE_TO_LOOK_AT.format(column=column)))
         moved = conn.execute(f"INSERT INTO {REJECTED_TABLE} (sync_id, section, reason, record) SELECT"
                              f" {section.sync_columns[0]}, {_rejected_where(section)}, ?, record FROM {section.table}"
                              f" WHERE {where}", (f"{field} is not a date (migration to version 11)",)).rowcount
@@ -3256,7 +3270,8 @@ def _note_long_samples(conn, run, type_name, person):
         bounds = {"first": first, "last": last, "longest_days": LONGEST_SPREAD_MS / 86400000}
         for start_hour, end_hour in conn.execute(_LONG_SAMPLES_SQL, bounds):
             at, stop = hour_milliseconds(start_hour), hour_milliseconds(end_hour)
-            hours.update(bucket_key(hour, 3600 * 1000) for hour in range(at // 3600000, stop // 3600000 + 1))
+            if at is not None and stop is not None:
+                hours.update(bucket_key(hour, 3600 * 1000) for hour in range(at // 3600000, stop // 3600000 + 1))
     conn.executemany(_NOTE_PENDING_HOUR_SQL, ((person, type_name, hour) for hour in sorted(hours)))
 
 
@@ -4444,10 +4459,12 @@ def backups_of(folder, db_path, person=None, now=None):
     stem = _backup_stem(db_path, person)
     found = []
     with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            match = _BACKUP_NAME.match(name)
-            if match and match["stem"] == stem:
-                backup = read_backup(os.path.join(folder, name), match["time"])
+        for entry in os.scandir(folder):
+            match = _BACKUP_NAME.match(entry.name)
+            # Regular files only: opening a FIFO of a backup's name would
+            # wait for ever, and a folder of one is nobody's backup.
+            if match and match["stem"] == stem and entry.is_file(follow_symlinks=False):
+                backup = read_backup(entry.path, match["time"])
                 if backup.database_id in (own, 0):
                     found.append(backup)
     now = _canonical(now or datetime.datetime.now(datetime.timezone.utc))
@@ -6249,10 +6266,13 @@ class LatestValue(typing.NamedTuple):
 
 
 #: A type's latest sample as of :now: dated then or before, or at most
-#: ARRIVAL_LEAD after its sync arrived.  Read from the end of the type's
+#: ARRIVAL_LEAD after its sync arrived (no sync arrived after now, so none
+#: beyond now + ARRIVAL_LEAD is: the key's range ends there, and samples
+#: dated years ahead are not walked one by one).  Read from the end of the type's
 #: rows, so only samples dated ahead of now are looked at twice.
 _LATEST_SAMPLE_SQL = (
-    "SELECT value, unit, start_date, source_name FROM samples WHERE type = :type AND (start_date <= :now"
+    "SELECT value, unit, start_date, source_name FROM samples WHERE type = :type"
+    f" AND start_date <= strftime('%Y-%m-%dT%H:%M:%fZ', :now, '{ARRIVAL_LEAD}') AND (start_date <= :now"
     f" OR start_date <= (SELECT strftime('%Y-%m-%dT%H:%M:%fZ', received_at, '{ARRIVAL_LEAD}') FROM syncs"
     " WHERE syncs.id = samples.sync_id)) ORDER BY start_date DESC LIMIT 1")
 

@@ -1148,6 +1148,7 @@ class MigrationTests(unittest.TestCase):
         make_v1_database(self.db, make_payload())
         migrate_to(self.db, 10)
         heart, steps = "HKQuantityTypeIdentifierHeartRate", "HKQuantityTypeIdentifierStepCount"
+        distance = "HKQuantityTypeIdentifierDistanceWalkingRunning"
         bad = [(heart, "2026-02-30T08:00:00.000Z"), (heart, "0000-00-00T00:00:00.000Z"),
                (steps, "2026-02-30T08:00:00.000Z"), (steps, "2026-02-24T24:00:00.000Z"),
                (heart, "\uff12\uff10\uff12\uff16-02-24T08:00:00.000Z"), (heart, "2025-02-29T08:00:00.000Z")]
@@ -1162,6 +1163,14 @@ class MigrationTests(unittest.TestCase):
             conn.execute("INSERT INTO workout_route_points VALUES (1, 'W-BAD', '2024-02-29T08:00:00.000Z', 1, 2, 3,"
                          " '{}', 1), (1, 'W-BAD', '2026-04-31T08:00:00.000Z', 1, 2, 3, '{}', 1)")
             hr._recount_sample_types(conn)  # they never reached the hourly totals
+            # A sample whose end does not exist (hour 24) but which SQLite read
+            # as the next day's 00:20: its steps were spread into that hour.
+            conn.execute("INSERT INTO samples VALUES (1, 'END-24', ?, '2026-02-24T23:30:00.000Z',"
+                         " '2026-02-24T24:20:00.000Z', 100, 'm', 'Watch', '{}', 1)", (distance,))
+            hr._recount_sample_types(conn)
+            hr.merge_all_hours(conn, 1, distance, hr.SOURCE_PRIORITY)
+            self.assertEqual(conn.execute("SELECT hour, round(total, 6) FROM sample_hours WHERE type = ?",
+                                          (distance,)).fetchall(), [("2026-02-24T23:30", 60.0), ("2026-02-25T00", 40.0)])
         code, out, _ = run_main("verify", "--db", self.db)
         self.assertEqual(code, 1, out)
         self.assertIn("hourly totals disagree", out)
@@ -1179,6 +1188,9 @@ class MigrationTests(unittest.TestCase):
         self.assertEqual(self.query("SELECT timestamp FROM workout_route_points WHERE workout_uuid = 'W-BAD'"),
                          [("2024-02-29T08:00:00.000Z",)])  # a leap day that exists stays
         self.assertEqual(self.query("SELECT count(*) FROM samples WHERE end_date LIKE '%:60.000Z'"), [(0,)])
+        # The sample without its end counts whole where it starts, nothing in the next day.
+        self.assertEqual(self.query("SELECT hour, total FROM sample_hours WHERE type = ?", (distance,)),
+                         [("2026-02-24T23:30", 100.0)])
         self.assertTrue(self.hours_match_samples())
         code, out, _ = run_main("verify", "--db", self.db)
         self.assertEqual(code, 0, out)
@@ -1508,6 +1520,16 @@ class BackupTests(ServerTestCase):
         self.assertIsNone(schedule.last)
         self.assertIsNotNone(schedule.run_once())
         self.assertEqual(hr.newest_backup(folder, self.db).path, schedule.last.path)
+
+    def test_a_fifo_or_a_folder_under_a_backups_name_is_passed_over(self):
+        folder = self.backups_folder()
+        self.assertEqual(self.post(make_payload())[0], 200)
+        os.mkdir(os.path.join(folder, "health-20260101T000000Z.db"))
+        if hasattr(os, "mkfifo"):  # opening it would wait for a writer for ever
+            os.mkfifo(os.path.join(folder, "health-20260102T000000Z.db"))
+        self.assertIsNone(hr.newest_backup(folder, self.db))
+        self.assertEqual(run_main("backup", folder, "--db", self.db, "--keep", "1")[0], 0)
+        self.assertEqual(len(hr.backups_of(folder, self.db)), 1)
 
     def test_a_truncated_or_corrupt_gzip_backup_is_a_failed_verdict_not_a_traceback(self):
         self.assertEqual(self.post(make_payload(n=300))[0], 200)
