@@ -253,7 +253,7 @@ def _digit_table(digits):
     return bytes(1 if byte in digits else 0 for byte in range(256))
 
 
-def _where(column, digits):
+def _digit_at(column, digits):
     """An int whose bytes say, for each byte of ``column``, whether it is
     one of ``digits``: ``&`` of two such ints finds where two columns
     hold given digits at once."""
@@ -282,14 +282,14 @@ def dates_exist(joined):
     if any(column[offset].strip(digits) for offset, digits in _LEADING_DIGITS):
         return False
     for first, first_digits, second, second_digits in _IMPOSSIBLE_PAIRS:
-        if _where(column[first], first_digits) & _where(column[second], second_digits):
+        if _digit_at(column[first], first_digits) & _digit_at(column[second], second_digits):
             return False
-    february = _where(column[5], b"0") & _where(column[6], b"2")
-    thirty_days = ((_where(column[5], b"0") & _where(column[6], b"469"))
-                   | (_where(column[5], b"1") & _where(column[6], b"1")))
-    thirtieth = _where(column[8], b"3") & _where(column[9], b"0")
-    thirty_first = _where(column[8], b"3") & _where(column[9], b"1")
-    twenty_ninth = _where(column[8], b"2") & _where(column[9], b"9")
+    february = _digit_at(column[5], b"0") & _digit_at(column[6], b"2")
+    thirty_days = ((_digit_at(column[5], b"0") & _digit_at(column[6], b"469"))
+                   | (_digit_at(column[5], b"1") & _digit_at(column[6], b"1")))
+    thirtieth = _digit_at(column[8], b"3") & _digit_at(column[9], b"0")
+    thirty_first = _digit_at(column[8], b"3") & _digit_at(column[9], b"1")
+    twenty_ninth = _digit_at(column[8], b"2") & _digit_at(column[9], b"9")
     return not (thirty_first & (thirty_days | february) or (thirtieth | twenty_ninth) & february)
 
 

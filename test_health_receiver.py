@@ -6935,6 +6935,14 @@ class DocumentedEverywhereTests(unittest.TestCase):
 
 class TestFileShapeTests(unittest.TestCase):
 
+    def test_no_name_is_defined_twice_at_the_top_of_a_file(self):
+        # A second function of one name replaces the first without a word.
+        for module in (hr, sys.modules[__name__]):
+            with self.subTest(module=module.__name__), open(module.__file__, encoding="utf-8") as handle:
+                names = [node.name for node in ast.parse(handle.read()).body
+                         if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+                self.assertEqual(sorted(name for name in set(names) if names.count(name) > 1), [])
+
     def test_running_the_file_runs_every_test(self):
         # unittest.main() runs the classes defined before it: it must come last.
         with open(__file__, encoding="utf-8") as handle:
