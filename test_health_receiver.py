@@ -1153,7 +1153,8 @@ class MigrationTests(unittest.TestCase):
                (steps, "2026-02-30T08:00:00.000Z"), (steps, "2026-02-24T24:00:00.000Z"),
                (heart, "\uff12\uff10\uff12\uff16-02-24T08:00:00.000Z"), (heart, "2025-02-29T08:00:00.000Z")]
         with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:  # as version 10 stored them
-            conn.executemany("INSERT INTO samples VALUES (1, ?, ?, ?, ?, 61, 'count', 'Watch', ?, 1)",
+            conn.executemany("INSERT INTO samples (person, uuid, type, start_date, end_date, value, unit, source_name,"
+                             " record, sync_id) VALUES (1, ?, ?, ?, ?, 61, 'count', 'Watch', ?, 1)",
                              [(f"BAD-{n}", type_name, date, date, json.dumps({"uuid": f"BAD-{n}", "startDate": date}))
                               for n, (type_name, date) in enumerate(bad)])
             conn.execute("UPDATE samples SET end_date = '2026-02-24T08:00:60.000Z' WHERE uuid = 'V-HR-1'"
@@ -1165,7 +1166,8 @@ class MigrationTests(unittest.TestCase):
             hr._recount_sample_types(conn)  # they never reached the hourly totals
             # A sample whose end does not exist (hour 24) but which SQLite read
             # as the next day's 00:20: its steps were spread into that hour.
-            conn.execute("INSERT INTO samples VALUES (1, 'END-24', ?, '2026-02-24T23:30:00.000Z',"
+            conn.execute("INSERT INTO samples (person, uuid, type, start_date, end_date, value, unit, source_name,"
+                         " record, sync_id) VALUES (1, 'END-24', ?, '2026-02-24T23:30:00.000Z',"
                          " '2026-02-24T24:20:00.000Z', 100, 'm', 'Watch', '{}', 1)", (distance,))
             hr._recount_sample_types(conn)
             hr.merge_all_hours(conn, 1, distance, hr.SOURCE_PRIORITY)
