@@ -1456,13 +1456,21 @@ class MetricPoints:
     """What the points of one metric need: its type, units, shape and the
     record's head (the metric's own members, before each point's)."""
 
-    __slots__ = ("name", "units", "metric", "type", "unit", "shape", "head")
+    __slots__ = ("name", "units", "metric", "type", "unit", "shape", "head", "factor")
 
     def __init__(self, name, units, members=None):
         self.name, self.units = name, units
         self.metric = HAE_METRICS.get(name) if name.__class__ is str else None
         self.type = self.metric.type if self.metric else name
         self.unit = self.metric.unit if self.metric else None
+        #: What a value is multiplied by to be in ``unit`` (1.0: as sent, and
+        #: stored in ``unit`` or, without one, in ``units``; None: another
+        #: conversion, or none, see value()).
+        self.factor = None
+        if self.unit is None or units == self.unit:
+            self.factor = 1.0
+        elif UNIT_SIZES.get(units, (None, None))[1] and convert_unit(1.0, units, self.unit)[1] == self.unit:
+            self.factor = convert_unit(1.0, units, self.unit)[0]
         self.shape = POINT_SHAPES[self.metric.shape if self.metric else "any"]
         members = members or [("name", json.dumps(name, ensure_ascii=False)),
                               ("units", json.dumps(units, ensure_ascii=False))]
@@ -1485,6 +1493,8 @@ class MetricPoints:
 
     def value(self, value):
         """A value sent in the metric's units, in the unit stored: (value, unit)."""
+        if self.factor == 1.0:
+            return value, self.unit or self.units
         return convert_unit(value, self.units, self.unit)
 
 
@@ -1497,6 +1507,11 @@ def _point_start(obj):
     sent = obj.get("date")
     if sent is None:
         sent = obj.get("startDate")
+    # hae_date's common case, inline: the hot path of that app's syncs.
+    hour = _HAE_HOURS.get(sent[:13] + sent[19:]) if sent.__class__ is str and len(sent) == 25 else None
+    if hour is not None and _is_hae_date(sent):
+        end = obj.get("endDate")
+        return hour + sent[13:19] + ".000Z", (hae_date(end) if end is not None else None)
     start = hae_date(sent)
     if start is None:
         return f"date is {_json_kind(sent) if sent.__class__ is not str else repr(log_safe(sent, 40))}, not a date"
@@ -1504,11 +1519,17 @@ def _point_start(obj):
     return start, (hae_date(end) if end is not None else None)
 
 
-def _point_row(points, obj, raw, start, end, value, unit, tag, low=None, high=None, type_name=None,
-               prefix=HAE_PREFIX):
-    source = _to_sql(obj.get("source"))
-    return (hae_uuid(source, tag, prefix=prefix), type_name or points.type, start, end or start, _to_sql(value), unit,
-            source, points.record(raw), low, high)
+def _point_row(points, obj, raw, start, end, value, unit, tag, low=None, high=None, type_name=None):
+    source = obj.get("source")
+    if source.__class__ is not str:
+        source = _to_sql(source)
+    uuid = _HAE_UUIDS.get((HAE_PREFIX, source, tag))
+    if uuid is None:
+        uuid = hae_uuid(source, tag)
+    if value.__class__ is not int and value.__class__ is not float:
+        value = _to_sql(value)
+    return (uuid, type_name or points.type, start, end or start, value, unit, source,
+            points.head + raw[1:] if len(raw) > 2 else points.head[:-1] + "}", low, high)
 
 
 def _qty_point(points, obj, raw):
@@ -1516,7 +1537,13 @@ def _qty_point(points, obj, raw):
     start = _point_start(obj)
     if start.__class__ is str:
         return start
-    value, unit = points.value(obj.get("qty"))
+    value = obj.get("qty")
+    factor = points.factor
+    if factor == 1.0:
+        return _point_row(points, obj, raw, start[0], start[1], value, points.unit or points.units, "qty")
+    if factor is not None and (value.__class__ is float or value.__class__ is int):
+        return _point_row(points, obj, raw, start[0], start[1], value * factor, points.unit, "qty")
+    value, unit = points.value(value)
     return _point_row(points, obj, raw, start[0], start[1], value, unit, "qty")
 
 
@@ -4013,14 +4040,9 @@ _LONG_SAMPLES_SQL = (
     "SELECT substr(start_date, 1, 13), substr(end_date, 1, 13) FROM stage.samples WHERE rowid BETWEEN :first AND :last"
     " AND substr(end_date, 1, 13) > substr(start_date, 1, 13)"
     " AND julianday(end_date) - julianday(start_date) BETWEEN 1 / 24.0 AND :longest_days")
-#: The first sample's start of each staged source among those of ``{names}``
-#: (parameters; "" for none): one reading of the stage.
-_FIRST_SAMPLE_OF_SOURCES_SQL = ("SELECT CAST(coalesce(source_name, '') AS TEXT) AS source, min(start_date)"
-                                " FROM stage.samples WHERE source IN ({names}) GROUP BY source")
-#: Names bound per query (old SQLite allows 999 parameters).
-SQL_NAMES_MAX = 500
-#: A staged sample's source (its position in a row of SAMPLES).
+#: A staged sample's source and start (their positions in a row of SAMPLES).
 _SOURCE_OF_SAMPLE = operator.itemgetter(SAMPLES.column_names.index("source_name"))
+_START_OF_SAMPLE = operator.itemgetter(SAMPLES.column_names.index("start_date"))
 #: A run of samples whose hours, first to last, are at most this many per
 #: row (a type measured every few minutes or hours) has every hour between
 #: noted, without reading its rows: an hour noted without samples is only
@@ -4042,20 +4064,20 @@ def _note_long_samples(conn, run, type_name, person):
 
 
 def _note_sources(conn, person, staged):
-    """Number the sources a sync brought (``staged``: their names as sent)
-    that the person had not sent before, in the order their first samples
-    start (then by name)."""
+    """Number the sources a sync brought (``staged``: {their names as sent:
+    their first sample's start}) that the person had not sent before, in
+    the order their first samples start (then by name)."""
     known = {source for (source,) in conn.execute(
         f"SELECT source FROM main.{SAMPLE_SOURCES.name} WHERE {PERSON_COLUMN} = ?", (person,))}
     # Each as SQLite's text of it, as the hourly totals name it ("1" for true).
-    new = sorted({"" if source is None else str(int(source) if source.__class__ is bool else source)
-                  for source in staged} - known)
+    first = {}
+    for source, start in staged.items():
+        text = "" if source is None else str(int(source) if source.__class__ is bool else source)
+        if text not in known and (text not in first or start < first[text]):
+            first[text] = start
+    new = sorted(first)
     if not new:
         return
-    first = {}
-    for index in range(0, len(new), SQL_NAMES_MAX):
-        names = new[index:index + SQL_NAMES_MAX]
-        first.update(conn.execute(_FIRST_SAMPLE_OF_SOURCES_SQL.format(names=", ".join("?" * len(names))), names))
     seen = conn.execute(f"SELECT coalesce(max(seen), 0) FROM main.{SAMPLE_SOURCES.name} WHERE {PERSON_COLUMN} = ?",
                         (person,)).fetchone()[0]
     conn.executemany(SAMPLE_SOURCES.insert_sql(SAMPLE_SOURCES.column_names),
@@ -4600,7 +4622,7 @@ class Store:
                     new = sum(conn.execute(sql, dict(params, first=first, last=last)).rowcount
                               for first, last in run.ranges)
                     replaced = 0
-                    if run.replaces:
+                    if run.replaces and new < sum(last - first + 1 for first, last in run.ranges):
                         # The other app's points sent again with another
                         # value (a summarised minute that grew) replace
                         # the stored ones; their hours are noted below.
@@ -4828,8 +4850,9 @@ class Stage:
         #: {section name: {first key column's value: StagedRun}}, of the
         #: clustered sections.
         self.runs = {section.name: {} for section in SECTIONS if section.clustered}
-        #: The sources of the staged samples (their names as sent).
-        self.sources = set()
+        #: The sources of the staged samples (their names as sent), each
+        #: with its first sample's start: gathered as they are staged.
+        self.sources = {}
         self._last_rowid = dict.fromkeys(SECTIONS_BY_NAME, 0)
         create_private(path)  # raises on a file or link planted at the name
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -4884,22 +4907,33 @@ class Stage:
         if section.clustered and stored:
             self._note_runs(section, stored, first)
         if section is SAMPLES:
-            self.sources.update(map(_SOURCE_OF_SAMPLE, stored))
+            sources, first = set(map(_SOURCE_OF_SAMPLE, stored)), self.sources
+            if len(sources) == 1:  # an array of one source, the common case: its earliest at C speed
+                (source,), start = sources, min(map(_START_OF_SAMPLE, stored))
+                if source not in first or start < first[source]:
+                    first[source] = start
+            else:
+                for row in stored:
+                    source, start = _SOURCE_OF_SAMPLE(row), _START_OF_SAMPLE(row)
+                    if source not in first or start < first[source]:
+                        first[source] = start
 
     def _note_runs(self, section, stored, rowid):
         """Add the rows just stored, from ``rowid`` on, to their runs."""
         label_at, order_at = section.run_positions
         runs = self.runs[section.name]
         # A batch of Payload is one array, so mostly one run.
-        replacing = section is SAMPLES
+        # A batch is one array's: the other app's points (their uuids made
+        # here, HAE_PREFIX) or the first app's samples.
+        first = stored[0][0]
+        replacing = section is SAMPLES and first.__class__ is str and first[:3] == HAE_PREFIX[:3]
         for label, group in itertools.groupby(stored, key=operator.itemgetter(label_at)):
-            group = list(group)
             values = [row[order_at] for row in group]
             run = runs.get(label)
             if run is None:
                 run = runs[label] = StagedRun()
-            if replacing and not run.replaces:
-                run.replaces = any(row[0].__class__ is str and row[0][:3] == "hae" for row in group)
+            if replacing:
+                run.replaces = True
             run.add(rowid, values)
             rowid += len(values)
 
@@ -11536,7 +11570,7 @@ def make_hae_payload(target_mb, seed=7, start=BENCH_START, days=30, reordered=Fa
     size = minute = 0
     while size < budget:
         for number, (_name, _units, fields) in enumerate(HAE_BENCH_METRICS):
-            element = point((minute * 60) % window, fields)
+            element = point(minute * 60, fields)
             per_metric[number].append(element)
             size += len(element.encode("utf-8")) + 1
             if size >= budget:
