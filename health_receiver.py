@@ -2235,6 +2235,13 @@ NESTED = {
 }
 
 
+def _where(parent, key, member):
+    """What a rejected row of a nested array names: a metric's name, or
+    the data key and the member."""
+    name = getattr(parent, "name", None)
+    return name if name.__class__ is str else f"{key}.{member}"
+
+
 class Parked:
     """Elements of an array that must wait for the end of the object that
     holds it: their compact JSON text, a line each, in memory up to a MiB
@@ -2555,7 +2562,7 @@ class Payload:
             if parent is None:
                 parent = nested.parent(members, texts)
             if parent is not None and parent.__class__ is not Unreadable:
-                return (yield from self._array(at, section, stream.label(parent, name), f"{key}.{name}",
+                return (yield from self._array(at, section, stream.label(parent, name), _where(parent, key, name),
                                                stream.make_row))
             spill = Parked(self.spill_dir)
             parked.append((name, stream, spill))
@@ -2576,7 +2583,7 @@ class Payload:
                 yield from self._rows(((members, record),), section, key, key, lambda obj, raw, label: row)
             parent = nested.finish(members, texts, row)
             for name, stream, spill in parked:
-                where = f"{key}.{name}"
+                where = _where(parent, key, name)
                 make_row = stream.make_row
                 if parent.__class__ is Unreadable:
                     make_row = lambda obj, raw, label, why=f"not read: {parent}": why  # noqa: E731

@@ -6693,3 +6693,362 @@ class OtherToolsTests(StepsTestCase):
                 self.assertEqual(status, 200)
                 self.assertLess(len(body if isinstance(body, bytes) else json.dumps(body)), 64 * 1024)
         self.assertEqual(self.get(hr.LATEST_PATH)[2]["more_types"], 50000 - hr.LATEST_TYPES_MAX)
+
+
+# ---------------------------------------------------------------------------
+# The other app: Health Auto Export's REST format on the same endpoint
+# ---------------------------------------------------------------------------
+# Fixtures written from that app's documented format (its envelope, metrics
+# of every shape, both workout versions, the other collections).
+
+def hae_stamp(moment, twelve_hour=False):
+    """A datetime (aware) in that app's form, ``yyyy-MM-dd HH:mm:ss Z`` in
+    its own offset, or its 12-hour form with U+202F before am/pm."""
+    if twelve_hour:
+        hour = moment.hour % 12 or 12
+        return (f"{moment:%Y-%m-%d} {hour}:{moment:%M:%S}\u202f{'am' if moment.hour < 12 else 'pm'} "
+                f"{moment:%z}")
+    return moment.strftime("%Y-%m-%d %H:%M:%S %z")
+
+
+def hae_metric(name, units, points):
+    return {"name": name, "units": units, "data": points}
+
+
+def hae_point(moment, source="Jane\u2019s Apple Watch", **fields):
+    return {"date": hae_stamp(moment), **fields, "source": source}
+
+
+BERLIN = datetime.timezone(datetime.timedelta(hours=1))
+#: 2026-03-10 08:00 in UTC+1: 07:00 UTC.
+HAE_MORNING = datetime.datetime(2026, 3, 10, 8, 0, tzinfo=BERLIN)
+
+
+def hae_workout_v2(workout_id="W-2", start=HAE_MORNING):
+    end = start + datetime.timedelta(minutes=30)
+    return {"id": workout_id, "name": "Outdoor Run", "start": hae_stamp(start), "end": hae_stamp(end),
+            "duration": 1800, "location": "Outdoor", "isIndoor": False,
+            "activeEnergyBurned": {"qty": 1255.2, "units": "kJ"}, "distance": {"qty": 3.1, "units": "mi"},
+            "heartRate": {"min": {"qty": 101, "units": "count/min"}, "avg": {"qty": 142, "units": "count/min"},
+                          "max": {"qty": 171, "units": "count/min"}},
+            "heartRateData": [{"date": hae_stamp(start + datetime.timedelta(minutes=m)), "Min": 120 + m,
+                               "Avg": 130 + m, "Max": 140 + m, "units": "count/min", "source": "Apple Watch"}
+                              for m in range(3)],
+            "stepCount": [{"date": hae_stamp(start + datetime.timedelta(minutes=m)), "qty": 150 + m, "units": "count",
+                           "source": "Apple Watch"} for m in range(2)],
+            "route": [{"latitude": 52.52 + i / 1e4, "longitude": 13.40 + i / 1e4, "altitude": 34.0 + i, "speed": 3.1,
+                       "course": 90.0, "horizontalAccuracy": 3.5, "verticalAccuracy": 2.0,
+                       "timestamp": hae_stamp(start + datetime.timedelta(seconds=5 * i))} for i in range(4)]}
+
+
+def hae_workout_v1(start=HAE_MORNING + datetime.timedelta(hours=3)):
+    return {"name": "Walking", "start": hae_stamp(start), "end": hae_stamp(start + datetime.timedelta(minutes=20)),
+            "duration": 1200, "activeEnergy": {"qty": 90, "units": "kcal"},
+            "elevation": {"ascent": 12, "descent": 11, "units": "m"},
+            "route": [{"lat": 52.5, "lon": 13.4, "altitude": 30, "timestamp": hae_stamp(start)},
+                      {"lat": 52.6, "lon": 13.5, "altitude": 31, "timestamp": hae_stamp(start +
+                                                                                     datetime.timedelta(seconds=5))}]}
+
+
+class OtherAppWalkerTests(unittest.TestCase):
+    """Every shape of that app's metrics, read without a socket."""
+
+    def rows(self, metrics, **data):
+        rows, _payload = walk({"data": {"metrics": metrics, **data}})
+        return rows
+
+    def test_dates_in_that_apps_forms(self):
+        self.assertEqual(hr.utc_date("2026-11-30 08:01:00 +0100"), "2026-11-30T07:01:00.000Z")
+        self.assertEqual(hr.hae_date("2026-11-30 08:01:00 +0100"), "2026-11-30T07:01:00.000Z")
+        self.assertEqual(hr.utc_date("2024-09-21 7:57:00\u202fam +1000"), "2024-09-20T21:57:00.000Z")
+        self.assertEqual(hr.utc_date("2024-09-21 7:57:00 PM +1000"), "2024-09-21T09:57:00.000Z")
+        self.assertEqual(hr.utc_date("2024-09-21 12:05:00\u202fam +0000"), "2024-09-21T00:05:00.000Z")
+        self.assertEqual(hr.utc_date("2024-09-21 12:05:00\u202fpm +0000"), "2024-09-21T12:05:00.000Z")
+        self.assertEqual(hr.hae_date("2024-09-21 05:30:00 +0530"), "2024-09-21T00:00:00.000Z")  # not whole hours
+        self.assertEqual(hr.utc_date("2024-09-21"), "2024-09-21T00:00:00.000Z")
+        for text in ("2024-09-21 13:05:00 pm +0000", "2024-09-21 0:05:00 am +0000", "2024-09-21 25:00:00 +0100"):
+            self.assertIsNone(hr.utc_date(text), text)
+            self.assertIsNone(hr.hae_date(text), text)
+
+    def test_every_metric_name_has_a_type_a_unit_and_a_shape(self):
+        self.assertGreaterEqual(len({metric.type for metric in hr.HAE_METRICS.values()}), 100)
+        for name, metric in hr.HAE_METRICS.items():
+            self.assertTrue(metric.type.startswith(hr.TYPE_PREFIXES), name)
+            self.assertIn(metric.shape, hr.POINT_SHAPES, name)
+            self.assertTrue(metric.unit is None or metric.unit in hr.UNIT_SIZES or metric.unit in (
+                "count", "count/min", "%", "W", "IU", "mmHg"), name)
+
+    def test_quantities_in_the_unit_a_chart_needs_the_sent_one_kept(self):
+        rows = self.rows([hae_metric("active_energy", "kJ", [hae_point(HAE_MORNING, qty=41.84)]),
+                          hae_metric("walking_running_distance", "mi", [hae_point(HAE_MORNING, qty=1)]),
+                          hae_metric("weight_body_mass", "lb", [hae_point(HAE_MORNING, qty=150, source="Scale")]),
+                          hae_metric("step_count", "count", [hae_point(HAE_MORNING, qty=12,
+                                                                       source="iPhone|Apple Watch")]),
+                          hae_metric("body_temperature", "degF", [hae_point(HAE_MORNING, qty=98.6)]),
+                          hae_metric("blood_oxygen_saturation", "%", [hae_point(HAE_MORNING, qty=97)])])
+        by_type = {row[1]: row for row in rows["samples"]}
+        energy = by_type["HKQuantityTypeIdentifierActiveEnergyBurned"]
+        self.assertEqual((energy[2], energy[3], energy[5]), ("2026-03-10T07:00:00.000Z", "2026-03-10T07:00:00.000Z",
+                                                           "kcal"))
+        self.assertAlmostEqual(energy[4], 10.0)
+        self.assertEqual(json.loads(energy[7]), {"name": "active_energy", "units": "kJ",
+                                                 "date": "2026-03-10 08:00:00 +0100", "qty": 41.84,
+                                                 "source": "Jane\u2019s Apple Watch"})
+        self.assertAlmostEqual(by_type["HKQuantityTypeIdentifierDistanceWalkingRunning"][4], 1.609344)
+        self.assertEqual(by_type["HKQuantityTypeIdentifierDistanceWalkingRunning"][5], "km")
+        self.assertAlmostEqual(by_type["HKQuantityTypeIdentifierBodyMass"][4], 68.0388555)
+        self.assertEqual(by_type["HKQuantityTypeIdentifierStepCount"][4:7], (12, "count", "iPhone|Apple Watch"))
+        self.assertAlmostEqual(by_type["HKQuantityTypeIdentifierBodyTemperature"][4], 37.0)
+        self.assertEqual(by_type["HKQuantityTypeIdentifierOxygenSaturation"][4:6], (0.97, "%"))
+        self.assertTrue(all(row[0].startswith(hr.HAE_PREFIX) for row in rows["samples"]))
+        self.assertNotIn("rejected", rows)
+
+    def test_special_shapes_as_columns_a_chart_can_use(self):
+        rows = self.rows([
+            hae_metric("heart_rate", "count/min", [hae_point(HAE_MORNING, Min=58, Avg=71.5, Max=96),
+                                                   hae_point(HAE_MORNING + datetime.timedelta(minutes=1), qty=64)]),
+            hae_metric("blood_pressure", "mmHg", [hae_point(HAE_MORNING, systolic=121, diastolic=79, source="Omron")]),
+            hae_metric("blood_glucose", "mmol/L", [hae_point(HAE_MORNING, qty=5.5, mealTime="Before Meal")]),
+            hae_metric("insulin_delivery", "IU", [hae_point(HAE_MORNING, qty=4, reason="Bolus")]),
+            hae_metric("handwashing", "s", [hae_point(HAE_MORNING, qty=22, value="Complete")]),
+            hae_metric("mindful_minutes", "min", [hae_point(HAE_MORNING, qty=10)]),
+            hae_metric("apple_stand_hour", "count", [hae_point(HAE_MORNING, qty=3)]),
+            hae_metric("sexual_activity", "count", [hae_point(HAE_MORNING, **{"Protection Used": 1})]),
+            hae_metric("a_metric_of_a_later_version", "zz", [hae_point(HAE_MORNING, qty=3)])])
+        samples = rows["samples"]
+
+        def of(short):
+            return [row for row in samples if hr.short_type_name(row[1]) == short]
+
+        (summarised, plain) = of("HeartRate")
+        self.assertEqual((summarised[4], summarised[8], summarised[9]), (71.5, 58, 96))
+        self.assertEqual((plain[4], plain[8], plain[9]), (64, None, None))
+        self.assertEqual([row[4] for row in of("BloodPressureSystolic") + of("BloodPressureDiastolic")], [121, 79])
+        self.assertEqual(of("BloodPressureSystolic")[0][6], "Omron")
+        self.assertAlmostEqual(of("BloodGlucose")[0][4], 99.0858)
+        self.assertEqual(of("BloodGlucose")[0][5], "mg/dL")
+        self.assertIn('"mealTime":"Before Meal"', of("BloodGlucose")[0][7])
+        self.assertIn('"reason":"Bolus"', of("InsulinDelivery")[0][7])
+        self.assertEqual(of("HandwashingEvent")[0][4], "Complete")
+        mindful = of("MindfulSession")[0]
+        self.assertEqual((mindful[2], mindful[3]), ("2026-03-10T07:00:00.000Z", "2026-03-10T07:10:00.000Z"))
+        self.assertEqual([row[4] for row in of("AppleStandHour")], [0, 0, 0])
+        self.assertEqual(len({row[0] for row in of("AppleStandHour")}), 3)
+        self.assertEqual([row[4] for row in of("SexualActivity")], ["Protection Used"])
+        self.assertEqual(of("a_metric_of_a_later_version")[0][4:6], (3, "zz"))
+
+    def test_the_three_sleep_shapes(self):
+        night = datetime.datetime(2026, 3, 9, 23, 0, tzinfo=BERLIN)
+        stages = [{"startDate": hae_stamp(night), "endDate": hae_stamp(night + datetime.timedelta(hours=2)),
+                   "qty": 2, "value": "Core", "source": "Apple Watch"},
+                  {"startDate": hae_stamp(night + datetime.timedelta(hours=2)),
+                   "endDate": hae_stamp(night + datetime.timedelta(hours=3)), "qty": 1, "value": "Deep",
+                   "source": "Apple Watch"}]
+        later = {"date": "2026-03-10", "totalSleep": 7.0, "core": 4.0, "deep": 1.0, "rem": 2.0, "awake": 0.5,
+                 "asleep": 0, "inBed": 7.5, "sleepStart": hae_stamp(night), "sleepEnd": hae_stamp(
+                     night + datetime.timedelta(hours=7.5)), "source": "Apple Watch"}
+        older = {"date": "2026-03-10", "asleep": 6.5, "inBed": 7.0, "sleepStart": hae_stamp(night),
+                 "sleepEnd": hae_stamp(night + datetime.timedelta(hours=7)), "inBedStart": hae_stamp(night),
+                 "inBedEnd": hae_stamp(night + datetime.timedelta(hours=7)), "sleepSource": "Sleep App",
+                 "inBedSource": "Sleep App"}
+        bare = {"date": "2026-03-10", "totalSleep": 6, "asleep": 6, "source": "Ring"}
+        rows = self.rows([hae_metric("sleep_analysis", "hr", stages + [later, older, bare])])["samples"]
+        intervals = [row for row in rows if row[0].startswith(hr.HAE_PREFIX)]
+        self.assertEqual([(row[2], row[3], row[4]) for row in intervals],
+                         [("2026-03-09T22:00:00.000Z", "2026-03-10T00:00:00.000Z", "Core"),
+                          ("2026-03-10T00:00:00.000Z", "2026-03-10T01:00:00.000Z", "Deep")])
+        totals = {(row[6], row[4]): (row[2], row[3]) for row in rows if row[0].startswith(hr.HAE_NIGHT_PREFIX)}
+        self.assertEqual(totals, {
+            ("Apple Watch", "Core"): ("2026-03-09T22:00:00.000Z", "2026-03-10T02:00:00.000Z"),
+            ("Apple Watch", "Deep"): ("2026-03-09T22:00:00.000Z", "2026-03-09T23:00:00.000Z"),
+            ("Apple Watch", "REM"): ("2026-03-09T22:00:00.000Z", "2026-03-10T00:00:00.000Z"),
+            ("Apple Watch", "Awake"): ("2026-03-09T22:00:00.000Z", "2026-03-09T22:30:00.000Z"),
+            ("Apple Watch", "In Bed"): ("2026-03-09T22:00:00.000Z", "2026-03-10T05:30:00.000Z"),
+            ("Sleep App", "Asleep"): ("2026-03-09T22:00:00.000Z", "2026-03-10T04:30:00.000Z"),
+            ("Sleep App", "In Bed"): ("2026-03-09T22:00:00.000Z", "2026-03-10T05:00:00.000Z"),
+            ("Ring", "Asleep"): ("2026-03-10T00:00:00.000Z", "2026-03-10T06:00:00.000Z")})  # the date's midnight UTC
+
+    def test_keys_in_any_order_the_points_wait_in_a_file_and_give_the_same_rows(self):
+        points = [hae_point(HAE_MORNING + datetime.timedelta(minutes=m), qty=m) for m in range(2500)]
+        first = self.rows([hae_metric("step_count", "count", points)])["samples"]
+        later = self.rows([{"data": points, "units": "count", "name": "step_count"}])["samples"]
+        self.assertEqual(len(first), 2500)
+        self.assertEqual(later, [(row[:7] + ('{"units":"count","name":"step_count",' + row[7][37:],) + row[8:])
+                                 for row in first])
+        workout = hae_workout_v2()
+        reordered = dict(reversed(list(workout.items())))  # route, series before the id
+        self.assertEqual(walk({"data": {"workouts": [workout]}})[0]["routes"],
+                         walk({"data": {"workouts": [reordered]}})[0]["routes"])
+
+    def test_what_cannot_be_read_is_kept_with_the_reason(self):
+        rows = self.rows([{"units": "count", "data": [hae_point(HAE_MORNING, qty=1)]},
+                          hae_metric("step_count", "count", [{"date": "yesterday", "qty": 1}, 7]),
+                          "not a metric"],
+                         workouts=[{"name": "Run", "start": "soon", "route": [{"lat": 1, "lon": 2}]}])
+        self.assertNotIn("samples", rows)
+        reasons = sorted((where, reason) for where, reason, _record in rows["rejected"])
+        self.assertEqual(reasons, [
+            ("metrics", "element is a string, not an object"),
+            ("metrics.data", "not read: metric's name is null, not a non-empty string"),
+            ("step_count", "date is 'yesterday', not a date"),
+            ("step_count", "element is a number, not an object"),
+            ("workouts", "start missing or not a date"),
+            ("workouts.route", "not read: start missing or not a date")])
+
+
+class OtherAppTests(StepsTestCase):
+    """That app's syncs through the real endpoint: stored as the first
+    app's, counted once, shown on the same pages."""
+
+    max_body = 8 * hr.MIB
+
+    def today_at(self, hour, minute=0):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return datetime.datetime(now.year, now.month, now.day, hour, minute, tzinfo=datetime.timezone.utc) \
+            - datetime.timedelta(days=1)
+
+    def mixed_body(self):
+        """A body of both apps: that app's metrics and collections beside
+        the first app's samples, workouts and medications."""
+        at = self.today_at(9).astimezone(BERLIN)
+        return {"exportDate": hr.utc_now(), "data": {
+            "HKQuantityTypeIdentifierStepCount": [span("U-1", f"{at.date()}T06:00:00Z", f"{at.date()}T06:10:00Z",
+                                                       500, "count", source="Jane's iPhone")],
+            "metrics": [
+                hae_metric("step_count", "count", [hae_point(at + datetime.timedelta(minutes=m), qty=100)
+                                                   for m in range(3)]),
+                hae_metric("heart_rate", "count/min", [hae_point(at, Min=60, Avg=70, Max=90)]),
+                hae_metric("active_energy", "kJ", [hae_point(at, qty=418.4)]),
+                hae_metric("blood_pressure", "mmHg", [hae_point(at, systolic=120, diastolic=80, source="Omron")])],
+            "workouts": [hae_workout_v2(start=at), hae_workout_v1(start=at + datetime.timedelta(hours=2)),
+                         {"uuid": "P-W", "workoutActivityType": "cycling", "startDate": f"{at.date()}T05:00:00Z",
+                          "endDate": f"{at.date()}T05:30:00Z", "durationSeconds": 1800}],
+            "medications": [{"conceptIdentifier": "rx-1", "displayText": "Lisinopril", "hasSchedule": True},
+                            {"displayText": "Aspirin", "form": "tablet", "start": hae_stamp(at),
+                             "scheduledDate": hae_stamp(at), "status": "Taken", "dosage": "100 mg",
+                             "codings": [{"system": "rxnorm", "code": "1191"}]}],
+            "stateOfMind": [{"id": "S-1", "start": hae_stamp(at), "end": hae_stamp(at), "kind": "momentaryEmotion",
+                             "valence": 0.6, "valenceClassification": "pleasant", "labels": ["calm"],
+                             "associations": ["family"]}],
+            "symptoms": [{"name": "Headache", "severity": "mild", "start": hae_stamp(at),
+                          "end": hae_stamp(at + datetime.timedelta(hours=1)), "userEntered": True, "source": "Health"}],
+            "cycleTracking": [{"name": "Menstrual Flow", "value": "light", "start": hae_stamp(at),
+                               "end": hae_stamp(at), "source": "Health"}],
+            "ecg": [{"start": hae_stamp(at), "end": hae_stamp(at + datetime.timedelta(seconds=30)),
+                     "classification": "Sinus Rhythm", "severity": "none", "averageHeartRate": 64,
+                     "numberOfVoltageMeasurements": 3, "samplingFrequency": 512,
+                     "voltageMeasurements": [{"date": hae_stamp(at), "voltage": v, "units": "\u00b5V"}
+                                             for v in (-12.5, 200.25, 31.0)], "source": "Apple Watch"}],
+            "heartRateNotifications": [{"start": hae_stamp(at), "end": hae_stamp(at + datetime.timedelta(minutes=10)),
+                                        "threshold": 120, "heartRate": [{"hr": 125, "units": "count/min",
+                                                                         "timestamp": {"start": hae_stamp(at)}}]}]}}
+
+    def test_a_small_sample_of_three_metrics_and_a_workout_is_stored_not_rejected(self):
+        at = self.today_at(7).astimezone(BERLIN)
+        status, _, answer = self.post({"data": {"metrics": [
+            hae_metric("step_count", "count", [hae_point(at, qty=1200)]),
+            hae_metric("heart_rate", "count/min", [hae_point(at, Min=61, Avg=70, Max=88)]),
+            hae_metric("weight_body_mass", "kg", [hae_point(at, qty=70.2, source="Scale")])],
+            "workouts": [hae_workout_v2(start=at)]}})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual((answer["ok"], answer["count"], answer["rejected"], answer["duplicates"]), (True, 4, 0, 0))
+        self.assertEqual(self.count("rejected"), 0)
+        self.assertEqual(self.count("samples"), 3)
+        self.assertEqual(self.count("workouts"), 1)
+
+    def test_a_body_mixing_both_apps_is_stored_in_every_table_and_a_resend_is_all_duplicates(self):
+        body = self.mixed_body()
+        status, _, answer = self.post(body)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["rejected"], 0)
+        self.assertEqual(self.query("SELECT reason, record FROM rejected"), [])
+        counts = self.counts()
+        self.assertEqual({table: counts[table] for table in (
+            "samples", "workouts", "workout_route_points", "workout_series", "medications", "medication_dose_events",
+            "states_of_mind", "symptoms", "cycle_tracking", "ecg_recordings", "ecg_voltages",
+            "heart_rate_notifications")}, {
+            "samples": 1 + 3 + 1 + 1 + 2, "workouts": 3, "workout_route_points": 4 + 2, "workout_series": 3 + 2,
+            "medications": 2, "medication_dose_events": 1, "states_of_mind": 1, "symptoms": 1, "cycle_tracking": 1,
+            "ecg_recordings": 1, "ecg_voltages": 3, "heart_rate_notifications": 1})
+        self.assertEqual(self.query("SELECT activity_type, duration_seconds FROM workouts ORDER BY start_date"),
+                         [("cycling", 1800), ("running", 1800), ("walking", 1200)])
+        self.assertEqual(self.query("SELECT series, value, low, high FROM workout_series WHERE series = "
+                                    "'heartRateData' ORDER BY date"), [("heartRateData", 130 + m, 120 + m, 140 + m)
+                                                                       for m in range(3)])
+        self.assertEqual(self.query("SELECT number, voltage, unit FROM ecg_voltages ORDER BY number"),
+                         [(1, -12.5, "\u00b5V"), (2, 200.25, "\u00b5V"), (3, 31.0, "\u00b5V")])
+        self.assertEqual(self.query("SELECT classification, average_heart_rate FROM ecg_recordings"),
+                         [("Sinus Rhythm", 64.0)])
+        self.assertEqual(self.query("SELECT medication, log_status FROM medication_dose_events"),
+                         [("Aspirin", "taken")])
+        self.assertEqual(sorted(self.query("SELECT key, display_text FROM medications")),
+                         [("Aspirin", "Aspirin"), ("rx-1", "Lisinopril")])
+        self.assertEqual(self.query("SELECT type, value, low, high, unit FROM samples WHERE type LIKE '%HeartRate'"),
+                         [("HKQuantityTypeIdentifierHeartRate", 70, 60.0, 90.0, "count/min")])
+        status, _, again = self.post(body)
+        self.assertEqual(status, 200, again)
+        self.assertEqual((again["count"], again["duplicates"], sum(again["inserted"].values())),
+                         (answer["count"], answer["count"], 0))
+        self.assertEqual(self.counts(), dict(counts, syncs=2))
+
+    def test_a_point_sent_again_with_a_new_value_replaces_the_old_one_counted_once(self):
+        at = self.today_at(10).astimezone(BERLIN)
+        minute = [hae_point(at, qty=40, source="iPhone|Apple Watch")]
+        self.assertEqual(self.post({"data": {"metrics": [hae_metric("step_count", "count", minute)]}})[0], 200)
+        self.assertEqual(self.day_totals()[str(at.date())], 40)
+        minute[0]["qty"] = 65  # the minute grew: the app summarised it again
+        status, _, answer = self.post({"data": {"metrics": [hae_metric("step_count", "count", minute)]}})
+        self.assertEqual((status, answer["inserted"]["measurements"], answer["duplicates"]), (200, 1, 0))
+        self.assertEqual(self.query("SELECT value, source_name FROM samples"), [(65, "iPhone|Apple Watch")])
+        self.assertEqual(self.day_totals()[str(at.date())], 65)
+        self.assertEqual(self.query("SELECT source FROM sample_sources"), [("iPhone|Apple Watch",)])
+
+    def test_the_pages_series_and_metrics_show_that_apps_data_like_the_first_apps(self):
+        at = self.today_at(8)
+        day = str(at.date())
+        # The same walk as both apps would send it: steps a Watch counted.
+        first = {"data": {"HKQuantityTypeIdentifierStepCount": [span(
+            f"P-{m}", (at + datetime.timedelta(minutes=m)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            (at + datetime.timedelta(minutes=m, seconds=59)).strftime("%Y-%m-%dT%H:%M:%SZ"), 100 + m, "count",
+            source="Apple Watch") for m in range(5)]}}
+        self.assertEqual(self.post(first)[0], 200)
+        totals = self.day_totals()
+        self.tearDown()
+        self.setUp()
+        other = {"data": {"metrics": [hae_metric("step_count", "count", [
+            hae_point((at + datetime.timedelta(minutes=m)).astimezone(BERLIN), qty=100 + m, source="Apple Watch")
+            for m in range(5)])]}}
+        self.assertEqual(self.post(other)[0], 200)
+        self.assertEqual(self.day_totals(), totals)
+        self.assertEqual(totals[day], 510)
+        status, _, points = self.request("GET", f"{hr.SERIES_PATH}?type=StepCount&from={day}&to={day}&grain=day")
+        self.assertEqual((status, [point["value"] for point in points]), (200, [510]))
+        self.assertEqual(self.post({"data": {"metrics": [hae_metric("heart_rate", "count/min", [
+            hae_point(at.astimezone(BERLIN), Min=55, Avg=66, Max=99)])]}})[0], 200)
+        for stat, expected in (("min", 55), ("max", 99), (None, 66)):
+            path = f"{hr.SERIES_PATH}?type=HeartRate&from={day}&to={day}&grain=day" + (f"&stat={stat}" if stat else "")
+            status, _, points = self.request("GET", path)
+            self.assertEqual((status, [point["value"] for point in points]), (200, [expected]), stat)
+        page = self.page("/type/StepCount?range=7d")
+        self.assertIn("510", page.replace(",", ""))
+        status, _, body = self.request("GET", hr.METRICS_PATH)
+        self.assertEqual(status, 200)
+        self.assertIn('type="HeartRate"', body.decode())
+
+    def test_a_nights_totals_count_once_and_a_grown_night_replaces_the_first(self):
+        night = self.today_at(0) - datetime.timedelta(hours=1)
+        wake = str((night + datetime.timedelta(hours=12)).date())
+
+        def body(core):
+            return {"data": {"metrics": [hae_metric("sleep_analysis", "hr", [{
+                "date": wake, "totalSleep": core + 3, "core": core, "deep": 1, "rem": 2, "awake": 0.5, "asleep": 0,
+                "inBed": core + 4, "sleepStart": hae_stamp(night), "sleepEnd": hae_stamp(night), "source": "Watch"}])]}}
+
+        self.assertEqual(self.post(body(2))[0], 200)
+        self.assertEqual(self.post(body(4))[0], 200)  # the night went on: sent again, grown
+        self.assertEqual(self.count("samples"), 5)
+        facts = self.summary("7d")
+        sleep = self.chart(facts, "SleepAnalysis")
+        asleep = [point for point in sleep["points"] if point[0][:10] == wake]
+        self.assertEqual(len(asleep), 1)
+        self.assertAlmostEqual(asleep[0][1], 7.0)  # 4 core + 1 deep + 2 REM, once
