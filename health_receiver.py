@@ -3,7 +3,8 @@
 
 The iOS app Health Export Pro POSTs a JSON document (up to tens of MB) to a
 server of your choice whenever it syncs.  This single file is that server:
-standard library only, any CPython 3.8 or newer.
+standard library only, any CPython 3.8 or newer.  The same endpoint reads
+the REST automations of Health Auto Export, told apart by shape.
 
 Usage::
 
@@ -31,8 +32,11 @@ Map of this file, each section depending only on those above it:
                   days, nights and hours a person lives in
     JSON reader   JsonReader: one document read as it arrives, a value at a
                   time, within a bounded window
-    Ingest        the health grammar: row functions, the SECTIONS registry,
-                  Payload (a sync's body as batches of rows)
+    Ingest        the health grammar: row functions (the other app's too:
+                  HAE_METRICS, POINT_SHAPES, UNIT_SIZES), the SECTIONS
+                  registry, NESTED (elements whose arrays are read an
+                  element at a time), Payload (a sync's body as batches
+                  of rows)
     Storage       SQLite connections, schema derived from SECTIONS, the
                   syncs table (SYNCS), PEOPLE (every row is a person's),
                   MIGRATIONS, a sync's rows staged in a temporary file and
@@ -45,6 +49,7 @@ Map of this file, each section depending only on those above it:
     Reporting     records of what is stored (read only): RANGES, a View and
                   its Window, CHART_KINDS over the hourly totals, today,
                   sleep per night, workouts and routes, medications, the
+                  journal (JOURNAL_KINDS: the other app's events), the
                   numbers of /api/series, /api/latest and gaps; the JSON made
                   from them; export rows and NDJSON export lines
     Presentation  the pages from those records: status page, a page per
@@ -3567,17 +3572,24 @@ def source_priority_words(conn):
     return tuple(word for word in row[0].split(",") if word) if row and row[0] else SOURCE_PRIORITY
 
 
+#: Pending hours of a type merged in Python (hours_merger) at a time: its
+#: samples are held as tuples meanwhile (a type measured every minute, as
+#: the other app sends them: two days took 1.5 MB less at the peak of a
+#: 50 MB sync than a week, as fast).
+MERGE_RUN_HOURS = 48
+
+
 def merge_pending_hours(conn, person, type_name, hours, words):
     """Rewrite ``hours`` (sorted hour keys) of a person's type that
-    hours_merger makes: runs of hours a week long at most, each one range
-    of samples read back as far as samples last into it."""
+    hours_merger makes: runs of hours MERGE_RUN_HOURS long at most, each one
+    range of samples read back as far as samples last into it."""
     merge = hours_merger(type_name)
     ranks = SourceRanks.of(conn, person, words)
     run_start = previous = None
     for hour in hours + [None]:
         at = None if hour is None else hour_milliseconds(hour)
         if run_start is not None and (at is None or at - previous > 3600 * 1000
-                                      or at - run_start >= HOURS_PER_STATEMENT * 3600 * 1000):
+                                      or at - run_start >= MERGE_RUN_HOURS * 3600 * 1000):
             merge(conn, person, type_name, run_start, previous + 3600 * 1000, ranks)
             run_start = None
         if at is not None:
@@ -6516,14 +6528,16 @@ DISTANCE_UNITS = {"m": 1.0, "km": 1000.0, "mi": 1609.344, "yd": 0.9144, "ft": 0.
 ENERGY_UNITS = {"kcal": 1.0, "cal": 1.0, "Cal": 1.0, "kJ": 1 / 4.184, "J": 1 / 4184.0}
 
 
-def _quantity(record, field, units, default_unit):
-    """A workout's total (a number, or {"quantity"|"value", "unit"}) in the
-    unit that ``units`` converts to, or None."""
+def _quantity(record, fields, units, default_unit):
+    """A workout's total (a number, or {"quantity"|"value"|"qty",
+    "unit"|"units"}) of the first of ``fields`` present, in the unit that
+    ``units`` converts to, or None."""
+    field = next((name for name in fields if record.get(name) is not None), fields[0])
     value = record.get(field)
     unit = record.get(field + "Unit", default_unit)
     if isinstance(value, dict):
-        unit = value.get("unit", unit)
-        value = value.get("quantity", value.get("value"))
+        unit = value.get("unit", value.get("units", unit))
+        value = value.get("quantity", value.get("value", value.get("qty")))
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     factor = units.get(unit) if isinstance(unit, str) else None
@@ -6563,10 +6577,14 @@ def workout_of(conn, row):
     if end:
         heart = conn.execute(f"SELECT avg(value) FROM samples WHERE type = ? AND start_date >= ? AND start_date <= ?"
                              f" AND {_NUMERIC}", (HEART_RATE_TYPE, start, end)).fetchone()[0]
+    if heart is None:  # the other app's own series of the workout
+        heart = conn.execute(f"SELECT avg(value) FROM workout_series WHERE workout_uuid = ? AND series ="
+                             f" 'heartRateData' AND {_NUMERIC}", (uuid,)).fetchone()[0]
     points = conn.execute("SELECT count(*) FROM workout_route_points WHERE workout_uuid = ?", (uuid,)).fetchone()[0]
-    return Workout(uuid, activity, start, end, duration, _quantity(fields, "totalDistance", DISTANCE_UNITS, "m"),
-                   _quantity(fields, "totalEnergyBurned", ENERGY_UNITS, "kcal"), finite(heart), points,
-                   fields.get("sourceName"))
+    return Workout(uuid, activity, start, end, duration,
+                   _quantity(fields, ("totalDistance", "distance"), DISTANCE_UNITS, "m"),
+                   _quantity(fields, ("totalEnergyBurned", "activeEnergyBurned", "activeEnergy", "totalEnergy"),
+                             ENERGY_UNITS, "kcal"), finite(heart), points, fields.get("sourceName", fields.get("source")))
 
 
 _WORKOUT_COLUMNS = "uuid, activity_type, start_date, end_date, duration_seconds, record"
@@ -6740,6 +6758,53 @@ def data_gaps(conn, view, limit=LATEST_TYPES_MAX):
     return gaps[:GAPS_MAX]
 
 
+class JournalKind(typing.NamedTuple):
+    """A collection of single events shown in the status page's journal
+    (Health Auto Export's states of mind, symptoms, ECGs...)."""
+
+    #: Its section's name.
+    section: str
+    #: What an entry is called on the page.
+    title: str
+    #: (column, what the page calls it or "") of what an entry says.
+    columns: typing.Tuple[typing.Tuple[str, str], ...]
+
+
+#: The journal's kinds, in the order an instant's entries are listed.
+JOURNAL_KINDS = (
+    JournalKind("ecg", "ECG", (("classification", ""), ("average_heart_rate", "average heart rate"),
+                               ("source_name", "from"))),
+    JournalKind("heart_rate_notifications", "Heart rate notification", (("threshold", "threshold"),
+                                                                        ("source_name", "from"))),
+    JournalKind("states_of_mind", "State of mind", (("classification", ""), ("valence", "valence"), ("kind", ""))),
+    JournalKind("symptoms", "Symptom", (("name", ""), ("severity", ""), ("source_name", "from"))),
+    JournalKind("cycle_tracking", "Cycle tracking", (("kind", ""), ("value", ""), ("source_name", "from"))),
+)
+#: Entries the journal lists (the window's latest).
+JOURNAL_LISTED = 30
+
+
+class JournalEntry(typing.NamedTuple):
+    start_date: str
+    title: str
+    text: str
+
+
+def journal(conn, window, limit=JOURNAL_LISTED):
+    """The window's latest ``limit`` entries of the JOURNAL_KINDS, newest first."""
+    entries = []
+    for kind in JOURNAL_KINDS:
+        table = SECTIONS_BY_NAME[kind.section].table
+        columns = ", ".join(column for column, _label in kind.columns)
+        for start, *values in conn.execute(
+                f"SELECT start_date, {columns} FROM {table} WHERE start_date >= ? AND start_date < ?"
+                f" ORDER BY start_date DESC LIMIT ?", (window.start, window.end, limit)):
+            words = [f"{label} {value}".strip() for (_column, label), value in zip(kind.columns, values)
+                     if value is not None and value != ""]
+            entries.append(JournalEntry(start, kind.title, ", ".join(words)))
+    return sorted(entries, reverse=True)[:limit]
+
+
 class StatusReport(typing.NamedTuple):
     """Everything the status page and /api/summary show."""
 
@@ -6758,6 +6823,8 @@ class StatusReport(typing.NamedTuple):
     backup: typing.Optional[dict] = None
     #: What stopped arriving (data_gaps).
     gaps: typing.Tuple[Gap, ...] = ()
+    #: The window's latest entries of the JOURNAL_KINDS.
+    journal: typing.Tuple[JournalEntry, ...] = ()
 
 
 def status_report(store, view, sync_count=20, type_limit=PAGE_TYPES_MAX):
@@ -6773,7 +6840,9 @@ def status_report(store, view, sync_count=20, type_limit=PAGE_TYPES_MAX):
         workouts, more_workouts = workout_list(conn, window)
         doses = medications(conn, window)
         gaps = tuple(data_gaps(conn, view))
-    return StatusReport(view, stored, window, today, charts, workouts, more_workouts, doses, gaps=gaps)
+        entries = tuple(journal(conn, window))
+    return StatusReport(view, stored, window, today, charts, workouts, more_workouts, doses, gaps=gaps,
+                        journal=entries)
 
 
 def stats_json(stored, now):
@@ -6804,6 +6873,7 @@ def summary_json(report):
          "points": [[day.isoformat(), doses["taken"], doses["skipped"]]
                     for day, _count, doses in medication.chart.points],
          "taken": medication.taken, "skipped": medication.skipped} for medication in report.medications]
+    facts["journal"] = [dict(zip(JournalEntry._fields, entry)) for entry in report.journal]
     facts["backup"] = report.backup
     facts["gaps"] = [{"kind": gap.kind, "message": gap.message, "since": gap.since, "type": gap.type,
                       "source": gap.source} for gap in report.gaps]
@@ -7935,6 +8005,11 @@ def render_status_page(report):
                        f'{medication.taken:,} taken, {medication.skipped:,} skipped</p>'
                        f'{svg_chart(chart)}{_legend(chart.kind.stages)}</div>')
         out.append("</div>")
+    if report.journal:
+        out.append("<h2>Journal</h2>")
+        out.append(_table(("When", "What", ("opt", "Details")), [("", _cells(
+            format_local(entry.start_date, view.zone), _esc(entry.title), ("opt", _esc(entry.text))))
+            for entry in report.journal]))
     out.append("<h2>Last syncs</h2>")
     out.append(_sync_table(stored.syncs, view) if stored.syncs else
                '<p class="muted">No sync has arrived yet.</p>')

@@ -7052,3 +7052,19 @@ class OtherAppTests(StepsTestCase):
         asleep = [point for point in sleep["points"] if point[0][:10] == wake]
         self.assertEqual(len(asleep), 1)
         self.assertAlmostEqual(asleep[0][1], 7.0)  # 4 core + 1 deep + 2 REM, once
+
+    def test_the_other_collections_are_shown_where_a_person_looks_for_them(self):
+        self.assertEqual(self.post(self.mixed_body())[0], 200)
+        facts = self.summary("7d")
+        self.assertEqual(sorted(entry["title"] for entry in facts["journal"]),
+                         ["Cycle tracking", "ECG", "Heart rate notification", "State of mind", "Symptom"])
+        page = self.page("/?range=7d")
+        for words in ("Journal", "Sinus Rhythm", "average heart rate 64", "Headache", "mild", "pleasant"):
+            self.assertIn(words, page)
+        run = next(workout for workout in facts["workouts"] if workout["activity_type"] == "running")
+        self.assertAlmostEqual(run["distance_m"], 3.1 * 1609.344)
+        self.assertAlmostEqual(run["energy_kcal"], 1255.2 / 4.184)
+        self.assertEqual(run["route_points"], 4)
+        fields = self.page(hr.FIELDS_PATH)
+        for field in ("valenceClassification", "classification", "severity", "qty", "units", "Avg", "systolic"):
+            self.assertIn(field, fields)
