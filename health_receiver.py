@@ -2074,6 +2074,16 @@ class Section:
                 f"(SELECT 1 FROM main.{self.table} AS stored WHERE {match})")
 
 
+def _event_section(name, table, app_key, make_row, columns):
+    """The Section of one of Health Auto Export's collections of events:
+    a uuid (its id, or made from its start), its dates, ``columns``, its
+    record; counted among the app's measurements."""
+    return Section(name, table, (("uuid", "TEXT"), ("start_date", "TEXT NOT NULL"), ("end_date", "TEXT"))
+                   + columns + (("record", "TEXT NOT NULL"),), key=("uuid",), make_row=make_row, app_keys=(app_key,),
+                   dates=(("start_date", "start"), ("end_date", "end")), bucket="measurements",
+                   indexes=((f"{table}_start", ("start_date",)),))
+
+
 #: Every section, in the order the answer, totals and export list them.
 SECTIONS = (
     Section("samples", "samples",
@@ -2118,37 +2128,17 @@ SECTIONS = (
              ("record", "TEXT NOT NULL")),
             key=("workout_uuid", "date", "series"), make_row=_series_row, app_keys=(),
             shape="nested", dates=(("date", "date"),), counted=False, clustered=True),
-    Section("states_of_mind", "states_of_mind",
-            (("uuid", "TEXT"), ("start_date", "TEXT NOT NULL"), ("end_date", "TEXT"), ("kind", ""),
-             ("valence", "REAL"), ("classification", ""), ("record", "TEXT NOT NULL")),
-            key=("uuid",), make_row=_state_of_mind_row, app_keys=("stateOfMind",),
-            dates=(("start_date", "start"), ("end_date", "end")), bucket="measurements",
-            indexes=(("states_of_mind_start", ("start_date",)),)),
-    Section("symptoms", "symptoms",
-            (("uuid", "TEXT"), ("start_date", "TEXT NOT NULL"), ("end_date", "TEXT"), ("name", "TEXT"),
-             ("severity", ""), ("source_name", "TEXT"), ("record", "TEXT NOT NULL")),
-            key=("uuid",), make_row=_symptom_row, app_keys=("symptoms",),
-            dates=(("start_date", "start"), ("end_date", "end")), bucket="measurements",
-            indexes=(("symptoms_start", ("start_date",)),)),
-    Section("cycle_tracking", "cycle_tracking",
-            (("uuid", "TEXT"), ("start_date", "TEXT NOT NULL"), ("end_date", "TEXT"), ("kind", "TEXT"),
-             ("value", ""), ("source_name", "TEXT"), ("record", "TEXT NOT NULL")),
-            key=("uuid",), make_row=_cycle_row, app_keys=("cycleTracking",),
-            dates=(("start_date", "start"), ("end_date", "end")), bucket="measurements",
-            indexes=(("cycle_tracking_start", ("start_date",)),)),
-    Section("heart_rate_notifications", "heart_rate_notifications",
-            (("uuid", "TEXT"), ("start_date", "TEXT NOT NULL"), ("end_date", "TEXT"), ("threshold", ""),
-             ("source_name", "TEXT"), ("record", "TEXT NOT NULL")),
-            key=("uuid",), make_row=_notification_row, app_keys=("heartRateNotifications",),
-            dates=(("start_date", "start"), ("end_date", "end")), bucket="measurements",
-            indexes=(("heart_rate_notifications_start", ("start_date",)),)),
-    Section("ecg", "ecg_recordings",
-            (("uuid", "TEXT"), ("start_date", "TEXT NOT NULL"), ("end_date", "TEXT"), ("classification", ""),
-             ("average_heart_rate", "REAL"), ("sampling_frequency", "REAL"), ("source_name", "TEXT"),
-             ("record", "TEXT NOT NULL")),
-            key=("uuid",), make_row=_ecg_row, app_keys=("ecg",),
-            dates=(("start_date", "start"), ("end_date", "end")), bucket="measurements",
-            indexes=(("ecg_recordings_start", ("start_date",)),)),
+    _event_section("states_of_mind", "states_of_mind", "stateOfMind", _state_of_mind_row,
+                   (("kind", ""), ("valence", "REAL"), ("classification", ""))),
+    _event_section("symptoms", "symptoms", "symptoms", _symptom_row,
+                   (("name", "TEXT"), ("severity", ""), ("source_name", "TEXT"))),
+    _event_section("cycle_tracking", "cycle_tracking", "cycleTracking", _cycle_row,
+                   (("kind", "TEXT"), ("value", ""), ("source_name", "TEXT"))),
+    _event_section("heart_rate_notifications", "heart_rate_notifications", "heartRateNotifications",
+                   _notification_row, (("threshold", ""), ("source_name", "TEXT"))),
+    _event_section("ecg", "ecg_recordings", "ecg", _ecg_row,
+                   (("classification", ""), ("average_heart_rate", "REAL"), ("sampling_frequency", "REAL"),
+                    ("source_name", "TEXT"))),
     Section("voltages", "ecg_voltages",
             (("ecg_uuid", "TEXT NOT NULL"), ("number", "INTEGER NOT NULL"), ("date", "TEXT"), ("voltage", ""),
              ("unit", "TEXT"), ("record", "TEXT NOT NULL")),
