@@ -6869,10 +6869,12 @@ class OtherAppWalkerTests(unittest.TestCase):
             ("Ring", "Asleep"): ("2026-03-10T00:00:00.000Z", "2026-03-10T06:00:00.000Z")})  # the date's midnight UTC
 
     def test_keys_in_any_order_the_points_wait_in_a_file_and_give_the_same_rows(self):
-        points = [hae_point(HAE_MORNING + datetime.timedelta(minutes=m), qty=m) for m in range(2500)]
+        # More than a MiB of points: they wait in a file, not in memory.
+        points = [hae_point(HAE_MORNING + datetime.timedelta(minutes=m), qty=m) for m in range(15000)]
         first = self.rows([hae_metric("step_count", "count", points)])["samples"]
         later = self.rows([{"data": points, "units": "count", "name": "step_count"}])["samples"]
-        self.assertEqual(len(first), 2500)
+        self.assertEqual(len(first), 15000)
+        self.assertGreater(sum(len(json.dumps(point)) for point in points), hr.MIB)
         self.assertEqual(later, [(row[:7] + ('{"units":"count","name":"step_count",' + row[7][37:],) + row[8:])
                                  for row in first])
         workout = hae_workout_v2()
@@ -7068,3 +7070,32 @@ class OtherAppTests(StepsTestCase):
         fields = self.page(hr.FIELDS_PATH)
         for field in ("valenceClassification", "classification", "severity", "qty", "units", "Avg", "systolic"):
             self.assertIn(field, fields)
+
+    def test_an_ndjson_export_of_that_apps_rows_is_imported_again_as_they_are(self):
+        self.assertEqual(self.post(self.mixed_body())[0], 200)
+        folder = os.path.join(self.tmp.name, "export")
+        os.mkdir(folder)
+        for section in hr.SECTIONS:
+            code, _, err = run_main("export", "--db", self.db, "--section", section.name, "--format", "ndjson",
+                                    "--output", os.path.join(folder, section.name + ".ndjson"))
+            self.assertEqual(code, 0, err)
+        fresh = os.path.join(self.tmp.name, "fresh.db")
+        code, out, err = run_main("import", "--db", fresh, folder)
+        self.assertEqual(code, 0, err)
+        for section in hr.SECTIONS:
+            if section.shape == "nested":  # a workout's series and an ECG's measurements are not read again
+                continue
+            columns = ", ".join(name for name in section.column_names if name not in section.sync_columns)
+            with self.subTest(section=section.name), contextlib.closing(sqlite3.connect(self.db)) as old, \
+                    contextlib.closing(sqlite3.connect(fresh)) as new:
+                sql = f"SELECT {columns} FROM {section.table} ORDER BY 1, 2"
+                self.assertEqual(new.execute(sql).fetchall(), old.execute(sql).fetchall())
+
+    def test_the_same_point_twice_in_one_body_is_one_sample_the_later_value(self):
+        at = self.today_at(11).astimezone(BERLIN)
+        points = [hae_point(at, qty=10), hae_point(at + datetime.timedelta(minutes=1), qty=5), hae_point(at, qty=20)]
+        status, _, answer = self.post({"data": {"metrics": [hae_metric("step_count", "count", points)]}})
+        self.assertEqual((status, answer["count"]), (200, 3))
+        self.assertEqual(self.query("SELECT value FROM samples ORDER BY start_date"), [(20,), (5,)])
+        self.assertEqual(self.day_totals()[str(at.date())], 25)
+        self.assertEqual(self.query("SELECT rows FROM sample_types"), [(2,)])
