@@ -7361,6 +7361,10 @@ def heart_trace(conn, workout):
     rows = conn.execute(f"SELECT start_date, value FROM samples WHERE type = ? AND start_date >= ? AND start_date <= ?"
                         f" AND {_NUMERIC} ORDER BY start_date LIMIT ?", (HEART_RATE_TYPE, workout.start_date,
                                                                           workout.end_date, HEART_SAMPLES_MAX)).fetchall()
+    if not rows:  # the other app's own series of the workout
+        rows = conn.execute(f"SELECT date, value FROM workout_series WHERE workout_uuid = ? AND series ="
+                            f" 'heartRateData' AND {_NUMERIC} ORDER BY date LIMIT ?",
+                            (workout.uuid, HEART_SAMPLES_MAX)).fetchall()
     points = []
     for stamp, value in rows:
         moment, rate = parse_stamp(stamp), finite(value)

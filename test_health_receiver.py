@@ -7064,6 +7064,10 @@ class OtherAppTests(StepsTestCase):
         for words in ("Journal", "Sinus Rhythm", "average heart rate 64", "Headache", "mild", "pleasant"):
             self.assertIn(words, page)
         run = next(workout for workout in facts["workouts"] if workout["activity_type"] == "running")
+        walk_ = next(workout for workout in facts["workouts"] if workout["activity_type"] == "walking")
+        self.assertIn("Heart rate", self.page(f"/workout/{run['uuid']}"))
+        page = self.page(f"/workout/{quote(walk_['uuid'], safe='')}")
+        self.assertIn("2 points", page)
         self.assertAlmostEqual(run["distance_m"], 3.1 * 1609.344)
         self.assertAlmostEqual(run["energy_kcal"], 1255.2 / 4.184)
         self.assertEqual(run["route_points"], 4)
@@ -7099,3 +7103,40 @@ class OtherAppTests(StepsTestCase):
         self.assertEqual(self.query("SELECT value FROM samples ORDER BY start_date"), [(20,), (5,)])
         self.assertEqual(self.day_totals()[str(at.date())], 25)
         self.assertEqual(self.query("SELECT rows FROM sample_types"), [(2,)])
+    def test_a_workout_without_heart_rate_samples_shows_its_own_series(self):
+        at = self.today_at(6).astimezone(BERLIN)
+        self.assertEqual(self.post({"data": {"workouts": [hae_workout_v2("W-alone", start=at)]}})[0], 200)
+        page = self.page("/workout/W-alone")
+        self.assertIn("3 samples", page)
+        self.assertIn("4 points", page)
+
+
+
+class OtherAppStreamingTests(unittest.TestCase):
+    """The big arrays inside that app's elements are read an element at a
+    time: with a reader that decodes no value over 64 KiB, arrays of
+    several hundred KiB inside a metric, a workout and an ECG are stored
+    whole, nothing kept aside as too large."""
+
+    def test_arrays_at_any_depth_are_read_an_element_at_a_time(self):
+        start = HAE_MORNING
+        points = [hae_point(start + datetime.timedelta(minutes=m), qty=m % 90) for m in range(6000)]
+        workout = hae_workout_v2()
+        workout["route"] = [{"latitude": 52.5, "longitude": 13.4, "altitude": 30.0, "speed": 3.0,
+                             "timestamp": hae_stamp(start + datetime.timedelta(seconds=i))} for i in range(5000)]
+        ecg = {"start": hae_stamp(start), "classification": "Sinus Rhythm",
+               "voltageMeasurements": [{"date": hae_stamp(start), "voltage": i / 7, "units": "\u00b5V"}
+                                       for i in range(15000)], "source": "Apple Watch"}
+        body = encode({"data": {"metrics": [hae_metric("heart_rate", "count/min", points)], "workouts": [workout],
+                                "ecg": [ecg]}})
+        for name, array in (("data", points), ("route", workout["route"]),
+                            ("voltageMeasurements", ecg["voltageMeasurements"])):
+            self.assertGreater(len(json.dumps(array)), 4 * 64 * 1024, name)
+        payload = hr.Payload([body[i:i + 4096] for i in range(0, len(body), 4096)], value_max=64 * 1024)
+        rows = {}
+        for section, batch in payload.batches():
+            rows.setdefault(section.name if section else "rejected", []).extend(batch)
+        self.assertNotIn("rejected", rows)
+        self.assertEqual({name: len(batch) for name, batch in rows.items()},
+                         {"samples": 6000, "workouts": 1, "routes": 5000, "series": 5, "ecg": 1, "voltages": 15000})
+        self.assertEqual([row[1] for row in rows["voltages"][:3]], [1, 2, 3])
