@@ -1829,7 +1829,7 @@ def _any_medication_row(obj, raw, section):
     return _medication_row(obj, raw, section)
 
 
-def _quantity_numeric(value):
+def _quantity_value(value):
     """A number sent plain or as {qty, units}."""
     if value.__class__ is dict:
         value = value.get("qty")
@@ -1873,15 +1873,16 @@ def _notification_row(obj, raw, section):
     timed = _timed_row(obj, raw, section, "notification")
     if timed.__class__ is str:
         return timed
-    return timed + (_quantity_numeric(obj.get("threshold")), _to_sql(obj.get("source")), raw)
+    return timed + (_quantity_value(obj.get("threshold")), _to_sql(obj.get("source")), raw)
 
 
 def _ecg_row(obj, raw, section):
     timed = _timed_row(obj, raw, section)
     if timed.__class__ is str:
         return timed
-    return (_ecg_parent(obj),) + timed[1:] + (_to_sql(obj.get("classification")), _quantity_numeric(obj.get("averageHeartRate")),
-                    _to_sql(obj.get("samplingFrequency")), _to_sql(obj.get("source")), raw)
+    return (_ecg_parent(obj),) + timed[1:] + (
+        _to_sql(obj.get("classification")), _quantity_value(obj.get("averageHeartRate")),
+        _to_sql(obj.get("samplingFrequency")), _to_sql(obj.get("source")), raw)
 
 
 def _ecg_parent(members):
@@ -3754,7 +3755,8 @@ OWNER_BATCH_ROWS = 250000
 
 
 def _table_exists(conn, table):
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is not None
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    return found is not None
 
 
 def _own_by_first_person(conn, table, create_sql, key, report):
@@ -6598,7 +6600,8 @@ def workout_of(conn, row):
     return Workout(uuid, activity, start, end, duration,
                    _quantity(fields, ("totalDistance", "distance"), DISTANCE_UNITS, "m"),
                    _quantity(fields, ("totalEnergyBurned", "activeEnergyBurned", "activeEnergy", "totalEnergy"),
-                             ENERGY_UNITS, "kcal"), finite(heart), points, fields.get("sourceName", fields.get("source")))
+                             ENERGY_UNITS, "kcal"), finite(heart), points,
+                   fields.get("sourceName", fields.get("source")))
 
 
 _WORKOUT_COLUMNS = "uuid, activity_type, start_date, end_date, duration_seconds, record"
@@ -11683,7 +11686,8 @@ def make_hae_payload(target_mb, seed=7, start=BENCH_START, days=30, reordered=Fa
     if reordered:
         metrics = metrics[::-1]
     body = (head + ",".join(metrics) + tail).encode("utf-8")
-    elements = sum(map(len, per_metric)) + sum(len(points) for _units, points in daily.values()) + len(workouts) + len(ecgs)
+    elements = (sum(map(len, per_metric)) + sum(len(points) for _units, points in daily.values()) + len(workouts)
+                + len(ecgs))
     return body, elements
 
 
