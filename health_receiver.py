@@ -3,7 +3,8 @@
 
 The iOS app Health Export Pro POSTs a JSON document (up to tens of MB) to a
 server of your choice whenever it syncs.  This single file is that server:
-standard library only, any CPython 3.8 or newer.
+standard library only, any CPython 3.8 or newer.  The same endpoint reads
+the REST automations of Health Auto Export, told apart by shape.
 
 Usage::
 
@@ -31,8 +32,11 @@ Map of this file, each section depending only on those above it:
                   days, nights and hours a person lives in
     JSON reader   JsonReader: one document read as it arrives, a value at a
                   time, within a bounded window
-    Ingest        the health grammar: row functions, the SECTIONS registry,
-                  Payload (a sync's body as batches of rows)
+    Ingest        the health grammar: row functions (the other app's too:
+                  HAE_METRICS, POINT_SHAPES, UNIT_SIZES), the SECTIONS
+                  registry, NESTED (elements whose arrays are read an
+                  element at a time), Payload (a sync's body as batches
+                  of rows)
     Storage       SQLite connections, schema derived from SECTIONS, the
                   syncs table (SYNCS), PEOPLE (every row is a person's),
                   MIGRATIONS, a sync's rows staged in a temporary file and
@@ -45,6 +49,7 @@ Map of this file, each section depending only on those above it:
     Reporting     records of what is stored (read only): RANGES, a View and
                   its Window, CHART_KINDS over the hourly totals, today,
                   sleep per night, workouts and routes, medications, the
+                  journal (JOURNAL_KINDS: the other app's events), the
                   numbers of /api/series, /api/latest and gaps; the JSON made
                   from them; export rows and NDJSON export lines
     Presentation  the pages from those records: status page, a page per
@@ -300,6 +305,14 @@ def are_canonical_dates(joined):
             and dates_exist(joined.encode("ascii")))
 
 
+#: The 12-hour form of phones set to a 12-hour clock (Health Auto Export):
+#: ``2024-09-21 7:57:00 am +1000``, a space, a narrow no-break space
+#: (U+202F) or none before am/pm, in any case, with or without dots.
+_twelve_hour_date = re.compile(
+    "(\\d{4})-(\\d\\d)-(\\d\\d)[T ](\\d\\d?):(\\d\\d)(?::(\\d\\d)(?:[.,](\\d{1,9}))?)?[ \u202f\u00a0]?"
+    "([AaPp])\\.?[Mm]\\.? ?(Z|z|[+-]\\d\\d(?::?\\d\\d)?)?").fullmatch
+
+
 def utc_date(text):
     """``text`` as canonical UTC (``2026-02-24T08:00:00.000Z``), or None
     when it is not a date: one that does not exist (February 30th, hour
@@ -311,8 +324,15 @@ def utc_date(text):
         return text
     match = _other_date(text.strip())
     if match is None:
-        return None
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
+        match = _twelve_hour_date(text.strip())
+        if match is None:
+            return None
+        year, month, day, hour, minute, second, fraction, half, zone = match.groups()
+        if not 1 <= int(hour) <= 12:
+            return None
+        hour = int(hour) % 12 + (12 if half in "Pp" else 0)
+    else:
+        year, month, day, hour, minute, second, fraction, zone = match.groups()
     try:
         stamp = datetime.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
                                   int(second or 0), int((fraction or "0")[:6].ljust(6, "0")))
@@ -328,6 +348,32 @@ def utc_date(text):
     if not DATE_YEARS[0] <= stamp.year <= DATE_YEARS[1]:
         return None
     return _canonical(stamp)
+
+
+#: Health Auto Export's own form, ``2026-11-30 08:01:00 +0100``, with an
+#: offset of whole hours: recognised without parsing (see hae_date).
+_is_hae_date = re.compile(r"\d{4}-\d\d-\d\d [0-2]\d:[0-5]\d:[0-5]\d [+-][01]\d00").fullmatch
+#: {date's hour and offset: its hour in UTC (YYYY-MM-DDTHH)}; emptied when full.
+_HAE_HOURS = {}
+_HAE_HOURS_MAX = 4096
+
+
+def hae_date(text):
+    """utc_date() of a date sent by Health Auto Export; its usual form (an
+    offset of whole hours) is converted with one look-up per hour of dates
+    (a minute of heart rate is a date)."""
+    if text.__class__ is str and len(text) == 25 and _is_hae_date(text):
+        key = text[:13] + text[19:]
+        hour = _HAE_HOURS.get(key)
+        if hour is None:
+            hour = utc_date(text[:13] + ":00:00" + text[19:])
+            if hour is None:
+                return None
+            if len(_HAE_HOURS) >= _HAE_HOURS_MAX:
+                _HAE_HOURS.clear()
+            hour = _HAE_HOURS[key] = hour[:13]
+        return hour + text[13:19] + ".000Z"
+    return utc_date(text)
 
 
 def _canonical(stamp):
@@ -919,6 +965,25 @@ class JsonReader:
             else:
                 self.fail("expected ',' or '}' after an object member", pos)
 
+    def walk_array(self, pos, on_element):
+        """For each element of the array at ``pos``, delegate to the
+        generator ``on_element(position)``, which returns the element's
+        end.  Return the end of the array.  (elements() is the fast way
+        for elements read whole; this one lets an element be walked.)"""
+        pos = self.skip(pos + 1)
+        if self.char(pos) == "]":
+            return pos + 1
+        while True:
+            pos = yield from on_element(pos)
+            pos = self.skip(pos)
+            char = self.char(pos)
+            if char == ",":
+                pos = self.skip(pos + 1)
+            elif char == "]":
+                return pos + 1
+            else:
+                self.fail("expected ',' or ']' in an array", pos)
+
     def elements(self, pos):
         """Yield ``(value, JSON text)`` for each element of the array at
         ``pos``; then ``end`` is the position after the array.  An element
@@ -1117,6 +1182,13 @@ def _sample_row(obj, raw, section):
     if uuid.__class__ is not str or not uuid:
         if uuid is not None:
             return _bad_uuid(obj)
+        if "name" in obj and "units" in obj and "uuid" not in obj:
+            # The other app's point as this receiver stores it (its
+            # metric's name and units first): what an NDJSON export holds.
+            points = MetricPoints.of(obj)
+            if points.__class__ is not str:
+                points.head = "{"
+                return points.shape(points, obj, raw)
         uuid = content_key(section, obj)
     start = get("startDate")
     if start is None:
@@ -1136,7 +1208,7 @@ def _sample_row(obj, raw, section):
     source = get("sourceName")
     if source.__class__ is not str:
         source = _to_sql(source)
-    return (uuid, section, start, end, value, unit, source, raw)
+    return (uuid, section, start, end, value, unit, source, raw, None, None)
 
 
 #: HealthKit's workout activity types (HKWorkoutActivityType) by number:
@@ -1223,6 +1295,10 @@ def _workout_row(obj, raw, section):
 
 
 def _dose_row(obj, raw, section):
+    if _is_hae(obj, ("start", "scheduledDate", "status"), ("startDate", "uuid", "logStatus")):
+        # The other app's medication as a dose (an exported dose read again).
+        return next((row for target, row in _hae_medication_rows(obj, raw, section) if target.name == "doses"),
+                    "start missing or not a date")
     uuid = _identity(section, obj)
     if uuid is None:
         return _bad_uuid(obj)
@@ -1262,6 +1338,673 @@ def _route_point_row(obj, raw, workout):
 
 def _characteristic_row(name, value):
     return (name, _to_sql(value))
+
+
+# -- The other app: Health Auto Export's REST format --------------------------
+#
+# The same endpoint reads both apps; what is whose is told by shape, per
+# section and, where both use a name (workouts, medications), per element.
+# That app's metrics are {name, units, data: [points]}: each point becomes
+# an ordinary sample of the metric's HealthKit type (HAE_METRICS), so pages,
+# totals and exports treat both apps alike.  Its points carry no uuid: the
+# identity of a point is (type, date, source, shape), the uuid a digest of
+# source and shape (hae_uuid); a point sent again with another value (a
+# summarised minute that grew) replaces the stored one (see Store._merge_rows).
+
+#: Prefix of the uuids made for that app's elements: its points are the
+#: samples whose re-sent value replaces the stored one.
+HAE_PREFIX = "hae:"
+#: Prefix of the uuids of a night's totals of aggregated sleep: stage rows
+#: that all start at the night's start, each counted whole (see
+#: merge_sleep_hours), so that a night sent again with grown totals keeps
+#: its keys and replaces its rows.
+HAE_NIGHT_PREFIX = "hae-night:"
+_HAE_UUIDS = {}
+
+
+def hae_uuid(*parts, prefix=HAE_PREFIX):
+    """A uuid made from ``parts`` (text or numbers): the same parts, the same uuid."""
+    found = _HAE_UUIDS.get((prefix,) + parts)
+    if found is None:
+        text = "\x00".join("" if part is None else str(part) for part in parts)
+        found = prefix + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        if len(_HAE_UUIDS) >= _HAE_HOURS_MAX:
+            _HAE_UUIDS.clear()
+        _HAE_UUIDS[(prefix,) + parts] = found
+    return found
+
+
+#: Units a metric may come in, by what they measure: (dimension, size in
+#: the dimension's base unit).  A value is converted to its metric's unit
+#: (HAE_METRICS) when both are known and of one dimension; the record keeps
+#: the value and unit as sent.
+UNIT_SIZES = {
+    "kcal": ("energy", 1.0), "Cal": ("energy", 1.0), "cal": ("energy", 0.001), "kJ": ("energy", 1 / 4.184),
+    "J": ("energy", 1 / 4184.0),
+    "m": ("length", 1.0), "km": ("length", 1000.0), "mi": ("length", 1609.344), "ft": ("length", 0.3048),
+    "yd": ("length", 0.9144), "in": ("length", 0.0254), "cm": ("length", 0.01), "mm": ("length", 0.001),
+    "kg": ("mass", 1.0), "g": ("mass", 0.001), "mg": ("mass", 1e-6), "mcg": ("mass", 1e-9), "\u00b5g": ("mass", 1e-9),
+    "ug": ("mass", 1e-9), "lb": ("mass", 0.45359237), "lbs": ("mass", 0.45359237), "oz": ("mass", 0.028349523125),
+    "st": ("mass", 6.35029318),
+    "L": ("volume", 1.0), "mL": ("volume", 0.001), "dL": ("volume", 0.1), "fl_oz_us": ("volume", 0.0295735295625),
+    "fl_oz_imp": ("volume", 0.0284130625), "cup_us": ("volume", 0.2365882365),
+    "m/s": ("speed", 1.0), "km/hr": ("speed", 1 / 3.6), "km/h": ("speed", 1 / 3.6), "mi/hr": ("speed", 0.44704),
+    "mph": ("speed", 0.44704),
+    "s": ("time", 1.0), "min": ("time", 60.0), "hr": ("time", 3600.0), "h": ("time", 3600.0), "ms": ("time", 0.001),
+    "mg/dL": ("glucose", 1.0), "mmol/L": ("glucose", 18.0156),  # glucose: 180.156 g/mol
+    "degC": ("temperature", None), "degF": ("temperature", None),
+}
+
+
+def convert_unit(value, unit, wanted):
+    """``value`` in ``unit`` as (value, unit) in ``wanted``; as it is when
+    either unit is unknown, they measure different things, or the value is
+    not a number."""
+    if wanted is None or unit == wanted or value.__class__ not in (int, float) or value.__class__ is bool:
+        return value, unit
+    have, want = UNIT_SIZES.get(unit), UNIT_SIZES.get(wanted)
+    if have is None or want is None or have[0] != want[0]:
+        return value, unit
+    if have[0] == "temperature":
+        return ((value - 32) / 1.8 if unit == "degF" else value * 1.8 + 32), wanted
+    return value * have[1] / want[1], wanted
+
+
+class HaeMetric(typing.NamedTuple):
+    """What one of Health Auto Export's metric names is here."""
+
+    #: The HealthKit type its points are samples of.
+    type: str
+    #: The unit stored (values converted to it, see UNIT_SIZES); None: as sent.
+    unit: typing.Optional[str] = None
+    #: How a point is read: a key of POINT_SHAPES.
+    shape: str = "qty"
+
+
+def _metrics(prefix, entries):
+    return {name: HaeMetric(prefix + kind, unit, shape) for names, kind, unit, shape in entries
+            for name in names.split()}
+
+
+_Q, _C = "HKQuantityTypeIdentifier", "HKCategoryTypeIdentifier"
+#: Health Auto Export's metric names (snake_case; several where app versions
+#: differ) -> HaeMetric.  A name not listed keeps its points as samples of a
+#: type of that name, in the unit sent.
+HAE_METRICS = {
+    **_metrics(_Q, (
+        ("active_energy", "ActiveEnergyBurned", "kcal", "qty"),
+        ("basal_energy_burned resting_energy", "BasalEnergyBurned", "kcal", "qty"),
+        ("apple_exercise_time", "AppleExerciseTime", "min", "qty"),
+        ("apple_move_time", "AppleMoveTime", "min", "qty"),
+        ("apple_stand_time", "AppleStandTime", "min", "qty"),
+        ("step_count", "StepCount", "count", "qty"),
+        ("walking_running_distance", "DistanceWalkingRunning", "km", "qty"),
+        ("cycling_distance", "DistanceCycling", "km", "qty"),
+        ("swimming_distance", "DistanceSwimming", "m", "qty"),
+        ("wheelchair_distance", "DistanceWheelchair", "km", "qty"),
+        ("downhill_snow_sports downhill_snow_sports_distance", "DistanceDownhillSnowSports", "km", "qty"),
+        ("cross_country_skiing_distance", "DistanceCrossCountrySkiing", "km", "qty"),
+        ("paddle_sports_distance", "DistancePaddleSports", "km", "qty"),
+        ("rowing_distance", "DistanceRowing", "km", "qty"),
+        ("skating_sports_distance", "DistanceSkatingSports", "km", "qty"),
+        ("flights_climbed", "FlightsClimbed", "count", "qty"),
+        ("wheelchair_push_count push_count", "PushCount", "count", "qty"),
+        ("swim_stroke_count swimming_stroke_count", "SwimmingStrokeCount", "count", "qty"),
+        ("vo2_max", "VO2Max", None, "qty"),
+        ("physical_effort", "PhysicalEffort", None, "qty"),
+        ("cycling_cadence", "CyclingCadence", None, "qty"),
+        ("cycling_functional_threshold_power", "CyclingFunctionalThresholdPower", "W", "qty"),
+        ("cycling_power", "CyclingPower", "W", "qty"),
+        ("cycling_speed", "CyclingSpeed", "km/hr", "qty"),
+        ("running_power", "RunningPower", "W", "qty"),
+        ("running_speed", "RunningSpeed", "km/hr", "qty"),
+        ("running_ground_contact_time", "RunningGroundContactTime", "ms", "qty"),
+        ("running_stride_length", "RunningStrideLength", "m", "qty"),
+        ("running_vertical_oscillation", "RunningVerticalOscillation", "cm", "qty"),
+        ("height", "Height", "cm", "qty"),
+        ("weight_body_mass body_mass weight", "BodyMass", "kg", "qty"),
+        ("waist_circumference", "WaistCircumference", "cm", "qty"),
+        ("body_fat_percentage", "BodyFatPercentage", "%", "percent"),
+        ("body_mass_index", "BodyMassIndex", "count", "qty"),
+        ("lean_body_mass", "LeanBodyMass", "kg", "qty"),
+        ("heart_rate", "HeartRate", "count/min", "range"),
+        ("resting_heart_rate", "RestingHeartRate", "count/min", "qty"),
+        ("heart_rate_variability", "HeartRateVariabilitySDNN", "ms", "qty"),
+        ("cardio_recovery heart_rate_recovery", "HeartRateRecoveryOneMinute", "count/min", "qty"),
+        ("walking_heart_rate_average walking_heart_rate", "WalkingHeartRateAverage", "count/min", "qty"),
+        ("atrial_fibrillation_burden", "AtrialFibrillationBurden", "%", "percent"),
+        ("walking_speed", "WalkingSpeed", "km/hr", "qty"),
+        ("walking_step_length", "WalkingStepLength", "cm", "qty"),
+        ("walking_asymmetry_percentage", "WalkingAsymmetryPercentage", "%", "percent"),
+        ("walking_double_support_percentage", "WalkingDoubleSupportPercentage", "%", "percent"),
+        ("apple_walking_steadiness walking_steadiness", "AppleWalkingSteadiness", "%", "percent"),
+        ("six_minute_walking_test_distance", "SixMinuteWalkTestDistance", "m", "qty"),
+        ("stair_speed_up", "StairAscentSpeed", "m/s", "qty"),
+        ("stair_speed_down", "StairDescentSpeed", "m/s", "qty"),
+        ("respiratory_rate", "RespiratoryRate", "count/min", "qty"),
+        ("forced_expiratory_volume", "ForcedExpiratoryVolume1", "L", "qty"),
+        ("forced_vital_capacity", "ForcedVitalCapacity", "L", "qty"),
+        ("peak_expiratory_flow_rate", "PeakExpiratoryFlowRate", None, "qty"),
+        ("blood_oxygen_saturation oxygen_saturation", "OxygenSaturation", "%", "percent"),
+        ("peripheral_perfusion_index", "PeripheralPerfusionIndex", "%", "percent"),
+        ("inhaler_usage", "InhalerUsage", "count", "qty"),
+        ("body_temperature", "BodyTemperature", "degC", "qty"),
+        ("basal_body_temperature", "BasalBodyTemperature", "degC", "qty"),
+        ("apple_sleeping_wrist_temperature", "AppleSleepingWristTemperature", "degC", "qty"),
+        ("under_water_depth underwater_depth", "UnderwaterDepth", "m", "qty"),
+        ("under_water_temperature water_temperature", "WaterTemperature", "degC", "qty"),
+        ("uv_exposure", "UVExposure", "count", "qty"),
+        ("time_in_daylight", "TimeInDaylight", "min", "qty"),
+        ("environmental_audio environmental_audio_exposure", "EnvironmentalAudioExposure", None, "qty"),
+        ("headphone_audio headphone_audio_exposure", "HeadphoneAudioExposure", None, "qty"),
+        ("environmental_sound_reduction", "EnvironmentalSoundReduction", None, "qty"),
+        ("electrodermal_activity", "ElectrodermalActivity", None, "qty"),
+        ("breathing_disturbances", "AppleSleepingBreathingDisturbances", "count", "qty"),
+        ("insulin_delivery", "InsulinDelivery", "IU", "qty"),
+        ("blood_glucose", "BloodGlucose", "mg/dL", "qty"),
+        ("blood_alcohol_content", "BloodAlcoholContent", "%", "percent"),
+        ("number_of_times_fallen number_of_time_fallen", "NumberOfTimesFallen", "count", "qty"),
+        ("number_of_alcoholic_beverages", "NumberOfAlcoholicBeverages", "count", "qty"),
+        ("blood_pressure", "BloodPressure", "mmHg", "pressure"),
+        ("dietary_energy", "DietaryEnergyConsumed", "kcal", "qty"),
+        ("dietary_water water", "DietaryWater", "mL", "qty"),
+        ("dietary_sugar sugar", "DietarySugar", "g", "qty"),
+        ("cholesterol dietary_cholesterol", "DietaryCholesterol", "mg", "qty"),
+        ("carbohydrates", "DietaryCarbohydrates", "g", "qty"),
+        ("fiber", "DietaryFiber", "g", "qty"),
+        ("protein", "DietaryProtein", "g", "qty"),
+        ("total_fat", "DietaryFatTotal", "g", "qty"),
+        ("saturated_fat", "DietaryFatSaturated", "g", "qty"),
+        ("monounsaturated_fat monosaturated_fat", "DietaryFatMonounsaturated", "g", "qty"),
+        ("polyunsaturated_fat", "DietaryFatPolyunsaturated", "g", "qty"),
+        ("caffeine", "DietaryCaffeine", "mg", "qty"),
+        ("calcium", "DietaryCalcium", "mg", "qty"),
+        ("chloride", "DietaryChloride", "mg", "qty"),
+        ("copper", "DietaryCopper", "mg", "qty"),
+        ("iron", "DietaryIron", "mg", "qty"),
+        ("magnesium", "DietaryMagnesium", "mg", "qty"),
+        ("manganese", "DietaryManganese", "mg", "qty"),
+        ("niacin", "DietaryNiacin", "mg", "qty"),
+        ("pantothenic_acid", "DietaryPantothenicAcid", "mg", "qty"),
+        ("phosphorus", "DietaryPhosphorus", "mg", "qty"),
+        ("potassium", "DietaryPotassium", "mg", "qty"),
+        ("riboflavin", "DietaryRiboflavin", "mg", "qty"),
+        ("sodium", "DietarySodium", "mg", "qty"),
+        ("thiamin", "DietaryThiamin", "mg", "qty"),
+        ("vitamin_b6", "DietaryVitaminB6", "mg", "qty"),
+        ("vitamin_c", "DietaryVitaminC", "mg", "qty"),
+        ("vitamin_e", "DietaryVitaminE", "mg", "qty"),
+        ("zinc", "DietaryZinc", "mg", "qty"),
+        ("biotin", "DietaryBiotin", "\u00b5g", "qty"),
+        ("chromium", "DietaryChromium", "\u00b5g", "qty"),
+        ("folate", "DietaryFolate", "\u00b5g", "qty"),
+        ("iodine", "DietaryIodine", "\u00b5g", "qty"),
+        ("molybdenum", "DietaryMolybdenum", "\u00b5g", "qty"),
+        ("selenium", "DietarySelenium", "\u00b5g", "qty"),
+        ("vitamin_a", "DietaryVitaminA", "\u00b5g", "qty"),
+        ("vitamin_b12", "DietaryVitaminB12", "\u00b5g", "qty"),
+        ("vitamin_d", "DietaryVitaminD", "\u00b5g", "qty"),
+        ("vitamin_k", "DietaryVitaminK", "\u00b5g", "qty"),
+    )),
+    **_metrics(_C, (
+        ("sleep_analysis", "SleepAnalysis", None, "sleep"),
+        ("mindful_minutes", "MindfulSession", None, "session"),
+        ("apple_stand_hour", "AppleStandHour", None, "stand"),
+        ("handwashing", "HandwashingEvent", None, "event"),
+        ("toothbrushing", "ToothbrushingEvent", None, "event"),
+        ("sexual_activity", "SexualActivity", None, "labels"),
+    )),
+}
+
+
+class MetricPoints:
+    """What the points of one metric need: its type, units, shape and the
+    record's head (the metric's own members, before each point's)."""
+
+    __slots__ = ("name", "units", "metric", "type", "unit", "shape", "head", "factor")
+
+    def __init__(self, name, units, members=None):
+        self.name, self.units = name, units
+        self.metric = HAE_METRICS.get(name) if name.__class__ is str else None
+        self.type = self.metric.type if self.metric else name
+        self.unit = self.metric.unit if self.metric else None
+        #: What a value is multiplied by to be in ``unit`` (1.0: as sent, and
+        #: stored in ``unit`` or, without one, in ``units``; None: another
+        #: conversion, or none, see value()).
+        self.factor = None
+        if self.unit is None or units == self.unit:
+            self.factor = 1.0
+        elif UNIT_SIZES.get(units, (None, None))[1] and convert_unit(1.0, units, self.unit)[1] == self.unit:
+            self.factor = convert_unit(1.0, units, self.unit)[0]
+        self.shape = POINT_SHAPES[self.metric.shape if self.metric else "any"]
+        members = members or [("name", json.dumps(name, ensure_ascii=False)),
+                              ("units", json.dumps(units, ensure_ascii=False))]
+        self.head = "{" + "".join(json.dumps(key, ensure_ascii=False) + ":" + raw + "," for key, raw in members)
+
+    @classmethod
+    def of(cls, members, texts=()):
+        """For a metric's members read so far; a reason when it cannot be read."""
+        name = members.get("name")
+        if name.__class__ is not str or not name:
+            return f"metric's name is {_json_kind(name)}, not a non-empty string"
+        if len(name) > TYPE_NAME_MAX:
+            return f"metric name of {len(name):,} characters, more than {TYPE_NAME_MAX}"
+        units = members.get("units")
+        return cls(name, units if units.__class__ is str else None, texts)
+
+    def record(self, raw):
+        """A point's record: the metric's members, then the point's."""
+        return self.head + raw[1:] if len(raw) > 2 else self.head[:-1] + "}"
+
+    def value(self, value):
+        """A value sent in the metric's units, in the unit stored: (value, unit)."""
+        if self.factor == 1.0:
+            return value, self.unit or self.units
+        return convert_unit(value, self.units, self.unit)
+
+
+def _numeric(value):
+    return value if value.__class__ in (int, float) else None
+
+
+def _point_start(obj):
+    """(canonical start, canonical end or None) of a point, or a reason."""
+    sent = obj.get("date")
+    if sent is None:
+        sent = obj.get("startDate")
+    # hae_date's common case, inline: the hot path of that app's syncs.
+    hour = _HAE_HOURS.get(sent[:13] + sent[19:]) if sent.__class__ is str and len(sent) == 25 else None
+    if hour is not None and _is_hae_date(sent):
+        end = obj.get("endDate")
+        return hour + sent[13:19] + ".000Z", (hae_date(end) if end is not None else None)
+    start = hae_date(sent)
+    if start is None:
+        return f"date is {_json_kind(sent) if sent.__class__ is not str else repr(log_safe(sent, 40))}, not a date"
+    end = obj.get("endDate")
+    return start, (hae_date(end) if end is not None else None)
+
+
+def _point_row(points, obj, raw, start, end, value, unit, tag, low=None, high=None, type_name=None):
+    source = obj.get("source")
+    if source.__class__ is not str:
+        source = _to_sql(source)
+    uuid = _HAE_UUIDS.get((HAE_PREFIX, source, tag))
+    if uuid is None:
+        uuid = hae_uuid(source, tag)
+    if value.__class__ is not int and value.__class__ is not float:
+        value = _to_sql(value)
+    return (uuid, type_name or points.type, start, end or start, value, unit, source,
+            points.head + raw[1:] if len(raw) > 2 else points.head[:-1] + "}", low, high)
+
+
+def _qty_point(points, obj, raw):
+    """A point {date, qty, source}: the sample's value is qty, in the stored unit."""
+    start = _point_start(obj)
+    if start.__class__ is str:
+        return start
+    value = obj.get("qty")
+    factor = points.factor
+    if factor == 1.0:
+        return _point_row(points, obj, raw, start[0], start[1], value, points.unit or points.units, "qty")
+    if factor is not None and (value.__class__ is float or value.__class__ is int):
+        return _point_row(points, obj, raw, start[0], start[1], value * factor, points.unit, "qty")
+    value, unit = points.value(value)
+    return _point_row(points, obj, raw, start[0], start[1], value, unit, "qty")
+
+
+def _percent_point(points, obj, raw):
+    """A ratio sent in percent (97): stored as HealthKit's fraction (0.97)."""
+    start = _point_start(obj)
+    if start.__class__ is str:
+        return start
+    value = obj.get("qty")
+    if points.units == "%" and value.__class__ in (int, float) and value.__class__ is not bool:
+        value = value / 100
+    return _point_row(points, obj, raw, start[0], start[1], value, "%", "qty")
+
+
+def _range_point(points, obj, raw):
+    """Heart rate: qty, or a summarised Min, Avg, Max (the mean is the
+    value, the least and greatest go to low and high)."""
+    start = _point_start(obj)
+    if start.__class__ is str:
+        return start
+    if "qty" in obj or "Avg" not in obj:
+        value, unit = points.value(obj.get("qty"))
+        return _point_row(points, obj, raw, start[0], start[1], value, unit, "qty")
+    value, unit = points.value(obj.get("Avg"))
+    low, high = (_numeric(points.value(obj.get(name))[0]) for name in ("Min", "Max"))
+    return _point_row(points, obj, raw, start[0], start[1], value, unit, "range", low, high)
+
+
+#: Blood pressure's members and the HealthKit types of each.
+PRESSURE_TYPES = (("systolic", _Q + "BloodPressureSystolic"), ("diastolic", _Q + "BloodPressureDiastolic"))
+
+
+def _pressure_point(points, obj, raw):
+    """Blood pressure: a sample of each of systolic and diastolic."""
+    start = _point_start(obj)
+    if start.__class__ is str:
+        return start
+    rows = [(SAMPLES, _point_row(points, obj, raw, start[0], start[1], points.value(obj[field])[0], "mmHg", "qty",
+                                 type_name=type_name)) for field, type_name in PRESSURE_TYPES if field in obj]
+    return rows or "neither systolic nor diastolic"
+
+
+def _session_point(points, obj, raw):
+    """Mindful minutes: a session lasting qty (minutes)."""
+    start = _point_start(obj)
+    if start.__class__ is str:
+        return start
+    minutes = _numeric(convert_unit(obj.get("qty"), points.units or "min", "min")[0])
+    end = start[1] or (_shifted(start[0], minutes * 60) if minutes and minutes > 0 else start[0])
+    return _point_row(points, obj, raw, start[0], end, 0, None, "qty")
+
+
+def _stand_point(points, obj, raw):
+    """Stand hours: qty hours stood (a summarised day: several), a sample
+    of HealthKit's value 0 (stood) each; 0 is one idle hour (value 1)."""
+    start = _point_start(obj)
+    if start.__class__ is str:
+        return start
+    qty = _numeric(obj.get("qty"))
+    if qty is None:
+        return _point_row(points, obj, raw, start[0], start[1], _to_sql(obj.get("qty")), None, "qty")
+    stood = min(int(qty), 24)
+    if stood < 1:
+        return _point_row(points, obj, raw, start[0], start[1], 1, None, "stand")
+    return [(SAMPLES, _point_row(points, obj, raw, start[0], start[1], 0, None, f"stand:{number}"))
+            for number in range(stood)]
+
+
+def _event_point(points, obj, raw):
+    """Handwashing, toothbrushing: an event, its value the text sent."""
+    start = _point_start(obj)
+    if start.__class__ is str:
+        return start
+    value = obj.get("value")
+    return _point_row(points, obj, raw, start[0], start[1], obj.get("qty") if value is None else value, None, "qty")
+
+
+#: Members of a point that are not one of its labels' counts.
+_POINT_FIELDS = frozenset(("date", "startDate", "endDate", "source", "qty", "units", "metadata"))
+
+
+def _labels_point(points, obj, raw):
+    """Sexual activity: counts by label; a sample per count, valued by its label."""
+    start = _point_start(obj)
+    if start.__class__ is str:
+        return start
+    rows = []
+    for label, count in obj.items():
+        count = _numeric(count)
+        if label not in _POINT_FIELDS and count and count > 0:
+            rows += [(SAMPLES, _point_row(points, obj, raw, start[0], start[1], label, None, f"{label}:{number}"))
+                     for number in range(min(int(count), 100))]
+    if rows:
+        return rows
+    return _point_row(points, obj, raw, start[0], start[1], _to_sql(obj.get("qty")), None, "qty")
+
+
+#: Aggregated sleep's members (hours) -> the stage stored; "asleep" is the
+#: time asleep without a stage.
+SLEEP_TOTALS = (("core", "Core"), ("deep", "Deep"), ("rem", "REM"), ("asleep", "Asleep"), ("awake", "Awake"),
+                ("inBed", "In Bed"))
+
+
+def _shifted(stamp, seconds):
+    """A canonical date ``seconds`` later."""
+    moved = datetime.datetime.strptime(stamp[:23], "%Y-%m-%dT%H:%M:%S.%f") + datetime.timedelta(seconds=seconds)
+    return _canonical(moved)
+
+
+def _sleep_point(points, obj, raw):
+    """Sleep in its three shapes.  Stages sent as intervals (startDate,
+    endDate, value) are stage samples.  A night sent as totals (hours per
+    stage, and sleepStart) is a sample per stage that all start at the
+    night's start and last their total: counted whole, never against
+    each other (merge_sleep_hours), and once: asleep without a stage only
+    beyond what the stages hold, totalSleep never.  A night without a
+    start starts at its date's midnight UTC (the night of that date in the
+    zones from UTC-12 to UTC+11)."""
+    if "value" in obj and "startDate" in obj:
+        start = _point_start(obj)
+        if start.__class__ is str:
+            return start
+        return _point_row(points, obj, raw, start[0], start[1], obj.get("value"), None, "stage")
+    source = obj.get("source", obj.get("sleepSource"))
+    anchor = hae_date(obj.get("sleepStart")) or hae_date(obj.get("date"))
+    if anchor is None:
+        return "neither sleepStart nor date is a date"
+    hours = {field: _numeric(obj.get(field)) or 0 for field, _stage in SLEEP_TOTALS}
+    staged = hours["core"] + hours["deep"] + hours["rem"]
+    if staged > 0:
+        total = _numeric(obj.get("totalSleep"))
+        hours["asleep"] = max(0.0, total - staged) if total is not None else 0
+    rows = []
+    for field, stage in SLEEP_TOTALS:
+        if hours[field] <= 0 or hours[field] > 24:
+            continue
+        start = anchor
+        if field == "inBed":
+            start = hae_date(obj.get("inBedStart")) or anchor
+            source = obj.get("source", obj.get("inBedSource", source))
+        row = (hae_uuid(_to_sql(source), stage, prefix=HAE_NIGHT_PREFIX), points.type, start,
+               _shifted(start, hours[field] * 3600), stage, "hr", _to_sql(source), points.record(raw), None, None)
+        rows.append((SAMPLES, row))
+    return rows or "a night without hours"
+
+
+def _any_point(points, obj, raw):
+    """A metric this receiver does not know: Min/Avg/Max or qty."""
+    return _range_point(points, obj, raw)
+
+
+#: How a metric's point is read (HaeMetric.shape): (points, element, its
+#: JSON text) -> a row of SAMPLES, [(SAMPLES, row)...], or a reason.
+POINT_SHAPES = {"qty": _qty_point, "percent": _percent_point, "range": _range_point, "pressure": _pressure_point,
+                "session": _session_point, "stand": _stand_point, "event": _event_point, "labels": _labels_point,
+                "sleep": _sleep_point, "any": _any_point}
+
+
+def _metric_point_row(obj, raw, points):
+    return points.shape(points, obj, raw)
+
+
+#: Health Auto Export's workout names that are not HealthKit's names.
+WORKOUT_NAMES = {"run": "running", "walk": "walking", "swim": "swimming", "cycle": "cycling", "bike": "cycling",
+                 "hiit": "highIntensityIntervalTraining", "strength": "traditionalStrengthTraining",
+                 "elliptical": "elliptical", "rower": "rowing", "stairstepper": "stairClimbing"}
+#: Words before a workout's name that say where it was.
+_WORKOUT_PLACES = re.compile(r"(?i)^(outdoor|indoor|pool|open water)\s+")
+
+
+def workout_activity(name):
+    """A workout's type from Health Auto Export's name ("Outdoor Run") as
+    HealthKit names it ("running"), or the name."""
+    if name.__class__ is not str:
+        return _to_sql(name)
+    bare = _WORKOUT_PLACES.sub("", name.strip())
+    folded = bare.replace(" ", "").replace("_", "").replace("-", "").lower()
+    return WORKOUT_NAMES.get(folded) or _enum_name(bare, WORKOUT_ACTIVITY_TYPES, "HKWorkoutActivityType")
+
+
+def _is_hae(obj, theirs, ours):
+    """Whether an element of a name both apps use is Health Auto Export's:
+    it has one of ``theirs`` and none of ``ours``."""
+    return any(name in obj for name in theirs) and not any(name in obj for name in ours)
+
+
+def _hae_identity(obj, *parts):
+    """An element's own id, or a uuid made from ``parts``."""
+    own = obj.get("id")
+    return own if own.__class__ is str and own else hae_uuid(*parts)
+
+
+def _seconds_of(value):
+    """A duration in seconds: a number, or {qty, units}."""
+    if value.__class__ is dict:
+        seconds = convert_unit(value.get("qty"), value.get("units"), "s")
+        return _numeric(seconds[0]) if seconds[1] == "s" else None
+    return _numeric(value)
+
+
+def _hae_workout_row(obj, raw, section):
+    start = hae_date(obj.get("start"))
+    if start is None:
+        return "start missing or not a date"
+    end = obj.get("end")
+    return (_hae_identity(obj, section, obj.get("name"), start), workout_activity(obj.get("name")), start,
+            hae_date(end) if end is not None else None, _seconds_of(obj.get("duration")), raw)
+
+
+def _any_workout_row(obj, raw, section):
+    """A workout of either app: Health Auto Export's has start, not startDate."""
+    if _is_hae(obj, ("start",), ("startDate", "uuid", "workoutActivityType")):
+        return _hae_workout_row(obj, raw, section)
+    return _workout_row(obj, raw, section)
+
+
+def _workout_parent(members):
+    """The key a workout's streamed arrays are stored under, once known:
+    its uuid or id (else the arrays wait for the workout's end)."""
+    for name in ("uuid", "id"):
+        value = members.get(name)
+        if value.__class__ is str and value:
+            return value
+    return None
+
+
+def _series_row(obj, raw, label):
+    """A point of a workout's series (heart rate, steps...): label is
+    (the workout's key, the series' name)."""
+    workout, series = label
+    start = _point_start(obj)
+    if start.__class__ is str:
+        return start
+    value = obj.get("qty")
+    low = high = None
+    if value is None and "Avg" in obj:
+        value, low, high = obj.get("Avg"), _numeric(obj.get("Min")), _numeric(obj.get("Max"))
+    units = obj.get("units")
+    return (workout, start[0], series, _to_sql(value), low, high, _to_sql(units), _to_sql(obj.get("source")), raw)
+
+
+def _hae_route_point_row(obj, raw, workout):
+    """A route point of Health Auto Export (its dates in its own form)."""
+    row = _route_point_row(obj, raw, workout)
+    if row.__class__ is tuple:
+        stamp = hae_date(row[1])
+        if stamp is None:
+            return "timestamp is not a date"
+        row = (row[0], stamp) + row[2:]
+    return row
+
+
+def _hae_medication_rows(obj, raw, section):
+    """Health Auto Export's medication: a medication and a dose in one."""
+    name = _first(obj, ("displayText", "nickname", "name"))
+    codings = obj.get("codings")
+    coding = codings[0] if codings.__class__ is list and codings and codings[0].__class__ is dict else {}
+    key = name if name.__class__ is str and name else _to_sql(coding.get("code")) or content_key(section, obj)
+    rows = [(SECTIONS_BY_NAME["medications"], (str(key), _to_sql(name), raw))]
+    when = obj.get("start", obj.get("scheduledDate"))
+    start = hae_date(when)
+    if start is None:
+        return rows
+    dose = (hae_uuid("dose", key, hae_date(obj.get("scheduledDate")) or start), str(key), start,
+            _enum_name(obj.get("status"), DOSE_LOG_STATUSES, "HKMedicationDoseEventLogStatus"), raw)
+    return rows + [(SECTIONS_BY_NAME["doses"], dose)]
+
+
+def _any_medication_row(obj, raw, section):
+    """A medication of either app: Health Auto Export's carries the dose
+    (start, status...) and no conceptIdentifier."""
+    if _is_hae(obj, ("start", "scheduledDate", "status", "dosage"), ("conceptIdentifier", "hasSchedule")):
+        return _hae_medication_rows(obj, raw, section)
+    return _medication_row(obj, raw, section)
+
+
+def _quantity_value(value):
+    """A number sent plain or as {qty, units}."""
+    if value.__class__ is dict:
+        value = value.get("qty")
+    return _to_sql(value)
+
+
+def _timed_row(obj, raw, section, *identity):
+    """(uuid, start, end) of an element of that app's other collections,
+    or a reason: its id, else a uuid from ``identity`` and its start."""
+    start = hae_date(obj.get("start", obj.get("date")))
+    if start is None:
+        return "start missing or not a date"
+    end = obj.get("end")
+    return _hae_identity(obj, section, start, *identity), start, hae_date(end) if end is not None else None
+
+
+def _state_of_mind_row(obj, raw, section):
+    timed = _timed_row(obj, raw, section, _to_sql(obj.get("kind")))
+    if timed.__class__ is str:
+        return timed
+    return timed + (_to_sql(obj.get("kind")), _to_sql(obj.get("valence")),
+                    _to_sql(obj.get("valenceClassification")), raw)
+
+
+def _symptom_row(obj, raw, section):
+    timed = _timed_row(obj, raw, section, _to_sql(obj.get("name")), _to_sql(obj.get("source")))
+    if timed.__class__ is str:
+        return timed
+    return timed + (_to_sql(obj.get("name")), _to_sql(obj.get("severity")), _to_sql(obj.get("source")), raw)
+
+
+def _cycle_row(obj, raw, section):
+    kind = _first(obj, ("name", "type", "kind"))
+    timed = _timed_row(obj, raw, section, _to_sql(kind), _to_sql(obj.get("source")))
+    if timed.__class__ is str:
+        return timed
+    return timed + (_to_sql(kind), _to_sql(_first(obj, ("value", "qty", "flow"))), _to_sql(obj.get("source")), raw)
+
+
+def _notification_row(obj, raw, section):
+    timed = _timed_row(obj, raw, section, "notification")
+    if timed.__class__ is str:
+        return timed
+    return timed + (_quantity_value(obj.get("threshold")), _to_sql(obj.get("source")), raw)
+
+
+def _ecg_row(obj, raw, section):
+    timed = _timed_row(obj, raw, section)
+    if timed.__class__ is str:
+        return timed
+    return (_ecg_parent(obj),) + timed[1:] + (
+        _to_sql(obj.get("classification")), _quantity_value(obj.get("averageHeartRate")),
+        _to_sql(obj.get("samplingFrequency")), _to_sql(obj.get("source")), raw)
+
+
+def _ecg_parent(members):
+    """An ECG's key once its start is read (its measurements then stream)."""
+    start = hae_date(members.get("start", members.get("date")))
+    own = members.get("id")
+    if own.__class__ is str and own:
+        return own
+    return None if start is None else hae_uuid("ecg", start)
+
+
+class _Numbered:
+    """The label of an ECG's measurements: its key, and the next number."""
+
+    __slots__ = ("key", "number")
+
+    def __init__(self, key):
+        self.key, self.number = key, 0
+
+
+def _voltage_row(obj, raw, label):
+    label.number += 1
+    sent = obj.get("date")
+    stamp = hae_date(sent) if sent is not None else None
+    return (label.key, label.number, stamp, _to_sql(obj.get("voltage", obj.get("qty"))),
+            _to_sql(obj.get("units")), raw)
 
 
 #: The column of every table of health data that says whose a row is (an
@@ -1321,11 +2064,17 @@ class Section:
     clustered: bool = False
     #: Extra indexes: (name, columns).
     indexes: typing.Tuple[typing.Tuple[str, typing.Tuple[str, ...]], ...] = ()
+    #: The last this many of ``columns`` were added to the table by a later
+    #: step of MIGRATIONS: stored after the sync columns.
+    appended: int = 0
 
     @property
     def column_names(self):
-        """The columns of one person's rows (all but PERSON_COLUMN)."""
-        return tuple(name for name, _type in self.columns) + self.sync_columns
+        """The columns of one person's rows (all but PERSON_COLUMN), in
+        the table's order."""
+        names = tuple(name for name, _type in self.columns)
+        split = len(names) - self.appended
+        return names[:split] + self.sync_columns + names[split:]
 
     @property
     def stored_key(self):
@@ -1347,8 +2096,10 @@ class Section:
 
     def table_sql(self, name=None):
         """CREATE TABLE of the section's table (or of a copy named ``name``)."""
-        columns = [f"{PERSON_COLUMN} INTEGER NOT NULL"] + [f"{name} {kind}".rstrip() for name, kind in self.columns]
-        columns += [f"{name} INTEGER NOT NULL" for name in self.sync_columns]
+        kinds = dict(self.columns)
+        columns = [f"{PERSON_COLUMN} INTEGER NOT NULL"] + [
+            f"{name} INTEGER NOT NULL" if name in self.sync_columns else f"{name} {kinds[name]}".rstrip()
+            for name in self.column_names]
         columns.append(f"PRIMARY KEY ({', '.join(self.stored_key)})")
         return (f"CREATE TABLE IF NOT EXISTS {name or self.table} ({', '.join(columns)})"
                 + (" WITHOUT ROWID" if self.clustered else ""))
@@ -1391,22 +2142,24 @@ class Section:
         """The sync column that says which sync last wrote a row."""
         return [name for name in self.sync_columns if name not in self.kept_on_update][-1]
 
-    def merge_sql(self, where="", in_order=False, replaces_if="true"):
+    def merge_sql(self, where="", in_order=False, replaces_if=None):
         """Copy the staged rows (``where`` chooses some) into the database;
         parameter :sync_id fills the sync columns.  They go in key order,
         then arrival order: the database's pages are touched in turn, and of
         the elements of one key the first is kept (the last when the latest
-        wins, and the stored row meets ``replaces_if``).  Rows that arrived
+        wins, or ``replaces_if`` is given, and the stored row meets it).  Rows that arrived
         in key order (``in_order``) are read as they are, without sorting.
         Parameter :person says whose they are."""
-        names = [name for name, _type in self.columns]
-        source = (f"SELECT {', '.join([':person'] + names + [':sync_id'] * len(self.sync_columns))}"
+        names = [":sync_id" if name in self.sync_columns else name for name in self.column_names]
+        source = (f"SELECT {', '.join([':person'] + names)}"
                   f" FROM stage.{self.table}{where or ' WHERE true'}")  # WHERE: SQLite's "parsing ambiguity" of upsert
         if not in_order:
             source += f" ORDER BY {', '.join(self.key)}, rowid"
         target = f"main.{self.table} ({', '.join((PERSON_COLUMN,) + self.column_names)})"
-        if not self.latest_wins:
-            return f"INSERT OR IGNORE INTO {target} {source}"
+        if replaces_if is None:
+            if not self.latest_wins:
+                return f"INSERT OR IGNORE INTO {target} {source}"
+            replaces_if = "true"
         updated = [name for name in self.column_names if name not in self.key and name not in self.kept_on_update]
         return (f"INSERT INTO {target} {source} ON CONFLICT ({', '.join(self.stored_key)}) "
                 f"DO UPDATE SET {', '.join(f'{name} = excluded.{name}' for name in updated)} WHERE {replaces_if}")
@@ -1422,18 +2175,29 @@ class Section:
                 f"(SELECT 1 FROM main.{self.table} AS stored WHERE {match})")
 
 
+def _event_section(name, table, app_key, make_row, columns):
+    """The Section of one of Health Auto Export's collections of events:
+    a uuid (its id, or made from its start), its dates, ``columns``, its
+    record; counted among the app's measurements."""
+    return Section(name, table, (("uuid", "TEXT"), ("start_date", "TEXT NOT NULL"), ("end_date", "TEXT"))
+                   + columns + (("record", "TEXT NOT NULL"),), key=("uuid",), make_row=make_row, app_keys=(app_key,),
+                   dates=(("start_date", "start"), ("end_date", "end")), bucket="measurements",
+                   indexes=((f"{table}_start", ("start_date",)),))
+
+
 #: Every section, in the order the answer, totals and export list them.
 SECTIONS = (
     Section("samples", "samples",
             (("uuid", "TEXT"), ("type", "TEXT NOT NULL"), ("start_date", "TEXT NOT NULL"), ("end_date", "TEXT"),
-             ("value", ""), ("unit", "TEXT"), ("source_name", "TEXT"), ("record", "TEXT NOT NULL")),
+             ("value", ""), ("unit", "TEXT"), ("source_name", "TEXT"), ("record", "TEXT NOT NULL"),
+             ("low", "REAL"), ("high", "REAL")),
             key=("type", "start_date", "uuid"), make_row=_sample_row,
             dates=(("start_date", "startDate"), ("end_date", "endDate")),
-            bucket="measurements", clustered=True),
+            bucket="measurements", clustered=True, appended=2),
     Section("workouts", "workouts",
             (("uuid", "TEXT"), ("activity_type", "TEXT"), ("start_date", "TEXT NOT NULL"), ("end_date", "TEXT"),
              ("duration_seconds", "REAL"), ("record", "TEXT NOT NULL")),
-            key=("uuid",), make_row=_workout_row, app_keys=("workouts",),
+            key=("uuid",), make_row=_any_workout_row, app_keys=("workouts",),
             dates=(("start_date", "startDate"), ("end_date", "endDate")),
             bucket="workouts", indexes=(("workouts_start", ("start_date",)),)),
     Section("doses", "medication_dose_events",
@@ -1444,7 +2208,7 @@ SECTIONS = (
             bucket="medications", indexes=(("doses_start", ("start_date",)),)),
     Section("medications", "medications",
             (("key", "TEXT"), ("display_text", "TEXT"), ("record", "TEXT NOT NULL")),
-            key=("key",), make_row=_medication_row, app_keys=("medications",), latest_wins=True,
+            key=("key",), make_row=_any_medication_row, app_keys=("medications",), latest_wins=True,
             bucket="medications", sync_columns=("first_sync_id", "last_sync_id"),
             kept_on_update=("first_sync_id",)),
     Section("routes", "workout_route_points",
@@ -1457,6 +2221,30 @@ SECTIONS = (
             (("name", "TEXT"), ("value", "")),
             key=("name",), make_row=_characteristic_row, app_keys=("characteristics",), shape="object",
             latest_wins=True, counted=False, received_key="characteristics"),
+    # Health Auto Export's own collections, and the arrays inside its
+    # workouts and ECGs (read as they arrive, see NESTED).
+    Section("series", "workout_series",
+            (("workout_uuid", "TEXT NOT NULL"), ("date", "TEXT NOT NULL"), ("series", "TEXT NOT NULL"),
+             ("value", ""), ("low", "REAL"), ("high", "REAL"), ("unit", "TEXT"), ("source_name", "TEXT"),
+             ("record", "TEXT NOT NULL")),
+            key=("workout_uuid", "date", "series"), make_row=_series_row, app_keys=(),
+            shape="nested", dates=(("date", "date"),), counted=False, clustered=True),
+    _event_section("states_of_mind", "states_of_mind", "stateOfMind", _state_of_mind_row,
+                   (("kind", ""), ("valence", "REAL"), ("classification", ""))),
+    _event_section("symptoms", "symptoms", "symptoms", _symptom_row,
+                   (("name", "TEXT"), ("severity", ""), ("source_name", "TEXT"))),
+    _event_section("cycle_tracking", "cycle_tracking", "cycleTracking", _cycle_row,
+                   (("kind", "TEXT"), ("value", ""), ("source_name", "TEXT"))),
+    _event_section("heart_rate_notifications", "heart_rate_notifications", "heartRateNotifications",
+                   _notification_row, (("threshold", ""), ("source_name", "TEXT"))),
+    _event_section("ecg", "ecg_recordings", "ecg", _ecg_row,
+                   (("classification", ""), ("average_heart_rate", "REAL"), ("sampling_frequency", "REAL"),
+                    ("source_name", "TEXT"))),
+    Section("voltages", "ecg_voltages",
+            (("ecg_uuid", "TEXT NOT NULL"), ("number", "INTEGER NOT NULL"), ("date", "TEXT"), ("voltage", ""),
+             ("unit", "TEXT"), ("record", "TEXT NOT NULL")),
+            key=("ecg_uuid", "number"), make_row=_voltage_row, shape="nested",
+            dates=(("date", "date"),), counted=False, clustered=True),
 )
 
 #: Sections by name.
@@ -1469,6 +2257,112 @@ _SECTIONS_BY_APP_KEY = {key: section for section in SECTIONS for key in section.
 SAMPLES = SECTIONS_BY_NAME["samples"]
 #: The section whose counts the ``syncs`` table keeps apart (route_points).
 ROUTE_POINTS = SECTIONS_BY_NAME["routes"]
+
+
+class Stream(typing.NamedTuple):
+    """An array inside an element, read an element at a time into rows of
+    its own section."""
+
+    #: The section (by name) its elements are rows of.
+    section: str
+    #: (element, JSON text, label) -> row, [(section, row)...] or a reason.
+    make_row: typing.Callable
+    #: (the parent's key, the member's name) -> the label of make_row.
+    label: typing.Callable = lambda parent, member: parent
+
+
+class Nested(typing.NamedTuple):
+    """How the elements of one data key are read member by member, so that
+    their big arrays (``streams``) are read an element at a time, however
+    deep: the other members are read whole and make the element's record.
+
+    A stream's rows need the parent's key (a workout's id, a metric's name
+    and units): ``parent(members read so far)`` gives it, or None while it
+    is not known.  JSON objects have no order, so an array may come before
+    what names it: its elements then wait, as compact text, in a temporary
+    file (Parked: bounded memory), and are read when the element ends."""
+
+    #: The element's own section (by name), or None when it has no row of
+    #: its own (a metric: only its points are rows).
+    section: typing.Optional[str]
+    #: Member name -> Stream.
+    streams: typing.Dict[str, Stream]
+    #: members -> the parent's key, or None (not known yet).
+    parent: typing.Callable
+    #: (members, record, its row or None) -> the parent's key for the
+    #: arrays that waited, or the reason they cannot be read.
+    finish: typing.Callable
+
+
+class Unreadable(str):
+    """Why the elements of an array inside another cannot be read."""
+
+
+def _metric_finish(members, texts, row):
+    points = MetricPoints.of(members, texts)
+    return Unreadable(points) if points.__class__ is str else points
+
+
+def _metric_parent(members, texts):
+    # The points need the metric's name and units (a stored unit, a shape).
+    return _metric_finish(members, texts, None) if "name" in members and "units" in members else None
+
+
+def _row_key(members, texts, row):
+    if row is None or row.__class__ is str:
+        return Unreadable(row or "the element that holds it cannot be read")
+    return row[0]
+
+
+#: A workout's arrays of samples (by Health Auto Export's names) kept as series.
+WORKOUT_SERIES = ("heartRateData", "heartRateRecovery", "stepCount", "activeEnergy", "basalEnergy",
+                  "walkingAndRunningDistance", "cyclingDistance", "swimmingDistance", "swimmingStrokeCount",
+                  "cyclingCadence", "cyclingPower", "cyclingSpeed", "runningPower", "runningSpeed", "flightsClimbed")
+#: The data keys whose elements are read member by member.
+NESTED = {
+    "metrics": Nested(None, {"data": Stream("samples", _metric_point_row)}, _metric_parent, _metric_finish),
+    "workouts": Nested("workouts", {
+        "route": Stream("routes", _hae_route_point_row),
+        **{name: Stream("series", _series_row, lambda parent, member: (parent, member)) for name in WORKOUT_SERIES},
+    }, lambda members, texts: _workout_parent(members), _row_key),
+    "ecg": Nested("ecg", {"voltageMeasurements": Stream("voltages", _voltage_row, lambda parent, member:
+                                                        _Numbered(parent))},
+                  lambda members, texts: _ecg_parent(members), _row_key),
+}
+
+
+def _where(parent, key, member):
+    """What a rejected row of a nested array names: a metric's name, or
+    the data key and the member."""
+    name = getattr(parent, "name", None)
+    return name if name.__class__ is str else f"{key}.{member}"
+
+
+class Parked:
+    """Elements of an array that must wait for the end of the object that
+    holds it: their compact JSON text, a line each, in memory up to a MiB
+    and then in an unnamed temporary file (``folder``)."""
+
+    def __init__(self, folder=None):
+        self._file = tempfile.SpooledTemporaryFile(max_size=MIB, dir=folder)
+        self.count = 0
+
+    def add(self, raw):
+        self._file.write(raw.encode("utf-8", "surrogatepass") + b"\n")
+        self.count += 1
+
+    def elements(self):
+        """(value, JSON text) of each element, in the order they came."""
+        self._file.seek(0)
+        for line in self._file:
+            text = line[:-1].decode("utf-8", "surrogatepass")
+            try:
+                yield JsonReader.decode(text), text
+            except RecursionError:
+                yield TOO_DEEP, text
+
+    def close(self):
+        self._file.close()
 
 
 class Payload:
@@ -1499,6 +2393,8 @@ class Payload:
         self.sections = 0
         #: Arrays read so far per clustered section's name (ARRAYS_MAX).
         self._arrays = collections.Counter()
+        #: Where arrays that wait for the end of their object are kept (Parked).
+        self.spill_dir = None
 
     @classmethod
     def from_bytes(cls, body):
@@ -1597,6 +2493,9 @@ class Payload:
 
     def _data_member(self, key, pos):
         self.sections += 1
+        nested = NESTED.get(key)
+        if nested is not None and self.reader.char(pos) == "[":
+            return (yield from self.reader.walk_array(pos, lambda at: self._element(at, nested, key)))
         section = _SECTIONS_BY_APP_KEY.get(key, DEFAULT_SECTION)
         return (yield from self._section(section, key, pos, "data." + key if section.shape != "array" else key))
 
@@ -1640,7 +2539,7 @@ class Payload:
         if rows:
             yield section, rows
 
-    def _array(self, pos, section, label, where=None):
+    def _array(self, pos, section, label, where=None, make_row=None):
         """Yield batches of rows of ``section`` from the array at ``pos``;
         return its end.
 
@@ -1656,21 +2555,29 @@ class Payload:
             self._arrays[section.name] += 1
             if self._arrays[section.name] > ARRAYS_MAX:
                 refusal = f"more than {ARRAYS_MAX:,} arrays of {section.name} in one sync"
-        if section is DEFAULT_SECTION and len(label) > TYPE_NAME_MAX:
+        if section is DEFAULT_SECTION and label.__class__ is str and len(label) > TYPE_NAME_MAX:
             # No page could show such a type, and each row would repeat it:
             # its elements are kept aside, under the name's beginning.
             refusal = f"type name of {len(label):,} characters, more than {TYPE_NAME_MAX}"
             where = label[:TYPE_NAME_MAX] + "\u2026"
-        make_row = section.make_row if refusal is None else (lambda obj, raw, label: refusal)
-        reader = self.reader
+        if refusal is not None:
+            make_row = lambda obj, raw, label: refusal  # noqa: E731
+        yield from self._rows(self.reader.elements(pos), section, label, where, make_row or section.make_row)
+        return self.reader.end
+
+    def _rows(self, elements, section, label, where, make_row):
+        """Yield batches of rows of ``section`` (and of the sections a row
+        function names: [(section, row)...]) from ``elements``, (value,
+        JSON text) pairs."""
         batch = []
+        others = {}  # section -> rows of another section than the array's
         scalars = {}  # reason -> [elements, text of the last one not kept]
         # Records are stored compact.  Whether an array's elements are
         # spaced out (", " and ": ") is judged from its first; lines are
         # looked for in each.  (Judging each element costs a compact sync
         # 12% when most of its strings hold a space.)
         spaced = None
-        for obj, raw in reader.elements(pos):
+        for obj, raw in elements:
             if raw is None:  # too long to read: kept in parts
                 yield from self._keep_oversized(obj, where)
                 continue
@@ -1696,20 +2603,92 @@ class Payload:
                             continue
             else:
                 row = make_row(obj, raw, label)
-            if row.__class__ is str:
-                yield None, [(where, row, raw)]
-            else:
+            if row.__class__ is tuple:
                 batch.append(row)
                 if len(batch) >= BATCH_ROWS:
                     yield from self._settled(section, batch, where)
                     batch = []
+            elif row.__class__ is str:
+                yield None, [(where, row, raw)]
+            else:  # rows of several: [(section, row)...]
+                for target, item in row:
+                    if target is section:
+                        batch.append(item)
+                    else:
+                        others.setdefault(target, []).append(item)
+                if len(batch) >= BATCH_ROWS or any(len(rows) >= BATCH_ROWS for rows in others.values()):
+                    yield from self._settled(section, batch, where)
+                    for target, rows in others.items():
+                        yield from self._settled(target, rows, where)
+                    batch, others = [], {}
         if batch:
             yield from self._settled(section, batch, where)
+        for target, rows in others.items():
+            yield from self._settled(target, rows, where)
         for reason, (count, last) in scalars.items():
             if count > SCALARS_KEPT:
                 yield None, [(where, f"{count - SCALARS_KEPT:,} more: {reason} (the first {SCALARS_KEPT} are kept "
                                      f"one a row; this row's record is the last)", last)]
-        return reader.end
+
+    def _element(self, pos, nested, key):
+        """Rows of one element of a NESTED data key, walked member by
+        member: its streams' elements as they arrive (or parked until its
+        end, when what names them comes after them), the other members read
+        whole into its record."""
+        reader = self.reader
+        if reader.char(pos) != "{":
+            value, raw, end = yield from self._whole(pos, key)
+            if raw is not None:
+                yield None, [(key, "element is nested too deeply to be read" if value is TOO_DEEP
+                              else f"element is {_json_kind(value)}, not an object", raw)]
+            return end
+        members, texts, parked = {}, [], []
+        parent = None
+
+        def member(name, at):
+            nonlocal parent
+            stream = nested.streams.get(name)
+            if stream is None or reader.char(at) != "[":
+                value, raw, end = yield from self._whole(at, f"{key}.{name}")
+                if raw is not None:
+                    members[name] = value
+                    texts.append((name, raw))
+                return end
+            section = SECTIONS_BY_NAME[stream.section]
+            if parent is None:
+                parent = nested.parent(members, texts)
+            if parent is not None and parent.__class__ is not Unreadable:
+                return (yield from self._array(at, section, stream.label(parent, name), _where(parent, key, name),
+                                               stream.make_row))
+            spill = Parked(self.spill_dir)
+            parked.append((name, stream, spill))
+            for obj, raw in reader.elements(at):
+                if raw is None:
+                    yield from self._keep_oversized(obj, f"{key}.{name}")
+                else:
+                    spill.add(compact_json(raw))
+            return reader.end
+
+        try:
+            end = yield from self._walk(pos, member, key)
+            record = "{" + ",".join(json.dumps(name, ensure_ascii=False) + ":" + raw for name, raw in texts) + "}"
+            section = SECTIONS_BY_NAME[nested.section] if nested.section else None
+            row = None
+            if section is not None:
+                row = section.make_row(members, record, key)
+                yield from self._rows(((members, record),), section, key, key, lambda obj, raw, label: row)
+            parent = nested.finish(members, texts, row)
+            for name, stream, spill in parked:
+                where = _where(parent, key, name)
+                make_row = stream.make_row
+                if parent.__class__ is Unreadable:
+                    make_row = lambda obj, raw, label, why=f"not read: {parent}": why  # noqa: E731
+                label = None if parent.__class__ is Unreadable else stream.label(parent, name)
+                yield from self._rows(spill.elements(), SECTIONS_BY_NAME[stream.section], label, where, make_row)
+        finally:
+            for _name, _stream, spill in parked:
+                spill.close()
+        return end
 
     def _settled(self, section, batch, where):
         """Yield the batch with its dates in canonical UTC.
@@ -2256,6 +3235,7 @@ _SAMPLE_HOURS_SQL = (
     " hour || ';' FROM touched WHERE :spread),"
     " spans AS (SELECT bucket, coalesce(s.source_name, '') AS source,"
     " CASE WHEN :timed THEN coalesce(CAST(s.value AS TEXT), '') ELSE '' END AS category, s.value AS value,"
+    " {least} AS least, {greatest} AS greatest,"
     " s.start_date >= lo_text AS begins, julianday(s.start_date) AS t0, julianday(s.end_date) AS t1, lo, hi"
     " FROM buckets JOIN main.samples AS s ON {owner_match}s.type = :type"
     " AND s.start_date >= CASE WHEN :spread THEN strftime('%Y-%m-%dT%H:%M', lo, '-1 hour') ELSE lo_text END"
@@ -2263,7 +3243,8 @@ _SAMPLE_HOURS_SQL = (
     # A sample's share of a bucket: the time it spans there over its
     # duration, worked out from the bucket's bounds so that its shares add
     # up to 1 exactly.
-    " parts AS (SELECT * FROM (SELECT bucket, source, category, value, begins, t0, t1, lo, hi, CASE WHEN :spread"
+    " parts AS (SELECT * FROM (SELECT bucket, source, category, value, least, greatest, begins, t0, t1, lo, hi,"
+    " CASE WHEN :spread"
     " AND t1 > t0 AND round((t1 - t0) * 86400000) <= :longest THEN max(0.0, min(t1, hi) - max(t0, lo)) END"
     " AS covered FROM spans) WHERE begins OR covered > 0)"
     " INSERT OR REPLACE INTO main.sample_hours ({owner_column}type, hour, source, category, samples, numbers, total,"
@@ -2272,7 +3253,7 @@ _SAMPLE_HOURS_SQL = (
     f" total(CASE WHEN {_NUMERIC} THEN value * CASE WHEN covered IS NULL THEN begins WHEN t1 <= hi AND begins"
     " THEN 1.0 WHEN begins THEN (hi - t0) / (t1 - t0) WHEN t1 > hi THEN (hi - lo) / (t1 - t0)"
     " ELSE 1.0 - (lo - t0) / (t1 - t0) END END),"
-    f" min(CASE WHEN begins AND {_NUMERIC} THEN value END), max(CASE WHEN begins AND {_NUMERIC} THEN value END),"
+    f" min(CASE WHEN begins AND {_NUMERIC} THEN least END), max(CASE WHEN begins AND {_NUMERIC} THEN greatest END),"
     " total(CASE WHEN :timed THEN begins * max(0, round((t1 - t0) * 86400, 3)) ELSE round(covered * 86400, 3) END)"
     " FROM parts GROUP BY bucket, source, category")
 #: The hours syncs have brought samples to since sample_hours was last
@@ -2300,9 +3281,13 @@ def _hours_sql(touched, per_person=True):
     type, or (``per_person`` False) of a type as the schema before version 8
     kept them, which earlier steps of MIGRATIONS write."""
     owner = PERSON_COLUMN if per_person else ""
+    # Samples have low and high (a summarised point's least and greatest)
+    # since version 8's copy of them.
     return _SAMPLE_HOURS_SQL.format(
         touched=touched, owner_match=f"s.{owner} = :person AND " if owner else "",
-        owner_column=f"{owner}, " if owner else "", owner_value=":person, " if owner else "")
+        owner_column=f"{owner}, " if owner else "", owner_value=":person, " if owner else "",
+        least="coalesce(s.low, s.value)" if owner else "s.value", greatest="coalesce(s.high, s.value)" if owner
+        else "s.value")
 
 
 def hours_parameters(type_name, person=FIRST_PERSON):
@@ -2612,7 +3597,8 @@ _SLEEP_GROUPS = {stage: "asleep" for stage in ASLEEP_STAGES}
 _SLEEP_MERGE_SQL = (
     f"SELECT {_milliseconds_sql('start_date')}, CASE WHEN end_date IS NOT NULL THEN"
     f" {_milliseconds_sql('end_date')} END, value, CAST(coalesce(source_name, '') AS TEXT),"
-    f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END"
+    f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END,"
+    f" substr(uuid, 1, {len(HAE_NIGHT_PREFIX)}) = '{HAE_NIGHT_PREFIX}'"
     f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
     " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)"
     " ORDER BY start_date")
@@ -2636,11 +3622,13 @@ def merge_sleep_hours(conn, person, type_name, low, high, ranks):
     counted twice.  A night's figures are then sums of hours."""
     parameters = _merge_parameters(conn, person, type_name, low, high)
     reach, rows, stages, hours = {}, {}, {}, {}
-    for start, end, value, source, record in conn.execute(_SLEEP_MERGE_SQL, parameters):
+    for start, end, value, source, record, whole in conn.execute(_SLEEP_MERGE_SQL, parameters):
         kept = source if record is None else sleep_source(source, user_entered(record))
         stage = stages[value] if value in stages else stages.setdefault(value, sleep_stage(value))
         counted = 0
-        if end is not None and end > start:
+        if whole and end is not None and end > start:
+            counted = end - start  # a night's total of a stage (HAE_NIGHT_PREFIX): whole
+        elif end is not None and end > start:
             group = (kept, _SLEEP_GROUPS.get(stage, stage)) if stage is not None else None
             begin = start if group is None else max(start, reach.get(group, start))
             counted = max(0, end - begin)
@@ -2813,8 +3801,8 @@ def _rederive_columns(conn, report):
     Keys and dates stay; a record no longer readable keeps its columns."""
     for section in SECTIONS:
         names = [name for name, _type in section.columns]
-        if "record" not in names or section is SAMPLES:
-            continue
+        if "record" not in names or section is SAMPLES or not _table_exists(conn, section.table):
+            continue  # a section's table made later is made as it is now
         dates = {column for column, _field in section.dates}
         derived = [name for name in names if name not in section.key and name != "record" and name not in dates]
         where = " OR ".join(f"{name} IS NULL" for name in derived) if section.clustered else "true"
@@ -2884,12 +3872,17 @@ def _add_body_blocks(conn, report):
 OWNER_BATCH_ROWS = 250000
 
 
+def _table_exists(conn, table):
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    return found is not None
+
+
 def _own_by_first_person(conn, table, create_sql, key, report):
     """Rebuild ``table`` with PERSON_COLUMN first (``create_sql(name)``
     makes the new table), every row the first person's; counts compared.
     A table stored by ``key`` (WITHOUT ROWID) is copied in key order, a
     batch at a time, so that the new one is written from front to back."""
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone():
+    if not _table_exists(conn, table):
         return
     names = ", ".join(row[1] for row in conn.execute(f"PRAGMA table_info({table})"))
     copy = f"{table}_v8"
@@ -2927,6 +3920,8 @@ def _migrate_people(conn, report):
     conn.execute(PEOPLE.insert_sql(("id", "name", "admin", "created_at")),
                  {"id": FIRST_PERSON, "name": FIRST_PERSON_NAME, "admin": 1, "created_at": utc_now()})
     for section in SECTIONS:
+        if not _table_exists(conn, section.table):
+            continue  # a section's table made later is made as it is now
         _own_by_first_person(conn, section.table, section.table_sql, section.key if section.clustered else (),
                              report)
         for statement in section.index_sql:
@@ -3031,6 +4026,16 @@ def _keep_aside_dates_that_do_not_exist(conn, report):
 #: or key is a new step at the end; a step once released is never edited.
 #: (A new section's table, or a new index in SECTIONS, needs no step: what a
 #: database lacks of them is created at every start.)
+def _add_sample_ranges(conn, report):
+    """Version 12: samples' least and greatest of a summarised point (the
+    other app's minute of heart rate as Min, Avg, Max).  Instant: columns
+    added at the end (version 8's copy, made as SECTIONS are now, has them)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(samples)")}
+    for name in ("low", "high"):
+        if name not in have:
+            conn.execute(f"ALTER TABLE samples ADD COLUMN {name} REAL")
+
+
 MIGRATIONS = (
     Migration("the first schema", _create_v1),
     Migration("samples and route points clustered by time, dates in UTC", _migrate_v2, rewrites=True),
@@ -3043,6 +4048,7 @@ MIGRATIONS = (
     Migration("cumulative types merged by source priority over time, exactly", _merge_by_source_priority),
     Migration("the database's own id, which its backups keep", _give_an_id),
     Migration("stored dates that do not exist kept aside, as syncs now keep them", _keep_aside_dates_that_do_not_exist),
+    Migration("samples' least and greatest of a summarised point", _add_sample_ranges),
 )
 #: The schema version this receiver writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -3243,17 +4249,9 @@ _LONG_SAMPLES_SQL = (
     "SELECT substr(start_date, 1, 13), substr(end_date, 1, 13) FROM stage.samples WHERE rowid BETWEEN :first AND :last"
     " AND substr(end_date, 1, 13) > substr(start_date, 1, 13)"
     " AND julianday(end_date) - julianday(start_date) BETWEEN 1 / 24.0 AND :longest_days")
-#: The first sample's start of a staged source ("" for none): a reading of
-#: the stage without a sort (a GROUP BY of a 50 MB sync's samples held the
-#: receiver's memory 2 MB higher), made for each source not seen before...
-_FIRST_SAMPLE_OF_SOURCE_SQL = ("SELECT min(start_date) FROM stage.samples"
-                               " WHERE CAST(coalesce(source_name, '') AS TEXT) = ?")
-#: ... unless there are more than this many: then one sorted reading.
-FIRST_SAMPLE_SCANS_MAX = 8
-_FIRST_SAMPLES_SQL = ("SELECT CAST(coalesce(source_name, '') AS TEXT) AS source, min(start_date)"
-                      " FROM stage.samples GROUP BY source")
-#: A staged sample's source (its position in a row of SAMPLES).
+#: A staged sample's source and start (their positions in a row of SAMPLES).
 _SOURCE_OF_SAMPLE = operator.itemgetter(SAMPLES.column_names.index("source_name"))
+_START_OF_SAMPLE = operator.itemgetter(SAMPLES.column_names.index("start_date"))
 #: A run of samples whose hours, first to last, are at most this many per
 #: row (a type measured every few minutes or hours) has every hour between
 #: noted, without reading its rows: an hour noted without samples is only
@@ -3276,20 +4274,20 @@ def _note_long_samples(conn, run, type_name, person):
 
 
 def _note_sources(conn, person, staged):
-    """Number the sources a sync brought (``staged``: their names as sent)
-    that the person had not sent before, in the order their first samples
-    start (then by name)."""
+    """Number the sources a sync brought (``staged``: {their names as sent:
+    their first sample's start}) that the person had not sent before, in
+    the order their first samples start (then by name)."""
     known = {source for (source,) in conn.execute(
         f"SELECT source FROM main.{SAMPLE_SOURCES.name} WHERE {PERSON_COLUMN} = ?", (person,))}
     # Each as SQLite's text of it, as the hourly totals name it ("1" for true).
-    new = sorted({"" if source is None else str(int(source) if source.__class__ is bool else source)
-                  for source in staged} - known)
+    first = {}
+    for source, start in staged.items():
+        text = "" if source is None else str(int(source) if source.__class__ is bool else source)
+        if text not in known and (text not in first or start < first[text]):
+            first[text] = start
+    new = sorted(first)
     if not new:
         return
-    if len(new) <= FIRST_SAMPLE_SCANS_MAX:
-        first = {source: conn.execute(_FIRST_SAMPLE_OF_SOURCE_SQL, (source,)).fetchone()[0] for source in new}
-    else:
-        first = dict(conn.execute(_FIRST_SAMPLES_SQL))
     seen = conn.execute(f"SELECT coalesce(max(seen), 0) FROM main.{SAMPLE_SOURCES.name} WHERE {PERSON_COLUMN} = ?",
                         (person,)).fetchone()[0]
     conn.executemany(SAMPLE_SOURCES.insert_sql(SAMPLE_SOURCES.column_names),
@@ -3317,6 +4315,32 @@ def _dense_run_hours(run, spread):
 #: sync of an export as recent or older wrote (SECTIONS' latest_wins).
 SYNC_EXPORTED_SQL = ("CASE WHEN export_date GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T*' THEN export_date"
                      " ELSE received_at END")
+#: The staged samples (rowids :first to :last) of the other app's points
+#: whose stored sample (same key) has another record: found by reading
+#: only (an upsert of every row, most often changing none, took 4.5 MB more
+#: at the peak of a resent 50 MB sync, for its statement journal).
+_CHANGED_POINTS_SQL = (
+    f"SELECT s.rowid FROM stage.samples AS s JOIN main.samples AS m ON m.{PERSON_COLUMN} = :person"
+    " AND m.type = s.type AND m.start_date = s.start_date AND m.uuid = s.uuid"
+    f" WHERE s.rowid BETWEEN :first AND :last AND substr(s.uuid, 1, 3) = '{HAE_PREFIX[:3]}'"
+    " AND m.record IS NOT s.record")
+#: Staged rows replaced per statement.
+REPLACED_PER_STATEMENT = 500
+
+
+def _replace_points(conn, section, run, params):
+    """Replace the stored samples of a run's points sent again with another
+    record; return how many."""
+    changed = [rowid for first, last in run.ranges
+               for (rowid,) in conn.execute(_CHANGED_POINTS_SQL, dict(params, first=first, last=last))]
+    replaced = 0
+    for index in range(0, len(changed), REPLACED_PER_STATEMENT):
+        chunk = changed[index:index + REPLACED_PER_STATEMENT]
+        names = {f"r{number}": rowid for number, rowid in enumerate(chunk)}
+        sql = section.merge_sql(f" WHERE rowid IN ({', '.join(':' + name for name in names)})",
+                                replaces_if="samples.record IS NOT excluded.record")
+        replaced += conn.execute(sql, dict(params, **names)).rowcount
+    return replaced
 #: Brings a stored sync's pending row up to what it stored.
 _UPDATE_SYNC_SQL = SYNCS.update_sql(SYNCS.column_names[1:])
 #: A retry's body is matched against the stored syncs of the same envelope
@@ -3844,8 +4868,14 @@ class Store:
                     sql = section.merge_sql(" WHERE rowid BETWEEN :first AND :last", run.in_order)
                     new = sum(conn.execute(sql, dict(params, first=first, last=last)).rowcount
                               for first, last in run.ranges)
-                    result.inserted[section.name] += new
-                    if section is SAMPLES and new:
+                    replaced = 0
+                    if run.replaces and new < sum(last - first + 1 for first, last in run.ranges):
+                        # The other app's points sent again with another
+                        # value (a summarised minute that grew) replace
+                        # the stored ones; their hours are noted below.
+                        replaced = _replace_points(conn, section, run, params)
+                    result.inserted[section.name] += new + replaced
+                    if section is SAMPLES and (new or replaced):
                         spans = hours_merger(label) is not None  # its samples change every hour they span
                         if spans:
                             _note_long_samples(conn, run, label, params["person"])
@@ -4109,8 +5139,9 @@ class Stage:
         #: {section name: {first key column's value: StagedRun}}, of the
         #: clustered sections.
         self.runs = {section.name: {} for section in SECTIONS if section.clustered}
-        #: The sources of the staged samples (their names as sent).
-        self.sources = set()
+        #: The sources of the staged samples (their names as sent), each
+        #: with its first sample's start: gathered as they are staged.
+        self.sources = {}
         self._last_rowid = dict.fromkeys(SECTIONS_BY_NAME, 0)
         create_private(path)  # raises on a file or link planted at the name
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -4165,18 +5196,33 @@ class Stage:
         if section.clustered and stored:
             self._note_runs(section, stored, first)
         if section is SAMPLES:
-            self.sources.update(map(_SOURCE_OF_SAMPLE, stored))
+            sources, first = set(map(_SOURCE_OF_SAMPLE, stored)), self.sources
+            if len(sources) == 1:  # an array of one source, the common case: its earliest at C speed
+                (source,), start = sources, min(map(_START_OF_SAMPLE, stored))
+                if source not in first or start < first[source]:
+                    first[source] = start
+            else:
+                for row in stored:
+                    source, start = _SOURCE_OF_SAMPLE(row), _START_OF_SAMPLE(row)
+                    if source not in first or start < first[source]:
+                        first[source] = start
 
     def _note_runs(self, section, stored, rowid):
         """Add the rows just stored, from ``rowid`` on, to their runs."""
         label_at, order_at = section.run_positions
         runs = self.runs[section.name]
         # A batch of Payload is one array, so mostly one run.
+        # A batch is one array's: the other app's points (their uuids made
+        # here, HAE_PREFIX) or the first app's samples.
+        first = stored[0][0]
+        replacing = section is SAMPLES and first.__class__ is str and first[:3] == HAE_PREFIX[:3]
         for label, group in itertools.groupby(stored, key=operator.itemgetter(label_at)):
             values = [row[order_at] for row in group]
             run = runs.get(label)
             if run is None:
                 run = runs[label] = StagedRun()
+            if replacing:
+                run.replaces = True
             run.add(rowid, values)
             rowid += len(values)
 
@@ -4255,11 +5301,14 @@ class StagedRun:
     Syncs send a type's samples by date, so the merge mostly copies runs
     as they are; any other order is sorted on the way."""
 
-    __slots__ = ("ranges", "low", "high", "last", "ascending", "descending")
+    __slots__ = ("ranges", "low", "high", "last", "ascending", "descending", "replaces")
 
     def __init__(self):
         #: [first rowid, last rowid] of each stretch of the stage's table.
         self.ranges = []
+        #: Some of its rows replace a stored row of the same key whose
+        #: record differs (the other app's points: HAE_PREFIX).
+        self.replaces = False
         self.low = self.high = self.last = None
         self.ascending = self.descending = True
 
@@ -5930,14 +6979,16 @@ DISTANCE_UNITS = {"m": 1.0, "km": 1000.0, "mi": 1609.344, "yd": 0.9144, "ft": 0.
 ENERGY_UNITS = {"kcal": 1.0, "cal": 1.0, "Cal": 1.0, "kJ": 1 / 4.184, "J": 1 / 4184.0}
 
 
-def _quantity(record, field, units, default_unit):
-    """A workout's total (a number, or {"quantity"|"value", "unit"}) in the
-    unit that ``units`` converts to, or None."""
+def _quantity(record, fields, units, default_unit):
+    """A workout's total (a number, or {"quantity"|"value"|"qty",
+    "unit"|"units"}) of the first of ``fields`` present, in the unit that
+    ``units`` converts to, or None."""
+    field = next((name for name in fields if record.get(name) is not None), fields[0])
     value = record.get(field)
     unit = record.get(field + "Unit", default_unit)
     if isinstance(value, dict):
-        unit = value.get("unit", unit)
-        value = value.get("quantity", value.get("value"))
+        unit = value.get("unit", value.get("units", unit))
+        value = value.get("quantity", value.get("value", value.get("qty")))
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     factor = units.get(unit) if isinstance(unit, str) else None
@@ -5977,10 +7028,15 @@ def workout_of(conn, row):
     if end:
         heart = conn.execute(f"SELECT avg(value) FROM samples WHERE type = ? AND start_date >= ? AND start_date <= ?"
                              f" AND {_NUMERIC}", (HEART_RATE_TYPE, start, end)).fetchone()[0]
+    if heart is None:  # the other app's own series of the workout
+        heart = conn.execute(f"SELECT avg(value) FROM workout_series WHERE workout_uuid = ? AND series ="
+                             f" 'heartRateData' AND {_NUMERIC}", (uuid,)).fetchone()[0]
     points = conn.execute("SELECT count(*) FROM workout_route_points WHERE workout_uuid = ?", (uuid,)).fetchone()[0]
-    return Workout(uuid, activity, start, end, duration, _quantity(fields, "totalDistance", DISTANCE_UNITS, "m"),
-                   _quantity(fields, "totalEnergyBurned", ENERGY_UNITS, "kcal"), finite(heart), points,
-                   fields.get("sourceName"))
+    return Workout(uuid, activity, start, end, duration,
+                   _quantity(fields, ("totalDistance", "distance"), DISTANCE_UNITS, "m"),
+                   _quantity(fields, ("totalEnergyBurned", "activeEnergyBurned", "activeEnergy", "totalEnergy"),
+                             ENERGY_UNITS, "kcal"), finite(heart), points,
+                   fields.get("sourceName", fields.get("source")))
 
 
 _WORKOUT_COLUMNS = "uuid, activity_type, start_date, end_date, duration_seconds, record"
@@ -6161,6 +7217,53 @@ def data_gaps(conn, view, limit=LATEST_TYPES_MAX):
     return gaps[:GAPS_MAX]
 
 
+class JournalKind(typing.NamedTuple):
+    """A collection of single events shown in the status page's journal
+    (Health Auto Export's states of mind, symptoms, ECGs...)."""
+
+    #: Its section's name.
+    section: str
+    #: What an entry is called on the page.
+    title: str
+    #: (column, what the page calls it or "") of what an entry says.
+    columns: typing.Tuple[typing.Tuple[str, str], ...]
+
+
+#: The journal's kinds, in the order an instant's entries are listed.
+JOURNAL_KINDS = (
+    JournalKind("ecg", "ECG", (("classification", ""), ("average_heart_rate", "average heart rate"),
+                               ("source_name", "from"))),
+    JournalKind("heart_rate_notifications", "Heart rate notification", (("threshold", "threshold"),
+                                                                        ("source_name", "from"))),
+    JournalKind("states_of_mind", "State of mind", (("classification", ""), ("valence", "valence"), ("kind", ""))),
+    JournalKind("symptoms", "Symptom", (("name", ""), ("severity", ""), ("source_name", "from"))),
+    JournalKind("cycle_tracking", "Cycle tracking", (("kind", ""), ("value", ""), ("source_name", "from"))),
+)
+#: Entries the journal lists (the window's latest).
+JOURNAL_LISTED = 30
+
+
+class JournalEntry(typing.NamedTuple):
+    start_date: str
+    title: str
+    text: str
+
+
+def journal(conn, window, limit=JOURNAL_LISTED):
+    """The window's latest ``limit`` entries of the JOURNAL_KINDS, newest first."""
+    entries = []
+    for kind in JOURNAL_KINDS:
+        table = SECTIONS_BY_NAME[kind.section].table
+        columns = ", ".join(column for column, _label in kind.columns)
+        for start, *values in conn.execute(
+                f"SELECT start_date, {columns} FROM {table} WHERE start_date >= ? AND start_date < ?"
+                f" ORDER BY start_date DESC LIMIT ?", (window.start, window.end, limit)):
+            words = [f"{label} {value}".strip() for (_column, label), value in zip(kind.columns, values)
+                     if value is not None and value != ""]
+            entries.append(JournalEntry(start, kind.title, ", ".join(words)))
+    return sorted(entries, reverse=True)[:limit]
+
+
 class StatusReport(typing.NamedTuple):
     """Everything the status page and /api/summary show."""
 
@@ -6181,6 +7284,8 @@ class StatusReport(typing.NamedTuple):
     gaps: typing.Tuple[Gap, ...] = ()
     #: Notices (Notifier.status), to an admin, when the receiver sends them.
     notice: typing.Optional[dict] = None
+    #: The window's latest entries of the JOURNAL_KINDS.
+    journal: typing.Tuple[JournalEntry, ...] = ()
 
 
 def status_report(store, view, sync_count=20, type_limit=PAGE_TYPES_MAX):
@@ -6196,7 +7301,9 @@ def status_report(store, view, sync_count=20, type_limit=PAGE_TYPES_MAX):
         workouts, more_workouts = workout_list(conn, window)
         doses = medications(conn, window)
         gaps = tuple(data_gaps(conn, view))
-    return StatusReport(view, stored, window, today, charts, workouts, more_workouts, doses, gaps=gaps)
+        entries = tuple(journal(conn, window))
+    return StatusReport(view, stored, window, today, charts, workouts, more_workouts, doses, gaps=gaps,
+                        journal=entries)
 
 
 def stats_json(stored, now):
@@ -6227,6 +7334,7 @@ def summary_json(report):
          "points": [[day.isoformat(), doses["taken"], doses["skipped"]]
                     for day, _count, doses in medication.chart.points],
          "taken": medication.taken, "skipped": medication.skipped} for medication in report.medications]
+    facts["journal"] = [dict(zip(JournalEntry._fields, entry)) for entry in report.journal]
     facts["backup"] = report.backup
     facts["gaps"] = [{"kind": gap.kind, "message": gap.message, "since": gap.since, "type": gap.type,
                       "source": gap.source} for gap in report.gaps]
@@ -6772,6 +7880,10 @@ def heart_trace(conn, workout):
     rows = conn.execute(f"SELECT start_date, value FROM samples WHERE type = ? AND start_date >= ? AND start_date <= ?"
                         f" AND {_NUMERIC} ORDER BY start_date LIMIT ?", (HEART_RATE_TYPE, workout.start_date,
                                                                           workout.end_date, HEART_SAMPLES_MAX)).fetchall()
+    if not rows:  # the other app's own series of the workout
+        rows = conn.execute(f"SELECT date, value FROM workout_series WHERE workout_uuid = ? AND series ="
+                            f" 'heartRateData' AND {_NUMERIC} ORDER BY date LIMIT ?",
+                            (workout.uuid, HEART_SAMPLES_MAX)).fetchall()
     points = []
     for stamp, value in rows:
         moment, rate = parse_stamp(stamp), finite(value)
@@ -7488,6 +8600,11 @@ def render_status_page(report):
                        f'{medication.taken:,} taken, {medication.skipped:,} skipped</p>'
                        f'{svg_chart(chart)}{_legend(chart.kind.stages)}</div>')
         out.append("</div>")
+    if report.journal:
+        out.append("<h2>Journal</h2>")
+        out.append(_table(("When", "What", ("opt", "Details")), [("", _cells(
+            format_local(entry.start_date, view.zone), _esc(entry.title), ("opt", _esc(entry.text))))
+            for entry in report.journal]))
     out.append("<h2>Last syncs</h2>")
     out.append(_sync_table(stored.syncs, view) if stored.syncs else
                '<p class="muted">No sync has arrived yet.</p>')
@@ -8227,6 +9344,7 @@ class SyncIntake:
         ``body`` (a BodyDigest) gives its digest once read."""
         archive = ArchiveWriter(self.archive) if self.archive else None
         payload = Payload(archive.pieces(pieces) if archive else pieces)
+        payload.spill_dir = self.store.tmp_dir
         stage = None
         try:
             stage = self.store.stage()
@@ -8778,6 +9896,8 @@ def ndjson_entry(number, line):
         if name != "syncs":
             raise PayloadError(f"unknown section {log_safe(name, 60)!r}")
         return None
+    if section.shape == "nested":
+        return None  # arrays inside the other app's workouts and ECGs: no payload holds them alone
     exported = None
     if section.latest_wins:
         exported = utc_date(json.loads(members["exported"])) if "exported" in members else None
@@ -11880,6 +13000,109 @@ def make_bench_payload(target_mb, seed=7, start=BENCH_START, days=30, reordered=
     return body, elements
 
 
+#: The per-minute metrics of make_hae_payload: (name, units, fields of a
+#: point: (name, least, greatest, digits)).
+HAE_BENCH_METRICS = (
+    ("heart_rate", "count/min", (("Min", 50, 70, 0), ("Avg", 70, 90, 1), ("Max", 90, 130, 0))),
+    ("step_count", "count", (("qty", 0, 120, 0),)),
+    ("active_energy", "kJ", (("qty", 0.5, 30, 3),)),
+    ("basal_energy_burned", "kJ", (("qty", 4, 5, 3),)),
+    ("walking_running_distance", "mi", (("qty", 0, 0.1, 4),)),
+    ("apple_exercise_time", "min", (("qty", 0, 1, 0),)),
+    ("flights_climbed", "count", (("qty", 0, 3, 0),)),
+    ("respiratory_rate", "count/min", (("qty", 12, 20, 1),)),
+)
+
+
+def make_hae_payload(target_mb, seed=7, start=BENCH_START, days=30, reordered=False):
+    """A sync of about ``target_mb`` MB of Health Auto Export's shape over
+    ``days`` days from ``start``: per-minute metrics (heart rate as Min,
+    Avg, Max; energy in kJ, distance in miles), a night of sleep stages
+    and its totals each day, daily weight in lb and blood pressure, 15
+    workouts (version 2) with route, heart rate and steps, 5 ECGs of
+    15,000 measurements.  ``reordered``: the same metrics in the other
+    order.  Returns (body bytes, number of data elements)."""
+    import random
+    rng = random.Random(seed)
+    target = int(target_mb * 1e6)
+    window = int(days * 86400)
+    source = "Jane\u2019s Apple Watch"
+
+    def stamp(seconds):
+        return (start + datetime.timedelta(seconds=seconds, hours=1)).strftime("%Y-%m-%d %H:%M:%S +0100")
+
+    def point(at, fields, who=source):
+        values = ",".join(f'"{name}":{round(rng.uniform(low, high), digits) if digits else rng.randint(low, high)}'
+                          for name, low, high, digits in fields)
+        return f'{{"date":"{stamp(at)}",{values},"source":"{who}"}}'
+
+    workouts = []
+    for n in range(15):
+        begin = n * window // 15 + 3600 * 7
+        duration = 2700
+        route = [f'{{"latitude":{47.69 + i * 1e-5:.7f},"longitude":{-122.27 - i * 1e-5:.7f},'
+                 f'"altitude":{rng.uniform(20, 80):.2f},"speed":{rng.uniform(2, 4):.2f},"course":'
+                 f'{rng.uniform(0, 360):.1f},"horizontalAccuracy":3.5,"verticalAccuracy":2.1,'
+                 f'"timestamp":"{stamp(begin + 4 * i)}"}}' for i in range(667)]
+        heart = [point(begin + 60 * i, HAE_BENCH_METRICS[0][2])[:-1] + ',"units":"count/min"}' for i in range(45)]
+        steps = [point(begin + 60 * i, (("qty", 100, 180, 0),))[:-1] + ',"units":"count"}' for i in range(45)]
+        workouts.append(
+            f'{{"id":"{rng.getrandbits(64):016X}","name":"Outdoor Run","start":"{stamp(begin)}",'
+            f'"end":"{stamp(begin + duration)}","duration":{duration},"location":"Outdoor","isIndoor":false,'
+            f'"activeEnergyBurned":{{"qty":{rng.uniform(1000, 3000):.1f},"units":"kJ"}},'
+            f'"distance":{{"qty":{rng.uniform(3, 8):.2f},"units":"mi"}},'
+            f'"heartRate":{{"min":{{"qty":110,"units":"count/min"}},"avg":{{"qty":150,"units":"count/min"}},'
+            f'"max":{{"qty":175,"units":"count/min"}}}},"heartRateData":[{",".join(heart)}],'
+            f'"stepCount":[{",".join(steps)}],"route":[{",".join(route)}]}}')
+    ecgs = []
+    for n in range(5):
+        begin = n * window // 5 + 3600 * 12
+        voltages = ",".join(f'{{"date":"{stamp(begin + i // 512)}","voltage":{rng.uniform(-300, 900):.3f},'
+                            f'"units":"\u00b5V"}}' for i in range(15000))
+        ecgs.append(f'{{"start":"{stamp(begin)}","end":"{stamp(begin + 30)}","classification":"Sinus Rhythm",'
+                    f'"severity":"none","averageHeartRate":{rng.randint(60, 80)},'
+                    f'"numberOfVoltageMeasurements":15000,"samplingFrequency":512,'
+                    f'"voltageMeasurements":[{voltages}],"source":"{source}"}}')
+    daily = {"weight_body_mass": ("lb", []), "blood_pressure": ("mmHg", []), "sleep_analysis": ("hr", [])}
+    for day in range(days):
+        at = day * 86400
+        daily["weight_body_mass"][1].append(point(at + 7 * 3600, (("qty", 150, 160, 1),), "Scale"))
+        daily["blood_pressure"][1].append(point(at + 8 * 3600, (("systolic", 110, 130, 0),
+                                                                 ("diastolic", 70, 85, 0)), "Omron"))
+        night = at - 3600
+        daily["sleep_analysis"][1].append(
+            f'{{"date":"{stamp(at)[:10]}","totalSleep":7.1,"core":4.1,"deep":1.2,"rem":1.8,"awake":0.4,'
+            f'"asleep":0,"inBed":7.6,"sleepStart":"{stamp(night)}","sleepEnd":"{stamp(night + 26000)}",'
+            f'"source":"{source}"}}')
+    fixed = [f'{{"name":"{name}","units":"{units}","data":[{",".join(points)}]}}'
+             for name, (units, points) in daily.items()]
+    head = '{"data":{"workouts":[' + ",".join(workouts) + '],"ecg":[' + ",".join(ecgs) + '],"metrics":['
+    tail = "]}}"
+    budget = target - len(head) - len(tail) - sum(len(item) + 1 for item in fixed)
+    per_metric = [[] for _ in HAE_BENCH_METRICS]
+    size = minute = 0
+    while size < budget:
+        for number, (_name, _units, fields) in enumerate(HAE_BENCH_METRICS):
+            element = point(minute * 60, fields)
+            per_metric[number].append(element)
+            size += len(element.encode("utf-8")) + 1
+            if size >= budget:
+                break
+        minute += 1
+    metrics = [f'{{"name":"{name}","units":"{units}","data":[{",".join(points)}]}}'
+               for (name, units, _fields), points in zip(HAE_BENCH_METRICS, per_metric) if points] + fixed
+    if reordered:
+        metrics = metrics[::-1]
+    body = (head + ",".join(metrics) + tail).encode("utf-8")
+    elements = (sum(map(len, per_metric)) + sum(len(points) for _units, points in daily.values()) + len(workouts)
+                + len(ecgs))
+    return body, elements
+
+
+#: The generators of bench's bodies, by the app whose shape they have.
+BENCH_APPS = {"export-pro": make_bench_payload, "auto-export": make_hae_payload}
+
+
 def run_baseline(body_file, db_file):
     """The baseline, run in its own process: the usual receiver.  json.loads
     of the whole body, then the samples table's rows (the element kept with
@@ -11896,11 +13119,15 @@ def run_baseline(body_file, db_file):
     db.executescript(SCHEMA_V1)
     started = time.perf_counter()
     payload = json.loads(body)
-    special = {key for section in SECTIONS if section is not SAMPLES for key in section.app_keys}
+    special = {key for section in SECTIONS if section is not SAMPLES for key in section.app_keys} | set(NESTED)
     rows = [(s.get("uuid"), t, s.get("startDate"), s.get("endDate"), s.get("value"), s.get("unit"),
              s.get("sourceName"), json.dumps(s), 1)
             for t, samples in payload["data"].items() if isinstance(samples, list) and t not in special
             for s in samples]
+    # The other app's metrics: a row per point, its date the start.
+    rows += [(None, metric.get("name"), s.get("date"), s.get("date"), s.get("qty", s.get("Avg")),
+              metric.get("units"), s.get("source"), json.dumps(s), 1)
+             for metric in payload["data"].get("metrics", ()) for s in metric.get("data", ())]
     db.execute("BEGIN")
     db.executemany("INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     db.execute("COMMIT")
@@ -12047,11 +13274,11 @@ def bench_concurrent(body, posts, work_dir):
     return elapsed, sorted(statuses), peak
 
 
-def bench_against_baseline(mb, runs, out, concurrent=1):
+def bench_against_baseline(mb, runs, out, concurrent=1, make_payload=make_bench_payload):
     print(f"Generating a {mb:g} MB sync...", file=out)
-    body, elements = make_bench_payload(mb)
-    bodies = {"body": body, "reordered": make_bench_payload(mb, reordered=True)[0]}
-    slow_body = make_bench_payload(mb, seed=8, start=BENCH_START + datetime.timedelta(days=30))[0]
+    body, elements = make_payload(mb)
+    bodies = {"body": body, "reordered": make_payload(mb, reordered=True)[0]}
+    slow_body = make_payload(mb, seed=8, start=BENCH_START + datetime.timedelta(days=30))[0]
     size_mb = len(body) / 1e6
     print(f"{size_mb:.1f} MB, {elements} records + route points; {runs} run(s), each: receiver (new, retry, "
           f"re-post, then new data sent at {BENCH_SLOW_RATE / 1e6:g} MB/s) and baseline.", file=out)
@@ -12322,6 +13549,9 @@ def bench_parser():
     parser.add_argument("--fill", type=_positive_number, metavar="MILLIONS",
                         help="first fill a database with this many million samples, then compare syncs into it "
                              "with the same syncs into an empty one, warm and evicted from the OS cache")
+    parser.add_argument("--app", choices=sorted(BENCH_APPS), default="export-pro",
+                        help="the shape of the generated sync: Health Export Pro's (default) or Health Auto "
+                             "Export's (per-minute metrics, workouts with routes, ECGs)")
     parser.add_argument("--baseline-child", nargs=2, metavar=("BODY", "DB"), help=argparse.SUPPRESS)
     return parser
 
@@ -12334,7 +13564,7 @@ def run_bench(args, out):
     runs = max(1, args.runs)
     if args.fill:
         return bench_at_size(args.fill, args.mb, runs, out)
-    return bench_against_baseline(args.mb, runs, out, args.concurrent)
+    return bench_against_baseline(args.mb, runs, out, args.concurrent, BENCH_APPS[args.app])
 
 
 # ---------------------------------------------------------------------------

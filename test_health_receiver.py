@@ -329,7 +329,8 @@ class SectionRegistryTests(unittest.TestCase):
                         self.assertEqual(conn.execute(section.count_new_sql, {"person": person}).fetchone(), (0,))
                     stored = conn.execute(f"SELECT {', '.join((hr.PERSON_COLUMN,) + section.column_names)}"
                                           f" FROM {section.table}").fetchall()
-                    self.assertEqual(stored, [(person,) + row + (7,) * len(section.sync_columns)
+                    values = dict(zip([name for name, _type in section.columns], row))
+                    self.assertEqual(stored, [(person,) + tuple(values.get(name, 7) for name in section.column_names)
                                               for person in (1, 2)])
 
     def test_derived_lists_follow_the_registry(self):
@@ -507,7 +508,7 @@ class WalkerTests(unittest.TestCase):
     def test_sample_row_columns(self):
         rows, _ = walk({"data": {"HKQuantityTypeIdentifierHeartRate": [
             sample("U-1", "2026-02-24T09:00:00+01:00", 61.5, endDate="2026-02-24T09:01:00+01:00")]}})
-        (uuid, type_name, start, end, value, unit, source, record), = rows["samples"]
+        (uuid, type_name, start, end, value, unit, source, record, _low, _high), = rows["samples"]
         self.assertEqual((uuid, type_name, start, end, value, unit, source),
                          ("U-1", "HKQuantityTypeIdentifierHeartRate", "2026-02-24T08:00:00.000Z",
                           "2026-02-24T08:01:00.000Z", 61.5, "count/min", "Watch"))
@@ -719,6 +720,11 @@ def migrate_to(path, version):
             conn.execute("COMMIT")
 
 
+#: The sections only the other app (Health Auto Export) fills.
+OTHER_APP_SECTIONS = ("series", "states_of_mind", "symptoms", "cycle_tracking", "heart_rate_notifications", "ecg",
+                      "voltages")
+
+
 def columns_without_person(path, table):
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return [row[1] for row in conn.execute(f"PRAGMA table_info({table})") if row[1] != hr.PERSON_COLUMN]
@@ -728,6 +734,8 @@ def rows_without_person(path, table, names=None):
     """A table's rows, all columns but the person's (or ``names``, the
     columns it had before a step added some), in their order."""
     names = names or columns_without_person(path, table)
+    if not names:  # a table that a later version makes (a new section's)
+        return []
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return sorted(conn.execute(f"SELECT {', '.join(names)} FROM {table}").fetchall(), key=repr)
 
@@ -891,7 +899,7 @@ class MigrationTests(unittest.TestCase):
     def test_version_1_database_keeps_every_row_and_a_repost_inserts_nothing(self):
         payload = v1_payload()
         make_v1_database(self.db, payload, extra_samples=500)
-        before = {table: self.query(f"SELECT count(*) FROM {table}")[0][0] for table in hr.TABLES}
+        before = {table: len(rows_without_person(self.db, table)) for table in hr.TABLES}
         store, lines = self.open_store()
         self.assertTrue(any("schema version 2" in line for line in lines), lines)
         after = {table: self.query(f"SELECT count(*) FROM {table}")[0][0] for table in hr.TABLES}
@@ -1063,10 +1071,11 @@ class MigrationTests(unittest.TestCase):
         make_v1_database(self.db, payload)
         migrate_to(self.db, 3)
         before = {table: rows_without_person(self.db, table) for table in hr.TABLES if table != "syncs"}
+        names = {table: columns_without_person(self.db, table) for table in before}  # added columns aside
         self.assertGreater(sum(map(len, before.values())), 15)
         store, lines = self.open_store()
         self.assertIn("  samples: 7 rows, the first person's", lines)
-        self.assertEqual({table: rows_without_person(self.db, table) for table in before}, before)
+        self.assertEqual({table: rows_without_person(self.db, table, names[table]) for table in before}, before)
         for table in hr.OWNED_TABLES + ("syncs",):
             self.assertIn(self.query(f"SELECT DISTINCT person FROM {table}"), ([], [(1,)]), table)
         self.assertEqual(self.query("SELECT id, name, admin, key_sha256 FROM people"), [(1, "me", 1, None)])
@@ -1105,10 +1114,12 @@ class MigrationTests(unittest.TestCase):
         columns = [row[1] for row in self.query("PRAGMA table_info(syncs)")]
         self.assertNotIn("body_blocks", columns)
         before = {table: rows_without_person(self.db, table) for table in hr.TABLES}
+        names = {table: columns_without_person(self.db, table) for table in hr.TABLES if table != "syncs"}
+        names["syncs"] = None  # its added columns are checked below; the samples' are left aside
         store, lines = self.open_store()
         self.assertTrue(any(f"schema version {version + 1}" in line for line in lines), lines)
         self.assertEqual(self.query("PRAGMA user_version"), [(hr.SCHEMA_VERSION,)])
-        after = {table: rows_without_person(self.db, table) for table in hr.TABLES}
+        after = {table: rows_without_person(self.db, table, names[table]) for table in hr.TABLES}
         added = (None,) * (len(hr.SYNCS.columns) - len(columns) - 1)  # and person, 1
         self.assertEqual(after.pop("syncs"), sorted((row + added for row in before.pop("syncs")), key=repr))
         self.assertEqual(self.query("SELECT DISTINCT person FROM syncs"), [(1,)])
@@ -1274,7 +1285,8 @@ class BackupTests(ServerTestCase):
 
     def rows_of(self, path):
         with contextlib.closing(sqlite3.connect(path)) as conn:
-            return {table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in hr.TABLES}
+            return {table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in hr.TABLES
+                    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone()}
 
     def test_a_backup_while_syncs_arrive_holds_whole_syncs_and_verifies(self):
         self.assertEqual(self.post(make_payload(n=3000, tag="Z"))[0], 200)
@@ -1304,7 +1316,8 @@ class BackupTests(ServerTestCase):
         # A prefix of the syncs, each with all its rows: a consistent point.
         self.assertEqual(synced, [row[0] for row in live["syncs"]][:len(synced)])
         for table in ("samples", "workouts", "workout_route_points"):
-            self.assertEqual(copied[table], [row for row in live[table] if row[-1] in synced], table)
+            at = 1 + next(s for s in hr.SECTIONS if s.table == table).column_names.index("sync_id")
+            self.assertEqual(copied[table], [row for row in live[table] if row[at] in synced], table)
         with contextlib.closing(sqlite3.connect(dest)) as conn:
             self.assertEqual(record.rows, sum(hr.table_rows(conn).values()))
             self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "delete")  # one file
@@ -2542,7 +2555,7 @@ class CumulativeMergeTests(StepsTestCase):
 
     def test_sources_first_seen_in_one_sync_are_numbered_by_their_first_sample(self):
         day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
-        for count in (3, hr.FIRST_SAMPLE_SCANS_MAX + 2):  # a reading per source, then one sorted reading
+        for count in (3, 10):
             with self.subTest(count=count):
                 apps = [f"App{count}-{number}" for number in range(count)]
                 # The last app named has the earliest sample; each has a later one too.
@@ -3874,7 +3887,7 @@ class StatusPageTests(PageTestCase):
         # when it is read, after the first rows have gone out.
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
             conn.execute("INSERT INTO samples VALUES (1, 'C-99999', 'HKQuantityTypeIdentifierStepCount', ?, NULL, 1,"
-                         " 'count', CAST(X'FF' AS TEXT), '{}', 1)", (utc_at(2),))
+                         " 'count', CAST(X'FF' AS TEXT), '{}', 1, NULL, NULL)", (utc_at(2),))
             conn.commit()
         answer = self.raw_exchange(b"GET /type/StepCount.csv?range=7d HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:200])
@@ -7053,7 +7066,7 @@ class HouseholdTests(PageTestCase):
         self.assertEqual(hers, dict(mine, sync_id=hers["sync_id"]))  # new to her as to me: nothing a duplicate
         self.assertEqual(mine["duplicates"], 0)
         for section in hr.SECTIONS:
-            if section.name in ("medications", "routes"):  # not in this payload
+            if section.name in ("medications", "routes") or section.name in OTHER_APP_SECTIONS:  # not in this payload
                 continue
             with self.subTest(section=section.name):
                 self.assertEqual(self.query(f"SELECT person, count(*) FROM {section.table} GROUP BY person"),
@@ -7802,7 +7815,7 @@ class OtherToolsTests(StepsTestCase):
     def test_answers_stay_small_with_50000_types(self):
         today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
-            conn.executemany("INSERT INTO samples VALUES (1, ?, ?, ?, ?, 1, 'count', 'Watch', '{}', 1)",
+            conn.executemany("INSERT INTO samples VALUES (1, ?, ?, ?, ?, 1, 'count', 'Watch', '{}', 1, NULL, NULL)",
                              ((f"U-{i}", f"HKQuantityTypeIdentifierType{i}", f"{today}T00:00:00.000Z",
                                f"{today}T00:00:00.000Z") for i in range(50000)))
             conn.execute("INSERT INTO sample_types (person, type, rows, first_date, last_date) SELECT person, type,"
@@ -7813,6 +7826,453 @@ class OtherToolsTests(StepsTestCase):
                 self.assertEqual(status, 200)
                 self.assertLess(len(body if isinstance(body, bytes) else json.dumps(body)), 64 * 1024)
         self.assertEqual(self.get(hr.LATEST_PATH)[2]["more_types"], 50000 - hr.LATEST_TYPES_MAX)
+
+
+# ---------------------------------------------------------------------------
+# The other app: Health Auto Export's REST format on the same endpoint
+# ---------------------------------------------------------------------------
+# Fixtures written from that app's documented format (its envelope, metrics
+# of every shape, both workout versions, the other collections).
+
+def hae_stamp(moment, twelve_hour=False):
+    """A datetime (aware) in that app's form, ``yyyy-MM-dd HH:mm:ss Z`` in
+    its own offset, or its 12-hour form with U+202F before am/pm."""
+    if twelve_hour:
+        hour = moment.hour % 12 or 12
+        return (f"{moment:%Y-%m-%d} {hour}:{moment:%M:%S}\u202f{'am' if moment.hour < 12 else 'pm'} "
+                f"{moment:%z}")
+    return moment.strftime("%Y-%m-%d %H:%M:%S %z")
+
+
+def hae_metric(name, units, points):
+    return {"name": name, "units": units, "data": points}
+
+
+def hae_point(moment, source="Jane\u2019s Apple Watch", **fields):
+    return {"date": hae_stamp(moment), **fields, "source": source}
+
+
+BERLIN = datetime.timezone(datetime.timedelta(hours=1))
+#: 2026-03-10 08:00 in UTC+1: 07:00 UTC.
+HAE_MORNING = datetime.datetime(2026, 3, 10, 8, 0, tzinfo=BERLIN)
+
+
+def hae_workout_v2(workout_id="W-2", start=HAE_MORNING):
+    end = start + datetime.timedelta(minutes=30)
+    return {"id": workout_id, "name": "Outdoor Run", "start": hae_stamp(start), "end": hae_stamp(end),
+            "duration": 1800, "location": "Outdoor", "isIndoor": False,
+            "activeEnergyBurned": {"qty": 1255.2, "units": "kJ"}, "distance": {"qty": 3.1, "units": "mi"},
+            "heartRate": {"min": {"qty": 101, "units": "count/min"}, "avg": {"qty": 142, "units": "count/min"},
+                          "max": {"qty": 171, "units": "count/min"}},
+            "heartRateData": [{"date": hae_stamp(start + datetime.timedelta(minutes=m)), "Min": 120 + m,
+                               "Avg": 130 + m, "Max": 140 + m, "units": "count/min", "source": "Apple Watch"}
+                              for m in range(3)],
+            "stepCount": [{"date": hae_stamp(start + datetime.timedelta(minutes=m)), "qty": 150 + m, "units": "count",
+                           "source": "Apple Watch"} for m in range(2)],
+            "route": [{"latitude": 52.52 + i / 1e4, "longitude": 13.40 + i / 1e4, "altitude": 34.0 + i, "speed": 3.1,
+                       "course": 90.0, "horizontalAccuracy": 3.5, "verticalAccuracy": 2.0,
+                       "timestamp": hae_stamp(start + datetime.timedelta(seconds=5 * i))} for i in range(4)]}
+
+
+def hae_workout_v1(start=HAE_MORNING + datetime.timedelta(hours=3)):
+    return {"name": "Walking", "start": hae_stamp(start), "end": hae_stamp(start + datetime.timedelta(minutes=20)),
+            "duration": 1200, "activeEnergy": {"qty": 90, "units": "kcal"},
+            "elevation": {"ascent": 12, "descent": 11, "units": "m"},
+            "route": [{"lat": 52.5, "lon": 13.4, "altitude": 30, "timestamp": hae_stamp(start)},
+                      {"lat": 52.6, "lon": 13.5, "altitude": 31, "timestamp": hae_stamp(start +
+                                                                                     datetime.timedelta(seconds=5))}]}
+
+
+class OtherAppWalkerTests(unittest.TestCase):
+    """Every shape of that app's metrics, read without a socket."""
+
+    def rows(self, metrics, **data):
+        rows, _payload = walk({"data": {"metrics": metrics, **data}})
+        return rows
+
+    def test_dates_in_that_apps_forms(self):
+        self.assertEqual(hr.utc_date("2026-11-30 08:01:00 +0100"), "2026-11-30T07:01:00.000Z")
+        self.assertEqual(hr.hae_date("2026-11-30 08:01:00 +0100"), "2026-11-30T07:01:00.000Z")
+        self.assertEqual(hr.utc_date("2024-09-21 7:57:00\u202fam +1000"), "2024-09-20T21:57:00.000Z")
+        self.assertEqual(hr.utc_date("2024-09-21 7:57:00 PM +1000"), "2024-09-21T09:57:00.000Z")
+        self.assertEqual(hr.utc_date("2024-09-21 12:05:00\u202fam +0000"), "2024-09-21T00:05:00.000Z")
+        self.assertEqual(hr.utc_date("2024-09-21 12:05:00\u202fpm +0000"), "2024-09-21T12:05:00.000Z")
+        self.assertEqual(hr.hae_date("2024-09-21 05:30:00 +0530"), "2024-09-21T00:00:00.000Z")  # not whole hours
+        self.assertEqual(hr.utc_date("2024-09-21"), "2024-09-21T00:00:00.000Z")
+        for text in ("2024-09-21 13:05:00 pm +0000", "2024-09-21 0:05:00 am +0000", "2024-09-21 25:00:00 +0100"):
+            self.assertIsNone(hr.utc_date(text), text)
+            self.assertIsNone(hr.hae_date(text), text)
+
+    def test_every_metric_name_has_a_type_a_unit_and_a_shape(self):
+        self.assertGreaterEqual(len({metric.type for metric in hr.HAE_METRICS.values()}), 100)
+        for name, metric in hr.HAE_METRICS.items():
+            self.assertTrue(metric.type.startswith(hr.TYPE_PREFIXES), name)
+            self.assertIn(metric.shape, hr.POINT_SHAPES, name)
+            self.assertTrue(metric.unit is None or metric.unit in hr.UNIT_SIZES or metric.unit in (
+                "count", "count/min", "%", "W", "IU", "mmHg"), name)
+
+    def test_quantities_in_the_unit_a_chart_needs_the_sent_one_kept(self):
+        rows = self.rows([hae_metric("active_energy", "kJ", [hae_point(HAE_MORNING, qty=41.84)]),
+                          hae_metric("walking_running_distance", "mi", [hae_point(HAE_MORNING, qty=1)]),
+                          hae_metric("weight_body_mass", "lb", [hae_point(HAE_MORNING, qty=150, source="Scale")]),
+                          hae_metric("step_count", "count", [hae_point(HAE_MORNING, qty=12,
+                                                                       source="iPhone|Apple Watch")]),
+                          hae_metric("body_temperature", "degF", [hae_point(HAE_MORNING, qty=98.6)]),
+                          hae_metric("blood_oxygen_saturation", "%", [hae_point(HAE_MORNING, qty=97)])])
+        by_type = {row[1]: row for row in rows["samples"]}
+        energy = by_type["HKQuantityTypeIdentifierActiveEnergyBurned"]
+        self.assertEqual((energy[2], energy[3], energy[5]), ("2026-03-10T07:00:00.000Z", "2026-03-10T07:00:00.000Z",
+                                                           "kcal"))
+        self.assertAlmostEqual(energy[4], 10.0)
+        self.assertEqual(json.loads(energy[7]), {"name": "active_energy", "units": "kJ",
+                                                 "date": "2026-03-10 08:00:00 +0100", "qty": 41.84,
+                                                 "source": "Jane\u2019s Apple Watch"})
+        self.assertAlmostEqual(by_type["HKQuantityTypeIdentifierDistanceWalkingRunning"][4], 1.609344)
+        self.assertEqual(by_type["HKQuantityTypeIdentifierDistanceWalkingRunning"][5], "km")
+        self.assertAlmostEqual(by_type["HKQuantityTypeIdentifierBodyMass"][4], 68.0388555)
+        self.assertEqual(by_type["HKQuantityTypeIdentifierStepCount"][4:7], (12, "count", "iPhone|Apple Watch"))
+        self.assertAlmostEqual(by_type["HKQuantityTypeIdentifierBodyTemperature"][4], 37.0)
+        self.assertEqual(by_type["HKQuantityTypeIdentifierOxygenSaturation"][4:6], (0.97, "%"))
+        self.assertTrue(all(row[0].startswith(hr.HAE_PREFIX) for row in rows["samples"]))
+        self.assertNotIn("rejected", rows)
+
+    def test_special_shapes_as_columns_a_chart_can_use(self):
+        rows = self.rows([
+            hae_metric("heart_rate", "count/min", [hae_point(HAE_MORNING, Min=58, Avg=71.5, Max=96),
+                                                   hae_point(HAE_MORNING + datetime.timedelta(minutes=1), qty=64)]),
+            hae_metric("blood_pressure", "mmHg", [hae_point(HAE_MORNING, systolic=121, diastolic=79, source="Omron")]),
+            hae_metric("blood_glucose", "mmol/L", [hae_point(HAE_MORNING, qty=5.5, mealTime="Before Meal")]),
+            hae_metric("insulin_delivery", "IU", [hae_point(HAE_MORNING, qty=4, reason="Bolus")]),
+            hae_metric("handwashing", "s", [hae_point(HAE_MORNING, qty=22, value="Complete")]),
+            hae_metric("mindful_minutes", "min", [hae_point(HAE_MORNING, qty=10)]),
+            hae_metric("apple_stand_hour", "count", [hae_point(HAE_MORNING, qty=3)]),
+            hae_metric("sexual_activity", "count", [hae_point(HAE_MORNING, **{"Protection Used": 1})]),
+            hae_metric("a_metric_of_a_later_version", "zz", [hae_point(HAE_MORNING, qty=3)])])
+        samples = rows["samples"]
+
+        def of(short):
+            return [row for row in samples if hr.short_type_name(row[1]) == short]
+
+        (summarised, plain) = of("HeartRate")
+        self.assertEqual((summarised[4], summarised[8], summarised[9]), (71.5, 58, 96))
+        self.assertEqual((plain[4], plain[8], plain[9]), (64, None, None))
+        self.assertEqual([row[4] for row in of("BloodPressureSystolic") + of("BloodPressureDiastolic")], [121, 79])
+        self.assertEqual(of("BloodPressureSystolic")[0][6], "Omron")
+        self.assertAlmostEqual(of("BloodGlucose")[0][4], 99.0858)
+        self.assertEqual(of("BloodGlucose")[0][5], "mg/dL")
+        self.assertIn('"mealTime":"Before Meal"', of("BloodGlucose")[0][7])
+        self.assertIn('"reason":"Bolus"', of("InsulinDelivery")[0][7])
+        self.assertEqual(of("HandwashingEvent")[0][4], "Complete")
+        mindful = of("MindfulSession")[0]
+        self.assertEqual((mindful[2], mindful[3]), ("2026-03-10T07:00:00.000Z", "2026-03-10T07:10:00.000Z"))
+        self.assertEqual([row[4] for row in of("AppleStandHour")], [0, 0, 0])
+        self.assertEqual(len({row[0] for row in of("AppleStandHour")}), 3)
+        self.assertEqual([row[4] for row in of("SexualActivity")], ["Protection Used"])
+        self.assertEqual(of("a_metric_of_a_later_version")[0][4:6], (3, "zz"))
+
+    def test_the_three_sleep_shapes(self):
+        night = datetime.datetime(2026, 3, 9, 23, 0, tzinfo=BERLIN)
+        stages = [{"startDate": hae_stamp(night), "endDate": hae_stamp(night + datetime.timedelta(hours=2)),
+                   "qty": 2, "value": "Core", "source": "Apple Watch"},
+                  {"startDate": hae_stamp(night + datetime.timedelta(hours=2)),
+                   "endDate": hae_stamp(night + datetime.timedelta(hours=3)), "qty": 1, "value": "Deep",
+                   "source": "Apple Watch"}]
+        later = {"date": "2026-03-10", "totalSleep": 7.0, "core": 4.0, "deep": 1.0, "rem": 2.0, "awake": 0.5,
+                 "asleep": 0, "inBed": 7.5, "sleepStart": hae_stamp(night), "sleepEnd": hae_stamp(
+                     night + datetime.timedelta(hours=7.5)), "source": "Apple Watch"}
+        older = {"date": "2026-03-10", "asleep": 6.5, "inBed": 7.0, "sleepStart": hae_stamp(night),
+                 "sleepEnd": hae_stamp(night + datetime.timedelta(hours=7)), "inBedStart": hae_stamp(night),
+                 "inBedEnd": hae_stamp(night + datetime.timedelta(hours=7)), "sleepSource": "Sleep App",
+                 "inBedSource": "Sleep App"}
+        bare = {"date": "2026-03-10", "totalSleep": 6, "asleep": 6, "source": "Ring"}
+        rows = self.rows([hae_metric("sleep_analysis", "hr", stages + [later, older, bare])])["samples"]
+        intervals = [row for row in rows if row[0].startswith(hr.HAE_PREFIX)]
+        self.assertEqual([(row[2], row[3], row[4]) for row in intervals],
+                         [("2026-03-09T22:00:00.000Z", "2026-03-10T00:00:00.000Z", "Core"),
+                          ("2026-03-10T00:00:00.000Z", "2026-03-10T01:00:00.000Z", "Deep")])
+        totals = {(row[6], row[4]): (row[2], row[3]) for row in rows if row[0].startswith(hr.HAE_NIGHT_PREFIX)}
+        self.assertEqual(totals, {
+            ("Apple Watch", "Core"): ("2026-03-09T22:00:00.000Z", "2026-03-10T02:00:00.000Z"),
+            ("Apple Watch", "Deep"): ("2026-03-09T22:00:00.000Z", "2026-03-09T23:00:00.000Z"),
+            ("Apple Watch", "REM"): ("2026-03-09T22:00:00.000Z", "2026-03-10T00:00:00.000Z"),
+            ("Apple Watch", "Awake"): ("2026-03-09T22:00:00.000Z", "2026-03-09T22:30:00.000Z"),
+            ("Apple Watch", "In Bed"): ("2026-03-09T22:00:00.000Z", "2026-03-10T05:30:00.000Z"),
+            ("Sleep App", "Asleep"): ("2026-03-09T22:00:00.000Z", "2026-03-10T04:30:00.000Z"),
+            ("Sleep App", "In Bed"): ("2026-03-09T22:00:00.000Z", "2026-03-10T05:00:00.000Z"),
+            ("Ring", "Asleep"): ("2026-03-10T00:00:00.000Z", "2026-03-10T06:00:00.000Z")})  # the date's midnight UTC
+
+    def test_keys_in_any_order_the_points_wait_in_a_file_and_give_the_same_rows(self):
+        # More than a MiB of points: they wait in a file, not in memory.
+        points = [hae_point(HAE_MORNING + datetime.timedelta(minutes=m), qty=m) for m in range(15000)]
+        first = self.rows([hae_metric("step_count", "count", points)])["samples"]
+        later = self.rows([{"data": points, "units": "count", "name": "step_count"}])["samples"]
+        self.assertEqual(len(first), 15000)
+        self.assertGreater(sum(len(json.dumps(point)) for point in points), hr.MIB)
+        self.assertEqual(later, [(row[:7] + ('{"units":"count","name":"step_count",' + row[7][37:],) + row[8:])
+                                 for row in first])
+        workout = hae_workout_v2()
+        reordered = dict(reversed(list(workout.items())))  # route, series before the id
+        self.assertEqual(walk({"data": {"workouts": [workout]}})[0]["routes"],
+                         walk({"data": {"workouts": [reordered]}})[0]["routes"])
+
+    def test_what_cannot_be_read_is_kept_with_the_reason(self):
+        rows = self.rows([{"units": "count", "data": [hae_point(HAE_MORNING, qty=1)]},
+                          hae_metric("step_count", "count", [{"date": "yesterday", "qty": 1}, 7]),
+                          "not a metric"],
+                         workouts=[{"name": "Run", "start": "soon", "route": [{"lat": 1, "lon": 2}]}])
+        self.assertNotIn("samples", rows)
+        reasons = sorted((where, reason) for where, reason, _record in rows["rejected"])
+        self.assertEqual(reasons, [
+            ("metrics", "element is a string, not an object"),
+            ("metrics.data", "not read: metric's name is null, not a non-empty string"),
+            ("step_count", "date is 'yesterday', not a date"),
+            ("step_count", "element is a number, not an object"),
+            ("workouts", "start missing or not a date"),
+            ("workouts.route", "not read: start missing or not a date")])
+
+
+class OtherAppTests(StepsTestCase):
+    """That app's syncs through the real endpoint: stored as the first
+    app's, counted once, shown on the same pages."""
+
+    max_body = 8 * hr.MIB
+
+    def today_at(self, hour, minute=0):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return datetime.datetime(now.year, now.month, now.day, hour, minute, tzinfo=datetime.timezone.utc) \
+            - datetime.timedelta(days=1)
+
+    def mixed_body(self):
+        """A body of both apps: that app's metrics and collections beside
+        the first app's samples, workouts and medications."""
+        at = self.today_at(9).astimezone(BERLIN)
+        return {"exportDate": hr.utc_now(), "data": {
+            "HKQuantityTypeIdentifierStepCount": [span("U-1", f"{at.date()}T06:00:00Z", f"{at.date()}T06:10:00Z",
+                                                       500, "count", source="Jane's iPhone")],
+            "metrics": [
+                hae_metric("step_count", "count", [hae_point(at + datetime.timedelta(minutes=m), qty=100)
+                                                   for m in range(3)]),
+                hae_metric("heart_rate", "count/min", [hae_point(at, Min=60, Avg=70, Max=90)]),
+                hae_metric("active_energy", "kJ", [hae_point(at, qty=418.4)]),
+                hae_metric("blood_pressure", "mmHg", [hae_point(at, systolic=120, diastolic=80, source="Omron")])],
+            "workouts": [hae_workout_v2(start=at), hae_workout_v1(start=at + datetime.timedelta(hours=2)),
+                         {"uuid": "P-W", "workoutActivityType": "cycling", "startDate": f"{at.date()}T05:00:00Z",
+                          "endDate": f"{at.date()}T05:30:00Z", "durationSeconds": 1800}],
+            "medications": [{"conceptIdentifier": "rx-1", "displayText": "Lisinopril", "hasSchedule": True},
+                            {"displayText": "Aspirin", "form": "tablet", "start": hae_stamp(at),
+                             "scheduledDate": hae_stamp(at), "status": "Taken", "dosage": "100 mg",
+                             "codings": [{"system": "rxnorm", "code": "1191"}]}],
+            "stateOfMind": [{"id": "S-1", "start": hae_stamp(at), "end": hae_stamp(at), "kind": "momentaryEmotion",
+                             "valence": 0.6, "valenceClassification": "pleasant", "labels": ["calm"],
+                             "associations": ["family"]}],
+            "symptoms": [{"name": "Headache", "severity": "mild", "start": hae_stamp(at),
+                          "end": hae_stamp(at + datetime.timedelta(hours=1)), "userEntered": True, "source": "Health"}],
+            "cycleTracking": [{"name": "Menstrual Flow", "value": "light", "start": hae_stamp(at),
+                               "end": hae_stamp(at), "source": "Health"}],
+            "ecg": [{"start": hae_stamp(at), "end": hae_stamp(at + datetime.timedelta(seconds=30)),
+                     "classification": "Sinus Rhythm", "severity": "none", "averageHeartRate": 64,
+                     "numberOfVoltageMeasurements": 3, "samplingFrequency": 512,
+                     "voltageMeasurements": [{"date": hae_stamp(at), "voltage": v, "units": "\u00b5V"}
+                                             for v in (-12.5, 200.25, 31.0)], "source": "Apple Watch"}],
+            "heartRateNotifications": [{"start": hae_stamp(at), "end": hae_stamp(at + datetime.timedelta(minutes=10)),
+                                        "threshold": 120, "heartRate": [{"hr": 125, "units": "count/min",
+                                                                         "timestamp": {"start": hae_stamp(at)}}]}]}}
+
+    def test_a_small_sample_of_three_metrics_and_a_workout_is_stored_not_rejected(self):
+        at = self.today_at(7).astimezone(BERLIN)
+        status, _, answer = self.post({"data": {"metrics": [
+            hae_metric("step_count", "count", [hae_point(at, qty=1200)]),
+            hae_metric("heart_rate", "count/min", [hae_point(at, Min=61, Avg=70, Max=88)]),
+            hae_metric("weight_body_mass", "kg", [hae_point(at, qty=70.2, source="Scale")])],
+            "workouts": [hae_workout_v2(start=at)]}})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual((answer["ok"], answer["count"], answer["rejected"], answer["duplicates"]), (True, 4, 0, 0))
+        self.assertEqual(self.count("rejected"), 0)
+        self.assertEqual(self.count("samples"), 3)
+        self.assertEqual(self.count("workouts"), 1)
+
+    def test_a_body_mixing_both_apps_is_stored_in_every_table_and_a_resend_is_all_duplicates(self):
+        body = self.mixed_body()
+        status, _, answer = self.post(body)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(answer["rejected"], 0)
+        self.assertEqual(self.query("SELECT reason, record FROM rejected"), [])
+        counts = self.counts()
+        self.assertEqual({table: counts[table] for table in (
+            "samples", "workouts", "workout_route_points", "workout_series", "medications", "medication_dose_events",
+            "states_of_mind", "symptoms", "cycle_tracking", "ecg_recordings", "ecg_voltages",
+            "heart_rate_notifications")}, {
+            "samples": 1 + 3 + 1 + 1 + 2, "workouts": 3, "workout_route_points": 4 + 2, "workout_series": 3 + 2,
+            "medications": 2, "medication_dose_events": 1, "states_of_mind": 1, "symptoms": 1, "cycle_tracking": 1,
+            "ecg_recordings": 1, "ecg_voltages": 3, "heart_rate_notifications": 1})
+        self.assertEqual(self.query("SELECT activity_type, duration_seconds FROM workouts ORDER BY start_date"),
+                         [("cycling", 1800), ("running", 1800), ("walking", 1200)])
+        self.assertEqual(self.query("SELECT series, value, low, high FROM workout_series WHERE series = "
+                                    "'heartRateData' ORDER BY date"), [("heartRateData", 130 + m, 120 + m, 140 + m)
+                                                                       for m in range(3)])
+        self.assertEqual(self.query("SELECT number, voltage, unit FROM ecg_voltages ORDER BY number"),
+                         [(1, -12.5, "\u00b5V"), (2, 200.25, "\u00b5V"), (3, 31.0, "\u00b5V")])
+        self.assertEqual(self.query("SELECT classification, average_heart_rate FROM ecg_recordings"),
+                         [("Sinus Rhythm", 64.0)])
+        self.assertEqual(self.query("SELECT medication, log_status FROM medication_dose_events"),
+                         [("Aspirin", "taken")])
+        self.assertEqual(sorted(self.query("SELECT key, display_text FROM medications")),
+                         [("Aspirin", "Aspirin"), ("rx-1", "Lisinopril")])
+        self.assertEqual(self.query("SELECT type, value, low, high, unit FROM samples WHERE type LIKE '%HeartRate'"),
+                         [("HKQuantityTypeIdentifierHeartRate", 70, 60.0, 90.0, "count/min")])
+        status, _, again = self.post(body)
+        self.assertEqual(status, 200, again)
+        self.assertEqual((again["count"], again["duplicates"], sum(again["inserted"].values())),
+                         (answer["count"], answer["count"], 0))
+        self.assertEqual(self.counts(), dict(counts, syncs=2))
+
+    def test_a_point_sent_again_with_a_new_value_replaces_the_old_one_counted_once(self):
+        at = self.today_at(10).astimezone(BERLIN)
+        minute = [hae_point(at, qty=40, source="iPhone|Apple Watch")]
+        self.assertEqual(self.post({"data": {"metrics": [hae_metric("step_count", "count", minute)]}})[0], 200)
+        self.assertEqual(self.day_totals()[str(at.date())], 40)
+        minute[0]["qty"] = 65  # the minute grew: the app summarised it again
+        status, _, answer = self.post({"data": {"metrics": [hae_metric("step_count", "count", minute)]}})
+        self.assertEqual((status, answer["inserted"]["measurements"], answer["duplicates"]), (200, 1, 0))
+        self.assertEqual(self.query("SELECT value, source_name FROM samples"), [(65, "iPhone|Apple Watch")])
+        self.assertEqual(self.day_totals()[str(at.date())], 65)
+        self.assertEqual(self.query("SELECT source FROM sample_sources"), [("iPhone|Apple Watch",)])
+
+    def test_the_pages_series_and_metrics_show_that_apps_data_like_the_first_apps(self):
+        at = self.today_at(8)
+        day = str(at.date())
+        # The same walk as both apps would send it: steps a Watch counted.
+        first = {"data": {"HKQuantityTypeIdentifierStepCount": [span(
+            f"P-{m}", (at + datetime.timedelta(minutes=m)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            (at + datetime.timedelta(minutes=m, seconds=59)).strftime("%Y-%m-%dT%H:%M:%SZ"), 100 + m, "count",
+            source="Apple Watch") for m in range(5)]}}
+        self.assertEqual(self.post(first)[0], 200)
+        totals = self.day_totals()
+        self.tearDown()
+        self.setUp()
+        other = {"data": {"metrics": [hae_metric("step_count", "count", [
+            hae_point((at + datetime.timedelta(minutes=m)).astimezone(BERLIN), qty=100 + m, source="Apple Watch")
+            for m in range(5)])]}}
+        self.assertEqual(self.post(other)[0], 200)
+        self.assertEqual(self.day_totals(), totals)
+        self.assertEqual(totals[day], 510)
+        status, _, points = self.request("GET", f"{hr.SERIES_PATH}?type=StepCount&from={day}&to={day}&grain=day")
+        self.assertEqual((status, [point["value"] for point in points]), (200, [510]))
+        self.assertEqual(self.post({"data": {"metrics": [hae_metric("heart_rate", "count/min", [
+            hae_point(at.astimezone(BERLIN), Min=55, Avg=66, Max=99)])]}})[0], 200)
+        for stat, expected in (("min", 55), ("max", 99), (None, 66)):
+            path = f"{hr.SERIES_PATH}?type=HeartRate&from={day}&to={day}&grain=day" + (f"&stat={stat}" if stat else "")
+            status, _, points = self.request("GET", path)
+            self.assertEqual((status, [point["value"] for point in points]), (200, [expected]), stat)
+        page = self.page("/type/StepCount?range=7d")
+        self.assertIn("510", page.replace(",", ""))
+        status, _, body = self.request("GET", hr.METRICS_PATH)
+        self.assertEqual(status, 200)
+        self.assertIn('type="HeartRate"', body.decode())
+
+    def test_a_nights_totals_count_once_and_a_grown_night_replaces_the_first(self):
+        night = self.today_at(0) - datetime.timedelta(hours=1)
+        wake = str((night + datetime.timedelta(hours=12)).date())
+
+        def body(core):
+            return {"data": {"metrics": [hae_metric("sleep_analysis", "hr", [{
+                "date": wake, "totalSleep": core + 3, "core": core, "deep": 1, "rem": 2, "awake": 0.5, "asleep": 0,
+                "inBed": core + 4, "sleepStart": hae_stamp(night), "sleepEnd": hae_stamp(night), "source": "Watch"}])]}}
+
+        self.assertEqual(self.post(body(2))[0], 200)
+        self.assertEqual(self.post(body(4))[0], 200)  # the night went on: sent again, grown
+        self.assertEqual(self.count("samples"), 5)
+        facts = self.summary("7d")
+        sleep = self.chart(facts, "SleepAnalysis")
+        asleep = [point for point in sleep["points"] if point[0][:10] == wake]
+        self.assertEqual(len(asleep), 1)
+        self.assertAlmostEqual(asleep[0][1], 7.0)  # 4 core + 1 deep + 2 REM, once
+
+    def test_the_other_collections_are_shown_where_a_person_looks_for_them(self):
+        self.assertEqual(self.post(self.mixed_body())[0], 200)
+        facts = self.summary("7d")
+        self.assertEqual(sorted(entry["title"] for entry in facts["journal"]),
+                         ["Cycle tracking", "ECG", "Heart rate notification", "State of mind", "Symptom"])
+        page = self.page("/?range=7d")
+        for words in ("Journal", "Sinus Rhythm", "average heart rate 64", "Headache", "mild", "pleasant"):
+            self.assertIn(words, page)
+        run = next(workout for workout in facts["workouts"] if workout["activity_type"] == "running")
+        walk_ = next(workout for workout in facts["workouts"] if workout["activity_type"] == "walking")
+        self.assertIn("Heart rate", self.page(f"/workout/{run['uuid']}"))
+        page = self.page(f"/workout/{quote(walk_['uuid'], safe='')}")
+        self.assertIn("2 points", page)
+        self.assertAlmostEqual(run["distance_m"], 3.1 * 1609.344)
+        self.assertAlmostEqual(run["energy_kcal"], 1255.2 / 4.184)
+        self.assertEqual(run["route_points"], 4)
+        fields = self.page(hr.FIELDS_PATH)
+        for field in ("valenceClassification", "classification", "severity", "qty", "units", "Avg", "systolic"):
+            self.assertIn(field, fields)
+
+    def test_an_ndjson_export_of_that_apps_rows_is_imported_again_as_they_are(self):
+        self.assertEqual(self.post(self.mixed_body())[0], 200)
+        folder = os.path.join(self.tmp.name, "export")
+        os.mkdir(folder)
+        for section in hr.SECTIONS:
+            code, _, err = run_main("export", "--db", self.db, "--section", section.name, "--format", "ndjson",
+                                    "--output", os.path.join(folder, section.name + ".ndjson"))
+            self.assertEqual(code, 0, err)
+        fresh = os.path.join(self.tmp.name, "fresh.db")
+        code, out, err = run_main("import", "--db", fresh, folder)
+        self.assertEqual(code, 0, err)
+        for section in hr.SECTIONS:
+            if section.shape == "nested":  # a workout's series and an ECG's measurements are not read again
+                continue
+            columns = ", ".join(name for name in section.column_names if name not in section.sync_columns)
+            with self.subTest(section=section.name), contextlib.closing(sqlite3.connect(self.db)) as old, \
+                    contextlib.closing(sqlite3.connect(fresh)) as new:
+                sql = f"SELECT {columns} FROM {section.table} ORDER BY 1, 2"
+                self.assertEqual(new.execute(sql).fetchall(), old.execute(sql).fetchall())
+
+    def test_the_same_point_twice_in_one_body_is_one_sample_the_later_value(self):
+        at = self.today_at(11).astimezone(BERLIN)
+        points = [hae_point(at, qty=10), hae_point(at + datetime.timedelta(minutes=1), qty=5), hae_point(at, qty=20)]
+        status, _, answer = self.post({"data": {"metrics": [hae_metric("step_count", "count", points)]}})
+        self.assertEqual((status, answer["count"]), (200, 3))
+        self.assertEqual(self.query("SELECT value FROM samples ORDER BY start_date"), [(20,), (5,)])
+        self.assertEqual(self.day_totals()[str(at.date())], 25)
+        self.assertEqual(self.query("SELECT rows FROM sample_types"), [(2,)])
+    def test_a_workout_without_heart_rate_samples_shows_its_own_series(self):
+        at = self.today_at(6).astimezone(BERLIN)
+        self.assertEqual(self.post({"data": {"workouts": [hae_workout_v2("W-alone", start=at)]}})[0], 200)
+        page = self.page("/workout/W-alone")
+        self.assertIn("3 samples", page)
+        self.assertIn("4 points", page)
+
+
+
+class OtherAppStreamingTests(unittest.TestCase):
+    """The big arrays inside that app's elements are read an element at a
+    time: with a reader that decodes no value over 64 KiB, arrays of
+    several hundred KiB inside a metric, a workout and an ECG are stored
+    whole, nothing kept aside as too large."""
+
+    def test_arrays_at_any_depth_are_read_an_element_at_a_time(self):
+        start = HAE_MORNING
+        points = [hae_point(start + datetime.timedelta(minutes=m), qty=m % 90) for m in range(6000)]
+        workout = hae_workout_v2()
+        workout["route"] = [{"latitude": 52.5, "longitude": 13.4, "altitude": 30.0, "speed": 3.0,
+                             "timestamp": hae_stamp(start + datetime.timedelta(seconds=i))} for i in range(5000)]
+        ecg = {"start": hae_stamp(start), "classification": "Sinus Rhythm",
+               "voltageMeasurements": [{"date": hae_stamp(start), "voltage": i / 7, "units": "\u00b5V"}
+                                       for i in range(15000)], "source": "Apple Watch"}
+        body = encode({"data": {"metrics": [hae_metric("heart_rate", "count/min", points)], "workouts": [workout],
+                                "ecg": [ecg]}})
+        for name, array in (("data", points), ("route", workout["route"]),
+                            ("voltageMeasurements", ecg["voltageMeasurements"])):
+            self.assertGreater(len(json.dumps(array)), 4 * 64 * 1024, name)
+        payload = hr.Payload([body[i:i + 4096] for i in range(0, len(body), 4096)], value_max=64 * 1024)
+        rows = {}
+        for section, batch in payload.batches():
+            rows.setdefault(section.name if section else "rejected", []).extend(batch)
+        self.assertNotIn("rejected", rows)
+        self.assertEqual({name: len(batch) for name, batch in rows.items()},
+                         {"samples": 6000, "workouts": 1, "routes": 5000, "series": 5, "ecg": 1, "voltages": 15000})
+        self.assertEqual([row[1] for row in rows["voltages"][:3]], [1, 2, 3])
 
 
 if __name__ == "__main__":
