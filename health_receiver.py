@@ -9745,6 +9745,8 @@ class GapWatch(Worker):
                 self.check()
             except (StorageUnavailable, sqlite3.Error) as exc:
                 self.log(f"gaps not checked: {exc}", True)
+            except Exception:  # a bug: said with its traceback, and the next look tried all the same
+                self.log("gaps not checked: " + traceback.format_exc().replace("\n", " | "), True)
 
     def current(self, now):
         """{person: {gap key: Gap}} of everyone, as of ``now``."""
@@ -9762,11 +9764,16 @@ class GapWatch(Worker):
 
     def _check(self):
         now = self.clock()
-        told = json.loads(self.store.setting(self.SETTING) or "{}")
+        try:
+            told = json.loads(self.store.setting(self.SETTING) or "{}")
+        except ValueError:  # not what this receiver wrote: told again, rather than never
+            told = {}
+        told = told if told.__class__ is dict else {}
         current = self.current(now)
         stamp = _canonical(now)
         for person, gaps in current.items():
-            before = told.get(person, {})
+            before = told.get(person)
+            before = before if before.__class__ is dict else {}
             for key, gap in gaps.items():
                 if key not in before:
                     self.notifier.send(Notice("gap_opened", f"{person}: {gap.message}", _gap_text(gap), stamp,
