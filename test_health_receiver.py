@@ -1612,6 +1612,12 @@ class ScheduledBackupTests(ServerTestCase):
         os.mkdir(self.folder)
         return {"backup_dir": self.folder, "backup_every": 0.3, "backup_keep": 2}
 
+    def remove_folder(self):
+        """Remove the backup folder while backups run: one may be writing
+        into it, so what vanishes under rmtree is no error, and it is
+        removed until it is gone."""
+        wait_until(lambda: shutil.rmtree(self.folder, ignore_errors=True) or not os.path.exists(self.folder))
+
     def test_where_the_database_and_its_backups_are_is_shown_to_an_admin_only(self):
         self.store.add_people(["ann"], [ANN_KEY])
         self.assertEqual(self.post(make_payload(), bearer(ANN_KEY))[0], 200)
@@ -1631,7 +1637,7 @@ class ScheduledBackupTests(ServerTestCase):
 
     def test_a_failed_backups_paths_and_a_damaged_databases_are_shown_to_an_admin_only(self):
         self.store.add_people(["ann"], [ANN_KEY])
-        shutil.rmtree(self.folder)
+        self.remove_folder()
         wait_until(lambda: self.request("GET")[2]["backup"]["failed"])
         mine, hers = self.request("GET")[2]["backup"], self.request("GET", headers=bearer(ANN_KEY))[2]["backup"]
         self.assertIn(self.tmp.name, mine["warning"])
@@ -1668,7 +1674,7 @@ class ScheduledBackupTests(ServerTestCase):
         self.assertIn("Backups: last backup", page)
         self.assertEqual(self.request("GET", hr.SUMMARY_PATH)[2]["backup"]["keep"], 2)
         # The folder gone: the failure is logged and shown.
-        shutil.rmtree(self.folder)
+        self.remove_folder()
         wait_until(lambda: self.request("GET")[2]["backup"]["warning"] is not None)
         self.assertIn("the last backup failed", self.request("GET")[2]["backup"]["warning"])
         self.assertIn('class="note">Backups: the last backup failed', self.request("GET", "/")[2].decode())
