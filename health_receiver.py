@@ -3469,18 +3469,21 @@ def _milliseconds_sql(column):
     return f"CAST(round((julianday({column}) - 2440587.5) * 86400000) AS INTEGER)"
 
 
-#: A person's cumulative samples with a finite number that count in [:low,
-#: :high) (milliseconds, and their canonical texts :low_text and
-#: :high_text): those starting there, and those starting up to :back
-#: before that last into it.  One range of the samples' key; records are
-#: read only where they may say "entered by hand".
-_MERGE_SAMPLES_SQL = (
+#: A person's samples of a type that count in [:low, :high) (their
+#: canonical texts :low_text and :high_text): those starting there, and
+#: those starting from :back_text on that last into it, as (start ms, end
+#: ms or None, value, source, the record where it may say "entered by
+#: hand"{more}).  One range of the samples' key.
+_MERGED_SAMPLES_SQL = (
     f"SELECT {_milliseconds_sql('start_date')}, CASE WHEN end_date IS NOT NULL THEN"
     f" {_milliseconds_sql('end_date')} END, value, CAST(coalesce(source_name, '') AS TEXT),"
-    f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END"
+    f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END{{more}}"
     f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
     " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)"
-    f" AND {_NUMERIC} AND abs(value) <= 1.7976931348623157e308")
+    "{where}")
+#: Of a cumulative type: those with a finite number.
+_MERGE_SAMPLES_SQL = _MERGED_SAMPLES_SQL.format(
+    more="", where=f" AND {_NUMERIC} AND abs(value) <= 1.7976931348623157e308")
 #: Per half-hour from :low to :high and source: the samples that start
 #: there, and their numbers' count, least and greatest.
 _MERGE_BEGUN_SQL = (
@@ -3592,16 +3595,10 @@ def sleep_source_parts(kept):
 #: Sleep stages whose time a source's samples count once together (one
 #: moment asleep is asleep once, whatever stages overlap there).
 _SLEEP_GROUPS = {stage: "asleep" for stage in ASLEEP_STAGES}
-#: A person's sleep samples that start in [:low, :high), and those starting
-#: up to :back before that last into it (they cover what later ones repeat).
-_SLEEP_MERGE_SQL = (
-    f"SELECT {_milliseconds_sql('start_date')}, CASE WHEN end_date IS NOT NULL THEN"
-    f" {_milliseconds_sql('end_date')} END, value, CAST(coalesce(source_name, '') AS TEXT),"
-    f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END,"
-    f" substr(uuid, 1, {len(HAE_NIGHT_PREFIX)}) = '{HAE_NIGHT_PREFIX}'"
-    f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
-    " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)"
-    " ORDER BY start_date")
+#: Of sleep: every one (those before cover what later ones repeat), in
+#: order of start, and whether it is a night's total (HAE_NIGHT_PREFIX).
+_SLEEP_MERGE_SQL = _MERGED_SAMPLES_SQL.format(
+    more=f", substr(uuid, 1, {len(HAE_NIGHT_PREFIX)}) = '{HAE_NIGHT_PREFIX}'", where=" ORDER BY start_date")
 
 
 def _category_text(value):
