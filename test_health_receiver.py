@@ -2536,6 +2536,45 @@ class CumulativeMergeTests(StepsTestCase):
         self.assertEqual([total for _hour, total in found], [float(n + 1) for n in range(hours)])
         self.assertEqual(self.query("SELECT count(*) FROM sample_hours_pending"), [(0,)])
 
+    def test_one_sources_samples_count_in_each_half_hour_as_a_second_by_second_count_says(self):
+        # One source, nothing entered by hand: nothing hides anything, and
+        # each sample counts in each half-hour its share of its seconds.
+        # Seeded shapes: within a half-hour, across half-hours and days,
+        # without a duration (whole at its start), longer than a week
+        # (whole at its start), and before 1970.
+        rng = random.Random(20261207)
+        base = datetime.datetime(2026, 3, 1, tzinfo=datetime.timezone.utc)
+        samples = []
+        for number in range(300):
+            start = base + datetime.timedelta(seconds=rng.randrange(3 * 86400))
+            length = rng.choice([0, 30, 60, 600, 1800, 3 * 3600, 8 * 86400, rng.randrange(1, 7200)])
+            samples.append((start, start + datetime.timedelta(seconds=length), rng.randrange(1, 500)))
+        early = datetime.datetime(1969, 12, 31, 23, 50, tzinfo=datetime.timezone.utc)
+        samples += [(early, early + datetime.timedelta(minutes=20), 120), (early, early, 7),
+                    (base, base + datetime.timedelta(days=2), 4800)]
+
+        def text(moment):
+            return moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+        def half_hour(moment):
+            return moment.strftime("%Y-%m-%dT%H") + (":30" if moment.minute >= 30 else "")
+
+        expected = collections.defaultdict(float)
+        for start, end, value in samples:
+            seconds = int((end - start).total_seconds())
+            if seconds == 0 or seconds > 7 * 86400:
+                expected[half_hour(start)] += value
+                continue
+            for second in range(seconds):
+                expected[half_hour(start + datetime.timedelta(seconds=second))] += value / seconds
+        body = [span(f"S{number}", text(start), text(end), value, "count", source="Jane's Apple Watch")
+                for number, (start, end, value) in enumerate(samples)]
+        self.assertEqual(self.post({"data": {"HKQuantityTypeIdentifierStepCount": body}})[0], 200)
+        found = dict(self.query("SELECT hour, total FROM sample_hours WHERE total != 0"))
+        self.assertEqual(sorted(found), sorted(hour for hour, total in expected.items() if total))
+        for hour, total in expected.items():
+            self.assertAlmostEqual(found.get(hour, 0.0), total, places=6, msg=hour)
+
     def test_a_long_sample_is_split_over_its_hours_and_hides_a_lower_source_under_it(self):
         day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
         hours = 3600
