@@ -7012,6 +7012,51 @@ class TestFileShapeTests(unittest.TestCase):
         self.assertEqual(ast.dump(last.test), ast.dump(ast.parse('__name__ == "__main__"').body[0].value))
 
 
+class RunAsScriptTests(unittest.TestCase):
+    """``python3 health_receiver.py`` runs the module imported, in the same
+    process: its arguments, name, exit status and output are the script's."""
+
+    def run_script(self, *argv, cwd=None):
+        return subprocess.run([sys.executable, hr.__file__, *argv], capture_output=True, text=True, timeout=60,
+                              cwd=cwd)
+
+    def test_the_scripts_name_arguments_status_and_output_pass_through(self):
+        with tempfile.TemporaryDirectory() as folder:
+            db = os.path.join(folder, "health.db")
+            done = self.run_script("stats", "--db", db)
+            self.assertEqual((done.returncode, done.stdout, done.stderr), (1, "", f"error: no database at {db}\n"))
+            usage = self.run_script("stats", "--help", cwd=folder)
+            self.assertEqual(usage.returncode, 0)
+            self.assertTrue(usage.stdout.startswith("usage: health_receiver.py stats "), usage.stdout[:80])
+            copy = os.path.join(folder, "receiver copy.py")  # any name, any folder
+            shutil.copy(hr.__file__, copy)
+            wrong = subprocess.run([sys.executable, copy, "--port", "x"], capture_output=True, text=True, timeout=60)
+            self.assertEqual(wrong.returncode, 2)
+            self.assertIn("error: argument --port: invalid int value: 'x'", wrong.stderr)
+
+    @unittest.skipUnless(os.path.exists(f"/proc/{os.getpid()}/cmdline"), "needs /proc")
+    def test_the_served_process_is_the_one_started_and_runs_the_module_imported(self):
+        # A service manager's process id stays the receiver's.
+        with tempfile.TemporaryDirectory() as folder:
+            proc = subprocess.Popen([sys.executable, hr.__file__, "--host", "127.0.0.1", "--port", "0", "--db",
+                                     os.path.join(folder, "h.db"), "--no-auth"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            try:
+                for line in proc.stdout:
+                    if "Server URL" in line or "listening" in line.lower():
+                        break
+                with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+                    argv = cmdline.read().split(b"\0")
+                self.assertIn(b"-c", argv)
+                self.assertIn(b"spec_from_file_location", b" ".join(argv))
+                self.assertEqual(argv[-8:], [b"--host", b"127.0.0.1", b"--port", b"0", b"--db",
+                                             os.path.join(folder, "h.db").encode(), b"--no-auth", b""])
+            finally:
+                proc.terminate()
+                proc.wait(30)
+                proc.stdout.close()
+
+
 class CommandShapeTests(unittest.TestCase):
     """Every command: 0 done, 1 failed, 2 usage."""
 
@@ -8171,6 +8216,23 @@ class OtherAppTests(StepsTestCase):
         self.assertEqual((again["count"], again["duplicates"], sum(again["inserted"].values())),
                          (answer["count"], answer["count"], 0))
         self.assertEqual(self.counts(), dict(counts, syncs=2))
+
+    def test_a_byte_identical_resend_without_an_export_date_is_answered_from_its_record(self):
+        # That app sends no exportDate: a retry is found by its length, and
+        # its digest decides.  A body as long that differs is read.
+        at = self.today_at(8).astimezone(BERLIN)
+        body = encode({"data": {"metrics": [hae_metric("step_count", "count", [
+            hae_point(at + datetime.timedelta(minutes=m), qty=100 + m) for m in range(50)])]}})
+        status, _, first = self.post(body)
+        self.assertEqual((status, first["count"], first["duplicates"]), (200, 50, 0))
+        changed = body.replace(b'"qty": 149', b'"qty": 148')
+        self.assertEqual((len(changed), changed == body), (len(body), False))
+        for sent in (body, changed, changed):
+            self.assertEqual(self.post(sent)[0], 200)
+        self.assertEqual(self.query("SELECT same_body_as, received, inserted, duplicates FROM syncs ORDER BY id"),
+                         [(None, 50, 50, 0), (first["sync_id"], 50, 0, 50), (None, 50, 1, 49), (3, 50, 0, 50)])
+        self.assertEqual(self.query("SELECT value FROM samples WHERE type LIKE '%StepCount' ORDER BY start_date"
+                                    " DESC LIMIT 1"), [(148,)])
 
     def test_a_point_sent_again_with_a_new_value_replaces_the_old_one_counted_once(self):
         at = self.today_at(10).astimezone(BERLIN)
