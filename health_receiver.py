@@ -10829,8 +10829,8 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def parse_request(self):
         """The standard library's parsing, stricter where a proxy in front
         could read the request otherwise: no HTTP/0.9 (no headers, no
-        status line), lines that end in CRLF and hold no NUL, exactly one
-        Host in HTTP/1.1, and no Expect but 100-continue."""
+        status line), lines that end in CRLF and hold no other CR and no
+        NUL, exactly one Host in HTTP/1.1, and no Expect but 100-continue."""
         if len(self.raw_requestline.split()) == 2:
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported; send HTTP/1.1.")
             return False
@@ -10842,8 +10842,12 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
             lines, self.rfile = [self.raw_requestline] + self.rfile.lines, real
             if isinstance(self.connection, socket.socket):
                 self.connection.settimeout(self.timeout)
-        if any(not line.endswith(b"\r\n") or b"\0" in line for line in lines):
-            self.send_error(HTTPStatus.BAD_REQUEST, "Malformed request: a line that does not end in CRLF, or a NUL.")
+        # A CR inside a line (a key pasted from a file of CRLF lines ends
+        # in one) would end the headers there for the standard library's
+        # parser, and a POST would lose its Content-Length: RFC 9112 2.2.
+        if any(not line.endswith(b"\r\n") or b"\0" in line or b"\r" in line[:-2] for line in lines):
+            self.send_error(HTTPStatus.BAD_REQUEST, "Malformed request: a line that does not end in CRLF, a CR "
+                                                    "inside a line, or a NUL.")
             return False
         major, minor = map(int, self.request_version[len("HTTP/"):].split("."))  # checked by the standard library
         if (major, minor) >= (1, 1) and len(self.headers.get_all("Host") or ()) != 1:
@@ -12431,7 +12435,9 @@ def _people_add(store, args, out):
         raise
     if args.many is not None:
         with target or contextlib.nullcontext(out) as written:
-            writer = csv.writer(written)
+            # Lines end in LF: a key copied from a CRLF line would take its
+            # CR along into the app's header.
+            writer = csv.writer(written, lineterminator="\n")
             writer.writerow(("name", "key"))
             writer.writerows(zip(names, keys))
         where = f"in {args.output} (readable only by you; delete it once they are handed out)" if args.output \

@@ -5595,7 +5595,11 @@ class StrictRequestTests(ServerTestCase):
                  b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n": "exactly one Host",
                  b"GET / HTTP/1.1\r\nHost: 127.0.0.1\nX-A: 1\r\n\r\n": "CRLF",
                  b"GET / HTTP/1.1\nHost: 127.0.0.1\r\n\r\n": "CRLF",
-                 b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\0b\r\n\r\n": "NUL"}
+                 b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\0b\r\n\r\n": "NUL",
+                 # A key pasted with its file's CR: the standard library would
+                 # end the headers there, and a POST would lose its length.
+                 b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\r\nContent-Length: 2\r\n"
+                 b"\r\n{}": "a CR inside a line"}
         for request, fragment in cases.items():
             with self.subTest(request=request):
                 status, error = self.one_answer(request)  # at once: the server does not wait for more
@@ -7372,8 +7376,10 @@ class PeopleCommandTests(unittest.TestCase):
         code, out, err = self.people("add", "--many", "2", "--prefix", "q", "--output", keys_file)
         self.assertEqual((code, out), (0, ""), err)
         self.assertEqual(stat.S_IMODE(os.stat(keys_file).st_mode), 0o600)
-        with open(keys_file, encoding="utf-8") as handle:
-            self.assertEqual([row[0] for row in csv.reader(handle)], ["name", "q1", "q2"])
+        with open(keys_file, encoding="utf-8", newline="") as handle:
+            text = handle.read()
+        self.assertEqual([row[0] for row in csv.reader(io.StringIO(text))], ["name", "q1", "q2"])
+        self.assertNotIn("\r", text)  # a key copied from a line takes no CR with it
         self.assertEqual(self.people("add", "--many", "2", "--prefix", "r", "--output", keys_file)[0], 2)  # exists
         self.assertIsNone(hr.Store(self.db).person("r1"))
         for name in ("q1", "q2"):
