@@ -13208,6 +13208,44 @@ def run_baseline(body_file, db_file):
     return 0
 
 
+#: The seed guide's "SQLite (via Python)" receiver's table, as the guide
+#: creates it.
+SEED_GUIDE_TABLE = ("CREATE TABLE IF NOT EXISTS samples (uuid TEXT PRIMARY KEY, type_id TEXT, value REAL, unit TEXT,"
+                    " start_date TEXT, end_date TEXT, metadata TEXT)")
+
+
+def run_seed_guide(body_file, db_file):
+    """The seed guide's own receiver without its web framework, run in its
+    own process: json.loads of the body, then per sample of ``data`` with a
+    uuid and both dates one INSERT OR IGNORE of its columns and
+    json.dumps(metadata), then one commit, SQLite's defaults otherwise.
+    Prints its time, processor time and peak memory as JSON.  It keeps one
+    column of each sample and nothing of the other sections or the other
+    app: the least a receiver can do per record."""
+    with open(body_file, "rb") as handle:
+        body = handle.read()
+    cpu, started = time.process_time(), time.perf_counter()
+    db = sqlite3.connect(db_file)
+    db.execute(SEED_GUIDE_TABLE)
+    payload = json.loads(body)
+    count = 0
+    for type_id, samples in payload.get("data", {}).items():
+        if not isinstance(samples, list):
+            continue
+        for sample in samples:
+            if "uuid" not in sample or "startDate" not in sample or "endDate" not in sample:
+                continue
+            db.execute("INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (sample["uuid"], type_id, sample.get("value"), sample.get("unit"), sample["startDate"],
+                        sample["endDate"], json.dumps(sample.get("metadata", {}))))
+            count += 1
+    db.commit()
+    db.close()
+    print(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+                      "peak_rss_mb": peak_rss_mb(), "rows": count}))
+    return 0
+
+
 def _start_child_server(db):
     """Start a receiver in a child process; return (process, port)."""
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
@@ -13316,14 +13354,14 @@ def bench_once(bodies, slow_body, work_dir):
     body_file = os.path.join(work_dir, "body.json")
     with open(body_file, "wb") as handle:
         handle.write(body)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "bench", "--baseline-child", body_file,
-                          os.path.join(work_dir, "baseline.db")],
-                         stdout=subprocess.PIPE, check=True, text=True).stdout
-    baseline = json.loads(out)
+    baseline, seed = (json.loads(subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "bench", flag, body_file, os.path.join(work_dir, name + ".db")],
+        stdout=subprocess.PIPE, check=True, text=True).stdout)
+        for flag, name in (("--baseline-child", "baseline"), ("--seed-child", "seed")))
     for name in os.listdir(work_dir):
         os.unlink(os.path.join(work_dir, name))
     return dict(figures, peak=peak, baseline=baseline["seconds"], baseline_peak=baseline["peak_rss_mb"],
-                last_byte=last_byte)
+                last_byte=last_byte, seed=seed["seconds"], seed_cpu=seed["cpu_seconds"], seed_peak=seed["peak_rss_mb"])
 
 
 def bench_concurrent(body, posts, work_dir):
@@ -13362,9 +13400,10 @@ def bench_against_baseline(mb, runs, out, concurrent=1, make_payload=make_bench_
                               for name, _which, _what in BENCH_POSTS)
             print(f"  run {n + 1}: {posts}, peak RSS {result['peak']:.0f} MB, last byte to answer "
                   f"{result['last_byte']:.2f} s | baseline {result['baseline']:.2f} s, "
-                  f"{result['baseline_peak']:.0f} MB", file=out, flush=True)
+                  f"{result['baseline_peak']:.0f} MB | seed guide's {result['seed']:.2f} s (CPU "
+                  f"{result['seed_cpu']:.2f} s)", file=out, flush=True)
     med = {key: statistics.median(r[key] for r in rounds)
-           for key in ("peak", "baseline", "baseline_peak", "last_byte") + tuple(
+           for key in ("peak", "baseline", "baseline_peak", "last_byte", "seed", "seed_cpu", "seed_peak") + tuple(
                name + suffix for name, _which, _what in BENCH_POSTS for suffix in ("", "_cpu"))}
     answer = rounds[0]["first_answer"]
     records = answer["count"] + answer["routePoints"]
@@ -13387,6 +13426,12 @@ def bench_against_baseline(mb, runs, out, concurrent=1, make_payload=make_bench_
     ratios = ", ".join(f"{name} {med[name] / med['baseline']:.2f}x" for name, _which, _what in BENCH_POSTS)
     print(f"Ratios: time {ratios} the baseline; peak RSS {med['peak'] / med['baseline_peak']:.2f}x the baseline.",
           file=out)
+    print("The seed guide's receiver (json.loads, then an INSERT OR IGNORE per sample of one column each; samples "
+          f"only):\n  time      {med['seed']:6.2f} s\n  CPU time  {med['seed_cpu']:6.2f} s\n"
+          f"  peak RSS  {med['seed_peak']:6.0f} MB", file=out)
+    print(f"Processor seconds per 50 MB (what a small board feels): receiver {med['first_cpu'] * 50 / size_mb:.2f} s "
+          f"(after-answer work included), the seed guide's {med['seed_cpu'] * 50 / size_mb:.2f} s: "
+          f"{med['first_cpu'] / med['seed_cpu']:.2f}x; time {med['first'] / med['seed']:.2f}x.", file=out)
     if concurrent > 1:
         with tempfile.TemporaryDirectory(prefix="health-bench-") as work_dir:
             elapsed, statuses, peak = bench_concurrent(body, concurrent, work_dir)
@@ -13624,12 +13669,15 @@ def bench_parser():
                         help="the shape of the generated sync: Health Export Pro's (default) or Health Auto "
                              "Export's (per-minute metrics, workouts with routes, ECGs)")
     parser.add_argument("--baseline-child", nargs=2, metavar=("BODY", "DB"), help=argparse.SUPPRESS)
+    parser.add_argument("--seed-child", nargs=2, metavar=("BODY", "DB"), help=argparse.SUPPRESS)
     return parser
 
 
 def run_bench(args, out):
     if args.baseline_child:
         return run_baseline(*args.baseline_child)
+    if args.seed_child:
+        return run_seed_guide(*args.seed_child)
     if resource is None:
         raise Missing("bench needs the resource module (Linux, macOS, BSD)")
     runs = max(1, args.runs)

@@ -7016,6 +7016,32 @@ class TestFileShapeTests(unittest.TestCase):
         self.assertEqual(ast.dump(last.test), ast.dump(ast.parse('__name__ == "__main__"').body[0].value))
 
 
+class SeedGuideBaselineTests(unittest.TestCase):
+    """bench's second baseline, the seed guide's receiver: the samples of
+    ``data`` with a uuid and both dates, a row each, the first of a uuid kept."""
+
+    def test_it_keeps_a_row_per_sample_with_a_uuid_and_both_dates(self):
+        payload = {"exportDate": "2026-03-02T08:00:00Z", "data": {
+            "HKQuantityTypeIdentifierStepCount": [span("S-1", "2026-03-01T09:00:00Z", "2026-03-01T09:10:00Z", 10),
+                                                  span("S-1", "2026-03-01T09:00:00Z", "2026-03-01T09:10:00Z", 99),
+                                                  {"startDate": "2026-03-01T09:00:00Z", "endDate": "x", "value": 1}],
+            "HKQuantityTypeIdentifierHeartRate": [dict(span("H-1", "2026-03-01T09:05:00Z", "2026-03-01T09:05:00Z",
+                                                            72), metadata={"a": 1})],
+            "workouts": {"not": "a list"}}}
+        with tempfile.TemporaryDirectory() as folder:
+            body, db = os.path.join(folder, "body.json"), os.path.join(folder, "seed.db")
+            with open(body, "wb") as handle:
+                handle.write(encode(payload))
+            with contextlib.redirect_stdout(io.StringIO()) as printed:
+                self.assertEqual(hr.main(["bench", "--seed-child", body, db]), 0)
+            figures = json.loads(printed.getvalue())
+            self.assertEqual((figures["rows"], sorted(figures)), (3, ["cpu_seconds", "peak_rss_mb", "rows", "seconds"]))
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                self.assertEqual(conn.execute("SELECT uuid, type_id, value, metadata FROM samples ORDER BY uuid")
+                                 .fetchall(), [("H-1", "HKQuantityTypeIdentifierHeartRate", 72.0, '{"a": 1}'),
+                                               ("S-1", "HKQuantityTypeIdentifierStepCount", 10.0, "{}")])
+
+
 class RunAsScriptTests(unittest.TestCase):
     """``python3 health_receiver.py`` runs the module imported, in the same
     process: its arguments, name, exit status and output are the script's."""
