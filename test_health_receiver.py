@@ -2559,8 +2559,10 @@ class CumulativeMergeTests(StepsTestCase):
         def half_hour(moment):
             return moment.strftime("%Y-%m-%dT%H") + (":30" if moment.minute >= 30 else "")
 
-        expected = collections.defaultdict(float)
+        expected, begun = collections.defaultdict(float), {}
         for start, end, value in samples:
+            figures = begun.setdefault(half_hour(start), [])
+            figures.append(value)
             seconds = int((end - start).total_seconds())
             if seconds == 0 or seconds > 7 * 86400:
                 expected[half_hour(start)] += value
@@ -2574,6 +2576,10 @@ class CumulativeMergeTests(StepsTestCase):
         self.assertEqual(sorted(found), sorted(hour for hour, total in expected.items() if total))
         for hour, total in expected.items():
             self.assertAlmostEqual(found.get(hour, 0.0), total, places=6, msg=hour)
+        # Each half-hour's samples that start there: how many, least, greatest.
+        self.assertEqual({hour: [samples, least, most] for hour, samples, least, most in self.query(
+                          "SELECT hour, samples, low, high FROM sample_hours WHERE samples > 0")},
+                         {hour: [len(values), min(values), max(values)] for hour, values in begun.items()})
 
     def test_a_long_sample_is_split_over_its_hours_and_hides_a_lower_source_under_it(self):
         day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
