@@ -4484,9 +4484,12 @@ class Store:
     and are never blocked by a running ingest (WAL).
     """
 
-    def __init__(self, path, busy_timeout=BUSY_TIMEOUT, tmp_dir=None, backup_dir=None):
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT, tmp_dir=None, backup_dir=None, clock=utc_clock):
         self.path = path
         self.busy_timeout = busy_timeout
+        #: Now, as an aware datetime: what syncs and people are stamped with
+        #: (the receiver's clock, ReceiverConfig.clock).
+        self.clock = clock
         #: Where backups are kept (--backup-dir): a damaged database's
         #: message names the newest.
         self.backup_dir = backup_dir
@@ -4550,7 +4553,7 @@ class Store:
     def _damaged(self, detail):
         if self.damage is None:
             self.damage = DAMAGED.format(path=self.path, detail=log_safe(detail, LOG_TEXT_MAX))
-            newest = newest_backup(self.backup_dir, self.path) if self.backup_dir else None
+            newest = newest_backup(self.backup_dir, self.path, self.clock()) if self.backup_dir else None
             if newest is not None:
                 self.damage += (f" The newest verified backup is {newest.path}: to put it in place, stop the "
                                 f"receiver and run: python3 {os.path.basename(sys.argv[0] or 'health_receiver.py')} "
@@ -4775,7 +4778,7 @@ class Store:
                 conn.execute(f"PRAGMA stage.cache_size = -{STAGE_CACHE_KIB:d}")
                 try:
                     conn.execute("BEGIN IMMEDIATE")
-                    received_at = utc_now()
+                    received_at = _canonical(self.clock())
                     sync_id = result.sync_id = _insert_sync(conn, Sync(
                         received_at=received_at, remote_addr=remote_addr, body_bytes=payload.size, person=person),
                         key_sha256)
@@ -4838,7 +4841,7 @@ class Store:
                                         rejected=rejected, sections=sections, envelope=envelope or {},
                                         same_body_as=same_as, person=person)
                     result.duration = time.monotonic() - started
-                    sync = result.sync(utc_now(), {})._replace(envelope=envelope_json)
+                    sync = result.sync(_canonical(self.clock()), {})._replace(envelope=envelope_json)
                     result.sync_id = _insert_sync(conn, sync, key_sha256)
             except sqlite3.Error as exc:
                 raise self.unavailable(exc) from exc
@@ -4850,7 +4853,7 @@ class Store:
         does not wait long for a database that another program holds)."""
         with contextlib.suppress(StorageUnavailable, sqlite3.Error):
             with self.writer(wait=min(self.busy_timeout, FAILURE_WAIT)) as conn, _transaction(conn):
-                _insert_sync(conn, failure.sync(utc_now()))
+                _insert_sync(conn, failure.sync(_canonical(self.clock())))
 
     def _merge_rows(self, conn, stage, params, result):
         """Copy each section's staged rows (``params``: :sync_id, and
@@ -5022,7 +5025,7 @@ class Store:
             for name, key in zip(names, keys):
                 conn.execute(PEOPLE.insert_sql(("name", "key_sha256", "admin", "created_at")),
                              {"name": name, "key_sha256": key and hash_key(key), "admin": int(admin),
-                              "created_at": utc_now()})
+                              "created_at": _canonical(self.clock())})
 
     def set_key(self, name, key):
         """Give the person named ``name`` the key ``key`` in place of their
@@ -5409,12 +5412,12 @@ def backup_name(db_path, now=None, compressed=False, person=None):
     return f"{_backup_stem(db_path, person)}-{now:%Y%m%dT%H%M%SZ}.db" + (".gz" if compressed else "")
 
 
-def new_backup_path(folder, db_path, compressed=False, person=None):
-    """Where a backup of ``db_path`` made now goes in ``folder``: its
+def new_backup_path(folder, db_path, compressed=False, person=None, now=None):
+    """Where a backup of ``db_path`` made ``now`` goes in ``folder``: its
     backup_name, numbered when a backup (of another database of that name,
     say) took it in the same second."""
     suffix = ".db.gz" if compressed else ".db"
-    name = backup_name(db_path, compressed=compressed, person=person)[:-len(suffix)]
+    name = backup_name(db_path, now, compressed=compressed, person=person)[:-len(suffix)]
     path, number = os.path.join(folder, name + suffix), 1
     while os.path.lexists(path):
         number += 1
@@ -5518,19 +5521,20 @@ def backups_of(folder, db_path, person=None, now=None):
                                              backup.made_at or ""), reverse=True)
 
 
-def newest_backup(folder, db_path):
-    """The newest Backup of ``db_path`` in ``folder``, or None.  A file
-    under a backup's name was verified before it was given that name."""
-    found = backups_of(folder, db_path)
+def newest_backup(folder, db_path, now=None):
+    """The newest Backup of ``db_path`` in ``folder`` as of ``now`` (see
+    backups_of), or None.  A file under a backup's name was verified before
+    it was given that name."""
+    found = backups_of(folder, db_path, now=now)
     return found[0] if found else None
 
 
-def remove_old_backups(folder, db_path, keep, made=None, person=None):
+def remove_old_backups(folder, db_path, keep, made=None, person=None, now=None):
     """Remove the backups of ``db_path`` (of ``person``'s rows, if given)
-    in ``folder`` beyond the newest ``keep`` (see backups_of); the one just
-    ``made`` (its path) is the newest whatever the others say.  Return the
-    paths removed."""
-    found = sorted(backups_of(folder, db_path, person), key=lambda backup: backup.path != made)
+    in ``folder`` beyond the newest ``keep`` as of ``now`` (see backups_of);
+    the one just ``made`` (its path) is the newest whatever the others say.
+    Return the paths removed."""
+    found = sorted(backups_of(folder, db_path, person, now), key=lambda backup: backup.path != made)
     removed = [backup.path for backup in found[keep:]]
     for path in removed:
         os.unlink(path)
@@ -5643,7 +5647,8 @@ def _copy_failure(exc, db_path, folder):
     return StorageUnavailable(f"The database {db_path} cannot be copied: {text}. {advice}")
 
 
-def backup_database(db_path, dest, compress=False, progress=None, cancelled=None, person_id=None):
+def backup_database(db_path, dest, compress=False, progress=None, cancelled=None, person_id=None,
+                    clock=utc_clock):
     """Copy the database at ``db_path`` into the new file ``dest`` while it
     is in use, verify the copy against the snapshot it was taken from
     (integrity_check, every table's rows, the schema version), and only
@@ -5653,7 +5658,8 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
     StorageUnavailable (a damaged database, a copy that does not verify),
     OSError (the folder, the disk), or BackupStopped once ``cancelled()``
     is true, leaving no file behind.  With ``person_id``, the copy then
-    keeps only that person's rows (see _keep_only)."""
+    keeps only that person's rows (see _keep_only).  ``clock()`` says when
+    the snapshot is taken."""
     started = time.monotonic()
     folder = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(folder):
@@ -5679,7 +5685,7 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
             source.execute("BEGIN")
             source.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts here
             version = source.execute("PRAGMA user_version").fetchone()[0]
-            made_at = utc_now()
+            made_at = _canonical(clock())
             create_private(temp)
             copy = sqlite3.connect(temp, isolation_level=None)
             try:
@@ -9127,14 +9133,14 @@ class ArchiveWriter:
                     self.error = exc
             yield piece
 
-    def keep(self, sync_id, person=None):
-        """Complete the file and give it its final name (see _archive_path);
-        return that."""
+    def keep(self, sync_id, person=None, now=None):
+        """Complete the file and give it its final name (see _archive_path),
+        of a sync kept ``now``; return that."""
         if self.error is None:
             try:
                 self._gzip.close()
                 self._handle.close()
-                final = _archive_path(self.directory, sync_id, person)
+                final = _archive_path(self.directory, sync_id, person, now)
                 os.replace(self.path, final)
                 return final
             except OSError as exc:
@@ -9373,7 +9379,7 @@ class SyncIntake:
                 stage.close()
         if archive:
             try:
-                archive.keep(result.sync_id, self._archive_name(result.person))
+                archive.keep(result.sync_id, self._archive_name(result.person), self.store.clock())
             except (OSError, StorageUnavailable) as exc:
                 self.log_error(remote_addr, f"sync {result.sync_id} is stored but could not be archived in "
                                             f"{self.archive}: {exc}")
@@ -9430,11 +9436,12 @@ class BackupSchedule:
     """Backups made by a background thread of the running receiver every
     ``every`` seconds into ``folder``, keeping the newest ``keep``.  A
     backup reads a snapshot beside the syncs and never delays one (see
-    backup_database).  ``log(line, error)`` writes the log."""
+    backup_database).  ``log(line, error)`` writes the log; ``clock()`` is
+    the receiver's time, which the backups' names and ages are of."""
 
-    def __init__(self, db_path, folder, every, keep, log, on_failure=None):
+    def __init__(self, db_path, folder, every, keep, log, on_failure=None, clock=utc_clock):
         self.db_path, self.folder, self.every, self.keep = db_path, folder, every, keep
-        self.log = log
+        self.log, self.clock = log, clock
         #: ``on_failure(reason)``: told of each failed backup (a notice).
         self.on_failure = on_failure
         #: The last backup made (a BackupRecord), or found in the folder at
@@ -9442,7 +9449,7 @@ class BackupSchedule:
         self.last = None
         #: (UTC time, reason) of the last attempt, when it failed.
         self.failure = None
-        newest = newest_backup(folder, db_path)
+        newest = newest_backup(folder, db_path, clock())
         if newest is not None and newest.made_at is not None:
             with contextlib.suppress(OSError):
                 self.last = BackupRecord(newest.path, newest.made_at, os.path.getsize(newest.path), 0.0, 0, 0)
@@ -9462,7 +9469,7 @@ class BackupSchedule:
     def _due_in(self):
         if self.last is None:
             return 0.0
-        age = (datetime.datetime.now(datetime.timezone.utc) - _exact_stamp(self.last.made_at)).total_seconds()
+        age = (self.clock() - _exact_stamp(self.last.made_at)).total_seconds()
         if age < 0:  # a backup of the future: the clock was wrong then, or is now
             return 0.0
         return max(0.0, self.every - age)
@@ -9473,14 +9480,14 @@ class BackupSchedule:
 
     def run_once(self):
         """Make a backup now; failures are logged and kept, never raised."""
-        dest = new_backup_path(self.folder, self.db_path)
+        dest = new_backup_path(self.folder, self.db_path, now=self.clock())
         try:
-            record = backup_database(self.db_path, dest, cancelled=self._stop.is_set)
-            removed = remove_old_backups(self.folder, self.db_path, self.keep, made=record.path)
+            record = backup_database(self.db_path, dest, cancelled=self._stop.is_set, clock=self.clock)
+            removed = remove_old_backups(self.folder, self.db_path, self.keep, made=record.path, now=self.clock())
         except BackupStopped:
             return None
         except (OSError, sqlite3.Error, StorageUnavailable, UsageError) as exc:
-            self.failure = (utc_now(), str(exc))
+            self.failure = (_canonical(self.clock()), str(exc))
             self.log(f"backup into {self.folder} failed: {exc}", True)
             if self.on_failure is not None:
                 self.on_failure(str(exc))
@@ -9493,7 +9500,7 @@ class BackupSchedule:
     def status(self, now=None):
         """What the status page and the endpoint's GET say: the last backup,
         and a warning when it failed or is older than twice the interval."""
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or self.clock()
         last = self.last
         answer = {"folder": self.folder, "every_hours": round(self.every / 3600, 3), "keep": self.keep,
                   "last": None, "warning": None, "failed": self.failure is not None}
@@ -10949,7 +10956,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self):
         """Every method: the answer of the request's route, or of what went
         wrong, sent once; then what comes after it."""
-        self.now = datetime.datetime.now(datetime.timezone.utc)
+        self.now = self.server.config.clock()
         self.person_store = self.caller = None
         with self.server.in_flight() if self.command == "POST" else contextlib.nullcontext():
             answer = self._answer()
@@ -11225,7 +11232,7 @@ def _backups_seen(request):
     backups = request.server.backups
     if backups is None:
         return None
-    status = backups.status()
+    status = backups.status(request.now)
     _store(request)  # sets request.caller
     seen = status.pop("warning_without_paths", None) or status["warning"]  # a failure's text may name paths
     if request.caller.admin:
@@ -11367,7 +11374,7 @@ def metrics_answer(request):
     _totals(request)  # the hourly totals brought up to date first, as for a page
     samples, view = {}, _view(request)
     backups = request.server.backups
-    receiver_samples(samples, request.server.store.path, backups.status() if backups is not None else None)
+    receiver_samples(samples, request.server.store.path, backups.status(request.now) if backups is not None else None)
     for reading in _everyone(request):
         person_view = view._replace(person=reading.person.name)
         with reading.reader() as conn:
@@ -11482,7 +11489,7 @@ class HealthReceiverServer(ThreadingHTTPServer):
 
     def __init__(self, config, store=None, bind_and_activate=True, routes=None):
         self.config = config
-        self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
+        self.store = store or Store(config.db, tmp_dir=config.tmp_dir, clock=config.clock)
         if config.source_priority:
             self.store.use_source_priority(config.source_priority)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
@@ -11494,7 +11501,7 @@ class HealthReceiverServer(ThreadingHTTPServer):
         if config.backup_dir and config.backup_every:
             self.store.backup_dir = config.backup_dir
             self.backups = BackupSchedule(config.db, config.backup_dir, config.backup_every, config.backup_keep,
-                                          self.log_line, self.notice_backup_failed)
+                                          self.log_line, self.notice_backup_failed, config.clock)
         #: Whom a request is when the receiver runs without a key.
         self.owner = OWNER
         self.guesses = GuessThrottle()
@@ -11624,7 +11631,7 @@ class HealthReceiverServer(ThreadingHTTPServer):
 
     def _write_log(self, line):
         stream = self.config.log_stream or sys.stderr
-        line = f"{utc_now()} {line}\n".encode("utf-8", "backslashreplace").decode("utf-8")
+        line = f"{_canonical(self.config.clock())} {line}\n".encode("utf-8", "backslashreplace").decode("utf-8")
         with self._log_lock:
             with contextlib.suppress(OSError, ValueError):  # a closed or full log must not fail a sync
                 stream.write(line)
@@ -11858,7 +11865,7 @@ def serve(config, out=None, ready=None):
 
 
 def _serve(config, out, ready):
-    store = Store(config.db, tmp_dir=config.tmp_dir, backup_dir=config.backup_dir)
+    store = Store(config.db, tmp_dir=config.tmp_dir, backup_dir=config.backup_dir, clock=config.clock)
     try:
         store.open(report=lambda line: print(line, file=out, flush=True), first_person=config.person)
         if config.source_priority:
