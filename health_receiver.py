@@ -5347,6 +5347,9 @@ BACKUP_STEP_PAGES = 1024
 #: and .db.gz when compressed (-2, -3... after the time for a second backup
 #: in the same second).  Only such files are ever removed (--keep).
 _BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<time>[0-9]{8}T[0-9]{6}Z)(?:-[0-9]+)?\.db(?:\.gz)?\Z")
+#: A backup's name cut where its number goes (none: the first of its second).
+_BACKUP_NUMBERED = re.compile(r"(?P<name>.+-[0-9]{8}T[0-9]{6}Z)(?:-(?P<number>[0-9]+))?(?P<suffix>\.db(?:\.gz)?)\Z",
+                              re.DOTALL)
 #: A backup being made: .<final name>.<pid>.backup-tmp (removed once the
 #: process is gone).
 _BACKUP_TEMP = re.compile(r"\..+\.(?P<pid>[0-9]+)\.backup-tmp(?:\.gz|-journal)?\Z")
@@ -5416,13 +5419,41 @@ def new_backup_path(folder, db_path, compressed=False, person=None, now=None):
     """Where a backup of ``db_path`` made ``now`` goes in ``folder``: its
     backup_name, numbered when a backup (of another database of that name,
     say) took it in the same second."""
-    suffix = ".db.gz" if compressed else ".db"
-    name = backup_name(db_path, now, compressed=compressed, person=person)[:-len(suffix)]
-    path, number = os.path.join(folder, name + suffix), 1
-    while os.path.lexists(path):
-        number += 1
-        path = os.path.join(folder, f"{name}-{number}{suffix}")
-    return path
+    return next(path for path in _backup_names(os.path.join(folder, backup_name(db_path, now, compressed, person)))
+                if not os.path.lexists(path))
+
+
+def _backup_names(path):
+    """The backup's ``path``, then the same name numbered on from its
+    number (any other name is only itself)."""
+    yield path
+    parts = _BACKUP_NUMBERED.match(os.path.basename(path))
+    if parts is not None:
+        for number in itertools.count(int(parts["number"] or 1) + 1):
+            yield os.path.join(os.path.dirname(path), f"{parts['name']}-{number}{parts['suffix']}")
+
+
+def _claim_name(temp, dest):
+    """Give the finished file ``temp`` the backup name ``dest``, or the next
+    numbered one free (see new_backup_path), and return it.  The name is
+    taken by a hard link, which fails rather than replace a backup made in
+    the same second by another thread or process; a disk without hard links
+    (FAT) takes it by creating the file exclusively first."""
+    for path in _backup_names(dest):
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            continue
+        except OSError:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                continue
+            os.replace(temp, path)
+            return path
+        os.unlink(temp)
+        return path
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dest)
 
 
 class Backup(typing.NamedTuple):
@@ -5648,7 +5679,7 @@ def _copy_failure(exc, db_path, folder):
 
 
 def backup_database(db_path, dest, compress=False, progress=None, cancelled=None, person_id=None,
-                    clock=utc_clock):
+                    clock=utc_clock, numbered=False):
     """Copy the database at ``db_path`` into the new file ``dest`` while it
     is in use, verify the copy against the snapshot it was taken from
     (integrity_check, every table's rows, the schema version), and only
@@ -5659,7 +5690,9 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
     OSError (the folder, the disk), or BackupStopped once ``cancelled()``
     is true, leaving no file behind.  With ``person_id``, the copy then
     keeps only that person's rows (see _keep_only).  ``clock()`` says when
-    the snapshot is taken."""
+    the snapshot is taken.  With ``numbered``, a file that took the name
+    ``dest`` meanwhile is left alone: the backup takes the next number
+    (the record says which)."""
     started = time.monotonic()
     folder = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(folder):
@@ -5713,7 +5746,10 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
             os.unlink(temp)
             temp = temp + ".gz"
         _sync_to_disk(temp)
-        os.replace(temp, dest)
+        if numbered:
+            dest = _claim_name(temp, dest)
+        else:
+            os.replace(temp, dest)
         _sync_to_disk(folder, folder=True)
     except BaseException:
         for path in made:
@@ -9482,7 +9518,7 @@ class BackupSchedule:
         """Make a backup now; failures are logged and kept, never raised."""
         dest = new_backup_path(self.folder, self.db_path, now=self.clock())
         try:
-            record = backup_database(self.db_path, dest, cancelled=self._stop.is_set, clock=self.clock)
+            record = backup_database(self.db_path, dest, cancelled=self._stop.is_set, clock=self.clock, numbered=True)
             removed = remove_old_backups(self.folder, self.db_path, self.keep, made=record.path, now=self.clock())
         except BackupStopped:
             return None
@@ -12846,7 +12882,7 @@ def run_backup(args, out):
     progress = _Progress(out)
     try:
         record = backup_database(args.db, dest, compress=args.gzip, progress=progress,
-                                 person_id=person.id if person else None)
+                                 person_id=person.id if person else None, numbered=folder)
     finally:
         progress.done()
     print(f"Backup {record.path}: {record.rows:,} rows, schema version {record.schema_version}, "

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import errno
 import gzip
 import hashlib
 import http.client
@@ -1474,6 +1475,22 @@ class BackupTests(ServerTestCase):
             text = out.getvalue()
             self.assertEqual(bool(re.search(r"\r  (\d+) of \1 pages \(\d+ of \d+ MB\), 0 s left", text)), shown, text)
             self.assertRegex(text, r"Backup .*verified")
+
+    def test_backups_made_in_the_same_second_each_keep_a_name_of_their_own(self):
+        folder = self.backups_folder()
+        self.assertEqual(self.post(make_payload())[0], 200)
+        # Each chose its name before any had taken it, as two makers at once do.
+        dest = hr.new_backup_path(folder, self.db, now=TEST_NOW)
+        stem = os.path.basename(dest)[:-len(".db")]
+        no_links = unittest.mock.Mock(side_effect=PermissionError(errno.EPERM, "no hard links here"))
+        for link, numbers in ((os.link, ("", "-2", "-3")), (no_links, ("-4", "-5", "-6"))):
+            with self.subTest(hard_links=link is os.link), unittest.mock.patch.object(hr.os, "link", link):
+                records = [hr.backup_database(self.db, dest, clock=lambda: TEST_NOW, numbered=True) for _ in range(3)]
+                self.assertEqual([os.path.basename(record.path) for record in records],
+                                 [f"{stem}{number}.db" for number in numbers])
+                for record in records:
+                    self.assertEqual(run_main("verify", record.path)[0], 0)
+        self.assertEqual(len(os.listdir(folder)), 6)
 
     def test_keep_removes_only_the_commands_own_older_backups(self):
         folder = self.backups_folder()
