@@ -12936,6 +12936,22 @@ def run_restore(args, out):
     return 0
 
 
+#: Every command: name -> (parser factory, run(args, out) -> exit status).
+#: No command name means serve; bench adds itself (Bench comes after).
+COMMANDS = {
+    "serve": (serve_parser, run_serve),
+    "key": (key_parser, run_key),
+    "people": (people_parser, run_people),
+    "stats": (stats_parser, run_stats),
+    "export": (export_parser, run_export),
+    "import": (import_parser, run_import),
+    "backup": (backup_parser, run_backup),
+    "verify": (verify_parser, run_verify),
+    "restore": (restore_parser, run_restore),
+    "notify": (notify_parser, run_notify),
+}
+
+
 # ---------------------------------------------------------------------------
 # Bench: the receiver against a baseline, at any database size
 # ---------------------------------------------------------------------------
@@ -13614,26 +13630,12 @@ def run_bench(args, out):
     return bench_against_baseline(args.mb, runs, out, args.concurrent, BENCH_APPS[args.app])
 
 
+COMMANDS["bench"] = (bench_parser, run_bench)
+
+
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
-
-#: Every command: name -> (parser factory, run(args, out) -> exit status).
-#: No command name means serve.
-COMMANDS = {
-    "serve": (serve_parser, run_serve),
-    "key": (key_parser, run_key),
-    "people": (people_parser, run_people),
-    "stats": (stats_parser, run_stats),
-    "export": (export_parser, run_export),
-    "import": (import_parser, run_import),
-    "backup": (backup_parser, run_backup),
-    "verify": (verify_parser, run_verify),
-    "restore": (restore_parser, run_restore),
-    "notify": (notify_parser, run_notify),
-    "bench": (bench_parser, run_bench),
-}
-
 
 def main(argv=None, environ=None, out=None):
     """Entry point; returns the exit status: 0 done, 1 failed, 2 usage."""
