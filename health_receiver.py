@@ -25,47 +25,93 @@ HEALTH_RECEIVER_TOKEN (or a file named by --token-file); without one, a new
 database gets a random key, saved beside it in <database>.key and printed
 once at start.
 
-Map of this file, each section depending only on those above it:
+Map of this file: its sections in order, each depending only on those
+above it (none uses a name that a later one defines), and the rooms of
+the larger ones, each under a banner of its own (# -- Title: ...).  The
+banners say the same titles in the same order: FileMapTests holds the
+file to this map and to that rule.
 
-    Errors        exceptions; client text made safe for the log
-    Dates         the stored form (canonical UTC text), parsing, Zone: the
-                  days, nights and hours a person lives in
-    JSON reader   JsonReader: one document read as it arrives, a value at a
-                  time, within a bounded window
-    Ingest        the health grammar: row functions (the other app's too:
-                  HAE_METRICS, POINT_SHAPES, UNIT_SIZES), the SECTIONS
-                  registry, NESTED (elements whose arrays are read an
-                  element at a time), Payload (a sync's body as batches
-                  of rows)
-    Storage       SQLite connections, schema derived from SECTIONS, the
-                  syncs table (SYNCS), PEOPLE (every row is a person's),
-                  MIGRATIONS, a sync's rows staged in a temporary file and
-                  merged in one transaction, hourly totals (the types that
-                  add up merged by source priority over time, as the Health
-                  app does: SourceRanks, merge_by_priority; sleep counted
-                  once per source; hours_merger); PersonStore (the
-                  store as one person sees it); backups of a database in use,
-                  verify, restore
-    Reporting     records of what is stored (read only): RANGES, a View and
-                  its Window, CHART_KINDS over the hourly totals, today,
-                  sleep per night, workouts and routes, medications, the
-                  journal (JOURNAL_KINDS: the other app's events), the
-                  numbers of /api/series, /api/latest and gaps; the JSON made
-                  from them; export rows and NDJSON export lines
-    Presentation  the pages from those records: status page, a page per
-                  type and per workout; HTML with inline SVG charts
-    Sync workflow one sync from arriving bytes to stored rows, shared by HTTP
-                  and import (a byte-identical retry answered from its
-                  record); the archive; NDJSON lines made payloads again;
-                  scheduled backups; notices when data stops or comes back
-                  (NOTICE_FORMATS, Notifier, GapWatch)
-    HTTP          Keys and identities, request checks, the protocol (framing,
-                  body, the one answer writer), ROUTES and their actions, the
-                  server
-    Command line  serve, key, people, stats, export, import, backup, verify,
-                  restore, notify: COMMANDS
-    Bench         `bench`: the receiver against a baseline, at any database size
-    main          the entry point
+    Errors          exceptions; client text made safe for the log
+    Dates           the stored form (canonical UTC text), parsing, Zone: the
+                    days, nights and hours a person lives in
+    JSON reader     one document read as it arrives, a value at a time,
+                    within a bounded window
+    Ingest          the health grammar: what the apps send, as rows
+      - The other app: Health Auto Export's shapes (HAE_METRICS,
+        POINT_SHAPES, UNIT_SIZES) made rows of the same tables
+    Storage         SQLite: the schema, a sync written in one transaction,
+                    hourly totals, people, backups
+      - The merge by source priority: the types that add up, merged over
+        time as the Health app does (SourceRanks, merge_by_priority)
+      - Sleep: the stages; each night's time counted once per source
+      - Backups: made while the database is in use, verified, restored
+    Reporting       records of what is stored, read only
+      - What other tools read: /api/latest, today's totals, /api/series
+    Presentation    the pages made from those records (HTML, inline SVG)
+      - Prometheus: the text exposition format (METRICS)
+    Sync workflow   one sync from arriving bytes to stored rows, shared by
+                    HTTP and import
+      - Notices: when data stops or comes back, or a backup fails
+        (NOTICE_FORMATS, Notifier, GapWatch)
+    HTTP            the protocol and the server
+      - The routes: what the receiver answers, and who may ask (ROUTES)
+    Command line    the commands
+    Bench           `bench`: the receiver against a baseline, at any
+                    database size
+    main            the entry point
+
+Where to change what: each registry, the room it is in, what one more
+entry needs, and the tests that guard it (FileMapTests checks the rooms
+and that the tests exist).
+
+    SECTIONS        Ingest: a Section (the app's keys, its
+                    table, columns, key, dates) and its row function; a new
+                    table is created at the next start, on existing
+                    databases too.  SectionRegistryTests, MigrationTests
+    NESTED          Ingest: a Nested: the parent row and a
+                    Stream per array (its section, its row function).
+                    OtherAppStreamingTests
+    HAE_METRICS     Ingest / The other app: a HaeMetric (the HealthKit type,
+                    the unit stored, a shape of POINT_SHAPES).
+                    OtherAppWalkerTests
+    POINT_SHAPES    Ingest / The other app: a function of a point's fields.
+                    OtherAppWalkerTests
+    UNIT_SIZES      Ingest / The other app: a unit and its size in the unit
+                    stored.  OtherAppWalkerTests
+    SYNCS           Storage: a column (Sync and the SQL follow)
+                    and a MIGRATIONS step.  MigrationTests
+    PEOPLE          Storage: a column and a MIGRATIONS step.
+                    PeopleCommandTests, HouseholdTests
+    hours_merger    Storage: how a type's hours are
+                    made; the oracle in the tests states the rules again,
+                    apart: change both.  HealthAppOracleTests,
+                    CumulativeMergeTests
+    MIGRATIONS      Storage: a step at the end (a released
+                    step is never edited), in its own transaction.
+                    MigrationTests
+    RANGES          Reporting: a Range (name, title, days; GRAINS
+                    the length of a point).  ReportingTests,
+                    StatusPageTests
+    CATEGORY_TYPES  Reporting: a CategoryType (its values' names).
+                    CategoryTypeTests
+    CHART_KINDS     Reporting: a ChartKind (a period's value, its
+                    drawing in DRAWINGS, the types it applies to; the first
+                    that applies wins).  ReportingTests
+    JOURNAL_KINDS   Reporting: a JournalKind (its
+                    section, title, columns).  OtherAppTests
+    METRICS         Presentation / Prometheus: a Metric, and its samples in
+                    receiver_samples or person_samples.  OtherToolsTests
+    NOTICE_FORMATS  Sync workflow / Notices: a NoticeFormat (its name, the
+                    request it makes, the URL's help).  NoticeFormatTests
+    ROUTES          HTTP / The routes: a Route (method, path, who may ask,
+                    the action: a function of the request returning an
+                    Answer), in the README too.  ProtocolTests,
+                    DocumentedEverywhereTests
+    COMMANDS        Command line: a parser factory and a
+                    run(args, out), in the README too.  CommandShapeTests,
+                    DocumentedEverywhereTests
+    PEOPLE_ACTIONS  Command line: an action of `people`.
+                    PeopleCommandTests
 
 Licensed under the MIT licence; see the LICENSE file.
 """
@@ -5336,7 +5382,7 @@ class StagedRun:
             self.ranges.append([first_rowid, last_rowid])
 
 
-# -- backups, verification, restore ------------------------------------------
+# -- Backups: made while the database is in use, verified, restored ---------
 
 #: Pages a backup copies per step (16 MiB): between steps a sync's merge
 #: goes on.  The backup reads one snapshot throughout (it holds a read
@@ -7390,7 +7436,7 @@ def _chart_json(chart):
     return facts
 
 
-# -- what other tools read: the latest values, today, a series, the gaps ------
+# -- What other tools read: the latest values, today, a series, the gaps ----
 
 #: The most points one /api/series answer holds.
 SERIES_POINTS_MAX = 5000
@@ -11216,7 +11262,7 @@ def cpu_seconds():
     return times.user + times.system
 
 
-# -- the routes: what the receiver answers, and who may ask ------------------
+# -- The routes: what the receiver answers, and who may ask -----------------
 
 def _store(request):
     """The store as the request's person sees it: the caller's own data,

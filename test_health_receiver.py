@@ -7030,6 +7030,203 @@ class TestFileShapeTests(unittest.TestCase):
         self.assertEqual(ast.dump(last.test), ast.dump(ast.parse('__name__ == "__main__"').body[0].value))
 
 
+#: The rule of a section's banner: a line of dashes above and below its title.
+BANNER_RULE = "# " + "-" * 75
+#: A room's banner: # -- Title: what is in it ----
+ROOM_BANNER = re.compile(r"# -- (.+?) -+\Z")
+
+
+def banner_title(text):
+    """A banner's or a map line's title: what comes before its first ': '."""
+    return text.split(": ", 1)[0].strip()
+
+
+def file_banners(lines):
+    """[(section title, its first line (1-based), [(room title, line)...])]
+    of a file's lines, in order."""
+    sections = []
+    for number, line in enumerate(lines, 1):
+        if line == BANNER_RULE and lines[number:number + 1] and lines[number + 1:number + 2] == [BANNER_RULE] \
+                and lines[number].startswith("# "):
+            sections.append((banner_title(lines[number][2:]), number, []))
+        elif ROOM_BANNER.match(line) and sections:
+            sections[-1][2].append((banner_title(ROOM_BANNER.match(line)[1]), number))
+    return sections
+
+
+def docstring_map(doc):
+    """([(section title, [room titles])...], {registry: (place, [test class
+    names])}) of the module docstring's map and its table."""
+    lines = doc.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("Map of this file"))
+    table = next(n for n, line in enumerate(lines) if line.startswith("Where to change what"))
+    sections = []
+    for line in lines[start:table]:
+        if re.match(r"    \S", line):
+            sections.append((re.split(r"\s{2,}", line.strip())[0], []))
+        elif re.match(r"      - \S", line):
+            sections[-1][1].append(banner_title(line[8:]))
+    registries, name = {}, None
+    for line in lines[table:]:
+        entry = re.match(r"    (\w+)\s{2,}(.+?): ", line)
+        if entry:
+            name = entry[1]
+            registries[name] = (entry[2], [])
+        if name and line.startswith("    "):
+            registries[name][1].extend(re.findall(r"\b[A-Z]\w*Tests\b", line))
+        elif name and line.strip():
+            name = None
+    return sections, registries
+
+
+def top_level_names(node):
+    """The global names a top-level statement defines (a function, a class,
+    names assigned, imported or bound at the top of an if or a try)."""
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return [name.id for target in targets for name in ast.walk(target)
+                if isinstance(name, ast.Name) and not isinstance(target, (ast.Subscript, ast.Attribute))]
+    if isinstance(node, (ast.If, ast.Try)):
+        return [name for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)
+                for name in top_level_names(child)] + [
+            name for handler in getattr(node, "handlers", ()) for child in handler.body
+            for name in top_level_names(child)]
+    return []
+
+
+def _bound_in(function):
+    """The names a function (or lambda) binds in its own scope: its
+    parameters, and what its body assigns, imports or defines, minus what
+    it declares global (nested scopes keep theirs)."""
+    arguments = function.args
+    bound = {argument.arg for argument in arguments.args + arguments.kwonlyargs
+             + getattr(arguments, "posonlyargs", []) + [arguments.vararg, arguments.kwarg] if argument}
+    if isinstance(function, ast.Lambda):
+        return bound
+    declared = set()
+    stack = list(function.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+            continue
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            continue
+        if isinstance(node, ast.Global):
+            declared.update(node.names)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            bound.add(node.id)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        stack.extend(ast.iter_child_nodes(node))
+    return bound - declared
+
+
+def global_loads(node, scopes=()):
+    """(name, line) of each name ``node`` reads from the module's globals:
+    names its functions, classes and comprehensions bind themselves do not
+    count, nor do attributes (self.store) or text in strings."""
+    if isinstance(node, ast.Name):
+        return [(node.id, node.lineno)] if isinstance(node.ctx, ast.Load) and not any(
+            node.id in scope for scope in scopes) else []
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        arguments = node.args
+        outside = list(getattr(node, "decorator_list", [])) + arguments.defaults + [
+            default for default in arguments.kw_defaults if default is not None] + [
+            argument.annotation for argument in arguments.args + arguments.kwonlyargs
+            + getattr(arguments, "posonlyargs", []) + [arguments.vararg, arguments.kwarg]
+            if argument is not None and argument.annotation is not None] + [getattr(node, "returns", None)]
+        inside = scopes + (_bound_in(node),)
+        body = [node.body] if isinstance(node, ast.Lambda) else node.body
+        return [load for part in outside if part is not None for load in global_loads(part, scopes)] + [
+            load for part in body for load in global_loads(part, inside)]
+    if isinstance(node, ast.ClassDef):
+        # The class body's own names count in its body, not in its methods.
+        own = {name for child in node.body for name in top_level_names(child)}
+        outside = node.decorator_list + node.bases + [keyword.value for keyword in node.keywords]
+        return [load for part in outside for load in global_loads(part, scopes)] + [
+            load for child in node.body for load in global_loads(
+                child, scopes if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                else scopes + (own,))]
+    if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+        targets = {name.id for generator in node.generators for name in ast.walk(generator.target)
+                   if isinstance(name, ast.Name)}
+        inside = scopes + (targets,)
+        parts = [(generator.iter, scopes if number == 0 else inside)
+                 for number, generator in enumerate(node.generators)]
+        parts += [(condition, inside) for generator in node.generators for condition in generator.ifs]
+        parts += [(part, inside) for part in ((node.key, node.value) if isinstance(node, ast.DictComp)
+                                               else (node.elt,))]
+        return [load for part, scope in parts for load in global_loads(part, scope)]
+    return [load for child in ast.iter_child_nodes(node) for load in global_loads(child, scopes)]
+
+
+class FileMapTests(unittest.TestCase):
+    """The module docstring's map is the file's: its sections and rooms
+    are the banners', in order; no section uses a name a later one defines;
+    each registry of its table is in the room it names, guarded by tests
+    that exist."""
+
+    @classmethod
+    def setUpClass(cls):
+        with open(hr.__file__, encoding="utf-8") as handle:
+            cls.source = handle.read()
+        cls.tree = ast.parse(cls.source)
+        cls.banners = file_banners(cls.source.splitlines())
+        cls.map, cls.registries = docstring_map(ast.get_docstring(cls.tree))
+
+    def place_of(self, line):
+        """(section title, room title or None) of a line of the file; (None,
+        None) above the first section (the imports)."""
+        sections = [entry for entry in self.banners if entry[1] <= line]
+        if not sections:
+            return None, None
+        rooms = [title for title, start in sections[-1][2] if start <= line]
+        return sections[-1][0], rooms[-1] if rooms else None
+
+    def test_the_maps_sections_and_rooms_are_the_banners_in_order(self):
+        self.assertEqual([section for section, _rooms in self.map], [title for title, _line, _rooms in self.banners])
+        for (section, rooms), (_title, _line, banners) in zip(self.map, self.banners):
+            with self.subTest(section=section):
+                self.assertEqual(rooms, [title for title, _line in banners])
+
+    def test_no_section_uses_a_name_defined_in_a_later_one(self):
+        titles = [title for title, _line, _rooms in self.banners]
+        defined = {}
+        for node in self.tree.body:
+            for name in top_level_names(node):
+                defined.setdefault(name, self.place_of(node.lineno)[0])
+        upward = []
+        for node in self.tree.body:
+            here = self.place_of(node.lineno)[0]
+            if here is None:
+                continue
+            for name, line in global_loads(node):
+                there = defined.get(name)
+                if there is not None and titles.index(there) > titles.index(here):
+                    upward.append(f"line {line}: {here} uses {name} of {there}")
+        self.assertEqual(upward, [])
+
+    def test_each_registry_is_where_the_map_says_and_its_tests_exist(self):
+        self.assertGreaterEqual(len(self.registries), 10)
+        where = {name: self.place_of(node.lineno) for node in self.tree.body for name in top_level_names(node)}
+        for name, (place, tests) in self.registries.items():
+            with self.subTest(registry=name):
+                section, _, room = place.partition(" / ")
+                self.assertIn(name, where)
+                self.assertEqual(where[name], (section, room or where[name][1]))
+                self.assertTrue(tests)
+                for test in tests:
+                    self.assertTrue(isinstance(globals().get(test), type)
+                                    and issubclass(globals()[test], unittest.TestCase), test)
+
+
 class CommandShapeTests(unittest.TestCase):
     """Every command: 0 done, 1 failed, 2 usage."""
 
