@@ -36,39 +36,80 @@ file to this map and to that rule.
                     days, nights and hours a person lives in
     JSON reader     one document read as it arrives, a value at a time,
                     within a bounded window
+      - Scanners: the limits; a value's text found and checked, not decoded
+      - JsonReader: the reader; values too deep or too large kept as text
     Ingest          the health grammar: what the apps send, as rows
+      - Row functions: an element of Health Export Pro made a row
       - The other app: Health Auto Export's shapes (HAE_METRICS,
         POINT_SHAPES, UNIT_SIZES) made rows of the same tables
+      - Sections: the SECTIONS registry; NESTED, the elements whose arrays
+        are read an element at a time
+      - Payload: a sync's body as batches of rows
     Storage         SQLite: the schema, a sync written in one transaction,
                     hourly totals, people, backups
+      - Tables: connections' limits; the schema (SYNCS, PEOPLE, the tables
+        derived from samples) and its first two versions
+      - Hourly totals: what an hour of a type holds, made in SQL
       - The merge by source priority: the types that add up, merged over
         time as the Health app does (SourceRanks, merge_by_priority)
       - Sleep: the stages; each night's time counted once per source
+      - Totals kept up to date: hours_merger; the hours a sync touched,
+        made again
+      - Migrations: the later steps; MIGRATIONS, SCHEMA_VERSION
+      - Writing a sync: SyncResult, its syncs row, what it notes as pending
+      - The store: people; Store (one writer, short readers, a sync merged
+        in one transaction); PersonStore (the store as one person sees it)
+      - Staging: a sync's rows in a temporary file until its merge
       - Backups: made while the database is in use, verified, restored
     Reporting       records of what is stored, read only
+      - Views: titles; RANGES; a View and its Window; totals per period
+      - Charts: category types, sleep per night, CHART_KINDS, today's tiles
+      - Records: what the app sends, the store's facts, workouts,
+        medications
+      - The status report: gaps, the journal (JOURNAL_KINDS: the other
+        app's events), StatusReport and the JSON made from it
       - What other tools read: /api/latest, today's totals, /api/series
+      - Type and workout reports: a type's page, a workout's
+      - Export: rows, CSV and NDJSON lines
     Presentation    the pages made from those records (HTML, inline SVG)
+      - Formats and charts: paths; numbers, times and units as shown; SVG
+      - Pages: the status page, a type's, a workout's, the fields'
       - Prometheus: the text exposition format (METRICS)
     Sync workflow   one sync from arriving bytes to stored rows, shared by
                     HTTP and import
+      - Archive: bodies kept as they came (--archive)
+      - Intake: SyncIntake (a byte-identical retry answered from its
+        record)
+      - Scheduled backups: BackupSchedule
       - Notices: when data stops or comes back, or a backup fails
         (NOTICE_FORMATS, Notifier, GapWatch)
+      - NDJSON import: the lines of an export made payloads again
     HTTP            the protocol and the server
+      - Keys and the configuration: Keys, identities, trusted proxies,
+        ReceiverConfig
+      - Request checks: framing, the body as it arrives, hosts, throttles
+      - The protocol: Answer, Route, the one answer writer
       - The routes: what the receiver answers, and who may ask (ROUTES)
+      - The server: HealthReceiverServer, TLS
     Command line    the commands
+      - serve: the start, its banner, the key, the flags
+      - Other commands: key, people, stats, export, import, backup,
+        verify, restore, notify; COMMANDS
     Bench           `bench`: the receiver against a baseline, at any
                     database size
+      - Payloads: generated syncs of both apps' shapes
+      - Runs: the baseline, the runs, a filled database, a backup
     main            the entry point
 
 Where to change what: each registry, the room it is in, what one more
 entry needs, and the tests that guard it (FileMapTests checks the rooms
 and that the tests exist).
 
-    SECTIONS        Ingest: a Section (the app's keys, its
+    SECTIONS        Ingest / Sections: a Section (the app's keys, its
                     table, columns, key, dates) and its row function; a new
                     table is created at the next start, on existing
                     databases too.  SectionRegistryTests, MigrationTests
-    NESTED          Ingest: a Nested: the parent row and a
+    NESTED          Ingest / Sections: a Nested: the parent row and a
                     Stream per array (its section, its row function).
                     OtherAppStreamingTests
     HAE_METRICS     Ingest / The other app: a HaeMetric (the HealthKit type,
@@ -78,26 +119,26 @@ and that the tests exist).
                     OtherAppWalkerTests
     UNIT_SIZES      Ingest / The other app: a unit and its size in the unit
                     stored.  OtherAppWalkerTests
-    SYNCS           Storage: a column (Sync and the SQL follow)
+    SYNCS           Storage / Tables: a column (Sync and the SQL follow)
                     and a MIGRATIONS step.  MigrationTests
-    PEOPLE          Storage: a column and a MIGRATIONS step.
+    PEOPLE          Storage / Tables: a column and a MIGRATIONS step.
                     PeopleCommandTests, HouseholdTests
-    hours_merger    Storage: how a type's hours are
+    hours_merger    Storage / Totals kept up to date: how a type's hours are
                     made; the oracle in the tests states the rules again,
                     apart: change both.  HealthAppOracleTests,
                     CumulativeMergeTests
-    MIGRATIONS      Storage: a step at the end (a released
+    MIGRATIONS      Storage / Migrations: a step at the end (a released
                     step is never edited), in its own transaction.
                     MigrationTests
-    RANGES          Reporting: a Range (name, title, days; GRAINS
+    RANGES          Reporting / Views: a Range (name, title, days; GRAINS
                     the length of a point).  ReportingTests,
                     StatusPageTests
-    CATEGORY_TYPES  Reporting: a CategoryType (its values' names).
+    CATEGORY_TYPES  Reporting / Charts: a CategoryType (its values' names).
                     CategoryTypeTests
-    CHART_KINDS     Reporting: a ChartKind (a period's value, its
+    CHART_KINDS     Reporting / Charts: a ChartKind (a period's value, its
                     drawing in DRAWINGS, the types it applies to; the first
                     that applies wins).  ReportingTests
-    JOURNAL_KINDS   Reporting: a JournalKind (its
+    JOURNAL_KINDS   Reporting / The status report: a JournalKind (its
                     section, title, columns).  OtherAppTests
     METRICS         Presentation / Prometheus: a Metric, and its samples in
                     receiver_samples or person_samples.  OtherToolsTests
@@ -107,10 +148,10 @@ and that the tests exist).
                     the action: a function of the request returning an
                     Answer), in the README too.  ProtocolTests,
                     DocumentedEverywhereTests
-    COMMANDS        Command line: a parser factory and a
+    COMMANDS        Command line / Other commands: a parser factory and a
                     run(args, out), in the README too.  CommandShapeTests,
                     DocumentedEverywhereTests
-    PEOPLE_ACTIONS  Command line: an action of `people`.
+    PEOPLE_ACTIONS  Command line / Other commands: an action of `people`.
                     PeopleCommandTests
 
 Licensed under the MIT licence; see the LICENSE file.
@@ -486,6 +527,8 @@ class Zone(typing.NamedTuple):
 # JSON reader: one document read as it arrives, a value at a time
 # ---------------------------------------------------------------------------
 
+# -- Scanners: the limits; a value's text found and checked, not decoded ----
+
 #: Bytes in one MiB: limits are in MiB, as the app's "50 MB" is.
 MIB = 1024 * 1024
 #: Bytes read from the socket (or a file) at a time.
@@ -632,6 +675,8 @@ def _follow_nesting(text, at, depth, in_string):
                 return at, 0, False
     return at, depth, in_string
 
+
+# -- JsonReader: the reader; values too deep or too large kept as text ------
 
 class _TooDeep:
     """The value of an element nested too deeply for the json module."""
@@ -1104,6 +1149,8 @@ class JsonReader:
 # ---------------------------------------------------------------------------
 # Ingest: the health grammar: rows, the sections registry, the payload
 # ---------------------------------------------------------------------------
+
+# -- Row functions: an element of Health Export Pro made a row --------------
 
 #: Characters of the longest type name stored (HealthKit's are under 60).
 TYPE_NAME_MAX = 200
@@ -2053,6 +2100,8 @@ def _voltage_row(obj, raw, label):
             _to_sql(obj.get("units")), raw)
 
 
+# -- Sections: the SECTIONS registry; NESTED, elements read member by member --
+
 #: The column of every table of health data that says whose a row is (an
 #: id of ``people``): the first of each stored key, so that a person's rows
 #: are stored together and two people's same element are two rows.  A sync
@@ -2376,6 +2425,8 @@ NESTED = {
                   lambda members, texts: _ecg_parent(members), _row_key),
 }
 
+
+# -- Payload: a sync's body as batches of rows ------------------------------
 
 def _where(parent, key, member):
     """What a rejected row of a nested array names: a metric's name, or
@@ -2812,6 +2863,8 @@ def leading_members(head):
 # Storage: connections, schema, migrations, writing a sync; backups, verify, restore
 # ---------------------------------------------------------------------------
 
+# -- Tables: the schema and its first two versions --------------------------
+
 #: Seconds SQLite waits for another program's lock before giving up (503).
 BUSY_TIMEOUT = 10.0
 #: SQLite page size for new databases (bench: 16 KiB inserts ~20% faster than 4 KiB).
@@ -3235,6 +3288,8 @@ def _recount_sample_types(conn, per_person=True):
     conn.execute(f"INSERT INTO sample_types ({owner}type, rows, first_date, last_date) SELECT {owner}type, count(*),"
                  f" min(start_date), max(start_date) FROM samples GROUP BY {owner}type")
 
+
+# -- Hourly totals: what an hour of a type holds, made in SQL ---------------
 
 _NUMERIC = "typeof(value) IN ('integer', 'real')"
 #: Types whose samples' durations are what they measure (sleep, mindful
@@ -3698,6 +3753,8 @@ def merge_sleep_hours(conn, person, type_name, low, high, ranks):
     conn.executemany(_HOURS_INSERT_SQL, rows.values())
 
 
+# -- Totals kept up to date: the hours a sync touched, made again -----------
+
 def hours_merger(type_name):
     """How a type's hours are made in Python, or None (in SQL,
     _SAMPLE_HOURS_SQL): a type that adds up is merged by source priority
@@ -3784,6 +3841,8 @@ def _update_pending_hours(conn):
             conn.execute(sql, dict(parameters, since=since, until=until))
     conn.execute("DELETE FROM sample_hours_pending")
 
+
+# -- Migrations: the later steps; MIGRATIONS --------------------------------
 
 def _recount_sample_hours(conn, report=None, per_person=True):
     """Rebuild sample_hours from the samples: as the current schema keeps
@@ -4108,6 +4167,8 @@ RECEIVER_KEY_SETTING = "receiver_key"
 ARCHIVE_SETTING = "archive"
 
 
+# -- Writing a sync: its result, its syncs row, what it notes as pending ----
+
 @dataclasses.dataclass
 class SyncResult:
     """What one stored sync held; the HTTP layer turns it into the answer."""
@@ -4416,6 +4477,8 @@ def _insert_sync(conn, sync, key_sha256=None):
                                      "nothing was stored.")
     return conn.execute(SYNCS.insert_sql(SYNCS.column_names[1:]), _sync_parameters(sync)).lastrowid
 
+
+# -- The store: people; Store; PersonStore ----------------------------------
 
 #: A person's name: in URLs (?person=), file names and CSV cells as it is.
 PERSON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}\Z")
@@ -5170,6 +5233,8 @@ class PersonStore:
         finally:
             conn.close()
 
+
+# -- Staging: a sync's rows in a temporary file until its merge -------------
 
 class Stage:
     """One sync's rows, kept in a private SQLite file while its body
@@ -6083,6 +6148,8 @@ def _put_in_place(readable, db_path, folder, report):
 # Reporting: what is stored, as records (read only); export
 # ---------------------------------------------------------------------------
 
+# -- Views: titles; RANGES; a View and its Window; totals per period --------
+
 #: Sample types listed and charted on the status page and /api/summary (the
 #: largest first); ``stats --json`` lists all.
 PAGE_TYPES_MAX = 40
@@ -6462,6 +6529,8 @@ def window_aggregates(conn, type_name, window):
     return [(agg, max(agg.days, 1) if agg else 1) for agg in type_aggregates(conn, type_name, window.periods,
                                                                              window.midnights)]
 
+
+# -- Charts: category types, sleep per night, CHART_KINDS, today's tiles ----
 
 #: Sleep stages in stacking order (bottom first), with their labels and colours.
 SLEEP_STAGES = (("deep", "Deep", "#1c3f94"), ("core", "Core", "#3a7bd5"), ("rem", "REM", "#7fb3f5"),
@@ -6912,6 +6981,8 @@ def today_tiles(conn, known, view):
     return tuple(tiles)
 
 
+# -- Records: what the app sends, the store's facts, workouts, medications --
+
 #: Latest elements of each section (and sample type) the field inventory reads.
 FIELDS_ELEMENTS_READ = 500
 #: Fields listed per section or type (the most used first).
@@ -7172,6 +7243,8 @@ def medications(conn, window):
                                  Chart(medication, name, name, DOSES, window.grain, None, points)))
     return tuple(listed)
 
+
+# -- The status report: gaps, the journal, StatusReport and its JSON --------
 
 #: Types /api/latest and /metrics list per person: the largest, as the
 #: status page charts them (a bound however many types a person has).
@@ -7744,6 +7817,8 @@ def series_points(store, name, view, start, end, grain_name=None, stat=None):
             window.periods, values, counts, partial)]
 
 
+# -- Type and workout reports: a type's page, a workout's -------------------
+
 class PeriodRow(typing.NamedTuple):
     """A period with samples on a type's page, and its cells (the values
     under its chart kind's ``columns``)."""
@@ -8047,6 +8122,8 @@ def _haversine(lat1, lon1, lat2, lon2):
     return 2 * EARTH_RADIUS * math.asin(min(1.0, math.sqrt(a)))
 
 
+# -- Export: rows, CSV and NDJSON lines -------------------------------------
+
 def date_bound(text, end=False):
     """A --since (or, with ``end``, --until) value as the canonical UTC
     bound rows are compared with; a bare --until date includes its day.
@@ -8197,6 +8274,8 @@ def ndjson_line(name, columns, row, person, exported=None):
 # ---------------------------------------------------------------------------
 # Presentation: the pages (HTML with inline SVG charts, no script)
 # ---------------------------------------------------------------------------
+
+# -- Formats and charts: paths; numbers, times and units; SVG charts --------
 
 #: Path of the JSON summary the status page shows.
 SUMMARY_PATH = "/api/summary"
@@ -8530,6 +8609,8 @@ SPEED_STYLES = {
     "swimming": SpeedStyle("Pace", 100.0, "/100 m"), "rowing": SpeedStyle("Pace", 500.0, "/500 m"),
 }
 
+
+# -- Pages: the status page, a type's, a workout's, the fields' -------------
 
 def _cells(*cells):
     """Table cells from HTML that is already escaped; a cell given as
@@ -9129,6 +9210,8 @@ def receiver_samples(samples, db_path, backup):
 # Sync workflow: one sync from bytes to stored rows (HTTP and import); NDJSON import; scheduled backups
 # ---------------------------------------------------------------------------
 
+# -- Archive: bodies kept as they came (--archive) --------------------------
+
 #: An archived body: <UTC time>-<sync id>.json.gz, the first person's, or
 #: <UTC time>-<sync id>-<name>.json.gz, another person's (so that import
 #: stores it as theirs, in any database).
@@ -9240,6 +9323,8 @@ class ArchiveWriter:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
 
+
+# -- Intake: one sync from arriving bytes to stored rows --------------------
 
 def describe_sync(result):
     """The one log line of a stored sync (client text escaped)."""
@@ -9503,6 +9588,8 @@ class SyncIntake:
         self.store.checkpoint()
         give_back_memory()
 
+
+# -- Scheduled backups: BackupSchedule --------------------------------------
 
 #: Seconds before a failed scheduled backup is tried again (at most the
 #: interval).
@@ -9879,6 +9966,8 @@ def _gap_text(gap):
     return f"{gap.message}{since}. The receiver tells you again when it ends."
 
 
+# -- NDJSON import: the lines of an export made payloads again --------------
+
 #: Lines of an NDJSON export ingested as one sync by ``import``.
 IMPORT_CHUNK_LINES = 100000
 #: Bytes of the longest NDJSON line ``import`` reads: an exported line is
@@ -10082,6 +10171,8 @@ def _ndjson_payload(entries, per_payload, held):
 # ---------------------------------------------------------------------------
 # HTTP: keys, request checks, the protocol, routes and their actions, the server
 # ---------------------------------------------------------------------------
+
+# -- Keys and the configuration: Keys, trusted proxies, ReceiverConfig ------
 
 #: Default TCP port, the one the app's guide uses.
 DEFAULT_PORT = 3000
@@ -10408,6 +10499,8 @@ class ReceiverConfig:
         self.path = endpoint_path(self.path)
 
 
+# -- Request checks: framing, the body as it arrives, hosts, throttles ------
+
 #: White space a header value may hold around its parts (RFC 9110's OWS):
 #: space and tab, nothing else (str.strip() would take a vertical tab or
 #: a form feed too, so that "\x0bchunked" passed for chunked).
@@ -10673,6 +10766,8 @@ def decompress(chunks, encoding, limit):
     if out:
         yield out
 
+
+# -- The protocol: Answer, Route, the request handler -----------------------
 
 class Answer(typing.NamedTuple):
     """What a route's action answers: the protocol sends it, and logs it
@@ -11558,6 +11653,8 @@ ROUTES = (
 )
 
 
+# -- The server: HealthReceiverServer, TLS ----------------------------------
+
 class HealthReceiverServer(ThreadingHTTPServer):
     """The HTTP server: owns the config, the store, the sync workflow and
     the route table."""
@@ -11820,6 +11917,8 @@ def make_ssl_context(cert, key):
 # ---------------------------------------------------------------------------
 # Command line: serve, stats, export, import, backup, verify, restore: COMMANDS
 # ---------------------------------------------------------------------------
+
+# -- serve: the start, its banner, the key, the flags -----------------------
 
 #: Environment variable holding the key the app sends.
 TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
@@ -12328,6 +12427,8 @@ def config_from_args(args, environ):
 def run_serve(args, out):
     return serve(config_from_args(args, args.environ), out)
 
+
+# -- Other commands: key, people, stats, export, import, backup, verify, restore, notify --
 
 #: File names ``import`` picks up when given a folder.
 IMPORT_SUFFIXES = (".json", ".json.gz", ".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
@@ -13002,6 +13103,8 @@ COMMANDS = {
 # Bench: the receiver against a baseline, at any database size
 # ---------------------------------------------------------------------------
 
+# -- Payloads: generated syncs of both apps' shapes -------------------------
+
 #: HealthKit types of the generated payload: (identifier, unit, source, value range).
 BENCH_TYPES = (
     ("HKQuantityTypeIdentifierHeartRate", "count/min", "Jane\u2019s Apple Watch", (48, 170)),
@@ -13211,6 +13314,8 @@ def make_hae_payload(target_mb, seed=7, start=BENCH_START, days=30, reordered=Fa
 #: The generators of bench's bodies, by the app whose shape they have.
 BENCH_APPS = {"export-pro": make_bench_payload, "auto-export": make_hae_payload}
 
+
+# -- Runs: the baseline, the runs, a filled database, a backup --------------
 
 def run_baseline(body_file, db_file):
     """The baseline, run in its own process: the usual receiver.  json.loads
