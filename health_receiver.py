@@ -2352,6 +2352,10 @@ _SECTIONS_BY_APP_KEY = {key: section for section in SECTIONS for key in section.
 SAMPLES = SECTIONS_BY_NAME["samples"]
 #: The section whose counts the ``syncs`` table keeps apart (route_points).
 ROUTE_POINTS = SECTIONS_BY_NAME["routes"]
+#: NDJSON field that carries a section's label (the data key or the
+#: workout), and the column it is stored in: export writes it, import
+#: reads it.
+NDJSON_LABELS = {"samples": ("type", "type"), "routes": ("workout", "workout_uuid")}
 
 
 class Stream(typing.NamedTuple):
@@ -8224,11 +8228,6 @@ def resolve_type(store, name):
         raise UsageError(f"no samples of type {name}; stored types: "
                          f"{', '.join(short_type_name(t) for t in known) or 'none'}")
     return found[0]
-
-
-#: NDJSON field that carries a section's label (the data key or the
-#: workout), and the column it is stored in.
-NDJSON_LABELS = {"samples": ("type", "type"), "routes": ("workout", "workout_uuid")}
 
 
 def _compact(record):
