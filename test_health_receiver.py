@@ -1,11 +1,15 @@
 """Tests for health_receiver.py: run with ``python3 -m unittest -v``.
 
-Grouped in the module's layer order: dates, the JSON reader and ingest (fed
+Grouped by the module's layers: dates, the JSON reader and ingest (fed
 text, no socket), storage, reporting, presentation, the sync workflow, HTTP,
 the command line.  Most tests talk to a real server on 127.0.0.1 (ephemeral
 port, in a thread) with http.client or a raw socket, and check real SQLite
 files; the protocol's own tests drive the real handler through BytesIO, as
 CPython's test_httpservers does, with no socket and no database.
+
+The receivers' clock is the tests' (TEST_NOW, a fixed noon): no test waits
+for the wall clock.  To run the suite at another hour, set it:
+``HEALTH_TEST_NOW=2027-01-15T00:01:00Z python3 -m unittest``.
 """
 
 import argparse
