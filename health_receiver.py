@@ -25,47 +25,134 @@ HEALTH_RECEIVER_TOKEN (or a file named by --token-file); without one, a new
 database gets a random key, saved beside it in <database>.key and printed
 once at start.
 
-Map of this file, each section depending only on those above it:
+Map of this file: its sections in order, each depending only on those
+above it (none uses a name that a later one defines), and the rooms of
+the larger ones, each under a banner of its own (# -- Title: ...).  The
+banners say the same titles in the same order: FileMapTests holds the
+file to this map and to that rule.
 
-    Errors        exceptions; client text made safe for the log
-    Dates         the stored form (canonical UTC text), parsing, Zone: the
-                  days, nights and hours a person lives in
-    JSON reader   JsonReader: one document read as it arrives, a value at a
-                  time, within a bounded window
-    Ingest        the health grammar: row functions (the other app's too:
-                  HAE_METRICS, POINT_SHAPES, UNIT_SIZES), the SECTIONS
-                  registry, NESTED (elements whose arrays are read an
-                  element at a time), Payload (a sync's body as batches
-                  of rows)
-    Storage       SQLite connections, schema derived from SECTIONS, the
-                  syncs table (SYNCS), PEOPLE (every row is a person's),
-                  MIGRATIONS, a sync's rows staged in a temporary file and
-                  merged in one transaction, hourly totals (the types that
-                  add up merged by source priority over time, as the Health
-                  app does: SourceRanks, merge_by_priority; sleep counted
-                  once per source; hours_merger); PersonStore (the
-                  store as one person sees it); backups of a database in use,
-                  verify, restore
-    Reporting     records of what is stored (read only): RANGES, a View and
-                  its Window, CHART_KINDS over the hourly totals, today,
-                  sleep per night, workouts and routes, medications, the
-                  journal (JOURNAL_KINDS: the other app's events), the
-                  numbers of /api/series, /api/latest and gaps; the JSON made
-                  from them; export rows and NDJSON export lines
-    Presentation  the pages from those records: status page, a page per
-                  type and per workout; HTML with inline SVG charts
-    Sync workflow one sync from arriving bytes to stored rows, shared by HTTP
-                  and import (a byte-identical retry answered from its
-                  record); the archive; NDJSON lines made payloads again;
-                  scheduled backups; notices when data stops or comes back
-                  (NOTICE_FORMATS, Notifier, GapWatch)
-    HTTP          Keys and identities, request checks, the protocol (framing,
-                  body, the one answer writer), ROUTES and their actions, the
-                  server
-    Command line  serve, key, people, stats, export, import, backup, verify,
-                  restore, notify: COMMANDS
-    Bench         `bench`: the receiver against a baseline, at any database size
-    main          the entry point
+    Errors          exceptions; client text made safe for the log
+    Dates           the stored form (canonical UTC text), parsing, Zone: the
+                    days, nights and hours a person lives in
+    JSON reader     one document read as it arrives, a value at a time,
+                    within a bounded window
+      - Scanners: the limits; a value's text found and checked, not decoded
+      - JsonReader: the reader; values too deep or too large kept as text
+    Ingest          the health grammar: what the apps send, as rows
+      - Row functions: an element of Health Export Pro made a row
+      - The other app: Health Auto Export's shapes (HAE_METRICS,
+        POINT_SHAPES, UNIT_SIZES) made rows of the same tables
+      - Sections: the SECTIONS registry; NESTED, the elements whose arrays
+        are read an element at a time
+      - Payload: a sync's body as batches of rows
+    Storage         SQLite: the schema, a sync written in one transaction,
+                    hourly totals, people, backups
+      - Tables: connections' limits; the schema (SYNCS, PEOPLE, the tables
+        derived from samples) and its first two versions
+      - Hourly totals: what an hour of a type holds, made in SQL
+      - The merge by source priority: the types that add up, merged over
+        time as the Health app does (SourceRanks, merge_by_priority)
+      - Sleep: the stages; each night's time counted once per source
+      - Totals kept up to date: hours_merger; the hours a sync touched,
+        made again
+      - Migrations: the later steps; MIGRATIONS, SCHEMA_VERSION
+      - Writing a sync: SyncResult, its syncs row, what it notes as pending
+      - The store: people; Store (one writer, short readers, a sync merged
+        in one transaction); PersonStore (the store as one person sees it)
+      - Staging: a sync's rows in a temporary file until its merge
+      - Backups: made while the database is in use, verified, restored
+    Reporting       records of what is stored, read only
+      - Views: titles; RANGES; a View and its Window; totals per period
+      - Charts: category types, sleep per night, CHART_KINDS, today's tiles
+      - Records: what the app sends, the store's facts, workouts,
+        medications
+      - The status report: gaps, the journal (JOURNAL_KINDS: the other
+        app's events), StatusReport and the JSON made from it
+      - What other tools read: /api/latest, today's totals, /api/series
+      - Type and workout reports: a type's page, a workout's
+      - Export: rows, CSV and NDJSON lines
+    Presentation    the pages made from those records (HTML, inline SVG)
+      - Formats and charts: paths; numbers, times and units as shown; SVG
+      - Pages: the status page, a type's, a workout's, the fields'
+      - Prometheus: the text exposition format (METRICS)
+    Sync workflow   one sync from arriving bytes to stored rows, shared by
+                    HTTP and import
+      - Archive: bodies kept as they came (--archive)
+      - Intake: SyncIntake (a byte-identical retry answered from its
+        record)
+      - Scheduled backups: BackupSchedule
+      - Notices: when data stops or comes back, or a backup fails
+        (NOTICE_FORMATS, Notifier, GapWatch)
+      - NDJSON import: the lines of an export made payloads again
+    HTTP            the protocol and the server
+      - Keys and the configuration: Keys, identities, trusted proxies,
+        ReceiverConfig
+      - Request checks: framing, the body as it arrives, hosts, throttles
+      - The protocol: Answer, Route, the one answer writer
+      - The routes: what the receiver answers, and who may ask (ROUTES)
+      - The server: HealthReceiverServer, TLS
+    Command line    the commands
+      - serve: the start, its banner, the key, the flags
+      - Other commands: key, people, stats, export, import, backup,
+        verify, restore, notify; COMMANDS
+    Bench           `bench`: the receiver against a baseline, at any
+                    database size
+      - Payloads: generated syncs of both apps' shapes
+      - Runs: the baseline, the runs, a filled database, a backup
+    main            the entry point
+
+Where to change what: each registry, the room it is in, what one more
+entry needs, and the tests that guard it (FileMapTests checks the rooms
+and that the tests exist).
+
+    SECTIONS        Ingest / Sections: a Section (the app's keys, its
+                    table, columns, key, dates) and its row function; a new
+                    table is created at the next start, on existing
+                    databases too.  SectionRegistryTests, MigrationTests
+    NESTED          Ingest / Sections: a Nested: the parent row and a
+                    Stream per array (its section, its row function).
+                    OtherAppStreamingTests
+    HAE_METRICS     Ingest / The other app: a HaeMetric (the HealthKit type,
+                    the unit stored, a shape of POINT_SHAPES).
+                    OtherAppWalkerTests
+    POINT_SHAPES    Ingest / The other app: a function of a point's fields.
+                    OtherAppWalkerTests
+    UNIT_SIZES      Ingest / The other app: a unit and its size in the unit
+                    stored.  OtherAppWalkerTests
+    SYNCS           Storage / Tables: a column (Sync and the SQL follow)
+                    and a MIGRATIONS step.  MigrationTests
+    PEOPLE          Storage / Tables: a column and a MIGRATIONS step.
+                    PeopleCommandTests, HouseholdTests
+    hours_merger    Storage / Totals kept up to date: how a type's hours are
+                    made; the oracle in the tests states the rules again,
+                    apart: change both.  HealthAppOracleTests,
+                    CumulativeMergeTests
+    MIGRATIONS      Storage / Migrations: a step at the end (a released
+                    step is never edited), in its own transaction.
+                    MigrationTests
+    RANGES          Reporting / Views: a Range (name, title, days; GRAINS
+                    the length of a point).  ReportingTests,
+                    StatusPageTests
+    CATEGORY_TYPES  Reporting / Charts: a CategoryType (its values' names).
+                    CategoryTypeTests
+    CHART_KINDS     Reporting / Charts: a ChartKind (a period's value, its
+                    drawing in DRAWINGS, the types it applies to; the first
+                    that applies wins).  ReportingTests
+    JOURNAL_KINDS   Reporting / The status report: a JournalKind (its
+                    section, title, columns).  OtherAppTests
+    METRICS         Presentation / Prometheus: a Metric, and its samples in
+                    receiver_samples or person_samples.  OtherToolsTests
+    NOTICE_FORMATS  Sync workflow / Notices: a NoticeFormat (its name, the
+                    request it makes, the URL's help).  NoticeFormatTests
+    ROUTES          HTTP / The routes: a Route (method, path, who may ask,
+                    the action: a function of the request returning an
+                    Answer), in the README too.  ProtocolTests,
+                    DocumentedEverywhereTests
+    COMMANDS        Command line / Other commands: a parser factory and a
+                    run(args, out), in the README too.  CommandShapeTests,
+                    DocumentedEverywhereTests
+    PEOPLE_ACTIONS  Command line / Other commands: an action of `people`.
+                    PeopleCommandTests
 
 Licensed under the MIT licence; see the LICENSE file.
 """
@@ -440,6 +527,8 @@ class Zone(typing.NamedTuple):
 # JSON reader: one document read as it arrives, a value at a time
 # ---------------------------------------------------------------------------
 
+# -- Scanners: the limits; a value's text found and checked, not decoded ----
+
 #: Bytes in one MiB: limits are in MiB, as the app's "50 MB" is.
 MIB = 1024 * 1024
 #: Bytes read from the socket (or a file) at a time.
@@ -586,6 +675,8 @@ def _follow_nesting(text, at, depth, in_string):
                 return at, 0, False
     return at, depth, in_string
 
+
+# -- JsonReader: the reader; values too deep or too large kept as text ------
 
 class _TooDeep:
     """The value of an element nested too deeply for the json module."""
@@ -1058,6 +1149,8 @@ class JsonReader:
 # ---------------------------------------------------------------------------
 # Ingest: the health grammar: rows, the sections registry, the payload
 # ---------------------------------------------------------------------------
+
+# -- Row functions: an element of Health Export Pro made a row --------------
 
 #: Characters of the longest type name stored (HealthKit's are under 60).
 TYPE_NAME_MAX = 200
@@ -2007,6 +2100,8 @@ def _voltage_row(obj, raw, label):
             _to_sql(obj.get("units")), raw)
 
 
+# -- Sections: the SECTIONS registry; NESTED, elements read member by member --
+
 #: The column of every table of health data that says whose a row is (an
 #: id of ``people``): the first of each stored key, so that a person's rows
 #: are stored together and two people's same element are two rows.  A sync
@@ -2257,6 +2352,10 @@ _SECTIONS_BY_APP_KEY = {key: section for section in SECTIONS for key in section.
 SAMPLES = SECTIONS_BY_NAME["samples"]
 #: The section whose counts the ``syncs`` table keeps apart (route_points).
 ROUTE_POINTS = SECTIONS_BY_NAME["routes"]
+#: NDJSON field that carries a section's label (the data key or the
+#: workout), and the column it is stored in: export writes it, import
+#: reads it.
+NDJSON_LABELS = {"samples": ("type", "type"), "routes": ("workout", "workout_uuid")}
 
 
 class Stream(typing.NamedTuple):
@@ -2330,6 +2429,8 @@ NESTED = {
                   lambda members, texts: _ecg_parent(members), _row_key),
 }
 
+
+# -- Payload: a sync's body as batches of rows ------------------------------
 
 def _where(parent, key, member):
     """What a rejected row of a nested array names: a metric's name, or
@@ -2766,6 +2867,8 @@ def leading_members(head):
 # Storage: connections, schema, migrations, writing a sync; backups, verify, restore
 # ---------------------------------------------------------------------------
 
+# -- Tables: the schema and its first two versions --------------------------
+
 #: Seconds SQLite waits for another program's lock before giving up (503).
 BUSY_TIMEOUT = 10.0
 #: SQLite page size for new databases (bench: 16 KiB inserts ~20% faster than 4 KiB).
@@ -3189,6 +3292,8 @@ def _recount_sample_types(conn, per_person=True):
     conn.execute(f"INSERT INTO sample_types ({owner}type, rows, first_date, last_date) SELECT {owner}type, count(*),"
                  f" min(start_date), max(start_date) FROM samples GROUP BY {owner}type")
 
+
+# -- Hourly totals: what an hour of a type holds, made in SQL ---------------
 
 _NUMERIC = "typeof(value) IN ('integer', 'real')"
 #: Types whose samples' durations are what they measure (sleep, mindful
@@ -3707,6 +3812,8 @@ def merge_sleep_hours(conn, person, type_name, low, high, ranks):
     conn.executemany(_HOURS_INSERT_SQL, rows.values())
 
 
+# -- Totals kept up to date: the hours a sync touched, made again -----------
+
 def hours_merger(type_name):
     """How a type's hours are made in Python, or None (in SQL,
     _SAMPLE_HOURS_SQL): a type that adds up is merged by source priority
@@ -3797,6 +3904,8 @@ def _update_pending_hours(conn):
             conn.execute(sql, dict(parameters, since=since, until=until))
     conn.execute("DELETE FROM sample_hours_pending")
 
+
+# -- Migrations: the later steps; MIGRATIONS --------------------------------
 
 def _recount_sample_hours(conn, report=None, per_person=True):
     """Rebuild sample_hours from the samples: as the current schema keeps
@@ -4121,6 +4230,8 @@ RECEIVER_KEY_SETTING = "receiver_key"
 ARCHIVE_SETTING = "archive"
 
 
+# -- Writing a sync: its result, its syncs row, what it notes as pending ----
+
 @dataclasses.dataclass
 class SyncResult:
     """What one stored sync held; the HTTP layer turns it into the answer."""
@@ -4430,6 +4541,8 @@ def _insert_sync(conn, sync, key_sha256=None):
     return conn.execute(SYNCS.insert_sql(SYNCS.column_names[1:]), _sync_parameters(sync)).lastrowid
 
 
+# -- The store: people; Store; PersonStore ----------------------------------
+
 #: A person's name: in URLs (?person=), file names and CSV cells as it is.
 PERSON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}\Z")
 
@@ -4543,9 +4656,12 @@ class Store:
     and are never blocked by a running ingest (WAL).
     """
 
-    def __init__(self, path, busy_timeout=BUSY_TIMEOUT, tmp_dir=None, backup_dir=None):
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT, tmp_dir=None, backup_dir=None, clock=utc_clock):
         self.path = path
         self.busy_timeout = busy_timeout
+        #: Now, as an aware datetime: what syncs and people are stamped with
+        #: (the receiver's clock, ReceiverConfig.clock).
+        self.clock = clock
         #: Where backups are kept (--backup-dir): a damaged database's
         #: message names the newest.
         self.backup_dir = backup_dir
@@ -4609,7 +4725,7 @@ class Store:
     def _damaged(self, detail):
         if self.damage is None:
             self.damage = DAMAGED.format(path=self.path, detail=log_safe(detail, LOG_TEXT_MAX))
-            newest = newest_backup(self.backup_dir, self.path) if self.backup_dir else None
+            newest = newest_backup(self.backup_dir, self.path, self.clock()) if self.backup_dir else None
             if newest is not None:
                 self.damage += (f" The newest verified backup is {newest.path}: to put it in place, stop the "
                                 f"receiver and run: python3 {os.path.basename(sys.argv[0] or 'health_receiver.py')} "
@@ -4834,7 +4950,7 @@ class Store:
                 conn.execute(f"PRAGMA stage.cache_size = -{STAGE_CACHE_KIB:d}")
                 try:
                     conn.execute("BEGIN IMMEDIATE")
-                    received_at = utc_now()
+                    received_at = _canonical(self.clock())
                     sync_id = result.sync_id = _insert_sync(conn, Sync(
                         received_at=received_at, remote_addr=remote_addr, body_bytes=payload.size, person=person),
                         key_sha256)
@@ -4899,7 +5015,7 @@ class Store:
                                         rejected=rejected, sections=sections, envelope=envelope or {},
                                         same_body_as=same_as, person=person)
                     result.duration = time.monotonic() - started
-                    sync = result.sync(utc_now(), {})._replace(envelope=envelope_json)
+                    sync = result.sync(_canonical(self.clock()), {})._replace(envelope=envelope_json)
                     result.sync_id = _insert_sync(conn, sync, key_sha256)
             except sqlite3.Error as exc:
                 raise self.unavailable(exc) from exc
@@ -4911,7 +5027,7 @@ class Store:
         does not wait long for a database that another program holds)."""
         with contextlib.suppress(StorageUnavailable, sqlite3.Error):
             with self.writer(wait=min(self.busy_timeout, FAILURE_WAIT)) as conn, _transaction(conn):
-                _insert_sync(conn, failure.sync(utc_now()))
+                _insert_sync(conn, failure.sync(_canonical(self.clock())))
 
     def _merge_rows(self, conn, stage, params, result):
         """Copy each section's staged rows (``params``: :sync_id, and
@@ -5083,7 +5199,7 @@ class Store:
             for name, key in zip(names, keys):
                 conn.execute(PEOPLE.insert_sql(("name", "key_sha256", "admin", "created_at")),
                              {"name": name, "key_sha256": key and hash_key(key), "admin": int(admin),
-                              "created_at": utc_now()})
+                              "created_at": _canonical(self.clock())})
 
     def set_key(self, name, key):
         """Give the person named ``name`` the key ``key`` in place of their
@@ -5182,6 +5298,8 @@ class PersonStore:
         finally:
             conn.close()
 
+
+# -- Staging: a sync's rows in a temporary file until its merge -------------
 
 class Stage:
     """One sync's rows, kept in a private SQLite file while its body
@@ -5394,7 +5512,7 @@ class StagedRun:
             self.ranges.append([first_rowid, last_rowid])
 
 
-# -- backups, verification, restore ------------------------------------------
+# -- Backups: made while the database is in use, verified, restored ---------
 
 #: Pages a backup copies per step (16 MiB): between steps a sync's merge
 #: goes on.  The backup reads one snapshot throughout (it holds a read
@@ -5405,6 +5523,9 @@ BACKUP_STEP_PAGES = 1024
 #: and .db.gz when compressed (-2, -3... after the time for a second backup
 #: in the same second).  Only such files are ever removed (--keep).
 _BACKUP_NAME = re.compile(r"(?P<stem>.+)-(?P<time>[0-9]{8}T[0-9]{6}Z)(?:-[0-9]+)?\.db(?:\.gz)?\Z")
+#: A backup's name cut where its number goes (none: the first of its second).
+_BACKUP_NUMBERED = re.compile(r"(?P<name>.+-[0-9]{8}T[0-9]{6}Z)(?:-(?P<number>[0-9]+))?(?P<suffix>\.db(?:\.gz)?)\Z",
+                              re.DOTALL)
 #: A backup being made: .<final name>.<pid>.backup-tmp (removed once the
 #: process is gone).
 _BACKUP_TEMP = re.compile(r"\..+\.(?P<pid>[0-9]+)\.backup-tmp(?:\.gz|-journal)?\Z")
@@ -5470,17 +5591,45 @@ def backup_name(db_path, now=None, compressed=False, person=None):
     return f"{_backup_stem(db_path, person)}-{now:%Y%m%dT%H%M%SZ}.db" + (".gz" if compressed else "")
 
 
-def new_backup_path(folder, db_path, compressed=False, person=None):
-    """Where a backup of ``db_path`` made now goes in ``folder``: its
+def new_backup_path(folder, db_path, compressed=False, person=None, now=None):
+    """Where a backup of ``db_path`` made ``now`` goes in ``folder``: its
     backup_name, numbered when a backup (of another database of that name,
     say) took it in the same second."""
-    suffix = ".db.gz" if compressed else ".db"
-    name = backup_name(db_path, compressed=compressed, person=person)[:-len(suffix)]
-    path, number = os.path.join(folder, name + suffix), 1
-    while os.path.lexists(path):
-        number += 1
-        path = os.path.join(folder, f"{name}-{number}{suffix}")
-    return path
+    return next(path for path in _backup_names(os.path.join(folder, backup_name(db_path, now, compressed, person)))
+                if not os.path.lexists(path))
+
+
+def _backup_names(path):
+    """The backup's ``path``, then the same name numbered on from its
+    number (any other name is only itself)."""
+    yield path
+    parts = _BACKUP_NUMBERED.match(os.path.basename(path))
+    if parts is not None:
+        for number in itertools.count(int(parts["number"] or 1) + 1):
+            yield os.path.join(os.path.dirname(path), f"{parts['name']}-{number}{parts['suffix']}")
+
+
+def _claim_name(temp, dest):
+    """Give the finished file ``temp`` the backup name ``dest``, or the next
+    numbered one free (see new_backup_path), and return it.  The name is
+    taken by a hard link, which fails rather than replace a backup made in
+    the same second by another thread or process; a disk without hard links
+    (FAT) takes it by creating the file exclusively first."""
+    for path in _backup_names(dest):
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            continue
+        except OSError:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                continue
+            os.replace(temp, path)
+            return path
+        os.unlink(temp)
+        return path
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dest)
 
 
 class Backup(typing.NamedTuple):
@@ -5579,19 +5728,20 @@ def backups_of(folder, db_path, person=None, now=None):
                                              backup.made_at or ""), reverse=True)
 
 
-def newest_backup(folder, db_path):
-    """The newest Backup of ``db_path`` in ``folder``, or None.  A file
-    under a backup's name was verified before it was given that name."""
-    found = backups_of(folder, db_path)
+def newest_backup(folder, db_path, now=None):
+    """The newest Backup of ``db_path`` in ``folder`` as of ``now`` (see
+    backups_of), or None.  A file under a backup's name was verified before
+    it was given that name."""
+    found = backups_of(folder, db_path, now=now)
     return found[0] if found else None
 
 
-def remove_old_backups(folder, db_path, keep, made=None, person=None):
+def remove_old_backups(folder, db_path, keep, made=None, person=None, now=None):
     """Remove the backups of ``db_path`` (of ``person``'s rows, if given)
-    in ``folder`` beyond the newest ``keep`` (see backups_of); the one just
-    ``made`` (its path) is the newest whatever the others say.  Return the
-    paths removed."""
-    found = sorted(backups_of(folder, db_path, person), key=lambda backup: backup.path != made)
+    in ``folder`` beyond the newest ``keep`` as of ``now`` (see backups_of);
+    the one just ``made`` (its path) is the newest whatever the others say.
+    Return the paths removed."""
+    found = sorted(backups_of(folder, db_path, person, now), key=lambda backup: backup.path != made)
     removed = [backup.path for backup in found[keep:]]
     for path in removed:
         os.unlink(path)
@@ -5704,7 +5854,8 @@ def _copy_failure(exc, db_path, folder):
     return StorageUnavailable(f"The database {db_path} cannot be copied: {text}. {advice}")
 
 
-def backup_database(db_path, dest, compress=False, progress=None, cancelled=None, person_id=None):
+def backup_database(db_path, dest, compress=False, progress=None, cancelled=None, person_id=None,
+                    clock=utc_clock, numbered=False):
     """Copy the database at ``db_path`` into the new file ``dest`` while it
     is in use, verify the copy against the snapshot it was taken from
     (integrity_check, every table's rows, the schema version), and only
@@ -5714,7 +5865,10 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
     StorageUnavailable (a damaged database, a copy that does not verify),
     OSError (the folder, the disk), or BackupStopped once ``cancelled()``
     is true, leaving no file behind.  With ``person_id``, the copy then
-    keeps only that person's rows (see _keep_only)."""
+    keeps only that person's rows (see _keep_only).  ``clock()`` says when
+    the snapshot is taken.  With ``numbered``, a file that took the name
+    ``dest`` meanwhile is left alone: the backup takes the next number
+    (the record says which)."""
     started = time.monotonic()
     folder = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(folder):
@@ -5740,7 +5894,7 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
             source.execute("BEGIN")
             source.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts here
             version = source.execute("PRAGMA user_version").fetchone()[0]
-            made_at = utc_now()
+            made_at = _canonical(clock())
             create_private(temp)
             copy = sqlite3.connect(temp, isolation_level=None)
             try:
@@ -5768,7 +5922,10 @@ def backup_database(db_path, dest, compress=False, progress=None, cancelled=None
             os.unlink(temp)
             temp = temp + ".gz"
         _sync_to_disk(temp)
-        os.replace(temp, dest)
+        if numbered:
+            dest = _claim_name(temp, dest)
+        else:
+            os.replace(temp, dest)
         _sync_to_disk(folder, folder=True)
     except BaseException:
         for path in made:
@@ -6055,6 +6212,8 @@ def _put_in_place(readable, db_path, folder, report):
 # ---------------------------------------------------------------------------
 # Reporting: what is stored, as records (read only); export
 # ---------------------------------------------------------------------------
+
+# -- Views: titles; RANGES; a View and its Window; totals per period --------
 
 #: Sample types listed and charted on the status page and /api/summary (the
 #: largest first); ``stats --json`` lists all.
@@ -6435,6 +6594,8 @@ def window_aggregates(conn, type_name, window):
     return [(agg, max(agg.days, 1) if agg else 1) for agg in type_aggregates(conn, type_name, window.periods,
                                                                              window.midnights)]
 
+
+# -- Charts: category types, sleep per night, CHART_KINDS, today's tiles ----
 
 #: Sleep stages in stacking order (bottom first), with their labels and colours.
 SLEEP_STAGES = (("deep", "Deep", "#1c3f94"), ("core", "Core", "#3a7bd5"), ("rem", "REM", "#7fb3f5"),
@@ -6885,6 +7046,8 @@ def today_tiles(conn, known, view):
     return tuple(tiles)
 
 
+# -- Records: what the app sends, the store's facts, workouts, medications --
+
 #: Latest elements of each section (and sample type) the field inventory reads.
 FIELDS_ELEMENTS_READ = 500
 #: Fields listed per section or type (the most used first).
@@ -7145,6 +7308,8 @@ def medications(conn, window):
                                  Chart(medication, name, name, DOSES, window.grain, None, points)))
     return tuple(listed)
 
+
+# -- The status report: gaps, the journal, StatusReport and its JSON --------
 
 #: Types /api/latest and /metrics list per person: the largest, as the
 #: status page charts them (a bound however many types a person has).
@@ -7409,7 +7574,7 @@ def _chart_json(chart):
     return facts
 
 
-# -- what other tools read: the latest values, today, a series, the gaps ------
+# -- What other tools read: the latest values, today, a series, the gaps ----
 
 #: The most points one /api/series answer holds.
 SERIES_POINTS_MAX = 5000
@@ -7717,6 +7882,8 @@ def series_points(store, name, view, start, end, grain_name=None, stat=None):
             window.periods, values, counts, partial)]
 
 
+# -- Type and workout reports: a type's page, a workout's -------------------
+
 class PeriodRow(typing.NamedTuple):
     """A period with samples on a type's page, and its cells (the values
     under its chart kind's ``columns``)."""
@@ -8020,6 +8187,8 @@ def _haversine(lat1, lon1, lat2, lon2):
     return 2 * EARTH_RADIUS * math.asin(min(1.0, math.sqrt(a)))
 
 
+# -- Export: rows, CSV and NDJSON lines -------------------------------------
+
 def date_bound(text, end=False):
     """A --since (or, with ``end``, --until) value as the canonical UTC
     bound rows are compared with; a bare --until date includes its day.
@@ -8122,11 +8291,6 @@ def resolve_type(store, name):
     return found[0]
 
 
-#: NDJSON field that carries a section's label (the data key or the
-#: workout), and the column it is stored in.
-NDJSON_LABELS = {"samples": ("type", "type"), "routes": ("workout", "workout_uuid")}
-
-
 def _compact(record):
     """A record on one line (pretty-printed ones hold newlines)."""
     if "\n" in record or "\r" in record:
@@ -8170,6 +8334,8 @@ def ndjson_line(name, columns, row, person, exported=None):
 # ---------------------------------------------------------------------------
 # Presentation: the pages (HTML with inline SVG charts, no script)
 # ---------------------------------------------------------------------------
+
+# -- Formats and charts: paths; numbers, times and units; SVG charts --------
 
 #: Path of the JSON summary the status page shows.
 SUMMARY_PATH = "/api/summary"
@@ -8503,6 +8669,8 @@ SPEED_STYLES = {
     "swimming": SpeedStyle("Pace", 100.0, "/100 m"), "rowing": SpeedStyle("Pace", 500.0, "/500 m"),
 }
 
+
+# -- Pages: the status page, a type's, a workout's, the fields' -------------
 
 def _cells(*cells):
     """Table cells from HTML that is already escaped; a cell given as
@@ -9102,6 +9270,8 @@ def receiver_samples(samples, db_path, backup):
 # Sync workflow: one sync from bytes to stored rows (HTTP and import); NDJSON import; scheduled backups
 # ---------------------------------------------------------------------------
 
+# -- Archive: bodies kept as they came (--archive) --------------------------
+
 #: An archived body: <UTC time>-<sync id>.json.gz, the first person's, or
 #: <UTC time>-<sync id>-<name>.json.gz, another person's (so that import
 #: stores it as theirs, in any database).
@@ -9188,14 +9358,14 @@ class ArchiveWriter:
                     self.error = exc
             yield piece
 
-    def keep(self, sync_id, person=None):
-        """Complete the file and give it its final name (see _archive_path);
-        return that."""
+    def keep(self, sync_id, person=None, now=None):
+        """Complete the file and give it its final name (see _archive_path),
+        of a sync kept ``now``; return that."""
         if self.error is None:
             try:
                 self._gzip.close()
                 self._handle.close()
-                final = _archive_path(self.directory, sync_id, person)
+                final = _archive_path(self.directory, sync_id, person, now)
                 os.replace(self.path, final)
                 return final
             except OSError as exc:
@@ -9213,6 +9383,8 @@ class ArchiveWriter:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
 
+
+# -- Intake: one sync from arriving bytes to stored rows --------------------
 
 def describe_sync(result):
     """The one log line of a stored sync (client text escaped)."""
@@ -9434,7 +9606,7 @@ class SyncIntake:
                 stage.close()
         if archive:
             try:
-                archive.keep(result.sync_id, self._archive_name(result.person))
+                archive.keep(result.sync_id, self._archive_name(result.person), self.store.clock())
             except (OSError, StorageUnavailable) as exc:
                 self.log_error(remote_addr, f"sync {result.sync_id} is stored but could not be archived in "
                                             f"{self.archive}: {exc}")
@@ -9477,6 +9649,8 @@ class SyncIntake:
         give_back_memory()
 
 
+# -- Scheduled backups: BackupSchedule --------------------------------------
+
 #: Seconds before a failed scheduled backup is tried again (at most the
 #: interval).
 BACKUP_RETRY = 3600
@@ -9491,11 +9665,12 @@ class BackupSchedule:
     """Backups made by a background thread of the running receiver every
     ``every`` seconds into ``folder``, keeping the newest ``keep``.  A
     backup reads a snapshot beside the syncs and never delays one (see
-    backup_database).  ``log(line, error)`` writes the log."""
+    backup_database).  ``log(line, error)`` writes the log; ``clock()`` is
+    the receiver's time, which the backups' names and ages are of."""
 
-    def __init__(self, db_path, folder, every, keep, log, on_failure=None):
+    def __init__(self, db_path, folder, every, keep, log, on_failure=None, clock=utc_clock):
         self.db_path, self.folder, self.every, self.keep = db_path, folder, every, keep
-        self.log = log
+        self.log, self.clock = log, clock
         #: ``on_failure(reason)``: told of each failed backup (a notice).
         self.on_failure = on_failure
         #: The last backup made (a BackupRecord), or found in the folder at
@@ -9503,7 +9678,7 @@ class BackupSchedule:
         self.last = None
         #: (UTC time, reason) of the last attempt, when it failed.
         self.failure = None
-        newest = newest_backup(folder, db_path)
+        newest = newest_backup(folder, db_path, clock())
         if newest is not None and newest.made_at is not None:
             with contextlib.suppress(OSError):
                 self.last = BackupRecord(newest.path, newest.made_at, os.path.getsize(newest.path), 0.0, 0, 0)
@@ -9523,7 +9698,7 @@ class BackupSchedule:
     def _due_in(self):
         if self.last is None:
             return 0.0
-        age = (datetime.datetime.now(datetime.timezone.utc) - _exact_stamp(self.last.made_at)).total_seconds()
+        age = (self.clock() - _exact_stamp(self.last.made_at)).total_seconds()
         if age < 0:  # a backup of the future: the clock was wrong then, or is now
             return 0.0
         return max(0.0, self.every - age)
@@ -9534,14 +9709,14 @@ class BackupSchedule:
 
     def run_once(self):
         """Make a backup now; failures are logged and kept, never raised."""
-        dest = new_backup_path(self.folder, self.db_path)
+        dest = new_backup_path(self.folder, self.db_path, now=self.clock())
         try:
-            record = backup_database(self.db_path, dest, cancelled=self._stop.is_set)
-            removed = remove_old_backups(self.folder, self.db_path, self.keep, made=record.path)
+            record = backup_database(self.db_path, dest, cancelled=self._stop.is_set, clock=self.clock, numbered=True)
+            removed = remove_old_backups(self.folder, self.db_path, self.keep, made=record.path, now=self.clock())
         except BackupStopped:
             return None
         except (OSError, sqlite3.Error, StorageUnavailable, UsageError) as exc:
-            self.failure = (utc_now(), str(exc))
+            self.failure = (_canonical(self.clock()), str(exc))
             self.log(f"backup into {self.folder} failed: {exc}", True)
             if self.on_failure is not None:
                 self.on_failure(str(exc))
@@ -9554,7 +9729,7 @@ class BackupSchedule:
     def status(self, now=None):
         """What the status page and the endpoint's GET say: the last backup,
         and a warning when it failed or is older than twice the interval."""
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or self.clock()
         last = self.last
         answer = {"folder": self.folder, "every_hours": round(self.every / 3600, 3), "keep": self.keep,
                   "last": None, "warning": None, "failed": self.failure is not None}
@@ -9851,6 +10026,8 @@ def _gap_text(gap):
     return f"{gap.message}{since}. The receiver tells you again when it ends."
 
 
+# -- NDJSON import: the lines of an export made payloads again --------------
+
 #: Lines of an NDJSON export ingested as one sync by ``import``.
 IMPORT_CHUNK_LINES = 100000
 #: Bytes of the longest NDJSON line ``import`` reads: an exported line is
@@ -10054,6 +10231,8 @@ def _ndjson_payload(entries, per_payload, held):
 # ---------------------------------------------------------------------------
 # HTTP: keys, request checks, the protocol, routes and their actions, the server
 # ---------------------------------------------------------------------------
+
+# -- Keys and the configuration: Keys, trusted proxies, ReceiverConfig ------
 
 #: Default TCP port, the one the app's guide uses.
 DEFAULT_PORT = 3000
@@ -10380,6 +10559,8 @@ class ReceiverConfig:
         self.path = endpoint_path(self.path)
 
 
+# -- Request checks: framing, the body as it arrives, hosts, throttles ------
+
 #: White space a header value may hold around its parts (RFC 9110's OWS):
 #: space and tab, nothing else (str.strip() would take a vertical tab or
 #: a form feed too, so that "\x0bchunked" passed for chunked).
@@ -10645,6 +10826,8 @@ def decompress(chunks, encoding, limit):
     if out:
         yield out
 
+
+# -- The protocol: Answer, Route, the request handler -----------------------
 
 class Answer(typing.NamedTuple):
     """What a route's action answers: the protocol sends it, and logs it
@@ -11014,7 +11197,7 @@ class HealthRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self):
         """Every method: the answer of the request's route, or of what went
         wrong, sent once; then what comes after it."""
-        self.now = datetime.datetime.now(datetime.timezone.utc)
+        self.now = self.server.config.clock()
         self.person_store = self.caller = None
         with self.server.in_flight() if self.command == "POST" else contextlib.nullcontext():
             answer = self._answer()
@@ -11238,7 +11421,7 @@ def cpu_seconds():
     return times.user + times.system
 
 
-# -- the routes: what the receiver answers, and who may ask ------------------
+# -- The routes: what the receiver answers, and who may ask -----------------
 
 def _store(request):
     """The store as the request's person sees it: the caller's own data,
@@ -11290,7 +11473,7 @@ def _backups_seen(request):
     backups = request.server.backups
     if backups is None:
         return None
-    status = backups.status()
+    status = backups.status(request.now)
     _store(request)  # sets request.caller
     seen = status.pop("warning_without_paths", None) or status["warning"]  # a failure's text may name paths
     if request.caller.admin:
@@ -11432,7 +11615,7 @@ def metrics_answer(request):
     _totals(request)  # the hourly totals brought up to date first, as for a page
     samples, view = {}, _view(request)
     backups = request.server.backups
-    receiver_samples(samples, request.server.store.path, backups.status() if backups is not None else None)
+    receiver_samples(samples, request.server.store.path, backups.status(request.now) if backups is not None else None)
     for reading in _everyone(request):
         person_view = view._replace(person=reading.person.name)
         with reading.reader() as conn:
@@ -11534,6 +11717,8 @@ ROUTES = (
 )
 
 
+# -- The server: HealthReceiverServer, TLS ----------------------------------
+
 class HealthReceiverServer(ThreadingHTTPServer):
     """The HTTP server: owns the config, the store, the sync workflow and
     the route table."""
@@ -11547,7 +11732,7 @@ class HealthReceiverServer(ThreadingHTTPServer):
 
     def __init__(self, config, store=None, bind_and_activate=True, routes=None):
         self.config = config
-        self.store = store or Store(config.db, tmp_dir=config.tmp_dir)
+        self.store = store or Store(config.db, tmp_dir=config.tmp_dir, clock=config.clock)
         if config.source_priority:
             self.store.use_source_priority(config.source_priority)
         self.intake = SyncIntake(self.store, config.archive, self.log_error_line, config.max_tmp)
@@ -11559,7 +11744,7 @@ class HealthReceiverServer(ThreadingHTTPServer):
         if config.backup_dir and config.backup_every:
             self.store.backup_dir = config.backup_dir
             self.backups = BackupSchedule(config.db, config.backup_dir, config.backup_every, config.backup_keep,
-                                          self.log_line, self.notice_backup_failed)
+                                          self.log_line, self.notice_backup_failed, config.clock)
         #: Whom a request is when the receiver runs without a key.
         self.owner = OWNER
         self.guesses = GuessThrottle()
@@ -11689,7 +11874,7 @@ class HealthReceiverServer(ThreadingHTTPServer):
 
     def _write_log(self, line):
         stream = self.config.log_stream or sys.stderr
-        line = f"{utc_now()} {line}\n".encode("utf-8", "backslashreplace").decode("utf-8")
+        line = f"{_canonical(self.config.clock())} {line}\n".encode("utf-8", "backslashreplace").decode("utf-8")
         with self._log_lock:
             with contextlib.suppress(OSError, ValueError):  # a closed or full log must not fail a sync
                 stream.write(line)
@@ -11796,6 +11981,8 @@ def make_ssl_context(cert, key):
 # ---------------------------------------------------------------------------
 # Command line: serve, stats, export, import, backup, verify, restore: COMMANDS
 # ---------------------------------------------------------------------------
+
+# -- serve: the start, its banner, the key, the flags -----------------------
 
 #: Environment variable holding the key the app sends.
 TOKEN_ENV = "HEALTH_RECEIVER_TOKEN"
@@ -11923,7 +12110,7 @@ def serve(config, out=None, ready=None):
 
 
 def _serve(config, out, ready):
-    store = Store(config.db, tmp_dir=config.tmp_dir, backup_dir=config.backup_dir)
+    store = Store(config.db, tmp_dir=config.tmp_dir, backup_dir=config.backup_dir, clock=config.clock)
     try:
         store.open(report=lambda line: print(line, file=out, flush=True), first_person=config.person)
         if config.source_priority:
@@ -12304,6 +12491,8 @@ def config_from_args(args, environ):
 def run_serve(args, out):
     return serve(config_from_args(args, args.environ), out)
 
+
+# -- Other commands: key, people, stats, export, import, backup, verify, restore, notify --
 
 #: File names ``import`` picks up when given a folder.
 IMPORT_SUFFIXES = (".json", ".json.gz", ".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
@@ -12906,7 +13095,7 @@ def run_backup(args, out):
     progress = _Progress(out)
     try:
         record = backup_database(args.db, dest, compress=args.gzip, progress=progress,
-                                 person_id=person.id if person else None)
+                                 person_id=person.id if person else None, numbered=folder)
     finally:
         progress.done()
     print(f"Backup {record.path}: {record.rows:,} rows, schema version {record.schema_version}, "
@@ -12960,9 +13149,27 @@ def run_restore(args, out):
     return 0
 
 
+#: Every command: name -> (parser factory, run(args, out) -> exit status).
+#: No command name means serve; bench adds itself (Bench comes after).
+COMMANDS = {
+    "serve": (serve_parser, run_serve),
+    "key": (key_parser, run_key),
+    "people": (people_parser, run_people),
+    "stats": (stats_parser, run_stats),
+    "export": (export_parser, run_export),
+    "import": (import_parser, run_import),
+    "backup": (backup_parser, run_backup),
+    "verify": (verify_parser, run_verify),
+    "restore": (restore_parser, run_restore),
+    "notify": (notify_parser, run_notify),
+}
+
+
 # ---------------------------------------------------------------------------
 # Bench: the receiver against a baseline, at any database size
 # ---------------------------------------------------------------------------
+
+# -- Payloads: generated syncs of both apps' shapes -------------------------
 
 #: HealthKit types of the generated payload: (identifier, unit, source, value range).
 BENCH_TYPES = (
@@ -13173,6 +13380,8 @@ def make_hae_payload(target_mb, seed=7, start=BENCH_START, days=30, reordered=Fa
 #: The generators of bench's bodies, by the app whose shape they have.
 BENCH_APPS = {"export-pro": make_bench_payload, "auto-export": make_hae_payload}
 
+
+# -- Runs: the baseline, the runs, a filled database, a backup --------------
 
 def run_baseline(body_file, db_file):
     """The baseline, run in its own process: the usual receiver.  json.loads
@@ -13686,26 +13895,12 @@ def run_bench(args, out):
     return bench_against_baseline(args.mb, runs, out, args.concurrent, BENCH_APPS[args.app])
 
 
+COMMANDS["bench"] = (bench_parser, run_bench)
+
+
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
-
-#: Every command: name -> (parser factory, run(args, out) -> exit status).
-#: No command name means serve.
-COMMANDS = {
-    "serve": (serve_parser, run_serve),
-    "key": (key_parser, run_key),
-    "people": (people_parser, run_people),
-    "stats": (stats_parser, run_stats),
-    "export": (export_parser, run_export),
-    "import": (import_parser, run_import),
-    "backup": (backup_parser, run_backup),
-    "verify": (verify_parser, run_verify),
-    "restore": (restore_parser, run_restore),
-    "notify": (notify_parser, run_notify),
-    "bench": (bench_parser, run_bench),
-}
-
 
 def main(argv=None, environ=None, out=None):
     """Entry point; returns the exit status: 0 done, 1 failed, 2 usage."""

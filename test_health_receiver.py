@@ -1,11 +1,15 @@
 """Tests for health_receiver.py: run with ``python3 -m unittest -v``.
 
-Grouped in the module's layer order: dates, the JSON reader and ingest (fed
+Grouped by the module's layers: dates, the JSON reader and ingest (fed
 text, no socket), storage, reporting, presentation, the sync workflow, HTTP,
 the command line.  Most tests talk to a real server on 127.0.0.1 (ephemeral
 port, in a thread) with http.client or a raw socket, and check real SQLite
 files; the protocol's own tests drive the real handler through BytesIO, as
 CPython's test_httpservers does, with no socket and no database.
+
+The receivers' clock is the tests' (TEST_NOW, a fixed noon): no test waits
+for the wall clock.  To run the suite at another hour, set it:
+``HEALTH_TEST_NOW=2027-01-15T00:01:00Z python3 -m unittest``.
 """
 
 import argparse
@@ -17,6 +21,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import errno
 import gzip
 import hashlib
 import http.client
@@ -56,6 +61,15 @@ except ImportError:  # Python 3.8: local times from time.mktime under TZ
 import health_receiver as hr
 
 TOKEN = "s3cret-Token-for-tests"
+
+#: When the tests' receivers start their clock (see RunningClock): a fixed
+#: noon, or the time HEALTH_TEST_NOW gives (e.g. 2027-01-15T00:01:00Z).  No
+#: test reads the wall clock for "now", so the suite runs alike at any hour.
+TEST_NOW = datetime.datetime.strptime(os.environ.get("HEALTH_TEST_NOW", "2027-01-15T12:00:00Z"),
+                                      "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+#: Noon of TEST_NOW's day: where tests start whose samples fall later that
+#: day than TEST_NOW may be (the morning's, the evening's).
+TEST_NOON = TEST_NOW.replace(hour=12, minute=0, second=0, microsecond=0)
 
 
 def sample(uuid, start, value, unit="count/min", **extra):
@@ -118,8 +132,25 @@ def wait_until(predicate, timeout=10, interval=0.01):
         time.sleep(interval)
 
 
+class RunningClock:
+    """A receiver's clock in a test: it reads ``start`` (by default
+    TEST_NOW) when made, then runs on as time passes (the monotonic clock),
+    and ``advance`` moves it on at once."""
+
+    def __init__(self, start=None):
+        self.start = start or TEST_NOW
+        self._began = time.monotonic()
+
+    def __call__(self):
+        return self.start + datetime.timedelta(seconds=time.monotonic() - self._began)
+
+    def advance(self, **delta):
+        self.start += datetime.timedelta(**delta)
+
+
 class ServerTestCase(unittest.TestCase):
-    """Starts a receiver on 127.0.0.1:0 in a thread for each test."""
+    """Starts a receiver on 127.0.0.1:0 in a thread for each test, its
+    clock a RunningClock from ``clock_start``."""
 
     token = None
     auth_header = None
@@ -129,16 +160,20 @@ class ServerTestCase(unittest.TestCase):
     tls = False
     #: Short: the tests of a locked database wait this long.
     busy_timeout = 0.5
+    #: When the receiver's clock starts (None: TEST_NOW).
+    clock_start = None
 
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.db = os.path.join(self.tmp.name, "health.db")
         self.log = io.StringIO()
+        self.clock = RunningClock(self.clock_start)
+        options = {"clock": self.clock}
+        options.update(self.server_options())
         self.config = hr.ReceiverConfig(
             host="127.0.0.1", port=0, db=self.db, keys=hr.Keys.single(self.token, self.auth_header),
-            max_body=self.max_body, timeout=self.timeout, max_tmp=self.max_tmp, log_stream=self.log,
-            **self.server_options())
-        self.store = hr.Store(self.db, busy_timeout=self.busy_timeout)
+            max_body=self.max_body, timeout=self.timeout, max_tmp=self.max_tmp, log_stream=self.log, **options)
+        self.store = hr.Store(self.db, busy_timeout=self.busy_timeout, clock=self.config.clock)
         self.store.open()
         self.server = hr.HealthReceiverServer(self.config, self.store)
         self.port = self.server.server_address[1]
@@ -1444,7 +1479,22 @@ class BackupTests(ServerTestCase):
             text = out.getvalue()
             self.assertEqual(bool(re.search(r"\r  (\d+) of \1 pages \(\d+ of \d+ MB\), 0 s left", text)), shown, text)
             self.assertRegex(text, r"Backup .*verified")
-            time.sleep(1.1)  # a name of another second
+
+    def test_backups_made_in_the_same_second_each_keep_a_name_of_their_own(self):
+        folder = self.backups_folder()
+        self.assertEqual(self.post(make_payload())[0], 200)
+        # Each chose its name before any had taken it, as two makers at once do.
+        dest = hr.new_backup_path(folder, self.db, now=TEST_NOW)
+        stem = os.path.basename(dest)[:-len(".db")]
+        no_links = unittest.mock.Mock(side_effect=PermissionError(errno.EPERM, "no hard links here"))
+        for link, numbers in ((os.link, ("", "-2", "-3")), (no_links, ("-4", "-5", "-6"))):
+            with self.subTest(hard_links=link is os.link), unittest.mock.patch.object(hr.os, "link", link):
+                records = [hr.backup_database(self.db, dest, clock=lambda: TEST_NOW, numbered=True) for _ in range(3)]
+                self.assertEqual([os.path.basename(record.path) for record in records],
+                                 [f"{stem}{number}.db" for number in numbers])
+                for record in records:
+                    self.assertEqual(run_main("verify", record.path)[0], 0)
+        self.assertEqual(len(os.listdir(folder)), 6)
 
     def test_keep_removes_only_the_commands_own_older_backups(self):
         folder = self.backups_folder()
@@ -1606,11 +1656,18 @@ class BackupTests(ServerTestCase):
 
 
 class ScheduledBackupTests(ServerTestCase):
+    """The first backup is made at start; the next ones a day later each,
+    which the tests do not wait for: they make them (run_once) and move the
+    receiver's clock on."""
 
     def server_options(self):
         self.folder = os.path.join(self.tmp.name, "backups")
         os.mkdir(self.folder)
-        return {"backup_dir": self.folder, "backup_every": 0.3, "backup_keep": 2}
+        return {"backup_dir": self.folder, "backup_every": 86400, "backup_keep": 2}
+
+    def first_backup(self):
+        wait_until(lambda: self.server.backups.last is not None)
+        return self.server.backups.last
 
     def remove_folder(self):
         """Remove the backup folder while backups run: one may be writing
@@ -1621,7 +1678,7 @@ class ScheduledBackupTests(ServerTestCase):
     def test_where_the_database_and_its_backups_are_is_shown_to_an_admin_only(self):
         self.store.add_people(["ann"], [ANN_KEY])
         self.assertEqual(self.post(make_payload(), bearer(ANN_KEY))[0], 200)
-        wait_until(lambda: self.request("GET")[2]["backup"]["last"] is not None)
+        self.first_backup()
         folder, database = os.path.abspath(self.folder), os.path.abspath(self.db)
         for headers, admin in (({}, True), (login(ANN_KEY), False)):
             with self.subTest(admin=admin):
@@ -1637,8 +1694,10 @@ class ScheduledBackupTests(ServerTestCase):
 
     def test_a_failed_backups_paths_and_a_damaged_databases_are_shown_to_an_admin_only(self):
         self.store.add_people(["ann"], [ANN_KEY])
+        self.first_backup()
         self.remove_folder()
-        wait_until(lambda: self.request("GET")[2]["backup"]["failed"])
+        self.assertIsNone(self.server.backups.run_once())
+        self.assertTrue(self.request("GET")[2]["backup"]["failed"])
         mine, hers = self.request("GET")[2]["backup"], self.request("GET", headers=bearer(ANN_KEY))[2]["backup"]
         self.assertIn(self.tmp.name, mine["warning"])
         self.assertIn("the last backup failed at", hers["warning"])
@@ -1660,23 +1719,31 @@ class ScheduledBackupTests(ServerTestCase):
 
     def test_scheduled_backups_happen_keep_their_number_and_show_on_the_page(self):
         self.assertEqual(self.post(make_payload())[0], 200)
-        wait_until(lambda: any("backup " in line and "verified" in line for line in self.log_lines()))
-        time.sleep(1.5)  # more backups than are kept (names are per second)
-        # Between a backup's rename into place and the pruning of the oldest
-        # the folder holds one more: the number kept is what it comes back to.
-        wait_until(lambda: len([name for name in os.listdir(self.folder) if not name.startswith(".")]) <= 2)
+        first = self.first_backup()
+        self.assertTrue(any("backup " in line and "verified" in line for line in self.log_lines()))
+        self.assertAlmostEqual(self.server.backups._due_in(), 86400, delta=600)
+        made = []
+        for _day in range(2):  # more backups than are kept, a day apart
+            self.clock.advance(days=1)
+            self.assertEqual(self.server.backups._due_in(), 0)
+            made.append(self.server.backups.run_once())
+        self.assertEqual(sorted(os.listdir(self.folder)), sorted(os.path.basename(record.path) for record in made))
+        self.assertNotIn(os.path.basename(first.path), os.listdir(self.folder))
         status, _, answer = self.request("GET")
         backup = answer["backup"]
-        self.assertEqual((backup["keep"], backup["warning"]), (2, None))
+        self.assertEqual((backup["keep"], backup["warning"], backup["last"]["path"]), (2, None, made[-1].path))
         self.assertEqual(os.path.dirname(backup["last"]["path"]), self.folder)
         self.assertTrue(backup["last"]["verified"])
         self.assertEqual(run_main("verify", backup["last"]["path"])[0], 0)
         page = self.request("GET", "/")[2].decode()
         self.assertIn("Backups: last backup", page)
         self.assertEqual(self.request("GET", hr.SUMMARY_PATH)[2]["backup"]["keep"], 2)
+        # Older than twice the interval: said so.
+        self.clock.advance(days=2, hours=1)
+        self.assertIn("older than twice the interval", self.request("GET")[2]["backup"]["warning"])
         # The folder gone: the failure is logged and shown.
         self.remove_folder()
-        wait_until(lambda: self.request("GET")[2]["backup"]["warning"] is not None)
+        self.assertIsNone(self.server.backups.run_once())
         self.assertIn("the last backup failed", self.request("GET")[2]["backup"]["warning"])
         self.assertIn('class="note">Backups: the last backup failed', self.request("GET", "/")[2].decode())
         self.assertTrue(any("ERROR backup into" in line for line in self.log_lines()))
@@ -2027,7 +2094,6 @@ class ProcessTests(unittest.TestCase):
 
     def test_sigkill_during_a_backup_leaves_no_file_under_a_final_name(self):
         backups, first = self.backed_up("ABC", 3000)
-        time.sleep(1.1)  # the next backup's name is of another second
         # A page at a time, pausing in each step: slow enough to be killed.
         code = (f"import sys, time; sys.path.insert(0, {os.path.dirname(os.path.abspath(hr.__file__))!r}); "
                 "import health_receiver as hr; hr.BACKUP_STEP_PAGES = 1; "
@@ -2043,7 +2109,6 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(len(names), 2, names)
         self.assertIn(first, names)
         self.assertEqual(run_main("verify", os.path.join(backups, first))[0], 0)
-        time.sleep(1.1)
         self.assertEqual(run_main("backup", backups, "--db", self.db, "--keep", "5")[0], 0)
         names = sorted(os.listdir(backups))
         self.assertEqual(len(names), 2, names)  # the killed one's temporary file is gone
@@ -2214,7 +2279,7 @@ class ReportingTests(unittest.TestCase):
         self.assertTrue(all(a.end == b.start for a, b in zip(window.periods, window.periods[1:])))
 
     def test_local_periods_are_contiguous(self):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = TEST_NOW
         for name in hr.RANGES_BY_NAME:
             window = hr.make_window(hr.View.of(name, hr.Zone(utc=False), now), "2019-01-01T00:00:00.000Z")
             self.assertTrue(all(a.end == b.start for a, b in zip(window.periods, window.periods[1:])), name)
@@ -2360,8 +2425,9 @@ class ExportDateTests(ServerTestCase):
 # ---------------------------------------------------------------------------
 
 def recent_payload(tag="R", days=5):
-    """Samples of three kinds of chart in the last few days, two workouts."""
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    """Samples of three kinds of chart in the last few days (up to
+    TEST_NOW's), two workouts."""
+    now = TEST_NOW.replace(microsecond=0)
 
     def stamp(back_days, hour):
         moment = now - datetime.timedelta(days=back_days)
@@ -2383,14 +2449,14 @@ def recent_payload(tag="R", days=5):
 
 
 def utc_at(hour, minute=0, days_back=0):
-    """A stored timestamp today (UTC) at hour:minute, ``days_back`` days ago."""
-    day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=days_back)
+    """A stored timestamp on TEST_NOW's day (UTC) at hour:minute, ``days_back`` days before."""
+    day = TEST_NOW.date() - datetime.timedelta(days=days_back)
     moment = datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc)
     return (moment + datetime.timedelta(hours=hour, minutes=minute)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 def utc_day(days_back=0):
-    return (datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=days_back)).isoformat()
+    return (TEST_NOW.date() - datetime.timedelta(days=days_back)).isoformat()
 
 
 def span(uuid, start, end, value, unit=None, source="Watch"):
@@ -2400,10 +2466,6 @@ def span(uuid, start, end, value, unit=None, source="Watch"):
     if unit:
         element["unit"] = unit
     return element
-
-
-#: Seconds before midnight (UTC) in which a page test waits for the new day.
-MIDNIGHT_MARGIN = 30
 
 
 class PageTestCase(ServerTestCase):
@@ -2499,7 +2561,7 @@ class StepsTestCase(PageTestCase):
 
     def post_walk(self):
         """The walk both devices counted across 08:00; return its day."""
-        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        day = TEST_NOW.date() - datetime.timedelta(days=2)
         hours = 3600
         self.post_steps(day, {"Jane's Apple Watch": [(7.5 * hours, 8 * hours, 3000), (8 * hours, 8 * hours + 600, 1000)],
                               "Jane's iPhone": [(7.5 * hours, 7 * hours + 58 * 60, 2700),
@@ -2520,7 +2582,7 @@ class CumulativeMergeTests(StepsTestCase):
                          ["Jane&#x27;s Apple Watch", "2", "50%", "4,000", "Jane&#x27;s iPhone", "2", "50%", "0"])
 
     def test_the_last_sample_of_a_sync_spreads_into_the_next_hour(self):
-        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        day = TEST_NOW.date() - datetime.timedelta(days=2)
         self.post_steps(day, {"Jane's Apple Watch": [(9 * 3600 + 50 * 60, 10 * 3600 + 10 * 60, 1200)]})
         self.assertEqual(self.query("SELECT hour, total FROM sample_hours ORDER BY hour"),
                          [(f"{day}T09:30", 600.0), (f"{day}T10", 600.0)])
@@ -2529,7 +2591,7 @@ class CumulativeMergeTests(StepsTestCase):
         # More hours than one statement totals (HOURS_PER_STATEMENT): every
         # week's hours are totalled, those where two statements meet too.
         hours = 3 * hr.HOURS_PER_STATEMENT + 5
-        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=hours // 24 + 2)
+        day = TEST_NOW.date() - datetime.timedelta(days=hours // 24 + 2)
         self.post_steps(day, {"Watch": [(n * 3600 + 600, n * 3600 + 1200, n + 1) for n in range(hours)]})
         found = self.query("SELECT hour, total FROM sample_hours ORDER BY hour")
         self.assertEqual(len(found), hours)
@@ -2582,7 +2644,7 @@ class CumulativeMergeTests(StepsTestCase):
                          {hour: [len(values), min(values), max(values)] for hour, values in begun.items()})
 
     def test_a_long_sample_is_split_over_its_hours_and_hides_a_lower_source_under_it(self):
-        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        day = TEST_NOW.date() - datetime.timedelta(days=2)
         hours = 3600
         self.post_steps(day, {"Jane's Apple Watch": [(5 * hours + 600, 7 * hours + 600, 3000)],
                               "Jane's iPhone": [(6 * hours + 300, 6 * hours + 900, 500)]})
@@ -2592,7 +2654,7 @@ class CumulativeMergeTests(StepsTestCase):
             [("05", 500.0), ("05:30", 750.0), ("06", 750.0), ("06:30", 750.0), ("07", 250.0)])
 
     def test_sources_that_are_not_text_are_ranked_as_their_text_and_merged(self):
-        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        day = TEST_NOW.date() - datetime.timedelta(days=2)
         midnight = f"{day}T10:"
         steps = [span("N1", midnight + "00:00Z", midnight + "10:00Z", 100, "count", source=5),
                  span("N2", midnight + "05:00Z", midnight + "15:00Z", 200, "count", source={"name": "x"}),
@@ -2606,7 +2668,7 @@ class CumulativeMergeTests(StepsTestCase):
                                                                                   ('{"name":"x"}',)])
 
     def test_sources_first_seen_in_one_sync_are_numbered_by_their_first_sample(self):
-        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=2)
+        day = TEST_NOW.date() - datetime.timedelta(days=2)
         for count in (3, 10):
             with self.subTest(count=count):
                 apps = [f"App{count}-{number}" for number in range(count)]
@@ -2624,7 +2686,7 @@ class CumulativeMergeTests(StepsTestCase):
 
     def test_generated_two_device_days_are_within_one_percent_of_a_watch_first_merge(self):
         rng = random.Random(11)
-        today = datetime.datetime.now(datetime.timezone.utc).date()
+        today = TEST_NOW.date()
         expected, alone = {}, {}
         for back in range(1, 6):
             day = today - datetime.timedelta(days=back)
@@ -3625,7 +3687,7 @@ class CategoryTypeTests(PageTestCase):
         return {"utc": True}
 
     def test_stand_hours_count_the_hours_stood_and_values_are_named(self):
-        day = datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=1)
+        day = TEST_NOW.date() - datetime.timedelta(days=1)
         stand = []
         for hour in range(7, 22):  # 13 hours stood and 2 idle, sent as numbers and as names
             value = 1 if hour in (12, 18) else 0
@@ -3725,16 +3787,11 @@ class StatusPageTests(PageTestCase):
     """Pages on real stored syncs; days in UTC so that they do not depend on
     the machine's zone."""
 
+    #: Today's samples are at 08:00 to 12:00.
+    clock_start = TEST_NOON
+
     def server_options(self):
         return {"utc": True}
-
-    def setUp(self):
-        # "Today" must not change between a test's post and its page.
-        now = datetime.datetime.now(datetime.timezone.utc)
-        to_midnight = 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
-        if to_midnight < MIDNIGHT_MARGIN:
-            time.sleep(to_midnight + 1)
-        super().setUp()
 
     def test_page_shows_syncs_totals_and_a_chart_per_type(self):
         self.post(recent_payload())
@@ -3790,7 +3847,7 @@ class StatusPageTests(PageTestCase):
             "medications": [{"conceptIdentifier": "rx-9", "displayText": "Metformin"}],
             "medicationDoseEvents": [{"uuid": "MD-1", "medicationConceptIdentifier": "rx-9",
                                       "startDate": utc_at(8), "logStatus": "taken"}]}})
-        view = hr.View.of("7d", hr.Zone(utc=True), datetime.datetime.now(datetime.timezone.utc))
+        view = hr.View.of("7d", hr.Zone(utc=True), self.clock())
         report = hr.status_report(self.store, view)
         facts = hr.summary_json(report)
         served = self.summary("7d")
@@ -4302,7 +4359,7 @@ class LocalDayTests(ZoneTestMixin, PageTestCase):
     process_zone = "Europe/Berlin"
 
     def test_offsets_land_on_the_right_local_day(self):
-        today = datetime.datetime.now().astimezone()
+        today = TEST_NOW.astimezone()
         # 00:30 Berlin time today, sent with its offset: yesterday in UTC.
         early = today.replace(hour=0, minute=30, second=0, microsecond=0)
         yesterday = early - datetime.timedelta(days=1)
@@ -5814,6 +5871,10 @@ class ReadsWithoutAKeyTests(ServerTestCase):
 class BoundedPageTests(ServerTestCase):
     max_body = 64 * hr.MIB
 
+    def connection(self, timeout=600):
+        # Seconds of work per request, many more on a busy machine.
+        return super().connection(timeout)
+
     def test_fifty_thousand_types_keep_the_page_small(self):
         data = {f"T{i:05d}": [element(f"S-{i}")] for i in range(50000)}
         data["T00001"].append(element("S-extra"))
@@ -7093,6 +7154,203 @@ class RunAsScriptTests(unittest.TestCase):
                 proc.stdout.close()
 
 
+#: The rule of a section's banner: a line of dashes above and below its title.
+BANNER_RULE = "# " + "-" * 75
+#: A room's banner: # -- Title: what is in it ----
+ROOM_BANNER = re.compile(r"# -- (.+?) -+\Z")
+
+
+def banner_title(text):
+    """A banner's or a map line's title: what comes before its first ': '."""
+    return text.split(": ", 1)[0].strip()
+
+
+def file_banners(lines):
+    """[(section title, its first line (1-based), [(room title, line)...])]
+    of a file's lines, in order."""
+    sections = []
+    for number, line in enumerate(lines, 1):
+        if line == BANNER_RULE and lines[number:number + 1] and lines[number + 1:number + 2] == [BANNER_RULE] \
+                and lines[number].startswith("# "):
+            sections.append((banner_title(lines[number][2:]), number, []))
+        elif ROOM_BANNER.match(line) and sections:
+            sections[-1][2].append((banner_title(ROOM_BANNER.match(line)[1]), number))
+    return sections
+
+
+def docstring_map(doc):
+    """([(section title, [room titles])...], {registry: (place, [test class
+    names])}) of the module docstring's map and its table."""
+    lines = doc.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("Map of this file"))
+    table = next(n for n, line in enumerate(lines) if line.startswith("Where to change what"))
+    sections = []
+    for line in lines[start:table]:
+        if re.match(r"    \S", line):
+            sections.append((re.split(r"\s{2,}", line.strip())[0], []))
+        elif re.match(r"      - \S", line):
+            sections[-1][1].append(banner_title(line[8:]))
+    registries, name = {}, None
+    for line in lines[table:]:
+        entry = re.match(r"    (\w+)\s{2,}(.+?): ", line)
+        if entry:
+            name = entry[1]
+            registries[name] = (entry[2], [])
+        if name and line.startswith("    "):
+            registries[name][1].extend(re.findall(r"\b[A-Z]\w*Tests\b", line))
+        elif name and line.strip():
+            name = None
+    return sections, registries
+
+
+def top_level_names(node):
+    """The global names a top-level statement defines (a function, a class,
+    names assigned, imported or bound at the top of an if or a try)."""
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return [name.id for target in targets for name in ast.walk(target)
+                if isinstance(name, ast.Name) and not isinstance(target, (ast.Subscript, ast.Attribute))]
+    if isinstance(node, (ast.If, ast.Try)):
+        return [name for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)
+                for name in top_level_names(child)] + [
+            name for handler in getattr(node, "handlers", ()) for child in handler.body
+            for name in top_level_names(child)]
+    return []
+
+
+def _bound_in(function):
+    """The names a function (or lambda) binds in its own scope: its
+    parameters, and what its body assigns, imports or defines, minus what
+    it declares global (nested scopes keep theirs)."""
+    arguments = function.args
+    bound = {argument.arg for argument in arguments.args + arguments.kwonlyargs
+             + getattr(arguments, "posonlyargs", []) + [arguments.vararg, arguments.kwarg] if argument}
+    if isinstance(function, ast.Lambda):
+        return bound
+    declared = set()
+    stack = list(function.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+            continue
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            continue
+        if isinstance(node, ast.Global):
+            declared.update(node.names)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            bound.add(node.id)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        stack.extend(ast.iter_child_nodes(node))
+    return bound - declared
+
+
+def global_loads(node, scopes=()):
+    """(name, line) of each name ``node`` reads from the module's globals:
+    names its functions, classes and comprehensions bind themselves do not
+    count, nor do attributes (self.store) or text in strings."""
+    if isinstance(node, ast.Name):
+        return [(node.id, node.lineno)] if isinstance(node.ctx, ast.Load) and not any(
+            node.id in scope for scope in scopes) else []
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        arguments = node.args
+        outside = list(getattr(node, "decorator_list", [])) + arguments.defaults + [
+            default for default in arguments.kw_defaults if default is not None] + [
+            argument.annotation for argument in arguments.args + arguments.kwonlyargs
+            + getattr(arguments, "posonlyargs", []) + [arguments.vararg, arguments.kwarg]
+            if argument is not None and argument.annotation is not None] + [getattr(node, "returns", None)]
+        inside = scopes + (_bound_in(node),)
+        body = [node.body] if isinstance(node, ast.Lambda) else node.body
+        return [load for part in outside if part is not None for load in global_loads(part, scopes)] + [
+            load for part in body for load in global_loads(part, inside)]
+    if isinstance(node, ast.ClassDef):
+        # The class body's own names count in its body, not in its methods.
+        own = {name for child in node.body for name in top_level_names(child)}
+        outside = node.decorator_list + node.bases + [keyword.value for keyword in node.keywords]
+        return [load for part in outside for load in global_loads(part, scopes)] + [
+            load for child in node.body for load in global_loads(
+                child, scopes if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                else scopes + (own,))]
+    if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+        targets = {name.id for generator in node.generators for name in ast.walk(generator.target)
+                   if isinstance(name, ast.Name)}
+        inside = scopes + (targets,)
+        parts = [(generator.iter, scopes if number == 0 else inside)
+                 for number, generator in enumerate(node.generators)]
+        parts += [(condition, inside) for generator in node.generators for condition in generator.ifs]
+        parts += [(part, inside) for part in ((node.key, node.value) if isinstance(node, ast.DictComp)
+                                               else (node.elt,))]
+        return [load for part, scope in parts for load in global_loads(part, scope)]
+    return [load for child in ast.iter_child_nodes(node) for load in global_loads(child, scopes)]
+
+
+class FileMapTests(unittest.TestCase):
+    """The module docstring's map is the file's: its sections and rooms
+    are the banners', in order; no section uses a name a later one defines;
+    each registry of its table is in the room it names, guarded by tests
+    that exist."""
+
+    @classmethod
+    def setUpClass(cls):
+        with open(hr.__file__, encoding="utf-8") as handle:
+            cls.source = handle.read()
+        cls.tree = ast.parse(cls.source)
+        cls.banners = file_banners(cls.source.splitlines())
+        cls.map, cls.registries = docstring_map(ast.get_docstring(cls.tree))
+
+    def place_of(self, line):
+        """(section title, room title or None) of a line of the file; (None,
+        None) above the first section (the imports)."""
+        sections = [entry for entry in self.banners if entry[1] <= line]
+        if not sections:
+            return None, None
+        rooms = [title for title, start in sections[-1][2] if start <= line]
+        return sections[-1][0], rooms[-1] if rooms else None
+
+    def test_the_maps_sections_and_rooms_are_the_banners_in_order(self):
+        self.assertEqual([section for section, _rooms in self.map], [title for title, _line, _rooms in self.banners])
+        for (section, rooms), (_title, _line, banners) in zip(self.map, self.banners):
+            with self.subTest(section=section):
+                self.assertEqual(rooms, [title for title, _line in banners])
+
+    def test_no_section_uses_a_name_defined_in_a_later_one(self):
+        titles = [title for title, _line, _rooms in self.banners]
+        defined = {}
+        for node in self.tree.body:
+            for name in top_level_names(node):
+                defined.setdefault(name, self.place_of(node.lineno)[0])
+        upward = []
+        for node in self.tree.body:
+            here = self.place_of(node.lineno)[0]
+            if here is None:
+                continue
+            for name, line in global_loads(node):
+                there = defined.get(name)
+                if there is not None and titles.index(there) > titles.index(here):
+                    upward.append(f"line {line}: {here} uses {name} of {there}")
+        self.assertEqual(upward, [])
+
+    def test_each_registry_is_where_the_map_says_and_its_tests_exist(self):
+        self.assertGreaterEqual(len(self.registries), 10)
+        where = {name: self.place_of(node.lineno) for node in self.tree.body for name in top_level_names(node)}
+        for name, (place, tests) in self.registries.items():
+            with self.subTest(registry=name):
+                section, _, room = place.partition(" / ")
+                self.assertIn(name, where)
+                self.assertEqual(where[name], (section, room or where[name][1]))
+                self.assertTrue(tests)
+                for test in tests:
+                    self.assertTrue(isinstance(globals().get(test), type)
+                                    and issubclass(globals()[test], unittest.TestCase), test)
+
+
 class CommandShapeTests(unittest.TestCase):
     """Every command: 0 done, 1 failed, 2 usage."""
 
@@ -7147,7 +7405,7 @@ def login(key):
 def household_payload(tag, steps, resting, blood, extra_type=None):
     """Today's steps and resting heart rate, a blood type, a walk at 07:30
     (the same uuid for the same ``tag``) and a dose without a source."""
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    today = TEST_NOW.strftime("%Y-%m-%d")
     data = {"HKQuantityTypeIdentifierStepCount": [sample(f"{tag}-S", f"{today}T00:01:00.000Z", steps, "count")],
             "HKQuantityTypeIdentifierRestingHeartRate": [sample(f"{tag}-R", f"{today}T00:02:00.000Z", resting)],
             "workouts": [{"uuid": f"{tag}-W", "workoutActivityType": "walking", "startDate": f"{today}T07:30:00Z",
@@ -7165,15 +7423,13 @@ class HouseholdTests(PageTestCase):
     receiver's key, ann one of her own."""
 
     token = TOKEN
+    #: Today's samples are at 00:01 to 08:00.
+    clock_start = TEST_NOON
 
     def server_options(self):
         return {"utc": True}
 
     def setUp(self):
-        now = datetime.datetime.now(datetime.timezone.utc)
-        to_midnight = 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
-        if to_midnight < MIDNIGHT_MARGIN or now.hour * 60 + now.minute < 6:  # the samples are at 00:01 to 00:05
-            time.sleep(min(to_midnight + 360, 400))
         super().setUp()
         self.store.add_people(["ann"], [ANN_KEY])
 
@@ -7611,7 +7867,7 @@ class GapNoticeTests(PageTestCase):
     def setUp(self):
         self.destination = NoticeDestination()
         self.addCleanup(self.destination.close)
-        self.now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+        self.now = TEST_NOW.replace(minute=0, second=0, microsecond=0)
         super().setUp()
 
     def server_options(self):
@@ -7733,11 +7989,10 @@ class OtherToolsTests(StepsTestCase):
     """/metrics, /api/latest and /api/series on a walk two devices counted."""
 
     token = TOKEN
+    #: Today's samples are at 00:10 to 00:40.
+    clock_start = TEST_NOON
 
     def setUp(self):
-        now = datetime.datetime.now(datetime.timezone.utc)
-        if 86400 - (now.hour * 3600 + now.minute * 60 + now.second) < MIDNIGHT_MARGIN:
-            time.sleep(MIDNIGHT_MARGIN + 1)
         super().setUp()
         self.store.add_people(["ann"], [ANN_KEY])
 
@@ -7757,7 +8012,7 @@ class OtherToolsTests(StepsTestCase):
 
     def test_metrics_are_valid_exposition_with_each_persons_values(self):
         day = self.post_walk()
-        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        today = TEST_NOW.strftime("%Y-%m-%d")
         hostile = 'Jane "quoted" \\ back\nslash'
         self.post({"syncSource": hostile, "data": {"HKQuantityTypeIdentifierStepCount": [
             span("T-1", f"{today}T00:10:00Z", f"{today}T00:20:00Z", 1234, "count", source="Jane's Apple Watch")],
@@ -7799,7 +8054,7 @@ class OtherToolsTests(StepsTestCase):
         self.assertEqual(self.request("GET", hr.METRICS_PATH, headers={})[0], 401)
         self.assertEqual({labels["person"] for _n, labels, _v in parse_exposition(self.get(
             hr.METRICS_PATH + "?person=ann")[2].decode())["health_receiver_rows"][2]}, {"ann"})
-        self.assertEqual(day < datetime.date.today() + datetime.timedelta(days=1), True)
+        self.assertEqual(day < TEST_NOW.date() + datetime.timedelta(days=1), True)
 
     def test_latest_and_series_give_the_numbers_of_the_page(self):
         day = self.post_walk()
@@ -7838,7 +8093,7 @@ class OtherToolsTests(StepsTestCase):
                 self.assert_error(status, code, answer)
         self.assertEqual(self.get(f"{hr.SERIES_PATH}?type=StepCount", ANN_KEY)[0], 404)  # not hers
         # A type named with a line break and a header, and one not in Latin-1: the header stays one header.
-        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        today = TEST_NOW.strftime("%Y-%m-%d")
         for name in ("Bad\r\nX-Injected: 1", "\u6b65\u6570"):
             self.post({"data": {name: [sample(None, f"{today}T00:00:00Z", 1, "count")]}})
             status, response, _ = self.get(f"{hr.SERIES_PATH}?type={quote(name, safe='')}")
@@ -7860,7 +8115,7 @@ class OtherToolsTests(StepsTestCase):
                 self.assert_error(status, 400, answer, "seconds or milliseconds")
 
     def test_every_type_has_a_key_of_its_own_in_latest_and_metrics(self):
-        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        today = TEST_NOW.strftime("%Y-%m-%d")
         names = ("HKQuantityTypeIdentifierStepCount", "StepCount", "data.StepCount",
                  "HKCategoryTypeIdentifierStepCount")
         self.post({"data": {name: [sample(f"K-{n}", f"{today}T00:0{n}:00Z", n + 1, "count")]
@@ -7876,7 +8131,7 @@ class OtherToolsTests(StepsTestCase):
         self.assertEqual(hr.type_keys(["StepCount", names[0]]), {names[0]: "StepCount", "StepCount": "data.StepCount"})
 
     def test_a_gap_appears_when_a_type_stops_and_goes_when_it_arrives(self):
-        now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+        now = TEST_NOW.replace(minute=0, second=0, microsecond=0)
 
         def hourly(type_name, tag, first, last, value):
             return [sample(f"{tag}-{hours}", (now - datetime.timedelta(hours=hours)).strftime(
@@ -7903,7 +8158,7 @@ class OtherToolsTests(StepsTestCase):
         self.assertEqual([gap["kind"] for gap in self.get(hr.LATEST_PATH)[2]["gaps"]], ["source"])
 
     def test_a_sample_dated_ahead_of_its_sync_is_kept_but_neither_latest_nor_hiding_a_gap(self):
-        now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+        now = TEST_NOW.replace(minute=0, second=0, microsecond=0)
 
         def hours_from_now(hours):
             return (now + datetime.timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
@@ -7928,7 +8183,7 @@ class OtherToolsTests(StepsTestCase):
                          ["HeartRate"])
 
     def test_a_device_that_still_sends_other_types_is_named_with_the_types_that_stopped(self):
-        now = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0)
+        now = TEST_NOW.replace(minute=0, second=0, microsecond=0)
 
         def hours_ago(hours):
             return (now - datetime.timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
@@ -7942,7 +8197,7 @@ class OtherToolsTests(StepsTestCase):
         self.assertRegex(gaps[0]["message"], r"^no Heart rate from Watch since .* \(it still sends Steps\)$")
 
     def test_answers_stay_small_with_50000_types(self):
-        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        today = TEST_NOW.strftime("%Y-%m-%d")
         with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
             conn.executemany("INSERT INTO samples VALUES (1, ?, ?, ?, ?, 1, 'count', 'Watch', '{}', 1, NULL, NULL)",
                              ((f"U-{i}", f"HKQuantityTypeIdentifierType{i}", f"{today}T00:00:00.000Z",
@@ -8167,7 +8422,7 @@ class OtherAppTests(StepsTestCase):
     max_body = 8 * hr.MIB
 
     def today_at(self, hour, minute=0):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = TEST_NOW
         return datetime.datetime(now.year, now.month, now.day, hour, minute, tzinfo=datetime.timezone.utc) \
             - datetime.timedelta(days=1)
 
