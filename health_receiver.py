@@ -61,6 +61,13 @@ file to this map and to that rule.
         in one transaction); PersonStore (the store as one person sees it)
       - Staging: a sync's rows in a temporary file until its merge
       - Backups: made while the database is in use, verified, restored
+    Sync workflow   one sync from arriving bytes to stored rows, shared by
+                    HTTP and import
+      - Archive: bodies kept as they came (--archive)
+      - Intake: SyncIntake (a byte-identical retry answered from its
+        record)
+      - Scheduled backups: BackupSchedule
+      - NDJSON import: the lines of an export made payloads again
     Reporting       records of what is stored, read only
       - Views: titles; RANGES; a View and its Window; totals per period
       - Charts: category types, sleep per night, CHART_KINDS, today's tiles
@@ -75,15 +82,8 @@ file to this map and to that rule.
       - Formats and charts: paths; numbers, times and units as shown; SVG
       - Pages: the status page, a type's, a workout's, the fields'
       - Prometheus: the text exposition format (METRICS)
-    Sync workflow   one sync from arriving bytes to stored rows, shared by
-                    HTTP and import
-      - Archive: bodies kept as they came (--archive)
-      - Intake: SyncIntake (a byte-identical retry answered from its
-        record)
-      - Scheduled backups: BackupSchedule
-      - Notices: when data stops or comes back, or a backup fails
-        (NOTICE_FORMATS, Notifier, GapWatch)
-      - NDJSON import: the lines of an export made payloads again
+    Notices         when data stops or comes back, or a backup fails
+                    (NOTICE_FORMATS, Notifier, GapWatch)
     HTTP            the protocol and the server
       - Keys and the configuration: Keys, identities, trusted proxies,
         ReceiverConfig
@@ -142,7 +142,7 @@ and that the tests exist).
                     section, title, columns).  OtherAppTests
     METRICS         Presentation / Prometheus: a Metric, and its samples in
                     receiver_samples or person_samples.  OtherToolsTests
-    NOTICE_FORMATS  Sync workflow / Notices: a NoticeFormat (its name, the
+    NOTICE_FORMATS  Notices: a NoticeFormat (its name, the
                     request it makes, the URL's help).  NoticeFormatTests
     ROUTES          HTTP / The routes: a Route (method, path, who may ask,
                     the action: a function of the request returning an
@@ -6210,6 +6210,687 @@ def _put_in_place(readable, db_path, folder, report):
 
 
 # ---------------------------------------------------------------------------
+# Sync workflow: one sync from bytes to stored rows (HTTP and import); NDJSON import; scheduled backups
+# ---------------------------------------------------------------------------
+
+# -- Archive: bodies kept as they came (--archive) --------------------------
+
+#: An archived body: <UTC time>-<sync id>.json.gz, the first person's, or
+#: <UTC time>-<sync id>-<name>.json.gz, another person's (so that import
+#: stores it as theirs, in any database).
+_ARCHIVE_NAME = re.compile(r"[0-9]{8}T[0-9]{6}Z-(?P<sync>[0-9]+)(?:-(?P<person>[A-Za-z0-9][A-Za-z0-9._-]{0,39}))?"
+                           r"\.json\.gz\Z")
+
+
+def _archive_path(directory, sync_id, person=None, now=None):
+    """Where the body of sync ``sync_id`` of ``person`` (a name; None: the
+    first person) is archived."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return os.path.join(directory, f"{now:%Y%m%dT%H%M%SZ}-{sync_id}{'-' + person if person else ''}.json.gz")
+
+
+def archived_person(path):
+    """Whose body the archive file ``path`` holds, by its name: another
+    person's name, or None (the first person's, or not an archive file)."""
+    match = _ARCHIVE_NAME.match(os.path.basename(path))
+    return match["person"] if match else None
+
+
+def archived_bodies(directory, sync_ids, person=None):
+    """The paths of the archive files in ``directory`` of the syncs
+    ``sync_ids`` of ``person`` (a name; None: the first person).  A file is
+    theirs only when both its sync id and its name part are: ids repeat (a
+    restore rewinds them, a folder may be shared), so an id alone would
+    reach another person's bodies."""
+    wanted = {str(sync_id) for sync_id in sync_ids}
+    found = []
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(directory)):
+            match = _ARCHIVE_NAME.match(name)
+            if match and match["sync"] in wanted and match["person"] == (person or None):
+                found.append(os.path.join(directory, name))
+    return found
+
+
+def remove_archived(directory, sync_ids, person=None):
+    """Remove the archived bodies of the syncs ``sync_ids`` of ``person``
+    (see archived_bodies) from ``directory`` (a person's data deleted);
+    return how many."""
+    paths = archived_bodies(directory, sync_ids, person)
+    for path in paths:
+        os.unlink(path)
+    return len(paths)
+
+
+def rename_archived(directory, sync_ids, person, new_person):
+    """Give the archived bodies of the syncs ``sync_ids`` of ``person`` the
+    name of ``new_person`` (renamed; None: the first person's form)."""
+    for path in archived_bodies(directory, sync_ids, person):
+        match = _ARCHIVE_NAME.match(os.path.basename(path))
+        stamp = os.path.basename(path)[:16]
+        os.replace(path, os.path.join(directory, f"{stamp}-{match['sync']}{'-' + new_person if new_person else ''}"
+                                                 ".json.gz"))
+
+
+class ArchiveWriter:
+    """Writes a body to ``--archive`` as it streams past, to a temporary
+    name; ``keep(sync_id)`` renames it once the sync is committed, so a file
+    with a final name is always a complete, stored sync.  A failure to
+    archive never fails the sync: the first error is kept in ``error``,
+    writing stops, and ``keep`` raises it."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.error = None
+        self.path = None
+        try:
+            self._handle = tempfile.NamedTemporaryFile(prefix=".", suffix=".json.gz.tmp", dir=directory,
+                                                       delete=False)
+            self.path = self._handle.name
+            self._gzip = gzip.GzipFile(fileobj=self._handle, mode="wb", compresslevel=1)
+        except OSError as exc:
+            self.error = exc
+
+    def pieces(self, pieces):
+        """Pass ``pieces`` on, writing each to the archive."""
+        for piece in pieces:
+            if self.error is None:
+                try:
+                    self._gzip.write(piece)
+                except OSError as exc:
+                    self.error = exc
+            yield piece
+
+    def keep(self, sync_id, person=None, now=None):
+        """Complete the file and give it its final name (see _archive_path),
+        of a sync kept ``now``; return that."""
+        if self.error is None:
+            try:
+                self._gzip.close()
+                self._handle.close()
+                final = _archive_path(self.directory, sync_id, person, now)
+                os.replace(self.path, final)
+                return final
+            except OSError as exc:
+                self.error = exc
+        self.discard()
+        raise self.error
+
+    def discard(self):
+        # Each closed on its own: the compressor's last write failing on a
+        # full disk must not leave the file open, holding its space unlinked.
+        for part in ("_gzip", "_handle"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                getattr(self, part).close()
+        if self.path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+# -- Intake: one sync from arriving bytes to stored rows --------------------
+
+def describe_sync(result):
+    """The one log line of a stored sync (client text escaped)."""
+    env = result.envelope
+    source = env.get("syncSource")
+    source = source[:60] if isinstance(source, str) and source else "-"
+    span = ""
+    start, end = env.get("startDate"), env.get("endDate")
+    if isinstance(start, str) and isinstance(end, str):
+        span = f", {start[:10]} -> {end[:10]}"
+    retry = f", byte for byte sync {result.same_body_as}: not read again" if result.same_body_as else ""
+    return log_safe(
+        f"{result.remote_addr} {source} {counted(result.records, 'record')} ({result.new_records} new, "
+        f"{result.duplicates} dup, {result.rejected} rejected) in {counted(result.sections, 'section')}, "
+        f"{counted(result.received[ROUTE_POINTS.name], 'route point')}{span}, {result.body_bytes / 1e6:.1f} MB in "
+        f"{result.duration:.2f} s{retry}")
+
+
+class BodyDigest:
+    """A body's pieces passed on as they arrive, with its SHA-256 and size
+    kept; ``head`` reads its first bytes ahead (they are passed on first)."""
+
+    def __init__(self, pieces):
+        self._pieces = iter(pieces)
+        self._held = []
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+        #: The CRC-32 of each complete block (BODY_BLOCK bytes) so far.
+        self.blocks = []
+        self._block = 0
+
+    def head(self, size):
+        """At least ``size`` first bytes of the body (fewer if it is shorter)."""
+        held = self._held
+        total = sum(map(len, held))
+        while total < size:
+            piece = next(self._pieces, None)
+            if piece is None:
+                break
+            held.append(piece)
+            total += len(piece)
+        return b"".join(held)
+
+    def __iter__(self):
+        for piece in itertools.chain(self._held, self._pieces):
+            self._held = []
+            self._sha256.update(piece)
+            room = BODY_BLOCK - self.size % BODY_BLOCK
+            if len(piece) < room:  # the common case: within one block
+                self._block = zlib.crc32(piece, self._block)
+                self.size += len(piece)
+            else:
+                view, at = memoryview(piece), 0
+                while at < len(piece):  # the piece's part in each block it reaches
+                    take = min(len(piece) - at, BODY_BLOCK - self.size % BODY_BLOCK)
+                    self._block = zlib.crc32(view[at:at + take], self._block)
+                    at += take
+                    self.size += take
+                    if self.size % BODY_BLOCK == 0:
+                        self.blocks.append(f"{self._block:08x}")
+                        self._block = 0
+            yield piece
+
+    def hexdigest(self):
+        """The SHA-256 of what was passed on."""
+        return self._sha256.hexdigest()
+
+    def block_digests(self):
+        """The blocks' digests as stored, the last (partial) block's included."""
+        tail = [f"{self._block:08x}"] if self.size % BODY_BLOCK else []
+        return "".join(self.blocks + tail)
+
+
+def _find_malloc_trim():
+    """glibc's malloc_trim, or None (musl, macOS, Windows: nothing to call)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim if ctypes is not None else None
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def give_back_memory():
+    """Hand the memory the C allocator keeps free back to the system: after
+    each sync, what reading it took, and at start what compiling this file
+    took (18 MB here when it is imported or run with -m; run as a script,
+    CPython holds the file's syntax tree until the script ends).  On a
+    small board it is then free for the page cache instead of held."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class SyncIntake:
+    """The one way a sync is stored, for the HTTP handler and ``import``:
+    walk the body as it arrives into a Stage, merge it into the database in
+    one transaction, record a failure once, and after the answer checkpoint.
+
+    A body that starts with the envelope of a stored sync (a retry: the app
+    sends the same payload again when an answer came too late) is not read
+    but kept in a Spool while its digest is taken; byte for byte the stored
+    sync's, it is answered from that sync's record, otherwise read from the
+    Spool as any other.
+
+    ``max_tmp`` bounds the temporary disk that the syncs being received
+    take together; past it a sync fails with StorageUnavailable (503 and
+    Retry-After: the app retries).
+    """
+
+    def __init__(self, store, archive=None, log_error=None, max_tmp=None):
+        self.store = store
+        self.archive = archive
+        self.log_error = log_error or (lambda remote, line: None)
+        self.max_tmp = max_tmp
+        self._tmp_lock = threading.Lock()
+        self._tmp_in_use = {}
+
+    def refuse(self, remote_addr, status, message, person=FIRST_PERSON):
+        """Record a request refused before its body was ingested."""
+        self.store.record_failure(FailedSync(remote_addr, status, message, person=person))
+
+    def ingest(self, pieces, remote_addr, length=None, person=FIRST_PERSON, key_sha256=None):
+        """Store the body arriving as ``pieces`` (bytes; ``length`` of them
+        in all, when known) as a sync of ``person`` (an id of PEOPLE: the
+        rows are theirs, and a retry repeats one of their own syncs), sent
+        with their own key of hash ``key_sha256`` (None: the receiver's key,
+        or none), which must still be theirs when it is stored;
+        return the SyncResult once committed, or None for a body that held
+        nothing (empty, or ``{}``: a connection test), which leaves no
+        trace.  Raises PayloadError or StorageUnavailable
+        with nothing stored and the failure recorded; an exception of
+        ``pieces`` itself (the HTTP layer's ClientError) passes through,
+        nothing stored, for the caller to record."""
+        started = time.monotonic()
+        body = BodyDigest(pieces)
+        envelope = leading_members(body.head(ENVELOPE_HEAD))
+        stored = self.store.same_envelope(envelope, length, person)
+        if not stored:
+            return self._read(body, remote_addr, started, body, person, key_sha256)
+        spool = None
+        try:
+            try:
+                spool = self.store.spool()
+                pieces, rest = iter(body), None
+                for piece in pieces:
+                    spool.write(piece)
+                    self._account(spool, spool.size)
+                    stored = self._still_same(stored, body)
+                    if not stored:  # it differs: read it from here on, as it arrives
+                        rest = pieces
+                        break
+                spool.finish()
+                same_as, size, _blocks = stored.get(body.hexdigest(), (None, None, None))
+                result = None
+                if rest is None and size == body.size:
+                    result = self.store.record_retry(same_as, body.hexdigest(), size, remote_addr, envelope, started,
+                                                     person, key_sha256)
+            except StorageUnavailable as exc:
+                self.store.record_failure(FailedSync(remote_addr, SyncStatus.FAILED, str(exc), body.size,
+                                                     time.monotonic() - started, None, envelope.get("syncSource"),
+                                                     person))
+                raise
+            if result is not None:
+                return result
+            # Read back as any other body (then the rest as it arrives); its
+            # copy is not counted against max_tmp, or a body nearly that size
+            # would never be stored.
+            self._release(spool)
+            return self._read(itertools.chain(spool.pieces(), rest or ()), remote_addr, started, body, person,
+                              key_sha256)
+        finally:
+            if spool is not None:
+                self._release(spool)
+                spool.close()
+
+    @staticmethod
+    def _still_same(stored, body):
+        """The stored syncs (same_envelope) that the body read so far may
+        still repeat: as long, and block for block the same."""
+        blocks = "".join(body.blocks)
+        return {digest: sync for digest, sync in stored.items()
+                if body.size <= sync[1] and (sync[2] is None or sync[2].startswith(blocks))}
+
+    def _read(self, pieces, remote_addr, started, body, person, key_sha256):
+        """Walk the body arriving as ``pieces`` into a Stage and merge it;
+        ``body`` (a BodyDigest) gives its digest once read."""
+        archive = ArchiveWriter(self.archive) if self.archive else None
+        payload = Payload(archive.pieces(pieces) if archive else pieces)
+        payload.spill_dir = self.store.tmp_dir
+        stage = None
+        try:
+            stage = self.store.stage()
+            try:
+                for section, rows in payload.batches():
+                    stage.add(section, rows)
+                    self._account(stage, stage.size())
+            except sqlite3.Error as exc:  # the temporary file's disk is full, say: the app retries
+                raise StorageUnavailable(f"The sync's temporary file in {self.store.tmp_dir} cannot take its rows "
+                                         f"({exc}); free some space there (--tmp-dir), then the app retries.") from exc
+            if payload.empty:
+                if archive:
+                    archive.discard()
+                return None
+            result = self.store.merge(stage, payload, remote_addr, started, body.hexdigest(), body.block_digests(),
+                                      person, key_sha256)
+        except BaseException as exc:
+            if isinstance(exc, (PayloadError, StorageUnavailable)):
+                self.store.record_failure(FailedSync(
+                    remote_addr, SyncStatus.REJECTED if isinstance(exc, PayloadError) else SyncStatus.FAILED,
+                    str(exc), payload.size,
+                    time.monotonic() - started, payload.envelope_text, payload.envelope.get("syncSource"), person))
+            if archive:
+                archive.discard()
+            raise
+        finally:
+            if stage is not None:
+                self._release(stage)
+                stage.close()
+        if archive:
+            try:
+                archive.keep(result.sync_id, self._archive_name(result.person), self.store.clock())
+            except (OSError, StorageUnavailable) as exc:
+                self.log_error(remote_addr, f"sync {result.sync_id} is stored but could not be archived in "
+                                            f"{self.archive}: {exc}")
+        return result
+
+    def _archive_name(self, person_id):
+        """The name an archived body of ``person_id`` carries: None for the
+        first person's (named as before there were people)."""
+        if person_id == self.store.first_person().id:
+            return None
+        person = self.store.person(person_id=person_id)
+        return person.name if person else None
+
+    def _account(self, scratch, size):
+        """Check the temporary disk in use, with ``scratch`` (a Stage or a
+        Spool) at ``size`` bytes, against ``max_tmp``."""
+        if self.max_tmp is None:
+            return
+        with self._tmp_lock:
+            self._tmp_in_use[scratch] = size
+            if sum(self._tmp_in_use.values()) > self.max_tmp:
+                raise StorageUnavailable(f"The receiver's temporary space ({self.max_tmp // MIB} MB, "
+                                         "--max-tmp-mb) is in use by other syncs; try again shortly.")
+
+    def _release(self, scratch):
+        with self._tmp_lock:
+            self._tmp_in_use.pop(scratch, None)
+
+    def after_answer(self, result):
+        """What the app need not wait for: the hourly totals of the rows it
+        brought, and folding the log into the database.  What reading the
+        body took is handed back first, so that the totals' own memory
+        comes on top of less."""
+        give_back_memory()
+        try:
+            self.store.update_hours()
+        except (StorageUnavailable, sqlite3.Error) as exc:
+            self.log_error(result.remote_addr, f"sync {result.sync_id}: hourly totals left for the next sync: {exc}")
+        self.store.checkpoint()
+        give_back_memory()
+
+
+# -- Scheduled backups: BackupSchedule --------------------------------------
+
+#: Seconds before a failed scheduled backup is tried again (at most the
+#: interval).
+BACKUP_RETRY = 3600
+
+
+def _exact_stamp(text):
+    """A canonical UTC timestamp, milliseconds included, as an aware datetime."""
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+
+
+class BackupSchedule:
+    """Backups made by a background thread of the running receiver every
+    ``every`` seconds into ``folder``, keeping the newest ``keep``.  A
+    backup reads a snapshot beside the syncs and never delays one (see
+    backup_database).  ``log(line, error)`` writes the log; ``clock()`` is
+    the receiver's time, which the backups' names and ages are of."""
+
+    def __init__(self, db_path, folder, every, keep, log, on_failure=None, clock=utc_clock):
+        self.db_path, self.folder, self.every, self.keep = db_path, folder, every, keep
+        self.log, self.clock = log, clock
+        #: ``on_failure(reason)``: told of each failed backup (a notice).
+        self.on_failure = on_failure
+        #: The last backup made (a BackupRecord), or found in the folder at
+        #: start (its time from its name).
+        self.last = None
+        #: (UTC time, reason) of the last attempt, when it failed.
+        self.failure = None
+        newest = newest_backup(folder, db_path, clock())
+        if newest is not None and newest.made_at is not None:
+            with contextlib.suppress(OSError):
+                self.last = BackupRecord(newest.path, newest.made_at, os.path.getsize(newest.path), 0.0, 0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backups", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        """Stop the thread, a backup in progress too (its file is removed)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+    def _due_in(self):
+        if self.last is None:
+            return 0.0
+        age = (self.clock() - _exact_stamp(self.last.made_at)).total_seconds()
+        if age < 0:  # a backup of the future: the clock was wrong then, or is now
+            return 0.0
+        return max(0.0, self.every - age)
+
+    def _run(self):
+        while not self._stop.wait(self._due_in() if self.failure is None else min(self.every, BACKUP_RETRY)):
+            self.run_once()
+
+    def run_once(self):
+        """Make a backup now; failures are logged and kept, never raised."""
+        dest = new_backup_path(self.folder, self.db_path, now=self.clock())
+        try:
+            record = backup_database(self.db_path, dest, cancelled=self._stop.is_set, clock=self.clock, numbered=True)
+            removed = remove_old_backups(self.folder, self.db_path, self.keep, made=record.path, now=self.clock())
+        except BackupStopped:
+            return None
+        except (OSError, sqlite3.Error, StorageUnavailable, UsageError) as exc:
+            self.failure = (_canonical(self.clock()), str(exc))
+            self.log(f"backup into {self.folder} failed: {exc}", True)
+            if self.on_failure is not None:
+                self.on_failure(str(exc))
+            return None
+        self.last, self.failure = record, None
+        self.log(f"backup {record.path}: {record.rows:,} rows, {record.size / 1e6:.1f} MB, verified, in "
+                 f"{record.seconds:.1f} s" + (f"; {len(removed)} older removed" if removed else ""), False)
+        return record
+
+    def status(self, now=None):
+        """What the status page and the endpoint's GET say: the last backup,
+        and a warning when it failed or is older than twice the interval."""
+        now = now or self.clock()
+        last = self.last
+        answer = {"folder": self.folder, "every_hours": round(self.every / 3600, 3), "keep": self.keep,
+                  "last": None, "warning": None, "failed": self.failure is not None}
+        if last is not None:
+            answer["last"] = {"path": last.path, "made_at": last.made_at, "bytes": last.size, "verified": True}
+        if self.failure is not None:
+            answer["warning"] = f"the last backup failed at {self.failure[0]}: {self.failure[1]}"
+            answer["warning_without_paths"] = f"the last backup failed at {self.failure[0]}"
+        elif last is None:
+            answer["warning"] = "no backup made yet"
+        elif (now - _exact_stamp(last.made_at)).total_seconds() > 2 * self.every:
+            answer["warning"] = f"the last backup, of {last.made_at}, is older than twice the interval"
+        return answer
+
+
+# -- NDJSON import: the lines of an export made payloads again --------------
+
+#: Lines of an NDJSON export ingested as one sync by ``import``.
+IMPORT_CHUNK_LINES = 100000
+#: Bytes of the longest NDJSON line ``import`` reads: an exported line is
+#: a record (never over VALUE_TEXT_MAX: a sync keeps a longer value aside,
+#: and export writes none) and a few short fields.  A longer line is read
+#: through without being held, and skipped.
+NDJSON_LINE_MAX = VALUE_TEXT_MAX + 64 * 1024
+#: The export date an NDJSON line of a section whose newest export wins
+#: counts as when it carries none (an export of an earlier version): older
+#: than any stored, so that it never replaces a value, only adds one.
+UNDATED_EXPORT = f"{DATE_YEARS[0]}-01-01T00:00:00.000Z"
+
+
+class LongLine(typing.NamedTuple):
+    """A line longer than ndjson_lines() holds: only its length is kept."""
+
+    size: int
+
+
+def ndjson_lines(pieces, longest=NDJSON_LINE_MAX):
+    """The lines (bytes, without their end) of a stream of pieces; a line
+    longer than ``longest`` bytes is read through and given as a LongLine
+    instead, so that memory holds ``longest`` bytes and a piece at most."""
+    held, dropped = [], None  # the line so far (pieces), or the length of one too long
+    size = 0
+    for piece in pieces:
+        start = 0
+        while True:
+            end = piece.find(b"\n", start)
+            part = piece[start:] if end < 0 else piece[start:end]
+            if dropped is not None:
+                dropped += len(part)
+            elif size + len(part) > longest:
+                dropped, held, size = size + len(part), [], 0
+            else:
+                held.append(part)
+                size += len(part)
+            if end < 0:
+                break
+            yield LongLine(dropped) if dropped is not None else b"".join(held)
+            held, dropped, size, start = [], None, 0, end + 1
+    if dropped is not None:
+        yield LongLine(dropped)
+    elif size:
+        yield b"".join(held)
+
+
+def object_members(line):
+    """{key: original JSON text of its value} for the object that is
+    ``line`` (bytes: one NDJSON line); raises PayloadError."""
+    reader = JsonReader.from_bytes(line)
+    members = {}
+
+    def member(key, pos):
+        _value, raw, end = reader.value(pos)
+        members[key] = raw
+        return end
+        yield  # a generator, as walk_object delegates to it
+
+    pos = reader.start()
+    if reader.char(pos) != "{":
+        raise PayloadError("not a JSON object")
+    for _batch in reader.walk_object(pos, member):
+        pass
+    return members
+
+
+class NdjsonEntry(typing.NamedTuple):
+    """What one NDJSON export line brings: whose it is, and where its
+    record goes in a payload the app would send."""
+
+    line: int
+    #: The person's name, or None (whoever import stores it for).
+    person: typing.Optional[str]
+    #: The payload's member it goes in ("data", "workoutRoutes", ...) ...
+    container: str
+    #: ... and the key there (a type, a workout, a characteristic's name).
+    key: str
+    #: The record's JSON text.
+    text: str
+    #: Of a section whose newest export wins, the export it was last
+    #: written by (canonical UTC; UNDATED_EXPORT when the line says none);
+    #: of the others, None.
+    exported: typing.Optional[str] = None
+
+
+def _text_member(members, name, what):
+    """The member ``name`` of a line, which must be a non-empty string."""
+    value = json.loads(members[name])
+    if value.__class__ is not str or not value:
+        raise PayloadError(f"{name} is {_json_kind(value) if value != '' else 'empty'}, not {what}")
+    return value
+
+
+def ndjson_entry(number, line):
+    """The NdjsonEntry of line ``number`` (bytes), or None for a line that
+    brings nothing (empty, a syncs row); raises PayloadError, KeyError or
+    ValueError for a line that is not an export line."""
+    if not line.strip():
+        return None
+    members = object_members(line)
+    name = json.loads(members["section"])
+    person = json.loads(members["person"]) if "person" in members else None
+    if person is not None and (person.__class__ is not str or not PERSON_NAME.match(person)):
+        raise PayloadError(f"person {log_safe(person, 60)!r} is not a name people may have")
+    section = SECTIONS_BY_NAME.get(name if name.__class__ is str else None)
+    if section is None:
+        if name != "syncs":
+            raise PayloadError(f"unknown section {log_safe(name, 60)!r}")
+        return None
+    if section.shape == "nested":
+        return None  # arrays inside the other app's workouts and ECGs: no payload holds them alone
+    exported = None
+    if section.latest_wins:
+        exported = utc_date(json.loads(members["exported"])) if "exported" in members else None
+        exported = exported or UNDATED_EXPORT
+    if section.shape == "object":
+        return NdjsonEntry(number, person, section.app_keys[0], _text_member(members, "name", "a name"),
+                           members["value"], exported)
+    label = _text_member(members, NDJSON_LABELS[name][0], "a name") if name in NDJSON_LABELS else section.app_keys[0]
+    container = section.app_keys[0] if section.shape == "routes" else "data"
+    return NdjsonEntry(number, person, container, label, members["record"], exported)
+
+
+def _ndjson_entries(lines, on_bad_line):
+    """The NdjsonEntry of each line of ``lines`` ((number, line) pairs); a
+    line that is not an export line raises PayloadError naming it, or
+    with ``on_bad_line(number, reason)`` is skipped."""
+    for number, line in lines:
+        try:
+            if line.__class__ is LongLine:
+                raise PayloadError(f"{line.size:,} bytes, longer than an export line ({NDJSON_LINE_MAX:,})")
+            entry = ndjson_entry(number, line)
+        except (ValueError, KeyError, TypeError, PayloadError) as exc:
+            reason = f"line {number}: not an export line ({exc})"
+            if on_bad_line is None:
+                raise PayloadError(reason) from None
+            on_bad_line(number, reason)
+            continue
+        if entry is not None:
+            yield entry
+
+
+def ndjson_payloads(lines, per_payload, on_bad_line=None):
+    """Turn NDJSON export lines (bytes, or LongLine) into (person's name or
+    None, payload) pairs, each payload of at most ``per_payload`` lines of
+    one person, and of lines of one export date where that matters (see
+    NdjsonEntry.exported), the same shape the app sends.  Each payload is
+    a generator of pieces, made as it is read: consume one before asking
+    for the next.  Lines of one section and label in a row share an array;
+    a section met again later opens another member of the same name, which
+    Payload reads like the first.  A bad line raises PayloadError, or
+    with ``on_bad_line(number, reason)`` is skipped."""
+    every_entry = _ndjson_entries(enumerate(lines, 1), on_bad_line)
+    for person, entries in itertools.groupby(every_entry, key=operator.attrgetter("person")):
+        held = []  # an entry a payload left for the next (another export date)
+        while True:
+            first = held.pop() if held else next(entries, None)
+            if first is None:
+                break
+            yield person, _ndjson_payload(itertools.chain([first], entries), per_payload, held)
+
+
+def _ndjson_payload(entries, per_payload, held):
+    """The pieces of one payload of ``entries``: at most ``per_payload``,
+    and of one export date (the first that says one); the entry of another
+    date is left in ``held``.  The date goes at the end (``exportDate``,
+    which a sync's merge reads once the body is whole)."""
+    out, size, exported = ['{"syncSource":"import"'], 0, None
+    container = key = None
+    for count, entry in enumerate(entries, 1):
+        if entry.exported is not None and exported not in (None, entry.exported):
+            held.append(entry)
+            break
+        exported = exported or entry.exported
+        where, name, text = entry.container, entry.key, entry.text
+        if where != container:
+            out.append("]}" if key is not None and container != "characteristics" else "}" if container else "")
+            out.append(f",{json.dumps(where)}:{{")
+            container, key = where, None
+        if container == "characteristics":
+            out.append(f"{',' if key is not None else ''}{json.dumps(name)}:{text}")
+            key = name
+        elif name != key:
+            out.append(f"{']' if key is not None else ''}{',' if key is not None else ''}{json.dumps(name)}:[{text}")
+            key = name
+        else:
+            out.append("," + text)
+        size += len(text)
+        if size >= READ_CHUNK:
+            yield "".join(out).encode("utf-8", "surrogatepass")
+            out, size = [], 0
+        if count >= per_payload:
+            break
+    if container is not None:
+        out.append("}" if container == "characteristics" or key is None else "]}")
+    out.append(f',"exportDate":{json.dumps(exported)}}}' if exported else "}")
+    yield "".join(out).encode("utf-8", "surrogatepass")
+
+
+# ---------------------------------------------------------------------------
 # Reporting: what is stored, as records (read only); export
 # ---------------------------------------------------------------------------
 
@@ -9265,487 +9946,9 @@ def receiver_samples(samples, db_path, backup):
         samples["health_receiver_last_backup_success"] = [("", {}, 0 if backup.get("failed") else 1)]
 
 
-
 # ---------------------------------------------------------------------------
-# Sync workflow: one sync from bytes to stored rows (HTTP and import); NDJSON import; scheduled backups
+# Notices: a message when data stops or comes back, or a backup fails
 # ---------------------------------------------------------------------------
-
-# -- Archive: bodies kept as they came (--archive) --------------------------
-
-#: An archived body: <UTC time>-<sync id>.json.gz, the first person's, or
-#: <UTC time>-<sync id>-<name>.json.gz, another person's (so that import
-#: stores it as theirs, in any database).
-_ARCHIVE_NAME = re.compile(r"[0-9]{8}T[0-9]{6}Z-(?P<sync>[0-9]+)(?:-(?P<person>[A-Za-z0-9][A-Za-z0-9._-]{0,39}))?"
-                           r"\.json\.gz\Z")
-
-
-def _archive_path(directory, sync_id, person=None, now=None):
-    """Where the body of sync ``sync_id`` of ``person`` (a name; None: the
-    first person) is archived."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    return os.path.join(directory, f"{now:%Y%m%dT%H%M%SZ}-{sync_id}{'-' + person if person else ''}.json.gz")
-
-
-def archived_person(path):
-    """Whose body the archive file ``path`` holds, by its name: another
-    person's name, or None (the first person's, or not an archive file)."""
-    match = _ARCHIVE_NAME.match(os.path.basename(path))
-    return match["person"] if match else None
-
-
-def archived_bodies(directory, sync_ids, person=None):
-    """The paths of the archive files in ``directory`` of the syncs
-    ``sync_ids`` of ``person`` (a name; None: the first person).  A file is
-    theirs only when both its sync id and its name part are: ids repeat (a
-    restore rewinds them, a folder may be shared), so an id alone would
-    reach another person's bodies."""
-    wanted = {str(sync_id) for sync_id in sync_ids}
-    found = []
-    with contextlib.suppress(OSError):
-        for name in sorted(os.listdir(directory)):
-            match = _ARCHIVE_NAME.match(name)
-            if match and match["sync"] in wanted and match["person"] == (person or None):
-                found.append(os.path.join(directory, name))
-    return found
-
-
-def remove_archived(directory, sync_ids, person=None):
-    """Remove the archived bodies of the syncs ``sync_ids`` of ``person``
-    (see archived_bodies) from ``directory`` (a person's data deleted);
-    return how many."""
-    paths = archived_bodies(directory, sync_ids, person)
-    for path in paths:
-        os.unlink(path)
-    return len(paths)
-
-
-def rename_archived(directory, sync_ids, person, new_person):
-    """Give the archived bodies of the syncs ``sync_ids`` of ``person`` the
-    name of ``new_person`` (renamed; None: the first person's form)."""
-    for path in archived_bodies(directory, sync_ids, person):
-        match = _ARCHIVE_NAME.match(os.path.basename(path))
-        stamp = os.path.basename(path)[:16]
-        os.replace(path, os.path.join(directory, f"{stamp}-{match['sync']}{'-' + new_person if new_person else ''}"
-                                                 ".json.gz"))
-
-
-class ArchiveWriter:
-    """Writes a body to ``--archive`` as it streams past, to a temporary
-    name; ``keep(sync_id)`` renames it once the sync is committed, so a file
-    with a final name is always a complete, stored sync.  A failure to
-    archive never fails the sync: the first error is kept in ``error``,
-    writing stops, and ``keep`` raises it."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.error = None
-        self.path = None
-        try:
-            self._handle = tempfile.NamedTemporaryFile(prefix=".", suffix=".json.gz.tmp", dir=directory,
-                                                       delete=False)
-            self.path = self._handle.name
-            self._gzip = gzip.GzipFile(fileobj=self._handle, mode="wb", compresslevel=1)
-        except OSError as exc:
-            self.error = exc
-
-    def pieces(self, pieces):
-        """Pass ``pieces`` on, writing each to the archive."""
-        for piece in pieces:
-            if self.error is None:
-                try:
-                    self._gzip.write(piece)
-                except OSError as exc:
-                    self.error = exc
-            yield piece
-
-    def keep(self, sync_id, person=None, now=None):
-        """Complete the file and give it its final name (see _archive_path),
-        of a sync kept ``now``; return that."""
-        if self.error is None:
-            try:
-                self._gzip.close()
-                self._handle.close()
-                final = _archive_path(self.directory, sync_id, person, now)
-                os.replace(self.path, final)
-                return final
-            except OSError as exc:
-                self.error = exc
-        self.discard()
-        raise self.error
-
-    def discard(self):
-        # Each closed on its own: the compressor's last write failing on a
-        # full disk must not leave the file open, holding its space unlinked.
-        for part in ("_gzip", "_handle"):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                getattr(self, part).close()
-        if self.path:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-
-
-# -- Intake: one sync from arriving bytes to stored rows --------------------
-
-def describe_sync(result):
-    """The one log line of a stored sync (client text escaped)."""
-    env = result.envelope
-    source = env.get("syncSource")
-    source = source[:60] if isinstance(source, str) and source else "-"
-    span = ""
-    start, end = env.get("startDate"), env.get("endDate")
-    if isinstance(start, str) and isinstance(end, str):
-        span = f", {start[:10]} -> {end[:10]}"
-    retry = f", byte for byte sync {result.same_body_as}: not read again" if result.same_body_as else ""
-    return log_safe(
-        f"{result.remote_addr} {source} {counted(result.records, 'record')} ({result.new_records} new, "
-        f"{result.duplicates} dup, {result.rejected} rejected) in {counted(result.sections, 'section')}, "
-        f"{counted(result.received[ROUTE_POINTS.name], 'route point')}{span}, {result.body_bytes / 1e6:.1f} MB in "
-        f"{result.duration:.2f} s{retry}")
-
-
-class BodyDigest:
-    """A body's pieces passed on as they arrive, with its SHA-256 and size
-    kept; ``head`` reads its first bytes ahead (they are passed on first)."""
-
-    def __init__(self, pieces):
-        self._pieces = iter(pieces)
-        self._held = []
-        self._sha256 = hashlib.sha256()
-        self.size = 0
-        #: The CRC-32 of each complete block (BODY_BLOCK bytes) so far.
-        self.blocks = []
-        self._block = 0
-
-    def head(self, size):
-        """At least ``size`` first bytes of the body (fewer if it is shorter)."""
-        held = self._held
-        total = sum(map(len, held))
-        while total < size:
-            piece = next(self._pieces, None)
-            if piece is None:
-                break
-            held.append(piece)
-            total += len(piece)
-        return b"".join(held)
-
-    def __iter__(self):
-        for piece in itertools.chain(self._held, self._pieces):
-            self._held = []
-            self._sha256.update(piece)
-            room = BODY_BLOCK - self.size % BODY_BLOCK
-            if len(piece) < room:  # the common case: within one block
-                self._block = zlib.crc32(piece, self._block)
-                self.size += len(piece)
-            else:
-                view, at = memoryview(piece), 0
-                while at < len(piece):  # the piece's part in each block it reaches
-                    take = min(len(piece) - at, BODY_BLOCK - self.size % BODY_BLOCK)
-                    self._block = zlib.crc32(view[at:at + take], self._block)
-                    at += take
-                    self.size += take
-                    if self.size % BODY_BLOCK == 0:
-                        self.blocks.append(f"{self._block:08x}")
-                        self._block = 0
-            yield piece
-
-    def hexdigest(self):
-        """The SHA-256 of what was passed on."""
-        return self._sha256.hexdigest()
-
-    def block_digests(self):
-        """The blocks' digests as stored, the last (partial) block's included."""
-        tail = [f"{self._block:08x}"] if self.size % BODY_BLOCK else []
-        return "".join(self.blocks + tail)
-
-
-def _find_malloc_trim():
-    """glibc's malloc_trim, or None (musl, macOS, Windows: nothing to call)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim if ctypes is not None else None
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def give_back_memory():
-    """Hand the memory the C allocator keeps free back to the system: after
-    each sync, what reading it took, and at start what compiling this file
-    took (18 MB here when it is imported or run with -m; run as a script,
-    CPython holds the file's syntax tree until the script ends).  On a
-    small board it is then free for the page cache instead of held."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-class SyncIntake:
-    """The one way a sync is stored, for the HTTP handler and ``import``:
-    walk the body as it arrives into a Stage, merge it into the database in
-    one transaction, record a failure once, and after the answer checkpoint.
-
-    A body that starts with the envelope of a stored sync (a retry: the app
-    sends the same payload again when an answer came too late) is not read
-    but kept in a Spool while its digest is taken; byte for byte the stored
-    sync's, it is answered from that sync's record, otherwise read from the
-    Spool as any other.
-
-    ``max_tmp`` bounds the temporary disk that the syncs being received
-    take together; past it a sync fails with StorageUnavailable (503 and
-    Retry-After: the app retries).
-    """
-
-    def __init__(self, store, archive=None, log_error=None, max_tmp=None):
-        self.store = store
-        self.archive = archive
-        self.log_error = log_error or (lambda remote, line: None)
-        self.max_tmp = max_tmp
-        self._tmp_lock = threading.Lock()
-        self._tmp_in_use = {}
-
-    def refuse(self, remote_addr, status, message, person=FIRST_PERSON):
-        """Record a request refused before its body was ingested."""
-        self.store.record_failure(FailedSync(remote_addr, status, message, person=person))
-
-    def ingest(self, pieces, remote_addr, length=None, person=FIRST_PERSON, key_sha256=None):
-        """Store the body arriving as ``pieces`` (bytes; ``length`` of them
-        in all, when known) as a sync of ``person`` (an id of PEOPLE: the
-        rows are theirs, and a retry repeats one of their own syncs), sent
-        with their own key of hash ``key_sha256`` (None: the receiver's key,
-        or none), which must still be theirs when it is stored;
-        return the SyncResult once committed, or None for a body that held
-        nothing (empty, or ``{}``: a connection test), which leaves no
-        trace.  Raises PayloadError or StorageUnavailable
-        with nothing stored and the failure recorded; an exception of
-        ``pieces`` itself (the HTTP layer's ClientError) passes through,
-        nothing stored, for the caller to record."""
-        started = time.monotonic()
-        body = BodyDigest(pieces)
-        envelope = leading_members(body.head(ENVELOPE_HEAD))
-        stored = self.store.same_envelope(envelope, length, person)
-        if not stored:
-            return self._read(body, remote_addr, started, body, person, key_sha256)
-        spool = None
-        try:
-            try:
-                spool = self.store.spool()
-                pieces, rest = iter(body), None
-                for piece in pieces:
-                    spool.write(piece)
-                    self._account(spool, spool.size)
-                    stored = self._still_same(stored, body)
-                    if not stored:  # it differs: read it from here on, as it arrives
-                        rest = pieces
-                        break
-                spool.finish()
-                same_as, size, _blocks = stored.get(body.hexdigest(), (None, None, None))
-                result = None
-                if rest is None and size == body.size:
-                    result = self.store.record_retry(same_as, body.hexdigest(), size, remote_addr, envelope, started,
-                                                     person, key_sha256)
-            except StorageUnavailable as exc:
-                self.store.record_failure(FailedSync(remote_addr, SyncStatus.FAILED, str(exc), body.size,
-                                                     time.monotonic() - started, None, envelope.get("syncSource"),
-                                                     person))
-                raise
-            if result is not None:
-                return result
-            # Read back as any other body (then the rest as it arrives); its
-            # copy is not counted against max_tmp, or a body nearly that size
-            # would never be stored.
-            self._release(spool)
-            return self._read(itertools.chain(spool.pieces(), rest or ()), remote_addr, started, body, person,
-                              key_sha256)
-        finally:
-            if spool is not None:
-                self._release(spool)
-                spool.close()
-
-    @staticmethod
-    def _still_same(stored, body):
-        """The stored syncs (same_envelope) that the body read so far may
-        still repeat: as long, and block for block the same."""
-        blocks = "".join(body.blocks)
-        return {digest: sync for digest, sync in stored.items()
-                if body.size <= sync[1] and (sync[2] is None or sync[2].startswith(blocks))}
-
-    def _read(self, pieces, remote_addr, started, body, person, key_sha256):
-        """Walk the body arriving as ``pieces`` into a Stage and merge it;
-        ``body`` (a BodyDigest) gives its digest once read."""
-        archive = ArchiveWriter(self.archive) if self.archive else None
-        payload = Payload(archive.pieces(pieces) if archive else pieces)
-        payload.spill_dir = self.store.tmp_dir
-        stage = None
-        try:
-            stage = self.store.stage()
-            try:
-                for section, rows in payload.batches():
-                    stage.add(section, rows)
-                    self._account(stage, stage.size())
-            except sqlite3.Error as exc:  # the temporary file's disk is full, say: the app retries
-                raise StorageUnavailable(f"The sync's temporary file in {self.store.tmp_dir} cannot take its rows "
-                                         f"({exc}); free some space there (--tmp-dir), then the app retries.") from exc
-            if payload.empty:
-                if archive:
-                    archive.discard()
-                return None
-            result = self.store.merge(stage, payload, remote_addr, started, body.hexdigest(), body.block_digests(),
-                                      person, key_sha256)
-        except BaseException as exc:
-            if isinstance(exc, (PayloadError, StorageUnavailable)):
-                self.store.record_failure(FailedSync(
-                    remote_addr, SyncStatus.REJECTED if isinstance(exc, PayloadError) else SyncStatus.FAILED,
-                    str(exc), payload.size,
-                    time.monotonic() - started, payload.envelope_text, payload.envelope.get("syncSource"), person))
-            if archive:
-                archive.discard()
-            raise
-        finally:
-            if stage is not None:
-                self._release(stage)
-                stage.close()
-        if archive:
-            try:
-                archive.keep(result.sync_id, self._archive_name(result.person), self.store.clock())
-            except (OSError, StorageUnavailable) as exc:
-                self.log_error(remote_addr, f"sync {result.sync_id} is stored but could not be archived in "
-                                            f"{self.archive}: {exc}")
-        return result
-
-    def _archive_name(self, person_id):
-        """The name an archived body of ``person_id`` carries: None for the
-        first person's (named as before there were people)."""
-        if person_id == self.store.first_person().id:
-            return None
-        person = self.store.person(person_id=person_id)
-        return person.name if person else None
-
-    def _account(self, scratch, size):
-        """Check the temporary disk in use, with ``scratch`` (a Stage or a
-        Spool) at ``size`` bytes, against ``max_tmp``."""
-        if self.max_tmp is None:
-            return
-        with self._tmp_lock:
-            self._tmp_in_use[scratch] = size
-            if sum(self._tmp_in_use.values()) > self.max_tmp:
-                raise StorageUnavailable(f"The receiver's temporary space ({self.max_tmp // MIB} MB, "
-                                         "--max-tmp-mb) is in use by other syncs; try again shortly.")
-
-    def _release(self, scratch):
-        with self._tmp_lock:
-            self._tmp_in_use.pop(scratch, None)
-
-    def after_answer(self, result):
-        """What the app need not wait for: the hourly totals of the rows it
-        brought, and folding the log into the database.  What reading the
-        body took is handed back first, so that the totals' own memory
-        comes on top of less."""
-        give_back_memory()
-        try:
-            self.store.update_hours()
-        except (StorageUnavailable, sqlite3.Error) as exc:
-            self.log_error(result.remote_addr, f"sync {result.sync_id}: hourly totals left for the next sync: {exc}")
-        self.store.checkpoint()
-        give_back_memory()
-
-
-# -- Scheduled backups: BackupSchedule --------------------------------------
-
-#: Seconds before a failed scheduled backup is tried again (at most the
-#: interval).
-BACKUP_RETRY = 3600
-
-
-def _exact_stamp(text):
-    """A canonical UTC timestamp, milliseconds included, as an aware datetime."""
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
-
-
-class BackupSchedule:
-    """Backups made by a background thread of the running receiver every
-    ``every`` seconds into ``folder``, keeping the newest ``keep``.  A
-    backup reads a snapshot beside the syncs and never delays one (see
-    backup_database).  ``log(line, error)`` writes the log; ``clock()`` is
-    the receiver's time, which the backups' names and ages are of."""
-
-    def __init__(self, db_path, folder, every, keep, log, on_failure=None, clock=utc_clock):
-        self.db_path, self.folder, self.every, self.keep = db_path, folder, every, keep
-        self.log, self.clock = log, clock
-        #: ``on_failure(reason)``: told of each failed backup (a notice).
-        self.on_failure = on_failure
-        #: The last backup made (a BackupRecord), or found in the folder at
-        #: start (its time from its name).
-        self.last = None
-        #: (UTC time, reason) of the last attempt, when it failed.
-        self.failure = None
-        newest = newest_backup(folder, db_path, clock())
-        if newest is not None and newest.made_at is not None:
-            with contextlib.suppress(OSError):
-                self.last = BackupRecord(newest.path, newest.made_at, os.path.getsize(newest.path), 0.0, 0, 0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="backups", daemon=True)
-
-    def start(self):
-        self._thread.start()
-
-    def stop(self):
-        """Stop the thread, a backup in progress too (its file is removed)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
-    def _due_in(self):
-        if self.last is None:
-            return 0.0
-        age = (self.clock() - _exact_stamp(self.last.made_at)).total_seconds()
-        if age < 0:  # a backup of the future: the clock was wrong then, or is now
-            return 0.0
-        return max(0.0, self.every - age)
-
-    def _run(self):
-        while not self._stop.wait(self._due_in() if self.failure is None else min(self.every, BACKUP_RETRY)):
-            self.run_once()
-
-    def run_once(self):
-        """Make a backup now; failures are logged and kept, never raised."""
-        dest = new_backup_path(self.folder, self.db_path, now=self.clock())
-        try:
-            record = backup_database(self.db_path, dest, cancelled=self._stop.is_set, clock=self.clock, numbered=True)
-            removed = remove_old_backups(self.folder, self.db_path, self.keep, made=record.path, now=self.clock())
-        except BackupStopped:
-            return None
-        except (OSError, sqlite3.Error, StorageUnavailable, UsageError) as exc:
-            self.failure = (_canonical(self.clock()), str(exc))
-            self.log(f"backup into {self.folder} failed: {exc}", True)
-            if self.on_failure is not None:
-                self.on_failure(str(exc))
-            return None
-        self.last, self.failure = record, None
-        self.log(f"backup {record.path}: {record.rows:,} rows, {record.size / 1e6:.1f} MB, verified, in "
-                 f"{record.seconds:.1f} s" + (f"; {len(removed)} older removed" if removed else ""), False)
-        return record
-
-    def status(self, now=None):
-        """What the status page and the endpoint's GET say: the last backup,
-        and a warning when it failed or is older than twice the interval."""
-        now = now or self.clock()
-        last = self.last
-        answer = {"folder": self.folder, "every_hours": round(self.every / 3600, 3), "keep": self.keep,
-                  "last": None, "warning": None, "failed": self.failure is not None}
-        if last is not None:
-            answer["last"] = {"path": last.path, "made_at": last.made_at, "bytes": last.size, "verified": True}
-        if self.failure is not None:
-            answer["warning"] = f"the last backup failed at {self.failure[0]}: {self.failure[1]}"
-            answer["warning_without_paths"] = f"the last backup failed at {self.failure[0]}"
-        elif last is None:
-            answer["warning"] = "no backup made yet"
-        elif (now - _exact_stamp(last.made_at)).total_seconds() > 2 * self.every:
-            answer["warning"] = f"the last backup, of {last.made_at}, is older than twice the interval"
-        return answer
-
-
-# -- Notices: a message when data stops or comes back, or a backup fails -----
 
 #: A notice is tried this many times, this many seconds apart, then given up
 #: (logged); each try waits at most NOTICE_TIMEOUT for the destination.
@@ -10024,208 +10227,6 @@ class GapWatch(Worker):
 def _gap_text(gap):
     since = f" (since {gap.since})" if gap.since else ""
     return f"{gap.message}{since}. The receiver tells you again when it ends."
-
-
-# -- NDJSON import: the lines of an export made payloads again --------------
-
-#: Lines of an NDJSON export ingested as one sync by ``import``.
-IMPORT_CHUNK_LINES = 100000
-#: Bytes of the longest NDJSON line ``import`` reads: an exported line is
-#: a record (never over VALUE_TEXT_MAX: a sync keeps a longer value aside,
-#: and export writes none) and a few short fields.  A longer line is read
-#: through without being held, and skipped.
-NDJSON_LINE_MAX = VALUE_TEXT_MAX + 64 * 1024
-#: The export date an NDJSON line of a section whose newest export wins
-#: counts as when it carries none (an export of an earlier version): older
-#: than any stored, so that it never replaces a value, only adds one.
-UNDATED_EXPORT = f"{DATE_YEARS[0]}-01-01T00:00:00.000Z"
-
-
-class LongLine(typing.NamedTuple):
-    """A line longer than ndjson_lines() holds: only its length is kept."""
-
-    size: int
-
-
-def ndjson_lines(pieces, longest=NDJSON_LINE_MAX):
-    """The lines (bytes, without their end) of a stream of pieces; a line
-    longer than ``longest`` bytes is read through and given as a LongLine
-    instead, so that memory holds ``longest`` bytes and a piece at most."""
-    held, dropped = [], None  # the line so far (pieces), or the length of one too long
-    size = 0
-    for piece in pieces:
-        start = 0
-        while True:
-            end = piece.find(b"\n", start)
-            part = piece[start:] if end < 0 else piece[start:end]
-            if dropped is not None:
-                dropped += len(part)
-            elif size + len(part) > longest:
-                dropped, held, size = size + len(part), [], 0
-            else:
-                held.append(part)
-                size += len(part)
-            if end < 0:
-                break
-            yield LongLine(dropped) if dropped is not None else b"".join(held)
-            held, dropped, size, start = [], None, 0, end + 1
-    if dropped is not None:
-        yield LongLine(dropped)
-    elif size:
-        yield b"".join(held)
-
-
-def object_members(line):
-    """{key: original JSON text of its value} for the object that is
-    ``line`` (bytes: one NDJSON line); raises PayloadError."""
-    reader = JsonReader.from_bytes(line)
-    members = {}
-
-    def member(key, pos):
-        _value, raw, end = reader.value(pos)
-        members[key] = raw
-        return end
-        yield  # a generator, as walk_object delegates to it
-
-    pos = reader.start()
-    if reader.char(pos) != "{":
-        raise PayloadError("not a JSON object")
-    for _batch in reader.walk_object(pos, member):
-        pass
-    return members
-
-
-class NdjsonEntry(typing.NamedTuple):
-    """What one NDJSON export line brings: whose it is, and where its
-    record goes in a payload the app would send."""
-
-    line: int
-    #: The person's name, or None (whoever import stores it for).
-    person: typing.Optional[str]
-    #: The payload's member it goes in ("data", "workoutRoutes", ...) ...
-    container: str
-    #: ... and the key there (a type, a workout, a characteristic's name).
-    key: str
-    #: The record's JSON text.
-    text: str
-    #: Of a section whose newest export wins, the export it was last
-    #: written by (canonical UTC; UNDATED_EXPORT when the line says none);
-    #: of the others, None.
-    exported: typing.Optional[str] = None
-
-
-def _text_member(members, name, what):
-    """The member ``name`` of a line, which must be a non-empty string."""
-    value = json.loads(members[name])
-    if value.__class__ is not str or not value:
-        raise PayloadError(f"{name} is {_json_kind(value) if value != '' else 'empty'}, not {what}")
-    return value
-
-
-def ndjson_entry(number, line):
-    """The NdjsonEntry of line ``number`` (bytes), or None for a line that
-    brings nothing (empty, a syncs row); raises PayloadError, KeyError or
-    ValueError for a line that is not an export line."""
-    if not line.strip():
-        return None
-    members = object_members(line)
-    name = json.loads(members["section"])
-    person = json.loads(members["person"]) if "person" in members else None
-    if person is not None and (person.__class__ is not str or not PERSON_NAME.match(person)):
-        raise PayloadError(f"person {log_safe(person, 60)!r} is not a name people may have")
-    section = SECTIONS_BY_NAME.get(name if name.__class__ is str else None)
-    if section is None:
-        if name != "syncs":
-            raise PayloadError(f"unknown section {log_safe(name, 60)!r}")
-        return None
-    if section.shape == "nested":
-        return None  # arrays inside the other app's workouts and ECGs: no payload holds them alone
-    exported = None
-    if section.latest_wins:
-        exported = utc_date(json.loads(members["exported"])) if "exported" in members else None
-        exported = exported or UNDATED_EXPORT
-    if section.shape == "object":
-        return NdjsonEntry(number, person, section.app_keys[0], _text_member(members, "name", "a name"),
-                           members["value"], exported)
-    label = _text_member(members, NDJSON_LABELS[name][0], "a name") if name in NDJSON_LABELS else section.app_keys[0]
-    container = section.app_keys[0] if section.shape == "routes" else "data"
-    return NdjsonEntry(number, person, container, label, members["record"], exported)
-
-
-def _ndjson_entries(lines, on_bad_line):
-    """The NdjsonEntry of each line of ``lines`` ((number, line) pairs); a
-    line that is not an export line raises PayloadError naming it, or
-    with ``on_bad_line(number, reason)`` is skipped."""
-    for number, line in lines:
-        try:
-            if line.__class__ is LongLine:
-                raise PayloadError(f"{line.size:,} bytes, longer than an export line ({NDJSON_LINE_MAX:,})")
-            entry = ndjson_entry(number, line)
-        except (ValueError, KeyError, TypeError, PayloadError) as exc:
-            reason = f"line {number}: not an export line ({exc})"
-            if on_bad_line is None:
-                raise PayloadError(reason) from None
-            on_bad_line(number, reason)
-            continue
-        if entry is not None:
-            yield entry
-
-
-def ndjson_payloads(lines, per_payload, on_bad_line=None):
-    """Turn NDJSON export lines (bytes, or LongLine) into (person's name or
-    None, payload) pairs, each payload of at most ``per_payload`` lines of
-    one person, and of lines of one export date where that matters (see
-    NdjsonEntry.exported), the same shape the app sends.  Each payload is
-    a generator of pieces, made as it is read: consume one before asking
-    for the next.  Lines of one section and label in a row share an array;
-    a section met again later opens another member of the same name, which
-    Payload reads like the first.  A bad line raises PayloadError, or
-    with ``on_bad_line(number, reason)`` is skipped."""
-    every_entry = _ndjson_entries(enumerate(lines, 1), on_bad_line)
-    for person, entries in itertools.groupby(every_entry, key=operator.attrgetter("person")):
-        held = []  # an entry a payload left for the next (another export date)
-        while True:
-            first = held.pop() if held else next(entries, None)
-            if first is None:
-                break
-            yield person, _ndjson_payload(itertools.chain([first], entries), per_payload, held)
-
-
-def _ndjson_payload(entries, per_payload, held):
-    """The pieces of one payload of ``entries``: at most ``per_payload``,
-    and of one export date (the first that says one); the entry of another
-    date is left in ``held``.  The date goes at the end (``exportDate``,
-    which a sync's merge reads once the body is whole)."""
-    out, size, exported = ['{"syncSource":"import"'], 0, None
-    container = key = None
-    for count, entry in enumerate(entries, 1):
-        if entry.exported is not None and exported not in (None, entry.exported):
-            held.append(entry)
-            break
-        exported = exported or entry.exported
-        where, name, text = entry.container, entry.key, entry.text
-        if where != container:
-            out.append("]}" if key is not None and container != "characteristics" else "}" if container else "")
-            out.append(f",{json.dumps(where)}:{{")
-            container, key = where, None
-        if container == "characteristics":
-            out.append(f"{',' if key is not None else ''}{json.dumps(name)}:{text}")
-            key = name
-        elif name != key:
-            out.append(f"{']' if key is not None else ''}{',' if key is not None else ''}{json.dumps(name)}:[{text}")
-            key = name
-        else:
-            out.append("," + text)
-        size += len(text)
-        if size >= READ_CHUNK:
-            yield "".join(out).encode("utf-8", "surrogatepass")
-            out, size = [], 0
-        if count >= per_payload:
-            break
-    if container is not None:
-        out.append("}" if container == "characteristics" or key is None else "]}")
-    out.append(f',"exportDate":{json.dumps(exported)}}}' if exported else "}")
-    yield "".join(out).encode("utf-8", "surrogatepass")
 
 
 # ---------------------------------------------------------------------------
