@@ -6415,8 +6415,8 @@ _MALLOC_TRIM = _find_malloc_trim()
 def give_back_memory():
     """Hand the memory the C allocator keeps free back to the system: after
     each sync, what reading it took, and at start what compiling this file
-    took (18 MB here when it is imported or run with -m; run as a script,
-    CPython holds the file's syntax tree until the script ends).  On a
+    took (18 MB here when it is compiled on import; run as a script,
+    CPython would hold the file's syntax tree too: see run_imported).  On a
     small board it is then free for the page cache instead of held."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
@@ -13941,9 +13941,9 @@ def run_imported(script):
     only if that cannot be done.
 
     Run as a script, CPython compiles this file at every start and keeps
-    its syntax tree for as long as the script runs: 20 MB here, a third of
-    what a 50 MB sync may take in all, and seconds of a small board's
-    start.  Imported, its bytecode is cached in __pycache__ (when that can
+    its syntax tree for as long as the script runs: 30 MB here (a 50 MB
+    sync's peak was 68 MB, and is 36 MB imported), and seconds of a small
+    board's start.  Imported, its bytecode is cached in __pycache__ (when that can
     be written) and no tree is kept.  POSIX only: elsewhere exec starts a
     new process."""
     if os.name != "posix" or not sys.executable or not script.endswith(".py"):
