@@ -3629,25 +3629,37 @@ def _merge_parameters(conn, person, type_name, low, high):
 #: nothing hides anything: per source, whether any record may say "entered
 #: by hand", and bucket, (value, milliseconds counted) of the samples that
 #: count in one bucket (those within it, and those without a duration or
-#: longer than LONGEST_SPREAD_MS, whole at their start); the samples that
-#: span buckets are rows of their own (start, end), to be split by time,
-#: grouped only when they share both.  (merge_by_priority itself for every
-#: sample costs a Python call each: 0.5 s of a month of per-minute data.)
+#: longer than LONGEST_SPREAD_MS, whole at their start); a sample that
+#: spans buckets is a row of its own (start, end), to be split by time.
+#: total() adds as merge_by_priority does, in floating point (sum() of
+#: integers fails past 2**63).  (merge_by_priority itself for every sample
+#: costs a Python call each: 0.5 s of a month of per-minute data.)
 _MERGE_ONE_RANK_SQL = (
     # LIMIT keeps SQLite from flattening the samples' query into the sums,
     # which would convert each date wherever s or e is named.
-    f"WITH merged(s, e, v, source, record) AS ({_MERGE_SAMPLES_SQL} LIMIT -1),"
-    f" sized AS (SELECT s, e, v, source, record IS NOT NULL AS hand, s >= 0 AND (e IS NULL OR e <= s"
+    "WITH merged(s, e, v, source, record, uuid) AS ("
+    + _MERGED_SAMPLES_SQL.format(more=", uuid", where=f" AND {_NUMERIC} AND abs(value) <= 1.7976931348623157e308"
+                                                      " LIMIT -1")
+    + f"), sized AS (SELECT *, record IS NOT NULL AS hand, s >= 0 AND (e IS NULL OR e <= s"
     f" OR e - s > {LONGEST_SPREAD_MS:d} OR s / {BUCKET_MS:d} = (e - 1) / {BUCKET_MS:d}) AS whole FROM merged)"
     f" SELECT source, max(hand), CASE WHEN whole THEN s / {BUCKET_MS:d} END AS bucket,"
-    " CASE WHEN whole THEN NULL ELSE s END AS low, CASE WHEN whole THEN NULL ELSE e END AS high, sum(v),"
-    f" sum(CASE WHEN whole AND e > s AND e - s <= {LONGEST_SPREAD_MS:d} THEN e - s ELSE 0 END)"
-    " FROM sized GROUP BY source, bucket, low, high")
+    " CASE WHEN whole THEN NULL ELSE s END AS low, CASE WHEN whole THEN NULL ELSE e END AS high, total(v),"
+    f" total(CASE WHEN whole AND e > s AND e - s <= {LONGEST_SPREAD_MS:d} THEN e - s ELSE 0 END)"
+    " FROM sized GROUP BY source, bucket, low, high, CASE WHEN whole THEN NULL ELSE uuid END")
+#: Whether the samples of _MERGE_ONE_RANK_SQL come from more than one
+#: source: 2 then, found as soon as a second one is (a phone's and a
+#: Watch's steps alternate), so that such a week is not summed for nothing.
+_MERGE_SOURCES_SQL = (f"SELECT count(*) FROM (SELECT DISTINCT source_name FROM main.samples"
+                      f" WHERE {PERSON_COLUMN} = :person AND type = :type AND start_date >= :back_text"
+                      " AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)"
+                      f" AND {_NUMERIC} LIMIT 2)")
 
 
 def _one_rank_shares(conn, parameters):
     """merge_by_priority's result for the samples of _MERGE_ONE_RANK_SQL
     when they are one source's, none maybe entered by hand; else None."""
+    if conn.execute(_MERGE_SOURCES_SQL, parameters).fetchone()[0] > 1:
+        return None
     groups = conn.execute(_MERGE_ONE_RANK_SQL, parameters).fetchall()
     if len({group[0] for group in groups}) > 1 or any(group[1] for group in groups):
         return None
@@ -3656,7 +3668,7 @@ def _one_rank_shares(conn, parameters):
         if bucket is None:
             spanning.append((start, end, value, 0, source))
         else:
-            shares[(bucket, source)] = (value, milliseconds)
+            shares[(bucket, source)] = (value, round(milliseconds))
     for key, (value, milliseconds) in merge_by_priority(spanning).items():
         counted, spans = shares.get(key, (0.0, 0))
         shares[key] = (counted + value, spans + milliseconds)

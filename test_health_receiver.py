@@ -2614,6 +2614,8 @@ class CumulativeMergeTests(StepsTestCase):
         early = datetime.datetime(1969, 12, 31, 23, 50, tzinfo=datetime.timezone.utc)
         samples += [(early, early + datetime.timedelta(minutes=20), 120), (early, early, 7),
                     (base, base + datetime.timedelta(days=2), 4800)]
+        across = base + datetime.timedelta(minutes=20)  # two samples of the same time, across 09:30
+        samples += [(across, across + datetime.timedelta(minutes=20), 100)] * 2
 
         def text(moment):
             return moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
@@ -2621,7 +2623,7 @@ class CumulativeMergeTests(StepsTestCase):
         def half_hour(moment):
             return moment.strftime("%Y-%m-%dT%H") + (":30" if moment.minute >= 30 else "")
 
-        expected, begun = collections.defaultdict(float), {}
+        expected, counted, begun = collections.defaultdict(float), collections.defaultdict(int), {}
         for start, end, value in samples:
             figures = begun.setdefault(half_hour(start), [])
             figures.append(value)
@@ -2631,6 +2633,7 @@ class CumulativeMergeTests(StepsTestCase):
                 continue
             for second in range(seconds):
                 expected[half_hour(start + datetime.timedelta(seconds=second))] += value / seconds
+                counted[half_hour(start + datetime.timedelta(seconds=second))] += 1
         body = [span(f"S{number}", text(start), text(end), value, "count", source="Jane's Apple Watch")
                 for number, (start, end, value) in enumerate(samples)]
         self.assertEqual(self.post({"data": {"HKQuantityTypeIdentifierStepCount": body}})[0], 200)
@@ -2638,10 +2641,26 @@ class CumulativeMergeTests(StepsTestCase):
         self.assertEqual(sorted(found), sorted(hour for hour, total in expected.items() if total))
         for hour, total in expected.items():
             self.assertAlmostEqual(found.get(hour, 0.0), total, places=6, msg=hour)
+        # The seconds each half-hour's samples count, each sample's own.
+        self.assertEqual(dict(self.query("SELECT hour, seconds FROM sample_hours WHERE seconds > 0")),
+                         {hour: float(seconds) for hour, seconds in counted.items()})
         # Each half-hour's samples that start there: how many, least, greatest.
         self.assertEqual({hour: [samples, least, most] for hour, samples, least, most in self.query(
                           "SELECT hour, samples, low, high FROM sample_hours WHERE samples > 0")},
                          {hour: [len(values), min(values), max(values)] for hour, values in begun.items()})
+
+    def test_numbers_whose_sum_passes_the_largest_integer_are_totalled_and_nothing_is_left_pending(self):
+        # SQLite's sum() of integers fails past 2**63; one sync's samples
+        # must not stop the hourly totals of every type and person.
+        day = TEST_NOW.date() - datetime.timedelta(days=2)
+        self.post_steps(day, {"Jane's Apple Watch": [(3600, 3660, 5 * 10 ** 18), (3700, 3760, 5 * 10 ** 18)]})
+        status, _, _ = self.post({"data": {"HKQuantityTypeIdentifierHeartRate": [
+            span("HR-1", f"{day}T02:00:00Z", f"{day}T02:00:00Z", 70, "count/min")]}})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.query("SELECT type, hour, total FROM sample_hours ORDER BY hour"),
+                         [("HKQuantityTypeIdentifierStepCount", f"{day}T01", 1e19),
+                          ("HKQuantityTypeIdentifierHeartRate", f"{day}T02", 70.0)])
+        self.assertEqual(self.query("SELECT count(*) FROM sample_hours_pending"), [(0,)])
 
     def test_a_long_sample_is_split_over_its_hours_and_hides_a_lower_source_under_it(self):
         day = TEST_NOW.date() - datetime.timedelta(days=2)
