@@ -13964,12 +13964,19 @@ def run_imported(script):
     sync's peak was 68 MB, and is 36 MB imported), and seconds of a small
     board's start.  Imported, its bytecode is cached in __pycache__ (when that can
     be written) and no tree is kept.  POSIX only: elsewhere exec starts a
-    new process."""
-    if os.name != "posix" or not sys.executable or not script.endswith(".py"):
+    new process.  Not when run with -m (already imported), nor under a
+    debugger, tracer or profiler, which the exec would end."""
+    main_module = sys.modules.get("__main__")
+    if (os.name != "posix" or not sys.executable or not script.endswith(".py")
+            or getattr(main_module, "__spec__", None) is not None
+            or sys.gettrace() is not None or sys.getprofile() is not None):
         return
     path = os.path.abspath(script)
     flags = getattr(subprocess, "_args_from_interpreter_flags", lambda: [])()
+    # -c puts the working directory first on sys.path, where a script has
+    # its own folder: a json.py lying there must not be imported.
     code = ("import importlib.util, sys\n"
+            f"if sys.path[:1] == ['']: sys.path[0] = {os.path.dirname(path)!r}\n"
             f"spec = importlib.util.spec_from_file_location('health_receiver', {path!r})\n"
             "module = importlib.util.module_from_spec(spec)\n"
             "sys.modules['health_receiver'] = module\n"

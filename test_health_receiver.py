@@ -7144,7 +7144,19 @@ class RunAsScriptTests(unittest.TestCase):
             usage = self.run_script("stats", "--help", cwd=folder)
             self.assertEqual(usage.returncode, 0)
             self.assertTrue(usage.stdout.startswith("usage: health_receiver.py stats "), usage.stdout[:80])
-            copy = os.path.join(folder, "receiver copy.py")  # any name, any folder
+            # A module in the working directory is not imported in place of
+            # the standard library's, as it is not for a script.
+            with open(os.path.join(folder, "json.py"), "w", encoding="utf-8") as shadow:
+                shadow.write("raise SystemExit(7)\n")
+            done = self.run_script("stats", "--db", db, cwd=folder)
+            self.assertEqual((done.returncode, done.stderr), (1, f"error: no database at {db}\n"))
+            # Under a profiler it runs where it was started, for the profile to be written.
+            profile = os.path.join(folder, "profile.out")
+            subprocess.run([sys.executable, "-m", "cProfile", "-o", profile, hr.__file__, "stats", "--db", db],
+                           capture_output=True, timeout=60)
+            self.assertTrue(os.path.exists(profile))
+            os.mkdir(os.path.join(folder, "élsewhere"))
+            copy = os.path.join(folder, "élsewhere", "receiver copy.py")  # any name, any folder
             shutil.copy(hr.__file__, copy)
             wrong = subprocess.run([sys.executable, copy, "--port", "x"], capture_output=True, text=True, timeout=60)
             self.assertEqual(wrong.returncode, 2)
