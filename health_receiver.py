@@ -4524,12 +4524,23 @@ def _replace_points(conn, section, run, params):
 _UPDATE_SYNC_SQL = SYNCS.update_sql(SYNCS.column_names[1:])
 #: A retry's body is matched against the stored syncs of the same envelope
 #: (whose first fields it finds in its first bytes).
+_SAME_ENVELOPE_WHERE = (" WHERE export_date IS :export_date AND body_sha256 IS NOT NULL AND sync_source IS :sync_source"
+                        f" AND start_date IS :start_date AND end_date IS :end_date AND status = '{SyncStatus.OK}'"
+                        " AND (:body_bytes IS NULL OR body_bytes = :body_bytes)")
+#: The stored syncs of :person that a body may repeat, by its envelope:
+#: found through the export date's index (the unary + keeps SQLite from
+#: walking all of the person's syncs newest first instead).
 _SAME_ENVELOPE_SQL = (f"SELECT id, body_sha256, body_bytes, body_blocks FROM main.{SYNCS.name}"
-                      " WHERE export_date IS :export_date"
-                      " AND body_sha256 IS NOT NULL AND sync_source IS :sync_source AND start_date IS :start_date"
-                      f" AND end_date IS :end_date AND status = '{SyncStatus.OK}'"
-                      f" AND (:body_bytes IS NULL OR body_bytes = :body_bytes) AND {PERSON_COLUMN} = :person"
-                      " ORDER BY id DESC LIMIT 16")
+                      f"{_SAME_ENVELOPE_WHERE} AND +{PERSON_COLUMN} = :person ORDER BY id DESC LIMIT 16")
+#: Syncs of a person a body without an export date may repeat is looked for
+#: among (Health Auto Export sends none, and its retries come soon): all of
+#: them would be read on every sync.
+RETRY_LOOKBACK = 1000
+#: Of a body without an export date: by its length, among the person's
+#: latest RETRY_LOOKBACK syncs.
+_SAME_LENGTH_SQL = (f"SELECT id, body_sha256, body_bytes, body_blocks FROM (SELECT * FROM main.{SYNCS.name}"
+                    f" WHERE {PERSON_COLUMN} = :person ORDER BY id DESC LIMIT {RETRY_LOOKBACK:d})"
+                    f"{_SAME_ENVELOPE_WHERE} ORDER BY id DESC LIMIT 16")
 
 
 def _sync_parameters(sync):
@@ -4998,7 +5009,8 @@ class Store:
         with contextlib.suppress(StorageUnavailable, sqlite3.Error):
             with self.reader() as conn:
                 return {digest: (sync_id, size, blocks)
-                        for sync_id, digest, size, blocks in conn.execute(_SAME_ENVELOPE_SQL, params)}
+                        for sync_id, digest, size, blocks in conn.execute(
+                            _SAME_ENVELOPE_SQL if export_date is not None else _SAME_LENGTH_SQL, params)}
         return {}
 
     def record_retry(self, same_as, body_sha256, body_bytes, remote_addr=None, envelope=None, started=None,
