@@ -5649,7 +5649,11 @@ def _claim_name(temp, dest):
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:
                 continue
-            os.replace(temp, path)
+            try:
+                os.replace(temp, path)
+            except OSError:
+                os.unlink(path)  # an empty file under a backup's name would count as one
+                raise
             return path
         os.unlink(temp)
         return path
