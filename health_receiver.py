@@ -13978,10 +13978,10 @@ def run_imported(script):
     Run as a script, CPython compiles this file at every start and keeps
     its syntax tree for as long as the script runs: 30 MB here (a 50 MB
     sync's peak was 68 MB, and is 36 MB imported), and seconds of a small
-    board's start.  Imported, its bytecode is cached in __pycache__ (when that can
-    be written) and no tree is kept.  POSIX only: elsewhere exec starts a
-    new process.  Not when run with -m (already imported), nor under a
-    debugger, tracer or profiler, which the exec would end."""
+    board's start.  Imported, its bytecode is cached in __pycache__ (when
+    that can be written) and no tree is kept.  POSIX only: elsewhere exec
+    starts a new process.  Not when run with -m (already imported), nor
+    under a debugger, tracer or profiler, which the exec would end."""
     main_module = sys.modules.get("__main__")
     if (os.name != "posix" or not sys.executable or not script.endswith(".py")
             or getattr(main_module, "__spec__", None) is not None
