@@ -4532,9 +4532,9 @@ _SAME_ENVELOPE_WHERE = (" WHERE export_date IS :export_date AND body_sha256 IS N
 #: walking all of the person's syncs newest first instead).
 _SAME_ENVELOPE_SQL = (f"SELECT id, body_sha256, body_bytes, body_blocks FROM main.{SYNCS.name}"
                       f"{_SAME_ENVELOPE_WHERE} AND +{PERSON_COLUMN} = :person ORDER BY id DESC LIMIT 16")
-#: Syncs of a person a body without an export date may repeat is looked for
-#: among (Health Auto Export sends none, and its retries come soon): all of
-#: them would be read on every sync.
+#: How many of a person's latest syncs a body without an export date is
+#: compared with (Health Auto Export sends none, and its retries come
+#: soon): comparing it with all of them would read them all at every sync.
 RETRY_LOOKBACK = 1000
 #: Of a body without an export date: by its length, among the person's
 #: latest RETRY_LOOKBACK syncs.
