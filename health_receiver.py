@@ -2084,12 +2084,13 @@ def _ecg_parent(members):
 
 
 class _Numbered:
-    """The label of an ECG's measurements: its key, and the next number."""
+    """The label of an ECG's measurements: its key, and the number of the
+    last one read (the next is numbered one more)."""
 
     __slots__ = ("key", "number")
 
-    def __init__(self, key):
-        self.key, self.number = key, 0
+    def __init__(self, key, number=0):
+        self.key, self.number = key, number
 
 
 def _voltage_row(obj, raw, label):
@@ -2352,10 +2353,12 @@ _SECTIONS_BY_APP_KEY = {key: section for section in SECTIONS for key in section.
 SAMPLES = SECTIONS_BY_NAME["samples"]
 #: The section whose counts the ``syncs`` table keeps apart (route_points).
 ROUTE_POINTS = SECTIONS_BY_NAME["routes"]
-#: NDJSON field that carries a section's label (the data key or the
-#: workout), and the column it is stored in: export writes it, import
-#: reads it.
-NDJSON_LABELS = {"samples": ("type", "type"), "routes": ("workout", "workout_uuid")}
+#: NDJSON fields that carry what a section's record does not say (the data
+#: key, the workout, the series, an ECG's measurement's number), each with
+#: the column it is stored in: export writes them, import reads them.
+NDJSON_LABELS = {"samples": (("type", "type"),), "routes": (("workout", "workout_uuid"),),
+                 "series": (("workout", "workout_uuid"), ("series", "series")),
+                 "voltages": (("ecg", "ecg_uuid"), ("number", "number"))}
 
 
 class Stream(typing.NamedTuple):
@@ -2417,17 +2420,70 @@ def _row_key(members, texts, row):
 WORKOUT_SERIES = ("heartRateData", "heartRateRecovery", "stepCount", "activeEnergy", "basalEnergy",
                   "walkingAndRunningDistance", "cyclingDistance", "swimmingDistance", "swimmingStrokeCount",
                   "cyclingCadence", "cyclingPower", "cyclingSpeed", "runningPower", "runningSpeed", "flightsClimbed")
+#: A workout's series as streams, each labelled (the workout, its name).
+_SERIES_STREAMS = {name: Stream("series", _series_row, lambda parent, member: (parent, member))
+                   for name in WORKOUT_SERIES}
+
+
+def _imported_workout(members, texts):
+    """The workout an element of import's "workoutSeries" names (its id)."""
+    return _workout_parent(members)
+
+
+def _imported_ecg(members, texts):
+    """(the ECG, the number of the measurement before the element's) that
+    an element of import's "ecgVoltages" names, or None."""
+    own, number = members.get("id"), members.get("number")
+    if own.__class__ is str and own and number.__class__ is int and number > 0:
+        return own, number - 1
+    return None
+
+
+def _named_by(parent_of):
+    """Nested.finish of an element that must name its parent itself."""
+    def finish(members, texts, row):
+        parent = parent_of(members, texts)
+        return Unreadable("the element does not name what holds it") if parent is None else parent
+    return finish
+
+
 #: The data keys whose elements are read member by member.
 NESTED = {
     "metrics": Nested(None, {"data": Stream("samples", _metric_point_row)}, _metric_parent, _metric_finish),
-    "workouts": Nested("workouts", {
-        "route": Stream("routes", _hae_route_point_row),
-        **{name: Stream("series", _series_row, lambda parent, member: (parent, member)) for name in WORKOUT_SERIES},
-    }, lambda members, texts: _workout_parent(members), _row_key),
+    "workouts": Nested("workouts", {"route": Stream("routes", _hae_route_point_row), **_SERIES_STREAMS},
+                       lambda members, texts: _workout_parent(members), _row_key),
     "ecg": Nested("ecg", {"voltageMeasurements": Stream("voltages", _voltage_row, lambda parent, member:
                                                         _Numbered(parent))},
                   lambda members, texts: _ecg_parent(members), _row_key),
+    # What import makes of an export's lines of the arrays above (no sync
+    # holds them without the element around them): an element per line,
+    # naming its workout or ECG (NESTED_IMPORTS).
+    "workoutSeries": Nested(None, _SERIES_STREAMS, _imported_workout, _named_by(_imported_workout)),
+    "ecgVoltages": Nested(None, {"voltageMeasurements": Stream("voltages", _voltage_row, lambda parent, member:
+                                                               _Numbered(*parent))},
+                          _imported_ecg, _named_by(_imported_ecg)),
 }
+
+
+def _series_element(label, record):
+    series = label["series"]
+    if series not in WORKOUT_SERIES:
+        raise PayloadError(f"series {log_safe(series, 60)!r} is not one of a workout's")
+    return f'{{"id":{json.dumps(label["workout"])},{json.dumps(series)}:[{record}]}}'
+
+
+def _voltage_element(label, record):
+    number = label["number"]
+    if number.__class__ is not int or number < 1:
+        raise PayloadError(f"number is {_json_kind(number)}, not a measurement's")
+    return f'{{"id":{json.dumps(label["ecg"])},"number":{number:d},"voltageMeasurements":[{record}]}}'
+
+
+#: Sections whose rows are elements of arrays inside another element, as
+#: an export line of each is read again: the data key of NESTED it goes
+#: in, and (the line's NDJSON_LABELS fields by name, decoded; the record's
+#: text) -> the element's JSON text; raises PayloadError.
+NESTED_IMPORTS = {"series": ("workoutSeries", _series_element), "voltages": ("ecgVoltages", _voltage_element)}
 
 
 # -- Payload: a sync's body as batches of rows ------------------------------
@@ -5113,16 +5169,6 @@ class Store:
         with self.writer(keep=True, wait=wait) as conn, _transaction(conn):
             _update_pending_hours(conn)
 
-    def setting(self, name):
-        """A value of the settings table, or None."""
-        with self.reader() as conn:
-            row = conn.execute(f"SELECT value FROM main.{SETTINGS.name} WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
-
-    def put_setting(self, name, value):
-        with self.writer() as conn, _transaction(conn):
-            _put_setting(conn, name, value)
-
     def use_source_priority(self, words, report=None):
         """Merge cumulative types by the priority ``words`` from now on
         (--source-priority): totals merged by other words are merged again
@@ -6829,7 +6875,11 @@ def ndjson_entry(number, line):
             raise PayloadError(f"unknown section {log_safe(name, 60)!r}")
         return None
     if section.shape == "nested":
-        return None  # arrays inside the other app's workouts and ECGs: no payload holds them alone
+        data_key, element = NESTED_IMPORTS[name]
+        (key, _column), *others = NDJSON_LABELS[name]
+        label = {key: _text_member(members, key, "a key"),
+                 **{field: json.loads(members[field]) for field, _column in others}}
+        return NdjsonEntry(number, person, "data", data_key, element(label, members["record"]))
     exported = None
     if section.latest_wins:
         exported = utc_date(json.loads(members["exported"])) if "exported" in members else None
@@ -6837,7 +6887,8 @@ def ndjson_entry(number, line):
     if section.shape == "object":
         return NdjsonEntry(number, person, section.app_keys[0], _text_member(members, "name", "a name"),
                            members["value"], exported)
-    label = _text_member(members, NDJSON_LABELS[name][0], "a name") if name in NDJSON_LABELS else section.app_keys[0]
+    label = (_text_member(members, NDJSON_LABELS[name][0][0], "a name") if name in NDJSON_LABELS
+             else section.app_keys[0])
     container = section.app_keys[0] if section.shape == "routes" else "data"
     return NdjsonEntry(number, person, container, label, members["record"], exported)
 
@@ -9032,8 +9083,7 @@ def ndjson_line(name, columns, row, person, exported=None):
         return json.dumps({"section": name, "person": person, "name": fields["name"], "value": fields["value"],
                            **dated}, ensure_ascii=False)
     head = '{"section":' + json.dumps(name) + ',"person":' + json.dumps(person, ensure_ascii=False)
-    if name in NDJSON_LABELS:
-        field, column = NDJSON_LABELS[name]
+    for field, column in NDJSON_LABELS.get(name, ()):
         head += f',"{field}":' + json.dumps(fields[column], ensure_ascii=False)
     if dated:
         head += ',"exported":' + json.dumps(dated["exported"])
@@ -10247,7 +10297,7 @@ class GapWatch(Worker):
                     kind, type_name, source = key.split("|", 2)
                     self.notifier.send(Notice("gap_closed", f"{person}: data again", f"Closed: {message}.", stamp,
                                               person, kind, type_name or None, source or None))
-        self.store.put_setting(self.SETTING, json.dumps(
+        self.store.keep_setting(self.SETTING, json.dumps(
             {person: {key: gap.message for key, gap in gaps.items()} for person, gaps in current.items() if gaps},
             sort_keys=True))
 
