@@ -13113,12 +13113,14 @@ def _import_file(path, intake, person_id, progress):
         if result is None:  # an empty file, or {}
             continue
         intake.after_answer(result)
-        points, new_points = result.received[ROUTE_POINTS.name], result.inserted[ROUTE_POINTS.name]
-        counts["records"] += result.records + points
-        counts["new"] += result.new_records + new_points
-        counts["dup"] += result.duplicates + points - new_points
+        # Every row counts here, those the app does not count (route
+        # points, a workout's series...) too: a file may hold only those.
+        received, inserted = sum(result.received.values()), sum(result.inserted.values())
+        counts["records"] += received
+        counts["new"] += inserted
+        counts["dup"] += received - inserted
         counts["rejected"] += result.rejected
-        progress.records += result.records + points
+        progress.records += received
     return counts
 
 

@@ -6721,7 +6721,7 @@ class CommandTests(ServerTestCase):
         self.assertEqual(code, 0, err)
         self.assertIn("1 of 1 files imported", out)
         self.assertIn(f"{size / 1e6:,.1f} of {size / 1e6:,.1f} MB", err)
-        self.assertIn("12,009 records (12,009 new", err)
+        self.assertIn("12,011 records (12,011 new", err)  # its characteristics, route points... too
         self.assertEqual(self.table_rows(fresh, "SELECT count(*) FROM samples"), [(12001,)])
 
     def test_import_guide_style_files_and_a_bad_one(self):
@@ -8679,6 +8679,8 @@ class OtherAppTests(StepsTestCase):
                 handle.write("\n".join(part) + "\n")
             code, _, err = run_main("import", "--db", fresh, path)
             self.assertEqual(code, 0, err)
+            new_ones = 2 if len(part) == 2 else 1
+            self.assertIn(f"{len(part)} records ({new_ones} new, {len(part) - new_ones} dup, 0 rejected)", err)
             with contextlib.closing(sqlite3.connect(fresh)) as new:
                 self.assertEqual(new.execute("SELECT number, voltage FROM ecg_voltages ORDER BY number").fetchall(),
                                  wanted)
