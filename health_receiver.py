@@ -1281,7 +1281,7 @@ def _sample_row(obj, raw, section):
             points = MetricPoints.of(obj)
             if points.__class__ is not str:
                 points.head = "{"
-                return points.shape(points, obj, raw)
+                return points.shape(obj, raw, points)
         uuid = content_key(section, obj)
     start = get("startDate")
     if start is None:
@@ -1700,19 +1700,34 @@ def _numeric(value):
     return value if value.__class__ in (int, float) else None
 
 
+#: The minutes and seconds of a date (":MM:SS", ASCII digits): what one of
+#: Health Auto Export's usual form holds between its hour and its offset.
+_CLOCK_MINUTES = frozenset(f":{minute:02d}:{second:02d}" for minute in range(60) for second in range(60))
+
+
+def _usual_start(sent):
+    """The canonical start of a point's date ``sent`` when it is a string of
+    the app's usual form of an hour already seen, else None (then
+    _point_start reads it).  The keys of _HAE_HOURS are the hour and
+    offset of dates that matched _is_hae_date: the minutes and seconds
+    are the rest of it."""
+    if sent.__class__ is str and len(sent) == 25 and sent[13:19] in _CLOCK_MINUTES:
+        hour = _HAE_HOURS.get(sent[:13] + sent[19:])
+        if hour is not None:
+            return hour + sent[13:19] + ".000Z"
+    return None
+
+
 def _point_start(obj):
     """(canonical start, canonical end or None) of a point, or a reason."""
     sent = obj.get("date")
     if sent is None:
         sent = obj.get("startDate")
-    # hae_date's common case, inline: the hot path of that app's syncs.
-    hour = _HAE_HOURS.get(sent[:13] + sent[19:]) if sent.__class__ is str and len(sent) == 25 else None
-    if hour is not None and _is_hae_date(sent):
-        end = obj.get("endDate")
-        return hour + sent[13:19] + ".000Z", (hae_date(end) if end is not None else None)
-    start = hae_date(sent)
+    start = _usual_start(sent)  # hae_date's common case, without a call more
     if start is None:
-        return f"date is {_json_kind(sent) if sent.__class__ is not str else repr(log_safe(sent, 40))}, not a date"
+        start = hae_date(sent)
+        if start is None:
+            return f"date is {_json_kind(sent) if sent.__class__ is not str else repr(log_safe(sent, 40))}, not a date"
     end = obj.get("endDate")
     return start, (hae_date(end) if end is not None else None)
 
@@ -1730,8 +1745,23 @@ def _point_row(points, obj, raw, start, end, value, unit, tag, low=None, high=No
             points.head + raw[1:] if len(raw) > 2 else points.head[:-1] + "}", low, high)
 
 
-def _qty_point(points, obj, raw):
+def _qty_point(obj, raw, points):
     """A point {date, qty, source}: the sample's value is qty, in the stored unit."""
+    # The hot path of that app's syncs (a point a minute of each metric),
+    # in one call: a usual date (_usual_start), no end, a number, a source
+    # whose uuid is made.  Any other point takes _point_start and
+    # _point_row, to the same row.
+    get = obj.get
+    value, source, factor = get("qty"), get("source"), points.factor
+    if (source.__class__ is str and factor is not None and (value.__class__ is float or value.__class__ is int)
+            and get("endDate") is None):
+        start = _usual_start(get("date"))
+        uuid = _HAE_UUIDS.get((HAE_PREFIX, source, "qty"))
+        if start is not None and uuid is not None:
+            record = points.head + raw[1:]  # never "{}": it holds a date
+            if factor == 1.0:
+                return uuid, points.type, start, start, value, points.unit or points.units, source, record, None, None
+            return uuid, points.type, start, start, value * factor, points.unit, source, record, None, None
     start = _point_start(obj)
     if start.__class__ is str:
         return start
@@ -1745,7 +1775,7 @@ def _qty_point(points, obj, raw):
     return _point_row(points, obj, raw, start[0], start[1], value, unit, "qty")
 
 
-def _percent_point(points, obj, raw):
+def _percent_point(obj, raw, points):
     """A ratio sent in percent (97): stored as HealthKit's fraction (0.97)."""
     start = _point_start(obj)
     if start.__class__ is str:
@@ -1756,9 +1786,21 @@ def _percent_point(points, obj, raw):
     return _point_row(points, obj, raw, start[0], start[1], value, "%", "qty")
 
 
-def _range_point(points, obj, raw):
+def _range_point(obj, raw, points):
     """Heart rate: qty, or a summarised Min, Avg, Max (the mean is the
     value, the least and greatest go to low and high)."""
+    # The summarised minute in the stored unit, as _qty_point's hot path.
+    get = obj.get
+    if "qty" not in obj and points.factor == 1.0:
+        value, source = get("Avg"), get("source")
+        if (value.__class__ is float or value.__class__ is int) and source.__class__ is str and get("endDate") is None:
+            start = _usual_start(get("date"))
+            uuid = _HAE_UUIDS.get((HAE_PREFIX, source, "range"))
+            if start is not None and uuid is not None:
+                low, high = get("Min"), get("Max")
+                return (uuid, points.type, start, start, value, points.unit or points.units, source,
+                        points.head + raw[1:], low if low.__class__ in (int, float) else None,
+                        high if high.__class__ in (int, float) else None)
     start = _point_start(obj)
     if start.__class__ is str:
         return start
@@ -1774,7 +1816,7 @@ def _range_point(points, obj, raw):
 PRESSURE_TYPES = (("systolic", _Q + "BloodPressureSystolic"), ("diastolic", _Q + "BloodPressureDiastolic"))
 
 
-def _pressure_point(points, obj, raw):
+def _pressure_point(obj, raw, points):
     """Blood pressure: a sample of each of systolic and diastolic."""
     start = _point_start(obj)
     if start.__class__ is str:
@@ -1784,7 +1826,7 @@ def _pressure_point(points, obj, raw):
     return rows or "neither systolic nor diastolic"
 
 
-def _session_point(points, obj, raw):
+def _session_point(obj, raw, points):
     """Mindful minutes: a session lasting qty (minutes)."""
     start = _point_start(obj)
     if start.__class__ is str:
@@ -1794,7 +1836,7 @@ def _session_point(points, obj, raw):
     return _point_row(points, obj, raw, start[0], end, 0, None, "qty")
 
 
-def _stand_point(points, obj, raw):
+def _stand_point(obj, raw, points):
     """Stand hours: qty hours stood (a summarised day: several), a sample
     of HealthKit's value 0 (stood) each; 0 is one idle hour (value 1)."""
     start = _point_start(obj)
@@ -1810,7 +1852,7 @@ def _stand_point(points, obj, raw):
             for number in range(stood)]
 
 
-def _event_point(points, obj, raw):
+def _event_point(obj, raw, points):
     """Handwashing, toothbrushing: an event, its value the text sent."""
     start = _point_start(obj)
     if start.__class__ is str:
@@ -1823,7 +1865,7 @@ def _event_point(points, obj, raw):
 _POINT_FIELDS = frozenset(("date", "startDate", "endDate", "source", "qty", "units", "metadata"))
 
 
-def _labels_point(points, obj, raw):
+def _labels_point(obj, raw, points):
     """Sexual activity: counts by label; a sample per count, valued by its label."""
     start = _point_start(obj)
     if start.__class__ is str:
@@ -1851,7 +1893,7 @@ def _shifted(stamp, seconds):
     return _canonical(moved)
 
 
-def _sleep_point(points, obj, raw):
+def _sleep_point(obj, raw, points):
     """Sleep in its three shapes.  Stages sent as intervals (startDate,
     endDate, value) are stage samples.  A night sent as totals (hours per
     stage, and sleepStart) is a sample per stage that all start at the
@@ -1888,20 +1930,17 @@ def _sleep_point(points, obj, raw):
     return rows or "a night without hours"
 
 
-def _any_point(points, obj, raw):
+def _any_point(obj, raw, points):
     """A metric this receiver does not know: Min/Avg/Max or qty."""
-    return _range_point(points, obj, raw)
+    return _range_point(obj, raw, points)
 
 
-#: How a metric's point is read (HaeMetric.shape): (points, element, its
-#: JSON text) -> a row of SAMPLES, [(SAMPLES, row)...], or a reason.
+#: How a metric's point is read (HaeMetric.shape): a row function, (element,
+#: its JSON text, MetricPoints) -> a row of SAMPLES, [(SAMPLES, row)...], or
+#: a reason.
 POINT_SHAPES = {"qty": _qty_point, "percent": _percent_point, "range": _range_point, "pressure": _pressure_point,
                 "session": _session_point, "stand": _stand_point, "event": _event_point, "labels": _labels_point,
                 "sleep": _sleep_point, "any": _any_point}
-
-
-def _metric_point_row(obj, raw, points):
-    return points.shape(points, obj, raw)
 
 
 #: Health Auto Export's workout names that are not HealthKit's names.
@@ -2364,10 +2403,19 @@ class Stream(typing.NamedTuple):
 
     #: The section (by name) its elements are rows of.
     section: str
-    #: (element, JSON text, label) -> row, [(section, row)...] or a reason.
-    make_row: typing.Callable
+    #: (element, JSON text, label) -> row, [(section, row)...] or a reason;
+    #: None when the parent's key gives it (``row_of``).
+    make_row: typing.Optional[typing.Callable]
     #: (the parent's key, the member's name) -> the label of make_row.
     label: typing.Callable = lambda parent, member: parent
+    #: (the parent's key) -> make_row, for elements read by a function of
+    #: their parent's (a metric's shape: called directly, a call less for
+    #: each of the point a minute that a metric may hold).
+    row_of: typing.Optional[typing.Callable] = None
+
+    def row_function(self, parent):
+        """make_row of the elements under ``parent`` (its key, readable)."""
+        return self.make_row if self.row_of is None else self.row_of(parent)
 
 
 class Nested(typing.NamedTuple):
@@ -2419,7 +2467,8 @@ WORKOUT_SERIES = ("heartRateData", "heartRateRecovery", "stepCount", "activeEner
                   "cyclingCadence", "cyclingPower", "cyclingSpeed", "runningPower", "runningSpeed", "flightsClimbed")
 #: The data keys whose elements are read member by member.
 NESTED = {
-    "metrics": Nested(None, {"data": Stream("samples", _metric_point_row)}, _metric_parent, _metric_finish),
+    "metrics": Nested(None, {"data": Stream("samples", None, row_of=lambda points: points.shape)}, _metric_parent,
+                      _metric_finish),
     "workouts": Nested("workouts", {
         "route": Stream("routes", _hae_route_point_row),
         **{name: Stream("series", _series_row, lambda parent, member: (parent, member)) for name in WORKOUT_SERIES},
@@ -2760,7 +2809,7 @@ class Payload:
                 parent = nested.parent(members, texts)
             if parent is not None and parent.__class__ is not Unreadable:
                 return (yield from self._array(at, section, stream.label(parent, name), _where(parent, key, name),
-                                               stream.make_row))
+                                               stream.row_function(parent)))
             spill = Parked(self.spill_dir)
             parked.append((name, stream, spill))
             for obj, raw in reader.elements(at):
@@ -2781,9 +2830,10 @@ class Payload:
             parent = nested.finish(members, texts, row)
             for name, stream, spill in parked:
                 where = _where(parent, key, name)
-                make_row = stream.make_row
                 if parent.__class__ is Unreadable:
                     make_row = lambda obj, raw, label, why=f"not read: {parent}": why  # noqa: E731
+                else:
+                    make_row = stream.row_function(parent)
                 label = None if parent.__class__ is Unreadable else stream.label(parent, name)
                 yield from self._rows(spill.elements(), SECTIONS_BY_NAME[stream.section], label, where, make_row)
         finally:
