@@ -1166,6 +1166,12 @@ ARRAYS_MAX = 50000
 #: Rows collected before one executemany: bounds memory (bench: 1,000 rows
 #: cost 1 MB where 5,000 cost 4 MB, at the same speed).
 BATCH_ROWS = 1000
+#: Rows staged by one INSERT: a statement's run costs about as much as
+#: binding its values (bench: the 524,000 points of a 50 MB sync staged in
+#: 0.95 s, from 1.25 s a row a statement; 10 a statement took 0.99 s).
+STAGED_PER_INSERT = 50
+#: Parameters one statement may bind (SQLite before 3.32 allows 999).
+SQL_PARAMETERS_MAX = 999
 #: Largest integer SQLite stores as INTEGER.
 SQLITE_INT_MAX = 2 ** 63 - 1
 _SQLITE_INT_MIN = -SQLITE_INT_MAX - 1
@@ -2270,6 +2276,18 @@ class Section:
     @property
     def stage_insert_sql(self):
         return f"INSERT INTO {self.table} VALUES ({', '.join('?' * len(self.columns))})"
+
+    @functools.cached_property
+    def stage_rows_per_insert(self):
+        """Rows one statement of stage_insert_many_sql takes."""
+        return min(STAGED_PER_INSERT, SQL_PARAMETERS_MAX // len(self.columns))
+
+    @functools.cached_property
+    def stage_insert_many_sql(self):
+        """stage_insert_sql of stage_rows_per_insert rows at once: their
+        values one after another, in the order the rows take their rowids."""
+        one = f"({', '.join('?' * len(self.columns))})"
+        return f"INSERT INTO {self.table} VALUES {', '.join([one] * self.stage_rows_per_insert)}"
 
     @property
     def written_by(self):
@@ -5418,7 +5436,15 @@ class Stage:
         sql = section.stage_insert_sql
         stored = rows
         try:
-            self._conn.executemany(sql, rows)
+            # Many rows a statement (STAGED_PER_INSERT), their values one
+            # list; the rest one a statement, as is a batch that holds a
+            # row of another length (refused below, as it is).
+            width, many = len(section.columns), section.stage_rows_per_insert
+            whole = len(rows) - len(rows) % many if set(map(len, rows)) == {width} else 0
+            values, step = list(itertools.chain.from_iterable(rows[:whole])), many * width
+            self._conn.executemany(section.stage_insert_many_sql,
+                                   [values[at:at + step] for at in range(0, len(values), step)])
+            self._conn.executemany(sql, rows[whole:])
         except _UNBINDABLE:
             # A value sqlite3 cannot bind (a lone surrogate from a JSON
             # escape, say) would fail the whole batch: redo it row by row
