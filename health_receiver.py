@@ -1706,9 +1706,11 @@ def _numeric(value):
     return value if value.__class__ in (int, float) else None
 
 
-#: The minutes and seconds of a date (":MM:SS", ASCII digits): what one of
-#: Health Auto Export's usual form holds between its hour and its offset.
-_CLOCK_MINUTES = frozenset(f":{minute:02d}:{second:02d}" for minute in range(60) for second in range(60))
+#: The minutes and seconds of a date (":MM:SS", ASCII digits), what one of
+#: Health Auto Export's usual form holds between its hour and its offset:
+#: the end of the canonical date they make.
+_CLOCK_TAILS = {f":{minute:02d}:{second:02d}": f":{minute:02d}:{second:02d}.000Z"
+                for minute in range(60) for second in range(60)}
 
 
 def _usual_start(sent):
@@ -1717,10 +1719,12 @@ def _usual_start(sent):
     _point_start reads it).  The keys of _HAE_HOURS are the hour and
     offset of dates that matched _is_hae_date: the minutes and seconds
     are the rest of it."""
-    if sent.__class__ is str and len(sent) == 25 and sent[13:19] in _CLOCK_MINUTES:
-        hour = _HAE_HOURS.get(sent[:13] + sent[19:])
-        if hour is not None:
-            return hour + sent[13:19] + ".000Z"
+    if sent.__class__ is str and len(sent) == 25:
+        tail = _CLOCK_TAILS.get(sent[13:19])
+        if tail is not None:
+            hour = _HAE_HOURS.get(sent[:13] + sent[19:])
+            if hour is not None:
+                return hour + tail
     return None
 
 
@@ -2140,7 +2144,9 @@ class _Numbered:
 def _voltage_row(obj, raw, label):
     label.number += 1
     sent = obj.get("date")
-    stamp = hae_date(sent) if sent is not None else None
+    stamp = _usual_start(sent)  # hae_date's common case, as a point's
+    if stamp is None and sent is not None:
+        stamp = hae_date(sent)
     return (label.key, label.number, stamp, _to_sql(obj.get("voltage", obj.get("qty"))),
             _to_sql(obj.get("units")), raw)
 
