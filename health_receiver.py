@@ -3704,6 +3704,10 @@ def _milliseconds_sql(column):
     return f"CAST(round((julianday({column}) - 2440587.5) * 86400000) AS INTEGER)"
 
 
+#: Whether a sample's record may say "entered by hand" (user_entered
+#: says): it holds USER_ENTERED_KEY.  GLOB rather than instr(), which
+#: compares at every character: a 50 MB sync's merges 0.03 s faster.
+_MAYBE_BY_HAND = f"record GLOB '*{USER_ENTERED_KEY}*'"
 #: A person's samples of a type that count in [:low, :high) (their
 #: canonical texts :low_text and :high_text): those starting there, and
 #: those starting from :back_text on that last into it, as (start ms, end
@@ -3712,7 +3716,7 @@ def _milliseconds_sql(column):
 _MERGED_SAMPLES_SQL = (
     f"SELECT {_milliseconds_sql('start_date')}, CASE WHEN end_date IS NOT NULL THEN"
     f" {_milliseconds_sql('end_date')} END, value, CAST(coalesce(source_name, '') AS TEXT),"
-    f" CASE WHEN instr(record, '{USER_ENTERED_KEY}') THEN record END{{more}}"
+    f" CASE WHEN {_MAYBE_BY_HAND} THEN record END{{more}}"
     f" FROM main.samples WHERE {PERSON_COLUMN} = :person AND type = :type"
     " AND start_date >= :back_text AND start_date < :high_text AND (start_date >= :low_text OR end_date > :low_text)"
     "{where}")
@@ -3821,7 +3825,7 @@ _HALF_HOUR_SUMS = (
     " max(source_name), total(CASE WHEN end_date <= ?{high:d} OR end_date IS NULL THEN value END),"
     f" total(CASE WHEN end_date > start_date AND end_date <= ?{{high:d}} THEN {_milliseconds_sql('end_date')}"
     f" - {_milliseconds_sql('start_date')} END), count(CASE WHEN end_date > ?{{high:d}} THEN 1 END),"
-    f" max(instr(record, '{USER_ENTERED_KEY}')) FROM main.samples WHERE {PERSON_COLUMN} = ?1 AND type = ?2"
+    f" max({_MAYBE_BY_HAND}) FROM main.samples WHERE {PERSON_COLUMN} = ?1 AND type = ?2"
     " AND start_date >= ?{low:d} AND start_date < ?{high:d}")
 #: _HALF_HOUR_SUMS of HALF_HOURS_PER_STATEMENT half-hours one after
 #: another, bounded by ?3 to ?(3 + HALF_HOURS_PER_STATEMENT).
@@ -4152,19 +4156,77 @@ def merge_all_hours(conn, person, type_name, words, report=None):
         report(f"  {short_type_name(type_name)}: hourly totals {how}")
 
 
+#: Of hour {number} (its key ?{hour}) of a person's (?1) type (?2): the
+#: samples that start there, their sources' count, least and greatest,
+#: their values' count, least, greatest and total, the least of their
+#: lows (else values) and the greatest of their highs (else values).  The
+#: hour's bounds are _SAMPLE_HOURS_SQL's texts (of a type neither spread
+#: nor timed).
+_HOUR_SUMS = (
+    "SELECT {number:d}, count(*), count(source_name), min(source_name), max(source_name), count(value),"
+    " min(value), max(value), total(value), min(coalesce(low, value)), max(coalesce(high, value))"
+    " FROM main.samples"
+    f" WHERE {PERSON_COLUMN} = ?1 AND type = ?2 AND start_date >= ?{{hour:d}} || ':00:00.000Z'"
+    " AND start_date < ?{hour:d} || ';'")
+#: _HOUR_SUMS of HALF_HOURS_PER_STATEMENT hours, their keys ?3 to
+#: ?(2 + HALF_HOURS_PER_STATEMENT).
+_PENDING_HOUR_SUMS_SQL = " UNION ALL ".join(_HOUR_SUMS.format(number=number, hour=number + 3)
+                                            for number in range(HALF_HOURS_PER_STATEMENT))
+#: _SAMPLE_HOURS_SQL of one hour of a person's type (its key :hour).
+_ONE_HOUR_SQL = _hours_sql("SELECT :hour")
+#: _HOURS_INSERT_SQL over the rows an hour had, as _SAMPLE_HOURS_SQL writes.
+_HOURS_REPLACE_SQL = "INSERT OR REPLACE" + _HOURS_INSERT_SQL[len("INSERT"):]
+
+
+def _one_source_hours(conn, parameters, hours):
+    """Rewrite ``hours`` (keys) of a person's type neither spread nor timed
+    (``parameters``: hours_parameters()) as _SAMPLE_HOURS_SQL does, each
+    hour's samples summed with one aggregate over its range of the
+    samples' key, HALF_HOURS_PER_STATEMENT hours per statement, so that no
+    statement sorts the samples (_SAMPLE_HOURS_SQL's GROUP BY sorts them
+    all, which cost more than summing).  The sums are the same: the same
+    values added in the same order, the key's.  An hour whose samples are
+    not all numbers of one named source (or all unnamed) is left to
+    _SAMPLE_HOURS_SQL."""
+    person, type_name = parameters["person"], parameters["type"]
+    rows = []
+    for first in range(0, len(hours), HALF_HOURS_PER_STATEMENT):
+        chunk = hours[first:first + HALF_HOURS_PER_STATEMENT]
+        count = len(chunk)
+        chunk += chunk[-1:] * (HALF_HOURS_PER_STATEMENT - count)  # past the end: the last again, not counted
+        for (number, samples, sources, name, last_name, values, least, most, total, low,
+             high) in conn.execute(_PENDING_HOUR_SUMS_SQL, [person, type_name] + chunk):
+            if not samples or number >= count:
+                continue
+            # No value null, the least and the greatest numbers: every value
+            # is one (SQLite sorts numbers before text and blobs), so that
+            # _SAMPLE_HOURS_SQL's numbers, total, low and high are these.
+            if (values == samples and least.__class__ in (int, float) and most.__class__ in (int, float)
+                    and (sources == 0 or sources == samples and name == last_name and name.__class__ is str)):
+                rows.append((person, type_name, chunk[number], name or "", "", samples, values, total, low, high,
+                             0.0))
+            else:
+                conn.execute(_ONE_HOUR_SQL, dict(parameters, hour=chunk[number]))
+    conn.executemany(_HOURS_REPLACE_SQL, rows)
+
+
 def _update_pending_hours(conn):
-    """Recompute the hours that syncs noted as pending, a week of a type's
-    at a time (HOURS_PER_STATEMENT), then forget them: a cumulative type's
-    merged by source priority (merge_pending_hours), the others' by SQL."""
+    """Recompute the hours that syncs noted as pending, then forget them: a
+    cumulative type's merged by source priority (merge_pending_hours), the
+    others' by SQL, a timed type's a week at a time (HOURS_PER_STATEMENT),
+    the others' an hour at a time (_one_source_hours)."""
     sql = _hours_sql(_PENDING_HOURS + " AND hour >= :since AND (:until IS NULL OR hour < :until)")
     words = None
     for person, type_name in conn.execute(
             f"SELECT DISTINCT {PERSON_COLUMN}, type FROM sample_hours_pending").fetchall():
         parameters = hours_parameters(type_name, person)
-        if hours_merger(type_name):
-            words = words or source_priority_words(conn)
-            merge_pending_hours(conn, person, type_name, [hour for (hour,) in conn.execute(
-                _PENDING_HOURS + " ORDER BY hour", parameters)], words)
+        if hours_merger(type_name) or not parameters["timed"]:
+            hours = [hour for (hour,) in conn.execute(_PENDING_HOURS + " ORDER BY hour", parameters)]
+            if hours_merger(type_name):
+                words = words or source_priority_words(conn)
+                merge_pending_hours(conn, person, type_name, hours, words)
+            else:
+                _one_source_hours(conn, parameters, hours)
             continue
         starts = [hour for (hour,) in conn.execute(_PENDING_HOURS_FROM, parameters)]
         for since, until in zip(starts, starts[1:] + [None]):

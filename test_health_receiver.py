@@ -2724,6 +2724,75 @@ class CumulativeMergeTests(StepsTestCase):
         self.assertAlmostEqual(self.day_totals()[day.isoformat()], sum(steps for _s, _e, steps in watch), places=6)
 
 
+class AveragedHoursTests(PageTestCase):
+    """The hours of a type that is averaged (heart rate), per source: what
+    a sample-by-sample count of them says."""
+
+    def server_options(self):
+        return {"utc": True}
+
+    def test_each_hours_samples_count_per_source_with_their_numbers_total_least_and_greatest(self):
+        # Seeded samples of two named sources and an unnamed one, numbers
+        # whole and not, some values no number or missing, some at the same
+        # moment; named cases: an hour of two sources, of one source but an
+        # unnamed sample, of a sample without a number, of text.
+        rng = random.Random(20261208)
+        base = datetime.datetime(2026, 3, 1, tzinfo=datetime.timezone.utc)
+        samples = []
+        for number in range(400):
+            start = base + datetime.timedelta(seconds=rng.randrange(2 * 86400) // 60 * 60)
+            source = rng.choice(["Jane's Apple Watch"] * 8 + ["Jane's iPhone", None])
+            value = rng.choice([rng.randrange(40, 180), round(rng.uniform(40, 180), 3)] * 10 + ["n/a", None])
+            samples.append((f"HR{number:03d}", start, value, source))
+        at = base + datetime.timedelta(days=3)
+        samples += [("Two-1", at, 61.5, "Jane's Apple Watch"), ("Two-2", at, 70, "Jane's iPhone"),
+                    ("Unnamed-1", at + datetime.timedelta(hours=1), 80.25, "Jane's Apple Watch"),
+                    ("Unnamed-2", at + datetime.timedelta(hours=1, minutes=5), 81, None),
+                    ("Missing-1", at + datetime.timedelta(hours=2), 90, "Jane's Apple Watch"),
+                    ("Missing-2", at + datetime.timedelta(hours=2, minutes=1), None, "Jane's Apple Watch"),
+                    ("Text-1", at + datetime.timedelta(hours=3), "high", "Jane's Apple Watch"),
+                    ("Text-2", at + datetime.timedelta(hours=3, minutes=1), 99.5, "Jane's Apple Watch")]
+
+        def text(moment):
+            return moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+        expected = {}
+        for _uuid, start, value, source in sorted(samples, key=lambda sample: (sample[1], sample[0])):
+            row = expected.setdefault((start.strftime("%Y-%m-%dT%H"), source or ""), [0, 0, 0.0, None, None])
+            row[0] += 1
+            if isinstance(value, (int, float)):
+                row[1] += 1
+                row[2] += value
+                row[3] = value if row[3] is None else min(row[3], value)
+                row[4] = value if row[4] is None else max(row[4], value)
+        body = [span(uuid, text(start), text(start + datetime.timedelta(minutes=1)), value, "count/min", source=source)
+                for uuid, start, value, source in samples]
+        self.assertEqual(self.post({"data": {"HKQuantityTypeIdentifierHeartRate": body}})[0], 200)
+        found = {(hour, source): [samples, numbers, total, low, high] for hour, source, samples, numbers, total, low,
+                 high, seconds in self.query("SELECT hour, source, samples, numbers, total, low, high, seconds"
+                                             " FROM sample_hours WHERE category = '' AND seconds = 0")}
+        self.assertEqual(self.query("SELECT count(*) FROM sample_hours"), [(len(found),)])
+        self.assertEqual(sorted(found), sorted(expected))
+        for key, (samples, numbers, total, low, high) in expected.items():
+            with self.subTest(hour=key[0], source=key[1]):
+                self.assertEqual(found[key][:2] + found[key][3:], [samples, numbers, low, high])
+                self.assertAlmostEqual(found[key][2], total, places=6)
+
+    def test_summarised_points_count_their_least_and_greatest_where_their_mean_is_a_number(self):
+        # The other app's minutes of heart rate: least, mean and greatest;
+        # a minute whose mean is missing or text is a sample, not a number.
+        at = datetime.datetime(2026, 3, 10, 8, 0, tzinfo=datetime.timezone.utc)
+        points = [hae_point(at, Min=58, Avg=71.5, Max=96),
+                  hae_point(at + datetime.timedelta(minutes=1), Min=40, Avg=None, Max=150),
+                  hae_point(at + datetime.timedelta(hours=1), Min=30, Avg="high", Max=160),
+                  hae_point(at + datetime.timedelta(hours=1, minutes=1), Min=62, Avg=64, Max=70)]
+        body = {"data": {"metrics": [hae_metric("heart_rate", "count/min", points)]}}
+        self.assertEqual(self.post(body)[0], 200)
+        self.assertEqual(self.query("SELECT hour, samples, numbers, total, low, high, seconds FROM sample_hours"
+                                    " ORDER BY hour"),
+                         [("2026-03-10T08", 2, 1, 71.5, 58.0, 96.0, 0.0), ("2026-03-10T09", 2, 1, 64.0, 62.0, 70.0, 0.0)])
+
+
 class SourcePriorityTests(StepsTestCase):
     """--source-priority iPhone: the same walk as the phone counted it."""
 
