@@ -3809,10 +3809,10 @@ def _one_rank_shares(conn, parameters):
     return shares
 
 
-#: Half-hours _MERGE_HALF_HOURS_SQL sums in one statement: run one at a
-#: time, the statements cost more than their sums (HALF_HOURS_PER_STATEMENT
-#: 16: a month of per-minute data's merge 0.35 s -> 0.27 s).
-HALF_HOURS_PER_STATEMENT = 16
+#: Half-hours (_MERGE_HALF_HOURS_SQL) or hours (_PENDING_HOUR_SUMS_SQL)
+#: one statement sums: run one at a time, the statements cost more than
+#: their sums (16: a month of per-minute data's merge 0.35 s -> 0.27 s).
+SUMS_PER_STATEMENT = 16
 #: Of half-hour {number}, from ?{low} to ?{high} (canonical texts), of a
 #: person's (?1) type (?2): the samples that start there, their values'
 #: count, least and greatest, their sources' count, least and greatest,
@@ -3827,10 +3827,10 @@ _HALF_HOUR_SUMS = (
     f" - {_milliseconds_sql('start_date')} END), count(CASE WHEN end_date > ?{{high:d}} THEN 1 END),"
     f" max({_MAYBE_BY_HAND}) FROM main.samples WHERE {PERSON_COLUMN} = ?1 AND type = ?2"
     " AND start_date >= ?{low:d} AND start_date < ?{high:d}")
-#: _HALF_HOUR_SUMS of HALF_HOURS_PER_STATEMENT half-hours one after
-#: another, bounded by ?3 to ?(3 + HALF_HOURS_PER_STATEMENT).
+#: _HALF_HOUR_SUMS of SUMS_PER_STATEMENT half-hours one after
+#: another, bounded by ?3 to ?(3 + SUMS_PER_STATEMENT).
 _MERGE_HALF_HOURS_SQL = " UNION ALL ".join(_HALF_HOUR_SUMS.format(number=number, low=number + 3, high=number + 4)
-                                          for number in range(HALF_HOURS_PER_STATEMENT))
+                                          for number in range(SUMS_PER_STATEMENT))
 #: Of a person's (?1) type (?2): the samples that start from ?3 to ?4 and
 #: end after ?4, as (start ms, end ms, value), in the order
 #: _MERGE_ONE_RANK_SQL gives those that span buckets.
@@ -3885,9 +3885,9 @@ def _one_source_rows(conn, parameters):
     bounds = _half_hour_bounds(low, parameters["high"])
     texts = [text for _key, text in bounds]
     rows, sums = {}, {}
-    for first in range(0, len(bounds) - 1, HALF_HOURS_PER_STATEMENT):
-        chunk = texts[first:first + HALF_HOURS_PER_STATEMENT + 1]
-        chunk += chunk[-1:] * (HALF_HOURS_PER_STATEMENT + 1 - len(chunk))  # empty half-hours past the end
+    for first in range(0, len(bounds) - 1, SUMS_PER_STATEMENT):
+        chunk = texts[first:first + SUMS_PER_STATEMENT + 1]
+        chunk += chunk[-1:] * (SUMS_PER_STATEMENT + 1 - len(chunk))  # empty half-hours past the end
         for (number, samples, values, least, most, sources, name, last_name, value, milliseconds, spreading,
              hand) in conn.execute(_MERGE_HALF_HOURS_SQL, [person, type_name] + chunk):
             if not samples:
@@ -4168,10 +4168,10 @@ _HOUR_SUMS = (
     " FROM main.samples"
     f" WHERE {PERSON_COLUMN} = ?1 AND type = ?2 AND start_date >= ?{{hour:d}} || ':00:00.000Z'"
     " AND start_date < ?{hour:d} || ';'")
-#: _HOUR_SUMS of HALF_HOURS_PER_STATEMENT hours, their keys ?3 to
-#: ?(2 + HALF_HOURS_PER_STATEMENT).
+#: _HOUR_SUMS of SUMS_PER_STATEMENT hours, their keys ?3 to
+#: ?(2 + SUMS_PER_STATEMENT).
 _PENDING_HOUR_SUMS_SQL = " UNION ALL ".join(_HOUR_SUMS.format(number=number, hour=number + 3)
-                                            for number in range(HALF_HOURS_PER_STATEMENT))
+                                            for number in range(SUMS_PER_STATEMENT))
 #: _SAMPLE_HOURS_SQL of one hour of a person's type (its key :hour).
 _ONE_HOUR_SQL = _hours_sql("SELECT :hour")
 #: _HOURS_INSERT_SQL over the rows an hour had, as _SAMPLE_HOURS_SQL writes.
@@ -4182,7 +4182,7 @@ def _one_source_hours(conn, parameters, hours):
     """Rewrite ``hours`` (keys) of a person's type neither spread nor timed
     (``parameters``: hours_parameters()) as _SAMPLE_HOURS_SQL does, each
     hour's samples summed with one aggregate over its range of the
-    samples' key, HALF_HOURS_PER_STATEMENT hours per statement, so that no
+    samples' key, SUMS_PER_STATEMENT hours per statement, so that no
     statement sorts the samples (_SAMPLE_HOURS_SQL's GROUP BY sorts them
     all, which cost more than summing).  The sums are the same: the same
     values added in the same order, the key's.  An hour whose samples are
@@ -4190,10 +4190,10 @@ def _one_source_hours(conn, parameters, hours):
     _SAMPLE_HOURS_SQL."""
     person, type_name = parameters["person"], parameters["type"]
     rows = []
-    for first in range(0, len(hours), HALF_HOURS_PER_STATEMENT):
-        chunk = hours[first:first + HALF_HOURS_PER_STATEMENT]
+    for first in range(0, len(hours), SUMS_PER_STATEMENT):
+        chunk = hours[first:first + SUMS_PER_STATEMENT]
         count = len(chunk)
-        chunk += chunk[-1:] * (HALF_HOURS_PER_STATEMENT - count)  # past the end: the last again, not counted
+        chunk += chunk[-1:] * (SUMS_PER_STATEMENT - count)  # past the end: the last again, not counted
         for (number, samples, sources, name, last_name, values, least, most, total, low,
              high) in conn.execute(_PENDING_HOUR_SUMS_SQL, [person, type_name] + chunk):
             if not samples or number >= count:
